@@ -1,0 +1,342 @@
+// Module entry: the error class, the backend, storages, memory statistics.
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+
+#include "common.h"
+
+namespace xft {
+
+namespace {
+
+struct InstanceData {
+  Napi::FunctionReference error_class;
+  Napi::FunctionReference storage_ctor;
+};
+
+InstanceData* Data(Napi::Env env) { return env.GetInstanceData<InstanceData>(); }
+
+Counters g_counters;
+
+// CUDA backend state: 0 not tried, 1 ready, -1 unavailable (g_cuda_reason says why)
+int g_cuda_state = 0;
+std::string g_cuda_reason;
+#ifdef XFT_WITH_CUDA
+xft_cuda_device g_cuda_info;
+#endif
+
+bool g_sync_each_op = false;
+
+}  // namespace
+
+Counters& LiveCounters() { return g_counters; }
+
+void Throw(Napi::Env env, const char* code, const std::string& message) {
+  InstanceData* d = Data(env);
+  if (d && !d->error_class.IsEmpty()) {
+    Napi::Value err = d->error_class.New({Napi::String::New(env, message), Napi::String::New(env, code)});
+    throw Napi::Error(env, err);
+  }
+  Napi::Error err = Napi::Error::New(env, message);
+  err.Set("code", Napi::String::New(env, code));
+  throw err;
+}
+
+void CheckStatus(Napi::Env env, const char* op, int status) {
+  if (status == 0) return;
+#ifdef XFT_WITH_CUDA
+  Throw(env, "XFT_CUDA", std::string(op) + ": CUDA error " + std::to_string(status) + " (" +
+                             xft_cuda_error_string(status) + ")");
+#else
+  Throw(env, "XFT_CUDA", std::string(op) + ": backend error " + std::to_string(status));
+#endif
+}
+
+void AfterLaunch(Napi::Env env, const char* op, int device) {
+#ifdef XFT_WITH_CUDA
+  if (device != DEV_CUDA) return;
+  CheckStatus(env, op, xft_cuda_check());
+  if (g_sync_each_op) CheckStatus(env, op, xft_cuda_synchronize());
+#else
+  (void)env, (void)op, (void)device;
+#endif
+}
+
+bool CudaAvailable(Napi::Env env) {
+  (void)env;
+  if (g_cuda_state != 0) return g_cuda_state == 1;
+  g_cuda_state = -1;
+  const char* forced = getenv("XFT_DEVICE");
+  if (forced && strcmp(forced, "cpu") == 0) {
+    g_cuda_reason = "the CPU backend was forced by XFT_DEVICE=cpu";
+    return false;
+  }
+#ifdef XFT_WITH_CUDA
+  int count = 0;
+  xft_cuda_device_count(&count);
+  if (count == 0) {
+    g_cuda_reason = "no CUDA device was found (no GPU, or no NVIDIA driver)";
+    return false;
+  }
+  int ordinal = 0;
+  const char* want = getenv("XFT_CUDA_DEVICE");
+  if (want) ordinal = atoi(want);
+  int status = xft_cuda_init(ordinal, &g_cuda_info);
+  if (status != 0) {
+    g_cuda_reason = std::string("CUDA initialisation failed: ") + xft_cuda_error_string(status);
+    return false;
+  }
+  g_cuda_state = 1;
+  return true;
+#else
+  g_cuda_reason = "this build of xft has no CUDA backend (built without nvcc or with XFT_CUDA=OFF)";
+  return false;
+#endif
+}
+
+void RequireCuda(Napi::Env env, const char* op) {
+  if (!CudaAvailable(env)) Throw(env, "XFT_DEVICE", std::string(op) + ": device 'cuda' is not available: " + g_cuda_reason);
+}
+
+// ---- Storage ----
+
+Napi::Function Storage::Define(Napi::Env env) {
+  return DefineClass(env, "Storage",
+                     {InstanceMethod<&Storage::Dispose>("dispose"),
+                      InstanceAccessor<&Storage::GetBytes>("bytes"),
+                      InstanceAccessor<&Storage::GetDevice>("device"),
+                      InstanceAccessor<&Storage::GetDisposed>("disposed")});
+}
+
+Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(info), env_(info.Env()) {
+  Napi::Env env = info.Env();
+  int64_t dev = ArgInt(info, 0, "Storage", "device");
+  int64_t nbytes = ArgInt(info, 1, "Storage", "bytes");
+  if (dev != DEV_CPU && dev != DEV_CUDA) Throw(env, "XFT_DEVICE", "Storage: device must be 0 (cpu) or 1 (cuda)");
+  if (nbytes < 0) Throw(env, "XFT_SHAPE", "Storage: bytes must be >= 0, got " + std::to_string(nbytes));
+  device = (int)dev;
+  bytes = (size_t)nbytes;
+  if (device == DEV_CPU) {
+    // 64-byte aligned, never null (a zero-byte tensor still owns a distinct pointer)
+    size_t rounded = ((bytes + 63) / 64) * 64;
+    data = aligned_alloc(64, rounded ? rounded : 64);
+    if (!data) Throw(env, "XFT_OOM", "Storage: out of host memory allocating " + std::to_string(bytes) + " bytes");
+    g_counters.host_bytes += (int64_t)bytes;
+    g_counters.host_count++;
+  } else {
+    RequireCuda(env, "Storage");
+#ifdef XFT_WITH_CUDA
+    int status = xft_cuda_malloc(&data, bytes);
+    if (status != 0) {
+      data = nullptr;
+      Throw(env, "XFT_OOM", "Storage: cannot allocate " + std::to_string(bytes) + " bytes on the GPU: " +
+                                xft_cuda_error_string(status));
+    }
+#endif
+    g_counters.cuda_bytes += (int64_t)bytes;
+    g_counters.cuda_count++;
+  }
+  Napi::MemoryManagement::AdjustExternalMemory(env, (int64_t)bytes);
+}
+
+void Storage::Release() {
+  if (disposed) return;
+  disposed = true;
+  if (data == nullptr) return;
+  if (device == DEV_CPU) {
+    free(data);
+    g_counters.host_bytes -= (int64_t)bytes;
+    g_counters.host_count--;
+  } else {
+#ifdef XFT_WITH_CUDA
+    xft_cuda_free(data);  // stream ordered: safe while kernels using it are still queued
+#endif
+    g_counters.cuda_bytes -= (int64_t)bytes;
+    g_counters.cuda_count--;
+  }
+  data = nullptr;
+}
+
+Storage::~Storage() {
+  size_t b = disposed ? 0 : bytes;
+  Release();
+  if (b) Napi::MemoryManagement::AdjustExternalMemory(env_, -(int64_t)b);
+}
+
+Napi::Value Storage::Dispose(const Napi::CallbackInfo& info) {
+  if (!disposed) {
+    size_t b = bytes;
+    Release();
+    Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -(int64_t)b);
+  }
+  return info.Env().Undefined();
+}
+
+Napi::Value Storage::GetBytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), (double)bytes); }
+Napi::Value Storage::GetDevice(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device); }
+Napi::Value Storage::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), disposed); }
+
+// ---- argument helpers ----
+
+static std::string Where(const char* op, const char* name) { return std::string(op) + ": " + name; }
+
+Storage* ValueStorage(Napi::Env env, Napi::Value v, const char* op, const char* name) {
+  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(Data(env)->storage_ctor.Value()))
+    Throw(env, "XFT_TYPE", Where(op, name) + " must be a tensor storage");
+  Storage* s = Storage::Unwrap(v.As<Napi::Object>());
+  if (s->disposed) Throw(env, "XFT_DISPOSED", Where(op, name) + " was used after dispose()");
+  return s;
+}
+
+Storage* ArgStorageOrNull(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  Napi::Value v = info[i];
+  if (v.IsNull() || v.IsUndefined()) return nullptr;
+  return ValueStorage(info.Env(), v, op, name);
+}
+
+Storage* ArgStorage(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  Storage* s = ArgStorageOrNull(info, i, op, name);
+  if (!s) Throw(info.Env(), "XFT_TYPE", Where(op, name) + " is required");
+  return s;
+}
+
+void RequireBytes(Napi::Env env, Storage* s, size_t elements, int dtype, const char* op, const char* name) {
+  if (s && s->bytes < elements * DtypeSize(dtype))
+    Throw(env, "XFT_SHAPE", Where(op, name) + " holds " + std::to_string(s->bytes) + " bytes, expected at least " +
+                                std::to_string(elements) + " " + DtypeName(dtype) + " elements");
+}
+
+int CommonDevice(Napi::Env env, const char* op, std::initializer_list<Storage*> storages) {
+  int device = -1;
+  for (Storage* s : storages) {
+    if (!s) continue;
+    if (device < 0) device = s->device;
+    else if (device != s->device)
+      Throw(env, "XFT_DEVICE", std::string(op) + ": all tensors must be on one device, got both cpu and cuda");
+  }
+  return device < 0 ? DEV_CPU : device;
+}
+
+int64_t ArgInt(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  Napi::Value v = info[i];
+  if (v.IsBigInt()) {
+    bool lossless = true;
+    return v.As<Napi::BigInt>().Int64Value(&lossless);
+  }
+  if (!v.IsNumber()) Throw(info.Env(), "XFT_TYPE", Where(op, name) + " must be an integer");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d != (double)(int64_t)d) Throw(info.Env(), "XFT_TYPE", Where(op, name) + " must be an integer, got " + std::to_string(d));
+  return (int64_t)d;
+}
+
+double ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  if (!info[i].IsNumber()) Throw(info.Env(), "XFT_TYPE", Where(op, name) + " must be a number");
+  return info[i].As<Napi::Number>().DoubleValue();
+}
+
+int ArgDtype(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  int64_t d = ArgInt(info, i, op, name);
+  if (d != XFT_F32 && d != XFT_BF16 && d != XFT_I32) Throw(info.Env(), "XFT_DTYPE", Where(op, name) + " is not a dtype code");
+  return (int)d;
+}
+
+// ---- module functions ----
+
+static Napi::Value SetErrorClass(const Napi::CallbackInfo& info) {
+  if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "setErrorClass: expected a class");
+  Data(info.Env())->error_class = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+static Napi::Value Backend(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+#ifdef XFT_WITH_CUDA
+  out.Set("compiledWithCuda", true);
+#else
+  out.Set("compiledWithCuda", false);
+#endif
+  if (!CudaAvailable(env)) {
+    out.Set("kind", "cpu");
+    out.Set("reason", g_cuda_reason);
+    return out;
+  }
+#ifdef XFT_WITH_CUDA
+  CheckStatus(env, "backend", xft_cuda_query(&g_cuda_info));
+  out.Set("kind", "cuda");
+  out.Set("name", std::string(g_cuda_info.name));
+  out.Set("ordinal", g_cuda_info.ordinal);
+  Napi::Array cc = Napi::Array::New(env, 2);
+  cc.Set((uint32_t)0, g_cuda_info.major);
+  cc.Set((uint32_t)1, g_cuda_info.minor);
+  out.Set("computeCapability", cc);
+  out.Set("multiprocessors", g_cuda_info.multiprocessors);
+  out.Set("totalMemory", (double)g_cuda_info.total_memory);
+  out.Set("freeMemory", (double)g_cuda_info.free_memory);
+  out.Set("driverVersion", g_cuda_info.driver_version);
+  out.Set("runtimeVersion", g_cuda_info.runtime_version);
+#endif
+  return out;
+}
+
+static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("hostBytes", (double)g_counters.host_bytes);
+  out.Set("hostTensors", (double)g_counters.host_count);
+  out.Set("cudaBytes", (double)g_counters.cuda_bytes);
+  out.Set("cudaTensors", (double)g_counters.cuda_count);
+#ifdef XFT_WITH_CUDA
+  if (g_cuda_state == 1) {
+    size_t used = 0, reserved = 0;
+    CheckStatus(env, "memoryStats", xft_cuda_pool_stats(&used, &reserved));
+    out.Set("poolUsedBytes", (double)used);
+    out.Set("poolReservedBytes", (double)reserved);
+  }
+#endif
+  return out;
+}
+
+static Napi::Value Synchronize(const Napi::CallbackInfo& info) {
+#ifdef XFT_WITH_CUDA
+  if (g_cuda_state == 1) CheckStatus(info.Env(), "synchronize", xft_cuda_synchronize());
+#endif
+  return info.Env().Undefined();
+}
+
+static Napi::Value TrimPool(const Napi::CallbackInfo& info) {
+#ifdef XFT_WITH_CUDA
+  if (g_cuda_state == 1) CheckStatus(info.Env(), "trimPool", xft_cuda_pool_trim());
+#endif
+  return info.Env().Undefined();
+}
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  InstanceData* d = new InstanceData();
+  env.SetInstanceData(d);
+  const char* sync = getenv("XFT_SYNC");
+  g_sync_each_op = sync && strcmp(sync, "1") == 0;
+  Napi::Function ctor = Storage::Define(env);
+  d->storage_ctor = Napi::Persistent(ctor);
+  exports.Set("Storage", ctor);
+  exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass, "setErrorClass"));
+  exports.Set("backend", Napi::Function::New(env, Backend, "backend"));
+  exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));
+  exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
+  exports.Set("trimPool", Napi::Function::New(env, TrimPool, "trimPool"));
+#ifdef XFT_WITH_CUDA
+  exports.Set("compiledWithCuda", Napi::Boolean::New(env, true));
+#else
+  exports.Set("compiledWithCuda", Napi::Boolean::New(env, false));
+#endif
+  RegisterTensorOps(env, exports);
+  RegisterXftOps(env, exports);
+  return exports;
+}
+
+}  // namespace xft
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) { return xft::Init(env, exports); }
+
+NODE_API_MODULE(xft, InitAddon)

@@ -1,0 +1,97 @@
+// Shared pieces of the binding: devices, dtypes, the Storage wrapper, errors and dispatch.
+#pragma once
+#include <napi.h>
+
+#include <string>
+
+#include "../cuda/xft_math.h"
+#include "cpu/xft_cpu.h"
+#ifdef XFT_WITH_CUDA
+#include "../cuda/xft_cuda.h"
+#endif
+
+namespace xft {
+
+enum Device { DEV_CPU = 0, DEV_CUDA = 1 };
+
+inline size_t DtypeSize(int dtype) { return dtype == XFT_BF16 ? 2 : 4; }
+inline const char* DtypeName(int dtype) { return dtype == XFT_F32 ? "f32" : dtype == XFT_BF16 ? "bf16" : "i32"; }
+inline const char* DeviceName(int device) { return device == DEV_CUDA ? "cuda" : "cpu"; }
+
+// Throws the JS XftError (handed over by lib/native.ts) with a code such as "XFT_SHAPE".
+[[noreturn]] void Throw(Napi::Env env, const char* code, const std::string& message);
+
+// Throws XFT_CUDA naming the op when a backend call returned an error.
+void CheckStatus(Napi::Env env, const char* op, int status);
+
+// Is the CUDA backend usable (compiled in, a device present, not disabled by XFT_DEVICE=cpu)?
+// Initialises it on first use.
+bool CudaAvailable(Napi::Env env);
+// Throws XFT_DEVICE with the reason when it is not.
+void RequireCuda(Napi::Env env, const char* op);
+
+// A block of memory on one device. Freed by dispose() or, failing that, by the finalizer.
+class Storage : public Napi::ObjectWrap<Storage> {
+ public:
+  static Napi::Function Define(Napi::Env env);
+  explicit Storage(const Napi::CallbackInfo& info);
+  ~Storage() override;
+
+  void* data = nullptr;
+  size_t bytes = 0;
+  int device = DEV_CPU;
+  bool disposed = false;
+
+ private:
+  void Release();
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value GetBytes(const Napi::CallbackInfo& info);
+  Napi::Value GetDevice(const Napi::CallbackInfo& info);
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+  Napi::Env env_;
+};
+
+// Live allocations, for memoryStats() and the leak tests.
+struct Counters {
+  int64_t host_bytes = 0, host_count = 0, cuda_bytes = 0, cuda_count = 0;
+};
+Counters& LiveCounters();
+
+// Argument i as a live Storage; throws XFT_DISPOSED or a type error naming `name`.
+Storage* ArgStorage(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+// A JS value as a live Storage; throws XFT_DISPOSED or XFT_TYPE naming `name`.
+Storage* ValueStorage(Napi::Env env, Napi::Value v, const char* op, const char* name);
+// Same, but null/undefined gives nullptr.
+Storage* ArgStorageOrNull(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+// Checks a storage holds at least `elements` of `dtype`, else XFT_SHAPE naming `name`.
+void RequireBytes(Napi::Env env, Storage* s, size_t elements, int dtype, const char* op, const char* name);
+// All non-null storages on one device, which is returned; else XFT_DEVICE.
+int CommonDevice(Napi::Env env, const char* op, std::initializer_list<Storage*> storages);
+
+int64_t ArgInt(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+double ArgNumber(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+int ArgDtype(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+
+// After an op on the CUDA backend: the launch error, and with XFT_SYNC=1 the execution error.
+void AfterLaunch(Napi::Env env, const char* op, int device);
+
+void RegisterTensorOps(Napi::Env env, Napi::Object exports);
+void RegisterXftOps(Napi::Env env, Napi::Object exports);
+
+}  // namespace xft
+
+// Calls the CPU or CUDA twin of an op (same name and arguments) on `device`.
+#ifdef XFT_WITH_CUDA
+#define XFT_DISPATCH(env, op, device, fn, ...)                                                      \
+  do {                                                                                             \
+    if ((device) == ::xft::DEV_CUDA) ::xft::CheckStatus(env, op, xft_cuda_##fn(__VA_ARGS__));       \
+    else ::xft::CheckStatus(env, op, xft_cpu_##fn(__VA_ARGS__));                                    \
+    ::xft::AfterLaunch(env, op, device);                                                           \
+  } while (0)
+#else
+#define XFT_DISPATCH(env, op, device, fn, ...) \
+  do {                                           \
+    (void)(device);                              \
+    ::xft::CheckStatus(env, op, xft_cpu_##fn(__VA_ARGS__)); \
+  } while (0)
+#endif

@@ -1,0 +1,122 @@
+/*
+CPU twin of cuda/grouped_gemm.cu: one GEMM per expert over a contiguous group of rows.
+  x [M, k] (rows grouped by expert), w [E, n, k] (nn.Linear layout), offsets [E + 1]
+  forward:  y[r]  = w[e] @ x[r]                  for r in [o_e, o_{e+1})     y  [M, n]
+  backward: dx[r] = w[e]^T @ dy[r]                                            dx [M, k]
+            dw[e] (+)= sum_r dy[r] outer x[r]                                 dw [E, n, k]
+bf16 operands are widened to fp32, accumulated in fp32, and results rounded once to bf16
+(with accumulate, dw = round(dw + sum)). Offsets are clamped to [0, M] so that even invalid
+offsets (rejected earlier by the binding) never read or write out of bounds.
+*/
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "xft_cpu.h"
+
+namespace {
+
+inline int clamp_offset(const int* offsets, int e, int M) { return std::min(std::max(offsets[e], 0), M); }
+
+// y[r, j] = dot(a[r, :], b[j, :]) for r < rows, j < cols, all fp32, k contiguous in both
+void gemm_nt(const float* a, const float* b, float* y, int rows, int cols, int k) {
+  const int R = 4;
+  int r = 0;
+  for (; r + R <= rows; r += R) {
+    const float* a0 = a + (size_t)r * k;
+    for (int j = 0; j < cols; j++) {
+      const float* bj = b + (size_t)j * k;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      for (int i = 0; i < k; i++) {
+        float bv = bj[i];
+        s0 += a0[i] * bv;
+        s1 += a0[k + i] * bv;
+        s2 += a0[2 * (size_t)k + i] * bv;
+        s3 += a0[3 * (size_t)k + i] * bv;
+      }
+      y[(size_t)r * cols + j] = s0;
+      y[(size_t)(r + 1) * cols + j] = s1;
+      y[(size_t)(r + 2) * cols + j] = s2;
+      y[(size_t)(r + 3) * cols + j] = s3;
+    }
+  }
+  for (; r < rows; r++) {
+    const float* ar = a + (size_t)r * k;
+    for (int j = 0; j < cols; j++) {
+      const float* bj = b + (size_t)j * k;
+      float s = 0.f;
+      for (int i = 0; i < k; i++) s += ar[i] * bj[i];
+      y[(size_t)r * cols + j] = s;
+    }
+  }
+}
+
+size_t elem_size(int dtype) { return dtype == XFT_BF16 ? 2 : 4; }
+
+void from_f32(void* dst, int dtype, const float* src, size_t n) {
+  for (size_t i = 0; i < n; i++) xft_cpu::store(dst, dtype, i, src[i]);
+}
+
+}  // namespace
+
+int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
+                                 int dtype, int M, int n, int k, int E) {
+  const size_t es = elem_size(dtype);
+  std::vector<float> xe, we((size_t)n * k), ye;
+  for (int e = 0; e < E; e++) {
+    int r0 = clamp_offset(offsets, e, M), r1 = std::max(r0, clamp_offset(offsets, e + 1, M));
+    int rows = r1 - r0;
+    if (rows == 0) continue;
+    xe.resize((size_t)rows * k);
+    ye.resize((size_t)rows * n);
+    xft_cpu::to_f32(xe.data(), (const char*)x + (size_t)r0 * k * es, dtype, (size_t)rows * k);
+    xft_cpu::to_f32(we.data(), (const char*)w + (size_t)e * n * k * es, dtype, (size_t)n * k);
+    gemm_nt(xe.data(), we.data(), ye.data(), rows, n, k);
+    from_f32((char*)y + (size_t)r0 * n * es, dtype, ye.data(), (size_t)rows * n);
+  }
+  return 0;
+}
+
+int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
+                                  void* dx, void* dw, int dtype, int M, int n, int k, int E,
+                                  int accumulate) {
+  const size_t es = elem_size(dtype);
+  std::vector<float> xe, dye, we((size_t)n * k), acc(k), dwe((size_t)n * k);
+  for (int e = 0; e < E; e++) {
+    int r0 = clamp_offset(offsets, e, M), r1 = std::max(r0, clamp_offset(offsets, e + 1, M));
+    int rows = r1 - r0;
+    dye.resize((size_t)rows * n);
+    xe.resize((size_t)rows * k);
+    xft_cpu::to_f32(dye.data(), (const char*)dy + (size_t)r0 * n * es, dtype, (size_t)rows * n);
+    if (dx && rows > 0) {
+      xft_cpu::to_f32(we.data(), (const char*)w + (size_t)e * n * k * es, dtype, (size_t)n * k);
+      for (int r = 0; r < rows; r++) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int j = 0; j < n; j++) {
+          float g = dye[(size_t)r * n + j];
+          const float* wj = we.data() + (size_t)j * k;
+          for (int i = 0; i < k; i++) acc[i] += g * wj[i];
+        }
+        from_f32((char*)dx + (size_t)(r0 + r) * k * es, dtype, acc.data(), k);
+      }
+    }
+    if (dw) {
+      xft_cpu::to_f32(xe.data(), (const char*)x + (size_t)r0 * k * es, dtype, (size_t)rows * k);
+      std::fill(dwe.begin(), dwe.end(), 0.f);
+      for (int r = 0; r < rows; r++) {
+        const float* xr = xe.data() + (size_t)r * k;
+        for (int j = 0; j < n; j++) {
+          float g = dye[(size_t)r * n + j];
+          float* dwj = dwe.data() + (size_t)j * k;
+          for (int i = 0; i < k; i++) dwj[i] += g * xr[i];
+        }
+      }
+      char* out = (char*)dw + (size_t)e * n * k * es;
+      if (accumulate)
+        for (size_t i = 0; i < (size_t)n * k; i++) dwe[i] += xft_cpu::load(out, dtype, i);
+      from_f32(out, dtype, dwe.data(), (size_t)n * k);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,139 @@
+/*
+CPU twin of cuda/routing.cu: shared-expert routing with routing weight normalization (XFT.md).
+
+Per token t, with z = logits[t] (N columns, fp32) and p = softmax(z):
+  selection: the S largest logits, in descending order, ties toward the lower column
+             (S = K - 1 with a shared expert, S = K without); selecting on z, not p, makes the
+             choice identical on CPU and GPU, since softmax is monotonic.
+  shared, normalize:  g_0 = 1 - p_1,  g_{i_j} = p_1 * softmax(p_1..p_S)_j        (sum g = 1)
+  shared, !normalize: g_0 = 1 - p_1,  g_{i_j} = p_j                              (paper ablation)
+  no shared expert:   g_{i_j} = softmax(z_{i_1}..z_{i_S})_j                      (vanilla upcycling)
+experts[t] = [i_1 + 1, ..., i_S + 1, 0] with a shared expert, [i_1, ..., i_S] without.
+importance[j] = sum over tokens selecting column j of p_j; load[j] = their count.
+counts/offsets/order: a stable counting sort of the T*K (token, slot) pairs by expert.
+
+Backward (dweights = dL/dg, dimportance = dL/dimportance or none), per token, q = softmax(p_sel):
+  normalize:  dp_{i_m} = p_1 q_m (dg_m - sum_j q_j dg_j),  dp_{i_1} += sum_j q_j dg_j - dg_0
+  !normalize: dp_{i_m} = dg_m,                             dp_{i_1} -= dg_0
+  dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
+  no shared:  dz_{i_m} += g_m (dg_m - <g, dg>) on top of the importance path.
+*/
+#include <math.h>
+
+#include <vector>
+
+#include "xft_cpu.h"
+
+namespace {
+
+// indices of the S largest values of z[0..N), descending, ties toward the lower index
+void select_top(const float* z, int N, int S, int* sel) {
+  std::vector<char> taken(N, 0);
+  for (int s = 0; s < S; s++) {
+    int best = -1;
+    for (int j = 0; j < N; j++) {
+      if (taken[j]) continue;
+      if (best < 0 || z[j] > z[best]) best = j;
+    }
+    taken[best] = 1;
+    sel[s] = best;
+  }
+}
+
+void softmax(const float* z, int n, float* p) {
+  float m = -INFINITY;
+  for (int j = 0; j < n; j++) m = fmaxf(m, z[j]);
+  float sum = 0.f;
+  for (int j = 0; j < n; j++) sum += (p[j] = expf(z[j] - m));
+  for (int j = 0; j < n; j++) p[j] /= sum;
+}
+
+}  // namespace
+
+int xft_cpu_route_forward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
+                          int* experts, float* weights, int* counts, int* offsets, int* order,
+                          float* importance, float* load) {
+  const int S = shared ? K - 1 : K, E = shared ? N + 1 : N;
+  std::vector<float> z(N), p(N), q(K), zs(K);
+  std::vector<int> sel(K);
+  for (int j = 0; j < N; j++) importance[j] = load[j] = 0.f;
+  for (int e = 0; e < E; e++) counts[e] = 0;
+  for (int t = 0; t < T; t++) {
+    xft_cpu::to_f32(z.data(), (const char*)logits + (size_t)t * N * (dtype == XFT_BF16 ? 2 : 4), dtype, N);
+    softmax(z.data(), N, p.data());
+    select_top(z.data(), N, S, sel.data());
+    int* ex = experts + (size_t)t * K;
+    float* g = weights + (size_t)t * K;
+    if (shared) {
+      float p1 = p[sel[0]];
+      if (normalize) {
+        for (int j = 0; j < S; j++) zs[j] = p[sel[j]];
+        softmax(zs.data(), S, q.data());
+        for (int j = 0; j < S; j++) g[j] = p1 * q[j];
+      } else {
+        for (int j = 0; j < S; j++) g[j] = p[sel[j]];
+      }
+      for (int j = 0; j < S; j++) ex[j] = sel[j] + 1;
+      ex[K - 1] = 0;
+      g[K - 1] = 1.f - p1;
+    } else {
+      for (int j = 0; j < S; j++) zs[j] = z[sel[j]];
+      softmax(zs.data(), S, g);
+      for (int j = 0; j < S; j++) ex[j] = sel[j];
+    }
+    for (int j = 0; j < S; j++) {
+      importance[sel[j]] += p[sel[j]];
+      load[sel[j]] += 1.f;
+    }
+    for (int s = 0; s < K; s++) counts[ex[s]]++;
+  }
+  offsets[0] = 0;
+  for (int e = 0; e < E; e++) offsets[e + 1] = offsets[e] + counts[e];
+  std::vector<int> cursor(offsets, offsets + E);
+  for (int t = 0; t < T; t++)
+    for (int s = 0; s < K; s++) order[cursor[experts[(size_t)t * K + s]]++] = t * K + s;
+  return 0;
+}
+
+int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
+                           const int* experts, const float* dweights, const float* dimportance,
+                           void* dlogits) {
+  const int S = shared ? K - 1 : K;
+  std::vector<float> z(N), p(N), dp(N), dz(N), q(K), zs(K), g(K);
+  std::vector<int> sel(K);
+  for (int t = 0; t < T; t++) {
+    xft_cpu::to_f32(z.data(), (const char*)logits + (size_t)t * N * (dtype == XFT_BF16 ? 2 : 4), dtype, N);
+    softmax(z.data(), N, p.data());
+    const int* ex = experts + (size_t)t * K;
+    const float* dg = dweights + (size_t)t * K;
+    for (int j = 0; j < S; j++) sel[j] = shared ? ex[j] - 1 : ex[j];
+    for (int j = 0; j < N; j++) dp[j] = dz[j] = 0.f;
+    if (shared) {
+      if (normalize) {
+        float p1 = p[sel[0]];
+        for (int j = 0; j < S; j++) zs[j] = p[sel[j]];
+        softmax(zs.data(), S, q.data());
+        float a = 0.f;
+        for (int j = 0; j < S; j++) a += q[j] * dg[j];
+        for (int m = 0; m < S; m++) dp[sel[m]] = p1 * q[m] * (dg[m] - a);
+        dp[sel[0]] += a - dg[K - 1];
+      } else {
+        for (int m = 0; m < S; m++) dp[sel[m]] = dg[m];
+        dp[sel[0]] -= dg[K - 1];
+      }
+    } else {
+      for (int j = 0; j < S; j++) zs[j] = z[sel[j]];
+      softmax(zs.data(), S, g.data());
+      float a = 0.f;
+      for (int j = 0; j < S; j++) a += g[j] * dg[j];
+      for (int m = 0; m < S; m++) dz[sel[m]] = g[m] * (dg[m] - a);
+    }
+    if (dimportance)
+      for (int m = 0; m < S; m++) dp[sel[m]] += dimportance[sel[m]];
+    float pdp = 0.f;
+    for (int j = 0; j < N; j++) pdp += p[j] * dp[j];
+    char* out = (char*)dlogits + (size_t)t * N * (dtype == XFT_BF16 ? 2 : 4);
+    for (int j = 0; j < N; j++) xft_cpu::store(out, dtype, j, dz[j] + p[j] * (dp[j] - pdp));
+  }
+  return 0;
+}

@@ -1,0 +1,231 @@
+// The three XFT op families: shared-expert routing, grouped expert GEMM, mixing-coefficient merge.
+// lib/ops.ts validates shapes and dtypes and allocates outputs; this layer re-checks sizes and
+// devices (a second line of defence against out-of-bounds access) and dispatches CPU or CUDA.
+#include <vector>
+
+#include "common.h"
+
+namespace xft {
+
+namespace {
+
+const int kMaxRouteColumns = 1024;  // mirrored in lib/ops.ts (MAX_ROUTE_EXPERTS)
+
+void CheckRouteShape(Napi::Env env, const char* op, int64_t T, int64_t N, int64_t K, bool shared) {
+  if (T < 0 || N < 1 || N > kMaxRouteColumns)
+    Throw(env, "XFT_SHAPE", std::string(op) + ": logits must be [T, N] with 1 <= N <= " + std::to_string(kMaxRouteColumns));
+  int64_t S = shared ? K - 1 : K;
+  if (S < 1 || S > N) Throw(env, "XFT_SHAPE", std::string(op) + ": topK out of range for " + std::to_string(N) + " logit columns");
+}
+
+// routeForward(logits, dtype, T, N, K, normalize, shared, experts, weights, counts, offsets, order, importance, load)
+Napi::Value RouteForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "routeShared";
+  Storage* logits = ArgStorage(info, 0, op, "logits");
+  int dtype = ArgDtype(info, 1, op, "dtype");
+  int64_t T = ArgInt(info, 2, op, "T"), N = ArgInt(info, 3, op, "N"), K = ArgInt(info, 4, op, "topK");
+  bool normalize = info[5].ToBoolean(), shared = info[6].ToBoolean();
+  CheckRouteShape(env, op, T, N, K, shared);
+  int64_t E = shared ? N + 1 : N;
+  Storage* experts = ArgStorage(info, 7, op, "experts");
+  Storage* weights = ArgStorage(info, 8, op, "weights");
+  Storage* counts = ArgStorage(info, 9, op, "counts");
+  Storage* offsets = ArgStorage(info, 10, op, "offsets");
+  Storage* order = ArgStorage(info, 11, op, "order");
+  Storage* importance = ArgStorage(info, 12, op, "importance");
+  Storage* load = ArgStorage(info, 13, op, "load");
+  RequireBytes(env, logits, T * N, dtype, op, "logits");
+  RequireBytes(env, experts, T * K, XFT_I32, op, "experts");
+  RequireBytes(env, weights, T * K, XFT_F32, op, "weights");
+  RequireBytes(env, counts, E, XFT_I32, op, "counts");
+  RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
+  RequireBytes(env, order, T * K, XFT_I32, op, "order");
+  RequireBytes(env, importance, N, XFT_F32, op, "importance");
+  RequireBytes(env, load, N, XFT_F32, op, "load");
+  int device = CommonDevice(env, op, {logits, experts, weights, counts, offsets, order, importance, load});
+  XFT_DISPATCH(env, op, device, route_forward, logits->data, dtype, (int)T, (int)N, (int)K, normalize, shared,
+               (int*)experts->data, (float*)weights->data, (int*)counts->data, (int*)offsets->data,
+               (int*)order->data, (float*)importance->data, (float*)load->data);
+  return env.Undefined();
+}
+
+// routeBackward(logits, dtype, T, N, K, normalize, shared, experts, dweights, dimportance|null, dlogits)
+Napi::Value RouteBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "routeSharedBackward";
+  Storage* logits = ArgStorage(info, 0, op, "logits");
+  int dtype = ArgDtype(info, 1, op, "dtype");
+  int64_t T = ArgInt(info, 2, op, "T"), N = ArgInt(info, 3, op, "N"), K = ArgInt(info, 4, op, "topK");
+  bool normalize = info[5].ToBoolean(), shared = info[6].ToBoolean();
+  CheckRouteShape(env, op, T, N, K, shared);
+  Storage* experts = ArgStorage(info, 7, op, "experts");
+  Storage* dweights = ArgStorage(info, 8, op, "dWeights");
+  Storage* dimportance = ArgStorageOrNull(info, 9, op, "dImportance");
+  Storage* dlogits = ArgStorage(info, 10, op, "dLogits");
+  RequireBytes(env, logits, T * N, dtype, op, "logits");
+  RequireBytes(env, experts, T * K, XFT_I32, op, "experts");
+  RequireBytes(env, dweights, T * K, XFT_F32, op, "dWeights");
+  RequireBytes(env, dimportance, N, XFT_F32, op, "dImportance");
+  RequireBytes(env, dlogits, T * N, dtype, op, "dLogits");
+  int device = CommonDevice(env, op, {logits, experts, dweights, dimportance, dlogits});
+  XFT_DISPATCH(env, op, device, route_backward, logits->data, dtype, (int)T, (int)N, (int)K, normalize, shared,
+               (const int*)experts->data, (const float*)dweights->data,
+               dimportance ? (const float*)dimportance->data : nullptr, dlogits->data);
+  return env.Undefined();
+}
+
+void CheckGemmShape(Napi::Env env, const char* op, int64_t M, int64_t n, int64_t k, int64_t E, int dtype) {
+  if (M < 0 || n < 1 || k < 1 || E < 1 || M > INT32_MAX || n > INT32_MAX || k > INT32_MAX)
+    Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes M=" + std::to_string(M) + " n=" + std::to_string(n) +
+                                " k=" + std::to_string(k) + " E=" + std::to_string(E));
+  if (dtype == XFT_I32) Throw(env, "XFT_DTYPE", std::string(op) + ": expected f32 or bf16 operands, got i32");
+}
+
+// groupedGemmForward(x, w, offsets, y, dtype, M, n, k, E)
+Napi::Value GroupedGemmForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "groupedGemm";
+  Storage* x = ArgStorage(info, 0, op, "x");
+  Storage* w = ArgStorage(info, 1, op, "w");
+  Storage* offsets = ArgStorage(info, 2, op, "offsets");
+  Storage* y = ArgStorage(info, 3, op, "y");
+  int dtype = ArgDtype(info, 4, op, "dtype");
+  int64_t M = ArgInt(info, 5, op, "M"), n = ArgInt(info, 6, op, "n"), k = ArgInt(info, 7, op, "k"),
+          E = ArgInt(info, 8, op, "E");
+  CheckGemmShape(env, op, M, n, k, E, dtype);
+  RequireBytes(env, x, M * k, dtype, op, "x");
+  RequireBytes(env, w, E * n * k, dtype, op, "w");
+  RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
+  RequireBytes(env, y, M * n, dtype, op, "y");
+  int device = CommonDevice(env, op, {x, w, offsets, y});
+  XFT_DISPATCH(env, op, device, grouped_gemm_forward, x->data, w->data, (const int*)offsets->data, y->data, dtype,
+               (int)M, (int)n, (int)k, (int)E);
+  return env.Undefined();
+}
+
+// groupedGemmBackward(x, w, offsets, dy, dx|null, dw|null, dtype, M, n, k, E, accumulate)
+Napi::Value GroupedGemmBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "groupedGemmBackward";
+  Storage* x = ArgStorage(info, 0, op, "x");
+  Storage* w = ArgStorage(info, 1, op, "w");
+  Storage* offsets = ArgStorage(info, 2, op, "offsets");
+  Storage* dy = ArgStorage(info, 3, op, "dy");
+  Storage* dx = ArgStorageOrNull(info, 4, op, "dx");
+  Storage* dw = ArgStorageOrNull(info, 5, op, "dw");
+  int dtype = ArgDtype(info, 6, op, "dtype");
+  int64_t M = ArgInt(info, 7, op, "M"), n = ArgInt(info, 8, op, "n"), k = ArgInt(info, 9, op, "k"),
+          E = ArgInt(info, 10, op, "E");
+  bool accumulate = info[11].ToBoolean();
+  CheckGemmShape(env, op, M, n, k, E, dtype);
+  RequireBytes(env, x, M * k, dtype, op, "x");
+  RequireBytes(env, w, E * n * k, dtype, op, "w");
+  RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
+  RequireBytes(env, dy, M * n, dtype, op, "dy");
+  RequireBytes(env, dx, M * k, dtype, op, "dx");
+  RequireBytes(env, dw, E * n * k, dtype, op, "dw");
+  int device = CommonDevice(env, op, {x, w, offsets, dy, dx, dw});
+  XFT_DISPATCH(env, op, device, grouped_gemm_backward, x->data, w->data, (const int*)offsets->data, dy->data,
+               dx ? dx->data : nullptr, dw ? dw->data : nullptr, dtype, (int)M, (int)n, (int)k, (int)E, accumulate);
+  return env.Undefined();
+}
+
+// The lists of the merge ops: expert stacks [E, numel] and their merged counterparts [numel].
+struct MergeLists {
+  std::vector<const void*> stacks;
+  std::vector<void*> merged;
+  std::vector<size_t> numel;
+  std::vector<Storage*> storages;
+};
+
+MergeLists ArgMergeLists(const Napi::CallbackInfo& info, const char* op, const char* merged_name, int dtype, int64_t E) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsArray() || !info[1].IsArray() || !info[2].IsArray())
+    Throw(env, "XFT_TYPE", std::string(op) + ": weights, " + merged_name + " and numel must be arrays");
+  Napi::Array w = info[0].As<Napi::Array>(), m = info[1].As<Napi::Array>(), ne = info[2].As<Napi::Array>();
+  if (w.Length() != m.Length() || w.Length() != ne.Length())
+    Throw(env, "XFT_SHAPE", std::string(op) + ": weights and " + merged_name + " must have the same length");
+  MergeLists L;
+  for (uint32_t t = 0; t < w.Length(); t++) {
+    Napi::Value wv = w.Get(t), mv = m.Get(t), nv = ne.Get(t);
+    Storage* ws = ValueStorage(env, wv, op, "weights[i]");
+    Storage* ms = ValueStorage(env, mv, op, merged_name);
+    if (!nv.IsNumber()) Throw(env, "XFT_TYPE", std::string(op) + ": numel must be numbers");
+    size_t n = (size_t)nv.As<Napi::Number>().Int64Value();
+    RequireBytes(env, ws, (size_t)E * n, dtype, op, "weights[i]");
+    RequireBytes(env, ms, n, dtype, op, merged_name);
+    L.stacks.push_back(ws->data);
+    L.merged.push_back(ms->data);
+    L.numel.push_back(n);
+    L.storages.push_back(ws);
+    L.storages.push_back(ms);
+  }
+  return L;
+}
+
+int ListDevice(Napi::Env env, const char* op, const std::vector<Storage*>& storages, std::initializer_list<Storage*> more) {
+  int device = CommonDevice(env, op, more);
+  for (Storage* s : storages)
+    if (s->device != device) Throw(env, "XFT_DEVICE", std::string(op) + ": all tensors must be on one device");
+  return device;
+}
+
+void CheckMergeArgs(Napi::Env env, const char* op, int dtype, int64_t E, double shared_rate) {
+  if (E < 2 || E > 1024) Throw(env, "XFT_SHAPE", std::string(op) + ": expected 2 <= E <= 1024 experts");
+  if (dtype == XFT_I32) Throw(env, "XFT_DTYPE", std::string(op) + ": expected f32 or bf16 weights, got i32");
+  if (shared_rate > 1.0 || !(shared_rate == shared_rate))
+    Throw(env, "XFT_VALUE", std::string(op) + ": sharedRate must be in [0, 1] (or negative for none)");
+}
+
+// mergeForward(stacks[], merged[], numel[], dtype, E, alpha, sharedRate)
+Napi::Value MergeForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "mergeExperts";
+  int dtype = ArgDtype(info, 3, op, "dtype");
+  int64_t E = ArgInt(info, 4, op, "E");
+  Storage* alpha = ArgStorage(info, 5, op, "alpha");
+  double shared_rate = ArgNumber(info, 6, op, "sharedRate");
+  CheckMergeArgs(env, op, dtype, E, shared_rate);
+  MergeLists L = ArgMergeLists(info, op, "merged", dtype, E);
+  RequireBytes(env, alpha, shared_rate >= 0 ? E - 1 : E, XFT_F32, op, "alpha");
+  int device = ListDevice(env, op, L.storages, {alpha});
+  XFT_DISPATCH(env, op, device, merge_forward, L.stacks.data(), L.merged.data(), L.numel.data(), (int)L.numel.size(),
+               dtype, (int)E, (const float*)alpha->data, (float)shared_rate);
+  return env.Undefined();
+}
+
+// mergeBackward(stacks[], dmerged[], numel[], dtype, E, alpha, sharedRate, dalpha, accumulate)
+Napi::Value MergeBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "mergeExpertsBackward";
+  int dtype = ArgDtype(info, 3, op, "dtype");
+  int64_t E = ArgInt(info, 4, op, "E");
+  Storage* alpha = ArgStorage(info, 5, op, "alpha");
+  double shared_rate = ArgNumber(info, 6, op, "sharedRate");
+  Storage* dalpha = ArgStorage(info, 7, op, "dAlpha");
+  bool accumulate = info[8].ToBoolean();
+  CheckMergeArgs(env, op, dtype, E, shared_rate);
+  MergeLists L = ArgMergeLists(info, op, "dMerged", dtype, E);
+  int64_t A = shared_rate >= 0 ? E - 1 : E;
+  RequireBytes(env, alpha, A, XFT_F32, op, "alpha");
+  RequireBytes(env, dalpha, A, XFT_F32, op, "dAlpha");
+  int device = ListDevice(env, op, L.storages, {alpha, dalpha});
+  std::vector<const void*> dmerged(L.merged.begin(), L.merged.end());
+  XFT_DISPATCH(env, op, device, merge_backward, L.stacks.data(), dmerged.data(), L.numel.data(), (int)L.numel.size(),
+               dtype, (int)E, (const float*)alpha->data, (float)shared_rate, (float*)dalpha->data, accumulate);
+  return env.Undefined();
+}
+
+}  // namespace
+
+void RegisterXftOps(Napi::Env env, Napi::Object exports) {
+  exports.Set("routeForward", Napi::Function::New(env, RouteForward, "routeForward"));
+  exports.Set("routeBackward", Napi::Function::New(env, RouteBackward, "routeBackward"));
+  exports.Set("groupedGemmForward", Napi::Function::New(env, GroupedGemmForward, "groupedGemmForward"));
+  exports.Set("groupedGemmBackward", Napi::Function::New(env, GroupedGemmBackward, "groupedGemmBackward"));
+  exports.Set("mergeForward", Napi::Function::New(env, MergeForward, "mergeForward"));
+  exports.Set("mergeBackward", Napi::Function::New(env, MergeBackward, "mergeBackward"));
+}
+
+}  // namespace xft

@@ -1,0 +1,116 @@
+/*
+The CUDA runtime of the addon: one device, one non-blocking stream, and a stream-ordered
+memory pool (cudaMallocAsync on the device's default pool with the release threshold raised
+so that freed blocks stay reserved for reuse: a training step never reaches cudaMalloc).
+Every op is enqueued on xft_cuda_stream(); only d2h copies and xft_cuda_synchronize wait.
+The CUDA runtime is linked statically and finds the driver at run time, so a host without a
+driver (or without a GPU) reports 0 devices instead of failing to load the addon.
+*/
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "xft_cuda.h"
+
+static cudaStream_t g_stream = nullptr;
+static cudaMemPool_t g_pool = nullptr;
+static int g_device = -1;
+
+extern "C" cudaStream_t xft_cuda_stream(void) { return g_stream; }
+
+extern "C" const char* xft_cuda_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
+
+extern "C" int xft_cuda_device_count(int* count) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // no driver / no device: clear the error, report none
+    n = 0;
+  }
+  *count = n;
+  return 0;
+}
+
+extern "C" int xft_cuda_query(xft_cuda_device* info) {
+  cudaDeviceProp prop;
+  cudaError_t e = cudaGetDeviceProperties(&prop, g_device);
+  if (e != cudaSuccess) return e;
+  memset(info, 0, sizeof(*info));
+  snprintf(info->name, sizeof(info->name), "%s", prop.name);
+  info->ordinal = g_device;
+  info->major = prop.major;
+  info->minor = prop.minor;
+  info->multiprocessors = prop.multiProcessorCount;
+  size_t free_b = 0, total_b = 0;
+  if ((e = cudaMemGetInfo(&free_b, &total_b)) != cudaSuccess) return e;
+  info->total_memory = total_b;
+  info->free_memory = free_b;
+  cudaDriverGetVersion(&info->driver_version);
+  cudaRuntimeGetVersion(&info->runtime_version);
+  return 0;
+}
+
+extern "C" int xft_cuda_init(int ordinal, xft_cuda_device* info) {
+  cudaError_t e;
+  if (g_stream == nullptr) {
+    if ((e = cudaSetDevice(ordinal)) != cudaSuccess) return e;
+    g_device = ordinal;
+    if ((e = cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking)) != cudaSuccess) return e;
+    if ((e = cudaDeviceGetDefaultMemPool(&g_pool, ordinal)) != cudaSuccess) return e;
+    uint64_t threshold = UINT64_MAX;
+    if ((e = cudaMemPoolSetAttribute(g_pool, cudaMemPoolAttrReleaseThreshold, &threshold)) != cudaSuccess) return e;
+  }
+  return xft_cuda_query(info);
+}
+
+extern "C" int xft_cuda_malloc(void** ptr, size_t bytes) {
+  // a zero-byte tensor still gets a distinct, valid pointer
+  return cudaMallocAsync(ptr, bytes ? bytes : 16, g_stream);
+}
+
+extern "C" int xft_cuda_free(void* ptr) { return cudaFreeAsync(ptr, g_stream); }
+
+extern "C" int xft_cuda_memcpy_h2d(void* dst, const void* host_src, size_t bytes) {
+  // from pageable memory this returns once the source has been staged, so the caller may reuse it
+  if (bytes == 0) return 0;
+  return cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_stream);
+}
+
+extern "C" int xft_cuda_memcpy_d2h(void* host_dst, const void* src, size_t bytes) {
+  if (bytes) {
+    cudaError_t e = cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_stream);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaStreamSynchronize(g_stream);
+}
+
+extern "C" int xft_cuda_memcpy_d2d(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return 0;
+  return cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream);
+}
+
+extern "C" int xft_cuda_memset(void* dst, int byte, size_t bytes) {
+  if (bytes == 0) return 0;
+  return cudaMemsetAsync(dst, byte, bytes, g_stream);
+}
+
+extern "C" int xft_cuda_synchronize(void) { return cudaStreamSynchronize(g_stream); }
+
+extern "C" int xft_cuda_check(void) { return cudaGetLastError(); }
+
+extern "C" int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes) {
+  uint64_t used = 0, reserved = 0;
+  cudaError_t e;
+  if ((e = cudaMemPoolGetAttribute(g_pool, cudaMemPoolAttrUsedMemCurrent, &used)) != cudaSuccess) return e;
+  if ((e = cudaMemPoolGetAttribute(g_pool, cudaMemPoolAttrReservedMemCurrent, &reserved)) != cudaSuccess) return e;
+  *used_bytes = used;
+  *reserved_bytes = reserved;
+  return 0;
+}
+
+extern "C" int xft_cuda_pool_trim(void) {
+  cudaError_t e = cudaStreamSynchronize(g_stream);
+  if (e != cudaSuccess) return e;
+  return cudaMemPoolTrimTo(g_pool, 0);
+}

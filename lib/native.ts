@@ -1,0 +1,105 @@
+/**
+ * The typed surface of the native addon (binding/*.cc): everything JavaScript can call, in one
+ * place. lib/ops.ts and lib/tensor.ts are the only callers; they validate arguments first.
+ * dtype codes: 0 f32, 1 bf16, 2 i32. device codes: 0 cpu, 1 cuda.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { XftError } from './errors';
+
+export interface NativeStorage {
+  readonly bytes: number;
+  readonly device: 0 | 1;
+  readonly disposed: boolean;
+  dispose(): void;
+}
+
+export interface NativeBackend {
+  compiledWithCuda: boolean;
+  kind: 'cpu' | 'cuda';
+  reason?: string;
+  name?: string;
+  ordinal?: number;
+  computeCapability?: [number, number];
+  multiprocessors?: number;
+  totalMemory?: number;
+  freeMemory?: number;
+  driverVersion?: number;
+  runtimeVersion?: number;
+}
+
+export interface NativeMemoryStats {
+  hostBytes: number;
+  hostTensors: number;
+  cudaBytes: number;
+  cudaTensors: number;
+  poolUsedBytes?: number;
+  poolReservedBytes?: number;
+}
+
+type S = NativeStorage;
+type Seed = number | bigint;
+
+export interface NativeAddon {
+  Storage: new (device: number, bytes: number) => NativeStorage;
+  compiledWithCuda: boolean;
+  setErrorClass(cls: typeof XftError): void;
+  backend(): NativeBackend;
+  memoryStats(): NativeMemoryStats;
+  synchronize(): void;
+  trimPool(): void;
+  upload(s: S, dtype: number, data: Float32Array | Int32Array, offset: number): void;
+  download(s: S, dtype: number, n: number, offset: number): Float32Array | Int32Array;
+  copy(dst: S, src: S, bytes: number, dstOffset: number, srcOffset: number): void;
+  fillRandom(s: S, dtype: number, n: number, kind: 0 | 1, seed: Seed, a: number, b: number): void;
+  fillValue(s: S, dtype: number, n: number, value: number): void;
+  cast(dst: S, dstDtype: number, src: S, srcDtype: number, n: number): void;
+  routeForward(logits: S, dtype: number, T: number, N: number, K: number, normalize: boolean, shared: boolean,
+    experts: S, weights: S, counts: S, offsets: S, order: S, importance: S, load: S): void;
+  routeBackward(logits: S, dtype: number, T: number, N: number, K: number, normalize: boolean, shared: boolean,
+    experts: S, dWeights: S, dImportance: S | null, dLogits: S): void;
+  groupedGemmForward(x: S, w: S, offsets: S, y: S, dtype: number, M: number, n: number, k: number, E: number): void;
+  groupedGemmBackward(x: S, w: S, offsets: S, dy: S, dx: S | null, dw: S | null, dtype: number,
+    M: number, n: number, k: number, E: number, accumulate: boolean): void;
+  mergeForward(stacks: S[], merged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number): void;
+  mergeBackward(stacks: S[], dMerged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number,
+    dAlpha: S, accumulate: boolean): void;
+}
+
+/** The package root: the nearest folder above this file with xft's package.json. */
+export function packageRoot(): string {
+  let dir = __dirname;
+  for (;;) {
+    const pkg = path.join(dir, 'package.json');
+    if (fs.existsSync(pkg)) {
+      try {
+        if (JSON.parse(fs.readFileSync(pkg, 'utf8')).name === 'xft') return dir;
+      } catch {
+        /* keep looking */
+      }
+    }
+    const up = path.dirname(dir);
+    if (up === dir) throw new XftError(`cannot find the xft package root above ${__dirname}`, 'XFT_NATIVE');
+    dir = up;
+  }
+}
+
+function load(): NativeAddon {
+  const root = packageRoot();
+  let addon: NativeAddon;
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    addon = require('node-gyp-build')(root) as NativeAddon;
+  } catch (err) {
+    throw new XftError(
+      `the xft native addon could not be loaded from ${root} (${(err as Error).message}). ` +
+        `Build it with \`npm run build:native\` (needs cmake and a C++ compiler; nvcc for the CUDA backend).`,
+      'XFT_NATIVE',
+    );
+  }
+  addon.setErrorClass(XftError);
+  return addon;
+}
+
+/** The loaded addon (loaded on first import). */
+export const native: NativeAddon = load();

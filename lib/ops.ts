@@ -1,0 +1,279 @@
+/**
+ * The XFT ops, one typed wrapper per native op: check shapes, dtypes and devices (clear XftErrors
+ * that name the argument), allocate outputs, dispatch to the CPU or CUDA twin.
+ * Math: ../shared/XFT.md; kernels: cuda/routing.cu, cuda/grouped_gemm.cu, cuda/merge.cu;
+ * CPU twins: binding/cpu/*.cc.
+ */
+import { XftError, invalidArgument, describe } from './errors';
+import { native } from './native';
+import { DType, Tensor, dtypeCode, formatShape } from './tensor';
+
+/** Largest number of router logit columns routeShared accepts (binding/xft_ops.cc kMaxRouteColumns). */
+export const MAX_ROUTE_EXPERTS = 1024;
+
+interface Expect {
+  dtype?: readonly DType[];
+  rank?: number;
+  /** expected sizes; null = any */
+  shape?: readonly (number | null)[];
+  /** how the shape reads, e.g. "[T, E-1]" */
+  shapeName?: string;
+}
+
+/** Checks `t` is a live tensor of the expected dtype and shape, else throws naming `name`. */
+export function expectTensor(op: string, name: string, t: unknown, e: Expect = {}): Tensor {
+  if (!(t instanceof Tensor)) throw invalidArgument(op, name, 'a Tensor', t, 'XFT_TYPE');
+  if (t.disposed) throw new XftError(`${op}: ${name} (${t.describe()}) was used after dispose()`, 'XFT_DISPOSED');
+  const want = e.shapeName ? ` ${e.shapeName}` : '';
+  if (e.dtype && !e.dtype.includes(t.dtype))
+    throw new XftError(`${op}: expected ${name} to be a ${e.dtype.join(' or ')} tensor${want}, got ${t.describe()}`, 'XFT_DTYPE');
+  const rank = e.shape ? e.shape.length : e.rank;
+  if (rank !== undefined && t.rank !== rank)
+    throw new XftError(`${op}: expected ${name} to be ${rank}-D${want}, got ${t.describe()}`, 'XFT_SHAPE');
+  if (e.shape)
+    e.shape.forEach((d, i) => {
+      if (d !== null && t.shape[i] !== d)
+        throw new XftError(`${op}: expected ${name} of shape ${e.shapeName ?? formatShape(e.shape!.map((x) => x ?? '*') as number[])}` +
+          ` with dimension ${i} = ${d}, got ${t.describe()}`, 'XFT_SHAPE');
+    });
+  return t;
+}
+
+/** All tensors on one device, which is returned. */
+export function sameDevice(op: string, tensors: Record<string, Tensor | null | undefined>): 'cpu' | 'cuda' {
+  let first: [string, Tensor] | undefined;
+  for (const [name, t] of Object.entries(tensors)) {
+    if (!t) continue;
+    if (!first) first = [name, t];
+    else if (t.device !== first[1].device)
+      throw new XftError(`${op}: ${name} is on ${t.device} but ${first[0]} is on ${first[1].device}; all tensors must be on one device`, 'XFT_DEVICE');
+  }
+  return first ? first[1].device : 'cpu';
+}
+
+function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max)
+    throw invalidArgument(op, name, `an integer in [${min}, ${max}]`, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
+  return v;
+}
+
+function expectBool(op: string, name: string, v: unknown): boolean {
+  if (typeof v !== 'boolean') throw invalidArgument(op, name, 'a boolean', v, 'XFT_TYPE');
+  return v;
+}
+
+const FLOAT: readonly DType[] = ['f32', 'bf16'];
+
+// ---------------------------------------------------------------------------------------------
+// 1. Shared-expert routing with routing weight normalization
+
+export interface RouteOptions {
+  /** K: experts per token, the shared expert included (2 <= K <= E). */
+  topK: number;
+  /** Routing weight normalization (XFT); false is the paper's ablation. Default true. */
+  normalize?: boolean;
+  /** Expert 0 is a shared expert taken by every token (XFT). false is vanilla sparse upcycling:
+   * logits are [T, E], top-K over all experts, weights softmax over the selected logits. Default true. */
+  shared?: boolean;
+}
+
+/** The output of routeShared, and what its backward needs. */
+export interface Routing {
+  /** i32 [T, K]: normal experts by descending probability, then 0 (the shared expert) */
+  experts: Tensor;
+  /** f32 [T, K]: routing weights g (rows sum to 1 with normalization) */
+  weights: Tensor;
+  /** i32 [E]: tokens per expert */
+  counts: Tensor;
+  /** i32 [E + 1]: exclusive cumulative counts, the group offsets of the grouped GEMMs */
+  offsets: Tensor;
+  /** i32 [T * K]: (t, s) pairs as t * K + s, sorted by expert then token: the gather order */
+  order: Tensor;
+  /** f32 [N]: per normal expert, the sum over tokens that selected it of its probability */
+  importance: Tensor;
+  /** f32 [N]: per normal expert, the number of tokens that selected it */
+  load: Tensor;
+  readonly tokens: number;
+  readonly topK: number;
+  readonly numExperts: number;
+  readonly normalize: boolean;
+  readonly shared: boolean;
+  dispose(): void;
+}
+
+function routeOptions(op: string, logits: Tensor, options: RouteOptions) {
+  if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', 'an object with topK', options, 'XFT_TYPE');
+  const normalize = options.normalize === undefined ? true : expectBool(op, 'normalize', options.normalize);
+  const shared = options.shared === undefined ? true : expectBool(op, 'shared', options.shared);
+  const N = logits.shape[1];
+  if (N < 1 || N > MAX_ROUTE_EXPERTS)
+    throw new XftError(`${op}: expected logits [T, ${shared ? 'E-1' : 'E'}] with 1 to ${MAX_ROUTE_EXPERTS} columns, got ${logits.describe()}`, 'XFT_SHAPE');
+  const E = shared ? N + 1 : N;
+  const K = expectInt(op, 'topK', options.topK, shared ? 2 : 1, E);
+  return { normalize, shared, N, E, K, T: logits.shape[0] };
+}
+
+/**
+ * Routes T tokens to K experts: softmax over the router logits, the top K-1 normal experts, the
+ * shared expert 0 with weight 1 - p_1, normal weights p_1 * softmax(p_1..p_{K-1}) (XFT.md), plus the
+ * permutation metadata of the grouped GEMMs. logits: f32 or bf16 [T, E-1].
+ */
+export function routeShared(logits: Tensor, options: RouteOptions): Routing {
+  const op = 'routeShared';
+  expectTensor(op, 'logits', logits, { dtype: FLOAT, rank: 2, shapeName: '[T, E-1]' });
+  const { normalize, shared, N, E, K, T } = routeOptions(op, logits, options);
+  const device = logits.device;
+  const i32 = { dtype: 'i32' as const, device }, f32 = { dtype: 'f32' as const, device };
+  const experts = Tensor.empty([T, K], i32), weights = Tensor.empty([T, K], f32);
+  const counts = Tensor.empty([E], i32), offsets = Tensor.empty([E + 1], i32), order = Tensor.empty([T * K], i32);
+  const importance = Tensor.empty([N], f32), load = Tensor.empty([N], f32);
+  native.routeForward(logits.storage, dtypeCode(logits.dtype), T, N, K, normalize, shared, experts.storage, weights.storage,
+    counts.storage, offsets.storage, order.storage, importance.storage, load.storage);
+  return {
+    experts, weights, counts, offsets, order, importance, load,
+    tokens: T, topK: K, numExperts: E, normalize, shared,
+    dispose() {
+      for (const t of [experts, weights, counts, offsets, order, importance, load]) t.dispose();
+    },
+  };
+}
+
+/**
+ * dL/dlogits [T, E-1] (logits dtype) from dL/dweights f32 [T, K], and optionally dL/dimportance
+ * f32 [E-1] (the balance loss), through normalization, top-k and softmax.
+ */
+export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: Tensor, options: { dImportance?: Tensor } = {}): Tensor {
+  const op = 'routeSharedBackward';
+  expectTensor(op, 'logits', logits, { dtype: FLOAT, rank: 2, shapeName: '[T, E-1]' });
+  if (!routing || !(routing.experts instanceof Tensor)) throw invalidArgument(op, 'routing', 'the result of routeShared', routing, 'XFT_TYPE');
+  const { normalize, shared, topK: K } = routing;
+  const { N, T } = routeOptions(op, logits, { topK: K, normalize, shared });
+  if (T !== routing.tokens) throw new XftError(`${op}: logits has ${T} tokens but routing was computed for ${routing.tokens}`, 'XFT_SHAPE');
+  expectTensor(op, 'routing.experts', routing.experts, { dtype: ['i32'], shape: [T, K], shapeName: `[T, K] = [${T}, ${K}]` });
+  expectTensor(op, 'dWeights', dWeights, { dtype: ['f32'], shape: [T, K], shapeName: `[T, K] = [${T}, ${K}]` });
+  const dImportance = options.dImportance;
+  if (dImportance !== undefined) expectTensor(op, 'dImportance', dImportance, { dtype: ['f32'], shape: [N], shapeName: `[E-1] = [${N}]` });
+  sameDevice(op, { logits, experts: routing.experts, dWeights, dImportance });
+  const dLogits = Tensor.empty([T, N], { dtype: logits.dtype, device: logits.device });
+  native.routeBackward(logits.storage, dtypeCode(logits.dtype), T, N, K, normalize, shared, routing.experts.storage,
+    dWeights.storage, dImportance ? dImportance.storage : null, dLogits.storage);
+  return dLogits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Grouped expert GEMM
+
+export interface GroupedGemmOptions {
+  /** Check offsets (0 = o_0 <= ... <= o_E = M). On CUDA this reads them back (a synchronisation);
+   * pass false for offsets made by routeShared, which are valid by construction. Default true. */
+  validate?: boolean;
+}
+
+function gemmArgs(op: string, x: unknown, w: unknown, offsets: unknown) {
+  const xt = expectTensor(op, 'x', x, { dtype: FLOAT, rank: 2, shapeName: '[M, k]' });
+  const [M, k] = xt.shape;
+  const wt = expectTensor(op, 'w', w, { dtype: [xt.dtype], rank: 3, shapeName: '[E, n, k]' });
+  const [E, n, kw] = wt.shape;
+  if (kw !== k) throw new XftError(`${op}: w is [E, n, k] = ${formatShape(wt.shape)} but x is [M, k] = ${formatShape(xt.shape)}: k differs`, 'XFT_SHAPE');
+  if (E < 1 || n < 1 || k < 1) throw new XftError(`${op}: empty weight ${wt.describe()} (need E, n, k >= 1)`, 'XFT_SHAPE');
+  const ot = expectTensor(op, 'offsets', offsets, { dtype: ['i32'], shape: [E + 1], shapeName: `[E + 1] = [${E + 1}]` });
+  return { x: xt, w: wt, offsets: ot, M, n, k, E };
+}
+
+function checkOffsets(op: string, offsets: Tensor, M: number): void {
+  const o = offsets.toArray();
+  if (o[0] !== 0) throw new XftError(`${op}: offsets must start at 0, got offsets[0] = ${o[0]}`, 'XFT_VALUE');
+  for (let e = 1; e < o.length; e++)
+    if (o[e] < o[e - 1]) throw new XftError(`${op}: offsets must not decrease, got offsets[${e - 1}] = ${o[e - 1]} > offsets[${e}] = ${o[e]}`, 'XFT_VALUE');
+  if (o[o.length - 1] !== M) throw new XftError(`${op}: offsets must end at M = ${M} (rows of x), got ${o[o.length - 1]}`, 'XFT_VALUE');
+}
+
+/**
+ * y [M, n] with rows offsets[e]..offsets[e+1] = x[rows] @ w[e]^T (nn.Linear layout).
+ * x [M, k] and w [E, n, k] share a dtype (f32, or bf16 with fp32 accumulation); offsets i32 [E + 1].
+ */
+export function groupedGemm(x: Tensor, w: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
+  const op = 'groupedGemm';
+  const a = gemmArgs(op, x, w, offsets);
+  sameDevice(op, { x, w, offsets });
+  if (options.validate !== false) checkOffsets(op, offsets, a.M);
+  const y = Tensor.empty([a.M, a.n], { dtype: x.dtype, device: x.device });
+  native.groupedGemmForward(x.storage, w.storage, offsets.storage, y.storage, dtypeCode(x.dtype), a.M, a.n, a.k, a.E);
+  return y;
+}
+
+export interface GroupedGemmBackwardOptions extends GroupedGemmOptions {
+  /** Compute dx (default true). */
+  dx?: boolean;
+  /** Compute dw (default true), or add it into this tensor [E, n, k] (gradient accumulation). */
+  dw?: boolean | Tensor;
+}
+
+/** dx [M, k] = dy @ w[e] per group, dw [E, n, k] = dy_e^T @ x_e (zero for empty groups). */
+export function groupedGemmBackward(x: Tensor, w: Tensor, offsets: Tensor, dy: Tensor, options: GroupedGemmBackwardOptions = {}): { dx: Tensor | null; dw: Tensor | null } {
+  const op = 'groupedGemmBackward';
+  const a = gemmArgs(op, x, w, offsets);
+  expectTensor(op, 'dy', dy, { dtype: [x.dtype], shape: [a.M, a.n], shapeName: `[M, n] = [${a.M}, ${a.n}]` });
+  const into = options.dw instanceof Tensor ? expectTensor(op, 'options.dw', options.dw, { dtype: [w.dtype], shape: w.shape, shapeName: `[E, n, k] = ${formatShape(w.shape)}` }) : null;
+  sameDevice(op, { x, w, offsets, dy, dw: into });
+  if (options.validate !== false) checkOffsets(op, offsets, a.M);
+  const dx = options.dx === false ? null : Tensor.empty([a.M, a.k], { dtype: x.dtype, device: x.device });
+  const dw = into ?? (options.dw === false ? null : Tensor.empty(w.shape, { dtype: w.dtype, device: w.device }));
+  native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx ? dx.storage : null, dw ? dw.storage : null,
+    dtypeCode(x.dtype), a.M, a.n, a.k, a.E, into !== null);
+  return { dx, dw };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Mixing-coefficient merge
+
+function mergeArgs(op: string, weights: unknown, alpha: unknown, sharedRate: unknown) {
+  if (!Array.isArray(weights) || weights.length === 0)
+    throw invalidArgument(op, 'weights', 'a non-empty array of expert stacks [E, ...]', weights, 'XFT_TYPE');
+  const first = expectTensor(op, 'weights[0]', weights[0], { dtype: FLOAT, shapeName: '[E, ...]' });
+  if (first.rank < 1) throw new XftError(`${op}: expected weights[0] to be an expert stack [E, ...], got ${first.describe()}`, 'XFT_SHAPE');
+  const E = first.shape[0];
+  if (E < 2) throw new XftError(`${op}: expected at least 2 experts, got weights[0] ${first.describe()}`, 'XFT_SHAPE');
+  const stacks = weights.map((w, i) => {
+    const t = expectTensor(op, `weights[${i}]`, w, { dtype: [first.dtype], shapeName: `[E, ...] with E = ${E}` });
+    if (t.rank < 1 || t.shape[0] !== E) throw new XftError(`${op}: expected weights[${i}] to be [E, ...] with E = ${E}, got ${t.describe()}`, 'XFT_SHAPE');
+    return t;
+  });
+  if (sharedRate !== null && (typeof sharedRate !== 'number' || !(sharedRate >= 0 && sharedRate <= 1)))
+    throw invalidArgument(op, 'sharedRate', 'a number in [0, 1], or null for no fixed shared rate', sharedRate, typeof sharedRate === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
+  const A = sharedRate === null ? E : E - 1;
+  const a = expectTensor(op, 'alpha', alpha, { dtype: ['f32'], shape: [A], shapeName: sharedRate === null ? `[E] = [${E}]` : `[E-1] = [${A}]` });
+  const device = sameDevice(op, Object.fromEntries([['alpha', a], ...stacks.map((t, i) => [`weights[${i}]`, t])]));
+  return { stacks, alpha: a, E, rate: sharedRate === null ? -1 : sharedRate, device, dtype: first.dtype };
+}
+
+/**
+ * The per-layer merge: for each expert stack W [E, ...], W̄ = Σ_e c_e W_e with c_0 = sharedRate and
+ * c_i = (1 - sharedRate) softmax(alpha)_i (alpha f32 [E-1]); sharedRate null: c = softmax(alpha), alpha [E].
+ */
+export function mergeExperts(weights: Tensor[], alpha: Tensor, sharedRate: number | null): Tensor[] {
+  const op = 'mergeExperts';
+  const a = mergeArgs(op, weights, alpha, sharedRate);
+  const merged = a.stacks.map((w) => Tensor.empty(w.shape.slice(1), { dtype: w.dtype, device: w.device }));
+  native.mergeForward(a.stacks.map((w) => w.storage), merged.map((m) => m.storage), merged.map((m) => m.numel),
+    dtypeCode(a.dtype), a.E, a.alpha.storage, a.rate);
+  return merged;
+}
+
+/** dL/dalpha f32 (alpha's shape) from dL/dW̄ for each merged tensor; with options.into, adds into it. */
+export function mergeExpertsBackward(weights: Tensor[], alpha: Tensor, sharedRate: number | null, dMerged: Tensor[], options: { into?: Tensor } = {}): Tensor {
+  const op = 'mergeExpertsBackward';
+  const a = mergeArgs(op, weights, alpha, sharedRate);
+  if (!Array.isArray(dMerged) || dMerged.length !== a.stacks.length)
+    throw invalidArgument(op, 'dMerged', `an array of ${a.stacks.length} gradients`, dMerged, 'XFT_TYPE');
+  const grads = dMerged.map((g, i) => expectTensor(op, `dMerged[${i}]`, g, { dtype: [a.dtype], shape: a.stacks[i].shape.slice(1),
+    shapeName: formatShape(a.stacks[i].shape.slice(1)) }));
+  const into = options.into === undefined ? null : expectTensor(op, 'options.into', options.into, { dtype: ['f32'], shape: alpha.shape });
+  sameDevice(op, Object.fromEntries([['alpha', alpha], ['into', into], ...grads.map((t, i) => [`dMerged[${i}]`, t])]));
+  const dAlpha = into ?? Tensor.empty(alpha.shape, { dtype: 'f32', device: alpha.device });
+  native.mergeBackward(a.stacks.map((w) => w.storage), grads.map((g) => g.storage), grads.map((g) => g.numel),
+    dtypeCode(a.dtype), a.E, a.alpha.storage, a.rate, dAlpha.storage, into !== null);
+  return dAlpha;
+}
+
+export { describe };
