@@ -1,6 +1,7 @@
 // Module entry: the error class, the backend, storages, memory statistics.
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include <atomic>
 
@@ -101,6 +102,25 @@ void RequireCuda(Napi::Env env, const char* op) {
 
 // ---- Storage ----
 
+// Host memory: 64-byte aligned and never null (a zero-byte tensor still owns a distinct pointer).
+// Large blocks come straight from mmap so that freeing returns them to the system at once
+// (malloc's heap would keep them, and a training loop's process memory would creep).
+static const size_t kHostMmapBytes = 64 * 1024;
+
+static void* HostAlloc(size_t bytes) {
+  if (bytes >= kHostMmapBytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+  }
+  size_t rounded = ((bytes + 63) / 64) * 64;
+  return aligned_alloc(64, rounded ? rounded : 64);
+}
+
+static void HostFree(void* p, size_t bytes) {
+  if (bytes >= kHostMmapBytes) munmap(p, bytes);
+  else free(p);
+}
+
 Napi::Function Storage::Define(Napi::Env env) {
   return DefineClass(env, "Storage",
                      {InstanceMethod<&Storage::Dispose>("dispose"),
@@ -118,9 +138,7 @@ Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(inf
   device = (int)dev;
   bytes = (size_t)nbytes;
   if (device == DEV_CPU) {
-    // 64-byte aligned, never null (a zero-byte tensor still owns a distinct pointer)
-    size_t rounded = ((bytes + 63) / 64) * 64;
-    data = aligned_alloc(64, rounded ? rounded : 64);
+    data = HostAlloc(bytes);
     if (!data) Throw(env, "XFT_OOM", "Storage: out of host memory allocating " + std::to_string(bytes) + " bytes");
     g_counters.host_bytes += (int64_t)bytes;
     g_counters.host_count++;
@@ -145,7 +163,7 @@ void Storage::Release() {
   disposed = true;
   if (data == nullptr) return;
   if (device == DEV_CPU) {
-    free(data);
+    HostFree(data, bytes);
     g_counters.host_bytes -= (int64_t)bytes;
     g_counters.host_count--;
   } else {

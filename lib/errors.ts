@@ -32,7 +32,8 @@ export function describe(value: unknown): string {
   if (value === undefined) return 'undefined';
   if (typeof value === 'number' || typeof value === 'boolean' || typeof value === 'bigint') return String(value);
   if (typeof value === 'string') return JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value);
-  if (Array.isArray(value)) return `array of length ${value.length}`;
+  if (Array.isArray(value))
+    return value.length <= 8 && value.every((v) => typeof v !== 'object') ? `[${value.map((v) => describe(v)).join(', ')}]` : `an array of length ${value.length}`;
   if (typeof value === 'object' && value && 'describe' in value && typeof (value as { describe: unknown }).describe === 'function')
     return (value as { describe(): string }).describe();
   return typeof value === 'object' ? (value as object).constructor?.name ?? 'object' : typeof value;
