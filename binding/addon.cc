@@ -28,6 +28,7 @@ xft_cuda_device g_cuda_info;
 #endif
 
 bool g_sync_each_op = false;
+bool g_poison = false;  // fill new storages with 0xFF bytes (NaN floats, -1 ints): finds unwritten outputs
 
 }  // namespace
 
@@ -140,6 +141,7 @@ Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(inf
   if (device == DEV_CPU) {
     data = HostAlloc(bytes);
     if (!data) Throw(env, "XFT_OOM", "Storage: out of host memory allocating " + std::to_string(bytes) + " bytes");
+    if (g_poison) memset(data, 0xFF, bytes);
     g_counters.host_bytes += (int64_t)bytes;
     g_counters.host_count++;
   } else {
@@ -151,6 +153,7 @@ Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(inf
       Throw(env, "XFT_OOM", "Storage: cannot allocate " + std::to_string(bytes) + " bytes on the GPU: " +
                                 xft_cuda_error_string(status));
     }
+    if (g_poison) CheckStatus(env, "Storage", xft_cuda_memset(data, 0xFF, bytes));
 #endif
     g_counters.cuda_bytes += (int64_t)bytes;
     g_counters.cuda_count++;
@@ -323,6 +326,11 @@ static Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+static Napi::Value SetPoison(const Napi::CallbackInfo& info) {
+  g_poison = info[0].ToBoolean();
+  return info.Env().Undefined();
+}
+
 static Napi::Value TrimPool(const Napi::CallbackInfo& info) {
 #ifdef XFT_WITH_CUDA
   if (g_cuda_state == 1) CheckStatus(info.Env(), "trimPool", xft_cuda_pool_trim());
@@ -342,6 +350,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("backend", Napi::Function::New(env, Backend, "backend"));
   exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
+  exports.Set("setPoison", Napi::Function::New(env, SetPoison, "setPoison"));
   exports.Set("trimPool", Napi::Function::New(env, TrimPool, "trimPool"));
 #ifdef XFT_WITH_CUDA
   exports.Set("compiledWithCuda", Napi::Boolean::New(env, true));

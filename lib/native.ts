@@ -48,6 +48,8 @@ export interface NativeAddon {
   memoryStats(): NativeMemoryStats;
   synchronize(): void;
   trimPool(): void;
+  /** Testing aid: fill every new storage with 0xFF bytes (NaN floats, -1 ints) to expose unwritten outputs. */
+  setPoison(on: boolean): void;
   upload(s: S, dtype: number, data: Float32Array | Int32Array, offset: number): void;
   download(s: S, dtype: number, n: number, offset: number): Float32Array | Int32Array;
   copy(dst: S, src: S, bytes: number, dstOffset: number, srcOffset: number): void;
