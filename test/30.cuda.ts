@@ -1,0 +1,126 @@
+// CUDA kernels against their CPU twins on fresh random inputs (the seed is printed), with every
+// new device allocation poisoned (NaN / -1) so that an output element left unwritten fails.
+// Tolerances: fp32 1e-5, bf16 1e-2 relative (‖cuda − cpu‖ / ‖cpu‖); integer outputs exact.
+import t from 'tap';
+import { Tensor, ops, type DType } from '../lib/index';
+import { native } from '../lib/native';
+import { SKIP_NO_CUDA, randomOffsets } from './helpers/ref';
+import { close, exact } from './helpers/check';
+
+const TOL: Record<'f32' | 'bf16', number> = { f32: 1e-5, bf16: 1e-2 };
+const BASE_SEED = Number(process.env.XFT_TEST_SEED ?? Date.now() % 1_000_000);
+t.comment(`random inputs from seed ${BASE_SEED} (XFT_TEST_SEED=${BASE_SEED} repeats them)`);
+let seedCounter = 0;
+const seed = () => BASE_SEED * 1000 + seedCounter++;
+
+/** The same random tensor on the CPU and on the GPU. */
+function pair(shape: number[], dtype: DType, options: { std?: number } = {}) {
+  const cpu = Tensor.randn(shape, { seed: seed(), dtype, std: options.std ?? 1 });
+  return { cpu, cuda: cpu.to('cuda') };
+}
+
+t.before(() => {
+  if (!SKIP_NO_CUDA) native.setPoison(true);
+});
+t.teardown(() => native.setPoison(false));
+
+t.test('routing: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  const shapes: [number, number, number][] = [[1, 7, 6], [37, 7, 6], [16384, 7, 6], [1000, 7, 2], [513, 7, 8], [300, 1, 2], [777, 63, 9], [64, 300, 5], [0, 7, 6]];
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [normalize, shared] of [[true, true], [false, true], [true, false]] as const)
+      for (const [T, N, K0] of shapes) {
+        const K = shared ? K0 : Math.min(K0, N);
+        const what = `${dtype} normalize=${normalize} shared=${shared} T=${T} N=${N} K=${K}`;
+        const logits = pair([T, N], dtype, { std: 2 });
+        const a = ops.routeShared(logits.cpu, { topK: K, normalize, shared });
+        const b = ops.routeShared(logits.cuda, { topK: K, normalize, shared });
+        exact(t, b.experts.toArray(), a.experts.toArray(), `${what}: experts`);
+        close(t, b.weights.toArray(), a.weights.toArray(), TOL.f32, `${what}: weights`);
+        exact(t, b.counts.toArray(), a.counts.toArray(), `${what}: counts`);
+        exact(t, b.offsets.toArray(), a.offsets.toArray(), `${what}: offsets`);
+        exact(t, b.order.toArray(), a.order.toArray(), `${what}: order`);
+        close(t, b.importance.toArray(), a.importance.toArray(), TOL.f32, `${what}: importance`);
+        exact(t, b.load.toArray(), a.load.toArray(), `${what}: load`);
+        const dW = pair([T, K], 'f32'), dI = pair([N], 'f32');
+        const ga = ops.routeSharedBackward(logits.cpu, a, dW.cpu, { dImportance: dI.cpu });
+        const gb = ops.routeSharedBackward(logits.cuda, b, dW.cuda, { dImportance: dI.cuda });
+        close(t, gb.toArray(), ga.toArray(), TOL[dtype], `${what}: dLogits`);
+        const na = ops.routeSharedBackward(logits.cpu, a, dW.cpu), nb = ops.routeSharedBackward(logits.cuda, b, dW.cuda);
+        close(t, nb.toArray(), na.toArray(), TOL[dtype], `${what}: dLogits without dImportance`);
+        for (const x of [logits.cpu, logits.cuda, dW.cpu, dW.cuda, dI.cpu, dI.cuda, ga, gb, na, nb]) x.dispose();
+        a.dispose();
+        b.dispose();
+      }
+  // ties: identical logits must pick identical experts on both devices
+  const ties = Tensor.from(Array.from({ length: 64 * 7 }, (_, i) => [0, 1, 1, 0, 2, 2, 1][i % 7] * ((i / 7) % 3 | 0)), [64, 7]);
+  exact(t, ops.routeShared(ties.to('cuda'), { topK: 6 }).experts.toArray(), ops.routeShared(ties, { topK: 6 }).experts.toArray(), 'ties break alike');
+});
+
+t.test('routing is deterministic on CUDA', { skip: SKIP_NO_CUDA }, async (t) => {
+  const logits = Tensor.randn([20000, 7], { seed: seed(), device: 'cuda' });
+  const a = ops.routeShared(logits, { topK: 6 }), b = ops.routeShared(logits, { topK: 6 });
+  exact(t, b.importance.toArray(), a.importance.toArray(), 'importance bit-identical run to run');
+  exact(t, b.order.toArray(), a.order.toArray(), 'order identical run to run');
+});
+
+t.test('grouped GEMM: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  const cases: [number, number, number, number, boolean][] = [
+    [1, 1, 1, 1, false], [37, 19, 23, 8, true], [256, 128, 64, 1, false], [1000, 96, 80, 8, true],
+    [4096, 512, 384, 8, true], [3000, 33, 65, 5, true], [513, 130, 258, 3, false], [0, 16, 16, 4, true], [2048, 1024, 512, 8, false],
+  ];
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [M, n, k, E, empty] of cases) {
+      const what = `${dtype} M=${M} n=${n} k=${k} E=${E}`;
+      const offs = randomOffsets(M, E, seed(), empty);
+      const offsets = Tensor.from(offs, [E + 1], { dtype: 'i32' });
+      const og = offsets.to('cuda');
+      const x = pair([M, k], dtype), w = pair([E, n, k], dtype, { std: 0.1 }), dy = pair([M, n], dtype);
+      const ya = ops.groupedGemm(x.cpu, w.cpu, offsets), yb = ops.groupedGemm(x.cuda, w.cuda, og, { validate: false });
+      close(t, yb.toArray(), ya.toArray(), TOL[dtype], `${what}: y`);
+      const ga = ops.groupedGemmBackward(x.cpu, w.cpu, offsets, dy.cpu), gb = ops.groupedGemmBackward(x.cuda, w.cuda, og, dy.cuda);
+      close(t, gb.dx!.toArray(), ga.dx!.toArray(), TOL[dtype], `${what}: dx`);
+      close(t, gb.dw!.toArray(), ga.dw!.toArray(), TOL[dtype], `${what}: dw`);
+      const acc = w.cuda.clone(), accCpu = w.cpu.clone();
+      ops.groupedGemmBackward(x.cuda, w.cuda, og, dy.cuda, { dx: false, dw: acc });
+      ops.groupedGemmBackward(x.cpu, w.cpu, offsets, dy.cpu, { dx: false, dw: accCpu });
+      close(t, acc.toArray(), accCpu.toArray(), TOL[dtype], `${what}: dw accumulated`);
+      for (const v of [offsets, og, x.cpu, x.cuda, w.cpu, w.cuda, dy.cpu, dy.cuda, ya, yb, ga.dx!, ga.dw!, gb.dx!, gb.dw!, acc, accCpu]) v.dispose();
+    }
+});
+
+t.test('merge: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const rate of [0.75, 0, 1, null])
+      for (const E of [2, 8, 17]) {
+        const what = `${dtype} sharedRate=${rate} E=${E}`;
+        const shapes = [[E, 257, 129], [E, 129, 257], [E, 1], [E, 4099]];
+        const stacks = shapes.map((s) => pair(s, dtype));
+        const alpha = pair([rate === null ? E : E - 1], 'f32', { std: 2 });
+        const ma = ops.mergeExperts(stacks.map((s) => s.cpu), alpha.cpu, rate);
+        const mb = ops.mergeExperts(stacks.map((s) => s.cuda), alpha.cuda, rate);
+        mb.forEach((m, i) => close(t, m.toArray(), ma[i].toArray(), TOL[dtype], `${what}: merged[${i}]`));
+        const grads = shapes.map((s) => pair(s.slice(1), dtype));
+        const da = ops.mergeExpertsBackward(stacks.map((s) => s.cpu), alpha.cpu, rate, grads.map((g) => g.cpu));
+        const db = ops.mergeExpertsBackward(stacks.map((s) => s.cuda), alpha.cuda, rate, grads.map((g) => g.cuda));
+        close(t, db.toArray(), da.toArray(), rate === 1 ? 0 : TOL[dtype], `${what}: dAlpha`);
+      }
+});
+
+t.test('kernels leave the pool as they found it', { skip: SKIP_NO_CUDA }, async (t) => {
+  const before = native.memoryStats();
+  const x = Tensor.randn([512, 64], { seed: 1, device: 'cuda', dtype: 'bf16' });
+  const w = Tensor.randn([8, 32, 64], { seed: 2, device: 'cuda', dtype: 'bf16' });
+  const logits = Tensor.randn([512, 7], { seed: 3, device: 'cuda' });
+  const offsets = Tensor.from([0, 64, 128, 192, 256, 320, 384, 448, 512], [9], { dtype: 'i32', device: 'cuda' });
+  for (let i = 0; i < 50; i++) {
+    const r = ops.routeShared(logits, { topK: 6 });
+    const y = ops.groupedGemm(x, w, offsets, { validate: false });
+    y.dispose();
+    r.dispose();
+  }
+  for (const v of [x, w, logits, offsets]) v.dispose();
+  native.synchronize();
+  const after = native.memoryStats();
+  t.equal(after.cudaTensors, before.cudaTensors, 'no tensor left');
+  t.equal(after.poolUsedBytes, before.poolUsedBytes, 'kernel scratch memory returned to the pool');
+});
