@@ -359,6 +359,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
 #endif
   RegisterTensorOps(env, exports);
   RegisterXftOps(env, exports);
+  RegisterLayerOps(env, exports);
+  RegisterTrainOps(env, exports);
   return exports;
 }
 

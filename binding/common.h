@@ -77,6 +77,8 @@ void AfterLaunch(Napi::Env env, const char* op, int device);
 
 void RegisterTensorOps(Napi::Env env, Napi::Object exports);
 void RegisterXftOps(Napi::Env env, Napi::Object exports);
+void RegisterLayerOps(Napi::Env env, Napi::Object exports);  // binding/layer_ops.cc
+void RegisterTrainOps(Napi::Env env, Napi::Object exports);  // binding/train_ops.cc
 
 }  // namespace xft
 

@@ -95,6 +95,14 @@ int xft_cuda_merge_backward(const void* const* weights, const void* const* dmerg
                             int count, int dtype, int E, const float* alpha, float shared_rate,
                             float* dalpha, int accumulate);
 
+// ---- [layers] supporting kernels of a Llama layer: embedding, rmsnorm, rope, swiglu, elementwise ----
+// (declarations of cuda/{embedding,rmsnorm,rope,swiglu,elementwise}.cu go here)
+// ---- [/layers] ----
+
+// ---- [train] attention, cross-entropy, AdamW, MoE permutation, balance loss ----
+// (declarations of cuda/{attention,cross_entropy,adamw,moe_permute}.cu go here)
+// ---- [/train] ----
+
 #ifdef __cplusplus
 }
 #endif

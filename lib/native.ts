@@ -90,8 +90,10 @@ function load(): NativeAddon {
   const root = packageRoot();
   let addon: NativeAddon;
   try {
+    // XFT_ADDON_PATH loads a specific build (e.g. a second build folder while developing)
+    const explicit = process.env.XFT_ADDON_PATH;
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    addon = require('node-gyp-build')(root) as NativeAddon;
+    addon = (explicit ? require(path.resolve(explicit)) : require('node-gyp-build')(root)) as NativeAddon;
   } catch (err) {
     throw new XftError(
       `the xft native addon could not be loaded from ${root} (${(err as Error).message}). ` +

@@ -38,6 +38,12 @@ int xft_cpu_merge_backward(const void* const* weights, const void* const* dmerge
                            int count, int dtype, int E, const float* alpha, float shared_rate,
                            float* dalpha, int accumulate);
 
+// ---- [layers] (binding/cpu/{embedding,rmsnorm,rope,swiglu,elementwise}.cc) ----
+// ---- [/layers] ----
+
+// ---- [train] (binding/cpu/{attention,cross_entropy,adamw,moe_permute}.cc) ----
+// ---- [/train] ----
+
 // helpers shared by the CPU files
 namespace xft_cpu {
 // value i of a f32 or bf16 buffer, as fp32
