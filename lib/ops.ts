@@ -11,7 +11,7 @@ import { DType, Tensor, dtypeCode, formatShape } from './tensor';
 /** Largest number of router logit columns routeShared accepts (binding/xft_ops.cc kMaxRouteColumns). */
 export const MAX_ROUTE_EXPERTS = 1024;
 
-interface Expect {
+export interface Expect {
   dtype?: readonly DType[];
   rank?: number;
   /** expected sizes; null = any */
