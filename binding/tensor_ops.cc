@@ -80,6 +80,47 @@ Napi::Value Download(const Napi::CallbackInfo& info) {
   return Napi::Float32Array::New(env, n, ab, 0);
 }
 
+// uploadBytes(storage, Uint8Array, offsetBytes): raw bytes into a storage (checkpoint loading).
+Napi::Value UploadBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "uploadBytes";
+  Storage* s = ArgStorage(info, 0, op, "storage");
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    Throw(env, "XFT_TYPE", "uploadBytes: data must be a Uint8Array");
+  Napi::Uint8Array a = info[1].As<Napi::Uint8Array>();
+  size_t offset = (size_t)ArgInt(info, 2, op, "offset");
+  if (offset + a.ByteLength() > s->bytes) Throw(env, "XFT_SHAPE", "uploadBytes: range out of bounds");
+  char* dst = (char*)s->data + offset;
+  if (s->device == DEV_CPU) {
+    if (a.ByteLength()) memcpy(dst, a.Data(), a.ByteLength());
+  } else {
+#ifdef XFT_WITH_CUDA
+    CheckStatus(env, op, xft_cuda_memcpy_h2d(dst, a.Data(), a.ByteLength()));
+#endif
+  }
+  return env.Undefined();
+}
+
+// downloadBytes(storage, bytes, offsetBytes) -> Uint8Array: raw bytes out (checkpoint saving). Waits.
+Napi::Value DownloadBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "downloadBytes";
+  Storage* s = ArgStorage(info, 0, op, "storage");
+  size_t n = (size_t)ArgInt(info, 1, op, "bytes");
+  size_t offset = (size_t)ArgInt(info, 2, op, "offset");
+  if (offset + n > s->bytes) Throw(env, "XFT_SHAPE", "downloadBytes: range out of bounds");
+  Napi::Uint8Array out = Napi::Uint8Array::New(env, n);
+  const char* src = (const char*)s->data + offset;
+  if (s->device == DEV_CPU) {
+    if (n) memcpy(out.Data(), src, n);
+  } else {
+#ifdef XFT_WITH_CUDA
+    CheckStatus(env, "downloadBytes (or a kernel queued before it)", xft_cuda_memcpy_d2h(out.Data(), src, n));
+#endif
+  }
+  return out;
+}
+
 // copy(dst, src, bytes, dstOffsetBytes, srcOffsetBytes): between any two devices.
 Napi::Value Copy(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -155,6 +196,8 @@ void RegisterTensorOps(Napi::Env env, Napi::Object exports) {
   exports.Set("upload", Napi::Function::New(env, Upload, "upload"));
   exports.Set("download", Napi::Function::New(env, Download, "download"));
   exports.Set("copy", Napi::Function::New(env, Copy, "copy"));
+  exports.Set("uploadBytes", Napi::Function::New(env, UploadBytes, "uploadBytes"));
+  exports.Set("downloadBytes", Napi::Function::New(env, DownloadBytes, "downloadBytes"));
   exports.Set("fillRandom", Napi::Function::New(env, FillRandom, "fillRandom"));
   exports.Set("fillValue", Napi::Function::New(env, FillValue, "fillValue"));
   exports.Set("cast", Napi::Function::New(env, Cast, "cast"));

@@ -52,6 +52,8 @@ export interface NativeAddon {
   setPoison(on: boolean): void;
   upload(s: S, dtype: number, data: Float32Array | Int32Array, offset: number): void;
   download(s: S, dtype: number, n: number, offset: number): Float32Array | Int32Array;
+  uploadBytes(s: S, data: Uint8Array, offsetBytes: number): void;
+  downloadBytes(s: S, bytes: number, offsetBytes: number): Uint8Array;
   copy(dst: S, src: S, bytes: number, dstOffset: number, srcOffset: number): void;
   fillRandom(s: S, dtype: number, n: number, kind: 0 | 1, seed: Seed, a: number, b: number): void;
   fillValue(s: S, dtype: number, n: number, value: number): void;

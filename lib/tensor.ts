@@ -165,6 +165,19 @@ export class Tensor {
     return t;
   }
 
+  /** A tensor from its raw little-endian bytes (f32, bf16 bits, or i32), e.g. read from a checkpoint. */
+  static fromBytes(bytes: Uint8Array, shape: Shape, options: TensorOptions = {}): Tensor {
+    const op = 'Tensor.fromBytes';
+    if (!(bytes instanceof Uint8Array)) throw invalidArgument(op, 'bytes', 'a Uint8Array', bytes, 'XFT_TYPE');
+    const t = Tensor.empty(shape, options);
+    if (bytes.byteLength !== t.bytes) {
+      t.dispose();
+      throw new XftError(`${op}: ${bytes.byteLength} bytes do not hold a ${t.dtype}${formatShape(shape)} tensor (${t.bytes} bytes)`, 'XFT_SHAPE');
+    }
+    native.uploadBytes(t.#storage, bytes, 0);
+    return t;
+  }
+
   static full(shape: Shape, value: number, options: TensorOptions = {}): Tensor {
     if (typeof value !== 'number') throw invalidArgument('Tensor.full', 'value', 'a number', value, 'XFT_TYPE');
     const t = Tensor.empty(shape, options);
@@ -239,6 +252,12 @@ export class Tensor {
   toArray(): Float32Array | Int32Array {
     this.#live('toArray');
     return native.download(this.#storage, DTYPE_CODE[this.dtype], this.numel, this.offset);
+  }
+
+  /** The raw little-endian bytes of the values (bf16 as its 16-bit patterns). Waits for queued work. */
+  toBytes(): Uint8Array {
+    this.#live('toBytes');
+    return native.downloadBytes(this.#storage, this.bytes, this.offset * DTYPE_BYTES[this.dtype]);
   }
 
   /** The single value of a one-element tensor. */

@@ -1,0 +1,358 @@
+/**
+ * safetensors, read and written tensor by tensor (peak memory: one tensor), single files and
+ * Hugging Face shards (`model.safetensors.index.json`). Writes are atomic: a file (or a whole
+ * checkpoint folder) is written under a temporary name and renamed into place when complete.
+ * Format: u64 little-endian header length N, N bytes of JSON
+ * `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the data.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { XftError } from './errors';
+import { Tensor, type DType, type Device, formatShape, numelOf } from './tensor';
+
+export type FileDType = 'F32' | 'BF16' | 'F16' | 'I32' | 'I64' | 'F64' | 'U8' | 'I8' | 'BOOL' | 'I16' | 'U16';
+const FILE_DTYPE_BYTES: Record<FileDType, number> = { F64: 8, I64: 8, F32: 4, I32: 4, BF16: 2, F16: 2, I16: 2, U16: 2, U8: 1, I8: 1, BOOL: 1 };
+/** The file dtypes xft reads into tensors. */
+export const READABLE: readonly FileDType[] = ['F32', 'BF16', 'F16', 'I32'];
+const TENSOR_TO_FILE: Record<DType, FileDType> = { f32: 'F32', bf16: 'BF16', i32: 'I32' };
+
+export interface TensorInfo {
+  name: string;
+  dtype: FileDType;
+  shape: number[];
+  /** absolute byte offset of the data in its file */
+  offset: number;
+  bytes: number;
+  file: string;
+}
+
+const MAX_HEADER = 100 * 2 ** 20;
+
+/** Reads the header of one safetensors file. */
+export function readHeader(file: string): { tensors: TensorInfo[]; metadata: Record<string, string> } {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (err) {
+    throw new XftError(`cannot open ${file}: ${(err as Error).message}`, 'XFT_IO');
+  }
+  try {
+    const size = fs.fstatSync(fd).size;
+    const lenBuf = Buffer.alloc(8);
+    if (size < 8 || fs.readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new XftError(`${file}: not a safetensors file (shorter than 8 bytes)`, 'XFT_FORMAT');
+    const n = Number(lenBuf.readBigUInt64LE(0));
+    if (n > MAX_HEADER || 8 + n > size) throw new XftError(`${file}: not a safetensors file (header length ${n} does not fit in ${size} bytes)`, 'XFT_FORMAT');
+    const hb = Buffer.alloc(n);
+    fs.readSync(fd, hb, 0, n, 8);
+    let header: Record<string, unknown>;
+    try {
+      header = JSON.parse(hb.toString('utf8'));
+    } catch (err) {
+      throw new XftError(`${file}: the safetensors header is not valid JSON (${(err as Error).message})`, 'XFT_FORMAT');
+    }
+    const base = 8 + n;
+    const tensors: TensorInfo[] = [];
+    let metadata: Record<string, string> = {};
+    for (const [name, v] of Object.entries(header)) {
+      if (name === '__metadata__') {
+        metadata = (v ?? {}) as Record<string, string>;
+        continue;
+      }
+      const e = v as { dtype?: string; shape?: number[]; data_offsets?: [number, number] };
+      if (!e || typeof e.dtype !== 'string' || !(e.dtype in FILE_DTYPE_BYTES) || !Array.isArray(e.shape) || !Array.isArray(e.data_offsets))
+        throw new XftError(`${file}: tensor ${name} has a malformed header entry ${JSON.stringify(v)}`, 'XFT_FORMAT');
+      const [b, end] = e.data_offsets;
+      const bytes = numelOf(e.shape) * FILE_DTYPE_BYTES[e.dtype as FileDType];
+      if (end - b !== bytes || base + end > size || b < 0)
+        throw new XftError(`${file}: tensor ${name} (${e.dtype}${formatShape(e.shape)}) has data offsets [${b}, ${end}] that do not fit`, 'XFT_FORMAT');
+      tensors.push({ name, dtype: e.dtype as FileDType, shape: e.shape, offset: base + b, bytes, file });
+    }
+    return { tensors, metadata };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+// ---- host dtype conversion ----
+
+function f16ToF32(h: number): number {
+  const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  if (e === 0) return s * m * 2 ** -24;
+  if (e === 31) return m ? NaN : s * Infinity;
+  return s * (1 + m / 1024) * 2 ** (e - 15);
+}
+
+const f32Scratch = new Float32Array(1), u32Scratch = new Uint32Array(f32Scratch.buffer);
+/** f32 -> f16 bits, round to nearest even. */
+function f32ToF16(v: number): number {
+  f32Scratch[0] = v;
+  const x = u32Scratch[0];
+  const sign = (x >>> 16) & 0x8000, exp = (x >>> 23) & 0xff, mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  const e = exp - 127 + 15;
+  if (e >= 31) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    const m = mant | 0x800000, shift = 14 - e;
+    let r = m >>> shift;
+    const rem = m & ((1 << shift) - 1), half = 1 << (shift - 1);
+    if (rem > half || (rem === half && r & 1)) r++;
+    return sign | r;
+  }
+  let r = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && r & 1)) r++;
+  return sign | r;
+}
+
+/** Raw file bytes of `dtype` to a Tensor of `target` dtype on `device`. */
+function bytesToTensor(raw: Uint8Array, from: FileDType, shape: number[], target: DType, device: Device, name: string): Tensor {
+  const n = numelOf(shape);
+  if (TENSOR_TO_FILE[target] === from) return Tensor.fromBytes(raw, shape, { dtype: target, device });
+  const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  if (target === 'i32' || from === 'I32')
+    throw new XftError(`cannot read ${name}: a ${from} tensor into ${target}`, 'XFT_DTYPE');
+  const f = new Float32Array(n);
+  if (from === 'F32') for (let i = 0; i < n; i++) f[i] = dv.getFloat32(i * 4, true);
+  else if (from === 'BF16') for (let i = 0; i < n; i++) { u32Scratch[0] = dv.getUint16(i * 2, true) << 16; f[i] = f32Scratch[0]; }
+  else if (from === 'F16') for (let i = 0; i < n; i++) f[i] = f16ToF32(dv.getUint16(i * 2, true));
+  else throw new XftError(`cannot read ${name}: dtype ${from} is not supported (expected one of ${READABLE.join(', ')})`, 'XFT_DTYPE');
+  return Tensor.from(f, shape, { dtype: target, device });
+}
+
+/** A tensor's bytes in the file dtype `to`. */
+function tensorToBytes(t: Tensor, to: FileDType): Uint8Array {
+  if (TENSOR_TO_FILE[t.dtype] === to) return t.toBytes();
+  if (to === 'F16' && t.dtype !== 'i32') {
+    const v = t.toArray(), out = new Uint8Array(v.length * 2), dv = new DataView(out.buffer);
+    for (let i = 0; i < v.length; i++) dv.setUint16(i * 2, f32ToF16(v[i]), true);
+    return out;
+  }
+  if ((to === 'F32' || to === 'BF16') && t.dtype !== 'i32') {
+    const c = t.cast(to === 'F32' ? 'f32' : 'bf16');
+    const b = c.toBytes();
+    c.dispose();
+    return b;
+  }
+  throw new XftError(`cannot write a ${t.dtype} tensor as ${to}`, 'XFT_DTYPE');
+}
+
+// ---- reading ----
+
+/** A safetensors checkpoint: one file, or a folder / index of shards. Reads tensor by tensor. */
+export class SafetensorsReader {
+  readonly tensors = new Map<string, TensorInfo>();
+  readonly metadata: Record<string, string> = {};
+
+  /** `source`: a .safetensors file, a model.safetensors.index.json, or a folder holding either. */
+  constructor(readonly source: string) {
+    let file = source;
+    if (fs.existsSync(source) && fs.statSync(source).isDirectory()) {
+      const index = path.join(source, 'model.safetensors.index.json');
+      const single = path.join(source, 'model.safetensors');
+      if (fs.existsSync(index)) file = index;
+      else if (fs.existsSync(single)) file = single;
+      else throw new XftError(`${source}: no model.safetensors or model.safetensors.index.json in this folder`, 'XFT_IO');
+    }
+    if (file.endsWith('.index.json')) {
+      let index: { weight_map?: Record<string, string>; metadata?: Record<string, string> };
+      try {
+        index = JSON.parse(fs.readFileSync(file, 'utf8'));
+      } catch (err) {
+        throw new XftError(`${file}: cannot read the shard index (${(err as Error).message})`, 'XFT_FORMAT');
+      }
+      if (!index.weight_map) throw new XftError(`${file}: the shard index has no weight_map`, 'XFT_FORMAT');
+      const shards = [...new Set(Object.values(index.weight_map))];
+      for (const shard of shards) this.#add(readHeader(path.join(path.dirname(file), shard)));
+      for (const name of Object.keys(index.weight_map))
+        if (!this.tensors.has(name)) throw new XftError(`${file}: ${name} is listed in the index but missing from ${index.weight_map[name]}`, 'XFT_FORMAT');
+    } else {
+      this.#add(readHeader(file));
+    }
+  }
+
+  #add(h: { tensors: TensorInfo[]; metadata: Record<string, string> }) {
+    for (const t of h.tensors) this.tensors.set(t.name, t);
+    Object.assign(this.metadata, h.metadata);
+  }
+
+  names(): string[] {
+    return [...this.tensors.keys()];
+  }
+
+  has(name: string): boolean {
+    return this.tensors.has(name);
+  }
+
+  info(name: string): TensorInfo {
+    const info = this.tensors.get(name);
+    if (!info) throw new XftError(`${this.source}: no tensor named ${name}`, 'XFT_FORMAT');
+    return info;
+  }
+
+  /** The raw bytes of one tensor. */
+  readBytes(name: string): Uint8Array {
+    const info = this.info(name);
+    const buf = new Uint8Array(info.bytes);
+    const fd = fs.openSync(info.file, 'r');
+    try {
+      let done = 0;
+      while (done < info.bytes) {
+        const n = fs.readSync(fd, buf, done, Math.min(info.bytes - done, 1 << 30), info.offset + done);
+        if (n <= 0) throw new XftError(`${info.file}: unexpected end of file reading ${name}`, 'XFT_FORMAT');
+        done += n;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    return buf;
+  }
+
+  /** One tensor, converted to `dtype` (default: f32 for floats, i32 for I32) on `device`. */
+  read(name: string, options: { dtype?: DType; device?: Device; shape?: readonly number[] } = {}): Tensor {
+    const info = this.info(name);
+    if (options.shape && formatShape(options.shape) !== formatShape(info.shape))
+      throw new XftError(`${this.source}: ${name} has shape ${formatShape(info.shape)}, expected ${formatShape(options.shape)}`, 'XFT_SHAPE');
+    const dtype = options.dtype ?? (info.dtype === 'I32' ? 'i32' : 'f32');
+    return bytesToTensor(this.readBytes(name), info.dtype, info.shape, dtype, options.device ?? 'cpu', name);
+  }
+}
+
+// ---- writing ----
+
+/** One entry to write: its name, file dtype and shape, and a function producing its tensor (called once, in order). */
+export interface WriteEntry {
+  name: string;
+  dtype: FileDType;
+  shape: readonly number[];
+  /** produces the tensor; it is disposed after writing when `dispose` is true */
+  tensor: () => Tensor;
+  dispose?: boolean;
+}
+
+function tempName(target: string): string {
+  return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+}
+
+/** Writes `content` to `file` atomically (temporary file, fsync, rename). */
+export function writeFileAtomic(file: string, content: string | Uint8Array): void {
+  const tmp = tempName(file);
+  try {
+    fs.writeFileSync(tmp, content);
+    const fd = fs.openSync(tmp, 'r');
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    fs.rmSync(tmp, { force: true });
+    throw new XftError(`cannot write ${file}: ${(err as Error).message}`, 'XFT_IO');
+  }
+}
+
+/** Writes one safetensors file atomically, producing and writing one tensor at a time. */
+export function writeSafetensors(file: string, entries: WriteEntry[], metadata: Record<string, string> = {}): void {
+  const header: Record<string, unknown> = {};
+  if (Object.keys(metadata).length) header.__metadata__ = metadata;
+  let offset = 0;
+  for (const e of entries) {
+    if (!(e.dtype in FILE_DTYPE_BYTES)) throw new XftError(`writeSafetensors: unknown dtype ${e.dtype} for ${e.name}`, 'XFT_DTYPE');
+    const bytes = numelOf(e.shape) * FILE_DTYPE_BYTES[e.dtype];
+    header[e.name] = { dtype: e.dtype, shape: [...e.shape], data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let json = Buffer.from(JSON.stringify(header), 'utf8');
+  const pad = (8 - (json.length % 8)) % 8; // data starts 8-byte aligned
+  if (pad) json = Buffer.concat([json, Buffer.alloc(pad, 0x20)]);
+  const tmp = tempName(file);
+  let fd = -1;
+  try {
+    fd = fs.openSync(tmp, 'w');
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    fs.writeSync(fd, len);
+    fs.writeSync(fd, json);
+    for (const e of entries) {
+      const t = e.tensor();
+      try {
+        if (formatShape(t.shape) !== formatShape(e.shape))
+          throw new XftError(`writeSafetensors: ${e.name} was declared ${formatShape(e.shape)} but is ${t.describe()}`, 'XFT_SHAPE');
+        const bytes = tensorToBytes(t, e.dtype);
+        let done = 0;
+        while (done < bytes.length) done += fs.writeSync(fd, bytes, done, Math.min(bytes.length - done, 1 << 30));
+      } finally {
+        if (e.dispose) t.dispose();
+      }
+    }
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+    fd = -1;
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    if (fd >= 0) fs.closeSync(fd);
+    fs.rmSync(tmp, { force: true });
+    if (err instanceof XftError) throw err;
+    throw new XftError(`cannot write ${file}: ${(err as Error).message}`, 'XFT_IO');
+  }
+}
+
+/**
+ * Writes a checkpoint folder atomically: `fill(tmpDir)` writes every file into a temporary
+ * folder beside `dir`, which then replaces `dir` (an earlier checkpoint there is removed only
+ * after the new one is complete).
+ */
+export function writeFolderAtomic(dir: string, fill: (tmpDir: string) => void): void {
+  const parent = path.dirname(path.resolve(dir));
+  fs.mkdirSync(parent, { recursive: true });
+  const tmp = tempName(path.resolve(dir));
+  fs.mkdirSync(tmp);
+  try {
+    fill(tmp);
+  } catch (err) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw err;
+  }
+  const old = fs.existsSync(dir) ? tempName(path.resolve(dir)) : null;
+  if (old) fs.renameSync(dir, old);
+  fs.renameSync(tmp, dir);
+  if (old) fs.rmSync(old, { recursive: true, force: true });
+}
+
+/**
+ * Writes `entries` as `model.safetensors` into `dir`, or as shards of at most `maxShardBytes`
+ * (`model-00001-of-0000N.safetensors` + `model.safetensors.index.json`, the Hugging Face layout).
+ */
+export function writeShards(dir: string, entries: WriteEntry[], options: { maxShardBytes?: number; metadata?: Record<string, string> } = {}): string[] {
+  const max = options.maxShardBytes ?? 5 * 2 ** 30;
+  const shards: WriteEntry[][] = [[]];
+  let size = 0, total = 0;
+  for (const e of entries) {
+    const b = numelOf(e.shape) * FILE_DTYPE_BYTES[e.dtype];
+    if (size > 0 && size + b > max) {
+      shards.push([]);
+      size = 0;
+    }
+    shards[shards.length - 1].push(e);
+    size += b;
+    total += b;
+  }
+  const metadata = { format: 'pt', ...(options.metadata ?? {}) };
+  if (shards.length === 1) {
+    writeSafetensors(path.join(dir, 'model.safetensors'), shards[0], metadata);
+    return ['model.safetensors'];
+  }
+  const names = shards.map((_, i) => `model-${String(i + 1).padStart(5, '0')}-of-${String(shards.length).padStart(5, '0')}.safetensors`);
+  const weightMap: Record<string, string> = {};
+  shards.forEach((s, i) => {
+    writeSafetensors(path.join(dir, names[i]), s, metadata);
+    for (const e of s) weightMap[e.name] = names[i];
+  });
+  writeFileAtomic(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2));
+  return [...names, 'model.safetensors.index.json'];
+}
+
+/** The file dtype for a tensor dtype. */
+export function fileDtype(dtype: DType): FileDType {
+  return TENSOR_TO_FILE[dtype];
+}
+
+export const _internal = { f16ToF32, f32ToF16 };
