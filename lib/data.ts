@@ -1,0 +1,253 @@
+/**
+ * Instruction data for code SFT: JSONL records, the Magicoder prompt template, tokenizers
+ * (byte level by default; a Hugging Face tokenizer.json through @huggingface/tokenizers), loss
+ * on response tokens only, packing or padding to a sequence length, seeded shuffling, a held-out split.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { XftError } from './errors';
+
+/** The Magicoder instruction format used by XFT (XFT.md). */
+export const MAGICODER_PROMPT =
+  'You are an exceptionally intelligent coding assistant that consistently delivers accurate and reliable responses to user instructions.\n\n@@ Instruction\n{instruction}\n\n@@ Response\n';
+
+export interface Example {
+  instruction: string;
+  response: string;
+}
+
+/** Field names accepted for (instruction, response): xft's own, evol-codealpaca's, Magicoder OSS-Instruct's. */
+export const FIELD_PAIRS: readonly [string, string][] = [
+  ['instruction', 'response'],
+  ['instruction', 'output'],
+  ['problem', 'solution'],
+];
+
+/** Parses JSONL text; a bad line is an XFT_FORMAT error naming `source:line`. Blank lines are skipped. */
+export function parseJsonl(text: string, source = '<jsonl>'): Example[] {
+  const out: Example[] = [];
+  const lines = text.split('\n');
+  lines.forEach((raw, i) => {
+    const line = raw.trim();
+    if (!line) return;
+    let rec: unknown;
+    try {
+      rec = JSON.parse(line);
+    } catch (err) {
+      throw new XftError(`${source}:${i + 1}: not valid JSON (${(err as Error).message})`, 'XFT_FORMAT');
+    }
+    if (!rec || typeof rec !== 'object' || Array.isArray(rec)) throw new XftError(`${source}:${i + 1}: expected a JSON object`, 'XFT_FORMAT');
+    const r = rec as Record<string, unknown>;
+    const pair = FIELD_PAIRS.find(([a, b]) => typeof r[a] === 'string' && typeof r[b] === 'string');
+    if (!pair)
+      throw new XftError(`${source}:${i + 1}: expected string fields ${FIELD_PAIRS.map(([a, b]) => `${a}/${b}`).join(' or ')}, got keys ${Object.keys(r).join(', ') || '(none)'}`, 'XFT_FORMAT');
+    out.push({ instruction: r[pair[0]] as string, response: r[pair[1]] as string });
+  });
+  return out;
+}
+
+export function readJsonl(file: string): Example[] {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, 'XFT_IO');
+  }
+  return parseJsonl(text, file);
+}
+
+export function formatPrompt(instruction: string, template = MAGICODER_PROMPT): string {
+  return template.replace('{instruction}', instruction);
+}
+
+// ---- tokenizers ----
+
+export interface Tokenizer {
+  readonly name: string;
+  readonly vocabSize: number;
+  readonly bos: number | null;
+  readonly eos: number;
+  readonly pad: number;
+  encode(text: string): number[];
+  decode(ids: ArrayLike<number>): string;
+}
+
+/** UTF-8 bytes as tokens 0..255, then BOS 256, EOS 257, PAD 258. Needs no files. */
+export class ByteTokenizer implements Tokenizer {
+  readonly name = 'byte';
+  readonly vocabSize = 259;
+  readonly bos = 256;
+  readonly eos = 257;
+  readonly pad = 258;
+  encode(text: string): number[] {
+    return Array.from(Buffer.from(text, 'utf8'));
+  }
+  decode(ids: ArrayLike<number>): string {
+    return Buffer.from(Array.from(ids).filter((i) => i < 256)).toString('utf8');
+  }
+}
+
+interface HfTokenizerImpl {
+  encode(t: string, o?: { add_special_tokens?: boolean }): { ids: number[] };
+  decode(ids: number[], o?: object): string;
+  token_to_id(t: string): number | undefined;
+}
+
+/** A Hugging Face tokenizer (tokenizer.json, with tokenizer_config.json when present). */
+export class HfTokenizer implements Tokenizer {
+  readonly name: string;
+  readonly vocabSize: number;
+  readonly bos: number | null;
+  readonly eos: number;
+  readonly pad: number;
+  readonly #tok: HfTokenizerImpl;
+
+  constructor(dir: string) {
+    const file = fs.existsSync(dir) && fs.statSync(dir).isDirectory() ? path.join(dir, 'tokenizer.json') : dir;
+    const configFile = path.join(path.dirname(file), 'tokenizer_config.json');
+    let json: { model?: { vocab?: Record<string, number> | unknown[] }; added_tokens?: { id: number; content: string }[] };
+    let config: Record<string, unknown> = {};
+    try {
+      json = JSON.parse(fs.readFileSync(file, 'utf8'));
+      if (fs.existsSync(configFile)) config = JSON.parse(fs.readFileSync(configFile, 'utf8'));
+    } catch (err) {
+      throw new XftError(`cannot read the tokenizer ${file}: ${(err as Error).message}`, 'XFT_IO');
+    }
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { Tokenizer: HfTok } = require('@huggingface/tokenizers') as { Tokenizer: new (t: object, c: object) => HfTokenizerImpl };
+    this.#tok = new HfTok(json, config);
+    this.name = file;
+    const vocab = json.model?.vocab;
+    const base = Array.isArray(vocab) ? vocab.length : vocab ? Math.max(...Object.values(vocab)) + 1 : 0;
+    const added = Math.max(-1, ...(json.added_tokens ?? []).map((t) => t.id)) + 1;
+    this.vocabSize = Math.max(base, added);
+    const special = (key: string): number | null => {
+      const v = config[key];
+      const content = typeof v === 'string' ? v : v && typeof v === 'object' ? (v as { content?: string }).content : undefined;
+      return content === undefined ? null : this.#tok.token_to_id(content) ?? null;
+    };
+    this.bos = special('bos_token');
+    const eos = special('eos_token');
+    if (eos === null) throw new XftError(`${file}: the tokenizer has no eos_token (tokenizer_config.json)`, 'XFT_FORMAT');
+    this.eos = eos;
+    this.pad = special('pad_token') ?? eos;
+  }
+  encode(text: string): number[] {
+    return this.#tok.encode(text, { add_special_tokens: false }).ids;
+  }
+  decode(ids: ArrayLike<number>): string {
+    return this.#tok.decode(Array.from(ids), { skip_special_tokens: true });
+  }
+}
+
+/** 'byte' (default) or a path to a Hugging Face tokenizer (folder or tokenizer.json). */
+export function loadTokenizer(spec = 'byte'): Tokenizer {
+  return spec === 'byte' ? new ByteTokenizer() : new HfTokenizer(spec);
+}
+
+// ---- samples and batches ----
+
+/** One tokenized example: input ids and next-token targets, -1 where the loss is masked. */
+export interface Sample {
+  ids: number[];
+  targets: number[];
+}
+
+/**
+ * [BOS] prompt response EOS; targets are the next tokens on the response (and EOS) positions and
+ * -1 elsewhere: the loss is on the response tokens only.
+ */
+export function encodeExample(tok: Tokenizer, ex: Example, template = MAGICODER_PROMPT): Sample {
+  const prompt = (tok.bos !== null ? [tok.bos] : []).concat(tok.encode(formatPrompt(ex.instruction, template)));
+  const response = tok.encode(ex.response).concat([tok.eos]);
+  const all = prompt.concat(response);
+  const ids = all.slice(0, -1);
+  const targets = all.slice(1).map((v, i) => (i + 1 >= prompt.length ? v : -1));
+  return { ids, targets };
+}
+
+/** A seeded generator (mulberry32) for shuffling. */
+export function seededRandom(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let z = s;
+    z = Math.imul(z ^ (z >>> 15), z | 1);
+    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
+    return ((z ^ (z >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+export function shuffle<T>(items: readonly T[], seed: number): T[] {
+  const a = [...items], rand = seededRandom(seed);
+  for (let i = a.length - 1; i > 0; i--) {
+    const j = Math.floor(rand() * (i + 1));
+    [a[i], a[j]] = [a[j], a[i]];
+  }
+  return a;
+}
+
+/** A seeded held-out split: `fraction` (0..1) or a count of examples goes to eval. */
+export function split<T>(items: readonly T[], heldOut: number, seed: number): { train: T[]; eval: T[] } {
+  const s = shuffle(items, seed);
+  const n = heldOut < 1 ? Math.round(items.length * heldOut) : Math.min(items.length, Math.floor(heldOut));
+  return { eval: s.slice(0, n), train: s.slice(n) };
+}
+
+/** A batch of sequences, row-major [batch, seqLen]. */
+export interface Batch {
+  ids: Int32Array;
+  targets: Int32Array;
+  batch: number;
+  seqLen: number;
+  /** targets that count (>= 0) */
+  tokens: number;
+}
+
+/**
+ * Rows of exactly seqLen tokens. 'pack' concatenates samples and cuts the stream into rows (no
+ * padding, attention may cross sample boundaries); 'pad' puts one sample per row, truncated or
+ * padded with `pad` (masked targets).
+ */
+export function toRows(samples: readonly Sample[], seqLen: number, mode: 'pack' | 'pad', pad: number): Sample[] {
+  if (!Number.isSafeInteger(seqLen) || seqLen < 1) throw new XftError(`toRows: expected a positive integer for seqLen but received ${seqLen}`, 'XFT_VALUE');
+  if (mode === 'pad')
+    return samples.map((s) => {
+      const ids = s.ids.slice(0, seqLen), targets = s.targets.slice(0, seqLen);
+      while (ids.length < seqLen) {
+        ids.push(pad);
+        targets.push(-1);
+      }
+      return { ids, targets };
+    });
+  const ids: number[] = [], targets: number[] = [];
+  for (const s of samples) {
+    ids.push(...s.ids);
+    targets.push(...s.targets);
+  }
+  const rows: Sample[] = [];
+  for (let i = 0; i + seqLen <= ids.length; i += seqLen) rows.push({ ids: ids.slice(i, i + seqLen), targets: targets.slice(i, i + seqLen) });
+  const rest = ids.length % seqLen;
+  if (rest > 0 && targets.slice(ids.length - rest).some((v) => v >= 0)) {
+    const tail = toRows([{ ids: ids.slice(ids.length - rest), targets: targets.slice(ids.length - rest) }], seqLen, 'pad', pad);
+    rows.push(tail[0]);
+  }
+  return rows;
+}
+
+/** Batches of `batchSize` rows (the last may be smaller), in a seeded order when `seed` is given. */
+export function* batches(rows: readonly Sample[], batchSize: number, seed?: number): Generator<Batch> {
+  const order = seed === undefined ? [...rows] : shuffle(rows, seed);
+  for (let i = 0; i < order.length; i += batchSize) {
+    const chunk = order.slice(i, i + batchSize);
+    const seqLen = chunk[0].ids.length;
+    const ids = new Int32Array(chunk.length * seqLen), targets = new Int32Array(chunk.length * seqLen);
+    let tokens = 0;
+    chunk.forEach((r, b) => {
+      ids.set(r.ids, b * seqLen);
+      targets.set(r.targets, b * seqLen);
+      tokens += r.targets.filter((v) => v >= 0).length;
+    });
+    yield { ids, targets, batch: chunk.length, seqLen, tokens };
+  }
+}
