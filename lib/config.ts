@@ -1,0 +1,126 @@
+/**
+ * Model configuration with the Hugging Face Llama field names (config.json), plus the MoE fields
+ * of the XFT reference (num_experts, num_selects, gate type) for upcycled models.
+ */
+import * as fs from 'node:fs';
+import { XftError } from './errors';
+
+export interface LlamaConfig {
+  hidden_size: number;
+  intermediate_size: number;
+  num_hidden_layers: number;
+  num_attention_heads: number;
+  num_key_value_heads: number;
+  vocab_size: number;
+  rms_norm_eps: number;
+  rope_theta: number;
+  max_position_embeddings: number;
+  /** optional HF fields kept on save */
+  bos_token_id?: number;
+  eos_token_id?: number;
+  tie_word_embeddings?: boolean;
+  torch_dtype?: string;
+}
+
+export type RouterKind = 'mlp' | 'linear';
+
+/** MoE fields (names of the XFT reference's config). */
+export interface MoeConfig {
+  /** E, the shared expert included */
+  num_experts: number;
+  /** K, the shared expert included */
+  num_selects: number;
+  /** router: 'mlp' (Linear -> tanh -> Linear, the reference default) or 'linear' */
+  gate_type: RouterKind;
+  /** routing weight normalization (XFT); false is the paper's ablation */
+  normalize_weights: boolean;
+  /** a shared expert 0 (XFT); false is vanilla sparse upcycling */
+  shared_expert: boolean;
+  /** router noise in training (the reference's noisy gate) */
+  gate_noise: boolean;
+  /** weight of the balance loss (0 disables it); the reference uses 0.01 */
+  balance_loss_weight: number;
+}
+
+export const DEFAULT_MOE: MoeConfig = {
+  num_experts: 8,
+  num_selects: 6,
+  gate_type: 'mlp',
+  normalize_weights: true,
+  shared_expert: true,
+  gate_noise: true,
+  balance_loss_weight: 0.01,
+};
+
+const INT_FIELDS = ['hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'vocab_size', 'max_position_embeddings'] as const;
+
+/** Checks a config; fills num_key_value_heads, rms_norm_eps, rope_theta defaults like transformers. */
+export function llamaConfig(raw: Partial<LlamaConfig> & Record<string, unknown>, source = 'config'): LlamaConfig {
+  const c = { rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 2048, ...raw } as LlamaConfig & Record<string, unknown>;
+  if (c.num_key_value_heads === undefined) c.num_key_value_heads = c.num_attention_heads;
+  for (const f of INT_FIELDS)
+    if (!Number.isSafeInteger(c[f]) || (c[f] as number) < 1)
+      throw new XftError(`${source}: expected a positive integer for ${f} but received ${JSON.stringify(c[f])}`, 'XFT_VALUE');
+  if (c.hidden_size % c.num_attention_heads !== 0)
+    throw new XftError(`${source}: hidden_size ${c.hidden_size} is not a multiple of num_attention_heads ${c.num_attention_heads}`, 'XFT_VALUE');
+  if (c.num_attention_heads % c.num_key_value_heads !== 0)
+    throw new XftError(`${source}: num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`, 'XFT_VALUE');
+  if ((c.hidden_size / c.num_attention_heads) % 2 !== 0)
+    throw new XftError(`${source}: the head size ${c.hidden_size / c.num_attention_heads} must be even (rotary embedding)`, 'XFT_VALUE');
+  if (!(c.rms_norm_eps > 0)) throw new XftError(`${source}: expected a positive rms_norm_eps but received ${c.rms_norm_eps}`, 'XFT_VALUE');
+  if (!(c.rope_theta > 0)) throw new XftError(`${source}: expected a positive rope_theta but received ${c.rope_theta}`, 'XFT_VALUE');
+  if (c.tie_word_embeddings) throw new XftError(`${source}: tied word embeddings are not supported (Llama/DeepSeek-Coder use an untied lm_head)`, 'XFT_VALUE');
+  return c;
+}
+
+export function moeConfig(raw: Partial<MoeConfig>, source = 'moe config'): MoeConfig {
+  const m = { ...DEFAULT_MOE, ...raw };
+  if (!Number.isSafeInteger(m.num_experts) || m.num_experts < 2)
+    throw new XftError(`${source}: expected an integer >= 2 for num_experts but received ${m.num_experts}`, 'XFT_VALUE');
+  const minK = m.shared_expert ? 2 : 1;
+  if (!Number.isSafeInteger(m.num_selects) || m.num_selects < minK || m.num_selects > m.num_experts)
+    throw new XftError(`${source}: expected an integer in [${minK}, ${m.num_experts}] for num_selects but received ${m.num_selects}`, 'XFT_VALUE');
+  if (m.gate_type !== 'mlp' && m.gate_type !== 'linear')
+    throw new XftError(`${source}: expected 'mlp' or 'linear' for gate_type but received ${JSON.stringify(m.gate_type)}`, 'XFT_VALUE');
+  if (!(m.balance_loss_weight >= 0)) throw new XftError(`${source}: expected balance_loss_weight >= 0 but received ${m.balance_loss_weight}`, 'XFT_VALUE');
+  return m;
+}
+
+/** Parameter count of the dense model. */
+export function parameterCount(c: LlamaConfig): number {
+  const d = c.hidden_size, f = c.intermediate_size, hd = d / c.num_attention_heads;
+  const attn = d * d * 2 + 2 * d * c.num_key_value_heads * hd;
+  return c.vocab_size * d * 2 + c.num_hidden_layers * (attn + 3 * d * f + 2 * d) + d;
+}
+
+/** config.json as transformers writes it for a LlamaForCausalLM. */
+export function hfConfigJson(c: LlamaConfig, extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_act: 'silu',
+    attention_bias: false,
+    mlp_bias: false,
+    tie_word_embeddings: false,
+    initializer_range: 0.02,
+    torch_dtype: c.torch_dtype ?? 'float32',
+    ...c,
+    ...extra,
+  };
+}
+
+export function readConfigJson(file: string): Record<string, unknown> {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'XFT_IO' : 'XFT_FORMAT');
+  }
+}
+
+/** A tiny config for tests and the demo. */
+export function tinyConfig(overrides: Partial<LlamaConfig> = {}): LlamaConfig {
+  return llamaConfig({
+    hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
+    vocab_size: 259, rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 512, ...overrides,
+  });
+}
