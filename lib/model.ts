@@ -1,0 +1,582 @@
+/**
+ * A Llama-style decoder with explicit forward and backward per layer (llm.c style: activations
+ * kept for backward as named fields, no general autograd), over the native ops.
+ *
+ *   x = embed(ids)                                              [B*T, d]
+ *   per block: h = x + o_proj(attn(rope(q), rope(k), v))  with q, k, v = proj(rmsnorm(x))
+ *              y = h + FFN(rmsnorm(h))
+ *   logits = lm_head(rmsnorm(x))                                [B*T, V]
+ *   loss = mean over response tokens of cross-entropy(logits, targets)   (targets < 0 masked)
+ *
+ * FFN is one of three kinds (one model, three FFNs):
+ *   DenseFFN   W_down (silu(W_gate x) * (W_up x))
+ *   MoeFFN     shared expert 0 + top-(K-1) routed experts: route -> permute -> grouped GEMMs ->
+ *              SwiGLU -> grouped GEMM -> weighted unpermute (XFT.md section 1)
+ *   MergedFFN  a DenseFFN whose weights are mergeExperts(frozen expert stacks, alpha, λ); only alpha
+ *              is trained (XFT.md section 2)
+ * Parameters are fp32 master tensors; gradients accumulate (+=) across micro-batches until zeroed.
+ * Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...) identify every parameter.
+ */
+import { XftError } from './errors';
+import { Tensor, type Device, disposeAll } from './tensor';
+import * as xops from './ops';
+import * as lops from './ops_layers';
+import * as tops from './ops_train';
+import { type LlamaConfig, type MoeConfig } from './config';
+
+/** A trainable (or frozen) tensor with its gradient. */
+export class Param {
+  grad: Tensor | null = null;
+  constructor(readonly name: string, public value: Tensor, public trainable = true) {}
+
+  /** The gradient buffer (f32, zeros on first use). */
+  gradBuffer(): Tensor {
+    if (!this.grad) this.grad = Tensor.zeros(this.value.shape, { dtype: 'f32', device: this.value.device });
+    return this.grad;
+  }
+
+  zeroGrad(): void {
+    this.grad?.fill_(0);
+  }
+
+  dispose(): void {
+    this.value.dispose();
+    this.grad?.dispose();
+    this.grad = null;
+  }
+}
+
+/** What every layer needs at run time. */
+export interface Context {
+  device: Device;
+  /** B and T of the current batch */
+  batch: number;
+  seqLen: number;
+  training: boolean;
+  /** per-step seed for router noise */
+  seed: bigint;
+  /** offsets [0, M] for dense GEMMs of M rows, cached per M */
+  denseOffsets(M: number): Tensor;
+}
+
+// ---- linear layers through the grouped GEMM (one group) ----
+
+function linear(ctx: Context, x: Tensor, w: Tensor): Tensor {
+  return xops.groupedGemm(x, w.reshape([1, w.shape[0], w.shape[1]]), ctx.denseOffsets(x.shape[0]), { validate: false });
+}
+
+/** dx (or null) and dW accumulated into the parameter's gradient when trainable. */
+function linearBackward(ctx: Context, x: Tensor, w: Param, dy: Tensor, needDx = true): Tensor | null {
+  const w3 = w.value.reshape([1, w.value.shape[0], w.value.shape[1]]);
+  const dw = w.trainable ? w.gradBuffer().reshape([1, w.value.shape[0], w.value.shape[1]]) : false;
+  if (!needDx && !dw) return null;
+  const r = xops.groupedGemmBackward(x, w3, ctx.denseOffsets(x.shape[0]), dy, { dx: needDx, dw, validate: false });
+  return r.dx;
+}
+
+/** a += b, disposing b */
+function accumulate(a: Tensor, b: Tensor): void {
+  lops.add(a, b, { out: a });
+  b.dispose();
+}
+
+// ---- FFNs ----
+
+export interface FFN {
+  readonly kind: 'dense' | 'moe' | 'merged';
+  params(): Param[];
+  /** y [N, d] from x [N, d] (x = rmsnorm(h)); keeps what backward needs */
+  forward(ctx: Context, x: Tensor): Tensor;
+  /** dx from dy; accumulates parameter gradients; frees what forward kept */
+  backward(ctx: Context, dy: Tensor): Tensor;
+  /** auxiliary loss of the last forward (the MoE balance loss), as a number, or 0 */
+  auxLoss(): number;
+  /** drop what forward kept (after an eval forward) */
+  release(): void;
+  dispose(): void;
+}
+
+/** SwiGLU FFN: W_down (silu(W_gate x) * (W_up x)). Weights [f, d], [f, d], [d, f]. */
+export class DenseFFN implements FFN {
+  readonly kind = 'dense';
+  #saved: { x: Tensor; g: Tensor; u: Tensor; a: Tensor } | null = null;
+  constructor(readonly gate: Param, readonly up: Param, readonly down: Param) {}
+
+  params(): Param[] {
+    return [this.gate, this.up, this.down];
+  }
+
+  forward(ctx: Context, x: Tensor): Tensor {
+    const g = linear(ctx, x, this.gate.value), u = linear(ctx, x, this.up.value);
+    const a = lops.swiglu(g, u);
+    const y = linear(ctx, a, this.down.value);
+    this.release();
+    this.#saved = { x, g, u, a };
+    return y;
+  }
+
+  backward(ctx: Context, dy: Tensor): Tensor {
+    const s = this.#saved;
+    if (!s) throw new XftError('DenseFFN.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
+    const da = linearBackward(ctx, s.a, this.down, dy)!;
+    const { dg, du } = lops.swigluBackward(s.g, s.u, da);
+    const dx = linearBackward(ctx, s.x, this.gate, dg)!;
+    accumulate(dx, linearBackward(ctx, s.x, this.up, du)!);
+    disposeAll(da, dg, du);
+    this.release();
+    return dx;
+  }
+
+  /** dL/dW for gate, up, down when the weights themselves are not parameters (MergedFFN) */
+  backwardWeights(ctx: Context, dy: Tensor): { dx: Tensor; dGate: Tensor; dUp: Tensor; dDown: Tensor } {
+    const s = this.#saved;
+    if (!s) throw new XftError('DenseFFN.backward: no forward activations', 'XFT_VALUE');
+    const off = (x: Tensor) => ctx.denseOffsets(x.shape[0]);
+    const w3 = (p: Param) => p.value.reshape([1, ...p.value.shape]);
+    const down = xops.groupedGemmBackward(s.a, w3(this.down), off(s.a), dy, { validate: false });
+    const { dg, du } = lops.swigluBackward(s.g, s.u, down.dx!);
+    const gate = xops.groupedGemmBackward(s.x, w3(this.gate), off(s.x), dg, { validate: false });
+    const up = xops.groupedGemmBackward(s.x, w3(this.up), off(s.x), du, { validate: false });
+    accumulate(gate.dx!, up.dx!);
+    disposeAll(down.dx, dg, du);
+    this.release();
+    return { dx: gate.dx!, dGate: gate.dw!.reshape(this.gate.value.shape), dUp: up.dw!.reshape(this.up.value.shape), dDown: down.dw!.reshape(this.down.value.shape) };
+  }
+
+  auxLoss(): number {
+    return 0;
+  }
+
+  release(): void {
+    if (this.#saved) {
+      const { g, u, a } = this.#saved;
+      disposeAll(g, u, a);
+      this.#saved = null;
+    }
+  }
+
+  dispose(): void {
+    this.release();
+    this.params().forEach((p) => p.dispose());
+  }
+}
+
+/**
+ * The upcycled MoE FFN of XFT: E experts (expert 0 shared), top-(K-1) routing with normalized
+ * weights, router 'mlp' (Linear(d, E-1) -> tanh -> Linear(E-1, E-1)) or 'linear', noise in
+ * training (noisy = clean + N(0,1) (softplus(x W_noise) + 0.01)), balance loss on importance and load.
+ * Expert stacks: gate, up [E, f, d], down [E, d, f].
+ */
+export class MoeFFN implements FFN {
+  readonly kind = 'moe';
+  #saved: {
+    x: Tensor; r1: Tensor | null; t: Tensor | null; clean: Tensor; z: Tensor | null; logits: Tensor;
+    routing: xops.Routing; position: Tensor; xp: Tensor; g: Tensor; u: Tensor; a: Tensor; ye: Tensor; seed: bigint;
+  } | null = null;
+  #aux = 0;
+
+  constructor(
+    readonly moe: MoeConfig,
+    readonly gate: Param,
+    readonly up: Param,
+    readonly down: Param,
+    /** router: [W0 (E-1, d)] for 'linear', [W0 (E-1, d), W2 (E-1, E-1)] for 'mlp' */
+    readonly router: Param[],
+    /** W_noise (E-1, d), zeros at upcycling (reference) */
+    readonly noise: Param | null,
+  ) {}
+
+  get experts(): number {
+    return this.moe.num_experts;
+  }
+
+  params(): Param[] {
+    return [this.gate, this.up, this.down, ...this.router, ...(this.noise ? [this.noise] : [])];
+  }
+
+  forward(ctx: Context, x: Tensor): Tensor {
+    this.release();
+    const K = this.moe.num_selects;
+    let r1: Tensor | null = null, t: Tensor | null = null, clean: Tensor;
+    if (this.router.length === 2) {
+      r1 = linear(ctx, x, this.router[0].value);
+      t = lops.tanh(r1);
+      clean = linear(ctx, t, this.router[1].value);
+    } else clean = linear(ctx, x, this.router[0].value);
+    let z: Tensor | null = null, logits = clean;
+    const noisy = ctx.training && this.noise !== null && this.moe.gate_noise;
+    if (noisy) {
+      z = linear(ctx, x, this.noise!.value);
+      logits = lops.routerNoise(clean, z, { seed: ctx.seed, eps: 0.01 });
+    }
+    const routing = xops.routeShared(logits, { topK: K, normalize: this.moe.normalize_weights, shared: this.moe.shared_expert });
+    const position = tops.invertPermutation(routing.order, { validate: false });
+    const xp = tops.permute(x, routing.order, K, { validate: false });
+    const g = xops.groupedGemm(xp, this.gate.value, routing.offsets, { validate: false });
+    const u = xops.groupedGemm(xp, this.up.value, routing.offsets, { validate: false });
+    const a = lops.swiglu(g, u);
+    const ye = xops.groupedGemm(a, this.down.value, routing.offsets, { validate: false });
+    const y = tops.unpermute(ye, position, routing.weights, { validate: false });
+    this.#aux = 0;
+    if (this.moe.balance_loss_weight > 0 && ctx.training) {
+      const bl = tops.balanceLoss(routing.importance, routing.load, { weight: this.moe.balance_loss_weight });
+      this.#aux = bl.item();
+      bl.dispose();
+    }
+    this.#saved = { x, r1, t, clean, z, logits, routing, position, xp, g, u, a, ye, seed: ctx.seed };
+    return y;
+  }
+
+  backward(ctx: Context, dy: Tensor): Tensor {
+    const s = this.#saved;
+    if (!s) throw new XftError('MoeFFN.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
+    const K = this.moe.num_selects, off = s.routing.offsets;
+    const { dy: dye, dg: dWeights } = tops.unpermuteBackward(dy, s.ye, s.position, s.routing.weights, { validate: false });
+    const down = xops.groupedGemmBackward(s.a, this.down.value, off, dye, { dw: this.down.trainable ? this.down.gradBuffer() : false, validate: false });
+    const { dg, du } = lops.swigluBackward(s.g, s.u, down.dx!);
+    const gate = xops.groupedGemmBackward(s.xp, this.gate.value, off, dg, { dw: this.gate.trainable ? this.gate.gradBuffer() : false, validate: false });
+    const up = xops.groupedGemmBackward(s.xp, this.up.value, off, du, { dw: this.up.trainable ? this.up.gradBuffer() : false, validate: false });
+    accumulate(gate.dx!, up.dx!);
+    const dx = tops.permuteBackward(gate.dx!, s.position, K, { validate: false });
+    disposeAll(dye, down.dx, dg, du, gate.dx);
+    // router: balance loss through importance, routing weights through normalization and softmax
+    let dImportance: Tensor | undefined;
+    if (this.moe.balance_loss_weight > 0) {
+      const b = tops.balanceLossBackward(s.routing.importance, s.routing.load, { weight: this.moe.balance_loss_weight });
+      dImportance = b.dImportance;
+      b.dLoad.dispose();
+    }
+    const dLogits = xops.routeSharedBackward(s.logits, s.routing, dWeights, dImportance ? { dImportance } : {});
+    disposeAll(dWeights, dImportance);
+    let dClean = dLogits;
+    if (s.z) {
+      const n = lops.routerNoiseBackward(s.z, dLogits, { seed: s.seed });
+      dClean = n.dClean;
+      accumulate(dx, linearBackward(ctx, s.x, this.noise!, n.dz)!);
+      disposeAll(n.dz, dLogits);
+    }
+    if (this.router.length === 2) {
+      const dt = linearBackward(ctx, s.t!, this.router[1], dClean)!;
+      const dr1 = lops.tanhBackward(s.t!, dt);
+      accumulate(dx, linearBackward(ctx, s.x, this.router[0], dr1)!);
+      disposeAll(dt, dr1);
+    } else accumulate(dx, linearBackward(ctx, s.x, this.router[0], dClean)!);
+    dClean.dispose();
+    this.release();
+    return dx;
+  }
+
+  auxLoss(): number {
+    return this.#aux;
+  }
+
+  release(): void {
+    const s = this.#saved;
+    if (!s) return;
+    disposeAll(s.r1, s.t, s.z, s.position, s.xp, s.g, s.u, s.a, s.ye);
+    if (s.logits !== s.clean) s.logits.dispose();
+    s.clean.dispose();
+    s.routing.dispose();
+    this.#saved = null;
+  }
+
+  dispose(): void {
+    this.release();
+    this.params().forEach((p) => p.dispose());
+  }
+}
+
+/**
+ * The learned merge of XFT.md section 2: a dense SwiGLU FFN whose weights are recomputed each step
+ * as W̄ = Σ_e c_e W_e from the frozen expert stacks, c_0 = λ, c_i = (1 - λ) softmax(alpha)_i.
+ * Only alpha [E-1] is trained (sharedRate null: c = softmax(alpha), alpha [E]).
+ */
+export class MergedFFN implements FFN {
+  readonly kind = 'merged';
+  #dense: DenseFFN | null = null;
+
+  constructor(
+    readonly gate: Param,
+    readonly up: Param,
+    readonly down: Param,
+    readonly alpha: Param,
+    readonly sharedRate: number | null,
+  ) {}
+
+  params(): Param[] {
+    return [this.gate, this.up, this.down, this.alpha];
+  }
+
+  /** The merged weights [gate, up, down] for the current alpha. */
+  merged(): Tensor[] {
+    return xops.mergeExperts([this.gate.value, this.up.value, this.down.value], this.alpha.value, this.sharedRate);
+  }
+
+  forward(ctx: Context, x: Tensor): Tensor {
+    this.release();
+    const [g, u, d] = this.merged();
+    this.#dense = new DenseFFN(new Param('gate', g, false), new Param('up', u, false), new Param('down', d, false));
+    return this.#dense.forward(ctx, x);
+  }
+
+  backward(ctx: Context, dy: Tensor): Tensor {
+    const dense = this.#dense;
+    if (!dense) throw new XftError('MergedFFN.backward: no forward activations', 'XFT_VALUE');
+    const { dx, dGate, dUp, dDown } = dense.backwardWeights(ctx, dy);
+    if (this.alpha.trainable)
+      xops.mergeExpertsBackward([this.gate.value, this.up.value, this.down.value], this.alpha.value, this.sharedRate, [dGate, dUp, dDown],
+        { into: this.alpha.gradBuffer() });
+    disposeAll(dGate, dUp, dDown);
+    this.release();
+    return dx;
+  }
+
+  auxLoss(): number {
+    return 0;
+  }
+
+  release(): void {
+    if (this.#dense) {
+      this.#dense.dispose();
+      this.#dense = null;
+    }
+  }
+
+  dispose(): void {
+    this.release();
+    this.params().forEach((p) => p.dispose());
+  }
+}
+
+// ---- the decoder block ----
+
+export class Block {
+  #saved: {
+    x: Tensor; n1: Tensor; rstd1: Tensor; q: Tensor; k: Tensor; v: Tensor; att: Tensor; lse: Tensor;
+    h: Tensor; n2: Tensor; rstd2: Tensor;
+  } | null = null;
+
+  constructor(
+    readonly config: LlamaConfig,
+    readonly inputNorm: Param,
+    readonly q: Param,
+    readonly k: Param,
+    readonly v: Param,
+    readonly o: Param,
+    readonly postNorm: Param,
+    public ffn: FFN,
+  ) {}
+
+  params(): Param[] {
+    return [this.inputNorm, this.q, this.k, this.v, this.o, this.postNorm, ...this.ffn.params()];
+  }
+
+  forward(ctx: Context, x: Tensor): Tensor {
+    const c = this.config, hd = c.hidden_size / c.num_attention_heads;
+    const eps = c.rms_norm_eps;
+    const { y: n1, rstd: rstd1 } = lops.rmsnorm(x, this.inputNorm.value, { eps });
+    const q = linear(ctx, n1, this.q.value), k = linear(ctx, n1, this.k.value), v = linear(ctx, n1, this.v.value);
+    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta };
+    lops.rope(q, { ...ropeOpts, out: q });
+    lops.rope(k, { ...ropeOpts, out: k });
+    const { out: att, lse } = tops.attention(q, k, v, { batch: ctx.batch, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads });
+    const o = linear(ctx, att, this.o.value);
+    const h = lops.add(x, o);
+    o.dispose();
+    const { y: n2, rstd: rstd2 } = lops.rmsnorm(h, this.postNorm.value, { eps });
+    const f = this.ffn.forward(ctx, n2);
+    const y = lops.add(h, f);
+    f.dispose();
+    if (ctx.training) this.#saved = { x, n1, rstd1, q, k, v, att, lse, h, n2, rstd2 };
+    else {
+      this.ffn.release();
+      disposeAll(n1, rstd1, q, k, v, att, lse, h, n2, rstd2);
+    }
+    return y;
+  }
+
+  /** dx from dy (dy is consumed). */
+  backward(ctx: Context, dy: Tensor): Tensor {
+    const s = this.#saved;
+    if (!s) throw new XftError('Block.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
+    const c = this.config, hd = c.hidden_size / c.num_attention_heads;
+    // y = h + ffn(rmsnorm(h))
+    const dn2 = this.ffn.backward(ctx, dy);
+    const r2 = lops.rmsnormBackward(s.h, this.postNorm.value, s.rstd2, dn2, { dw: this.postNorm.trainable ? this.postNorm.gradBuffer() : false });
+    const dh = r2.dx;
+    accumulate(dh, dy);
+    dn2.dispose();
+    // h = x + o_proj(attn)
+    const datt = linearBackward(ctx, s.att, this.o, dh)!;
+    const g = tops.attentionBackward(s.q, s.k, s.v, s.att, s.lse, datt, { batch: ctx.batch, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads });
+    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta };
+    lops.ropeBackward(g.dq, { ...ropeOpts, out: g.dq });
+    lops.ropeBackward(g.dk, { ...ropeOpts, out: g.dk });
+    const dn1 = linearBackward(ctx, s.n1, this.q, g.dq)!;
+    accumulate(dn1, linearBackward(ctx, s.n1, this.k, g.dk)!);
+    accumulate(dn1, linearBackward(ctx, s.n1, this.v, g.dv)!);
+    const r1 = lops.rmsnormBackward(s.x, this.inputNorm.value, s.rstd1, dn1, { dw: this.inputNorm.trainable ? this.inputNorm.gradBuffer() : false });
+    accumulate(r1.dx, dh);
+    disposeAll(datt, g, dn1, s.n1, s.rstd1, s.q, s.k, s.v, s.att, s.lse, s.h, s.n2, s.rstd2);
+    this.#saved = null;
+    return r1.dx;
+  }
+
+  release(): void {
+    if (this.#saved) {
+      const s = this.#saved;
+      disposeAll(s.n1, s.rstd1, s.q, s.k, s.v, s.att, s.lse, s.h, s.n2, s.rstd2);
+      this.#saved = null;
+    }
+    this.ffn.release();
+  }
+}
+
+// ---- the model ----
+
+export interface ForwardResult {
+  /** mean cross-entropy over the counted (response) tokens */
+  loss: number;
+  /** sum of the FFNs' auxiliary (balance) losses */
+  auxLoss: number;
+  /** counted tokens and how many the model predicted right (argmax) */
+  tokens: number;
+  correct: number;
+}
+
+export class Model {
+  #offsets = new Map<number, Tensor>();
+  #saved: { xs: Tensor[]; nf: Tensor; rstdf: Tensor; logits: Tensor; targets: Tensor; ids: Tensor; tokens: number; batch: number; seqLen: number } | null = null;
+
+  constructor(
+    readonly config: LlamaConfig,
+    readonly embed: Param,
+    readonly blocks: Block[],
+    readonly norm: Param,
+    readonly lmHead: Param,
+    readonly device: Device,
+  ) {}
+
+  get kind(): 'dense' | 'moe' | 'merged' {
+    return this.blocks[0]?.ffn.kind ?? 'dense';
+  }
+
+  params(): Param[] {
+    return [this.embed, ...this.blocks.flatMap((b) => b.params()), this.norm, this.lmHead];
+  }
+
+  trainableParams(): Param[] {
+    return this.params().filter((p) => p.trainable);
+  }
+
+  /** A context for a batch of B sequences of T tokens. */
+  context(batch: number, seqLen: number, training: boolean, seed = 0n): Context {
+    return {
+      device: this.device, batch, seqLen, training, seed,
+      denseOffsets: (M: number) => {
+        let t = this.#offsets.get(M);
+        if (!t) {
+          t = Tensor.from([0, M], [2], { dtype: 'i32', device: this.device });
+          this.#offsets.set(M, t);
+        }
+        return t;
+      },
+    };
+  }
+
+  /** Logits [B*T, V] for ids i32 [B*T] (eval mode; nothing kept). */
+  logits(ids: Tensor, batch: number, seqLen: number): Tensor {
+    const ctx = this.context(batch, seqLen, false);
+    let x = lops.embedding(ids, this.embed.value);
+    for (const b of this.blocks) {
+      const y = b.forward(ctx, x);
+      x.dispose();
+      x = y;
+    }
+    const { y: nf, rstd } = lops.rmsnorm(x, this.norm.value, { eps: this.config.rms_norm_eps });
+    const logits = linear(ctx, nf, this.lmHead.value);
+    disposeAll(x, nf, rstd);
+    return logits;
+  }
+
+  /**
+   * Loss of a batch (ids, targets i32 [B*T], targets < 0 masked). With `training`, keeps the
+   * activations for backward() and adds router noise; otherwise frees them at once.
+   */
+  forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint }): ForwardResult {
+    this.release();
+    const ctx = this.context(batch, seqLen, options.training, options.seed ?? 0n);
+    const xs: Tensor[] = [];
+    let x = lops.embedding(ids, this.embed.value);
+    for (const b of this.blocks) {
+      xs.push(x);
+      x = b.forward(ctx, x);
+    }
+    const { y: nf, rstd: rstdf } = lops.rmsnorm(x, this.norm.value, { eps: this.config.rms_norm_eps });
+    const logits = linear(ctx, nf, this.lmHead.value);
+    const { losses, predictions } = tops.crossEntropy(logits, targets, { validate: false });
+    const l = losses.toArray(), p = predictions.toArray(), tg = targets.toArray();
+    let sum = 0, tokens = 0, correct = 0;
+    for (let i = 0; i < l.length; i++)
+      if (tg[i] >= 0) {
+        sum += l[i];
+        tokens++;
+        if (p[i] === tg[i]) correct++;
+      }
+    disposeAll(losses, predictions);
+    const auxLoss = this.blocks.reduce((a, b) => a + b.ffn.auxLoss(), 0);
+    if (options.training) this.#saved = { xs: [...xs, x], nf, rstdf, logits, targets, ids, tokens, batch, seqLen };
+    else {
+      disposeAll(xs.slice(1), x, nf, rstdf, logits);
+      xs[0].dispose();
+    }
+    return { loss: tokens ? sum / tokens : 0, auxLoss, tokens, correct };
+  }
+
+  /**
+   * Backward of the last training forward: accumulates gradients of the mean loss over `tokens`
+   * counted tokens (default: the forward's), scaled by `scale` (e.g. 1 / accumulation steps).
+   */
+  backward(options: { scale?: number; tokens?: number } = {}): void {
+    const s = this.#saved;
+    if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
+    const tokens = options.tokens ?? s.tokens;
+    const R = s.logits.shape[0];
+    const dLoss = Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
+    const dLogits = tops.crossEntropyBackward(s.logits, s.targets, dLoss, { inPlace: true, validate: false });
+    dLoss.dispose();
+    const c2 = this.context(s.batch, s.seqLen, true);
+    const dnf = linearBackward(c2, s.nf, this.lmHead, dLogits)!;
+    const xLast = s.xs[s.xs.length - 1];
+    let dx = lops.rmsnormBackward(xLast, this.norm.value, s.rstdf, dnf, { dw: this.norm.trainable ? this.norm.gradBuffer() : false }).dx;
+    disposeAll(dnf, s.nf, s.rstdf, s.logits, xLast);
+    for (let i = this.blocks.length - 1; i >= 0; i--) {
+      dx = this.blocks[i].backward(c2, dx);
+      if (i > 0) s.xs[i].dispose();
+    }
+    if (this.embed.trainable) lops.embeddingBackward(s.ids, dx, this.config.vocab_size, { into: this.embed.gradBuffer() });
+    disposeAll(dx, s.xs[0]);
+    this.#saved = null;
+  }
+
+  /** Frees kept activations (after a training forward without backward). */
+  release(): void {
+    const s = this.#saved;
+    if (s) {
+      disposeAll(s.xs, s.nf, s.rstdf, s.logits);
+      this.#saved = null;
+    }
+    this.blocks.forEach((b) => b.release());
+  }
+
+  zeroGrad(): void {
+    this.params().forEach((p) => p.zeroGrad());
+  }
+
+  dispose(): void {
+    this.release();
+    this.params().forEach((p) => p.dispose());
+    this.#offsets.forEach((t) => t.dispose());
+    this.#offsets.clear();
+  }
+}

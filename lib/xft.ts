@@ -1,0 +1,144 @@
+/**
+ * The XFT pipeline, as the paper reads: a dense Llama is `upcycle`d into a shared-expert MoE,
+ * fine-tuned, made `mergeable` (per-layer mixing coefficients over the frozen experts), trained
+ * again (only the coefficients), and compiled `toDense`: a model of the original architecture and size.
+ * Parameter names follow Hugging Face Llama and the XFT reference (XFT.md).
+ */
+import { XftError } from './errors';
+import { Tensor, type Device } from './tensor';
+import * as xops from './ops';
+import { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig } from './config';
+import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
+
+export interface InitOptions {
+  seed?: number;
+  device?: Device;
+  /** std of the normal initialisation of linear and embedding weights (HF initializer_range), default 0.02 */
+  std?: number;
+}
+
+const layerName = (i: number) => `model.layers.${i}`;
+
+/** A freshly initialised dense Llama (normal(0, std) weights, unit norms). */
+export function createDense(config: LlamaConfig, options: InitOptions = {}): Model {
+  const c = llamaConfig(config as LlamaConfig & Record<string, unknown>);
+  const device = options.device ?? 'cpu', std = options.std ?? 0.02;
+  let seed = (options.seed ?? 0) * 1000;
+  const normal = (name: string, shape: number[]) => new Param(name, Tensor.randn(shape, { seed: seed++, std, device }));
+  const ones = (name: string, n: number) => new Param(name, Tensor.ones([n], { device }));
+  const d = c.hidden_size, f = c.intermediate_size, hd = d / c.num_attention_heads, kv = c.num_key_value_heads * hd;
+  const blocks = Array.from({ length: c.num_hidden_layers }, (_, i) => {
+    const p = layerName(i);
+    const ffn = new DenseFFN(normal(`${p}.mlp.gate_proj.weight`, [f, d]), normal(`${p}.mlp.up_proj.weight`, [f, d]), normal(`${p}.mlp.down_proj.weight`, [d, f]));
+    return new Block(c, ones(`${p}.input_layernorm.weight`, d), normal(`${p}.self_attn.q_proj.weight`, [d, d]), normal(`${p}.self_attn.k_proj.weight`, [kv, d]),
+      normal(`${p}.self_attn.v_proj.weight`, [kv, d]), normal(`${p}.self_attn.o_proj.weight`, [d, d]), ones(`${p}.post_attention_layernorm.weight`, d), ffn);
+  });
+  return new Model(c, normal('model.embed_tokens.weight', [c.vocab_size, d]), blocks, ones('model.norm.weight', d), normal('lm_head.weight', [c.vocab_size, d]), device);
+}
+
+/** A copy of a parameter (new name optional). */
+function copyParam(p: Param, name = p.name, trainable = p.trainable): Param {
+  return new Param(name, p.value.clone(), trainable);
+}
+
+/** E copies of w [a, b] stacked into [E, a, b]. */
+function stackCopies(w: Tensor, E: number): Tensor {
+  const s = Tensor.empty([E, ...w.shape], { dtype: w.dtype, device: w.device });
+  for (let e = 0; e < E; e++) s.narrow(e, 1).copy_(w);
+  return s;
+}
+
+/** Copies of the attention, norm, embedding and head parameters of `m`, with an FFN per block from `ffn`. */
+function rebuild(m: Model, ffn: (b: Block, i: number) => Block['ffn'], options: { frozen?: boolean } = {}): Model {
+  const cp = (p: Param) => copyParam(p, p.name, !options.frozen);
+  const blocks = m.blocks.map((b, i) => new Block(m.config, cp(b.inputNorm), cp(b.q), cp(b.k), cp(b.v), cp(b.o), cp(b.postNorm), ffn(b, i)));
+  return new Model(m.config, cp(m.embed), blocks, cp(m.norm), cp(m.lmHead), m.device);
+}
+
+export interface UpcycleOptions {
+  /** E, the shared expert included (paper: 8) */
+  experts?: number;
+  /** K, the shared expert included (paper: 6) */
+  topK?: number;
+  /** router: 'mlp' (reference default) or 'linear' */
+  router?: RouterKind;
+  /** routing weight normalization (default true; false: the paper's ablation) */
+  normalize?: boolean;
+  /** a shared expert (default true; false: vanilla sparse upcycling) */
+  sharedExpert?: boolean;
+  /** router noise in training (default true, as the reference) */
+  noise?: boolean;
+  /** balance loss weight (default 0.01, as the reference; 0 disables it) */
+  balanceLossWeight?: number;
+  /** seed of the router initialisation */
+  seed?: number;
+}
+
+/**
+ * Sparse upcycling with a shared expert: every FFN becomes E experts, each a copy of the dense FFN
+ * (expert 0 the shared one), plus a router; everything else is copied. Right after upcycling the MoE
+ * computes the dense model's function, whatever the router says.
+ */
+export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
+  if (dense.kind !== 'dense') throw new XftError(`upcycle: expected a dense model, got a ${dense.kind} model`, 'XFT_VALUE');
+  const moe: MoeConfig = moeConfig({
+    num_experts: options.experts ?? 8, num_selects: options.topK ?? 6, gate_type: options.router ?? 'mlp',
+    normalize_weights: options.normalize ?? true, shared_expert: options.sharedExpert ?? true, gate_noise: options.noise ?? true,
+    balance_loss_weight: options.balanceLossWeight ?? 0.01,
+  }, 'upcycle');
+  const E = moe.num_experts, N = moe.shared_expert ? E - 1 : E, d = dense.config.hidden_size;
+  let seed = (options.seed ?? 0) * 1000 + 777;
+  // torch.nn.Linear's default initialisation: uniform(-1/sqrt(in), 1/sqrt(in))
+  const linearInit = (name: string, out: number, inp: number) =>
+    new Param(name, Tensor.uniform([out, inp], { seed: seed++, low: -1 / Math.sqrt(inp), high: 1 / Math.sqrt(inp), device: dense.device }));
+  return rebuild(dense, (b, i) => {
+    const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
+    const stack = (w: Param, name: string) => new Param(`${p}.calculator.experts.weight_${name}`, stackCopies(w.value, E));
+    const router = moe.gate_type === 'mlp'
+      ? [linearInit(`${p}.gate.gate_network.0.weight`, N, d), linearInit(`${p}.gate.gate_network.2.weight`, N, N)]
+      : [linearInit(`${p}.gate.gate_network.weight`, N, d)];
+    const noise = new Param(`${p}.gate.weight_noise.weight`, Tensor.zeros([N, d], { device: dense.device }));
+    return new MoeFFN(moe, stack(f.gate, 'gate'), stack(f.up, 'up'), stack(f.down, 'down'), router, noise);
+  });
+}
+
+export interface MergeableOptions {
+  /** λ, the fixed weight of the shared expert (paper: 0.75); null learns it with the others (ablation) */
+  sharedRate?: number | null;
+}
+
+/**
+ * The merge-learning model: each MoE FFN becomes a dense FFN whose weights are Σ_e c_e W_e over the
+ * (frozen) fine-tuned experts, with c_0 = λ and c_i = (1 - λ) softmax(alpha)_i, alpha initialised to
+ * zeros. Only alpha is trainable.
+ */
+export function mergeable(moe: Model, options: MergeableOptions = {}): Model {
+  if (moe.kind !== 'moe') throw new XftError(`mergeable: expected an MoE model (from upcycle), got a ${moe.kind} model`, 'XFT_VALUE');
+  const rate = options.sharedRate === undefined ? 0.75 : options.sharedRate;
+  if (rate !== null && !(rate >= 0 && rate <= 1)) throw new XftError(`mergeable: expected a number in [0, 1] or null for sharedRate but received ${rate}`, 'XFT_VALUE');
+  return rebuild(moe, (b, i) => {
+    const f = b.ffn as MoeFFN;
+    if (!f.moe.shared_expert && rate !== null)
+      throw new XftError('mergeable: this MoE has no shared expert; pass sharedRate: null', 'XFT_VALUE');
+    const E = f.experts;
+    const alpha = new Param(`${layerName(i)}.mlp.average_weights`, Tensor.zeros([rate === null ? E : E - 1], { device: moe.device }));
+    return new MergedFFN(copyParam(f.gate, f.gate.name, false), copyParam(f.up, f.up.name, false), copyParam(f.down, f.down.name, false), alpha, rate);
+  }, { frozen: true });
+}
+
+/** Compiles a merge model to a dense model of the original architecture: W̄ computed once per layer. */
+export function toDense(merged: Model): Model {
+  if (merged.kind !== 'merged') throw new XftError(`toDense: expected a merge model (from mergeable), got a ${merged.kind} model`, 'XFT_VALUE');
+  const dense = rebuild(merged, (b, i) => {
+    const [g, u, d] = (b.ffn as MergedFFN).merged();
+    const p = `${layerName(i)}.mlp`;
+    return new DenseFFN(new Param(`${p}.gate_proj.weight`, g), new Param(`${p}.up_proj.weight`, u), new Param(`${p}.down_proj.weight`, d));
+  });
+  return dense;
+}
+
+/** Sum of the elements of every parameter (dense model shape check helper). */
+export function countParameters(m: Model, options: { trainableOnly?: boolean } = {}): number {
+  return m.params().filter((p) => !options.trainableOnly || p.trainable).reduce((a, p) => a + p.value.numel, 0);
+}
+

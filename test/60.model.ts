@@ -1,0 +1,125 @@
+// The model and the XFT pipeline on the CPU: the upcycling and merging invariants of XFT.md,
+// gradients of the whole model against finite differences.
+import t from 'tap';
+import { Tensor } from '../lib/index';
+import { tinyConfig } from '../lib/config';
+import { createDense, upcycle, mergeable, toDense } from '../lib/xft';
+import type { Model } from '../lib/model';
+import { relErr, rng } from './helpers/ref';
+import { close } from './helpers/check';
+
+const config = tinyConfig({ hidden_size: 32, intermediate_size: 48, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 50 });
+const B = 2, T = 8;
+const R = rng(1);
+const ids = Tensor.from(Array.from({ length: B * T }, () => R.int(0, 50)), [B * T], { dtype: 'i32' });
+const targets = Tensor.from(Array.from({ length: B * T }, (_, i) => (i % 3 === 0 ? -1 : R.int(0, 50))), [B * T], { dtype: 'i32' });
+
+function logitsOf(m: Model): Float32Array {
+  const l = m.logits(ids, B, T);
+  const a = l.toArray() as Float32Array;
+  l.dispose();
+  return a;
+}
+
+t.test('an upcycled MoE computes the dense model, whatever the router', async (t) => {
+  const dense = createDense(config, { seed: 1 });
+  const want = logitsOf(dense);
+  for (const [router, seed] of [['mlp', 1], ['mlp', 2], ['linear', 3]] as const) {
+    const moe = upcycle(dense, { experts: 8, topK: 6, router, seed });
+    const got = logitsOf(moe);
+    let worst = 0;
+    for (let i = 0; i < got.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]) / Math.max(Math.abs(want[i]), 1e-3));
+    t.ok(worst <= 1e-5, `${router} router (seed ${seed}): max relative error ${worst.toExponential(2)} <= 1e-5`);
+    moe.dispose();
+  }
+  dense.dispose();
+});
+
+t.test('merging an untrained MoE returns the dense weights; λ = 1 returns the shared expert', async (t) => {
+  const dense = createDense(config, { seed: 2 });
+  const moe = upcycle(dense, { experts: 4, topK: 3, seed: 5 });
+  for (const rate of [0.75, 0, null]) {
+    const merged = toDense(mergeable(moe, { sharedRate: rate }));
+    merged.params().forEach((p, i) => close(t, p.value.toArray(), dense.params()[i].value.toArray(), 1e-6, `sharedRate ${rate}: ${p.name}`));
+    t.equal(merged.params().length, dense.params().length, 'same architecture as the dense model');
+    merged.dispose();
+  }
+  // make the experts differ, then λ = 1 must give expert 0
+  const ffn = moe.blocks[0].ffn as unknown as { gate: { value: Tensor } };
+  const E0 = ffn.gate.value.narrow(0, 1).toArray();
+  ffn.gate.value.narrow(1, 3).copy_(Tensor.randn([3, ...ffn.gate.value.shape.slice(1)], { seed: 9 }));
+  const m1 = mergeable(moe, { sharedRate: 1 });
+  const alpha = (m1.blocks[0].ffn as unknown as { alpha: { value: Tensor } }).alpha.value;
+  alpha.copy_(Tensor.randn(alpha.shape, { seed: 3 }));
+  const d1 = toDense(m1);
+  t.same(d1.blocks[0].ffn.params()[0].value.toArray(), E0, 'λ = 1: the gate weights are the shared expert\'s');
+  disposeModels(dense, moe, m1, d1);
+});
+
+t.test('toDense() logits equal the merge model\'s logits', async (t) => {
+  const dense = createDense(config, { seed: 3 });
+  const moe = upcycle(dense, { experts: 4, topK: 3, seed: 5 });
+  for (const p of moe.params()) if (p.name.includes('experts')) p.value.copy_(Tensor.randn(p.value.shape, { seed: p.name.length, std: 0.05 }));
+  const m = mergeable(moe, { sharedRate: 0.75 });
+  for (const p of m.params()) if (p.name.endsWith('average_weights')) p.value.copy_(Tensor.randn(p.value.shape, { seed: 4 }));
+  const d = toDense(m);
+  close(t, logitsOf(d), logitsOf(m), 1e-6, 'merged dense model = merge model');
+  disposeModels(dense, moe, m, d);
+});
+
+function disposeModels(...ms: Model[]) {
+  ms.forEach((m) => m.dispose());
+}
+
+// loss(θ) through the whole model; gradients against central differences on a few coordinates
+function gradCheck(t: typeof import('tap').default, m: Model, what: string, pick: (name: string) => boolean) {
+  m.zeroGrad();
+  m.forward(ids, targets, B, T, { training: true, seed: 5n });
+  m.backward();
+  const loss = () => m.forward(ids, targets, B, T, { training: true, seed: 5n }).loss;
+  const h = 1e-2;
+  for (const p of m.trainableParams().filter((q) => pick(q.name) && q.grad !== null)) {
+    const g = p.grad!.toArray();
+    const n = p.value.numel, idx = [0, Math.floor(n / 2), n - 1];
+    const fd: number[] = [], an: number[] = [];
+    for (const i of idx) {
+      const v = p.value.toArray();
+      const base = v[i];
+      v[i] = base + h;
+      p.value.copy_(Tensor.from(v, p.value.shape));
+      const lp = loss();
+      v[i] = base - h;
+      p.value.copy_(Tensor.from(v, p.value.shape));
+      const lm = loss();
+      v[i] = base;
+      p.value.copy_(Tensor.from(v, p.value.shape));
+      fd.push((lp - lm) / (2 * h));
+      an.push(g[i]);
+    }
+    const e = relErr(an, fd);
+    t.ok(e < 2e-2 || Math.max(...fd.map(Math.abs)) < 1e-5, `${what} ${p.name}: analytic ${an.map((x) => x.toExponential(2))} vs fd ${fd.map((x) => x.toExponential(2))}`);
+  }
+  m.release();
+}
+
+t.test('gradients of the dense model against finite differences', async (t) => {
+  const m = createDense(config, { seed: 4, std: 0.2 });
+  gradCheck(t, m, 'dense', () => true);
+  m.dispose();
+});
+
+t.test('gradients of the MoE (no noise, no balance loss) and of alpha against finite differences', async (t) => {
+  const dense = createDense(config, { seed: 5, std: 0.2 });
+  const moe = upcycle(dense, { experts: 4, topK: 3, seed: 6, noise: false, balanceLossWeight: 0 });
+  for (const p of moe.params()) if (p.name.includes('experts')) p.value.copy_(Tensor.randn(p.value.shape, { seed: p.name.length, std: 0.2 }));
+  gradCheck(t, moe, 'moe', (n) => (n.includes('layers.1.') || n.startsWith('lm_head')) && !n.includes('mlp.gate.'));
+  // the router, away from selection changes: every normal expert selected (K = E)
+  const all = upcycle(dense, { experts: 4, topK: 4, seed: 7, noise: false, balanceLossWeight: 0 });
+  for (const p of all.params()) if (p.name.includes('experts')) p.value.copy_(Tensor.randn(p.value.shape, { seed: p.name.length, std: 0.2 }));
+  gradCheck(t, all, 'moe router', (n) => n.includes('mlp.gate.'));
+  all.dispose();
+  const m = mergeable(moe, { sharedRate: 0.5 });
+  for (const p of m.params()) if (p.name.endsWith('average_weights')) p.value.copy_(Tensor.randn(p.value.shape, { seed: 8 }));
+  gradCheck(t, m, 'merge', () => true);
+  disposeModels(dense, moe, m);
+});
