@@ -55,6 +55,8 @@ export interface Context {
   training: boolean;
   /** per-step seed for router noise */
   seed: bigint;
+  /** multiplies the auxiliary (balance) loss gradient, e.g. 1 / accumulation steps */
+  auxScale: number;
   /** offsets [0, M] for dense GEMMs of M rows, cached per M */
   denseOffsets(M: number): Tensor;
 }
@@ -242,7 +244,7 @@ export class MoeFFN implements FFN {
     // router: balance loss through importance, routing weights through normalization and softmax
     let dImportance: Tensor | undefined;
     if (this.moe.balance_loss_weight > 0) {
-      const b = tops.balanceLossBackward(s.routing.importance, s.routing.load, { weight: this.moe.balance_loss_weight });
+      const b = tops.balanceLossBackward(s.routing.importance, s.routing.load, { weight: this.moe.balance_loss_weight, dLoss: ctx.auxScale });
       dImportance = b.dImportance;
       b.dLoad.dispose();
     }
@@ -470,9 +472,9 @@ export class Model {
   }
 
   /** A context for a batch of B sequences of T tokens. */
-  context(batch: number, seqLen: number, training: boolean, seed = 0n): Context {
+  context(batch: number, seqLen: number, training: boolean, seed = 0n, auxScale = 1): Context {
     return {
-      device: this.device, batch, seqLen, training, seed,
+      device: this.device, batch, seqLen, training, seed, auxScale,
       denseOffsets: (M: number) => {
         let t = this.#offsets.get(M);
         if (!t) {
@@ -535,9 +537,10 @@ export class Model {
 
   /**
    * Backward of the last training forward: accumulates gradients of the mean loss over `tokens`
-   * counted tokens (default: the forward's), scaled by `scale` (e.g. 1 / accumulation steps).
+   * counted tokens (default: the forward's), scaled by `scale`; the balance loss gradient is scaled by
+   * `auxScale` (default `scale`; e.g. 1 / accumulation steps).
    */
-  backward(options: { scale?: number; tokens?: number } = {}): void {
+  backward(options: { scale?: number; tokens?: number; auxScale?: number } = {}): void {
     const s = this.#saved;
     if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
     const tokens = options.tokens ?? s.tokens;
@@ -545,7 +548,7 @@ export class Model {
     const dLoss = Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
     const dLogits = tops.crossEntropyBackward(s.logits, s.targets, dLoss, { inPlace: true, validate: false });
     dLoss.dispose();
-    const c2 = this.context(s.batch, s.seqLen, true);
+    const c2 = this.context(s.batch, s.seqLen, true, 0n, options.auxScale ?? options.scale ?? 1);
     const dnf = linearBackward(c2, s.nf, this.lmHead, dLogits)!;
     const xLast = s.xs[s.xs.length - 1];
     let dx = lops.rmsnormBackward(xLast, this.norm.value, s.rstdf, dnf, { dw: this.norm.trainable ? this.norm.gradBuffer() : false }).dx;

@@ -1,0 +1,212 @@
+/**
+ * The training loop: AdamW on fp32 master weights, linear warmup then linear decay, global
+ * gradient-norm clipping, gradient accumulation to a target batch, an onStep callback, and
+ * deterministic runs for a fixed seed. A run saved with `saveTrainState` and resumed continues
+ * with exactly the losses of an unbroken run.
+ *
+ * Each step reads top to bottom: next micro-batches -> forward -> backward (gradients accumulate)
+ * -> grad norm -> clip -> AdamW update -> zero gradients.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { XftError } from './errors';
+import { Tensor, disposeAll } from './tensor';
+import * as lops from './ops_layers';
+import * as tops from './ops_train';
+import { type Model, type Param } from './model';
+import { type Sample, shuffle } from './data';
+import { SafetensorsReader, writeFileAtomic, writeFolderAtomic, writeSafetensors } from './safetensors';
+
+export interface TrainOptions {
+  /** peak learning rate */
+  lr: number;
+  /** sequences per optimizer step (gradient accumulation reaches it with micro-batches) */
+  batchSize: number;
+  /** sequences per forward pass (default: batchSize) */
+  microBatch?: number;
+  /** passes over the data (default 1); or `steps` */
+  epochs?: number;
+  /** optimizer steps in total (default: from epochs) */
+  steps?: number;
+  /** linear warmup steps (default 0), then linear decay to 0 at the last step */
+  warmupSteps?: number;
+  weightDecay?: number;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  /** clip the global gradient norm to this (default 1.0; 0 disables) */
+  clip?: number;
+  /** seed of the data order and router noise (default 0) */
+  seed?: number;
+  /** called after every optimizer step */
+  onStep?: (info: StepInfo) => void;
+  /** resume from this state (see saveTrainState / loadTrainState) */
+  resume?: TrainState;
+  /** stop after this step (the state is returned for a later resume) */
+  stopAfter?: number;
+}
+
+export interface StepInfo {
+  step: number;
+  steps: number;
+  epoch: number;
+  /** mean cross-entropy over the step's response tokens */
+  loss: number;
+  /** balance loss of the MoE layers (0 for dense models) */
+  auxLoss: number;
+  lr: number;
+  gradNorm: number;
+  /** response tokens of the step */
+  tokens: number;
+  /** tokens (all positions) per second of wall time for this step */
+  tokensPerSecond: number;
+}
+
+/** Optimizer moments and progress, for resuming. */
+export interface TrainState {
+  step: number;
+  /** moments per trainable parameter name */
+  m: Map<string, Tensor>;
+  v: Map<string, Tensor>;
+}
+
+export interface TrainResult {
+  losses: number[];
+  state: TrainState;
+  steps: number;
+}
+
+/** Linear warmup from 0 to lr over `warmup` steps, then linear decay to 0 at `total` (HF get_linear_schedule_with_warmup). */
+export function learningRate(step: number, lr: number, warmup: number, total: number): number {
+  if (step < warmup) return (lr * (step + 1)) / Math.max(1, warmup);
+  return lr * Math.max(0, (total - step) / Math.max(1, total - warmup));
+}
+
+function check(cond: boolean, name: string, expected: string, got: unknown): void {
+  if (!cond) throw new XftError(`train: expected ${expected} for ${name} but received ${JSON.stringify(got)}`, 'XFT_VALUE');
+}
+
+/** 64-bit seed of (run seed, step, micro-batch) for router noise. */
+function stepSeed(seed: number, step: number, micro: number): bigint {
+  return BigInt.asUintN(64, (BigInt(seed) << 40n) ^ (BigInt(step) << 12n) ^ BigInt(micro) ^ 0x9e3779b97f4a7c15n);
+}
+
+/** Trains `model` on `rows` (samples of one length, from data.toRows). Returns per-step losses and the optimizer state. */
+export function train(model: Model, rows: readonly Sample[], options: TrainOptions): TrainResult {
+  const o = options;
+  check(typeof o.lr === 'number' && o.lr >= 0, 'lr', 'a number >= 0', o.lr);
+  check(Number.isSafeInteger(o.batchSize) && o.batchSize >= 1, 'batchSize', 'a positive integer', o.batchSize);
+  const micro = o.microBatch ?? o.batchSize;
+  check(Number.isSafeInteger(micro) && micro >= 1 && o.batchSize % micro === 0, 'microBatch', `a positive divisor of batchSize (${o.batchSize})`, micro);
+  check(rows.length > 0, 'rows', 'at least one training sequence', rows.length);
+  const seqLen = rows[0].ids.length;
+  check(rows.every((r) => r.ids.length === seqLen && r.targets.length === seqLen), 'rows', `sequences of one length (${seqLen})`, 'rows of several lengths');
+  const seed = o.seed ?? 0, accum = o.batchSize / micro;
+  const stepsPerEpoch = Math.floor(rows.length / o.batchSize);
+  check(stepsPerEpoch >= 1, 'batchSize', `at most the number of training sequences (${rows.length})`, o.batchSize);
+  const total = o.steps ?? stepsPerEpoch * (o.epochs ?? 1);
+  const warmup = o.warmupSteps ?? 0, clip = o.clip ?? 1.0;
+  const params = model.trainableParams();
+  const state: TrainState = o.resume ?? { step: 0, m: new Map(), v: new Map() };
+  for (const p of params) {
+    if (!state.m.has(p.name)) state.m.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
+    if (!state.v.has(p.name)) state.v.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
+  }
+  const losses: number[] = [];
+  const last = Math.min(total, o.stopAfter ?? total);
+  model.zeroGrad();
+  let order: Sample[] = [], orderEpoch = -1;
+  for (let step = state.step; step < last; step++) {
+    const t0 = process.hrtime.bigint();
+    const epoch = Math.floor(step / stepsPerEpoch);
+    if (epoch !== orderEpoch) {
+      order = shuffle(rows, seed * 1000003 + epoch);
+      orderEpoch = epoch;
+    }
+    const first = (step % stepsPerEpoch) * o.batchSize;
+    const chunk = order.slice(first, first + o.batchSize);
+    const stepTokens = chunk.reduce((a, r) => a + r.targets.filter((v) => v >= 0).length, 0);
+    let lossSum = 0, aux = 0;
+    for (let mb = 0; mb < accum; mb++) {
+      const part = chunk.slice(mb * micro, (mb + 1) * micro);
+      const ids = Tensor.from(part.flatMap((r) => r.ids), [part.length * seqLen], { dtype: 'i32', device: model.device });
+      const targets = Tensor.from(part.flatMap((r) => r.targets), [part.length * seqLen], { dtype: 'i32', device: model.device });
+      const f = model.forward(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb) });
+      model.backward({ tokens: stepTokens, scale: 1, auxScale: 1 / accum });
+      lossSum += f.loss * f.tokens;
+      aux += f.auxLoss / accum;
+      disposeAll(ids, targets);
+    }
+    const withGrad = params.filter((p) => p.grad !== null);
+    const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
+    const gradNorm = Math.sqrt(sq.item());
+    sq.dispose();
+    const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
+    const lr = learningRate(step, o.lr, warmup, total);
+    for (const p of withGrad)
+      tops.adamw(p.value, p.grad!, state.m.get(p.name)!, state.v.get(p.name)!, {
+        lr, step: step + 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0, gradScale: scale,
+      });
+    model.zeroGrad();
+    state.step = step + 1;
+    const loss = stepTokens ? lossSum / stepTokens : 0;
+    losses.push(loss);
+    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    o.onStep?.({ step: step + 1, steps: total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds });
+  }
+  return { losses, state, steps: total };
+}
+
+/** Mean loss and token accuracy of `model` on `rows` (no gradients). */
+export function evaluate(model: Model, rows: readonly Sample[], options: { batchSize?: number } = {}): { loss: number; accuracy: number; tokens: number } {
+  const bs = options.batchSize ?? 8;
+  let sum = 0, tokens = 0, correct = 0;
+  for (let i = 0; i < rows.length; i += bs) {
+    const part = rows.slice(i, i + bs), seqLen = part[0].ids.length;
+    const ids = Tensor.from(part.flatMap((r) => r.ids), [part.length * seqLen], { dtype: 'i32', device: model.device });
+    const targets = Tensor.from(part.flatMap((r) => r.targets), [part.length * seqLen], { dtype: 'i32', device: model.device });
+    const f = model.forward(ids, targets, part.length, seqLen, { training: false });
+    sum += f.loss * f.tokens;
+    tokens += f.tokens;
+    correct += f.correct;
+    disposeAll(ids, targets);
+  }
+  return { loss: tokens ? sum / tokens : 0, accuracy: tokens ? correct / tokens : 0, tokens };
+}
+
+/** Saves parameters and optimizer moments (safetensors) and the step (JSON) into `dir`, atomically. */
+export function saveTrainState(dir: string, model: Model, state: TrainState): void {
+  const entries = (prefix: string, list: [string, Tensor][]) =>
+    list.map(([name, t]) => ({ name: `${prefix}${name}`, dtype: 'F32' as const, shape: t.shape, tensor: () => t }));
+  writeFolderAtomic(dir, (tmp) => {
+    writeSafetensors(path.join(tmp, 'params.safetensors'), entries('', model.params().map((p: Param) => [p.name, p.value])));
+    writeSafetensors(path.join(tmp, 'optimizer.safetensors'), [...entries('m.', [...state.m]), ...entries('v.', [...state.v])]);
+    writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify({ step: state.step }, null, 2));
+  });
+}
+
+/** Loads what saveTrainState wrote: parameters into `model` (same architecture), and the optimizer state. */
+export function loadTrainState(dir: string, model: Model): TrainState {
+  const file = path.join(dir, 'trainer_state.json');
+  if (!fs.existsSync(file)) throw new XftError(`${dir}: no trainer_state.json (not a training checkpoint)`, 'XFT_IO');
+  const { step } = JSON.parse(fs.readFileSync(file, 'utf8')) as { step: number };
+  const params = new SafetensorsReader(path.join(dir, 'params.safetensors'));
+  for (const p of model.params()) {
+    const t = params.read(p.name, { device: model.device, shape: p.value.shape });
+    p.value.copy_(t);
+    t.dispose();
+  }
+  const opt = new SafetensorsReader(path.join(dir, 'optimizer.safetensors'));
+  const m = new Map<string, Tensor>(), v = new Map<string, Tensor>();
+  for (const name of opt.names()) {
+    const t = opt.read(name, { device: model.device });
+    if (name.startsWith('m.')) m.set(name.slice(2), t);
+    else v.set(name.slice(2), t);
+  }
+  return { step, m, v };
+}
+
+export function disposeState(state: TrainState): void {
+  state.m.forEach((t) => t.dispose());
+  state.v.forEach((t) => t.dispose());
+}

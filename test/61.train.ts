@@ -1,0 +1,88 @@
+// The training loop on the CPU: loss decreases on real text, runs are deterministic, a resumed run
+// continues with the losses of an unbroken one, the XFT stages train what they should.
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { tinyConfig } from '../lib/config';
+import { createDense, upcycle, mergeable } from '../lib/xft';
+import { ByteTokenizer, toRows } from '../lib/data';
+import { train, evaluate, learningRate, saveTrainState, loadTrainState, disposeState } from '../lib/train';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-train-'));
+t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+// real text: this package's own TypeScript sources, byte-tokenized and packed
+const tok = new ByteTokenizer();
+const text = ['errors.ts', 'config.ts', 'data.ts'].map((f) => fs.readFileSync(path.join(__dirname, '..', 'lib', f), 'utf8')).join('\n');
+const ids = tok.encode(text).slice(0, 8 * 33 * 12);
+const rows = toRows([{ ids: ids.slice(0, -1), targets: ids.slice(1) }], 32, 'pack', tok.pad);
+const config = tinyConfig({ hidden_size: 32, intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2 });
+
+t.test('the learning-rate schedule: linear warmup, then linear decay to 0', async (t) => {
+  t.same([0, 1, 2, 3, 4, 5, 6, 7].map((s) => learningRate(s, 1, 2, 8)), [0.5, 1, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]);
+});
+
+t.test('loss decreases on real text, and runs are deterministic', async (t) => {
+  const run = () => {
+    const m = createDense(config, { seed: 1 });
+    const seen: number[] = [];
+    const r = train(m, rows, { lr: 3e-3, batchSize: 8, microBatch: 4, epochs: 4, warmupSteps: 2, seed: 3, onStep: (s) => seen.push(s.gradNorm) });
+    const ev = evaluate(m, rows.slice(0, 8));
+    m.dispose();
+    disposeState(r.state);
+    return { losses: r.losses, grads: seen, ev };
+  };
+  const a = run();
+  t.ok(a.losses.length >= 8, `${a.losses.length} steps`);
+  const first = a.losses[0], lastLoss = a.losses[a.losses.length - 1];
+  t.ok(first > 5 && first < 6, `starts near ln(259) = 5.56 (${first.toFixed(3)})`);
+  t.ok(lastLoss < first - 1.5, `loss falls: ${first.toFixed(3)} -> ${lastLoss.toFixed(3)}`);
+  t.ok(a.ev.accuracy > 0.05 && a.ev.loss < first, `eval loss ${a.ev.loss.toFixed(3)}, token accuracy ${a.ev.accuracy.toFixed(3)}`);
+  t.ok(a.grads.every((g) => g > 0 && Number.isFinite(g)), 'finite gradient norms');
+  const b = run();
+  t.same(b.losses, a.losses, 'a second run with the same seed gives the same losses, bit for bit');
+});
+
+t.test('a resumed run continues with the losses of an unbroken run', async (t) => {
+  const opts = { lr: 2e-3, batchSize: 4, epochs: 2, warmupSteps: 1, seed: 5, weightDecay: 0.1 };
+  const m1 = createDense(config, { seed: 2 });
+  const full = train(m1, rows, opts);
+  const m2 = createDense(config, { seed: 2 });
+  const half = train(m2, rows, { ...opts, stopAfter: 5 });
+  saveTrainState(path.join(tmp, 'ckpt'), m2, half.state);
+  const m3 = createDense(config, { seed: 99 }); // other weights: the checkpoint must restore them
+  const state = loadTrainState(path.join(tmp, 'ckpt'), m3);
+  t.equal(state.step, 5);
+  const rest = train(m3, rows, { ...opts, resume: state });
+  t.same([...half.losses, ...rest.losses], full.losses, 'the same losses as the unbroken run');
+  [m1, m2, m3].forEach((m) => m.dispose());
+  [full.state, half.state, state].forEach(disposeState);
+});
+
+t.test('XFT stages: the MoE fine-tunes everything, merge learning trains only alpha', async (t) => {
+  const dense = createDense(config, { seed: 4 });
+  const moe = upcycle(dense, { experts: 4, topK: 3, seed: 1 });
+  const before = evaluate(moe, rows.slice(0, 8)).loss;
+  const r = train(moe, rows, { lr: 3e-3, batchSize: 8, epochs: 2, seed: 1 });
+  t.ok(r.losses[r.losses.length - 1] < r.losses[0] - 0.5, `MoE loss falls: ${r.losses[0].toFixed(3)} -> ${r.losses[r.losses.length - 1].toFixed(3)}`);
+  t.ok(evaluate(moe, rows.slice(0, 8)).loss < before, 'held-out loss improves');
+  const merge = mergeable(moe, { sharedRate: 0.75 });
+  t.same(merge.trainableParams().map((p) => p.name), [0, 1].map((i) => `model.layers.${i}.mlp.average_weights`), 'only alpha is trainable');
+  const frozen = merge.params().filter((p) => !p.trainable).map((p) => p.value.toArray());
+  const r2 = train(merge, rows, { lr: 1e-2, batchSize: 8, epochs: 1, seed: 2 });
+  t.ok(r2.losses.every(Number.isFinite));
+  t.ok(merge.params().filter((p) => !p.trainable).every((p, i) => Buffer.compare(Buffer.from(p.value.toArray().buffer), Buffer.from(frozen[i].buffer)) === 0), 'frozen weights unchanged');
+  t.notSame(Array.from(merge.trainableParams()[0].value.toArray()), [0, 0, 0], 'alpha moved');
+  [dense, moe, merge].forEach((m) => m.dispose());
+  [r.state, r2.state].forEach(disposeState);
+});
+
+t.test('training options are checked', async (t) => {
+  const m = createDense(config, { seed: 1 });
+  t.throws(() => train(m, rows, { lr: -1, batchSize: 4 }), /lr/);
+  t.throws(() => train(m, rows, { lr: 1e-3, batchSize: 4, microBatch: 3 }), /microBatch/);
+  t.throws(() => train(m, rows, { lr: 1e-3, batchSize: 10000 }), /batchSize/);
+  t.throws(() => train(m, [], { lr: 1e-3, batchSize: 1 }), /rows/);
+  m.dispose();
+});
