@@ -221,10 +221,11 @@ export function toRows(samples: readonly Sample[], seqLen: number, mode: 'pack' 
       return { ids, targets };
     });
   const ids: number[] = [], targets: number[] = [];
-  for (const s of samples) {
-    ids.push(...s.ids);
-    targets.push(...s.targets);
-  }
+  for (const s of samples)
+    for (let i = 0; i < s.ids.length; i++) {
+      ids.push(s.ids[i]);
+      targets.push(s.targets[i]);
+    }
   const rows: Sample[] = [];
   for (let i = 0; i + seqLen <= ids.length; i += seqLen) rows.push({ ids: ids.slice(i, i + seqLen), targets: targets.slice(i, i + seqLen) });
   const rest = ids.length % seqLen;

@@ -6,7 +6,6 @@
  */
 import { XftError } from './errors';
 import { Tensor, type Device } from './tensor';
-import * as xops from './ops';
 import { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig } from './config';
 import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
 
@@ -137,7 +136,16 @@ export function toDense(merged: Model): Model {
   return dense;
 }
 
-/** Sum of the elements of every parameter (dense model shape check helper). */
+/** An independent copy of a dense model (all parameters trainable). */
+export function copyDense(m: Model): Model {
+  if (m.kind !== 'dense') throw new XftError(`copyDense: expected a dense model, got a ${m.kind} model`, 'XFT_VALUE');
+  return rebuild(m, (b) => {
+    const f = b.ffn as DenseFFN;
+    return new DenseFFN(copyParam(f.gate, f.gate.name, true), copyParam(f.up, f.up.name, true), copyParam(f.down, f.down.name, true));
+  });
+}
+
+/** Number of parameters (all, or only the trainable ones). */
 export function countParameters(m: Model, options: { trainableOnly?: boolean } = {}): number {
   return m.params().filter((p) => !options.trainableOnly || p.trainable).reduce((a, p) => a + p.value.numel, 0);
 }
