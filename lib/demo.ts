@@ -262,7 +262,7 @@ export function lossSvg(curves: Record<string, number[]>): string {
   series.forEach(([name, v], k) => {
     const pts = v.map((val, i) => `${x(i).toFixed(1)},${y(val).toFixed(1)}`).join(' ');
     parts.push(`<polyline fill="none" stroke="${colors[k % colors.length]}" stroke-width="1.5" points="${pts}"/>`);
-    parts.push(`<rect x="${W - R - 130}" y="${T + 8 + 18 * k}" width="12" height="3" fill="${colors[k % colors.length]}"/><text x="${W - R - 112}" y="${T + 13 + 18 * k}">${name}</text>`);
+    parts.push(`<rect x="${W - R - 190}" y="${T + 8 + 18 * k}" width="12" height="3" fill="${colors[k % colors.length]}"/><text x="${W - R - 172}" y="${T + 13 + 18 * k}">${name}</text>`);
   });
   parts.push('</svg>');
   return parts.join('\n');
