@@ -10,7 +10,7 @@ Conventions
 - Shapes are row-major. dtype is an xft_dtype (xft_math.h): F32, BF16 or I32.
 - Parameter gradients marked "accumulate" add into the output when accumulate != 0 and
   overwrite it otherwise; activation gradients always overwrite.
-The CPU backend (binding/cpu/*.h) has a twin of every op with the same name, arguments and
+The CPU backend (binding/cpu/xft_cpu.h) has a twin of every op with the same name, arguments and
 semantics, with the prefix xft_cpu_ instead of xft_cuda_.
 */
 #pragma once
@@ -96,11 +96,113 @@ int xft_cuda_merge_backward(const void* const* weights, const void* const* dmerg
                             float* dalpha, int accumulate);
 
 // ---- [layers] supporting kernels of a Llama layer: embedding, rmsnorm, rope, swiglu, elementwise ----
-// (declarations of cuda/{embedding,rmsnorm,rope,swiglu,elementwise}.cu go here)
+// Activations (x, y, dx, dy, ...) are f32 or bf16 (`dtype`), fp32 arithmetic; parameter gradients
+// are f32 with an accumulate flag; activation gradients overwrite.
+
+// embedding (cuda/embedding.cu). ids i32 [R], table [V, d], out [R, d] (table dtype):
+// out[r] = table[ids[r]]; a row whose id is outside [0, V) is written as zeros.
+int xft_cuda_embedding_forward(const int* ids, const void* table, void* out, int dtype, int R, int V, int d);
+// dout [R, d] (dtype), dtable f32 [V, d] (accumulate): dtable[v] = sum over r with ids[r] = v of dout[r],
+// summed in token order (deterministic); rows with invalid ids are skipped.
+int xft_cuda_embedding_backward(const int* ids, const void* dout, float* dtable, int dtype, int R, int V, int d,
+                                int accumulate);
+
+// rmsnorm (cuda/rmsnorm.cu). x [R, d] (dtype), w [d] (w_dtype), y [R, d] (dtype), rstd f32 [R]:
+// rstd[r] = 1 / sqrt(mean(x[r]^2) + eps), y[r] = x[r] * rstd[r] * w. 1 <= d <= 16384; y may alias x.
+int xft_cuda_rmsnorm_forward(const void* x, const void* w, void* y, float* rstd, int dtype, int w_dtype, int R,
+                             int d, float eps);
+// dy, dx [R, d] (dtype; dx overwritten, may alias dy); dw f32 [d] (accumulate; skipped when NULL):
+// dx = rstd * (w * dy - x * rstd^2 * mean(w * dy * x)), dw = sum_r dy * x * rstd (deterministic).
+int xft_cuda_rmsnorm_backward(const void* x, const void* w, const float* rstd, const void* dy, void* dx, float* dw,
+                              int dtype, int w_dtype, int R, int d, int accumulate);
+
+// rope (cuda/rope.cu), Hugging Face Llama (rotate_half): x, out [rows, H * hd] (dtype), heads contiguous
+// in a row, row r at position p = r % T; inv_freq_i = theta^(-2i/hd) (i < hd/2; computed on the host in
+// double, rounded to fp32), angle = (p / scaling) * inv_freq_i in fp32 (scaling: HF linear rope_scaling
+// factor, 1 for none). out[i] = x[i] cos - x[i + hd/2] sin, out[i + hd/2] = x[i + hd/2] cos + x[i] sin.
+// hd even, 2 <= hd <= 512. out may alias x (in place).
+int xft_cuda_rope_forward(const void* x, void* out, int dtype, int rows, int T, int H, int hd, float theta,
+                          float scaling);
+// dx = R^T dout (the rotation by -angle); dx may alias dout.
+int xft_cuda_rope_backward(const void* dout, void* dx, int dtype, int rows, int T, int H, int hd, float theta,
+                           float scaling);
+
+// swiglu (cuda/swiglu.cu). g, u, h [n] (dtype): h = silu(g) * u, silu(g) = g * sigmoid(g).
+int xft_cuda_swiglu_forward(const void* g, const void* u, void* h, int dtype, size_t n);
+// dg = dh * u * s * (1 + g * (1 - s)), du = dh * silu(g), s = sigmoid(g). dg, du may alias g, u.
+int xft_cuda_swiglu_backward(const void* g, const void* u, const void* dh, void* dg, void* du, int dtype, size_t n);
+
+// elementwise (cuda/elementwise.cu), n elements each; outputs may alias inputs of the same dtype.
+// y = a + b (one dtype)
+int xft_cuda_add(const void* a, const void* b, void* y, int dtype, size_t n);
+// y = alpha * x + beta * y, x in x_dtype, y in y_dtype (f32 or bf16); beta == 0 does not read y.
+int xft_cuda_axpby(const void* x, int x_dtype, void* y, int y_dtype, size_t n, float alpha, float beta);
+// y = tanh(x); dx = dy * (1 - y^2)
+int xft_cuda_tanh_forward(const void* x, void* y, int dtype, size_t n);
+int xft_cuda_tanh_backward(const void* y, const void* dy, void* dx, int dtype, size_t n);
+// router noise: noisy[i] = clean[i] + n_i * (softplus(z[i]) + eps), n_i = xft_normal(seed, i) (xft_math.h),
+// softplus(z) = z > 20 ? z : log1p(exp(z)) (torch threshold 20).
+int xft_cuda_router_noise_forward(const void* clean, const void* z, void* noisy, int dtype, size_t n,
+                                  uint64_t seed, float eps);
+// dclean = dnoisy (skipped when NULL), dz = dnoisy * n_i * sigmoid(z)
+int xft_cuda_router_noise_backward(const void* z, const void* dnoisy, void* dclean, void* dz, int dtype, size_t n,
+                                   uint64_t seed);
+// out f32 [1] (device) = sum over count tensors of the sum of squares of their elements (deterministic;
+// fp64 accumulation). tensors, numel, dtypes are host arrays (dtype f32 or bf16 per tensor).
+int xft_cuda_sum_squares(const void* const* tensors, const size_t* numel, const int* dtypes, int count, float* out);
 // ---- [/layers] ----
 
 // ---- [train] attention, cross-entropy, AdamW, MoE permutation, balance loss ----
-// (declarations of cuda/{attention,cross_entropy,adamw,moe_permute}.cu go here)
+// attention (cuda/attention.cu): causal multi-head self-attention with grouped-query heads.
+// q, out [B*T, H*hd]; k, v [B*T, Hkv*hd] (row b*T + t, head h at columns h*hd..); H % Hkv == 0,
+// query head h reads kv head h / (H / Hkv); 1 <= hd <= 128, B, H <= 65535; q, k, v, out, dout, dq, dk, dv share
+// dtype (f32 or bf16), fp32 math. scale = 1/sqrt(hd). lse f32 [B, H, T] = logsumexp_j(scale q_i.k_j).
+int xft_cuda_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
+                               int dtype, int B, int T, int H, int Hkv, int hd);
+// dq [B*T, H*hd], dk, dv [B*T, Hkv*hd] (overwrite; dk/dv sum over the query heads of a kv head),
+// from the forward's out and lse. Deterministic (no atomics).
+int xft_cuda_attention_backward(const void* q, const void* k, const void* v, const void* out, const float* lse,
+                                const void* dout, void* dq, void* dk, void* dv,
+                                int dtype, int B, int T, int H, int Hkv, int hd);
+
+// cross-entropy (cuda/cross_entropy.cu): logits [R, V] (f32 or bf16), targets i32 [R]; a target
+// outside [0, V) (negative: the loss mask) ignores the row. losses f32 [R] = logsumexp(z) - z[target]
+// (0 where ignored); predictions i32 [R] = argmax (lowest index on ties), for every row.
+int xft_cuda_cross_entropy_forward(const void* logits, int dtype, const int* targets, int R, int V,
+                                   float* losses, int* predictions);
+// dlogits [R, V] (logits dtype, overwrite) = (softmax(z) - onehot(target)) * dloss[r], zero rows where
+// ignored; dloss f32 [R]. dlogits may be logits itself (in place).
+int xft_cuda_cross_entropy_backward(const void* logits, int dtype, const int* targets, const float* dloss,
+                                    int R, int V, void* dlogits);
+
+// AdamW (cuda/adamw.cu), all f32 [n], in place: with gs = g * grad_scale,
+// m = b1 m + (1 - b1) gs, v = b2 v + (1 - b2) gs^2, p -= lr (m/(1 - b1^t) / (sqrt(v/(1 - b2^t)) + eps) + wd p).
+// step t >= 1. p_copy (NULL: none) receives the updated p in copy_dtype (f32 or bf16).
+int xft_cuda_adamw(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+                   float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype);
+
+// MoE permutation (cuda/moe_permute.cu), around the grouped GEMMs. order i32 [T*K] from routing
+// (pairs t*K + s sorted by expert); position i32 [T*K] its inverse. x, dx, out, dout [T, d];
+// xp, dxp, y, dy [T*K, d]; all of one dtype (f32 or bf16), fp32 math; g, dg f32 [T, K].
+// Out-of-range indices read as zero rows and are never written through (memory safety only).
+int xft_cuda_invert_permutation(const int* order, int* position, int n);              // position[order[i]] = i
+int xft_cuda_permute_forward(const void* x, const int* order, void* xp, int dtype, int T, int K, int d);
+//   xp[i] = x[order[i] / K]
+int xft_cuda_permute_backward(const void* dxp, const int* position, void* dx, int dtype, int T, int K, int d);
+//   dx[t] = sum_s dxp[position[t*K + s]]   (slot order, overwrite)
+int xft_cuda_unpermute_forward(const void* y, const int* position, const float* g, void* out, int dtype,
+                               int T, int K, int d);
+//   out[t] = sum_s g[t, s] y[position[t*K + s]]
+int xft_cuda_unpermute_backward(const void* dout, const void* y, const int* position, const float* g,
+                                void* dy, float* dg, int dtype, int T, int K, int d);
+//   dy[position[t*K + s]] = g[t, s] dout[t];  dg[t, s] = <dout[t], y[position[t*K + s]]>  (overwrite)
+
+// balance loss (cuda/moe_permute.cu): loss f32 [1] = weight (cv2(importance) + cv2(load)),
+// cv2(x) = var(x) / (mean(x)^2 + 1e-10), unbiased variance (N - 1), cv2 = 0 when N == 1; f32 [N] inputs.
+int xft_cuda_balance_loss_forward(const float* importance, const float* load, int N, float weight, float* loss);
+// dimportance, dload f32 [N] (overwrite) = dloss * dloss/dx, dloss a host scalar.
+int xft_cuda_balance_loss_backward(const float* importance, const float* load, int N, float weight, float dloss,
+                                   float* dimportance, float* dload);
 // ---- [/train] ----
 
 #ifdef __cplusplus

@@ -1,4 +1,402 @@
 /**
- * Typed wrappers of the train op families (see cuda/xft_cuda.h, section [train]).
+ * Typed wrappers of the train op families (see cuda/xft_cuda.h, section [train]): causal GQA
+ * attention, masked cross-entropy, AdamW, the MoE permutation around the grouped GEMMs, and the
+ * router's balance loss. Each wrapper checks shapes, dtypes and devices (XftErrors that name the
+ * argument), allocates the outputs and dispatches to the CPU or CUDA twin.
+ * Kernels: cuda/{attention,cross_entropy,adamw,moe_permute}.cu; CPU twins: binding/cpu/*.cc.
  */
-export {};
+import { XftError, invalidArgument } from './errors';
+import { native, type NativeStorage } from './native';
+import { expectTensor, sameDevice } from './ops';
+import { DType, Tensor, dtypeCode, formatShape } from './tensor';
+
+type S = NativeStorage;
+
+/** The native functions of binding/train_ops.cc (dtype codes: 0 f32, 1 bf16, 2 i32). */
+export interface TrainNative {
+  attentionForward(q: S, k: S, v: S, out: S, lse: S, dtype: number, B: number, T: number, H: number, Hkv: number, hd: number): void;
+  attentionBackward(q: S, k: S, v: S, out: S, lse: S, dOut: S, dq: S, dk: S, dv: S, dtype: number,
+    B: number, T: number, H: number, Hkv: number, hd: number): void;
+  crossEntropyForward(logits: S, dtype: number, targets: S, R: number, V: number, losses: S, predictions: S): void;
+  crossEntropyBackward(logits: S, dtype: number, targets: S, dLoss: S, R: number, V: number, dLogits: S): void;
+  adamw(params: S, grads: S, m: S, v: S, n: number, lr: number, beta1: number, beta2: number, eps: number,
+    weightDecay: number, step: number, gradScale: number, copyTo: S | null, copyDtype: number): void;
+  invertPermutation(order: S, position: S, n: number): void;
+  permuteForward(x: S, order: S, xp: S, dtype: number, T: number, K: number, d: number): void;
+  permuteBackward(dxp: S, position: S, dx: S, dtype: number, T: number, K: number, d: number): void;
+  unpermuteForward(y: S, position: S, g: S, out: S, dtype: number, T: number, K: number, d: number): void;
+  unpermuteBackward(dOut: S, y: S, position: S, g: S, dy: S, dg: S, dtype: number, T: number, K: number, d: number): void;
+  balanceLossForward(importance: S, load: S, N: number, weight: number, loss: S): void;
+  balanceLossBackward(importance: S, load: S, N: number, weight: number, dLoss: number, dImportance: S, dLoad: S): void;
+}
+
+const train = native as unknown as TrainNative;
+
+/** Largest head dimension the attention kernels take (binding/train_ops.cc kMaxHeadDim). */
+export const MAX_HEAD_DIM = 128;
+/** Largest batch and number of query heads of attention (CUDA grid limits; kMaxGridDim). */
+export const MAX_ATTENTION_GRID = 65535;
+/** Weight of the balance loss in the reference (XFT.md). */
+export const BALANCE_LOSS_WEIGHT = 0.01;
+
+const FLOAT: readonly DType[] = ['f32', 'bf16'];
+
+function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max)
+    throw invalidArgument(op, name, `an integer in [${min}, ${max}]`, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
+  return v;
+}
+
+function expectNumber(op: string, name: string, v: unknown, what: string, ok: (x: number) => boolean): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || !ok(v))
+    throw invalidArgument(op, name, what, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
+  return v;
+}
+
+function expectOptions<T extends object>(op: string, options: unknown, what: string): T {
+  if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', what, options, 'XFT_TYPE');
+  return options as T;
+}
+
+function expectBool(op: string, name: string, v: unknown, fallback: boolean): boolean {
+  if (v === undefined) return fallback;
+  if (typeof v !== 'boolean') throw invalidArgument(op, name, 'a boolean', v, 'XFT_TYPE');
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Causal self-attention with grouped-query heads
+
+export interface AttentionOptions {
+  /** B: sequences in the batch; q, k, v have B*T rows (sequence b in rows b*T .. b*T + T). */
+  batch: number;
+  /** H: query heads; q has H*hd columns (head h in columns h*hd .. h*hd + hd). */
+  heads: number;
+  /** Hkv: key/value heads, dividing H (query head h reads kv head h / (H / Hkv)). Default H. */
+  kvHeads?: number;
+}
+
+/** The attention output and what its backward needs. */
+export interface AttentionResult {
+  /** [B*T, H*hd], q's dtype */
+  out: Tensor;
+  /** f32 [B, H, T]: log-sum-exp of each query's scaled scores */
+  lse: Tensor;
+}
+
+function attentionArgs(op: string, q: unknown, k: unknown, v: unknown, options: AttentionOptions) {
+  const o = expectOptions<AttentionOptions>(op, options, 'an object with batch and heads');
+  const qt = expectTensor(op, 'q', q, { dtype: FLOAT, rank: 2, shapeName: '[B*T, H*hd]' });
+  const B = expectInt(op, 'batch', o.batch, 1, MAX_ATTENTION_GRID);
+  const H = expectInt(op, 'heads', o.heads, 1, MAX_ATTENTION_GRID);
+  const Hkv = o.kvHeads === undefined ? H : expectInt(op, 'kvHeads', o.kvHeads, 1, H);
+  if (H % Hkv !== 0) throw new XftError(`${op}: heads (${H}) must be a multiple of kvHeads (${Hkv})`, 'XFT_VALUE');
+  const [rows, cols] = qt.shape;
+  if (rows % B !== 0) throw new XftError(`${op}: q has ${rows} rows, not a multiple of batch = ${B} (expected [B*T, H*hd])`, 'XFT_SHAPE');
+  if (cols % H !== 0 || cols === 0)
+    throw new XftError(`${op}: q has ${cols} columns, not a positive multiple of heads = ${H} (expected [B*T, H*hd])`, 'XFT_SHAPE');
+  const T = rows / B, hd = cols / H;
+  if (hd > MAX_HEAD_DIM)
+    throw new XftError(`${op}: head dimension hd = ${cols} / ${H} = ${hd} exceeds ${MAX_HEAD_DIM}, the largest the kernels take`, 'XFT_SHAPE');
+  const kvShape = [rows, Hkv * hd], kvName = `[B*T, Hkv*hd] = ${formatShape(kvShape)}`;
+  const kt = expectTensor(op, 'k', k, { dtype: [qt.dtype], shape: kvShape, shapeName: kvName });
+  const vt = expectTensor(op, 'v', v, { dtype: [qt.dtype], shape: kvShape, shapeName: kvName });
+  return { q: qt, k: kt, v: vt, B, T, H, Hkv, hd, qName: `[B*T, H*hd] = ${formatShape(qt.shape)}` };
+}
+
+/**
+ * Causal softmax attention, flash-attention style: out_i = Σ_{j<=i} softmax_j(q_i·k_j / √hd) v_j per
+ * query head, with grouped-query heads. q [B*T, H*hd], k and v [B*T, Hkv*hd], f32 or bf16 (one dtype),
+ * fp32 math; hd <= 128. Returns out (q's shape and dtype) and lse f32 [B, H, T] for the backward.
+ */
+export function attention(q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions): AttentionResult {
+  const op = 'attention';
+  const a = attentionArgs(op, q, k, v, options);
+  sameDevice(op, { q, k, v });
+  const out = Tensor.empty(q.shape, { dtype: q.dtype, device: q.device });
+  const lse = Tensor.empty([a.B, a.H, a.T], { dtype: 'f32', device: q.device });
+  train.attentionForward(q.storage, k.storage, v.storage, out.storage, lse.storage, dtypeCode(q.dtype), a.B, a.T, a.H, a.Hkv, a.hd);
+  return { out, lse };
+}
+
+/**
+ * Gradients of attention: dq [B*T, H*hd], dk and dv [B*T, Hkv*hd] (dk, dv summed over the query
+ * heads sharing a kv head), from the forward's out and lse and dOut = dL/dout. Deterministic.
+ */
+export function attentionBackward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dOut: Tensor,
+  options: AttentionOptions): { dq: Tensor; dk: Tensor; dv: Tensor } {
+  const op = 'attentionBackward';
+  const a = attentionArgs(op, q, k, v, options);
+  expectTensor(op, 'out', out, { dtype: [q.dtype], shape: q.shape, shapeName: a.qName });
+  expectTensor(op, 'lse', lse, { dtype: ['f32'], shape: [a.B, a.H, a.T], shapeName: `[B, H, T] = ${formatShape([a.B, a.H, a.T])}` });
+  expectTensor(op, 'dOut', dOut, { dtype: [q.dtype], shape: q.shape, shapeName: a.qName });
+  sameDevice(op, { q, k, v, out, lse, dOut });
+  const like = (t: Tensor) => Tensor.empty(t.shape, { dtype: t.dtype, device: t.device });
+  const dq = like(q), dk = like(k), dv = like(v);
+  train.attentionBackward(q.storage, k.storage, v.storage, out.storage, lse.storage, dOut.storage, dq.storage, dk.storage,
+    dv.storage, dtypeCode(q.dtype), a.B, a.T, a.H, a.Hkv, a.hd);
+  return { dq, dk, dv };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Cross-entropy with a loss mask
+
+export interface CrossEntropyOptions {
+  /** Check every target is < V (negative targets are the mask). On CUDA this reads the targets back
+   * (a synchronisation); pass false in a training loop whose targets are known to be valid. Default true.
+   * Unchecked, a target >= V ignores its row like a negative one. */
+  validate?: boolean;
+}
+
+function crossEntropyArgs(op: string, logits: unknown, targets: unknown, options: CrossEntropyOptions, dLoss?: unknown) {
+  const o = expectOptions<CrossEntropyOptions>(op, options, 'an options object');
+  const lt = expectTensor(op, 'logits', logits, { dtype: FLOAT, rank: 2, shapeName: '[R, V]' });
+  const [R, V] = lt.shape;
+  if (V < 1) throw new XftError(`${op}: expected logits [R, V] with V >= 1, got ${lt.describe()}`, 'XFT_SHAPE');
+  const tt = expectTensor(op, 'targets', targets, { dtype: ['i32'], shape: [R], shapeName: `[R] = [${R}]` });
+  const dl = dLoss === undefined ? null : expectTensor(op, 'dLoss', dLoss, { dtype: ['f32'], shape: [R], shapeName: `[R] = [${R}]` });
+  sameDevice(op, { logits: lt, targets: tt, dLoss: dl });
+  if (expectBool(op, 'validate', o.validate, true)) {
+    const values = tt.toArray();
+    for (let r = 0; r < R; r++)
+      if (values[r] >= V) throw new XftError(`${op}: targets[${r}] = ${values[r]} is not a token id < V = ${V} (negative ids mark ignored rows)`, 'XFT_VALUE');
+  }
+  return { logits: lt, targets: tt, R, V };
+}
+
+/**
+ * Per-row softmax cross-entropy: losses f32 [R] = logsumexp(logits[r]) - logits[r, targets[r]], 0 for
+ * rows whose target is negative (the loss mask: only response tokens count); predictions i32 [R] =
+ * argmax of each row (lowest index on ties), for token accuracy. logits f32 or bf16 [R, V], targets i32 [R].
+ */
+export function crossEntropy(logits: Tensor, targets: Tensor, options: CrossEntropyOptions = {}): { losses: Tensor; predictions: Tensor } {
+  const op = 'crossEntropy';
+  const a = crossEntropyArgs(op, logits, targets, options);
+  const losses = Tensor.empty([a.R], { dtype: 'f32', device: logits.device });
+  const predictions = Tensor.empty([a.R], { dtype: 'i32', device: logits.device });
+  train.crossEntropyForward(logits.storage, dtypeCode(logits.dtype), targets.storage, a.R, a.V, losses.storage, predictions.storage);
+  return { losses, predictions };
+}
+
+export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
+  /** Write dlogits over logits (and return logits): saves an [R, V] buffer. Default false. */
+  inPlace?: boolean;
+}
+
+/**
+ * Fused backward: dlogits [R, V] (logits dtype) = (softmax(logits[r]) - onehot(targets[r])) * dLoss[r],
+ * zero rows where the target is masked. dLoss f32 [R] = dL/dlosses (e.g. 1 / number of response tokens).
+ */
+export function crossEntropyBackward(logits: Tensor, targets: Tensor, dLoss: Tensor, options: CrossEntropyBackwardOptions = {}): Tensor {
+  const op = 'crossEntropyBackward';
+  const a = crossEntropyArgs(op, logits, targets, options, dLoss);
+  const inPlace = expectBool(op, 'inPlace', options.inPlace, false);
+  const dLogits = inPlace ? logits : Tensor.empty(logits.shape, { dtype: logits.dtype, device: logits.device });
+  train.crossEntropyBackward(logits.storage, dtypeCode(logits.dtype), targets.storage, dLoss.storage, a.R, a.V, dLogits.storage);
+  return dLogits;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. AdamW
+
+export interface AdamWOptions {
+  /** learning rate (>= 0) */
+  lr: number;
+  /** step t >= 1 (the bias corrections use it) */
+  step: number;
+  /** default 0.9 */
+  beta1?: number;
+  /** default 0.999 */
+  beta2?: number;
+  /** default 1e-8 */
+  eps?: number;
+  /** decoupled weight decay (torch.optim.AdamW), default 0 */
+  weightDecay?: number;
+  /** multiplies the gradients first: a clipping factor and/or 1 / accumulation steps. Default 1. */
+  gradScale?: number;
+  /** also write the updated parameters here (f32 or bf16, params' element count): the compute copy */
+  copyTo?: Tensor;
+}
+
+/**
+ * One AdamW step, in place on fp32 master parameters and moments (all f32, one shape):
+ * m = β1 m + (1-β1) g', v = β2 v + (1-β2) g'², p -= lr (m̂ / (√v̂ + eps) + weightDecay p), g' = g gradScale.
+ */
+export function adamw(params: Tensor, grads: Tensor, m: Tensor, v: Tensor, options: AdamWOptions): void {
+  const op = 'adamw';
+  const o = expectOptions<AdamWOptions>(op, options, 'an object with lr and step');
+  const p = expectTensor(op, 'params', params, { dtype: ['f32'] });
+  const like = { dtype: ['f32'] as DType[], shape: p.shape, shapeName: formatShape(p.shape) };
+  expectTensor(op, 'grads', grads, like);
+  expectTensor(op, 'm', m, like);
+  expectTensor(op, 'v', v, like);
+  const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
+  const step = expectInt(op, 'step', o.step, 1, 2147483647);
+  const unit = (x: number) => x >= 0 && x < 1;
+  const beta1 = o.beta1 === undefined ? 0.9 : expectNumber(op, 'beta1', o.beta1, 'a number in [0, 1)', unit);
+  const beta2 = o.beta2 === undefined ? 0.999 : expectNumber(op, 'beta2', o.beta2, 'a number in [0, 1)', unit);
+  const eps = o.eps === undefined ? 1e-8 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
+  const wd = o.weightDecay === undefined ? 0 : expectNumber(op, 'weightDecay', o.weightDecay, 'a finite number >= 0', (x) => x >= 0);
+  const gradScale = o.gradScale === undefined ? 1 : expectNumber(op, 'gradScale', o.gradScale, 'a finite number', () => true);
+  let copy: Tensor | null = null;
+  if (o.copyTo !== undefined) {
+    copy = expectTensor(op, 'copyTo', o.copyTo, { dtype: FLOAT });
+    if (copy.numel !== p.numel)
+      throw new XftError(`${op}: copyTo ${copy.describe()} must have as many elements as params ${p.describe()}`, 'XFT_SHAPE');
+  }
+  sameDevice(op, { params, grads, m, v, copyTo: copy });
+  train.adamw(p.storage, grads.storage, m.storage, v.storage, p.numel, lr, beta1, beta2, eps, wd, step, gradScale,
+    copy ? copy.storage : null, dtypeCode(copy ? copy.dtype : 'f32'));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. MoE permutation: the gather before and the weighted scatter after the grouped GEMMs
+
+export interface PermutationOptions {
+  /** Check that order / position is a permutation of 0 .. T*K-1. On CUDA this reads it back (a
+   * synchronisation); pass false for routeShared's order and its inverse, valid by construction.
+   * Default true. Unchecked, out-of-range entries read as zero rows and are never written through. */
+  validate?: boolean;
+}
+
+function checkPermutation(op: string, name: string, perm: Tensor, options: PermutationOptions): void {
+  const o = expectOptions<PermutationOptions>(op, options, 'an options object');
+  if (!expectBool(op, 'validate', o.validate, true)) return;
+  const values = perm.toArray(), n = values.length;
+  const seen = new Uint8Array(n);
+  for (let i = 0; i < n; i++) {
+    const x = values[i];
+    if (x < 0 || x >= n) throw new XftError(`${op}: ${name}[${i}] = ${x} is out of range [0, ${n}): not a permutation`, 'XFT_VALUE');
+    if (seen[x]) throw new XftError(`${op}: ${name} holds ${x} twice: not a permutation`, 'XFT_VALUE');
+    seen[x] = 1;
+  }
+}
+
+function permutationTensor(op: string, name: string, perm: unknown, n: number, what: string): Tensor {
+  return expectTensor(op, name, perm, { dtype: ['i32'], shape: [n], shapeName: `[T*K] = [${n}] (${what})` });
+}
+
+/** position i32 [T*K] with position[order[i]] = i: for each (token, slot) pair t*K + s, its row in the grouped layout. */
+export function invertPermutation(order: Tensor, options: PermutationOptions = {}): Tensor {
+  const op = 'invertPermutation';
+  const o = expectTensor(op, 'order', order, { dtype: ['i32'], rank: 1, shapeName: '[T*K]' });
+  checkPermutation(op, 'order', o, options);
+  const position = Tensor.empty(o.shape, { dtype: 'i32', device: o.device });
+  train.invertPermutation(o.storage, position.storage, o.numel);
+  return position;
+}
+
+function topKArg(op: string, topK: unknown): number {
+  return expectInt(op, 'topK', topK, 1, 2147483647);
+}
+
+/** The gather: xp [T*K, d] with xp[i] = x[order[i] / K]. x [T, d] f32 or bf16; order i32 [T*K] from routeShared. */
+export function permute(x: Tensor, order: Tensor, topK: number, options: PermutationOptions = {}): Tensor {
+  const op = 'permute';
+  const xt = expectTensor(op, 'x', x, { dtype: FLOAT, rank: 2, shapeName: '[T, d]' });
+  const K = topKArg(op, topK);
+  const [T, d] = xt.shape;
+  if (d < 1) throw new XftError(`${op}: expected x [T, d] with d >= 1, got ${xt.describe()}`, 'XFT_SHAPE');
+  permutationTensor(op, 'order', order, T * K, `T = ${T}, K = ${K}`);
+  sameDevice(op, { x, order });
+  checkPermutation(op, 'order', order, options);
+  const xp = Tensor.empty([T * K, d], { dtype: x.dtype, device: x.device });
+  train.permuteForward(x.storage, order.storage, xp.storage, dtypeCode(x.dtype), T, K, d);
+  return xp;
+}
+
+/** Backward of permute: dx [T, d] with dx[t] = Σ_s dxp[position[t*K + s]] (slot order: deterministic). */
+export function permuteBackward(dxp: Tensor, position: Tensor, topK: number, options: PermutationOptions = {}): Tensor {
+  const op = 'permuteBackward';
+  const gt = expectTensor(op, 'dxp', dxp, { dtype: FLOAT, rank: 2, shapeName: '[T*K, d]' });
+  const K = topKArg(op, topK);
+  const [n, d] = gt.shape;
+  if (n % K !== 0) throw new XftError(`${op}: dxp has ${n} rows, not a multiple of topK = ${K} (expected [T*K, d])`, 'XFT_SHAPE');
+  if (d < 1) throw new XftError(`${op}: expected dxp [T*K, d] with d >= 1, got ${gt.describe()}`, 'XFT_SHAPE');
+  const T = n / K;
+  permutationTensor(op, 'position', position, n, `T = ${T}, K = ${K}`);
+  sameDevice(op, { dxp, position });
+  checkPermutation(op, 'position', position, options);
+  const dx = Tensor.empty([T, d], { dtype: dxp.dtype, device: dxp.device });
+  train.permuteBackward(dxp.storage, position.storage, dx.storage, dtypeCode(dxp.dtype), T, K, d);
+  return dx;
+}
+
+function unpermuteArgs(op: string, y: unknown, position: unknown, g: unknown) {
+  const yt = expectTensor(op, 'y', y, { dtype: FLOAT, rank: 2, shapeName: '[T*K, d]' });
+  const gt = expectTensor(op, 'g', g, { dtype: ['f32'], rank: 2, shapeName: '[T, K]' });
+  const [T, K] = gt.shape;
+  const [n, d] = yt.shape;
+  if (K < 1) throw new XftError(`${op}: expected routing weights g [T, K] with K >= 1, got ${gt.describe()}`, 'XFT_SHAPE');
+  if (n !== T * K)
+    throw new XftError(`${op}: y ${yt.describe()} must have T*K = ${T * K} rows for routing weights g ${gt.describe()}`, 'XFT_SHAPE');
+  if (d < 1) throw new XftError(`${op}: expected y [T*K, d] with d >= 1, got ${yt.describe()}`, 'XFT_SHAPE');
+  const pt = permutationTensor(op, 'position', position, n, `T = ${T}, K = ${K}`);
+  return { y: yt, g: gt, position: pt, T, K, d };
+}
+
+/** The weighted combine: out [T, d] with out[t] = Σ_s g[t, s] y[position[t*K + s]]. y [T*K, d] (expert outputs), g f32 [T, K]. */
+export function unpermute(y: Tensor, position: Tensor, g: Tensor, options: PermutationOptions = {}): Tensor {
+  const op = 'unpermute';
+  const a = unpermuteArgs(op, y, position, g);
+  sameDevice(op, { y, position, g });
+  checkPermutation(op, 'position', position, options);
+  const out = Tensor.empty([a.T, a.d], { dtype: y.dtype, device: y.device });
+  train.unpermuteForward(y.storage, position.storage, g.storage, out.storage, dtypeCode(y.dtype), a.T, a.K, a.d);
+  return out;
+}
+
+/**
+ * Backward of unpermute: dy [T*K, d] with dy[position[t*K + s]] = g[t, s] dOut[t], and the routing-weight
+ * gradient dg f32 [T, K] = <dOut[t], y[position[t*K + s]]> (fp32 accumulation), for routeSharedBackward.
+ */
+export function unpermuteBackward(dOut: Tensor, y: Tensor, position: Tensor, g: Tensor, options: PermutationOptions = {}): { dy: Tensor; dg: Tensor } {
+  const op = 'unpermuteBackward';
+  const a = unpermuteArgs(op, y, position, g);
+  expectTensor(op, 'dOut', dOut, { dtype: [y.dtype], shape: [a.T, a.d], shapeName: `[T, d] = [${a.T}, ${a.d}]` });
+  sameDevice(op, { dOut, y, position, g });
+  checkPermutation(op, 'position', position, options);
+  const dy = Tensor.empty(y.shape, { dtype: y.dtype, device: y.device });
+  const dg = Tensor.empty(g.shape, { dtype: 'f32', device: y.device });
+  train.unpermuteBackward(dOut.storage, y.storage, position.storage, g.storage, dy.storage, dg.storage, dtypeCode(y.dtype), a.T, a.K, a.d);
+  return { dy, dg };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Balance loss of the router
+
+function balanceArgs(op: string, importance: unknown, load: unknown, weight: unknown) {
+  const it = expectTensor(op, 'importance', importance, { dtype: ['f32'], rank: 1, shapeName: '[N]' });
+  const N = it.shape[0];
+  if (N < 1) throw new XftError(`${op}: expected importance [N] with N >= 1 experts, got ${it.describe()}`, 'XFT_SHAPE');
+  const lt = expectTensor(op, 'load', load, { dtype: ['f32'], shape: [N], shapeName: `[N] = [${N}]` });
+  const w = weight === undefined ? BALANCE_LOSS_WEIGHT : expectNumber(op, 'weight', weight, 'a finite number', () => true);
+  return { importance: it, load: lt, N, weight: w };
+}
+
+/**
+ * The balance loss of XFT.md: f32 [1] = weight (cv²(importance) + cv²(load)), cv²(x) = var(x) / (mean(x)² + 1e-10)
+ * with the unbiased variance (as torch.var; 0 for one expert). importance, load f32 [N] from routeShared.
+ */
+export function balanceLoss(importance: Tensor, load: Tensor, options: { weight?: number } = {}): Tensor {
+  const op = 'balanceLoss';
+  const o = expectOptions<{ weight?: number }>(op, options, 'an options object');
+  const a = balanceArgs(op, importance, load, o.weight);
+  sameDevice(op, { importance, load });
+  const loss = Tensor.empty([1], { dtype: 'f32', device: importance.device });
+  train.balanceLossForward(importance.storage, load.storage, a.N, a.weight, loss.storage);
+  return loss;
+}
+
+/** dL/dimportance and dL/dload f32 [N] of the balance loss, for dL/dloss = dLoss (default 1). */
+export function balanceLossBackward(importance: Tensor, load: Tensor, options: { weight?: number; dLoss?: number } = {}): { dImportance: Tensor; dLoad: Tensor } {
+  const op = 'balanceLossBackward';
+  const o = expectOptions<{ weight?: number; dLoss?: number }>(op, options, 'an options object');
+  const a = balanceArgs(op, importance, load, o.weight);
+  const dLoss = o.dLoss === undefined ? 1 : expectNumber(op, 'dLoss', o.dLoss, 'a finite number', () => true);
+  sameDevice(op, { importance, load });
+  const dImportance = Tensor.empty([a.N], { dtype: 'f32', device: importance.device });
+  const dLoad = Tensor.empty([a.N], { dtype: 'f32', device: importance.device });
+  train.balanceLossBackward(importance.storage, load.storage, a.N, a.weight, dLoss, dImportance.storage, dLoad.storage);
+  return { dImportance, dLoad };
+}

@@ -39,9 +39,64 @@ int xft_cpu_merge_backward(const void* const* weights, const void* const* dmerge
                            float* dalpha, int accumulate);
 
 // ---- [layers] (binding/cpu/{embedding,rmsnorm,rope,swiglu,elementwise}.cc) ----
+// embedding.cc
+int xft_cpu_embedding_forward(const int* ids, const void* table, void* out, int dtype, int R, int V, int d);
+int xft_cpu_embedding_backward(const int* ids, const void* dout, float* dtable, int dtype, int R, int V, int d,
+                               int accumulate);
+// rmsnorm.cc
+int xft_cpu_rmsnorm_forward(const void* x, const void* w, void* y, float* rstd, int dtype, int w_dtype, int R,
+                            int d, float eps);
+int xft_cpu_rmsnorm_backward(const void* x, const void* w, const float* rstd, const void* dy, void* dx, float* dw,
+                             int dtype, int w_dtype, int R, int d, int accumulate);
+// rope.cc
+int xft_cpu_rope_forward(const void* x, void* out, int dtype, int rows, int T, int H, int hd, float theta,
+                         float scaling);
+int xft_cpu_rope_backward(const void* dout, void* dx, int dtype, int rows, int T, int H, int hd, float theta,
+                          float scaling);
+// swiglu.cc
+int xft_cpu_swiglu_forward(const void* g, const void* u, void* h, int dtype, size_t n);
+int xft_cpu_swiglu_backward(const void* g, const void* u, const void* dh, void* dg, void* du, int dtype, size_t n);
+// elementwise.cc
+int xft_cpu_add(const void* a, const void* b, void* y, int dtype, size_t n);
+int xft_cpu_axpby(const void* x, int x_dtype, void* y, int y_dtype, size_t n, float alpha, float beta);
+int xft_cpu_tanh_forward(const void* x, void* y, int dtype, size_t n);
+int xft_cpu_tanh_backward(const void* y, const void* dy, void* dx, int dtype, size_t n);
+int xft_cpu_router_noise_forward(const void* clean, const void* z, void* noisy, int dtype, size_t n,
+                                 uint64_t seed, float eps);
+int xft_cpu_router_noise_backward(const void* z, const void* dnoisy, void* dclean, void* dz, int dtype, size_t n,
+                                  uint64_t seed);
+int xft_cpu_sum_squares(const void* const* tensors, const size_t* numel, const int* dtypes, int count, float* out);
 // ---- [/layers] ----
 
 // ---- [train] (binding/cpu/{attention,cross_entropy,adamw,moe_permute}.cc) ----
+// attention.cc
+int xft_cpu_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
+                              int dtype, int B, int T, int H, int Hkv, int hd);
+int xft_cpu_attention_backward(const void* q, const void* k, const void* v, const void* out, const float* lse,
+                               const void* dout, void* dq, void* dk, void* dv,
+                               int dtype, int B, int T, int H, int Hkv, int hd);
+
+// cross_entropy.cc
+int xft_cpu_cross_entropy_forward(const void* logits, int dtype, const int* targets, int R, int V,
+                                  float* losses, int* predictions);
+int xft_cpu_cross_entropy_backward(const void* logits, int dtype, const int* targets, const float* dloss,
+                                   int R, int V, void* dlogits);
+
+// adamw.cc
+int xft_cpu_adamw(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+                  float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype);
+
+// moe_permute.cc
+int xft_cpu_invert_permutation(const int* order, int* position, int n);
+int xft_cpu_permute_forward(const void* x, const int* order, void* xp, int dtype, int T, int K, int d);
+int xft_cpu_permute_backward(const void* dxp, const int* position, void* dx, int dtype, int T, int K, int d);
+int xft_cpu_unpermute_forward(const void* y, const int* position, const float* g, void* out, int dtype,
+                              int T, int K, int d);
+int xft_cpu_unpermute_backward(const void* dout, const void* y, const int* position, const float* g,
+                               void* dy, float* dg, int dtype, int T, int K, int d);
+int xft_cpu_balance_loss_forward(const float* importance, const float* load, int N, float weight, float* loss);
+int xft_cpu_balance_loss_backward(const float* importance, const float* load, int N, float weight, float dloss,
+                                  float* dimportance, float* dload);
 // ---- [/train] ----
 
 // helpers shared by the CPU files
