@@ -6,7 +6,7 @@ Coefficients (computed in double, as the twin does, then rounded to fp32 for the
   shared_rate < 0:    c = softmax(alpha), alpha [E]   (learned soup, no fixed shared rate)
 Forward, per tensor t with expert stack W = weights[t] [E, n]:
   merged[t][j] = sum_e c_e * W[e, j]     fp32, e ascending, multiply and add rounded separately
-                                          (no FMA), so that it matches the twin bit for bit
+                                          (no FMA): bit for bit the twin, given the same fp32 c
 Backward (dalpha accumulates when accumulate != 0):
   G_e = sum_t <dmerged[t], weights[t][e]>           products and sums in double
   λ >= 0: dalpha_{i-1} = (1 - λ) s_{i-1} (G_i - sum_j s_j G_{j+1}),  s = softmax(alpha)
@@ -14,8 +14,9 @@ Backward (dalpha accumulates when accumulate != 0):
 
 Layout and launch
 - Memory bound: each expert element is read once per pass (dmerged once in the backward when
-  E <= MERGE_CHUNK). A grid-stride loop over 16-byte vectors (4 f32 or 8 bf16) when the stack,
-  the output and the row length n * size are 16-byte aligned, scalar elements otherwise.
+  E <= MERGE_CHUNK). A grid-stride loop over 16-byte vectors (4 f32 or 8 bf16, xft_vec.cuh)
+  when the stack, the output and the row length n * size are 16-byte aligned, scalar
+  elements otherwise.
   One launch per tensor, at most MERGE_*_MAX_GRID blocks of MERGE_BLOCK threads.
 - forward: merge_coefficients_kernel (1 thread) writes c f32 [E] to scratch; each block of
   merge_forward_kernel copies it to shared memory.
@@ -32,10 +33,9 @@ Layout and launch
 
 #include "xft_cuda.h"
 #include "xft_math.h"
+#include "xft_vec.cuh"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
-
-#define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
 
 #define XFT_MERGE_MAX_EXPERTS 1024  // E; the binding checks 2 <= E <= 1024
 #define MERGE_BLOCK 256
@@ -48,43 +48,8 @@ static const unsigned FULL_MASK = 0xffffffffu;
 
 // CUDA kernels
 
-// element types: f32, or bf16 kept as its uint16 bits
-template <typename T> struct Elem;
-template <> struct Elem<float> {
-  static constexpr int V = 4;  // per 16-byte vector
-  __device__ static float load(const float* p, size_t i) { return __ldcs(p + i); }
-  __device__ static void store(float* p, size_t i, float v) { p[i] = v; }
-  __device__ static void unpack(uint4 r, float* x) {
-    x[0] = __uint_as_float(r.x);
-    x[1] = __uint_as_float(r.y);
-    x[2] = __uint_as_float(r.z);
-    x[3] = __uint_as_float(r.w);
-  }
-  __device__ static uint4 pack(const float* x) {
-    return make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]), __float_as_uint(x[3]));
-  }
-};
-template <> struct Elem<uint16_t> {
-  static constexpr int V = 8;
-  __device__ static float load(const uint16_t* p, size_t i) { return xft_bf16_to_f32(__ldcs((const unsigned short*)p + i)); }
-  __device__ static void store(uint16_t* p, size_t i, float v) { p[i] = xft_f32_to_bf16(v); }
-  __device__ static void unpack(uint4 r, float* x) {
-    const uint32_t u[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-      x[2 * k] = __uint_as_float(u[k] << 16);             // low half: the element at the lower address
-      x[2 * k + 1] = __uint_as_float(u[k] & 0xffff0000u);
-    }
-  }
-  __device__ static uint4 pack(const float* x) {
-    uint32_t u[4];
-#pragma unroll
-    for (int k = 0; k < 4; k++) u[k] = (uint32_t)xft_f32_to_bf16(x[2 * k]) | ((uint32_t)xft_f32_to_bf16(x[2 * k + 1]) << 16);
-    return make_uint4(u[0], u[1], u[2], u[3]);
-  }
-};
-
-__device__ __forceinline__ uint4 load_vec_stream(const void* p) { return __ldcs((const uint4*)p); }
+// 16-byte vectors: 4 f32 or 8 bf16
+template <typename T> struct Vec16 { static constexpr int V = 16 / sizeof(T); };
 
 // c [E] in double exactly as the twin computes it: s = softmax(alpha) (max, exp, sum, divide)
 // and c. Runs on one thread. s_out (length A) may be null.
@@ -115,7 +80,7 @@ template <typename T>
 __global__ void __launch_bounds__(MERGE_BLOCK)
 merge_forward_kernel(const T* __restrict__ w, T* __restrict__ out, size_t n, size_t nvec, int E,
                      const float* __restrict__ coef) {
-  constexpr int V = Elem<T>::V;
+  constexpr int V = Vec16<T>::V;
   __shared__ float c[XFT_MERGE_MAX_EXPERTS];
   for (int e = threadIdx.x; e < E; e += MERGE_BLOCK) c[e] = coef[e];
   __syncthreads();
@@ -129,16 +94,16 @@ merge_forward_kernel(const T* __restrict__ w, T* __restrict__ out, size_t n, siz
 #pragma unroll 4
     for (int e = 0; e < E; e++) {
       float x[V];
-      Elem<T>::unpack(load_vec_stream(src + (size_t)e * n), x);
+      load_f32<T, V>(src + (size_t)e * n, x);
 #pragma unroll
       for (int k = 0; k < V; k++) acc[k] = __fadd_rn(acc[k], __fmul_rn(c[e], x[k]));
     }
-    *(uint4*)(out + i * V) = Elem<T>::pack(acc);
+    store_f32<T, V>(out + i * V, acc);
   }
   for (size_t j = nvec * V + first; j < n; j += stride) {
     float acc = 0.f;
-    for (int e = 0; e < E; e++) acc = __fadd_rn(acc, __fmul_rn(c[e], Elem<T>::load(w, (size_t)e * n + j)));
-    Elem<T>::store(out, j, acc);
+    for (int e = 0; e < E; e++) acc = __fadd_rn(acc, __fmul_rn(c[e], to_f32(w[(size_t)e * n + j])));
+    out[j] = from_f32<T>(acc);
   }
 }
 
@@ -148,7 +113,7 @@ template <typename T, int EC>
 __global__ void __launch_bounds__(MERGE_BLOCK)
 merge_backward_kernel(const T* __restrict__ w, const T* __restrict__ dm, size_t n, size_t nvec, int e0, int ne,
                       double* __restrict__ partial, int nparts, int part0) {
-  constexpr int V = Elem<T>::V;
+  constexpr int V = Vec16<T>::V;
   constexpr int WARPS = MERGE_BLOCK / 32;
   __shared__ double red[WARPS][EC];
   double acc[EC];
@@ -159,12 +124,12 @@ merge_backward_kernel(const T* __restrict__ w, const T* __restrict__ dm, size_t 
   const size_t first = (size_t)blockIdx.x * MERGE_BLOCK + threadIdx.x;
   for (size_t i = first; i < nvec; i += stride) {
     float d[V];
-    Elem<T>::unpack(load_vec_stream(dm + i * V), d);
+    load_f32<T, V>(dm + i * V, d);
 #pragma unroll
     for (int k = 0; k < EC; k++) {
       if (k < ne) {
         float x[V];
-        Elem<T>::unpack(load_vec_stream(we + (size_t)k * n + i * V), x);
+        load_f32<T, V>(we + (size_t)k * n + i * V, x);
         double a = acc[k];
 #pragma unroll
         for (int v = 0; v < V; v++) a = fma((double)d[v], (double)x[v], a);  // exact products
@@ -173,10 +138,10 @@ merge_backward_kernel(const T* __restrict__ w, const T* __restrict__ dm, size_t 
     }
   }
   for (size_t j = nvec * V + first; j < n; j += stride) {
-    const double d = (double)Elem<T>::load(dm, j);
+    const double d = (double)to_f32(dm[j]);
 #pragma unroll
     for (int k = 0; k < EC; k++)
-      if (k < ne) acc[k] = fma(d, (double)Elem<T>::load(we, (size_t)k * n + j), acc[k]);
+      if (k < ne) acc[k] = fma(d, (double)to_f32(we[(size_t)k * n + j]), acc[k]);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
@@ -237,8 +202,7 @@ merge_backward_final_kernel(const double* __restrict__ partial, int nparts, int 
 // 16-byte vectors when every stack row, the output (or dmerged) and the row length allow them
 static size_t merge_vectors(const void* a, const void* b, size_t n, int dtype) {
   const size_t es = dtype == XFT_BF16 ? 2 : 4, V = 16 / es;
-  const bool aligned = (((uintptr_t)a | (uintptr_t)b) % 16 == 0) && (n * es) % 16 == 0;
-  return aligned ? n / V : 0;
+  return aligned(a, 16) && aligned(b, 16) && (n * es) % 16 == 0 ? n / V : 0;
 }
 
 static int merge_grid(size_t nvec, size_t n, int max_grid) {

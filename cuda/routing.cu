@@ -25,19 +25,28 @@ Layout and launch
   holds columns l, l + G, ... (VPL = ceil(N / G) values per lane, in registers). Group
   reductions are xor butterflies, so every lane of a group ends with the same bits.
   N = 7 (E = 8): G = 8, four tokens per warp. N up to XFT_ROUTE_MAX_EXPERTS = 1024.
+  Blocks of 256 threads (128 for VPL = 16, 64 for VPL = 32). Selection costs S rounds of a
+  group argmax, O(S * N / 32) per token: cheap for top-k, slow only for S in the hundreds.
+  Softmax divisions use div_rn (IEEE x / y inline); sums run in a different order than the
+  twin's, so weights and importance agree to rounding, selection and order exactly.
 - forward, 3 kernels, no float atomics (bit-reproducible):
-  1. route_forward_kernel: group g of block b takes tpg consecutive tokens; per token it
-     writes experts, weights and the pair's rank among earlier tokens of the group that chose
+  1. route_forward_kernel, nb = ceil(T / (groups * tpg)) blocks, tpg in [1, 32] chosen so
+     that nb stays near ROUTE_TARGET_BLOCKS: group g of block b takes tpg consecutive tokens;
+     per token it writes experts, weights and the pair's rank among earlier tokens of the group that chose
      the same expert; per-lane counters and importance sums (in token order) are combined over
      the groups of the block in group order, giving hist [E, nb] (tokens of block b choosing
      e), imp_part [N, nb], and the ranks are made block-relative.
   2. route_scan_kernel (one block per expert): exclusive scan of hist[e, :] over blocks (in
      place: each block's base), counts[e], load, and importance[j] = fixed-order double sum
      of imp_part[j, :].
-  3. route_order_kernel: offsets = exclusive scan of counts (every block, block 0 writes it);
-     pair (t, s) with expert e goes to offsets[e] + hist[e, block of t] + rank.
+  3. route_order_kernel (grid-stride over the T*K pairs): offsets = exclusive scan of counts
+     (every block, block 0 writes it); pair (t, s) with expert e goes to
+     offsets[e] + hist[e, block of t] + rank: sorted by expert, then token, as the twin.
   Scratch (cudaMallocAsync on the stream): hist i32 [E, nb], imp_part f32 [N, nb], rank i32 [T*K].
-- backward, 1 kernel: the same groups; dp and dz of a token live in shared memory [N] per group.
+- backward, 1 kernel, grid-stride over blocks of tokens: the same groups, one token each; p, dp
+  and dz of the token live in shared memory [N] per group, slot lanes scatter dp/dz by column,
+  owner lanes finish dz + p (dp - <p, dp>). T = 0 writes nothing; forward with T = 0 zeroes
+  counts, offsets, importance and load.
 */
 #include <cuda_runtime.h>
 #include <limits.h>

@@ -10,7 +10,8 @@ rough timing. Not part of the addon build (CMake globs cuda/*.cu only). From the
 Exact: experts, counts, offsets, order, load. Close: weights, importance (1e-5 relative +
 1e-6 absolute), dlogits (f32: 1e-5 of the row's largest magnitude + 1e-6; bf16: 1e-2),
 merged (f32 1e-6, bf16 one ulp), dalpha (1e-5 of the largest |dalpha| + 1e-7).
-Prints 'N passed, M failed' last; exit status 1 on any failure.
+Prints 'N passed, M failed' last; exit status 1 on any failure. '--bench' adds timings.
+XFT_VERBOSE=1 names each routing case. cuda/dev/emu/run.sh runs the same checks without a GPU.
 */
 #include <cuda_runtime.h>
 #include <math.h>
@@ -125,6 +126,7 @@ static void test_route(int T, int N, int K, int normalize, int shared, int dtype
   char name[160];
   snprintf(name, sizeof name, "route T=%d N=%d K=%d norm=%d shared=%d %s%s", T, N, K, normalize, shared,
            dtype == XFT_BF16 ? "bf16" : "f32", kind == 1 ? " ties" : kind == 2 ? " nan/inf" : "");
+  if (getenv("XFT_VERBOSE")) printf("%s\n", name);
   std::vector<float> lf = make_logits(T, N, 1000 + T * 31 + N * 7 + K, kind);
   std::vector<char> lb = encode(lf, dtype);
   // CPU twin
@@ -344,6 +346,7 @@ static void bench() {
 }
 
 int main(int argc, char** argv) {
+  setvbuf(stdout, nullptr, _IOLBF, 0);
   int count = 0;
   CK(xft_cuda_device_count(&count));
   if (count == 0) {
@@ -354,9 +357,17 @@ int main(int argc, char** argv) {
   CK(xft_cuda_init(0, &info));
   printf("device: %s (sm_%d%d)\n", info.name, info.major, info.minor);
 
+#ifndef XFT_DEV_SMALL
   const int shapes[][3] = {{37, 7, 6}, {1, 7, 6}, {20, 7, 2}, {15, 7, 8}, {10, 1, 2}, {50, 15, 4}, {0, 7, 6},
                            {4099, 7, 6}, {70000, 7, 6}, {300, 33, 5}, {257, 100, 9}, {64, 256, 257}, {40, 1024, 7},
-                           {9, 1024, 1025}, {3000, 3, 4}, {1000, 32, 33}, {5000, 2, 2}};
+                           {9, 1024, 1025}, {3000, 3, 4}, {1000, 32, 33}, {5000, 2, 2}, {130, 1, 1}};
+  const std::vector<std::vector<size_t>> lists = {{1000, 4096, 7}, {65536, 3, 0}, {1, 257}, {}, {2048 * 16 + 5}};
+#else  // for cuda/dev/emu (host emulation, slow)
+  const int shapes[][3] = {{37, 7, 6}, {1, 7, 6}, {20, 7, 2}, {15, 7, 8}, {10, 1, 2}, {50, 15, 4}, {0, 7, 6},
+                           {300, 7, 6}, {70, 33, 5}, {40, 100, 9}, {9, 256, 257}, {5, 1024, 7}, {3, 1024, 1025},
+                           {200, 3, 4}, {100, 32, 33}, {150, 2, 2}, {130, 1, 1}};
+  const std::vector<std::vector<size_t>> lists = {{1000, 4096, 7}, {6000, 3, 0}, {1, 257}, {}, {2048 * 3 + 5}};
+#endif
   for (int dtype : {XFT_F32, XFT_BF16})
     for (int mode = 0; mode < 3; mode++) {
       const int normalize = mode != 1, shared = mode != 2;
@@ -369,7 +380,6 @@ int main(int argc, char** argv) {
       }
     }
 
-  const std::vector<std::vector<size_t>> lists = {{1000, 4096, 7}, {65536, 3, 0}, {1, 257}, {}, {2048 * 16 + 5}};
   for (int dtype : {XFT_F32, XFT_BF16})
     for (int E : {2, 8, 65, 130})
       for (float rate : {0.75f, 0.f, 1.f, -1.f})
