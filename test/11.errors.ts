@@ -4,7 +4,7 @@ import { Tensor, XftError, ops } from '../lib/index';
 import { CUDA } from './helpers/ref';
 import { native } from '../lib/native';
 
-function throwsCode(t: Tap.Test, fn: () => unknown, code: string, match?: RegExp, what?: string) {
+function throwsCode(t: TapTest, fn: () => unknown, code: string, match?: RegExp, what?: string) {
   try {
     fn();
     t.fail(`${what ?? 'call'} should throw ${code}`);
@@ -14,7 +14,7 @@ function throwsCode(t: Tap.Test, fn: () => unknown, code: string, match?: RegExp
     if (match) t.match((err as Error).message, match, `${what ?? 'call'}: message names the problem`);
   }
 }
-declare namespace Tap { type Test = typeof t; }
+type TapTest = import('tap').Test;
 
 t.test('tensor creation errors', async (t) => {
   throwsCode(t, () => Tensor.from([1, 2, 3], [2, 2]), 'XFT_SHAPE', /3 elements but shape \[2, 2\] needs 4/, 'numel mismatch');

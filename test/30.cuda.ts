@@ -6,23 +6,11 @@ import { Tensor, ops, type DType } from '../lib/index';
 import { native } from '../lib/native';
 import { SKIP_NO_CUDA, randomOffsets } from './helpers/ref';
 import { close, exact } from './helpers/check';
+import { TOL, pair, seed, setupGpuTest } from './helpers/gpu';
 
-const TOL: Record<'f32' | 'bf16', number> = { f32: 1e-5, bf16: 1e-2 };
-const BASE_SEED = Number(process.env.XFT_TEST_SEED ?? Date.now() % 1_000_000);
-t.comment(`random inputs from seed ${BASE_SEED} (XFT_TEST_SEED=${BASE_SEED} repeats them)`);
-let seedCounter = 0;
-const seed = () => BASE_SEED * 1000 + seedCounter++;
+setupGpuTest(t);
 
-/** The same random tensor on the CPU and on the GPU. */
-function pair(shape: number[], dtype: DType, options: { std?: number } = {}) {
-  const cpu = Tensor.randn(shape, { seed: seed(), dtype, std: options.std ?? 1 });
-  return { cpu, cuda: cpu.to('cuda') };
-}
 
-t.before(() => {
-  if (!SKIP_NO_CUDA) native.setPoison(true);
-});
-t.teardown(() => native.setPoison(false));
 
 t.test('routing: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   const shapes: [number, number, number][] = [[1, 7, 6], [37, 7, 6], [16384, 7, 6], [1000, 7, 2], [513, 7, 8], [300, 1, 2], [777, 63, 9], [64, 300, 5], [0, 7, 6]];

@@ -9,15 +9,12 @@ import { Tensor, ops, type DType } from '../lib/index';
 import { native } from '../lib/native';
 import { SKIP_NO_CUDA, rng } from './helpers/ref';
 import { close } from './helpers/check';
+import { TOL, pair, seed, setupGpuTest } from './helpers/gpu';
 
-const TOL: Record<'f32' | 'bf16', number> = { f32: 1e-5, bf16: 1e-2 };
 const FLOATS = ['f32', 'bf16'] as const;
-const BASE_SEED = Number(process.env.XFT_TEST_SEED ?? Date.now() % 1_000_000);
-t.comment(`random inputs from seed ${BASE_SEED} (XFT_TEST_SEED=${BASE_SEED} repeats them)`);
-let seedCounter = 0;
-const seed = () => BASE_SEED * 1000 + seedCounter++;
+setupGpuTest(t);
 
-type Test = typeof t;
+type Test = import('tap').Test;
 
 /** Bit-for-bit equality (NaN never equal: unwritten poisoned outputs fail), fast on large arrays. */
 function exact(t: Test, got: ArrayLike<number>, want: ArrayLike<number>, what: string): void {
@@ -34,11 +31,6 @@ function exact(t: Test, got: ArrayLike<number>, want: ArrayLike<number>, what: s
   t.ok(count === 0, `${what}: ${count} of ${got.length} differ` + (first >= 0 ? ` (first [${first}]: ${got[first]}, expected ${want[first]})` : ''));
 }
 
-/** The same random tensor on the CPU and on the GPU. */
-function pair(shape: number[], dtype: DType, options: { std?: number } = {}) {
-  const cpu = Tensor.randn(shape, { seed: seed(), dtype, std: options.std ?? 1 });
-  return { cpu, cuda: cpu.to('cuda') };
-}
 
 /** Random ids in [0, V) (or all equal to `only`) on both devices. */
 function idsPair(shape: number[], V: number, only?: number) {
@@ -59,10 +51,6 @@ function disposeAll(...xs: (Tensor | null | undefined | { cpu: Tensor; cuda: Ten
   }
 }
 
-t.before(() => {
-  if (!SKIP_NO_CUDA) native.setPoison(true);
-});
-t.teardown(() => native.setPoison(false));
 
 t.test('embedding: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   const cases: { shape: number[]; V: number; d: number; only?: number; what: string }[] = [

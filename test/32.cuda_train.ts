@@ -7,27 +7,15 @@ import { Tensor, ops, type DType } from '../lib/index';
 import { native } from '../lib/native';
 import { SKIP_NO_CUDA, rng } from './helpers/ref';
 import { close, exact } from './helpers/check';
+import { TOL, pair, seed, setupGpuTest } from './helpers/gpu';
 
-const TOL: Record<'f32' | 'bf16', number> = { f32: 1e-5, bf16: 1e-2 };
-const BASE_SEED = Number(process.env.XFT_TEST_SEED ?? Date.now() % 1_000_000);
-t.comment(`random inputs from seed ${BASE_SEED} (XFT_TEST_SEED=${BASE_SEED} repeats them)`);
-let seedCounter = 0;
-const seed = () => BASE_SEED * 1000 + seedCounter++;
+setupGpuTest(t);
 
-/** The same random tensor on the CPU and on the GPU. */
-function pair(shape: number[], dtype: DType, options: { std?: number } = {}) {
-  const cpu = Tensor.randn(shape, { seed: seed(), dtype, std: options.std ?? 1 });
-  return { cpu, cuda: cpu.to('cuda') };
-}
 
 function both(cpu: Tensor) {
   return { cpu, cuda: cpu.to('cuda') };
 }
 
-t.before(() => {
-  if (!SKIP_NO_CUDA) native.setPoison(true);
-});
-t.teardown(() => native.setPoison(false));
 
 t.test('attention: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   // [B, T, H, Hkv, hd]: partial tiles, several tiles, GQA and MQA, every head-dimension chunk count

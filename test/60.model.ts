@@ -72,7 +72,7 @@ function disposeModels(...ms: Model[]) {
 }
 
 // loss(θ) through the whole model; gradients against central differences on a few coordinates
-function gradCheck(t: typeof import('tap').default, m: Model, what: string, pick: (name: string) => boolean) {
+function gradCheck(t: import('tap').Test, m: Model, what: string, pick: (name: string) => boolean) {
   m.zeroGrad();
   m.forward(ids, targets, B, T, { training: true, seed: 5n });
   m.backward();

@@ -1,0 +1,29 @@
+// Shared setup of the GPU comparison tests (test/3x): fresh random inputs from a printed seed,
+// the same tensors on both devices, poisoned device allocations, and the tolerances.
+import t from 'tap';
+import { Tensor, type DType } from '../../lib/index';
+import { native } from '../../lib/native';
+import { SKIP_NO_CUDA } from './ref';
+
+/** fp32 1e-5, bf16 1e-2 relative (‖cuda − cpu‖ / ‖cpu‖); integer outputs are compared exactly. */
+export const TOL: Record<'f32' | 'bf16', number> = { f32: 1e-5, bf16: 1e-2 };
+
+const BASE_SEED = Number(process.env.XFT_TEST_SEED ?? Date.now() % 1_000_000);
+let seedCounter = 0;
+/** A fresh seed per call, derived from the run's printed base seed. */
+export const seed = () => BASE_SEED * 1000 + seedCounter++;
+
+/** Prints the seed and poisons every new allocation (NaN floats, -1 ints) while the test file runs. */
+export function setupGpuTest(test: typeof t): void {
+  test.comment(`random inputs from seed ${BASE_SEED} (XFT_TEST_SEED=${BASE_SEED} repeats them)`);
+  test.before(() => {
+    if (!SKIP_NO_CUDA) native.setPoison(true);
+  });
+  test.teardown(() => native.setPoison(false));
+}
+
+/** The same random tensor on the CPU and on the GPU. */
+export function pair(shape: number[], dtype: DType, options: { std?: number } = {}) {
+  const cpu = Tensor.randn(shape, { seed: seed(), dtype, std: options.std ?? 1 });
+  return { cpu, cuda: cpu.to('cuda') };
+}
