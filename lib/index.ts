@@ -10,3 +10,12 @@ import * as trainOps from './ops_train';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
 export const ops = { ...xftOps, ...layerOps, ...trainOps };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
+export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
+export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
+export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type MergeableOptions, type InitOptions } from './xft';
+export { train, evaluate, learningRate, saveTrainState, loadTrainState, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
+export {
+  type Example, type Sample, type Batch, type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, parseJsonl, readJsonl,
+  encodeExample, formatPrompt, toRows, batches, split, shuffle, MAGICODER_PROMPT,
+} from './data';
+export { SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader } from './safetensors';
