@@ -2,7 +2,8 @@
 # The GPU session's checklist in one command, run on the GPU host from the project root after
 # staging (../shared/gpu/README.md):  bash .gpu/enter.sh "bash scripts/gpu-check.sh"
 # Logs go to $OUT (or ./gpu-out): the whole suite on the CUDA backend, the GPU comparison tests
-# with XFT_SYNC=1 and under compute-sanitizer (memcheck, racecheck), then the kernel benchmark.
+# with XFT_SYNC=1 and under compute-sanitizer (memcheck, racecheck), the demo on the GPU, then the
+# kernel benchmark.
 set -uo pipefail
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -18,5 +19,7 @@ if command -v compute-sanitizer >/dev/null; then
       npx tap --disable-coverage --jobs 1 --timeout 1800 test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts
   done
 fi
+LOG=demo.log step "xft demo on the GPU" node dist/lib/cli.js demo --out "$out/demo" --scale 0.5
+tail -12 "$out/demo.log"
 LOG=bench.log step "bench/kernels" node dist/bench/kernels.js --out "$out/kernels.json"
 tail -40 "$out/bench.log"
