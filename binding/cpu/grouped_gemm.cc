@@ -72,7 +72,9 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
     ye.resize((size_t)rows * n);
     xft_cpu::to_f32(xe.data(), (const char*)x + (size_t)r0 * k * es, dtype, (size_t)rows * k);
     xft_cpu::to_f32(we.data(), (const char*)w + (size_t)e * n * k * es, dtype, (size_t)n * k);
-    gemm_nt(xe.data(), we.data(), ye.data(), rows, n, k);
+    xft_cpu::parallel_for((size_t)rows, 2.0 * rows * n * k, [&](size_t ra, size_t rb) {
+      gemm_nt(xe.data() + ra * k, we.data(), ye.data() + ra * n, (int)(rb - ra), n, k);
+    });
     from_f32((char*)y + (size_t)r0 * n * es, dtype, ye.data(), (size_t)rows * n);
   }
   return 0;
@@ -82,7 +84,7 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
                                   void* dx, void* dw, int dtype, int M, int n, int k, int E,
                                   int accumulate) {
   const size_t es = elem_size(dtype);
-  std::vector<float> xe, dye, we((size_t)n * k), acc(k), dwe((size_t)n * k);
+  std::vector<float> xe, dye, we((size_t)n * k), dwe((size_t)n * k);
   for (int e = 0; e < E; e++) {
     int r0 = clamp_offset(offsets, e, M), r1 = std::max(r0, clamp_offset(offsets, e + 1, M));
     int rows = r1 - r0;
@@ -91,27 +93,33 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
     xft_cpu::to_f32(dye.data(), (const char*)dy + (size_t)r0 * n * es, dtype, (size_t)rows * n);
     if (dx && rows > 0) {
       xft_cpu::to_f32(we.data(), (const char*)w + (size_t)e * n * k * es, dtype, (size_t)n * k);
-      for (int r = 0; r < rows; r++) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int j = 0; j < n; j++) {
-          float g = dye[(size_t)r * n + j];
-          const float* wj = we.data() + (size_t)j * k;
-          for (int i = 0; i < k; i++) acc[i] += g * wj[i];
+      xft_cpu::parallel_for((size_t)rows, 2.0 * rows * n * k, [&](size_t ra, size_t rb) {
+        std::vector<float> acc(k);
+        for (size_t r = ra; r < rb; r++) {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int j = 0; j < n; j++) {
+            float g = dye[r * n + j];
+            const float* wj = we.data() + (size_t)j * k;
+            for (int i = 0; i < k; i++) acc[i] += g * wj[i];
+          }
+          from_f32((char*)dx + (size_t)(r0 + r) * k * es, dtype, acc.data(), k);
         }
-        from_f32((char*)dx + (size_t)(r0 + r) * k * es, dtype, acc.data(), k);
-      }
+      });
     }
     if (dw) {
       xft_cpu::to_f32(xe.data(), (const char*)x + (size_t)r0 * k * es, dtype, (size_t)rows * k);
       std::fill(dwe.begin(), dwe.end(), 0.f);
-      for (int r = 0; r < rows; r++) {
-        const float* xr = xe.data() + (size_t)r * k;
-        for (int j = 0; j < n; j++) {
-          float g = dye[(size_t)r * n + j];
-          float* dwj = dwe.data() + (size_t)j * k;
-          for (int i = 0; i < k; i++) dwj[i] += g * xr[i];
+      // split over the n output rows of dw: each keeps the row order of the sum
+      xft_cpu::parallel_for((size_t)n, 2.0 * rows * n * k, [&](size_t ja, size_t jb) {
+        for (int r = 0; r < rows; r++) {
+          const float* xr = xe.data() + (size_t)r * k;
+          for (size_t j = ja; j < jb; j++) {
+            float g = dye[(size_t)r * n + j];
+            float* dwj = dwe.data() + j * k;
+            for (int i = 0; i < k; i++) dwj[i] += g * xr[i];
+          }
         }
-      }
+      });
       char* out = (char*)dw + (size_t)e * n * k * es;
       if (accumulate)
         for (size_t i = 0; i < (size_t)n * k; i++) dwe[i] += xft_cpu::load(out, dtype, i);

@@ -9,6 +9,8 @@ Functions return 0; the binding validates arguments before calling them.
 #include <stddef.h>
 #include <stdint.h>
 
+#include <functional>
+
 #include "../../cuda/xft_math.h"
 
 // fill.cc
@@ -112,4 +114,10 @@ inline void store(void* p, int dtype, size_t i, float v) {
 }
 // widen n values of a f32 or bf16 buffer into dst
 void to_f32(float* dst, const void* src, int dtype, size_t n);
+// fn(begin, end) over [0, n) split into contiguous chunks on up to xft_cpu::threads() threads when
+// `work` (a flop count) makes it worth a thread; each index is handled by exactly one call, so a
+// kernel that writes disjoint outputs per index gives the same bits on any number of threads.
+void parallel_for(size_t n, double work, const std::function<void(size_t, size_t)>& fn);
+// threads for the CPU backend: XFT_CPU_THREADS, else the hardware's, at most 16
+int threads();
 }  // namespace xft_cpu
