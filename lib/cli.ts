@@ -42,7 +42,7 @@ program
   .description('the main job: pretrain a tiny Llama on code found on this machine, then SFT versus XFT (upcycle -> MoE -> learned merge) with equal budgets; writes a results table and loss curves')
   .option('-o, --out <dir>', 'output folder', 'xft-demo')
   .option('--device <device>', "'cuda' or 'cpu' (default: the GPU when there is one)")
-  .option('--scale <x>', 'scale of the training budgets (1 = about 5 minutes on 2 CPU cores)', '1')
+  .option('--scale <x>', 'scale of the training budgets (1 = about 2 minutes on 2 CPU cores)', '1')
   .option('--seed <n>', 'seed', '0')
   .action((opts: { out: string; device?: string; scale: string; seed: string }) => {
     const scale = Number(opts.scale), seed = Number(opts.seed);

@@ -22,7 +22,7 @@ import { writeFileAtomic } from './safetensors';
 export interface DemoOptions {
   out: string;
   device?: Device;
-  /** scale of the step budgets (1 = default, ~5 minutes on 2 CPU cores) */
+  /** scale of the step budgets (1 = default, about 2 minutes on 2 CPU cores) */
   scale?: number;
   seed?: number;
   /** progress reporting: one call per step of each stage */
