@@ -51,18 +51,22 @@ export function sameDevice(op: string, tensors: Record<string, Tensor | null | u
   return first ? first[1].device : 'cpu';
 }
 
-function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
+/** `v` as an integer in [min, max], else XFT_VALUE (or XFT_TYPE for a non-number) naming `name`. */
+export function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max)
     throw invalidArgument(op, name, `an integer in [${min}, ${max}]`, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
   return v;
 }
 
-function expectBool(op: string, name: string, v: unknown): boolean {
+/** `v` as a boolean (`fallback` when undefined and one is given), else XFT_TYPE naming `name`. */
+export function expectBool(op: string, name: string, v: unknown, fallback?: boolean): boolean {
+  if (v === undefined && fallback !== undefined) return fallback;
   if (typeof v !== 'boolean') throw invalidArgument(op, name, 'a boolean', v, 'XFT_TYPE');
   return v;
 }
 
-const FLOAT: readonly DType[] = ['f32', 'bf16'];
+/** The floating-point dtypes. */
+export const FLOAT: readonly DType[] = ['f32', 'bf16'];
 
 // ---------------------------------------------------------------------------------------------
 // 1. Shared-expert routing with routing weight normalization

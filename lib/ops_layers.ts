@@ -10,8 +10,8 @@
  */
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
-import { expectTensor, sameDevice } from './ops';
-import { DType, Tensor, dtypeCode, formatShape } from './tensor';
+import { FLOAT, expectInt, expectTensor, sameDevice } from './ops';
+import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
 
 /** Largest hidden size rmsnorm takes (cuda/rmsnorm.cu kMaxD: a thread keeps its columns in registers). */
 export const MAX_RMSNORM_DIM = 8192;
@@ -43,14 +43,6 @@ export interface LayerNative {
 
 const layerNative = native as unknown as LayerNative;
 
-const FLOAT: readonly DType[] = ['f32', 'bf16'];
-
-function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max)
-    throw invalidArgument(op, name, `an integer in [${min}, ${max}]`, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
-  return v;
-}
-
 function expectPositive(op: string, name: string, v: unknown): number {
   if (typeof v !== 'number' || !(v > 0) || !Number.isFinite(v))
     throw invalidArgument(op, name, 'a finite positive number', v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
@@ -60,12 +52,6 @@ function expectPositive(op: string, name: string, v: unknown): number {
 function expectFinite(op: string, name: string, v: unknown): number {
   if (typeof v !== 'number' || !Number.isFinite(v)) throw invalidArgument(op, name, 'a finite number', v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
   return v;
-}
-
-function expectSeed(op: string, v: unknown): bigint {
-  if (typeof v === 'bigint') return BigInt.asUintN(64, v);
-  if (typeof v === 'number' && Number.isSafeInteger(v)) return BigInt.asUintN(64, BigInt(v));
-  throw invalidArgument(op, 'seed', 'an integer or bigint', v, 'XFT_TYPE');
 }
 
 function expectOptions<T extends object>(op: string, options: T | undefined, what: string): T {
@@ -360,7 +346,7 @@ export interface RouterNoiseOptions {
 
 function noiseSeed(op: string, options: unknown): bigint {
   if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', 'an object with seed', options, 'XFT_TYPE');
-  return expectSeed(op, (options as RouterNoiseOptions).seed);
+  return seedOf(op, (options as RouterNoiseOptions).seed);
 }
 
 /**

@@ -7,7 +7,7 @@
  */
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
-import { expectTensor, sameDevice } from './ops';
+import { FLOAT, expectBool, expectInt, expectTensor, sameDevice } from './ops';
 import { DType, Tensor, dtypeCode, formatShape } from './tensor';
 
 type S = NativeStorage;
@@ -39,14 +39,6 @@ export const MAX_ATTENTION_GRID = 65535;
 /** Weight of the balance loss in the reference (XFT.md). */
 export const BALANCE_LOSS_WEIGHT = 0.01;
 
-const FLOAT: readonly DType[] = ['f32', 'bf16'];
-
-function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max)
-    throw invalidArgument(op, name, `an integer in [${min}, ${max}]`, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
-  return v;
-}
-
 function expectNumber(op: string, name: string, v: unknown, what: string, ok: (x: number) => boolean): number {
   if (typeof v !== 'number' || !Number.isFinite(v) || !ok(v))
     throw invalidArgument(op, name, what, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
@@ -56,12 +48,6 @@ function expectNumber(op: string, name: string, v: unknown, what: string, ok: (x
 function expectOptions<T extends object>(op: string, options: unknown, what: string): T {
   if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', what, options, 'XFT_TYPE');
   return options as T;
-}
-
-function expectBool(op: string, name: string, v: unknown, fallback: boolean): boolean {
-  if (v === undefined) return fallback;
-  if (typeof v !== 'boolean') throw invalidArgument(op, name, 'a boolean', v, 'XFT_TYPE');
-  return v;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -80,6 +80,13 @@ export function synchronize(): void {
   native.synchronize();
 }
 
+/** A seed (safe integer or bigint) as an unsigned 64-bit bigint, else XFT_TYPE naming it. */
+export function seedOf(op: string, seed: unknown): bigint {
+  if (typeof seed === 'bigint') return BigInt.asUintN(64, seed);
+  if (typeof seed === 'number' && Number.isSafeInteger(seed)) return BigInt.asUintN(64, BigInt(seed));
+  throw invalidArgument(op, 'seed', 'an integer or bigint', seed, 'XFT_TYPE');
+}
+
 function checkDtype(op: string, dtype: unknown): asserts dtype is DType {
   if (!DTYPES.includes(dtype as DType)) throw invalidArgument(op, 'dtype', "one of 'f32', 'bf16', 'i32'", dtype, 'XFT_DTYPE');
 }
@@ -211,10 +218,7 @@ export class Tensor {
   }
 
   static #seed(op: string, seed: number | bigint | undefined): bigint {
-    if (seed === undefined) return nextSeed();
-    if (typeof seed === 'bigint') return BigInt.asUintN(64, seed);
-    if (!Number.isSafeInteger(seed)) throw invalidArgument(op, 'seed', 'an integer or bigint', seed, 'XFT_TYPE');
-    return BigInt.asUintN(64, BigInt(seed));
+    return seed === undefined ? nextSeed() : seedOf(op, seed);
   }
 
   // ---- properties ----
