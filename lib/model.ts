@@ -175,7 +175,7 @@ export class MoeFFN implements FFN {
     x: Tensor; r1: Tensor | null; t: Tensor | null; clean: Tensor; z: Tensor | null; logits: Tensor;
     routing: xops.Routing; position: Tensor; xp: Tensor; g: Tensor; u: Tensor; a: Tensor; ye: Tensor; seed: bigint;
   } | null = null;
-  #aux = 0;
+  #aux: Tensor | null = null;
 
   constructor(
     readonly moe: MoeConfig,
@@ -219,12 +219,10 @@ export class MoeFFN implements FFN {
     const a = lops.swiglu(g, u);
     const ye = xops.groupedGemm(a, this.down.value, routing.offsets, { validate: false });
     const y = tops.unpermute(ye, position, routing.weights, { validate: false });
-    this.#aux = 0;
-    if (this.moe.balance_loss_weight > 0 && ctx.training) {
-      const bl = tops.balanceLoss(routing.importance, routing.load, { weight: this.moe.balance_loss_weight });
-      this.#aux = bl.item();
-      bl.dispose();
-    }
+    // kept on the device and read by auxLoss(): no synchronisation inside the forward
+    this.#aux?.dispose();
+    this.#aux = this.moe.balance_loss_weight > 0 && ctx.training
+      ? tops.balanceLoss(routing.importance, routing.load, { weight: this.moe.balance_loss_weight }) : null;
     this.#saved = { x, r1, t, clean, z, logits, routing, position, xp, g, u, a, ye, seed: ctx.seed };
     return y;
   }
@@ -269,7 +267,7 @@ export class MoeFFN implements FFN {
   }
 
   auxLoss(): number {
-    return this.#aux;
+    return this.#aux ? this.#aux.item() : 0;
   }
 
   release(): void {
@@ -284,6 +282,8 @@ export class MoeFFN implements FFN {
 
   dispose(): void {
     this.release();
+    this.#aux?.dispose();
+    this.#aux = null;
     this.params().forEach((p) => p.dispose());
   }
 }
