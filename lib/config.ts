@@ -15,6 +15,8 @@ export interface LlamaConfig {
   rms_norm_eps: number;
   rope_theta: number;
   max_position_embeddings: number;
+  /** HF rope_scaling: only linear scaling (DeepSeek-Coder: { type: 'linear', factor: 4 }) is supported */
+  rope_scaling?: { type: 'linear'; factor: number } | null;
   /** optional HF fields kept on save */
   bos_token_id?: number;
   eos_token_id?: number;
@@ -69,6 +71,20 @@ export function llamaConfig(raw: Partial<LlamaConfig> & Record<string, unknown>,
     throw new XftError(`${source}: the head size ${c.hidden_size / c.num_attention_heads} must be even (rotary embedding)`, 'XFT_VALUE');
   if (!(c.rms_norm_eps > 0)) throw new XftError(`${source}: expected a positive rms_norm_eps but received ${c.rms_norm_eps}`, 'XFT_VALUE');
   if (!(c.rope_theta > 0)) throw new XftError(`${source}: expected a positive rope_theta but received ${c.rope_theta}`, 'XFT_VALUE');
+  if (c.rope_scaling !== undefined && c.rope_scaling !== null) {
+    const r = c.rope_scaling as unknown as Record<string, unknown>;
+    const kind = r.type ?? r.rope_type;
+    if (kind === 'default') c.rope_scaling = null;
+    else if (kind !== 'linear' || typeof r.factor !== 'number' || !(r.factor > 0))
+      throw new XftError(`${source}: rope_scaling ${JSON.stringify(r)} is not supported (expected null or { "type": "linear", "factor": > 0 })`, 'XFT_VALUE');
+    else c.rope_scaling = { type: 'linear', factor: r.factor };
+  }
+  if (c.hidden_act !== undefined && c.hidden_act !== 'silu')
+    throw new XftError(`${source}: hidden_act ${JSON.stringify(c.hidden_act)} is not supported (Llama uses "silu")`, 'XFT_VALUE');
+  if (c.attention_bias === true || c.mlp_bias === true)
+    throw new XftError(`${source}: attention_bias / mlp_bias are not supported (Llama has no biases)`, 'XFT_VALUE');
+  if (c.head_dim !== undefined && c.head_dim !== null && c.head_dim !== c.hidden_size / c.num_attention_heads)
+    throw new XftError(`${source}: head_dim ${c.head_dim} differs from hidden_size / num_attention_heads = ${c.hidden_size / c.num_attention_heads} (not supported)`, 'XFT_VALUE');
   if (c.tie_word_embeddings) throw new XftError(`${source}: tied word embeddings are not supported (Llama/DeepSeek-Coder use an untied lm_head)`, 'XFT_VALUE');
   return c;
 }
@@ -84,6 +100,11 @@ export function moeConfig(raw: Partial<MoeConfig>, source = 'moe config'): MoeCo
     throw new XftError(`${source}: expected 'mlp' or 'linear' for gate_type but received ${JSON.stringify(m.gate_type)}`, 'XFT_VALUE');
   if (!(m.balance_loss_weight >= 0)) throw new XftError(`${source}: expected balance_loss_weight >= 0 but received ${m.balance_loss_weight}`, 'XFT_VALUE');
   return m;
+}
+
+/** The linear RoPE scaling factor of a config (1 when none). */
+export function ropeScaling(c: LlamaConfig): number {
+  return c.rope_scaling ? c.rope_scaling.factor : 1;
 }
 
 /** Parameter count of the dense model. */

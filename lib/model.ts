@@ -22,7 +22,7 @@ import { Tensor, type Device, disposeAll } from './tensor';
 import * as xops from './ops';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
-import { type LlamaConfig, type MoeConfig } from './config';
+import { type LlamaConfig, type MoeConfig, ropeScaling } from './config';
 
 /** A trainable (or frozen) tensor with its gradient. */
 export class Param {
@@ -303,6 +303,8 @@ export class MergedFFN implements FFN {
     readonly down: Param,
     readonly alpha: Param,
     readonly sharedRate: number | null,
+    /** the MoE this merge came from (kept for its checkpoint's config) */
+    readonly moe: MoeConfig | null = null,
   ) {}
 
   params(): Param[] {
@@ -378,7 +380,7 @@ export class Block {
     const eps = c.rms_norm_eps;
     const { y: n1, rstd: rstd1 } = lops.rmsnorm(x, this.inputNorm.value, { eps });
     const q = linear(ctx, n1, this.q.value), k = linear(ctx, n1, this.k.value), v = linear(ctx, n1, this.v.value);
-    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta };
+    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta, scalingFactor: ropeScaling(c) };
     lops.rope(q, { ...ropeOpts, out: q });
     lops.rope(k, { ...ropeOpts, out: k });
     const { out: att, lse } = tops.attention(q, k, v, { batch: ctx.batch, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads });
@@ -411,7 +413,7 @@ export class Block {
     // h = x + o_proj(attn)
     const datt = linearBackward(ctx, s.att, this.o, dh)!;
     const g = tops.attentionBackward(s.q, s.k, s.v, s.att, s.lse, datt, { batch: ctx.batch, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads });
-    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta };
+    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta, scalingFactor: ropeScaling(c) };
     lops.ropeBackward(g.dq, { ...ropeOpts, out: g.dq });
     lops.ropeBackward(g.dk, { ...ropeOpts, out: g.dk });
     const dn1 = linearBackward(ctx, s.n1, this.q, g.dq)!;

@@ -105,6 +105,41 @@ function f32ToF16(v: number): number {
   return sign | r;
 }
 
+/** Raw file bytes of a float dtype to f32 values. */
+export function bytesToF32(raw: Uint8Array, from: FileDType, name = 'tensor'): Float32Array {
+  const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  if (from === 'F32') {
+    if (raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    const f = new Float32Array(raw.byteLength / 4);
+    for (let i = 0; i < f.length; i++) f[i] = dv.getFloat32(i * 4, true);
+    return f;
+  }
+  const f = new Float32Array(raw.byteLength / 2);
+  if (from === 'BF16') {
+    const u = new Uint32Array(f.buffer);
+    for (let i = 0; i < f.length; i++) u[i] = dv.getUint16(i * 2, true) << 16;
+  } else if (from === 'F16') for (let i = 0; i < f.length; i++) f[i] = f16ToF32(dv.getUint16(i * 2, true));
+  else throw new XftError(`cannot read ${name}: dtype ${from} is not a float dtype (expected F32, BF16 or F16)`, 'XFT_DTYPE');
+  return f;
+}
+
+/** f32 values to file bytes of a float dtype (bf16 and f16 round to nearest even). */
+export function f32ToBytes(f: Float32Array, to: FileDType): Uint8Array {
+  if (to === 'F32') return new Uint8Array(f.buffer.slice(f.byteOffset, f.byteOffset + f.byteLength));
+  const out = new Uint8Array(f.length * 2), dv = new DataView(out.buffer);
+  if (to === 'BF16') {
+    const u = new Uint32Array(f.buffer, f.byteOffset, f.length);
+    for (let i = 0; i < f.length; i++) {
+      const x = u[i];
+      // NaN stays a (quiet) NaN; otherwise round to nearest even on the upper 16 bits
+      const h = (x & 0x7fffffff) > 0x7f800000 ? (x >>> 16) | 0x40 : (x + 0x7fff + ((x >>> 16) & 1)) >>> 16;
+      dv.setUint16(i * 2, h & 0xffff, true);
+    }
+  } else if (to === 'F16') for (let i = 0; i < f.length; i++) dv.setUint16(i * 2, f32ToF16(f[i]), true);
+  else throw new XftError(`cannot write f32 values as ${to} (expected F32, BF16 or F16)`, 'XFT_DTYPE');
+  return out;
+}
+
 /** Raw file bytes of `dtype` to a Tensor of `target` dtype on `device`. */
 function bytesToTensor(raw: Uint8Array, from: FileDType, shape: number[], target: DType, device: Device, name: string): Tensor {
   const n = numelOf(shape);
@@ -192,13 +227,19 @@ export class SafetensorsReader {
 
   /** The raw bytes of one tensor. */
   readBytes(name: string): Uint8Array {
+    return this.readRange(name, 0, this.info(name).bytes);
+  }
+
+  /** Raw bytes [begin, end) of one tensor's data. */
+  readRange(name: string, begin: number, end: number): Uint8Array {
     const info = this.info(name);
-    const buf = new Uint8Array(info.bytes);
+    if (!(begin >= 0 && end >= begin && end <= info.bytes)) throw new XftError(`${this.source}: byte range [${begin}, ${end}) outside ${name} (${info.bytes} bytes)`, 'XFT_VALUE');
+    const buf = new Uint8Array(end - begin);
     const fd = fs.openSync(info.file, 'r');
     try {
       let done = 0;
-      while (done < info.bytes) {
-        const n = fs.readSync(fd, buf, done, Math.min(info.bytes - done, 1 << 30), info.offset + done);
+      while (done < buf.length) {
+        const n = fs.readSync(fd, buf, done, Math.min(buf.length - done, 1 << 30), info.offset + begin + done);
         if (n <= 0) throw new XftError(`${info.file}: unexpected end of file reading ${name}`, 'XFT_FORMAT');
         done += n;
       }
@@ -206,6 +247,13 @@ export class SafetensorsReader {
       fs.closeSync(fd);
     }
     return buf;
+  }
+
+  /** Elements [start, start + count) of a float tensor (flattened, row-major) as f32 values. */
+  readF32(name: string, start = 0, count?: number): Float32Array {
+    const info = this.info(name), size = FILE_DTYPE_BYTES[info.dtype], n = numelOf(info.shape);
+    const c = count ?? n - start;
+    return bytesToF32(this.readRange(name, start * size, (start + c) * size), info.dtype, name);
   }
 
   /** One tensor, converted to `dtype` (default: f32 for floats, i32 for I32) on `device`. */
@@ -226,7 +274,11 @@ export interface WriteEntry {
   dtype: FileDType;
   shape: readonly number[];
   /** produces the tensor; it is disposed after writing when `dispose` is true */
-  tensor: () => Tensor;
+  tensor?: () => Tensor;
+  /** or produces the bytes, already in the file dtype (whole, or in chunks) */
+  bytes?: () => Uint8Array | Iterable<Uint8Array>;
+  /** called once the entry is written */
+  after?: () => void;
   dispose?: boolean;
 }
 
@@ -271,17 +323,33 @@ export function writeSafetensors(file: string, entries: WriteEntry[], metadata: 
     len.writeBigUInt64LE(BigInt(json.length));
     fs.writeSync(fd, len);
     fs.writeSync(fd, json);
+    const write = (bytes: Uint8Array) => {
+      let done = 0;
+      while (done < bytes.length) done += fs.writeSync(fd, bytes, done, Math.min(bytes.length - done, 1 << 30));
+    };
     for (const e of entries) {
+      if (e.bytes) {
+        const out = e.bytes(), want = numelOf(e.shape) * FILE_DTYPE_BYTES[e.dtype];
+        let got = 0;
+        for (const chunk of out instanceof Uint8Array ? [out] : out) {
+          got += chunk.length;
+          if (got > want) break;
+          write(chunk);
+        }
+        if (got !== want) throw new XftError(`writeSafetensors: ${e.name} was declared ${e.dtype}${formatShape(e.shape)} (${want} bytes) but produced ${got} bytes`, 'XFT_SHAPE');
+        e.after?.();
+        continue;
+      }
+      if (!e.tensor) throw new XftError(`writeSafetensors: ${e.name} has neither tensor nor bytes`, 'XFT_VALUE');
       const t = e.tensor();
       try {
         if (formatShape(t.shape) !== formatShape(e.shape))
           throw new XftError(`writeSafetensors: ${e.name} was declared ${formatShape(e.shape)} but is ${t.describe()}`, 'XFT_SHAPE');
-        const bytes = tensorToBytes(t, e.dtype);
-        let done = 0;
-        while (done < bytes.length) done += fs.writeSync(fd, bytes, done, Math.min(bytes.length - done, 1 << 30));
+        write(tensorToBytes(t, e.dtype));
       } finally {
         if (e.dispose) t.dispose();
       }
+      e.after?.();
     }
     fs.fsyncSync(fd);
     fs.closeSync(fd);
@@ -348,6 +416,11 @@ export function writeShards(dir: string, entries: WriteEntry[], options: { maxSh
   });
   writeFileAtomic(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2));
   return [...names, 'model.safetensors.index.json'];
+}
+
+/** Bytes per element of a file dtype. */
+export function dtypeBytes(dtype: FileDType): number {
+  return FILE_DTYPE_BYTES[dtype];
 }
 
 /** The file dtype for a tensor dtype. */

@@ -80,25 +80,42 @@ export interface UpcycleOptions {
  */
 export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
   if (dense.kind !== 'dense') throw new XftError(`upcycle: expected a dense model, got a ${dense.kind} model`, 'XFT_VALUE');
-  const moe: MoeConfig = moeConfig({
-    num_experts: options.experts ?? 8, num_selects: options.topK ?? 6, gate_type: options.router ?? 'mlp',
-    normalize_weights: options.normalize ?? true, shared_expert: options.sharedExpert ?? true, gate_noise: options.noise ?? true,
-    balance_loss_weight: options.balanceLossWeight ?? 0.01,
-  }, 'upcycle');
+  const moe = upcycleMoeConfig(options, 'upcycle');
   const E = moe.num_experts, N = moe.shared_expert ? E - 1 : E, d = dense.config.hidden_size;
-  let seed = (options.seed ?? 0) * 1000 + 777;
-  // torch.nn.Linear's default initialisation: uniform(-1/sqrt(in), 1/sqrt(in))
-  const linearInit = (name: string, out: number, inp: number) =>
-    new Param(name, Tensor.uniform([out, inp], { seed: seed++, low: -1 / Math.sqrt(inp), high: 1 / Math.sqrt(inp), device: dense.device }));
+  const init = routerInit(options.seed ?? 0, dense.device);
   return rebuild(dense, (b, i) => {
     const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
     const stack = (w: Param, name: string) => new Param(`${p}.calculator.experts.weight_${name}`, stackCopies(w.value, E));
     const router = moe.gate_type === 'mlp'
-      ? [linearInit(`${p}.gate.gate_network.0.weight`, N, d), linearInit(`${p}.gate.gate_network.2.weight`, N, N)]
-      : [linearInit(`${p}.gate.gate_network.weight`, N, d)];
+      ? [new Param(`${p}.gate.gate_network.0.weight`, init.next([N, d])()), new Param(`${p}.gate.gate_network.2.weight`, init.next([N, N])())]
+      : [new Param(`${p}.gate.gate_network.weight`, init.next([N, d])())];
     const noise = new Param(`${p}.gate.weight_noise.weight`, Tensor.zeros([N, d], { device: dense.device }));
     return new MoeFFN(moe, stack(f.gate, 'gate'), stack(f.up, 'up'), stack(f.down, 'down'), router, noise);
   });
+}
+
+/** The MoE config of an upcycle (defaults: the paper's 8 experts, top-6, mlp router, noise, balance 0.01). */
+export function upcycleMoeConfig(options: UpcycleOptions, source: string): MoeConfig {
+  return moeConfig({
+    num_experts: options.experts ?? 8, num_selects: options.topK ?? 6, gate_type: options.router ?? 'mlp',
+    normalize_weights: options.normalize ?? true, shared_expert: options.sharedExpert ?? true, gate_noise: options.noise ?? true,
+    balance_loss_weight: options.balanceLossWeight ?? 0.01,
+  }, source);
+}
+
+/**
+ * Router weights in creation order (layer by layer; W0 then W2 for the mlp router), initialised as
+ * torch.nn.Linear does: uniform(-1/sqrt(in), 1/sqrt(in)), from seeds derived from `seed`. The
+ * in-memory and the on-disk upcycle draw the same numbers.
+ */
+export function routerInit(seed: number, device: Device = 'cpu'): { next(shape: number[]): () => Tensor } {
+  let s = seed * 1000 + 777;
+  return {
+    next(shape: number[]) {
+      const mine = s++, bound = 1 / Math.sqrt(shape[1]);
+      return () => Tensor.uniform(shape, { seed: mine, low: -bound, high: bound, device });
+    },
+  };
 }
 
 export interface MergeableOptions {
@@ -121,7 +138,7 @@ export function mergeable(moe: Model, options: MergeableOptions = {}): Model {
       throw new XftError('mergeable: this MoE has no shared expert; pass sharedRate: null', 'XFT_VALUE');
     const E = f.experts;
     const alpha = new Param(`${layerName(i)}.mlp.average_weights`, Tensor.zeros([rate === null ? E : E - 1], { device: moe.device }));
-    return new MergedFFN(copyParam(f.gate, f.gate.name, false), copyParam(f.up, f.up.name, false), copyParam(f.down, f.down.name, false), alpha, rate);
+    return new MergedFFN(copyParam(f.gate, f.gate.name, false), copyParam(f.up, f.up.name, false), copyParam(f.down, f.down.name, false), alpha, rate, f.moe);
   }, { frozen: true });
 }
 

@@ -1,0 +1,485 @@
+/**
+ * Model checkpoints in the Hugging Face layout: a folder with `config.json` and safetensors (one
+ * `model.safetensors`, or shards and `model.safetensors.index.json`). Three kinds:
+ *
+ *   dense   LlamaForCausalLM names (`model.layers.{i}.mlp.gate_proj.weight`, ...): loads in
+ *           transformers, and a transformers checkpoint loads here. XFT's output is one of these.
+ *   moe     the XFT reference's names for the upcycled model:
+ *             model.layers.{i}.mlp.calculator.experts.weight_{gate,up,down}.{e}.weight   (expert 0 shared)
+ *             model.layers.{i}.mlp.gate.gate_network.{0,2}.weight   ('mlp' router; `.weight` for 'linear')
+ *             model.layers.{i}.mlp.gate.weight_noise.weight
+ *           config.json records num_experts, num_selects, gate_type / gate_network and the balance options.
+ *   merge   the MoE's expert tensors plus the learned mixing coefficients
+ *             model.layers.{i}.mlp.average_weights   (α, [E-1]; [E] for a soup without a shared rate)
+ *           and the shared rate λ as `shared_expert_weight` in config.json.
+ *
+ * `upcycleCheckpoint` and `mergeCheckpoint` work on disk, tensor by tensor in chunks: their peak
+ * memory is one f32 copy of the largest FFN weight (merge) or one chunk (upcycle), whatever the
+ * model size. Every folder is written atomically (a temporary folder renamed into place).
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { XftError } from './errors';
+import { Tensor, type Device, formatShape, numelOf } from './tensor';
+import { type LlamaConfig, type MoeConfig, hfConfigJson, llamaConfig, moeConfig, readConfigJson } from './config';
+import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
+import { type FileDType, SafetensorsReader, type WriteEntry, bytesToF32, dtypeBytes, f32ToBytes, writeFileAtomic, writeFolderAtomic, writeShards } from './safetensors';
+import { type UpcycleOptions, routerInit, upcycleMoeConfig } from './xft';
+
+export type CheckpointKind = 'dense' | 'moe' | 'merged';
+/** dtype of the weights written (the model computes in f32 either way) */
+export type SaveDtype = 'f32' | 'bf16' | 'f16';
+
+export interface CheckpointInfo {
+  dir: string;
+  kind: CheckpointKind;
+  /** the dense architecture (HF Llama fields) */
+  config: LlamaConfig;
+  /** MoE fields (moe and merge checkpoints) */
+  moe: MoeConfig | null;
+  /** λ of a merge checkpoint (null: soup over all experts) */
+  sharedRate: number | null;
+  /** config.json as read */
+  raw: Record<string, unknown>;
+}
+
+const FILE_DTYPE: Record<SaveDtype, FileDType> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
+const TORCH_DTYPE: Record<FileDType, string> = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' } as Record<FileDType, string>;
+const FROM_TORCH: Record<string, SaveDtype> = { float32: 'f32', bfloat16: 'bf16', float16: 'f16' };
+
+/** config.json keys that describe the MoE or merge model, not the dense architecture. */
+const NON_DENSE_KEYS = [
+  'architectures', 'model_type', 'auto_map', 'xft', 'num_experts', 'num_selects', 'size_experts', 'gate_type', 'gate_network', 'gate_use_softmax',
+  'gate_use_balance', 'gate_balance_loss_weight', 'gate_add_noise', 'gate_noise_epsilon', 'calculator_type', 'multiply_gate_scores',
+  'score_scale_factor', 'add_weight_norm', 'drop_tokens', 'dropped_padding', 'capacity_factor', 'shared_expert_weight', 'ffn_folder_path',
+];
+
+/** Tokenizer and generation files copied along when a checkpoint is derived from another. */
+const SIDE_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model', 'generation_config.json'];
+
+const layer = (i: number) => `model.layers.${i}`;
+const PROJ = ['gate', 'up', 'down'] as const;
+const expertName = (i: number, g: string, e: number) => `${layer(i)}.mlp.calculator.experts.weight_${g}.${e}.weight`;
+/** checkpoint tensors that carry nothing (older transformers saved the RoPE frequencies) */
+const IGNORED = /\.rotary_emb\.inv_freq$/;
+
+// ---- config.json ----
+
+function moeJson(m: MoeConfig): Record<string, unknown> {
+  return {
+    num_experts: m.num_experts, num_selects: m.num_selects,
+    gate_type: 'TopKUniversalBalancedNoisyGate', gate_network: m.gate_type, gate_use_softmax: true,
+    gate_use_balance: m.balance_loss_weight > 0, gate_balance_loss_weight: m.balance_loss_weight,
+    gate_add_noise: m.gate_noise, gate_noise_epsilon: 0.01,
+    calculator_type: 'UniversalCalculator', multiply_gate_scores: true, score_scale_factor: 1.0, add_weight_norm: false,
+    xft: { normalize_weights: m.normalize_weights, shared_expert: m.shared_expert },
+  };
+}
+
+/** config.json of a model of `kind`. */
+export function configJson(kind: CheckpointKind, config: LlamaConfig, moe: MoeConfig | null, sharedRate: number | null, dtype: FileDType): Record<string, unknown> {
+  const dense = Object.fromEntries(Object.entries(config).filter(([k]) => !NON_DENSE_KEYS.includes(k))) as unknown as LlamaConfig;
+  const base = hfConfigJson(dense, { torch_dtype: TORCH_DTYPE[dtype] });
+  if (kind === 'dense') return base;
+  const m = moeJson(moe!);
+  if (kind === 'moe') return { ...base, architectures: ['LlamaMoEForCausalLM'], model_type: 'llama_moe_upscaling', ...m };
+  return {
+    ...base, architectures: ['LlamaWeightedForCausalLM'], model_type: 'llama_moe_upscaling', ...m, shared_expert_weight: sharedRate,
+    xft: { ...(m.xft as object), merge: true },
+  };
+}
+
+/** Reads config.json of a checkpoint folder and tells its kind. */
+export function readCheckpointInfo(dir: string): CheckpointInfo {
+  if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new XftError(`${dir}: not a checkpoint folder (no such folder)`, 'XFT_IO');
+  const file = path.join(dir, 'config.json');
+  if (!fs.existsSync(file)) throw new XftError(`${dir}: not a checkpoint folder (no config.json)`, 'XFT_IO');
+  const raw = readConfigJson(file);
+  const dense = Object.fromEntries(Object.entries(raw).filter(([k]) => !NON_DENSE_KEYS.includes(k)));
+  const config = llamaConfig(dense as Partial<LlamaConfig> & Record<string, unknown>, file);
+  const arch = Array.isArray(raw.architectures) ? String(raw.architectures[0]) : '';
+  const isMoe = raw.num_experts !== undefined && raw.model_type !== 'llama';
+  if (!isMoe) {
+    if (raw.model_type !== undefined && raw.model_type !== 'llama')
+      throw new XftError(`${file}: model_type ${JSON.stringify(raw.model_type)} is not supported (expected "llama", or "llama_moe_upscaling" from xft)`, 'XFT_FORMAT');
+    return { dir, kind: 'dense', config, moe: null, sharedRate: null, raw };
+  }
+  const x = (raw.xft ?? {}) as { normalize_weights?: boolean; shared_expert?: boolean; merge?: boolean };
+  const gateNetwork = raw.gate_network ?? 'mlp';
+  const moe = moeConfig({
+    num_experts: raw.num_experts as number, num_selects: raw.num_selects as number, gate_type: gateNetwork as MoeConfig['gate_type'],
+    normalize_weights: x.normalize_weights ?? true, shared_expert: x.shared_expert ?? true, gate_noise: (raw.gate_add_noise as boolean) ?? true,
+    balance_loss_weight: raw.gate_use_balance === false ? 0 : ((raw.gate_balance_loss_weight as number) ?? 0.01),
+  }, file);
+  const merged = x.merge === true || arch === 'LlamaWeightedForCausalLM';
+  if (!merged) return { dir, kind: 'moe', config, moe, sharedRate: null, raw };
+  const rate = raw.shared_expert_weight === undefined ? 0.75 : (raw.shared_expert_weight as number | null);
+  if (rate !== null && !(typeof rate === 'number' && rate >= 0 && rate <= 1))
+    throw new XftError(`${file}: expected a number in [0, 1] or null for shared_expert_weight but received ${JSON.stringify(rate)}`, 'XFT_FORMAT');
+  return { dir, kind: 'merged', config, moe, sharedRate: rate, raw };
+}
+
+// ---- shapes ----
+
+interface Shapes {
+  /** attention, norms, embedding, head (the same in every kind) */
+  common: Map<string, number[]>;
+  ffn: (i: number) => { gate: number[]; up: number[]; down: number[] };
+}
+
+function shapesOf(c: LlamaConfig): Shapes {
+  const d = c.hidden_size, f = c.intermediate_size, kv = c.num_key_value_heads * (d / c.num_attention_heads);
+  const common = new Map<string, number[]>([['model.embed_tokens.weight', [c.vocab_size, d]]]);
+  for (let i = 0; i < c.num_hidden_layers; i++) {
+    const p = layer(i);
+    common.set(`${p}.input_layernorm.weight`, [d]);
+    common.set(`${p}.self_attn.q_proj.weight`, [d, d]);
+    common.set(`${p}.self_attn.k_proj.weight`, [kv, d]);
+    common.set(`${p}.self_attn.v_proj.weight`, [kv, d]);
+    common.set(`${p}.self_attn.o_proj.weight`, [d, d]);
+    common.set(`${p}.post_attention_layernorm.weight`, [d]);
+  }
+  common.set('model.norm.weight', [d]);
+  common.set('lm_head.weight', [c.vocab_size, d]);
+  return { common, ffn: () => ({ gate: [f, d], up: [f, d], down: [d, f] }) };
+}
+
+/** Router tensors of layer i: name and shape. */
+function routerShapes(i: number, moe: MoeConfig, d: number): [string, number[]][] {
+  const N = moe.shared_expert ? moe.num_experts - 1 : moe.num_experts, p = `${layer(i)}.mlp.gate`;
+  return moe.gate_type === 'mlp' ? [[`${p}.gate_network.0.weight`, [N, d]], [`${p}.gate_network.2.weight`, [N, N]]] : [[`${p}.gate_network.weight`, [N, d]]];
+}
+
+/** Every tensor a checkpoint of this kind must hold, with its shape (noise optional). */
+function expectedTensors(info: CheckpointInfo): Map<string, number[]> {
+  const { common, ffn } = shapesOf(info.config);
+  const all = new Map(common);
+  const c = info.config, d = c.hidden_size;
+  for (let i = 0; i < c.num_hidden_layers; i++) {
+    const s = ffn(i);
+    if (info.kind === 'dense') {
+      for (const g of PROJ) all.set(`${layer(i)}.mlp.${g}_proj.weight`, s[g]);
+      continue;
+    }
+    const E = info.moe!.num_experts;
+    for (const g of PROJ) for (let e = 0; e < E; e++) all.set(expertName(i, g, e), s[g]);
+    if (info.kind === 'moe') for (const [n, shape] of routerShapes(i, info.moe!, d)) all.set(n, shape);
+    else all.set(`${layer(i)}.mlp.average_weights`, [info.sharedRate === null ? E : E - 1]);
+  }
+  return all;
+}
+
+/** Checks names and shapes of the tensors in `r` against the kind, before anything is read or written. */
+function checkTensors(info: CheckpointInfo, r: SafetensorsReader): void {
+  const want = expectedTensors(info);
+  const missing = [...want.keys()].filter((n) => !r.has(n));
+  if (missing.length)
+    throw new XftError(`${info.dir}: a ${info.kind} checkpoint needs ${missing.length} tensor(s) it lacks: ${missing.slice(0, 4).join(', ')}${missing.length > 4 ? ', ...' : ''}`, 'XFT_FORMAT');
+  const noise = info.kind === 'moe' ? new Set(Array.from({ length: info.config.num_hidden_layers }, (_, i) => `${layer(i)}.mlp.gate.weight_noise.weight`)) : new Set<string>();
+  const extra = r.names().filter((n) => !want.has(n) && !noise.has(n) && !IGNORED.test(n));
+  if (extra.length)
+    throw new XftError(`${info.dir}: unexpected tensor(s) for a ${info.kind} Llama checkpoint: ${extra.slice(0, 4).join(', ')}${extra.length > 4 ? ', ...' : ''}`, 'XFT_FORMAT');
+  for (const [n, shape] of want) {
+    const t = r.info(n);
+    if (formatShape(t.shape) !== formatShape(shape))
+      throw new XftError(`${info.dir}: ${n} has shape ${formatShape(t.shape)}, expected ${formatShape(shape)} from config.json`, 'XFT_SHAPE');
+    if (t.dtype !== 'F32' && t.dtype !== 'BF16' && t.dtype !== 'F16')
+      throw new XftError(`${info.dir}: ${n} is ${t.dtype}, expected F32, BF16 or F16`, 'XFT_DTYPE');
+  }
+}
+
+// ---- loading ----
+
+export interface LoadOptions {
+  device?: Device;
+}
+
+/**
+ * Loads a checkpoint folder as a Model (f32 weights on `device`): dense and MoE models with every
+ * parameter trainable, a merge model with only α trainable (the experts and the rest frozen).
+ */
+export function loadModel(dir: string, options: LoadOptions = {}): Model {
+  const info = readCheckpointInfo(dir);
+  const device = options.device ?? 'cpu';
+  const r = new SafetensorsReader(dir);
+  checkTensors(info, r);
+  const c = info.config, trainable = info.kind !== 'merged';
+  const made: Param[] = [];
+  try {
+    const param = (name: string, train = trainable) => {
+      const p = new Param(name, r.read(name, { device }), train);
+      made.push(p);
+      return p;
+    };
+    const stack = (i: number, g: string) => {
+      const E = info.moe!.num_experts, first = r.info(expertName(i, g, 0)).shape;
+      const s = Tensor.empty([E, ...first], { device });
+      const p = new Param(`${layer(i)}.mlp.calculator.experts.weight_${g}`, s, info.kind === 'moe');
+      made.push(p);
+      for (let e = 0; e < E; e++) {
+        const t = r.read(expertName(i, g, e), { device });
+        s.narrow(e, 1).copy_(t);
+        t.dispose();
+      }
+      return p;
+    };
+    const embed = param('model.embed_tokens.weight');
+    const blocks = Array.from({ length: c.num_hidden_layers }, (_, i) => {
+      const p = layer(i);
+      const inputNorm = param(`${p}.input_layernorm.weight`);
+      const [q, k, v, o] = ['q', 'k', 'v', 'o'].map((x) => param(`${p}.self_attn.${x}_proj.weight`));
+      const postNorm = param(`${p}.post_attention_layernorm.weight`);
+      let ffn: Block['ffn'];
+      if (info.kind === 'dense') ffn = new DenseFFN(param(`${p}.mlp.gate_proj.weight`), param(`${p}.mlp.up_proj.weight`), param(`${p}.mlp.down_proj.weight`));
+      else if (info.kind === 'moe') {
+        const [g, u, dn] = PROJ.map((x) => stack(i, x));
+        const router = routerShapes(i, info.moe!, c.hidden_size).map(([n]) => param(n));
+        const noiseName = `${p}.mlp.gate.weight_noise.weight`;
+        const noise = r.has(noiseName) ? param(noiseName) : null;
+        ffn = new MoeFFN(info.moe!, g, u, dn, router, noise);
+      } else {
+        const [g, u, dn] = PROJ.map((x) => stack(i, x));
+        ffn = new MergedFFN(g, u, dn, param(`${p}.mlp.average_weights`, true), info.sharedRate, info.moe);
+      }
+      return new Block(c, inputNorm, q, k, v, o, postNorm, ffn);
+    });
+    return new Model(c, embed, blocks, param('model.norm.weight'), param('lm_head.weight'), device);
+  } catch (err) {
+    made.forEach((p) => p.dispose());
+    throw err;
+  }
+}
+
+// ---- saving ----
+
+export interface SaveOptions {
+  /** dtype of the weights written; default: the config's torch_dtype, else f32 (α is always f32) */
+  dtype?: SaveDtype;
+  /** largest shard in bytes (default 5 GiB, as transformers); above it the checkpoint is sharded */
+  maxShardBytes?: number;
+  /** replace an existing, non-empty folder (default false: an error) */
+  overwrite?: boolean;
+  /** copy tokenizer and generation files from this checkpoint folder */
+  copyFrom?: string;
+}
+
+function targetDtype(config: LlamaConfig, dtype?: SaveDtype): FileDType {
+  if (dtype !== undefined) {
+    if (!(dtype in FILE_DTYPE)) throw new XftError(`expected 'f32', 'bf16' or 'f16' for dtype but received ${JSON.stringify(dtype)}`, 'XFT_VALUE');
+    return FILE_DTYPE[dtype];
+  }
+  return FILE_DTYPE[FROM_TORCH[config.torch_dtype ?? 'float32'] ?? 'f32'];
+}
+
+function checkTarget(dir: string, overwrite?: boolean): void {
+  if (fs.existsSync(dir) && !overwrite) {
+    if (!fs.statSync(dir).isDirectory()) throw new XftError(`${dir} exists and is not a folder`, 'XFT_IO');
+    if (fs.readdirSync(dir).length > 0) throw new XftError(`${dir} exists and is not empty (pass overwrite / --overwrite to replace it)`, 'XFT_IO');
+  }
+}
+
+function copySideFiles(from: string | undefined, to: string): void {
+  if (!from) return;
+  for (const f of SIDE_FILES) if (fs.existsSync(path.join(from, f))) fs.copyFileSync(path.join(from, f), path.join(to, f));
+}
+
+/** Writes `model` as a checkpoint folder of its kind (dense / moe / merge), atomically. */
+export function saveModel(model: Model, dir: string, options: SaveOptions = {}): void {
+  checkTarget(dir, options.overwrite);
+  const dtype = targetDtype(model.config, options.dtype);
+  const entries: WriteEntry[] = [];
+  let moe: MoeConfig | null = null, rate: number | null = null;
+  for (const b of model.blocks) {
+    if (b.ffn instanceof MoeFFN) moe = b.ffn.moe;
+    if (b.ffn instanceof MergedFFN) rate = b.ffn.sharedRate;
+  }
+  if (model.kind === 'merged') {
+    const f = model.blocks[0].ffn as MergedFFN, E = f.gate.value.shape[0];
+    // a merge model made by hand (not from upcycle / loadModel) may not know its MoE: its shapes tell E
+    moe = f.moe ?? moeConfig({ num_experts: E, num_selects: Math.min(E, 2), shared_expert: rate !== null });
+  }
+  for (const p of model.params()) {
+    const stacked = /\.calculator\.experts\.weight_(gate|up|down)$/.test(p.name);
+    const fileDtype = p.name.endsWith('.average_weights') ? 'F32' : dtype;
+    if (!stacked) {
+      entries.push({ name: p.name, dtype: fileDtype, shape: p.value.shape, tensor: () => p.value });
+      continue;
+    }
+    const [E, ...shape] = p.value.shape;
+    for (let e = 0; e < E; e++)
+      entries.push({ name: `${p.name}.${e}.weight`, dtype: fileDtype, shape, tensor: () => p.value.narrow(e, 1).reshape(shape) });
+  }
+  const config = configJson(model.kind, model.config, moe, rate, dtype);
+  writeFolderAtomic(dir, (tmp) => {
+    writeShards(tmp, entries, { maxShardBytes: options.maxShardBytes });
+    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(config, null, 2) + '\n');
+    copySideFiles(options.copyFrom, tmp);
+  });
+}
+
+// ---- streaming on disk ----
+
+export interface StreamOptions {
+  /** dtype of the weights written; default: each tensor's dtype in the source */
+  dtype?: SaveDtype;
+  maxShardBytes?: number;
+  overwrite?: boolean;
+  /** elements per read (default 4M): the memory a copied tensor needs */
+  chunkElements?: number;
+  /** called after each tensor is written */
+  onProgress?: (p: { done: number; total: number; name: string; bytes: number }) => void;
+}
+
+/** A write entry that copies `name` from `r` chunk by chunk, converting to `to` when it differs. */
+function copyEntry(r: SafetensorsReader, name: string, outName: string, to: FileDType | undefined, chunk: number): WriteEntry {
+  const info = r.info(name), dtype = to ?? info.dtype, n = numelOf(info.shape), size = dtypeBytes(info.dtype);
+  return {
+    name: outName, dtype, shape: info.shape,
+    bytes: function* () {
+      for (let s = 0; s < n; s += chunk) {
+        const raw = r.readRange(name, s * size, Math.min(n, s + chunk) * size);
+        yield dtype === info.dtype ? raw : f32ToBytes(bytesToF32(raw, info.dtype, name), dtype);
+      }
+    },
+  };
+}
+
+/** Reports each written tensor to onProgress. */
+function withProgress(entries: WriteEntry[], onProgress: StreamOptions['onProgress']): WriteEntry[] {
+  if (!onProgress) return entries;
+  let done = 0;
+  return entries.map((e) => ({ ...e, after: () => onProgress({ done: ++done, total: entries.length, name: e.name, bytes: numelOf(e.shape) * dtypeBytes(e.dtype) }) }));
+}
+
+function chunkOf(options: StreamOptions): number {
+  const c = options.chunkElements ?? 4 * 2 ** 20;
+  if (!Number.isSafeInteger(c) || c < 1) throw new XftError(`expected a positive integer for chunkElements but received ${c}`, 'XFT_VALUE');
+  return c;
+}
+
+function fileDtypeOf(options: StreamOptions): FileDType | undefined {
+  if (options.dtype === undefined) return undefined;
+  if (!(options.dtype in FILE_DTYPE)) throw new XftError(`expected 'f32', 'bf16' or 'f16' for dtype but received ${JSON.stringify(options.dtype)}`, 'XFT_VALUE');
+  return FILE_DTYPE[options.dtype];
+}
+
+/**
+ * Upcycles a dense checkpoint on disk into an MoE checkpoint (the reference's names), streaming:
+ * each FFN weight is copied E times chunk by chunk; routers are initialised exactly as `upcycle`
+ * does (same seeds), so loading the result equals `upcycle(loadModel(src), options)`.
+ */
+export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOptions & StreamOptions = {}): CheckpointInfo {
+  const info = readCheckpointInfo(src);
+  if (info.kind !== 'dense') throw new XftError(`upcycleCheckpoint: ${src} is a ${info.kind} checkpoint; expected a dense one`, 'XFT_VALUE');
+  const moe = upcycleMoeConfig(options, 'upcycleCheckpoint');
+  const r = new SafetensorsReader(src);
+  checkTensors(info, r);
+  checkTarget(dst, options.overwrite);
+  const to = fileDtypeOf(options), chunk = chunkOf(options);
+  const c = info.config, d = c.hidden_size, E = moe.num_experts;
+  const init = routerInit(options.seed ?? 0);
+  const entries: WriteEntry[] = [copyEntry(r, 'model.embed_tokens.weight', 'model.embed_tokens.weight', to, chunk)];
+  for (let i = 0; i < c.num_hidden_layers; i++) {
+    const p = layer(i);
+    for (const n of ['input_layernorm', 'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'post_attention_layernorm'])
+      entries.push(copyEntry(r, `${p}.${n}.weight`, `${p}.${n}.weight`, to, chunk));
+    const ffnDtype = to ?? r.info(`${p}.mlp.gate_proj.weight`).dtype;
+    for (const g of PROJ) for (let e = 0; e < E; e++) entries.push(copyEntry(r, `${p}.mlp.${g}_proj.weight`, expertName(i, g, e), to, chunk));
+    for (const [name, shape] of routerShapes(i, moe, d)) {
+      const make = init.next(shape);
+      entries.push({ name, dtype: ffnDtype, shape, tensor: make, dispose: true });
+    }
+    const N = moe.shared_expert ? E - 1 : E;
+    entries.push({ name: `${p}.mlp.gate.weight_noise.weight`, dtype: ffnDtype, shape: [N, d], tensor: () => Tensor.zeros([N, d]), dispose: true });
+  }
+  entries.push(copyEntry(r, 'model.norm.weight', 'model.norm.weight', to, chunk));
+  entries.push(copyEntry(r, 'lm_head.weight', 'lm_head.weight', to, chunk));
+  const dtype = to ?? r.info('model.layers.0.mlp.gate_proj.weight').dtype;
+  const out: CheckpointInfo = { dir: dst, kind: 'moe', config: c, moe, sharedRate: null, raw: configJson('moe', c, moe, null, dtype) };
+  writeFolderAtomic(dst, (tmp) => {
+    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
+    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(out.raw, null, 2) + '\n');
+    copySideFiles(src, tmp);
+  });
+  return out;
+}
+
+/** Mixing coefficients c_e (XFT.md section 2), computed in double: c_0 = λ, c_i = (1 - λ) softmax(α)_i; soup: softmax(α). */
+export function mixingCoefficients(alpha: ArrayLike<number>, sharedRate: number | null): number[] {
+  const a = Array.from(alpha), m = Math.max(...a);
+  const ex = a.map((v) => Math.exp(v - m)), z = ex.reduce((s, v) => s + v, 0);
+  const s = ex.map((v) => v / z);
+  return sharedRate === null ? s : [sharedRate, ...s.map((v) => (1 - sharedRate) * v)];
+}
+
+export interface MergeCheckpointOptions extends StreamOptions {
+  /**
+   * λ for an MoE checkpoint (merged with the initial coefficients, α = 0; default 0.75, or null
+   * without a shared expert). A merge checkpoint uses the λ its α was learned with.
+   */
+  sharedRate?: number | null;
+}
+
+/**
+ * Compiles an MoE or merge checkpoint on disk into a dense Llama checkpoint: per layer and
+ * projection W̄ = Σ_e c_e W_e, accumulated in f32 expert by expert, chunk by chunk (peak memory:
+ * one f32 copy of the largest FFN weight). Everything but the FFNs is copied.
+ */
+export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpointOptions = {}): CheckpointInfo & { coefficients: number[][] } {
+  const info = readCheckpointInfo(src);
+  if (info.kind === 'dense') throw new XftError(`mergeCheckpoint: ${src} is a dense checkpoint; expected an MoE or merge checkpoint`, 'XFT_VALUE');
+  const moe = info.moe!, E = moe.num_experts;
+  let rate: number | null;
+  if (info.kind === 'merged') {
+    if (options.sharedRate !== undefined && options.sharedRate !== info.sharedRate)
+      throw new XftError(`mergeCheckpoint: ${src} learned its coefficients with shared rate ${info.sharedRate}; sharedRate ${options.sharedRate} would not match them`, 'XFT_VALUE');
+    rate = info.sharedRate;
+  } else {
+    rate = options.sharedRate === undefined ? (moe.shared_expert ? 0.75 : null) : options.sharedRate;
+    if (rate !== null && !(typeof rate === 'number' && rate >= 0 && rate <= 1))
+      throw new XftError(`mergeCheckpoint: expected a number in [0, 1] or null for sharedRate but received ${JSON.stringify(rate)}`, 'XFT_VALUE');
+    if (rate !== null && !moe.shared_expert) throw new XftError('mergeCheckpoint: this MoE has no shared expert; pass sharedRate: null', 'XFT_VALUE');
+  }
+  const r = new SafetensorsReader(src);
+  checkTensors(info, r);
+  checkTarget(dst, options.overwrite);
+  const to = fileDtypeOf(options), chunk = chunkOf(options);
+  const c = info.config;
+  const coefficients: number[][] = [];
+  const entries: WriteEntry[] = [copyEntry(r, 'model.embed_tokens.weight', 'model.embed_tokens.weight', to, chunk)];
+  for (let i = 0; i < c.num_hidden_layers; i++) {
+    const p = layer(i);
+    const alpha = info.kind === 'merged' ? Array.from(r.readF32(`${p}.mlp.average_weights`)) : new Array<number>(rate === null ? E : E - 1).fill(0);
+    const coef = mixingCoefficients(alpha, rate);
+    coefficients.push(coef);
+    for (const n of ['input_layernorm', 'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'post_attention_layernorm'])
+      entries.push(copyEntry(r, `${p}.${n}.weight`, `${p}.${n}.weight`, to, chunk));
+    for (const g of PROJ) {
+      const first = r.info(expertName(i, g, 0)), n = numelOf(first.shape), dtype = to ?? first.dtype;
+      entries.push({
+        name: `${p}.mlp.${g}_proj.weight`, dtype, shape: first.shape,
+        bytes: function* () {
+          const acc = new Float32Array(n);
+          for (let e = 0; e < E; e++) {
+            const ce = coef[e];
+            for (let s = 0; s < n; s += chunk) {
+              const v = r.readF32(expertName(i, g, e), s, Math.min(chunk, n - s));
+              for (let j = 0; j < v.length; j++) acc[s + j] += ce * v[j];
+            }
+          }
+          for (let s = 0; s < n; s += chunk) yield f32ToBytes(acc.subarray(s, Math.min(n, s + chunk)), dtype);
+        },
+      });
+    }
+  }
+  entries.push(copyEntry(r, 'model.norm.weight', 'model.norm.weight', to, chunk));
+  entries.push(copyEntry(r, 'lm_head.weight', 'lm_head.weight', to, chunk));
+  const dtype = to ?? r.info('model.layers.0.mlp.calculator.experts.weight_gate.0.weight').dtype;
+  const raw = configJson('dense', c, null, null, dtype);
+  writeFolderAtomic(dst, (tmp) => {
+    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
+    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
+    copySideFiles(src, tmp);
+  });
+  return { dir: dst, kind: 'dense', config: c, moe: null, sharedRate: null, raw, coefficients };
+}
