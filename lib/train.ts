@@ -91,40 +91,71 @@ function stepSeed(seed: number, step: number, micro: number): bigint {
   return BigInt.asUintN(64, (BigInt(seed) << 40n) ^ (BigInt(step) << 12n) ^ BigInt(micro) ^ 0x9e3779b97f4a7c15n);
 }
 
-/** Trains `model` on `rows` (samples of one length, from data.toRows). Returns per-step losses and the optimizer state. */
-export function train(model: Model, rows: readonly Sample[], options: TrainOptions): TrainResult {
-  const o = options;
-  check(typeof o.lr === 'number' && o.lr >= 0, 'lr', 'a number >= 0', o.lr);
-  check(Number.isSafeInteger(o.batchSize) && o.batchSize >= 1, 'batchSize', 'a positive integer', o.batchSize);
-  const micro = o.microBatch ?? o.batchSize;
-  check(Number.isSafeInteger(micro) && micro >= 1 && o.batchSize % micro === 0, 'microBatch', `a positive divisor of batchSize (${o.batchSize})`, micro);
-  check(rows.length > 0, 'rows', 'at least one training sequence', rows.length);
-  const seqLen = rows[0].ids.length;
-  check(rows.every((r) => r.ids.length === seqLen && r.targets.length === seqLen), 'rows', `sequences of one length (${seqLen})`, 'rows of several lengths');
-  const seed = o.seed ?? 0, accum = o.batchSize / micro;
-  const stepsPerEpoch = Math.floor(rows.length / o.batchSize);
-  check(stepsPerEpoch >= 1, 'batchSize', `at most the number of training sequences (${rows.length})`, o.batchSize);
-  const total = o.steps ?? stepsPerEpoch * (o.epochs ?? 1);
-  const warmup = o.warmupSteps ?? 0, clip = o.clip ?? 1.0;
-  const params = model.trainableParams();
-  const state: TrainState = o.resume ?? { step: 0, m: new Map(), v: new Map() };
-  for (const p of params) {
-    if (!state.m.has(p.name)) state.m.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
-    if (!state.v.has(p.name)) state.v.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
-  }
-  const losses: number[] = [];
-  const last = Math.min(total, o.stopAfter ?? total);
-  model.zeroGrad();
-  let order: Sample[] = [], orderEpoch = -1;
-  for (let step = state.step; step < last; step++) {
-    const t0 = process.hrtime.bigint();
-    const epoch = Math.floor(step / stepsPerEpoch);
-    if (epoch !== orderEpoch) {
-      order = shuffle(rows, seed * 1000003 + epoch);
-      orderEpoch = epoch;
+/**
+ * A training run, one optimizer step at a time (`train` and `trainAsync` drive it). Each step:
+ * next micro-batches -> forward -> backward (gradients accumulate) -> grad norm -> clip -> AdamW -> zero gradients.
+ */
+export class Trainer {
+  readonly total: number;
+  readonly state: TrainState;
+  readonly losses: number[] = [];
+  readonly #o: TrainOptions;
+  readonly #rows: readonly Sample[];
+  readonly #params: Param[];
+  readonly #seqLen: number;
+  readonly #micro: number;
+  readonly #accum: number;
+  readonly #stepsPerEpoch: number;
+  readonly #last: number;
+  #order: Sample[] = [];
+  #orderEpoch = -1;
+
+  constructor(readonly model: Model, rows: readonly Sample[], options: TrainOptions) {
+    const o = options;
+    check(o !== null && typeof o === 'object', 'options', 'an object with lr and batchSize', o);
+    check(typeof o.lr === 'number' && o.lr >= 0, 'lr', 'a number >= 0', o.lr);
+    check(Number.isSafeInteger(o.batchSize) && o.batchSize >= 1, 'batchSize', 'a positive integer', o.batchSize);
+    const micro = o.microBatch ?? o.batchSize;
+    check(Number.isSafeInteger(micro) && micro >= 1 && o.batchSize % micro === 0, 'microBatch', `a positive divisor of batchSize (${o.batchSize})`, micro);
+    check(rows.length > 0, 'rows', 'at least one training sequence', rows.length);
+    const seqLen = rows[0].ids.length;
+    check(rows.every((r) => r.ids.length === seqLen && r.targets.length === seqLen), 'rows', `sequences of one length (${seqLen})`, 'rows of several lengths');
+    const stepsPerEpoch = Math.floor(rows.length / o.batchSize);
+    check(stepsPerEpoch >= 1, 'batchSize', `at most the number of training sequences (${rows.length})`, o.batchSize);
+    this.#o = o;
+    this.#rows = rows;
+    this.#seqLen = seqLen;
+    this.#micro = micro;
+    this.#accum = o.batchSize / micro;
+    this.#stepsPerEpoch = stepsPerEpoch;
+    this.total = o.steps ?? stepsPerEpoch * (o.epochs ?? 1);
+    this.#last = Math.min(this.total, o.stopAfter ?? this.total);
+    this.#params = model.trainableParams();
+    this.state = o.resume ?? { step: 0, m: new Map(), v: new Map() };
+    for (const p of this.#params) {
+      if (!this.state.m.has(p.name)) this.state.m.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
+      if (!this.state.v.has(p.name)) this.state.v.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
     }
-    const first = (step % stepsPerEpoch) * o.batchSize;
-    const chunk = order.slice(first, first + o.batchSize);
+    model.zeroGrad();
+  }
+
+  /** True when the last step (or stopAfter) is reached. */
+  get done(): boolean {
+    return this.state.step >= this.#last;
+  }
+
+  /** One optimizer step. */
+  step(): StepInfo {
+    const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum;
+    const step = this.state.step, seed = o.seed ?? 0, clip = o.clip ?? 1.0;
+    const t0 = process.hrtime.bigint();
+    const epoch = Math.floor(step / this.#stepsPerEpoch);
+    if (epoch !== this.#orderEpoch) {
+      this.#order = shuffle(this.#rows, seed * 1000003 + epoch);
+      this.#orderEpoch = epoch;
+    }
+    const first = (step % this.#stepsPerEpoch) * o.batchSize;
+    const chunk = this.#order.slice(first, first + o.batchSize);
     const stepTokens = chunk.reduce((a, r) => a + r.targets.filter((v) => v >= 0).length, 0);
     let lossSum = 0, aux = 0;
     for (let mb = 0; mb < accum; mb++) {
@@ -137,24 +168,52 @@ export function train(model: Model, rows: readonly Sample[], options: TrainOptio
       aux += f.auxLoss / accum;
       disposeAll(ids, targets);
     }
-    const withGrad = params.filter((p) => p.grad !== null);
+    const withGrad = this.#params.filter((p) => p.grad !== null);
     const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
     const gradNorm = Math.sqrt(sq.item());
     sq.dispose();
     const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
-    const lr = learningRate(step, o.lr, warmup, total);
+    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
     for (const p of withGrad)
-      tops.adamw(p.value, p.grad!, state.m.get(p.name)!, state.v.get(p.name)!, {
+      tops.adamw(p.value, p.grad!, this.state.m.get(p.name)!, this.state.v.get(p.name)!, {
         lr, step: step + 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0, gradScale: scale,
       });
     model.zeroGrad();
-    state.step = step + 1;
+    this.state.step = step + 1;
     const loss = stepTokens ? lossSum / stepTokens : 0;
-    losses.push(loss);
+    this.losses.push(loss);
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    o.onStep?.({ step: step + 1, steps: total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds });
+    const info = { step: step + 1, steps: this.total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds };
+    o.onStep?.(info);
+    return info;
   }
-  return { losses, state, steps: total };
+
+  result(): TrainResult {
+    return { losses: this.losses, state: this.state, steps: this.total };
+  }
+}
+
+/** Trains `model` on `rows` (samples of one length, from data.toRows). Returns per-step losses and the optimizer state. */
+export function train(model: Model, rows: readonly Sample[], options: TrainOptions): TrainResult {
+  const run = new Trainer(model, rows, options);
+  while (!run.done) run.step();
+  return run.result();
+}
+
+/**
+ * `train` that yields to the event loop between steps, so signal handlers (Ctrl-C) and timers run;
+ * when `signal` is aborted it stops after the current step with `interrupted: true` (save the
+ * state with saveTrainState and resume later: the losses continue exactly).
+ */
+export async function trainAsync(model: Model, rows: readonly Sample[], options: TrainOptions & { signal?: AbortSignal }): Promise<TrainResult & { interrupted: boolean }> {
+  const run = new Trainer(model, rows, options);
+  const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
+  while (!run.done) {
+    await tick();
+    if (options.signal?.aborted) return { ...run.result(), interrupted: true };
+    run.step();
+  }
+  return { ...run.result(), interrupted: false };
 }
 
 /** Mean loss and token accuracy of `model` on `rows` (no gradients). */

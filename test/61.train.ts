@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { tinyConfig } from '../lib/config';
 import { createDense, upcycle, mergeable } from '../lib/xft';
 import { ByteTokenizer, toRows } from '../lib/data';
-import { train, evaluate, learningRate, saveTrainState, loadTrainState, disposeState } from '../lib/train';
+import { train, trainAsync, evaluate, learningRate, saveTrainState, loadTrainState, disposeState } from '../lib/train';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-train-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -58,6 +58,25 @@ t.test('a resumed run continues with the losses of an unbroken run', async (t) =
   t.same([...half.losses, ...rest.losses], full.losses, 'the same losses as the unbroken run');
   [m1, m2, m3].forEach((m) => m.dispose());
   [full.state, half.state, state].forEach(disposeState);
+});
+
+t.test('trainAsync stops on an abort signal after a whole step; resumed, it ends where an unbroken run ends', async (t) => {
+  const opts = { lr: 2e-3, batchSize: 4, epochs: 1, seed: 6 };
+  const m1 = createDense(config, { seed: 3 });
+  const full = train(m1, rows, opts);
+  const m2 = createDense(config, { seed: 3 });
+  const stop = new AbortController();
+  // the abort arrives from the event loop (as SIGINT would), not from inside the step
+  const half = await trainAsync(m2, rows, { ...opts, signal: stop.signal, onStep: (s) => { if (s.step === 3) setImmediate(() => stop.abort()); } });
+  t.equal(half.interrupted, true, 'interrupted');
+  t.equal(half.state.step, 3, 'after step 3');
+  const rest = await trainAsync(m2, rows, { ...opts, resume: half.state });
+  t.equal(rest.interrupted, false);
+  t.same([...half.losses, ...rest.losses], full.losses, 'the same losses as the unbroken run');
+  const p1 = m1.params().map((p) => Array.from(p.value.toArray())), p2 = m2.params().map((p) => Array.from(p.value.toArray()));
+  t.same(p2, p1, 'the same weights');
+  [m1, m2].forEach((m) => m.dispose());
+  [full.state, half.state].forEach(disposeState);
 });
 
 t.test('XFT stages: the MoE fine-tunes everything, merge learning trains only alpha', async (t) => {
