@@ -261,6 +261,8 @@ export interface SaveOptions {
   overwrite?: boolean;
   /** copy tokenizer and generation files from this checkpoint folder */
   copyFrom?: string;
+  /** more files to write into the folder: name -> content */
+  files?: Record<string, string>;
 }
 
 function targetDtype(config: LlamaConfig, dtype?: SaveDtype): FileDType {
@@ -314,6 +316,7 @@ export function saveModel(model: Model, dir: string, options: SaveOptions = {}):
     writeShards(tmp, entries, { maxShardBytes: options.maxShardBytes });
     writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(config, null, 2) + '\n');
     copySideFiles(options.copyFrom, tmp);
+    for (const [name, content] of Object.entries(options.files ?? {})) writeFileAtomic(path.join(tmp, name), content);
   });
 }
 

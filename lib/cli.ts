@@ -1,18 +1,166 @@
 #!/usr/bin/env node
-/** The `xft` command line. */
-import { Command } from 'commander';
+/**
+ * The `xft` command line: info, upcycle, train, merge, eval, demo.
+ *
+ * Exit codes (for scripts):
+ *   0    success
+ *   1    runtime failure (I/O, CUDA, out of memory, an internal error)
+ *   2    usage error (unknown command or option, an option value out of range)
+ *   3    unusable input (a checkpoint, config.json or data file that is malformed or does not fit)
+ *   130  interrupted (Ctrl-C); `xft train` first saves a resumable state
+ */
+import { Command, InvalidArgumentError, CommanderError, Option } from 'commander';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { backend, memoryStats } from './index';
+import { MultiBar, Presets, SingleBar } from 'cli-progress';
+import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
-import { MultiBar, Presets, type SingleBar } from 'cli-progress';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
+import { loadModel, mergeCheckpoint, readCheckpointInfo, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
+import { mergeable, countParameters } from './xft';
+import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainState } from './train';
+import { encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
+import type { Model } from './model';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
+export const EXIT = { ok: 0, failure: 1, usage: 2, input: 3, interrupted: 130 } as const;
+
+/** The paper's recipe per stage (XFT.md): lr, epochs; batch 64, linear schedule, warmup ≈ 7.2% of the steps. */
+export const RECIPE: Record<CheckpointKind, { lr: number; epochs: number; what: string }> = {
+  dense: { lr: 5e-5, epochs: 5, what: 'SFT of the dense model' },
+  moe: { lr: 5e-5, epochs: 4, what: 'MoE fine-tuning' },
+  merged: { lr: 1e-5, epochs: 1, what: 'merge learning (only the mixing coefficients)' },
+};
+/** 500 / 6952, 625 / 8690, 125 / 1738 steps on evol-codealpaca-v1 (111k examples, batch 64) */
+const WARMUP_FRACTION = 0.072;
+
+/** A command line that cannot run as given (exit code 2). */
+class UsageError extends Error {}
+
+// ---- option parsers (errors exit with code 2) ----
+
+function int(min: number) {
+  return (v: string) => {
+    const n = Number(v);
+    if (!Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`expected an integer >= ${min}`);
+    return n;
+  };
+}
+
+function num(min: number, max = Infinity) {
+  return (v: string) => {
+    const n = Number(v);
+    if (v.trim() === '' || !Number.isFinite(n) || n < min || n > max) throw new InvalidArgumentError(`expected a number in [${min}, ${max === Infinity ? '∞' : max}]`);
+    return n;
+  };
+}
+
+function rate(v: string): number | null {
+  if (v === 'none' || v === 'null') return null;
+  return num(0, 1)(v);
+}
+
+/** "5GB", "500MB", "2GiB" or bytes (as transformers' max_shard_size: GB = 10^9, GiB = 2^30). */
+function bytes(v: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?$/i.exec(v.trim());
+  if (!m) throw new InvalidArgumentError('expected a size such as 5GB, 500MB, 2GiB or a number of bytes');
+  const unit = (m[2] ?? 'B').toUpperCase();
+  const mult: Record<string, number> = { B: 1, KB: 1e3, MB: 1e6, GB: 1e9, KIB: 2 ** 10, MIB: 2 ** 20, GIB: 2 ** 30 };
+  const n = Math.floor(Number(m[1]) * mult[unit]);
+  if (n < 1) throw new InvalidArgumentError('expected a positive size');
+  return n;
+}
+
+const dtypeOption = () => new Option('--dtype <dtype>', 'dtype of the weights written (default: as the source)').choices(['f32', 'bf16', 'f16']);
+const deviceOption = () => new Option('--device <device>', "'cuda' or 'cpu' (default: the GPU when there is one)").choices(['cuda', 'cpu']);
+const shardOption = () => new Option('--max-shard-size <size>', 'largest safetensors shard (5GB, 500MB, ...)').argParser(bytes).default(5e9, '5GB');
+
+function deviceOf(d?: string): Device {
+  return (d as Device | undefined) ?? (cudaAvailable() ? 'cuda' : 'cpu');
+}
+
+// ---- progress ----
+
+function bar(format: string): SingleBar {
+  return new SingleBar({ format, hideCursor: true, clearOnComplete: false, noTTYOutput: true, notTTYSchedule: 10000, etaBuffer: 20 }, Presets.shades_classic);
+}
+
+function fileProgress(label: string) {
+  const b = bar(` ${label} |{bar}| {value}/{total} tensors | {mbs} MB/s | ETA {eta_formatted}`);
+  const t0 = Date.now();
+  let written = 0, started = false;
+  return {
+    onProgress: (p: { done: number; total: number; bytes: number }) => {
+      if (!started) {
+        b.start(p.total, 0, { mbs: '-' });
+        started = true;
+      }
+      written += p.bytes;
+      b.update(p.done, { mbs: (written / 1e6 / Math.max(1e-3, (Date.now() - t0) / 1000)).toFixed(0) });
+    },
+    stop: () => started && b.stop(),
+  };
+}
+
+// ---- data ----
+
+interface DataOptions {
+  data: string;
+  tokenizer?: string;
+  seqLen: number;
+  pack?: boolean;
+}
+
+/** The tokenizer: --tokenizer, else the model folder's tokenizer.json, else bytes. */
+function tokenizerFor(modelDir: string, spec: string | undefined, vocab: number): Tokenizer {
+  const chosen = spec ?? (fs.existsSync(path.join(modelDir, 'tokenizer.json')) ? modelDir : 'byte');
+  const tok = loadTokenizer(chosen);
+  if (tok.vocabSize > vocab)
+    throw new XftError(`the tokenizer ${chosen} has ${tok.vocabSize} tokens but the model's vocab_size is ${vocab}`, 'XFT_VALUE');
+  return tok;
+}
+
+/** Sequences of --seq-len; sequences left without a response token (truncated away) are dropped, with a warning. */
+function rowsOf(samples: Sample[], o: DataOptions, tok: Tokenizer): Sample[] {
+  if (samples.length === 0) return [];
+  const rows = toRows(samples, o.seqLen, o.pack ? 'pack' : 'pad', tok.pad);
+  const kept = rows.filter((r) => r.targets.some((v) => v >= 0));
+  if (kept.length === 0)
+    throw new XftError(`--seq-len ${o.seqLen}: no sequence keeps a response token (the prompt template alone is longer); use a larger --seq-len`, 'XFT_VALUE');
+  if (kept.length < rows.length)
+    console.error(`xft: ${rows.length - kept.length} of ${rows.length} sequences have no response token within --seq-len ${o.seqLen}; they are skipped`);
+  return kept;
+}
+
+function loadData(file: string, tok: Tokenizer): Sample[] {
+  const examples = readJsonl(file);
+  if (examples.length === 0) throw new XftError(`${file}: no examples`, 'XFT_FORMAT');
+  return examples.map((e) => encodeExample(tok, e));
+}
+
+function describe(m: Model): string {
+  const all = countParameters(m), trainable = countParameters(m, { trainableOnly: true });
+  return `${m.kind} model, ${(all / 1e6).toFixed(2)}M parameters (${(trainable / 1e6).toFixed(2)}M trainable) on ${m.device}`;
+}
+
+// ---- commands ----
+
 const program = new Command();
-program.name('xft').description('XFT for code LLMs: upcycle a dense Llama to a shared-expert MoE, fine-tune, merge back to dense').version(pkg.version);
+program
+  .name('xft')
+  .description('XFT for code LLMs: upcycle a dense Llama to a shared-expert MoE, fine-tune, merge back to dense')
+  .version(pkg.version)
+  .addHelpText('after', `
+Pipeline (Hugging Face checkpoint folders throughout):
+  xft upcycle dense/ moe/                       # dense -> MoE (8 experts, top-6, shared expert 0)
+  xft train moe/ --data train.jsonl --out moe-ft/
+  xft train moe-ft/ --merge --data train.jsonl --out merge/   # learn the mixing coefficients
+  xft merge merge/ final/                       # -> a dense LlamaForCausalLM of the original size
+  xft eval final/ --data heldout.jsonl
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted (Ctrl-C).`);
 
 program
   .command('info')
@@ -38,30 +186,233 @@ program
   });
 
 program
+  .command('upcycle')
+  .description('upcycle a dense Llama checkpoint into a shared-expert MoE checkpoint (streams tensor by tensor: memory stays small whatever the model size)')
+  .argument('<dense>', 'dense checkpoint folder (config.json + safetensors)')
+  .argument('<out>', 'output folder for the MoE checkpoint')
+  .option('--experts <E>', 'experts per layer, the shared expert included', int(2), 8)
+  .option('--top-k <K>', 'experts per token, the shared expert included', int(1), 6)
+  .addOption(new Option('--router <kind>', 'router network').choices(['mlp', 'linear']).default('mlp'))
+  .option('--no-normalize', 'ablation: no routing weight normalization')
+  .option('--no-shared-expert', 'ablation: vanilla sparse upcycling (no shared expert)')
+  .option('--no-noise', 'no router noise in training')
+  .option('--balance-loss <w>', 'weight of the balance loss (0 disables it)', num(0), 0.01)
+  .option('--seed <n>', 'seed of the router initialisation', int(0), 0)
+  .addOption(dtypeOption())
+  .addOption(shardOption())
+  .option('--overwrite', 'replace a non-empty output folder')
+  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+    const p = fileProgress('upcycle');
+    const t0 = Date.now();
+    try {
+      const r = upcycleCheckpoint(src, out, {
+        experts: o.experts, topK: o.topK, router: o.router, normalize: o.normalize, sharedExpert: o.sharedExpert, noise: o.noise,
+        balanceLossWeight: o.balanceLoss, seed: o.seed, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
+      });
+      p.stop();
+      console.log(`wrote ${out}: MoE with ${r.moe!.num_experts} experts (top-${r.moe!.num_selects}, ${r.moe!.gate_type} router) per layer, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    } finally {
+      p.stop();
+    }
+  });
+
+program
+  .command('train')
+  .description('train a checkpoint with the paper\'s recipe for its kind: dense -> SFT, MoE -> MoE fine-tuning, merge (or MoE with --merge) -> merge learning')
+  .argument('<model>', 'checkpoint folder (dense, MoE or merge)')
+  .option('--data <file>', 'JSONL instruction data (instruction/response, instruction/output or problem/solution); required unless --resume')
+  .requiredOption('--out <dir>', 'output checkpoint folder (written when training ends; Ctrl-C saves <out>.resume)')
+  .option('--merge', 'start merge learning from an MoE checkpoint (mixing coefficients α = 0, experts frozen)')
+  .option('--shared-rate <λ>', "shared expert rate of merge learning ('none': soup over all experts)", rate, 0.75)
+  .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
+  .option('--seq-len <n>', 'tokens per sequence', int(2), 1024)
+  .option('--pack', 'pack examples into full sequences (default: one example per sequence, padded)')
+  .option('--batch-size <n>', 'sequences per optimizer step', int(1), 64)
+  .option('--micro-batch <n>', 'sequences per forward pass (gradient accumulation up to --batch-size; default min(8, batch))', int(1))
+  .option('--epochs <n>', 'passes over the data (default: the recipe: SFT 5, MoE 4, merge 1)', num(0))
+  .option('--steps <n>', 'optimizer steps (overrides --epochs)', int(1))
+  .option('--lr <lr>', 'peak learning rate (default: the recipe: 5e-5, merge 1e-5)', num(0))
+  .option('--warmup <steps>', `linear warmup steps (default: ${WARMUP_FRACTION * 100}% of the steps, as the recipe)`, int(0))
+  .option('--weight-decay <w>', 'AdamW weight decay', num(0), 0)
+  .option('--clip <norm>', 'gradient norm clipping (0: off)', num(0), 1)
+  .option('--held-out <n>', 'examples (or a fraction < 1) held out for evaluation at the end', num(0), 0)
+  .option('--seed <n>', 'seed of the data order and router noise', int(0), 0)
+  .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
+  .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
+  .addOption(deviceOption())
+  .addOption(dtypeOption())
+  .addOption(shardOption())
+  .option('--overwrite', 'replace a non-empty output folder')
+  .action(trainCommand);
+
+interface TrainCliOptions extends DataOptions {
+  out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
+  warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; resume?: boolean; device?: string;
+  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean;
+}
+
+async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
+  const resumeDir = `${cli.out.replace(/[/\\]+$/, '')}.resume`;
+  let o = cli;
+  if (cli.resume) {
+    const saved = readTrainStateInfo(resumeDir);
+    const args = saved.args as { model: string; options: TrainCliOptions } | undefined;
+    if (!args) throw new XftError(`${resumeDir}: no run options in trainer_state.json`, 'XFT_FORMAT');
+    if (path.resolve(args.model) !== path.resolve(modelDir))
+      throw new XftError(`${resumeDir} continues a run of ${args.model}, not ${modelDir}`, 'XFT_VALUE');
+    o = { ...args.options, device: cli.device ?? args.options.device, resume: true };
+    console.log(`resuming at step ${saved.step} with the saved options`);
+  } else if (!o.data) throw new UsageError("train: required option '--data <file>' not specified");
+  if (fs.existsSync(o.out) && fs.readdirSync(o.out).length > 0 && !o.overwrite)
+    throw new XftError(`${o.out} exists and is not empty (pass --overwrite to replace it)`, 'XFT_IO');
+  const info = readCheckpointInfo(modelDir);
+  if (o.merge && info.kind !== 'moe') throw new XftError(`--merge starts merge learning from an MoE checkpoint; ${modelDir} is a ${info.kind} checkpoint`, 'XFT_VALUE');
+  const device = deviceOf(o.device);
+  const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
+  const samples = loadData(o.data, tok);
+  const parts = o.heldOut > 0 ? split(samples, o.heldOut, o.seed) : { train: samples, eval: [] };
+  if (parts.train.length === 0) throw new XftError(`${o.data}: no training examples left after holding out ${o.heldOut}`, 'XFT_VALUE');
+  const rows = rowsOf(parts.train, o, tok), evalRows = rowsOf(parts.eval, o, tok);
+  const batch = Math.min(o.batchSize, rows.length);
+  const micro = o.microBatch ?? Math.min(8, batch);
+  if (batch % micro !== 0) throw new XftError(`--micro-batch ${micro} must divide the batch size ${batch}`, 'XFT_VALUE');
+
+  let model = loadModel(modelDir, { device });
+  if (o.merge) {
+    const moe = model;
+    model = mergeable(moe, { sharedRate: o.sharedRate });
+    moe.dispose();
+  }
+  const recipe = RECIPE[model.kind];
+  const stepsPerEpoch = Math.floor(rows.length / batch);
+  const total = o.steps ?? Math.max(1, Math.round(stepsPerEpoch * (o.epochs ?? recipe.epochs)));
+  const lr = o.lr ?? recipe.lr, warmup = o.warmup ?? Math.round(WARMUP_FRACTION * total);
+  console.log(`${recipe.what}: ${describe(model)}`);
+  console.log(`data: ${rows.length} sequences of ${o.seqLen} tokens (${tok.name} tokenizer), ${evalRows.length} held out; ${total} steps of ${batch} (micro-batch ${micro}), lr ${lr}, warmup ${warmup}`);
+
+  // the run's state object: the trainer fills and advances it, so --save-every can save it between steps
+  const state: TrainState = o.resume ? loadTrainState(resumeDir, model) : { step: 0, m: new Map(), v: new Map() };
+  const earlier = o.resume ? ((readTrainStateInfo(resumeDir).losses as number[] | undefined) ?? []) : [];
+  const losses: number[] = [...earlier];
+  const runArgs = () => ({ args: { model: modelDir, options: { ...o, resume: undefined } }, losses });
+  const stop = new AbortController();
+  const onSigint = () => {
+    console.error('\nxft: Ctrl-C: stopping after this step and saving a resumable state (Ctrl-C again to quit at once)');
+    stop.abort();
+    process.once('SIGINT', () => process.exit(EXIT.interrupted));
+  };
+  process.once('SIGINT', onSigint);
+  const b = bar(' train |{bar}| {value}/{total} steps | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_formatted}');
+  b.start(total, state.step, { loss: '-', lr: '-', tps: '-' });
+  const r = await trainAsync(model, rows, {
+    lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: o.clip, seed: o.seed,
+    resume: state, signal: stop.signal,
+    onStep: (s) => {
+      losses.push(s.loss);
+      b.update(s.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSecond) });
+      if (o.saveEvery && s.step % o.saveEvery === 0 && s.step < s.steps) {
+        saveTrainState(resumeDir, model, state, runArgs());
+        console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
+      }
+    },
+  });
+  b.stop();
+  process.removeListener('SIGINT', onSigint);
+  if (r.interrupted) {
+    saveTrainState(resumeDir, model, r.state, runArgs());
+    console.error(`xft: saved the state at step ${r.state.step}/${total} in ${resumeDir}; continue with: xft train ${modelDir} --out ${o.out} --resume`);
+    process.exitCode = EXIT.interrupted;
+    return;
+  }
+  const metrics: Record<string, unknown> = { kind: model.kind, steps: total, losses, lr, warmup, batch, seqLen: o.seqLen };
+  if (evalRows.length) {
+    const ev = evaluate(model, evalRows, { batchSize: micro });
+    metrics.eval = ev;
+    console.log(`held-out: loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}% (${ev.tokens} tokens)`);
+  }
+  saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files: { 'xft_train.json': JSON.stringify(metrics, null, 2) + '\n' } });
+  fs.rmSync(resumeDir, { recursive: true, force: true });
+  console.log(`wrote ${o.out} (${model.kind} checkpoint); final training loss ${losses.at(-1)?.toFixed(4) ?? '-'}`);
+  disposeState(r.state);
+  model.dispose();
+}
+
+program
+  .command('merge')
+  .description('compile an MoE or merge checkpoint into a dense Llama checkpoint of the original size (W̄ = Σ c_e W_e per layer; streams: memory stays small)')
+  .argument('<model>', 'merge checkpoint (learned α) or MoE checkpoint (initial coefficients, α = 0)')
+  .argument('<out>', 'output folder for the dense checkpoint (loads in transformers as LlamaForCausalLM)')
+  .option('--shared-rate <λ>', "λ for an MoE checkpoint (default 0.75; 'none': average all experts)", rate)
+  .addOption(dtypeOption())
+  .addOption(shardOption())
+  .option('--overwrite', 'replace a non-empty output folder')
+  .action((src: string, out: string, o: { sharedRate?: number | null; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+    const p = fileProgress('merge');
+    const t0 = Date.now();
+    try {
+      const r = mergeCheckpoint(src, out, { sharedRate: o.sharedRate, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress });
+      p.stop();
+      const c = r.coefficients[0].map((v) => v.toFixed(3)).join(', ');
+      console.log(`wrote ${out}: dense LlamaForCausalLM, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s (layer 0 coefficients: ${c})`);
+    } finally {
+      p.stop();
+    }
+  });
+
+program
+  .command('eval')
+  .description('held-out loss and token accuracy of a checkpoint (any kind) on JSONL instruction data (response tokens only)')
+  .argument('<model>', 'checkpoint folder')
+  .requiredOption('--data <file>', 'JSONL instruction data')
+  .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
+  .option('--seq-len <n>', 'tokens per sequence', int(2), 1024)
+  .option('--pack', 'pack examples into full sequences')
+  .option('--batch-size <n>', 'sequences per forward pass', int(1), 8)
+  .addOption(deviceOption())
+  .option('--json', 'print JSON')
+  .action((modelDir: string, o: DataOptions & { batchSize: number; device?: string; json?: boolean }) => {
+    const info = readCheckpointInfo(modelDir);
+    const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
+    const rows = rowsOf(loadData(o.data, tok), o, tok);
+    const model = loadModel(modelDir, { device: deviceOf(o.device) });
+    const b = bar(' eval |{bar}| {value}/{total} sequences | {tps} tok/s | ETA {eta_formatted}');
+    if (!o.json) b.start(rows.length, 0, { tps: '-' });
+    const t0 = Date.now();
+    let positions = 0;
+    const r = evaluate(model, rows, {
+      batchSize: o.batchSize,
+      onBatch: (done, _total, n) => {
+        positions += n;
+        if (!o.json) b.update(done, { tps: Math.round(positions / Math.max(1e-3, (Date.now() - t0) / 1000)) });
+      },
+    });
+    if (!o.json) b.stop();
+    const result = { model: modelDir, kind: model.kind, loss: r.loss, accuracy: r.accuracy, tokens: r.tokens, sequences: rows.length };
+    if (o.json) console.log(JSON.stringify(result, null, 2));
+    else console.log(`${modelDir} (${model.kind}): loss ${r.loss.toFixed(4)}, token accuracy ${(r.accuracy * 100).toFixed(2)}% over ${r.tokens} response tokens`);
+    model.dispose();
+  });
+
+program
   .command('demo')
   .description('the main job: pretrain a tiny Llama on code found on this machine, then SFT versus XFT (upcycle -> MoE -> learned merge) with equal budgets; writes a results table and loss curves')
   .option('-o, --out <dir>', 'output folder', 'xft-demo')
-  .option('--device <device>', "'cuda' or 'cpu' (default: the GPU when there is one)")
-  .option('--scale <x>', 'scale of the training budgets (1 = about 2 minutes on 2 CPU cores)', '1')
-  .option('--seed <n>', 'seed', '0')
-  .action((opts: { out: string; device?: string; scale: string; seed: string }) => {
-    const scale = Number(opts.scale), seed = Number(opts.seed);
-    if (!(scale > 0)) throw new XftError(`demo: expected a positive number for --scale but received ${opts.scale}`, 'XFT_VALUE');
-    if (!Number.isSafeInteger(seed)) throw new XftError(`demo: expected an integer for --seed but received ${opts.seed}`, 'XFT_VALUE');
-    if (opts.device !== undefined && opts.device !== 'cpu' && opts.device !== 'cuda')
-      throw new XftError(`demo: expected 'cpu' or 'cuda' for --device but received ${opts.device}`, 'XFT_VALUE');
+  .addOption(deviceOption())
+  .option('--scale <x>', 'scale of the training budgets (1 = about 2 minutes on 2 CPU cores)', num(1e-3), 1)
+  .option('--seed <n>', 'seed', int(0), 0)
+  .action((opts: { out: string; device?: string; scale: number; seed: number }) => {
     const bars = new MultiBar({ format: ' {stage} |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | ETA {eta_formatted}', hideCursor: true, clearOnComplete: false, noTTYOutput: true, notTTYSchedule: 10000 }, Presets.shades_classic);
     const open = new Map<string, SingleBar>();
     const r = runDemo({
-      out: opts.out, scale, seed, device: opts.device as 'cpu' | 'cuda' | undefined,
+      out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined,
       log: (line) => bars.log(line + '\n'),
       progress: (stage, s) => {
-        let bar = open.get(stage);
-        if (!bar) {
-          bar = bars.create(s.steps, 0, { stage: stage.padEnd(8), loss: '-', tps: '-' });
-          open.set(stage, bar);
+        let one = open.get(stage);
+        if (!one) {
+          one = bars.create(s.steps, 0, { stage: stage.padEnd(8), loss: '-', tps: '-' });
+          open.set(stage, one);
         }
-        bar.update(s.step, { loss: s.loss.toFixed(3), tps: Math.round(s.tokensPerSecond) });
+        one.update(s.step, { loss: s.loss.toFixed(3), tps: Math.round(s.tokensPerSecond) });
       },
     });
     bars.stop();
@@ -69,10 +420,28 @@ program
     console.log(`wrote ${opts.out}/results.md, results.json, loss.svg, loss.png`);
   });
 
-try {
-  program.parse(process.argv);
-} catch (err) {
-  const e = err as Error & { code?: string };
-  console.error(`xft: ${e.message}`);
-  process.exit(e.code === 'XFT_VALUE' || e.code === 'XFT_TYPE' ? 2 : 1);
+/** The exit code for an error. */
+export function exitCodeOf(err: unknown): number {
+  if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
+  if (err instanceof UsageError) return EXIT.usage;
+  const code = (err as { code?: string }).code;
+  if (code === 'XFT_FORMAT' || code === 'XFT_SHAPE' || code === 'XFT_DTYPE' || code === 'XFT_VALUE' || code === 'XFT_TYPE' || code === 'XFT_DEVICE') return EXIT.input;
+  return EXIT.failure;
 }
+
+async function main(): Promise<void> {
+  program.exitOverride();
+  program.commands.forEach((c) => c.exitOverride());
+  try {
+    await program.parseAsync(process.argv);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      process.exitCode = exitCodeOf(err);
+      return;
+    }
+    console.error(`xft: ${(err as Error).message}`);
+    process.exitCode = exitCodeOf(err);
+  }
+}
+
+void main();

@@ -217,7 +217,9 @@ export async function trainAsync(model: Model, rows: readonly Sample[], options:
 }
 
 /** Mean loss and token accuracy of `model` on `rows` (no gradients). */
-export function evaluate(model: Model, rows: readonly Sample[], options: { batchSize?: number } = {}): { loss: number; accuracy: number; tokens: number } {
+export function evaluate(
+  model: Model, rows: readonly Sample[], options: { batchSize?: number; onBatch?: (done: number, total: number, positions: number) => void } = {},
+): { loss: number; accuracy: number; tokens: number } {
   const bs = options.batchSize ?? 8;
   let sum = 0, tokens = 0, correct = 0;
   for (let i = 0; i < rows.length; i += bs) {
@@ -229,26 +231,39 @@ export function evaluate(model: Model, rows: readonly Sample[], options: { batch
     tokens += f.tokens;
     correct += f.correct;
     disposeAll(ids, targets);
+    options.onBatch?.(Math.min(rows.length, i + bs), rows.length, part.length * seqLen);
   }
   return { loss: tokens ? sum / tokens : 0, accuracy: tokens ? correct / tokens : 0, tokens };
 }
 
-/** Saves parameters and optimizer moments (safetensors) and the step (JSON) into `dir`, atomically. */
-export function saveTrainState(dir: string, model: Model, state: TrainState): void {
+/**
+ * Saves parameters and optimizer moments (safetensors) and the step (JSON, with `extra` fields,
+ * e.g. the run's options) into `dir`, atomically.
+ */
+export function saveTrainState(dir: string, model: Model, state: TrainState, extra: Record<string, unknown> = {}): void {
   const entries = (prefix: string, list: [string, Tensor][]) =>
     list.map(([name, t]) => ({ name: `${prefix}${name}`, dtype: 'F32' as const, shape: t.shape, tensor: () => t }));
   writeFolderAtomic(dir, (tmp) => {
     writeSafetensors(path.join(tmp, 'params.safetensors'), entries('', model.params().map((p: Param) => [p.name, p.value])));
     writeSafetensors(path.join(tmp, 'optimizer.safetensors'), [...entries('m.', [...state.m]), ...entries('v.', [...state.v])]);
-    writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify({ step: state.step }, null, 2));
+    writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify({ ...extra, step: state.step }, null, 2));
   });
+}
+
+/** trainer_state.json of a saved state: the step and the extra fields. */
+export function readTrainStateInfo(dir: string): { step: number } & Record<string, unknown> {
+  const file = path.join(dir, 'trainer_state.json');
+  if (!fs.existsSync(file)) throw new XftError(`${dir}: no trainer_state.json (not a training checkpoint)`, 'XFT_IO');
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new XftError(`${file}: ${(err as Error).message}`, 'XFT_FORMAT');
+  }
 }
 
 /** Loads what saveTrainState wrote: parameters into `model` (same architecture), and the optimizer state. */
 export function loadTrainState(dir: string, model: Model): TrainState {
-  const file = path.join(dir, 'trainer_state.json');
-  if (!fs.existsSync(file)) throw new XftError(`${dir}: no trainer_state.json (not a training checkpoint)`, 'XFT_IO');
-  const { step } = JSON.parse(fs.readFileSync(file, 'utf8')) as { step: number };
+  const { step } = readTrainStateInfo(dir);
   const params = new SafetensorsReader(path.join(dir, 'params.safetensors'));
   for (const p of model.params()) {
     const t = params.read(p.name, { device: model.device, shape: p.value.shape });

@@ -1,0 +1,120 @@
+// The `xft` command line end to end: the pipeline upcycle -> train -> train --merge -> merge -> eval,
+// --help everywhere, exit codes, Ctrl-C saving a resumable state that continues the run exactly.
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawn, spawnSync } from 'node:child_process';
+import { tinyConfig } from '../lib/config';
+import { createDense } from '../lib/xft';
+import { saveModel, readCheckpointInfo } from '../lib/checkpoint';
+import { SafetensorsReader } from '../lib/safetensors';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-cli-'));
+t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+const at = (name: string) => path.join(tmp, name);
+const CLI = path.join(__dirname, '..', 'lib', 'cli.ts');
+// the child runs the TypeScript CLI through the same loader as this test, on the CPU
+const env = { ...process.env, XFT_DEVICE: 'cpu' };
+
+function xft(...args: string[]) {
+  const r = spawnSync(process.execPath, [...process.execArgv, CLI, ...args], { cwd: tmp, env, encoding: 'utf8' });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+const config = tinyConfig({ hidden_size: 32, intermediate_size: 48, num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 2 });
+const dense = createDense(config, { seed: 1 });
+saveModel(dense, at('dense'));
+dense.dispose();
+fs.writeFileSync(at('data.jsonl'), Array.from({ length: 40 }, (_, i) => JSON.stringify({ instruction: `Add ${i} and ${2 * i}.`, response: `return ${3 * i};` })).join('\n') + '\n');
+const DATA = ['--data', 'data.jsonl', '--seq-len', '200'];
+
+t.test('--help on every command', async (t) => {
+  const top = xft('--help');
+  t.equal(top.code, 0);
+  for (const c of ['info', 'upcycle', 'train', 'merge', 'eval', 'demo']) t.match(top.out, new RegExp(`\\n  ${c}\\b`), `lists ${c}`);
+  t.match(top.out, /Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted/);
+  for (const [c, opt] of [['upcycle', '--experts'], ['train', '--merge'], ['merge', '--shared-rate'], ['eval', '--data'], ['demo', '--scale'], ['info', '--json']]) {
+    const r = xft(c, '--help');
+    t.equal(r.code, 0, `${c} --help exits 0`);
+    t.match(r.out, opt, `${c} --help shows ${opt}`);
+  }
+});
+
+t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eval', async (t) => {
+  let r = xft('upcycle', 'dense', 'moe', '--experts', '4', '--top-k', '3');
+  t.equal(r.code, 0, `upcycle: ${r.err}`);
+  t.equal(readCheckpointInfo(at('moe')).kind, 'moe');
+  r = xft('train', 'moe', ...DATA, '--out', 'moe-ft', '--batch-size', '8', '--steps', '3', '--lr', '1e-3', '--held-out', '8');
+  t.equal(r.code, 0, `train MoE: ${r.err}`);
+  t.match(r.out, /MoE fine-tuning/);
+  t.match(r.out, /held-out: loss \d+\.\d+, token accuracy/);
+  const log = JSON.parse(fs.readFileSync(at('moe-ft/xft_train.json'), 'utf8'));
+  t.equal(log.losses.length, 3, 'three steps logged');
+  r = xft('train', 'moe-ft', '--merge', ...DATA, '--out', 'merge', '--batch-size', '8', '--steps', '2', '--lr', '1e-2');
+  t.equal(r.code, 0, `train --merge: ${r.err}`);
+  t.match(r.out, /merge learning/);
+  t.equal(readCheckpointInfo(at('merge')).kind, 'merged');
+  const alpha = new SafetensorsReader(at('merge')).readF32('model.layers.0.mlp.average_weights');
+  t.ok(alpha.some((v) => v !== 0), 'α moved from 0');
+  r = xft('merge', 'merge', 'final');
+  t.equal(r.code, 0, `merge: ${r.err}`);
+  t.equal(readCheckpointInfo(at('final')).kind, 'dense');
+  t.same(JSON.parse(fs.readFileSync(at('final/config.json'), 'utf8')).architectures, ['LlamaForCausalLM']);
+  const a = xft('eval', 'final', ...DATA, '--json'), b = xft('eval', 'merge', ...DATA, '--json');
+  t.equal(a.code, 0, a.err);
+  const ea = JSON.parse(a.out), eb = JSON.parse(b.out);
+  t.ok(ea.tokens > 0 && ea.tokens === eb.tokens, `${ea.tokens} response tokens`);
+  t.ok(Math.abs(ea.loss - eb.loss) <= 1e-4 * eb.loss, `the merged dense model scores as the merge model (${ea.loss} vs ${eb.loss})`);
+});
+
+t.test('exit codes: 2 usage, 3 unusable input, 1 runtime failure', async (t) => {
+  const cases: [string[], number, RegExp][] = [
+    [['frobnicate'], 2, /unknown command/],
+    [['upcycle', 'dense', 'x', '--top-k', 'six'], 2, /--top-k.*integer/],
+    [['upcycle', 'dense', 'x', '--router', 'rnn'], 2, /--router.*mlp, linear/],
+    [['train', 'dense', '--out', 'x'], 2, /--data/],
+    [['train', 'dense', '--out', 'x', '--resume'], 1, /x\.resume: no trainer_state\.json/],
+    [['merge', 'moe', 'x', '--shared-rate', '2'], 2, /--shared-rate/],
+    [['upcycle', 'dense', 'x', '--experts', '4', '--top-k', '5'], 3, /num_selects/],
+    [['merge', 'dense', 'x'], 3, /dense checkpoint/],
+    [['train', 'dense', '--data', 'data.jsonl', '--seq-len', '16', '--out', 'x'], 3, /no sequence keeps a response token/],
+    [['eval', 'no-such-folder', '--data', 'data.jsonl'], 1, /no such folder/],
+    [['upcycle', 'dense', 'moe'], 1, /not empty.*--overwrite/],
+  ];
+  fs.writeFileSync(at('bad.jsonl'), '{"instruction": "a", "response": "b"}\nnot json\n');
+  cases.push([['eval', 'dense', '--data', 'bad.jsonl'], 3, /bad\.jsonl:2: not valid JSON/]);
+  for (const [args, code, msg] of cases) {
+    const r = xft(...args);
+    t.equal(r.code, code, `xft ${args.join(' ')} exits ${code}`);
+    t.match(r.err, msg, `and says why: ${r.err.trim().split('\n').at(-1)}`);
+  }
+  t.notOk(fs.existsSync(at('x')), 'no output written by a failed command');
+});
+
+t.test('Ctrl-C saves a resumable state (exit 130); --resume ends where an unbroken run ends', async (t) => {
+  const args = ['train', 'dense', ...DATA, '--batch-size', '4', '--steps', '120', '--lr', '1e-3', '--save-every', '3'];
+  const full = xft(...args, '--out', 'full');
+  t.equal(full.code, 0, full.err);
+  const child = spawn(process.execPath, [...process.execArgv, CLI, ...args, '--out', 'part'], { cwd: tmp, env });
+  let err = '';
+  const code = await new Promise<number | null>((resolve) => {
+    child.stderr.on('data', (d) => {
+      const before = err;
+      err += d;
+      if (!/saved a resumable state/.test(before) && /saved a resumable state/.test(err)) child.kill('SIGINT');
+    });
+    child.on('exit', (c) => resolve(c));
+  });
+  t.equal(code, 130, 'exit code 130');
+  t.match(err, /saved the state at step \d+\/120 in .*part\.resume; continue with: xft train dense --out .*part --resume/);
+  t.notOk(fs.existsSync(at('part')), 'no output checkpoint yet');
+  const resumed = xft('train', 'dense', '--out', 'part', '--resume');
+  t.equal(resumed.code, 0, resumed.err);
+  t.match(resumed.out, /resuming at step \d+/);
+  t.notOk(fs.existsSync(at('part.resume')), 'the resume state is removed once the run completes');
+  const a = JSON.parse(fs.readFileSync(at('full/xft_train.json'), 'utf8')).losses, b = JSON.parse(fs.readFileSync(at('part/xft_train.json'), 'utf8')).losses;
+  t.equal(b.length, 120);
+  t.same(b, a, 'the interrupted and resumed run has the losses of the unbroken run');
+  t.same(new SafetensorsReader(at('part')).readF32('lm_head.weight'), new SafetensorsReader(at('full')).readF32('lm_head.weight'), 'and the same weights');
+});
