@@ -192,6 +192,8 @@ function checkTensors(info: CheckpointInfo, r: SafetensorsReader): void {
 
 export interface LoadOptions {
   device?: Device;
+  /** compute dtype of the model (default f32; 'bf16': mixed precision, see Model.dtype) */
+  dtype?: 'f32' | 'bf16';
 }
 
 /**
@@ -204,20 +206,22 @@ export function loadModel(dir: string, options: LoadOptions = {}): Model {
   const r = new SafetensorsReader(dir);
   checkTensors(info, r);
   const c = info.config, trainable = info.kind !== 'merged';
+  const dtype = options.dtype ?? 'f32';
+  if (dtype !== 'f32' && dtype !== 'bf16') throw new XftError(`loadModel: expected 'f32' or 'bf16' for dtype but received ${JSON.stringify(dtype)}`, 'XFT_VALUE');
   const made: Param[] = [];
   try {
     const param = (name: string, train = trainable) => {
-      const p = new Param(name, r.read(name, { device }), train);
+      const p = new Param(name, r.read(name, { device, dtype: name.endsWith('.average_weights') ? 'f32' : dtype }), train);
       made.push(p);
       return p;
     };
     const stack = (i: number, g: string) => {
       const E = info.moe!.num_experts, first = r.info(expertName(i, g, 0)).shape;
-      const s = Tensor.empty([E, ...first], { device });
+      const s = Tensor.empty([E, ...first], { device, dtype });
       const p = new Param(`${layer(i)}.mlp.calculator.experts.weight_${g}`, s, info.kind === 'moe');
       made.push(p);
       for (let e = 0; e < E; e++) {
-        const t = r.read(expertName(i, g, e), { device });
+        const t = r.read(expertName(i, g, e), { device, dtype });
         s.narrow(e, 1).copy_(t);
         t.dispose();
       }
@@ -253,7 +257,7 @@ export function loadModel(dir: string, options: LoadOptions = {}): Model {
 // ---- saving ----
 
 export interface SaveOptions {
-  /** dtype of the weights written; default: the config's torch_dtype, else f32 (α is always f32) */
+  /** dtype of the weights written; default: bf16 for a bf16 model, else the config's torch_dtype, else f32 (α is always f32) */
   dtype?: SaveDtype;
   /** largest shard in bytes (default 5 GiB, as transformers); above it the checkpoint is sharded */
   maxShardBytes?: number;
@@ -265,7 +269,8 @@ export interface SaveOptions {
   files?: Record<string, string>;
 }
 
-function targetDtype(config: LlamaConfig, dtype?: SaveDtype): FileDType {
+function targetDtype(config: LlamaConfig, dtype?: SaveDtype, modelDtype = 'f32'): FileDType {
+  if (dtype === undefined && modelDtype === 'bf16') return 'BF16';
   if (dtype !== undefined) {
     if (!(dtype in FILE_DTYPE)) throw new XftError(`expected 'f32', 'bf16' or 'f16' for dtype but received ${JSON.stringify(dtype)}`, 'XFT_VALUE');
     return FILE_DTYPE[dtype];
@@ -288,7 +293,7 @@ function copySideFiles(from: string | undefined, to: string): void {
 /** Writes `model` as a checkpoint folder of its kind (dense / moe / merge), atomically. */
 export function saveModel(model: Model, dir: string, options: SaveOptions = {}): void {
   checkTarget(dir, options.overwrite);
-  const dtype = targetDtype(model.config, options.dtype);
+  const dtype = targetDtype(model.config, options.dtype, model.dtype);
   const entries: WriteEntry[] = [];
   let moe: MoeConfig | null = null, rate: number | null = null;
   for (const b of model.blocks) {

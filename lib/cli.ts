@@ -75,10 +75,16 @@ function bytes(v: string): number {
 
 const dtypeOption = () => new Option('--dtype <dtype>', 'dtype of the weights written (default: as the source)').choices(['f32', 'bf16', 'f16']);
 const deviceOption = () => new Option('--device <device>', "'cuda' or 'cpu' (default: the GPU when there is one)").choices(['cuda', 'cpu']);
+const precisionOption = () =>
+  new Option('--precision <dtype>', "compute dtype: 'bf16' (mixed precision: bf16 weights and activations, fp32 accumulation, f32 master weights) or 'f32' (default: bf16 on the GPU, f32 on the CPU)").choices(['bf16', 'f32']);
 const shardOption = () => new Option('--max-shard-size <size>', 'largest safetensors shard (5GB, 500MB, ...)').argParser(bytes).default(5e9, '5GB');
 
 function deviceOf(d?: string): Device {
   return (d as Device | undefined) ?? (cudaAvailable() ? 'cuda' : 'cpu');
+}
+
+function precisionOf(p: string | undefined, device: Device): 'f32' | 'bf16' {
+  return (p as 'f32' | 'bf16' | undefined) ?? (device === 'cuda' ? 'bf16' : 'f32');
 }
 
 // ---- progress ----
@@ -240,6 +246,7 @@ program
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
   .addOption(deviceOption())
+  .addOption(precisionOption())
   .addOption(dtypeOption())
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
@@ -247,7 +254,7 @@ program
 
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
-  warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; resume?: boolean; device?: string;
+  warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; resume?: boolean; device?: string; precision?: string;
   dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean;
 }
 
@@ -277,7 +284,8 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   const micro = o.microBatch ?? Math.min(8, batch);
   if (batch % micro !== 0) throw new XftError(`--micro-batch ${micro} must divide the batch size ${batch}`, 'XFT_VALUE');
 
-  let model = loadModel(modelDir, { device });
+  const precision = precisionOf(o.precision, device);
+  let model = loadModel(modelDir, { device, dtype: precision });
   if (o.merge) {
     const moe = model;
     model = mergeable(moe, { sharedRate: o.sharedRate });
@@ -287,7 +295,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   const stepsPerEpoch = Math.floor(rows.length / batch);
   const total = o.steps ?? Math.max(1, Math.round(stepsPerEpoch * (o.epochs ?? recipe.epochs)));
   const lr = o.lr ?? recipe.lr, warmup = o.warmup ?? Math.round(WARMUP_FRACTION * total);
-  console.log(`${recipe.what}: ${describe(model)}`);
+  console.log(`${recipe.what}: ${describe(model)}, ${precision}`);
   console.log(`data: ${rows.length} sequences of ${o.seqLen} tokens (${tok.name} tokenizer), ${evalRows.length} held out; ${total} steps of ${batch} (micro-batch ${micro}), lr ${lr}, warmup ${warmup}`);
 
   // the run's state object: the trainer fills and advances it, so --save-every can save it between steps
@@ -330,6 +338,14 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
     metrics.eval = ev;
     console.log(`held-out: loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}% (${ev.tokens} tokens)`);
   }
+  // a bf16 run: the written weights are rounded from the f32 master weights, not from the bf16 copies
+  if (r.state.master && r.state.master.size > 0) {
+    model.cast('f32');
+    for (const p of model.params()) {
+      const master = r.state.master.get(p.name);
+      if (master) p.value.copy_(master);
+    }
+  }
   saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files: { 'xft_train.json': JSON.stringify(metrics, null, 2) + '\n' } });
   fs.rmSync(resumeDir, { recursive: true, force: true });
   console.log(`wrote ${o.out} (${model.kind} checkpoint); final training loss ${losses.at(-1)?.toFixed(4) ?? '-'}`);
@@ -369,12 +385,14 @@ program
   .option('--pack', 'pack examples into full sequences')
   .option('--batch-size <n>', 'sequences per forward pass', int(1), 8)
   .addOption(deviceOption())
+  .addOption(precisionOption())
   .option('--json', 'print JSON')
-  .action((modelDir: string, o: DataOptions & { batchSize: number; device?: string; json?: boolean }) => {
+  .action((modelDir: string, o: DataOptions & { batchSize: number; device?: string; precision?: string; json?: boolean }) => {
     const info = readCheckpointInfo(modelDir);
     const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
     const rows = rowsOf(loadData(o.data, tok), o, tok);
-    const model = loadModel(modelDir, { device: deviceOf(o.device) });
+    const device = deviceOf(o.device);
+    const model = loadModel(modelDir, { device, dtype: precisionOf(o.precision, device) });
     const b = bar(' eval |{bar}| {value}/{total} sequences | {tps} tok/s | ETA {eta_formatted}');
     if (!o.json) b.start(rows.length, 0, { tps: '-' });
     const t0 = Date.now();
@@ -387,7 +405,7 @@ program
       },
     });
     if (!o.json) b.stop();
-    const result = { model: modelDir, kind: model.kind, loss: r.loss, accuracy: r.accuracy, tokens: r.tokens, sequences: rows.length };
+    const result = { model: modelDir, kind: model.kind, precision: model.dtype, loss: r.loss, accuracy: r.accuracy, tokens: r.tokens, sequences: rows.length };
     if (o.json) console.log(JSON.stringify(result, null, 2));
     else console.log(`${modelDir} (${model.kind}): loss ${r.loss.toFixed(4)}, token accuracy ${(r.accuracy * 100).toFixed(2)}% over ${r.tokens} response tokens`);
     model.dispose();

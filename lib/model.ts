@@ -67,13 +67,26 @@ function linear(ctx: Context, x: Tensor, w: Tensor): Tensor {
   return xops.groupedGemm(x, w.reshape([1, w.shape[0], w.shape[1]]), ctx.denseOffsets(x.shape[0]), { validate: false });
 }
 
+/**
+ * Grouped GEMM backward whose dW is added into the parameter's f32 gradient when it is trainable.
+ * bf16 weights: dW is computed in bf16 (fp32 accumulation inside the GEMM, as PyTorch autocast
+ * does) and added into the f32 gradient.
+ */
+function gemmBackward(x: Tensor, w: Param, w3: Tensor, offsets: Tensor, dy: Tensor, needDx = true): Tensor | null {
+  if (!w.trainable) return needDx ? xops.groupedGemmBackward(x, w3, offsets, dy, { dw: false, validate: false }).dx : null;
+  const grad = w.gradBuffer().reshape(w3.shape);
+  if (w3.dtype === 'f32') return xops.groupedGemmBackward(x, w3, offsets, dy, { dx: needDx, dw: grad, validate: false }).dx;
+  const r = xops.groupedGemmBackward(x, w3, offsets, dy, { dx: needDx, dw: true, validate: false });
+  lops.axpby(1, r.dw!, 1, grad);
+  r.dw!.dispose();
+  return r.dx;
+}
+
 /** dx (or null) and dW accumulated into the parameter's gradient when trainable. */
 function linearBackward(ctx: Context, x: Tensor, w: Param, dy: Tensor, needDx = true): Tensor | null {
   const w3 = w.value.reshape([1, w.value.shape[0], w.value.shape[1]]);
-  const dw = w.trainable ? w.gradBuffer().reshape([1, w.value.shape[0], w.value.shape[1]]) : false;
-  if (!needDx && !dw) return null;
-  const r = xops.groupedGemmBackward(x, w3, ctx.denseOffsets(x.shape[0]), dy, { dx: needDx, dw, validate: false });
-  return r.dx;
+  if (!needDx && !w.trainable) return null;
+  return gemmBackward(x, w, w3, ctx.denseOffsets(x.shape[0]), dy, needDx);
 }
 
 /** a += b, disposing b */
@@ -232,13 +245,12 @@ export class MoeFFN implements FFN {
     if (!s) throw new XftError('MoeFFN.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
     const K = this.moe.num_selects, off = s.routing.offsets;
     const { dy: dye, dg: dWeights } = tops.unpermuteBackward(dy, s.ye, s.position, s.routing.weights, { validate: false });
-    const down = xops.groupedGemmBackward(s.a, this.down.value, off, dye, { dw: this.down.trainable ? this.down.gradBuffer() : false, validate: false });
-    const { dg, du } = lops.swigluBackward(s.g, s.u, down.dx!);
-    const gate = xops.groupedGemmBackward(s.xp, this.gate.value, off, dg, { dw: this.gate.trainable ? this.gate.gradBuffer() : false, validate: false });
-    const up = xops.groupedGemmBackward(s.xp, this.up.value, off, du, { dw: this.up.trainable ? this.up.gradBuffer() : false, validate: false });
-    accumulate(gate.dx!, up.dx!);
-    const dx = tops.permuteBackward(gate.dx!, s.position, K, { validate: false });
-    disposeAll(dye, down.dx, dg, du, gate.dx);
+    const da = gemmBackward(s.a, this.down, this.down.value, off, dye)!;
+    const { dg, du } = lops.swigluBackward(s.g, s.u, da);
+    const dxp = gemmBackward(s.xp, this.gate, this.gate.value, off, dg)!;
+    accumulate(dxp, gemmBackward(s.xp, this.up, this.up.value, off, du)!);
+    const dx = tops.permuteBackward(dxp, s.position, K, { validate: false });
+    disposeAll(dye, da, dg, du, dxp);
     // router: balance loss through importance, routing weights through normalization and softmax
     let dImportance: Tensor | undefined;
     if (this.moe.balance_loss_weight > 0) {
@@ -460,6 +472,29 @@ export class Model {
     readonly lmHead: Param,
     readonly device: Device,
   ) {}
+
+  /**
+   * The dtype the model computes in: 'bf16' (mixed precision: bf16 weights and activations, fp32
+   * accumulation and statistics, the optimizer keeps f32 master weights) or 'f32'.
+   */
+  get dtype(): 'f32' | 'bf16' {
+    return this.embed.value.dtype as 'f32' | 'bf16';
+  }
+
+  /**
+   * Casts the weights to `dtype` in place (gradients stay f32; the mixing coefficients α stay f32).
+   * bf16 -> f32 is exact; f32 -> bf16 rounds to nearest even.
+   */
+  cast(dtype: 'f32' | 'bf16'): this {
+    if (dtype !== 'f32' && dtype !== 'bf16') throw new XftError(`Model.cast: expected 'f32' or 'bf16' for dtype but received ${JSON.stringify(dtype)}`, 'XFT_VALUE');
+    for (const p of this.params()) {
+      if (p.value.dtype === dtype || p.name.endsWith('.average_weights')) continue;
+      const v = p.value.cast(dtype);
+      p.value.dispose();
+      p.value = v;
+    }
+    return this;
+  }
 
   get kind(): 'dense' | 'moe' | 'merged' {
     return this.blocks[0]?.ffn.kind ?? 'dense';

@@ -68,6 +68,8 @@ export interface TrainState {
   /** moments per trainable parameter name */
   m: Map<string, Tensor>;
   v: Map<string, Tensor>;
+  /** f32 master weights of the trainable parameters that are not f32 (a bf16 model) */
+  master?: Map<string, Tensor>;
 }
 
 export interface TrainResult {
@@ -132,9 +134,11 @@ export class Trainer {
     this.#last = Math.min(this.total, o.stopAfter ?? this.total);
     this.#params = model.trainableParams();
     this.state = o.resume ?? { step: 0, m: new Map(), v: new Map() };
+    this.state.master ??= new Map();
     for (const p of this.#params) {
       if (!this.state.m.has(p.name)) this.state.m.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
       if (!this.state.v.has(p.name)) this.state.v.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
+      if (p.value.dtype !== 'f32' && !this.state.master.has(p.name)) this.state.master.set(p.name, p.value.cast('f32'));
     }
     model.zeroGrad();
   }
@@ -174,10 +178,14 @@ export class Trainer {
     sq.dispose();
     const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
     const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
-    for (const p of withGrad)
-      tops.adamw(p.value, p.grad!, this.state.m.get(p.name)!, this.state.v.get(p.name)!, {
+    for (const p of withGrad) {
+      // a bf16 parameter: AdamW updates its f32 master and writes the rounded result into the parameter
+      const master = this.state.master!.get(p.name);
+      tops.adamw(master ?? p.value, p.grad!, this.state.m.get(p.name)!, this.state.v.get(p.name)!, {
         lr, step: step + 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0, gradScale: scale,
+        copyTo: master ? p.value : undefined,
       });
+    }
     model.zeroGrad();
     this.state.step = step + 1;
     const loss = stepTokens ? lossSum / stepTokens : 0;
@@ -245,7 +253,7 @@ export function saveTrainState(dir: string, model: Model, state: TrainState, ext
     list.map(([name, t]) => ({ name: `${prefix}${name}`, dtype: 'F32' as const, shape: t.shape, tensor: () => t }));
   writeFolderAtomic(dir, (tmp) => {
     writeSafetensors(path.join(tmp, 'params.safetensors'), entries('', model.params().map((p: Param) => [p.name, p.value])));
-    writeSafetensors(path.join(tmp, 'optimizer.safetensors'), [...entries('m.', [...state.m]), ...entries('v.', [...state.v])]);
+    writeSafetensors(path.join(tmp, 'optimizer.safetensors'), [...entries('m.', [...state.m]), ...entries('v.', [...state.v]), ...entries('master.', [...(state.master ?? [])])]);
     writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify({ ...extra, step: state.step }, null, 2));
   });
 }
@@ -266,21 +274,27 @@ export function loadTrainState(dir: string, model: Model): TrainState {
   const { step } = readTrainStateInfo(dir);
   const params = new SafetensorsReader(path.join(dir, 'params.safetensors'));
   for (const p of model.params()) {
-    const t = params.read(p.name, { device: model.device, shape: p.value.shape });
+    const t = params.read(p.name, { device: model.device, shape: p.value.shape, dtype: p.value.dtype });
     p.value.copy_(t);
     t.dispose();
   }
   const opt = new SafetensorsReader(path.join(dir, 'optimizer.safetensors'));
-  const m = new Map<string, Tensor>(), v = new Map<string, Tensor>();
+  const m = new Map<string, Tensor>(), v = new Map<string, Tensor>(), master = new Map<string, Tensor>();
   for (const name of opt.names()) {
     const t = opt.read(name, { device: model.device });
     if (name.startsWith('m.')) m.set(name.slice(2), t);
-    else v.set(name.slice(2), t);
+    else if (name.startsWith('v.')) v.set(name.slice(2), t);
+    else if (name.startsWith('master.')) master.set(name.slice(7), t);
+    else {
+      t.dispose();
+      throw new XftError(`${dir}: unexpected tensor ${name} in optimizer.safetensors`, 'XFT_FORMAT');
+    }
   }
-  return { step, m, v };
+  return { step, m, v, master };
 }
 
 export function disposeState(state: TrainState): void {
   state.m.forEach((t) => t.dispose());
   state.v.forEach((t) => t.dispose());
+  state.master?.forEach((t) => t.dispose());
 }

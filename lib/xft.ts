@@ -14,6 +14,8 @@ export interface InitOptions {
   device?: Device;
   /** std of the normal initialisation of linear and embedding weights (HF initializer_range), default 0.02 */
   std?: number;
+  /** 'f32' (default) or 'bf16' (mixed precision; see Model.dtype) */
+  dtype?: 'f32' | 'bf16';
 }
 
 const layerName = (i: number) => `model.layers.${i}`;
@@ -32,7 +34,8 @@ export function createDense(config: LlamaConfig, options: InitOptions = {}): Mod
     return new Block(c, ones(`${p}.input_layernorm.weight`, d), normal(`${p}.self_attn.q_proj.weight`, [d, d]), normal(`${p}.self_attn.k_proj.weight`, [kv, d]),
       normal(`${p}.self_attn.v_proj.weight`, [kv, d]), normal(`${p}.self_attn.o_proj.weight`, [d, d]), ones(`${p}.post_attention_layernorm.weight`, d), ffn);
   });
-  return new Model(c, normal('model.embed_tokens.weight', [c.vocab_size, d]), blocks, ones('model.norm.weight', d), normal('lm_head.weight', [c.vocab_size, d]), device);
+  const m = new Model(c, normal('model.embed_tokens.weight', [c.vocab_size, d]), blocks, ones('model.norm.weight', d), normal('lm_head.weight', [c.vocab_size, d]), device);
+  return options.dtype ? m.cast(options.dtype) : m;
 }
 
 /** A copy of a parameter (new name optional). */
@@ -83,13 +86,21 @@ export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
   const moe = upcycleMoeConfig(options, 'upcycle');
   const E = moe.num_experts, N = moe.shared_expert ? E - 1 : E, d = dense.config.hidden_size;
   const init = routerInit(options.seed ?? 0, dense.device);
+  const dtype = dense.dtype;
   return rebuild(dense, (b, i) => {
     const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
     const stack = (w: Param, name: string) => new Param(`${p}.calculator.experts.weight_${name}`, stackCopies(w.value, E));
+    const made = (name: string, shape: number[]) => {
+      const w = init.next(shape)();
+      if (dtype === 'f32') return new Param(name, w);
+      const c = w.cast(dtype);
+      w.dispose();
+      return new Param(name, c);
+    };
     const router = moe.gate_type === 'mlp'
-      ? [new Param(`${p}.gate.gate_network.0.weight`, init.next([N, d])()), new Param(`${p}.gate.gate_network.2.weight`, init.next([N, N])())]
-      : [new Param(`${p}.gate.gate_network.weight`, init.next([N, d])())];
-    const noise = new Param(`${p}.gate.weight_noise.weight`, Tensor.zeros([N, d], { device: dense.device }));
+      ? [made(`${p}.gate.gate_network.0.weight`, [N, d]), made(`${p}.gate.gate_network.2.weight`, [N, N])]
+      : [made(`${p}.gate.gate_network.weight`, [N, d])];
+    const noise = new Param(`${p}.gate.weight_noise.weight`, Tensor.zeros([N, d], { device: dense.device, dtype }));
     return new MoeFFN(moe, stack(f.gate, 'gate'), stack(f.up, 'up'), stack(f.down, 'down'), router, noise);
   });
 }

@@ -12,11 +12,11 @@ nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 node dist/lib/cli.js info | tee "$out/info.txt"
 step() { echo "== $1"; shift; "$@" > "$out/$LOG" 2>&1; echo "exit $? ($LOG)"; grep -E '^# \{|^not ok' "$out/$LOG" | head -20; }
 LOG=test.log step "npm test (CUDA backend)" npx tap --disable-coverage
-LOG=sync.log step "GPU tests with XFT_SYNC=1" env XFT_SYNC=1 npx tap --disable-coverage test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts
+LOG=sync.log step "GPU tests with XFT_SYNC=1" env XFT_SYNC=1 npx tap --disable-coverage test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     LOG=sanitizer-$tool.log step "compute-sanitizer $tool" compute-sanitizer --tool $tool --target-processes all --error-exitcode 3 \
-      npx tap --disable-coverage --jobs 1 --timeout 1800 test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts
+      npx tap --disable-coverage --jobs 1 --timeout 1800 test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts
   done
 fi
 LOG=demo.log step "xft demo on the GPU" node dist/lib/cli.js demo --out "$out/demo" --scale 0.5

@@ -61,6 +61,10 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   t.equal(r.code, 0, `merge: ${r.err}`);
   t.equal(readCheckpointInfo(at('final')).kind, 'dense');
   t.same(JSON.parse(fs.readFileSync(at('final/config.json'), 'utf8')).architectures, ['LlamaForCausalLM']);
+  r = xft('train', 'final', ...DATA, '--out', 'sft-bf16', '--batch-size', '8', '--steps', '2', '--precision', 'bf16');
+  t.equal(r.code, 0, `train --precision bf16: ${r.err}`);
+  t.match(r.out, /SFT of the dense model: .*, bf16/);
+  t.equal(new SafetensorsReader(at('sft-bf16')).info('lm_head.weight').dtype, 'F32', 'an f32 source is written back as f32 (from the f32 master weights)');
   const a = xft('eval', 'final', ...DATA, '--json'), b = xft('eval', 'merge', ...DATA, '--json');
   t.equal(a.code, 0, a.err);
   const ea = JSON.parse(a.out), eb = JSON.parse(b.out);
