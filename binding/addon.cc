@@ -144,6 +144,7 @@ Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(inf
     if (g_poison) memset(data, 0xFF, bytes);
     g_counters.host_bytes += (int64_t)bytes;
     g_counters.host_count++;
+    if (g_counters.host_bytes > g_counters.host_peak) g_counters.host_peak = g_counters.host_bytes;
   } else {
     RequireCuda(env, "Storage");
 #ifdef XFT_WITH_CUDA
@@ -157,6 +158,7 @@ Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(inf
 #endif
     g_counters.cuda_bytes += (int64_t)bytes;
     g_counters.cuda_count++;
+    if (g_counters.cuda_bytes > g_counters.cuda_peak) g_counters.cuda_peak = g_counters.cuda_bytes;
   }
   Napi::MemoryManagement::AdjustExternalMemory(env, (int64_t)bytes);
 }
@@ -308,6 +310,8 @@ static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
   out.Set("hostTensors", (double)g_counters.host_count);
   out.Set("cudaBytes", (double)g_counters.cuda_bytes);
   out.Set("cudaTensors", (double)g_counters.cuda_count);
+  out.Set("hostPeakBytes", (double)g_counters.host_peak);
+  out.Set("cudaPeakBytes", (double)g_counters.cuda_peak);
 #ifdef XFT_WITH_CUDA
   if (g_cuda_state == 1) {
     size_t used = 0, reserved = 0;
@@ -317,6 +321,13 @@ static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
   }
 #endif
   return out;
+}
+
+// Starts the high-water marks of memoryStats() again from the bytes live now.
+static Napi::Value ResetPeakMemory(const Napi::CallbackInfo& info) {
+  g_counters.host_peak = g_counters.host_bytes;
+  g_counters.cuda_peak = g_counters.cuda_bytes;
+  return info.Env().Undefined();
 }
 
 static Napi::Value Synchronize(const Napi::CallbackInfo& info) {
@@ -349,6 +360,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass, "setErrorClass"));
   exports.Set("backend", Napi::Function::New(env, Backend, "backend"));
   exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));
+  exports.Set("resetPeakMemory", Napi::Function::New(env, ResetPeakMemory, "resetPeakMemory"));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
   exports.Set("setPoison", Napi::Function::New(env, SetPoison, "setPoison"));
   exports.Set("trimPool", Napi::Function::New(env, TrimPool, "trimPool"));

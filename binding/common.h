@@ -54,6 +54,8 @@ class Storage : public Napi::ObjectWrap<Storage> {
 // Live allocations, for memoryStats() and the leak tests.
 struct Counters {
   int64_t host_bytes = 0, host_count = 0, cuda_bytes = 0, cuda_count = 0;
+  // high-water marks of host_bytes / cuda_bytes since the last resetPeakMemory()
+  int64_t host_peak = 0, cuda_peak = 0;
 };
 Counters& LiveCounters();
 

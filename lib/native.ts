@@ -33,6 +33,9 @@ export interface NativeMemoryStats {
   hostTensors: number;
   cudaBytes: number;
   cudaTensors: number;
+  /** the most bytes live at once since the start or the last resetPeakMemory() */
+  hostPeakBytes: number;
+  cudaPeakBytes: number;
   poolUsedBytes?: number;
   poolReservedBytes?: number;
 }
@@ -46,6 +49,7 @@ export interface NativeAddon {
   setErrorClass(cls: typeof XftError): void;
   backend(): NativeBackend;
   memoryStats(): NativeMemoryStats;
+  resetPeakMemory(): void;
   synchronize(): void;
   trimPool(): void;
   /** Testing aid: fill every new storage with 0xFF bytes (NaN floats, -1 ints) to expose unwritten outputs. */

@@ -75,6 +75,11 @@ export function memoryStats() {
   return native.memoryStats();
 }
 
+/** Restarts the high-water marks of memoryStats() (hostPeakBytes, cudaPeakBytes) from the bytes live now. */
+export function resetPeakMemory(): void {
+  native.resetPeakMemory();
+}
+
 /** Waits for all queued device work. */
 export function synchronize(): void {
   native.synchronize();

@@ -2,7 +2,7 @@
 import t from 'tap';
 import * as v8 from 'node:v8';
 import * as vm from 'node:vm';
-import { Tensor, memoryStats, ops, type Device } from '../lib/index';
+import { Tensor, memoryStats, resetPeakMemory, ops, type Device } from '../lib/index';
 import { SKIP_NO_CUDA } from './helpers/ref';
 
 v8.setFlagsFromString('--expose-gc');
@@ -52,3 +52,19 @@ for (const [device, skip] of devices) {
     t.equal(live(device).count, before.count, 'collected tensors released their memory');
   });
 }
+
+for (const [device, skip] of devices)
+  t.test(`the peak of live bytes on ${device} is tracked and can be reset`, { skip }, async (t) => {
+    const peak = () => (device === 'cpu' ? memoryStats().hostPeakBytes : memoryStats().cudaPeakBytes);
+    resetPeakMemory();
+    const base = live(device).bytes;
+    t.equal(peak(), base, 'after a reset the peak is what is live');
+    const a = Tensor.zeros([1 << 20], { device }), b = Tensor.zeros([1 << 19], { device });
+    a.dispose();
+    t.equal(peak(), base + 6 * 2 ** 20, 'the peak holds the most bytes live at once (4 MiB + 2 MiB)');
+    b.dispose();
+    t.equal(live(device).bytes, base);
+    t.equal(peak(), base + 6 * 2 ** 20, 'and stays after they are freed');
+    resetPeakMemory();
+    t.equal(peak(), base, 'until the next reset');
+  });
