@@ -23,3 +23,5 @@ LOG=demo.log step "xft demo on the GPU" node dist/lib/cli.js demo --out "$out/de
 tail -12 "$out/demo.log"
 LOG=bench.log step "bench/kernels" node dist/bench/kernels.js --out "$out/kernels.json"
 tail -40 "$out/bench.log"
+LOG=bench-train.log step "bench/train" node dist/bench/train.js --out "$out/train.json"
+tail -30 "$out/bench-train.log"

@@ -1,0 +1,147 @@
+/**
+ * bench/train: tokens/s and peak device memory of a training step (forward, backward, AdamW) for
+ * the dense model, its MoE upcycle (8 experts, top-6, shared expert, mlp router with noise, balance
+ * loss) and the merge model (learned mixing coefficients over the frozen experts), at a few sizes,
+ * beside the same models written plainly in PyTorch eager (bench/torch_train.py: autocast bf16,
+ * SDPA attention, a Python loop over experts as the reference does, torch.optim.AdamW), timed on the
+ * same GPU in the same run.
+ *
+ * Usage: node dist/bench/train.js [--size tiny|small|100m] [--dtype bf16|f32] [--steps N] [--out file.json] [--no-torch]
+ */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { backend, memoryStats, resetPeakMemory, synchronize, type Device } from '../lib/index';
+import { packageRoot } from '../lib/native';
+import { llamaConfig, type LlamaConfig } from '../lib/config';
+import { createDense, upcycle, mergeable, countParameters } from '../lib/xft';
+import { Trainer, disposeState } from '../lib/train';
+import type { Model } from '../lib/model';
+import type { Sample } from '../lib/data';
+
+interface Size { name: string; config: LlamaConfig; batch: number; seqLen: number }
+const SIZES: Size[] = [
+  { name: 'tiny', config: llamaConfig({ hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 259 }), batch: 2, seqLen: 64 },
+  { name: 'small', config: llamaConfig({ hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 8, vocab_size: 8192 }), batch: 8, seqLen: 512 },
+  // ~96M parameters dense; its 8-expert top-6 upcycle has ~0.4B
+  { name: '100m', config: llamaConfig({ hidden_size: 768, intermediate_size: 2048, num_hidden_layers: 10, num_attention_heads: 12, num_key_value_heads: 12, vocab_size: 16384 }), batch: 8, seqLen: 1024 },
+];
+const KINDS = ['dense', 'moe', 'merge'] as const;
+type Kind = (typeof KINDS)[number];
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+interface Measure { ms: number; tokensPerSecond: number; peakBytes: number; parameters: number; trainable: number; loss: number }
+
+function build(kind: Kind, s: Size, dtype: 'f32' | 'bf16', device: Device): Model {
+  const dense = createDense(s.config, { seed: 1, device, dtype });
+  if (kind === 'dense') return dense;
+  const moe = upcycle(dense, { experts: 8, topK: 6, seed: 1 });
+  dense.dispose();
+  if (kind === 'moe') return moe;
+  const mg = mergeable(moe, { sharedRate: 0.75 });
+  moe.dispose();
+  return mg;
+}
+
+function measureXft(kind: Kind, s: Size, dtype: 'f32' | 'bf16', device: Device, steps: number): Measure {
+  synchronize();
+  resetPeakMemory();
+  const model = build(kind, s, dtype, device);
+  let seed = 7;
+  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) % s.config.vocab_size);
+  const rows: Sample[] = Array.from({ length: s.batch * (steps + 2) }, () => {
+    const ids = Array.from({ length: s.seqLen + 1 }, rand);
+    return { ids: ids.slice(0, -1), targets: ids.slice(1) };
+  });
+  const micro = s.batch;
+  const run = new Trainer(model, rows, { lr: 1e-4, batchSize: s.batch, microBatch: micro, steps: steps + 2, seed: 1 });
+  const ms: number[] = [];
+  let loss = 0;
+  for (let i = 0; i < steps + 2; i++) {
+    synchronize();
+    const t0 = process.hrtime.bigint();
+    loss = run.step().loss; // reads the loss: synchronizes
+    synchronize();
+    if (i >= 2) ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
+  }
+  ms.sort((a, b) => a - b);
+  const med = ms[Math.floor(ms.length / 2)];
+  const st = memoryStats();
+  const out = {
+    ms: med, tokensPerSecond: (s.batch * s.seqLen) / (med / 1e3), peakBytes: device === 'cuda' ? st.cudaPeakBytes : st.hostPeakBytes,
+    parameters: countParameters(model), trainable: countParameters(model, { trainableOnly: true }), loss,
+  };
+  disposeState(run.state);
+  model.dispose();
+  return out;
+}
+
+function torchTimes(s: Size, dtype: string, steps: number): Record<string, { ms: number; peak_bytes: number; loss: number } | string> | null {
+  const c = s.config;
+  const script = path.join(packageRoot(), 'bench', 'torch_train.py');
+  const r = spawnSync('python3', [script, '--hidden', `${c.hidden_size}`, '--ffn', `${c.intermediate_size}`, '--layers', `${c.num_hidden_layers}`,
+    '--heads', `${c.num_attention_heads}`, '--kv-heads', `${c.num_key_value_heads}`, '--vocab', `${c.vocab_size}`, '--batch', `${s.batch}`,
+    '--seq', `${s.seqLen}`, '--dtype', dtype, '--steps', `${steps}`], { encoding: 'utf8', maxBuffer: 1 << 24 });
+  if (r.status !== 0) {
+    console.error(`PyTorch reference failed: ${(r.stderr || r.error?.message || '').slice(-800)}`);
+    return null;
+  }
+  return JSON.parse(r.stdout.trim().split('\n').pop()!);
+}
+
+interface Row { model: string; params: string; xft_ms: number; xft_tok_s: number; torch_ms: number | null; torch_tok_s: number | null; ratio: string; xft_peak_mib: number; torch_peak_mib: number | null; target?: string }
+
+function count(n: number): string {
+  return n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}K` : String(n);
+}
+
+function printTable(title: string, rows: Row[]) {
+  const cols: (keyof Row)[] = ['model', 'params', 'xft_ms', 'xft_tok_s', 'torch_ms', 'torch_tok_s', 'ratio', 'xft_peak_mib', 'torch_peak_mib', 'target'];
+  const cell = (r: Row, c: keyof Row) => {
+    const v = r[c];
+    return typeof v === 'number' ? (Number.isInteger(v) ? String(v) : v.toFixed(c.endsWith('ms') ? 2 : 0)) : v === null || v === undefined ? '-' : String(v);
+  };
+  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r, c).length)));
+  console.log(`\n${title}`);
+  console.log(cols.map((c, i) => c.padEnd(widths[i])).join(' | '));
+  console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
+  for (const r of rows) console.log(cols.map((c, i) => cell(r, c).padEnd(widths[i])).join(' | '));
+}
+
+function main() {
+  const b = backend();
+  const device: Device = b.kind;
+  const dtype = (arg('--dtype') ?? (device === 'cuda' ? 'bf16' : 'f32')) as 'f32' | 'bf16';
+  const steps = Number(arg('--steps') ?? (device === 'cuda' ? 10 : 3));
+  const only = arg('--size');
+  const sizes = SIZES.filter((s) => (only ? s.name === only : device === 'cuda' ? s.name !== 'tiny' : s.name === 'tiny'));
+  const results = [];
+  for (const s of sizes) {
+    const torch = device === 'cuda' && !process.argv.includes('--no-torch') ? torchTimes(s, dtype, steps) : null;
+    const rows: Row[] = [];
+    for (const kind of KINDS) {
+      const x = measureXft(kind, s, dtype, device, steps);
+      const tr = torch && typeof torch[kind] === 'object' ? (torch[kind] as { ms: number; peak_bytes: number; loss: number }) : null;
+      const tokens = s.batch * s.seqLen;
+      rows.push({
+        model: kind, params: `${count(x.parameters)} (${count(x.trainable)} trained)`,
+        xft_ms: x.ms, xft_tok_s: Math.round(x.tokensPerSecond), torch_ms: tr?.ms ?? null, torch_tok_s: tr ? Math.round(tokens / (tr.ms / 1e3)) : null,
+        ratio: tr ? `${(tr.ms / x.ms).toFixed(2)}x` : '-', xft_peak_mib: Math.round(x.peakBytes / 2 ** 20), torch_peak_mib: tr ? Math.round(tr.peak_bytes / 2 ** 20) : null,
+        target: kind === 'moe' ? '>= 1.00x' : undefined,
+      });
+      results.push({ size: s.name, kind, dtype, batch: s.batch, seqLen: s.seqLen, xft: x, torch: tr });
+    }
+    const c = s.config;
+    printTable(`${s.name}: d=${c.hidden_size} f=${c.intermediate_size} L=${c.num_hidden_layers} H=${c.num_attention_heads} V=${c.vocab_size}, batch ${s.batch}x${s.seqLen}, ${dtype} on ${device === 'cuda' ? b.name : 'CPU'} (ratio = xft speed / PyTorch eager speed)`, rows);
+  }
+  const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'train.json');
+  fs.mkdirSync(path.dirname(out), { recursive: true });
+  fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), backend: b, results }, null, 2));
+  console.log(`\nwrote ${out}`);
+}
+
+main();
