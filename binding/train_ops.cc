@@ -3,6 +3,7 @@
 // and allocates outputs; this layer re-checks sizes and devices (a second line of defence against
 // out-of-bounds access) and dispatches to the CPU or CUDA twin.
 #include "common.h"
+#include "../cuda/load_estimate.h"
 
 namespace xft {
 
@@ -322,6 +323,65 @@ Napi::Value BalanceLossBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- noisy top-k load estimate ----
+
+// loadEstimateForward(clean, z, noisy, dtype, T, N, k, eps, prob, load)
+Napi::Value LoadEstimateForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "loadEstimate";
+  Storage* clean = ArgStorage(info, 0, op, "clean");
+  Storage* z = ArgStorage(info, 1, op, "z");
+  Storage* noisy = ArgStorage(info, 2, op, "noisy");
+  int dtype = ArgDtype(info, 3, op, "dtype");
+  int64_t T = ArgInt(info, 4, op, "T"), N = ArgInt(info, 5, op, "N"), k = ArgInt(info, 6, op, "k");
+  double eps = ArgNumber(info, 7, op, "eps");
+  Storage* prob = ArgStorage(info, 8, op, "prob");
+  Storage* load = ArgStorage(info, 9, op, "load");
+  RequireFloat(env, op, dtype, "clean, z, noisy");
+  if (T < 0 || T > INT32_MAX || N < 2 || N > XFT_LOAD_MAX_EXPERTS || k < 1 || k >= N || (double)T * N > 9e15)
+    Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes T=" + std::to_string(T) + " N=" + std::to_string(N) + " k=" + std::to_string(k));
+  const size_t n = (size_t)T * (size_t)N;
+  RequireBytes(env, clean, n, dtype, op, "clean");
+  RequireBytes(env, z, n, dtype, op, "z");
+  RequireBytes(env, noisy, n, dtype, op, "noisy");
+  RequireBytes(env, prob, n, XFT_F32, op, "prob");
+  RequireBytes(env, load, (size_t)N, XFT_F32, op, "load");
+  int device = CommonDevice(env, op, {clean, z, noisy, prob, load});
+  XFT_DISPATCH(env, op, device, load_estimate_forward, clean->data, z->data, noisy->data, dtype, (int)T, (int)N, (int)k,
+               (float)eps, (float*)prob->data, (float*)load->data);
+  return env.Undefined();
+}
+
+// loadEstimateBackward(clean, z, noisy, dLoad, dtype, T, N, k, eps, seed, dClean, dz)
+Napi::Value LoadEstimateBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "loadEstimateBackward";
+  Storage* clean = ArgStorage(info, 0, op, "clean");
+  Storage* z = ArgStorage(info, 1, op, "z");
+  Storage* noisy = ArgStorage(info, 2, op, "noisy");
+  Storage* dload = ArgStorage(info, 3, op, "dLoad");
+  int dtype = ArgDtype(info, 4, op, "dtype");
+  int64_t T = ArgInt(info, 5, op, "T"), N = ArgInt(info, 6, op, "N"), k = ArgInt(info, 7, op, "k");
+  double eps = ArgNumber(info, 8, op, "eps");
+  uint64_t seed = (uint64_t)ArgInt(info, 9, op, "seed");
+  Storage* dclean = ArgStorage(info, 10, op, "dClean");
+  Storage* dz = ArgStorage(info, 11, op, "dz");
+  RequireFloat(env, op, dtype, "clean, z, noisy");
+  if (T < 0 || T > INT32_MAX || N < 2 || N > XFT_LOAD_MAX_EXPERTS || k < 1 || k >= N || (double)T * N > 9e15)
+    Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes T=" + std::to_string(T) + " N=" + std::to_string(N) + " k=" + std::to_string(k));
+  const size_t n = (size_t)T * (size_t)N;
+  RequireBytes(env, clean, n, dtype, op, "clean");
+  RequireBytes(env, z, n, dtype, op, "z");
+  RequireBytes(env, noisy, n, dtype, op, "noisy");
+  RequireBytes(env, dload, (size_t)N, XFT_F32, op, "dLoad");
+  RequireBytes(env, dclean, n, dtype, op, "dClean");
+  RequireBytes(env, dz, n, dtype, op, "dz");
+  int device = CommonDevice(env, op, {clean, z, noisy, dload, dclean, dz});
+  XFT_DISPATCH(env, op, device, load_estimate_backward, clean->data, z->data, noisy->data, (const float*)dload->data, dtype,
+               (int)T, (int)N, (int)k, (float)eps, seed, dclean->data, dz->data);
+  return env.Undefined();
+}
+
 }  // namespace
 
 void RegisterTrainOps(Napi::Env env, Napi::Object exports) {
@@ -337,6 +397,8 @@ void RegisterTrainOps(Napi::Env env, Napi::Object exports) {
   exports.Set("unpermuteBackward", Napi::Function::New(env, UnpermuteBackward, "unpermuteBackward"));
   exports.Set("balanceLossForward", Napi::Function::New(env, BalanceLossForward, "balanceLossForward"));
   exports.Set("balanceLossBackward", Napi::Function::New(env, BalanceLossBackward, "balanceLossBackward"));
+  exports.Set("loadEstimateForward", Napi::Function::New(env, LoadEstimateForward, "loadEstimateForward"));
+  exports.Set("loadEstimateBackward", Napi::Function::New(env, LoadEstimateBackward, "loadEstimateBackward"));
 }
 
 }  // namespace xft

@@ -203,6 +203,14 @@ int xft_cuda_balance_loss_forward(const float* importance, const float* load, in
 // dimportance, dload f32 [N] (overwrite) = dloss * dloss/dx, dloss a host scalar.
 int xft_cuda_balance_loss_backward(const float* importance, const float* load, int N, float weight, float dloss,
                                    float* dimportance, float* dload);
+// load estimate (cuda/load_estimate.cu): the differentiable noisy top-k load of the balance loss.
+// clean, z, noisy [T, N] (dtype); 1 <= k < N <= 256; prob f32 [T, N] (written: per-token probabilities),
+// load f32 [N] = sum_t prob (fixed order). Semantics in cuda/load_estimate.cu.
+int xft_cuda_load_estimate_forward(const void* clean, const void* z, const void* noisy, int dtype, int T, int N, int k,
+                                   float eps, float* prob, float* load);
+// dclean, dz [T, N] (dtype, overwrite) from dload f32 [N]; seed: the router noise's (n = xft_normal(seed, t*N + i)).
+int xft_cuda_load_estimate_backward(const void* clean, const void* z, const void* noisy, const float* dload, int dtype,
+                                    int T, int N, int k, float eps, uint64_t seed, void* dclean, void* dz);
 // ---- [/train] ----
 
 #ifdef __cplusplus

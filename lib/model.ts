@@ -24,6 +24,9 @@ import * as lops from './ops_layers';
 import * as tops from './ops_train';
 import { type LlamaConfig, type MoeConfig, ropeScaling } from './config';
 
+/** The floor of the router noise scale: softplus(x W_noise) + 0.01 (the reference's noise_epsilon). */
+const NOISE_EPS = 0.01;
+
 /** A trainable (or frozen) tensor with its gradient. */
 export class Param {
   grad: Tensor | null = null;
@@ -187,6 +190,8 @@ export class MoeFFN implements FFN {
   #saved: {
     x: Tensor; r1: Tensor | null; t: Tensor | null; clean: Tensor; z: Tensor | null; logits: Tensor;
     routing: xops.Routing; position: Tensor; xp: Tensor; g: Tensor; u: Tensor; a: Tensor; ye: Tensor; seed: bigint;
+    /** the load estimate the balance loss used (null: counts) */
+    estimate: Tensor | null;
   } | null = null;
   #aux: Tensor | null = null;
 
@@ -203,6 +208,11 @@ export class MoeFFN implements FFN {
 
   get experts(): number {
     return this.moe.num_experts;
+  }
+
+  /** experts the router selects per token: K - 1 normal experts (shared expert), or K (no shared expert) */
+  get selected(): number {
+    return this.moe.shared_expert ? this.moe.num_selects - 1 : this.moe.num_selects;
   }
 
   params(): Param[] {
@@ -222,7 +232,7 @@ export class MoeFFN implements FFN {
     const noisy = ctx.training && this.noise !== null && this.moe.gate_noise;
     if (noisy) {
       z = linear(ctx, x, this.noise!.value);
-      logits = lops.routerNoise(clean, z, { seed: ctx.seed, eps: 0.01 });
+      logits = lops.routerNoise(clean, z, { seed: ctx.seed, eps: NOISE_EPS });
     }
     const routing = xops.routeShared(logits, { topK: K, normalize: this.moe.normalize_weights, shared: this.moe.shared_expert });
     const position = tops.invertPermutation(routing.order, { validate: false });
@@ -232,11 +242,20 @@ export class MoeFFN implements FFN {
     const a = lops.swiglu(g, u);
     const ye = xops.groupedGemm(a, this.down.value, routing.offsets, { validate: false });
     const y = tops.unpermute(ye, position, routing.weights, { validate: false });
-    // kept on the device and read by auxLoss(): no synchronisation inside the forward
+    // the balance loss: importance, and the load as counts, or under router noise its differentiable
+    // noisy top-k estimate (as the reference when k < N); kept on the device, read by auxLoss()
     this.#aux?.dispose();
-    this.#aux = this.moe.balance_loss_weight > 0 && ctx.training
-      ? tops.balanceLoss(routing.importance, routing.load, { weight: this.moe.balance_loss_weight }) : null;
-    this.#saved = { x, r1, t, clean, z, logits, routing, position, xp, g, u, a, ye, seed: ctx.seed };
+    let estimate: Tensor | null = null;
+    if (this.moe.balance_loss_weight > 0 && ctx.training) {
+      const k = this.selected;
+      if (z && k < clean.shape[1]) {
+        const e = tops.loadEstimate(clean, z, logits, { k, eps: NOISE_EPS });
+        e.prob.dispose();
+        estimate = e.load;
+      }
+      this.#aux = tops.balanceLoss(routing.importance, estimate ?? routing.load, { weight: this.moe.balance_loss_weight });
+    } else this.#aux = null;
+    this.#saved = { x, r1, t, clean, z, logits, routing, position, xp, g, u, a, ye, seed: ctx.seed, estimate };
     return y;
   }
 
@@ -252,10 +271,12 @@ export class MoeFFN implements FFN {
     const dx = tops.permuteBackward(dxp, s.position, K, { validate: false });
     disposeAll(dye, da, dg, du, dxp);
     // router: balance loss through importance, routing weights through normalization and softmax
-    let dImportance: Tensor | undefined;
+    let dImportance: Tensor | undefined, viaLoad: { dClean: Tensor; dz: Tensor } | null = null;
     if (this.moe.balance_loss_weight > 0) {
-      const b = tops.balanceLossBackward(s.routing.importance, s.routing.load, { weight: this.moe.balance_loss_weight, dLoss: ctx.auxScale });
+      const b = tops.balanceLossBackward(s.routing.importance, s.estimate ?? s.routing.load, { weight: this.moe.balance_loss_weight, dLoss: ctx.auxScale });
       dImportance = b.dImportance;
+      // counts have no gradient; the estimate's flows to the clean logits and the noise scale
+      if (s.estimate) viaLoad = tops.loadEstimateBackward(s.clean, s.z!, s.logits, b.dLoad, { k: this.selected, eps: NOISE_EPS, seed: s.seed });
       b.dLoad.dispose();
     }
     const dLogits = xops.routeSharedBackward(s.logits, s.routing, dWeights, dImportance ? { dImportance } : {});
@@ -264,6 +285,10 @@ export class MoeFFN implements FFN {
     if (s.z) {
       const n = lops.routerNoiseBackward(s.z, dLogits, { seed: s.seed });
       dClean = n.dClean;
+      if (viaLoad) {
+        accumulate(dClean, viaLoad.dClean);
+        accumulate(n.dz, viaLoad.dz);
+      }
       accumulate(dx, linearBackward(ctx, s.x, this.noise!, n.dz)!);
       disposeAll(n.dz, dLogits);
     }
@@ -285,7 +310,7 @@ export class MoeFFN implements FFN {
   release(): void {
     const s = this.#saved;
     if (!s) return;
-    disposeAll(s.r1, s.t, s.z, s.position, s.xp, s.g, s.u, s.a, s.ye);
+    disposeAll(s.r1, s.t, s.z, s.position, s.xp, s.g, s.u, s.a, s.ye, s.estimate);
     if (s.logits !== s.clean) s.logits.dispose();
     s.clean.dispose();
     s.routing.dispose();

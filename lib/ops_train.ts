@@ -8,7 +8,7 @@
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
 import { FLOAT, expectBool, expectInt, expectTensor, sameDevice } from './ops';
-import { DType, Tensor, dtypeCode, formatShape } from './tensor';
+import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
 
 type S = NativeStorage;
 
@@ -28,6 +28,8 @@ export interface TrainNative {
   unpermuteBackward(dOut: S, y: S, position: S, g: S, dy: S, dg: S, dtype: number, T: number, K: number, d: number): void;
   balanceLossForward(importance: S, load: S, N: number, weight: number, loss: S): void;
   balanceLossBackward(importance: S, load: S, N: number, weight: number, dLoss: number, dImportance: S, dLoad: S): void;
+  loadEstimateForward(clean: S, z: S, noisy: S, dtype: number, T: number, N: number, k: number, eps: number, prob: S, load: S): void;
+  loadEstimateBackward(clean: S, z: S, noisy: S, dLoad: S, dtype: number, T: number, N: number, k: number, eps: number, seed: bigint, dClean: S, dz: S): void;
 }
 
 const train = native as unknown as TrainNative;
@@ -385,4 +387,62 @@ export function balanceLossBackward(importance: Tensor, load: Tensor, options: {
   const dLoad = Tensor.empty([a.N], { dtype: 'f32', device: importance.device });
   train.balanceLossBackward(importance.storage, load.storage, a.N, a.weight, dLoss, dImportance.storage, dLoad.storage);
   return { dImportance, dLoad };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The differentiable load of the balance loss under router noise (noisy top-k estimate)
+
+/** Most experts a router may have for loadEstimate (cuda/load_estimate.h). */
+export const MAX_LOAD_EXPERTS = 256;
+
+export interface LoadEstimateOptions {
+  /** k: experts selected per token among the N router outputs (XFT: K - 1; no shared expert: K); 1 <= k < N */
+  k: number;
+  /** the noise scale's floor, as routerNoise (default 0.01) */
+  eps?: number;
+}
+
+function loadArgs(op: string, clean: unknown, z: unknown, noisy: unknown, options: unknown) {
+  const ct = expectTensor(op, 'clean', clean, { dtype: FLOAT, rank: 2, shapeName: '[T, N]' });
+  const [T, N] = ct.shape;
+  for (const [name, v] of [['z', z], ['noisy', noisy]] as const) {
+    const t = expectTensor(op, name, v, { dtype: [ct.dtype], rank: 2, shapeName: formatShape(ct.shape) });
+    if (t.shape[0] !== T || t.shape[1] !== N) throw new XftError(`${op}: expected ${name} of shape ${formatShape(ct.shape)} (the shape of clean), got ${t.describe()}`, 'XFT_SHAPE');
+  }
+  if (N < 2 || N > MAX_LOAD_EXPERTS) throw new XftError(`${op}: expected clean [T, N] with 2 <= N <= ${MAX_LOAD_EXPERTS} experts, got ${ct.describe()}`, 'XFT_SHAPE');
+  const o = expectOptions<LoadEstimateOptions>(op, options, 'an object { k, eps? }');
+  const k = expectInt(op, 'k', o.k, 1, N - 1);
+  const eps = o.eps === undefined ? 0.01 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
+  return { T, N, k, eps, dtype: ct.dtype };
+}
+
+/**
+ * The differentiable per-expert load of the noisy top-k gate (Shazeer et al. 2017), the load the
+ * reference's balance loss uses when router noise is on: load_i = Σ_t Φ((clean_ti − thr_ti) / c_ti),
+ * c = softplus(z) + eps, thr the (k+1)-th largest noisy logit of the token when noisy_ti is above it,
+ * else the k-th (cuda/load_estimate.cu). clean, z, noisy [T, N] (noisy from routerNoise(clean, z)).
+ * Returns load f32 [N] and the per-token probabilities prob f32 [T, N].
+ */
+export function loadEstimate(clean: Tensor, z: Tensor, noisy: Tensor, options: LoadEstimateOptions): { load: Tensor; prob: Tensor } {
+  const op = 'loadEstimate';
+  const a = loadArgs(op, clean, z, noisy, options);
+  const device = sameDevice(op, { clean, z, noisy });
+  const prob = Tensor.empty([a.T, a.N], { dtype: 'f32', device }), load = Tensor.empty([a.N], { dtype: 'f32', device });
+  train.loadEstimateForward(clean.storage, z.storage, noisy.storage, dtypeCode(a.dtype), a.T, a.N, a.k, a.eps, prob.storage, load.storage);
+  return { load, prob };
+}
+
+/**
+ * dClean and dz [T, N] (clean's dtype) from dLoad f32 [N], through the probabilities and the
+ * thresholds (noisy logits: clean + n c, n the router noise of `seed`, the seed given to routerNoise).
+ */
+export function loadEstimateBackward(clean: Tensor, z: Tensor, noisy: Tensor, dLoad: Tensor, options: LoadEstimateOptions & { seed: number | bigint }): { dClean: Tensor; dz: Tensor } {
+  const op = 'loadEstimateBackward';
+  const a = loadArgs(op, clean, z, noisy, options);
+  expectTensor(op, 'dLoad', dLoad, { dtype: ['f32'], shape: [a.N], shapeName: `[N] = [${a.N}]` });
+  const seed = seedOf(op, options.seed);
+  const device = sameDevice(op, { clean, z, noisy, dLoad });
+  const dClean = Tensor.empty([a.T, a.N], { dtype: a.dtype, device }), dz = Tensor.empty([a.T, a.N], { dtype: a.dtype, device });
+  train.loadEstimateBackward(clean.storage, z.storage, noisy.storage, dLoad.storage, dtypeCode(a.dtype), a.T, a.N, a.k, a.eps, seed, dClean.storage, dz.storage);
+  return { dClean, dz };
 }

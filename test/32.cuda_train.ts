@@ -1,4 +1,4 @@
-// The train kernels (attention, cross-entropy, AdamW, MoE permutation, balance loss) on CUDA
+// The train kernels (attention, cross-entropy, AdamW, MoE permutation, balance loss, load estimate) on CUDA
 // against their CPU twins, on fresh random inputs (the seed is printed), with every new device
 // allocation poisoned (NaN / -1) so that an output element left unwritten fails.
 // Tolerances: fp32 1e-5, bf16 1e-2 relative (‖cuda − cpu‖ / ‖cpu‖); integer outputs exact.
@@ -139,6 +139,25 @@ t.test('balance loss: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
     close(t, b.dImportance.toArray(), a.dImportance.toArray(), TOL.f32, `N=${N}: dImportance`);
     close(t, b.dLoad.toArray(), a.dLoad.toArray(), TOL.f32, `N=${N}: dLoad`);
   }
+});
+
+t.test('load estimate: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [T, N, k] of [[1, 2, 1], [100, 7, 5], [1000, 7, 1], [257, 15, 14], [4096, 63, 8], [33, 256, 100]] as const) {
+      const what = `${dtype} T=${T} N=${N} k=${k}`;
+      const clean = pair([T, N], dtype), z = pair([T, N], dtype);
+      const s = seed();
+      const noisy = ops.routerNoise(clean.cpu, z.cpu, { seed: s });
+      const noisyG = noisy.to('cuda');
+      const a = ops.loadEstimate(clean.cpu, z.cpu, noisy, { k }), b = ops.loadEstimate(clean.cuda, z.cuda, noisyG, { k });
+      close(t, b.prob.toArray(), a.prob.toArray(), TOL.f32, `${what}: prob`);
+      close(t, b.load.toArray(), a.load.toArray(), TOL.f32, `${what}: load`);
+      const dLoad = both(Tensor.randn([N], { seed: seed() }));
+      const ga = ops.loadEstimateBackward(clean.cpu, z.cpu, noisy, dLoad.cpu, { k, seed: s });
+      const gb = ops.loadEstimateBackward(clean.cuda, z.cuda, noisyG, dLoad.cuda, { k, seed: s });
+      close(t, gb.dClean.toArray(), ga.dClean.toArray(), TOL[dtype], `${what}: dClean`);
+      close(t, gb.dz.toArray(), ga.dz.toArray(), TOL[dtype], `${what}: dz`);
+    }
 });
 
 t.test('train kernels leave the pool as they found it', { skip: SKIP_NO_CUDA }, async (t) => {

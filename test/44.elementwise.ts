@@ -4,7 +4,7 @@
 import t from 'tap';
 import { Tensor, ops } from '../lib/index';
 import { native } from '../lib/native';
-import { randomTensor, rng } from './helpers/ref';
+import { randomTensor, refNormal, rng } from './helpers/ref';
 import { close, exact, throwsCode } from './helpers/check';
 
 const TOL = { f32: 1e-5, bf16: 1e-2 };
@@ -13,16 +13,6 @@ const DTYPES = ['f32', 'bf16'] as const;
 t.before(() => native.setPoison(true));
 t.teardown(() => native.setPoison(false));
 
-/** xft_normal(seed, i) of cuda/xft_math.h in float64: splitmix64 of (seed, i), then Box-Muller. */
-function refNormal(seed: bigint, i: number): number {
-  const M = (v: bigint) => BigInt.asUintN(64, v);
-  let z = M(seed * 0x9e3779b97f4a7c15n + BigInt(i) * 0xd1b54a32d192ed03n + 0x632be59bd9b4e019n);
-  z = M((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n);
-  z = M((z ^ (z >> 27n)) * 0x94d049bb133111ebn);
-  const h = z ^ (z >> 31n);
-  const u1 = (Number(h >> 40n) + 1) / 16777216, u2 = Number((h >> 16n) & 0xffffffn) / 16777216;
-  return Math.sqrt(-2 * Math.log(u1)) * Math.cos(2 * Math.PI * u2);
-}
 const softplus = (z: number) => (z > 20 ? z : Math.log1p(Math.exp(z)));
 const sigmoid = (z: number) => 1 / (1 + Math.exp(-z));
 

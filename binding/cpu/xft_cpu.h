@@ -99,6 +99,11 @@ int xft_cpu_unpermute_backward(const void* dout, const void* y, const int* posit
 int xft_cpu_balance_loss_forward(const float* importance, const float* load, int N, float weight, float* loss);
 int xft_cpu_balance_loss_backward(const float* importance, const float* load, int N, float weight, float dloss,
                                   float* dimportance, float* dload);
+// load_estimate.cc
+int xft_cpu_load_estimate_forward(const void* clean, const void* z, const void* noisy, int dtype, int T, int N, int k,
+                                  float eps, float* prob, float* load);
+int xft_cpu_load_estimate_backward(const void* clean, const void* z, const void* noisy, const float* dload, int dtype,
+                                   int T, int N, int k, float eps, uint64_t seed, void* dclean, void* dz);
 // ---- [/train] ----
 
 // helpers shared by the CPU files

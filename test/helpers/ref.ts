@@ -151,3 +151,14 @@ export function randomOffsets(M: number, E: number, seed: number, emptyGroups = 
   if (!emptyGroups && M >= E) for (let i = 0; i < cuts.length; i++) cuts[i] = Math.round(((i + 1) * M) / E);
   return [0, ...cuts, M];
 }
+
+/** xft_normal(seed, i) of cuda/xft_math.h in float64: splitmix64 of (seed, i), then Box-Muller. */
+export function refNormal(seed: bigint, i: number): number {
+  const M = (v: bigint) => BigInt.asUintN(64, v);
+  let z = M(seed * 0x9e3779b97f4a7c15n + BigInt(i) * 0xd1b54a32d192ed03n + 0x632be59bd9b4e019n);
+  z = M((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n);
+  z = M((z ^ (z >> 27n)) * 0x94d049bb133111ebn);
+  const h = z ^ (z >> 31n);
+  const u1 = (Number(h >> 40n) + 1) / 16777216, u2 = Number((h >> 16n) & 0xffffffn) / 16777216;
+  return Math.sqrt(-2 * Math.log(u1)) * Math.cos(2 * Math.PI * u2);
+}
