@@ -283,7 +283,37 @@ export interface WriteEntry {
 }
 
 function tempName(target: string): string {
+  removeStaleTemps(target);
   return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes the temporary files and folders an interrupted write to `target` left behind (killed
+ * with SIGINT/SIGKILL mid-write: the final name was never touched). Only those of processes that no
+ * longer run are removed.
+ */
+function removeStaleTemps(target: string): void {
+  const dir = path.dirname(target), prefix = `.${path.basename(target)}.tmp-`;
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return;
+  }
+  for (const n of names) {
+    if (!n.startsWith(prefix)) continue;
+    const pid = Number(n.slice(prefix.length).split('-')[0]);
+    if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && !alive(pid)) fs.rmSync(path.join(dir, n), { recursive: true, force: true });
+  }
 }
 
 /** Writes `content` to `file` atomically (temporary file, fsync, rename). */

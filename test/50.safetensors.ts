@@ -3,6 +3,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { spawn } from 'node:child_process';
 import { Tensor, XftError } from '../lib/index';
 import { SafetensorsReader, readHeader, writeSafetensors, writeShards, writeFolderAtomic, _internal } from '../lib/safetensors';
 import { roundBf16, rng } from './helpers/ref';
@@ -151,4 +152,29 @@ t.test('malformed files get XFT_FORMAT errors', async (t) => {
   } catch (err) {
     t.equal((err as XftError).code, 'XFT_IO');
   }
+});
+
+t.test('a write killed half way leaves nothing under the final name; the next write clears its temporary folder', async (t) => {
+  const target = path.join(tmp, 'killed');
+  const lib = path.join(__dirname, '..', 'lib', 'safetensors.ts');
+  const script = `
+    const { writeFolderAtomic } = require(${JSON.stringify(lib)});
+    writeFolderAtomic(${JSON.stringify(target)}, (dir) => {
+      require('node:fs').writeFileSync(require('node:path').join(dir, 'model.safetensors'), 'partial');
+      console.log('writing');
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0); // hangs here until killed
+    });`;
+  const child = spawn(process.execPath, [...process.execArgv, '-e', script], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise<void>((resolve) => child.stdout.on('data', () => resolve()));
+  child.kill('SIGKILL');
+  await new Promise((resolve) => child.on('exit', resolve));
+  const temps = () => fs.readdirSync(tmp).filter((n) => n.startsWith('.killed.tmp-'));
+  t.notOk(fs.existsSync(target), 'no folder under the final name');
+  t.equal(temps().length, 1, 'the killed writer left its temporary folder');
+  // a temporary folder of a process that still runs is left alone
+  const live = path.join(tmp, `.killed.tmp-${process.ppid}-live`);
+  fs.mkdirSync(live);
+  writeFolderAtomic(target, (dir) => fs.writeFileSync(path.join(dir, 'a'), 'complete'));
+  t.equal(fs.readFileSync(path.join(target, 'a'), 'utf8'), 'complete', 'the next write completes');
+  t.same(temps(), [path.basename(live)], "the dead writer's temporary folder is gone; a live one's stays");
 });
