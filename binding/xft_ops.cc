@@ -104,7 +104,7 @@ Napi::Value GroupedGemmForward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// groupedGemmBackward(x, w, offsets, dy, dx|null, dw|null, dtype, M, n, k, E, accumulate)
+// groupedGemmBackward(x, w, offsets, dy, dx|null, dw|null, dtype, M, n, k, E, accumulate, dwDtype)
 Napi::Value GroupedGemmBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "groupedGemmBackward";
@@ -118,16 +118,20 @@ Napi::Value GroupedGemmBackward(const Napi::CallbackInfo& info) {
   int64_t M = ArgInt(info, 7, op, "M"), n = ArgInt(info, 8, op, "n"), k = ArgInt(info, 9, op, "k"),
           E = ArgInt(info, 10, op, "E");
   bool accumulate = info[11].ToBoolean();
+  int dw_dtype = ArgDtype(info, 12, op, "dwDtype");
+  if (dw_dtype != dtype && dw_dtype != XFT_F32)
+    Throw(env, "XFT_DTYPE", std::string(op) + ": dw must have the inputs' dtype or f32");
   CheckGemmShape(env, op, M, n, k, E, dtype);
   RequireBytes(env, x, M * k, dtype, op, "x");
   RequireBytes(env, w, E * n * k, dtype, op, "w");
   RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
   RequireBytes(env, dy, M * n, dtype, op, "dy");
   RequireBytes(env, dx, M * k, dtype, op, "dx");
-  RequireBytes(env, dw, E * n * k, dtype, op, "dw");
+  RequireBytes(env, dw, E * n * k, dw_dtype, op, "dw");
   int device = CommonDevice(env, op, {x, w, offsets, dy, dx, dw});
   XFT_DISPATCH(env, op, device, grouped_gemm_backward, x->data, w->data, (const int*)offsets->data, dy->data,
-               dx ? dx->data : nullptr, dw ? dw->data : nullptr, dtype, (int)M, (int)n, (int)k, (int)E, accumulate);
+               dx ? dx->data : nullptr, dw ? dw->data : nullptr, dtype, dw_dtype, (int)M, (int)n, (int)k, (int)E,
+               accumulate);
   return env.Undefined();
 }
 

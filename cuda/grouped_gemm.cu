@@ -9,8 +9,10 @@ offsets i32 [E + 1], group e = rows o_e .. o_{e+1}:
              dw[e] (+)= dy[o_e:o_{e+1}].T @ x[o_e:o_{e+1}]              dw [E, n, k] (accumulate)
 Offsets are clamped to [0, M] and a decreasing offset gives an empty group, as in the CPU twin, so
 any offsets are memory safe. An empty group gives dw[e] = 0 (or leaves it unchanged with accumulate).
-All tensors share one dtype; accumulation is fp32 and every result is rounded once (bf16: nearest
-even, xft_f32_to_bf16; with accumulate dw = round(old + sum) in fp32). No atomics: deterministic.
+All tensors share one dtype, except that dw may be f32 with bf16 inputs (the f32 gradients of bf16
+weights: the fp32 accumulators stored unrounded); accumulation is fp32 and every result is rounded
+once (bf16: nearest even, xft_f32_to_bf16; with accumulate dw = round(old + sum) in fp32). No atomics:
+deterministic.
 
 All three products are one tile GEMM C[m, j] = sum_kk A[m, kk] B[kk, j] whose operands are either
 "K-major" (kk contiguous: x and dy as A, w as B in the forward) or "MN-major" (m or j contiguous:
@@ -336,6 +338,40 @@ __device__ __forceinline__ void mma_store(uint16_t* C, size_t ld, int row_rem, i
     }
 }
 
+// the warp's accumulators into the fp32 tile C (an f32 dw of bf16 inputs), unrounded; accumulate: C += acc.
+// VEC: C is 8-byte aligned and ld even, so column pairs are stored as one float2.
+template <bool VEC>
+__device__ __forceinline__ void mma_store_f32(float* C, size_t ld, int row_rem, int col_rem,
+                                              const float (&acc)[kMT][kNT][4], bool accumulate) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int wm = warp / kWarpsN, wn = warp % kWarpsN, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMT; mt++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int r = wm * kWM + mt * 16 + h * 8 + g;
+      if (r >= row_rem) continue;
+#pragma unroll
+      for (int nt = 0; nt < kNT; nt++) {
+        const int c = wn * kWN + nt * 8 + 2 * t;
+        if (c >= col_rem) continue;
+        float* dst = C + (size_t)r * ld + c;
+        float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
+        if (VEC && c + 1 < col_rem) {
+          if (accumulate) {
+            const float2 old = *(const float2*)dst;
+            v0 += old.x;
+            v1 += old.y;
+          }
+          *(float2*)dst = make_float2(v0, v1);
+        } else {
+          dst[0] = accumulate ? v0 + dst[0] : v0;
+          if (c + 1 < col_rem) dst[1] = accumulate ? v1 + dst[1] : v1;
+        }
+      }
+    }
+}
+
 // ---- fp32 FFMA tile GEMM ----
 
 // this thread's kFPer elements of a 64 x kFBK operand tile from k0, in a coalesced order
@@ -457,8 +493,8 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
   }
 }
 
-// dw[e] [n, k] (+)= dy[rows of e]^T @ x[rows of e]; block (k tile, n tile, e)
-template <int DT, bool VEC>
+// dw[e] [n, k] (+)= dy[rows of e]^T @ x[rows of e]; block (k tile, n tile, e). F32OUT: bf16 inputs, f32 dw.
+template <int DT, bool VEC, bool F32OUT>
 __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
     grouped_dw_kernel(const void* dy, const void* x, const int* __restrict__ offsets, void* dw, int M, int n, int k,
                       int accumulate) {
@@ -470,11 +506,13 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
   const int rows = r1 - r0;
   TileSrc<T> a = {(const T*)dy + (size_t)r0 * n + j0, (size_t)n, n - j0, rows};  // dy^T: MN-major
   TileSrc<T> b = {(const T*)x + (size_t)r0 * k + i0, (size_t)k, k - i0, rows};   // x: MN-major
-  T* Ct = (T*)dw + (size_t)e * n * k + (size_t)j0 * k + i0;
+  const size_t c0 = (size_t)e * n * k + (size_t)j0 * k + i0;
+  T* Ct = (T*)dw + c0;
   if constexpr (DT == XFT_BF16) {
     float acc[kMT][kNT][4];
     mma_mainloop<false, false, VEC>(a, b, rows, acc, (uint16_t*)smem);
-    mma_store<VEC>(Ct, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
+    if constexpr (F32OUT) mma_store_f32<VEC>((float*)dw + c0, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
+    else mma_store<VEC>(Ct, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
   } else {
     float acc[4][4];
     ffma_mainloop<false, false>(a, b, rows, acc, (float*)smem);
@@ -503,18 +541,18 @@ cudaError_t launch_rows(const void* A, const void* B, const int* offsets, void* 
   return cudaGetLastError();
 }
 
-template <int DT, bool VEC>
+template <int DT, bool VEC, bool F32OUT = false>
 cudaError_t launch_dw(const void* dy, const void* x, const int* offsets, void* dw, int M, int n, int k, int E,
                       int accumulate) {
   const size_t smem = DT == XFT_BF16 ? mma_smem_bytes<false, false>() : kFSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(grouped_dw_kernel<DT, VEC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t err = cudaFuncSetAttribute(grouped_dw_kernel<DT, VEC, F32OUT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          (int)smem);
   if (err != cudaSuccess) return err;
   const long long tiles_k = CEIL_DIV((long long)k, (long long)Tiles<DT>::BN);
   const long long tiles_n = CEIL_DIV((long long)n, (long long)Tiles<DT>::BM);
   if (tiles_n > 65535 || E > 65535) return cudaErrorInvalidValue;
   dim3 grid((unsigned)tiles_k, (unsigned)tiles_n, (unsigned)E);
-  grouped_dw_kernel<DT, VEC><<<grid, kThreads, smem, xft_cuda_stream()>>>(dy, x, offsets, dw, M, n, k, accumulate);
+  grouped_dw_kernel<DT, VEC, F32OUT><<<grid, kThreads, smem, xft_cuda_stream()>>>(dy, x, offsets, dw, M, n, k, accumulate);
   return cudaGetLastError();
 }
 
@@ -536,9 +574,9 @@ extern "C" int xft_cuda_grouped_gemm_forward(const void* x, const void* w, const
 }
 
 extern "C" int xft_cuda_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
-                                              void* dx, void* dw, int dtype, int M, int n, int k, int E,
+                                              void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
                                               int accumulate) {
-  if (!valid_args(dtype, M, n, k, E)) return cudaErrorInvalidValue;
+  if (!valid_args(dtype, M, n, k, E) || (dw_dtype != dtype && dw_dtype != XFT_F32)) return cudaErrorInvalidValue;
   // 16-byte rows for dy (n % 8, also at any group start) and for w and x (k % 8), 4-byte column
   // pairs for dx and dw (k even)
   const bool rows16 = n % 8 == 0 && k % 8 == 0 && aligned(dy, 16);
@@ -552,6 +590,9 @@ extern "C" int xft_cuda_grouped_gemm_backward(const void* x, const void* w, cons
   }
   if (dw && n > 0 && k > 0) {  // also when M == 0: every group is empty, dw = 0 (or unchanged)
     if (dtype == XFT_F32) err = launch_dw<XFT_F32, false>(dy, x, offsets, dw, M, n, k, E, accumulate);
+    else if (dw_dtype == XFT_F32)  // f32 gradients of bf16 weights: the accumulators stored unrounded
+      err = rows16 && aligned(x, 16) && aligned(dw, 8) ? launch_dw<XFT_BF16, true, true>(dy, x, offsets, dw, M, n, k, E, accumulate)
+                                                       : launch_dw<XFT_BF16, false, true>(dy, x, offsets, dw, M, n, k, E, accumulate);
     else if (rows16 && aligned(x, 16) && aligned(dw, 4))
       err = launch_dw<XFT_BF16, true>(dy, x, offsets, dw, M, n, k, E, accumulate);
     else err = launch_dw<XFT_BF16, false>(dy, x, offsets, dw, M, n, k, E, accumulate);

@@ -77,9 +77,10 @@ int xft_cuda_route_backward(const void* logits, int dtype, int T, int N, int K, 
 int xft_cuda_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
                                   int dtype, int M, int n, int k, int E);
 // dx [M, k] = dy @ w[e] per group (overwrite; skipped when dx is NULL);
-// dw [E, n, k] = dy_e^T @ x_e (accumulate; zero for empty groups; skipped when dw is NULL).
+// dw [E, n, k] = dy_e^T @ x_e (accumulate; zero for empty groups; skipped when dw is NULL), stored in
+// dw_dtype: dtype, or F32 with bf16 inputs (the fp32 accumulators unrounded: f32 gradients of bf16 weights).
 int xft_cuda_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
-                                   void* dx, void* dw, int dtype, int M, int n, int k, int E,
+                                   void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
                                    int accumulate);
 
 // ---- mixing-coefficient merge (cuda/merge.cu) ----

@@ -71,18 +71,12 @@ function linear(ctx: Context, x: Tensor, w: Tensor): Tensor {
 }
 
 /**
- * Grouped GEMM backward whose dW is added into the parameter's f32 gradient when it is trainable.
- * bf16 weights: dW is computed in bf16 (fp32 accumulation inside the GEMM, as PyTorch autocast
- * does) and added into the f32 gradient.
+ * Grouped GEMM backward whose dW is added into the parameter's f32 gradient when it is trainable
+ * (bf16 weights too: the GEMM's fp32 accumulators go into the f32 gradient unrounded).
  */
 function gemmBackward(x: Tensor, w: Param, w3: Tensor, offsets: Tensor, dy: Tensor, needDx = true): Tensor | null {
-  if (!w.trainable) return needDx ? xops.groupedGemmBackward(x, w3, offsets, dy, { dw: false, validate: false }).dx : null;
-  const grad = w.gradBuffer().reshape(w3.shape);
-  if (w3.dtype === 'f32') return xops.groupedGemmBackward(x, w3, offsets, dy, { dx: needDx, dw: grad, validate: false }).dx;
-  const r = xops.groupedGemmBackward(x, w3, offsets, dy, { dx: needDx, dw: true, validate: false });
-  lops.axpby(1, r.dw!, 1, grad);
-  r.dw!.dispose();
-  return r.dx;
+  const dw = w.trainable ? w.gradBuffer().reshape(w3.shape) : false;
+  return xops.groupedGemmBackward(x, w3, offsets, dy, { dx: needDx, dw, validate: false }).dx;
 }
 
 /** dx (or null) and dW accumulated into the parameter's gradient when trainable. */

@@ -68,7 +68,7 @@ export interface NativeAddon {
     experts: S, dWeights: S, dImportance: S | null, dLogits: S): void;
   groupedGemmForward(x: S, w: S, offsets: S, y: S, dtype: number, M: number, n: number, k: number, E: number): void;
   groupedGemmBackward(x: S, w: S, offsets: S, dy: S, dx: S | null, dw: S | null, dtype: number,
-    M: number, n: number, k: number, E: number, accumulate: boolean): void;
+    M: number, n: number, k: number, E: number, accumulate: boolean, dwDtype: number): void;
   mergeForward(stacks: S[], merged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number): void;
   mergeBackward(stacks: S[], dMerged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number,
     dAlpha: S, accumulate: boolean): void;

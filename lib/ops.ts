@@ -209,7 +209,10 @@ export function groupedGemm(x: Tensor, w: Tensor, offsets: Tensor, options: Grou
 export interface GroupedGemmBackwardOptions extends GroupedGemmOptions {
   /** Compute dx (default true). */
   dx?: boolean;
-  /** Compute dw (default true), or add it into this tensor [E, n, k] (gradient accumulation). */
+  /**
+   * Compute dw (default true), or add it into this tensor [E, n, k] (gradient accumulation): of w's
+   * dtype, or f32 with bf16 inputs (f32 gradients of bf16 weights, from the unrounded fp32 accumulators).
+   */
   dw?: boolean | Tensor;
 }
 
@@ -218,13 +221,15 @@ export function groupedGemmBackward(x: Tensor, w: Tensor, offsets: Tensor, dy: T
   const op = 'groupedGemmBackward';
   const a = gemmArgs(op, x, w, offsets);
   expectTensor(op, 'dy', dy, { dtype: [x.dtype], shape: [a.M, a.n], shapeName: `[M, n] = [${a.M}, ${a.n}]` });
-  const into = options.dw instanceof Tensor ? expectTensor(op, 'options.dw', options.dw, { dtype: [w.dtype], shape: w.shape, shapeName: `[E, n, k] = ${formatShape(w.shape)}` }) : null;
+  const into = options.dw instanceof Tensor
+    ? expectTensor(op, 'options.dw', options.dw, { dtype: w.dtype === 'bf16' ? ['bf16', 'f32'] : [w.dtype], shape: w.shape, shapeName: `[E, n, k] = ${formatShape(w.shape)}` })
+    : null;
   sameDevice(op, { x, w, offsets, dy, dw: into });
   if (options.validate !== false) checkOffsets(op, offsets, a.M);
   const dx = options.dx === false ? null : Tensor.empty([a.M, a.k], { dtype: x.dtype, device: x.device });
   const dw = into ?? (options.dw === false ? null : Tensor.empty(w.shape, { dtype: w.dtype, device: w.device }));
   native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx ? dx.storage : null, dw ? dw.storage : null,
-    dtypeCode(x.dtype), a.M, a.n, a.k, a.E, into !== null);
+    dtypeCode(x.dtype), a.M, a.n, a.k, a.E, into !== null, dtypeCode(dw ? dw.dtype : x.dtype));
   return { dx, dw };
 }
 

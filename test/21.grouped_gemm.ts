@@ -47,6 +47,13 @@ for (const dtype of ['f32', 'bf16'] as const)
       close(t, acc.toArray(), refDw.map((v, i) => v + w.values[i]), TOL[dtype], `${c.what}: dw accumulated`);
       const only = ops.groupedGemmBackward(x.t, w.t, offsets, dy.t, { dw: false });
       t.equal(only.dw, null, 'dw skipped when not asked for');
+      if (dtype === 'bf16') {
+        // f32 gradients of bf16 weights: the fp32 sums unrounded, so f32 accuracy against float64
+        const acc32 = Tensor.from(w.values, w.t.shape);
+        ops.groupedGemmBackward(x.t, w.t, offsets, dy.t, { dx: false, dw: acc32 });
+        close(t, acc32.toArray(), refDw.map((v, i) => v + w.values[i]), TOL.f32, `${c.what}: f32 dw of bf16 inputs, accumulated`);
+        acc32.dispose();
+      }
       for (const v of [x.t, w.t, dy.t, offsets, y, dx!, dw!, acc, only.dx!]) v.dispose();
     }
   });

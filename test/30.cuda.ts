@@ -72,6 +72,15 @@ t.test('grouped GEMM: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
       ops.groupedGemmBackward(x.cuda, w.cuda, og, dy.cuda, { dx: false, dw: acc });
       ops.groupedGemmBackward(x.cpu, w.cpu, offsets, dy.cpu, { dx: false, dw: accCpu });
       close(t, acc.toArray(), accCpu.toArray(), TOL[dtype], `${what}: dw accumulated`);
+      if (dtype === 'bf16') {
+        // f32 gradients of bf16 weights (the mixed-precision model): unrounded fp32 sums, poisoned first
+        const g32 = Tensor.randn([E, n, k], { seed: seed() }), g32g = g32.to('cuda');
+        ops.groupedGemmBackward(x.cuda, w.cuda, og, dy.cuda, { dx: false, dw: g32g });
+        ops.groupedGemmBackward(x.cpu, w.cpu, offsets, dy.cpu, { dx: false, dw: g32 });
+        close(t, g32g.toArray(), g32.toArray(), TOL.f32, `${what}: f32 dw accumulated`);
+        g32.dispose();
+        g32g.dispose();
+      }
       for (const v of [offsets, og, x.cpu, x.cuda, w.cpu, w.cuda, dy.cpu, dy.cuda, ya, yb, ga.dx!, ga.dw!, gb.dx!, gb.dw!, acc, accCpu]) v.dispose();
     }
 });

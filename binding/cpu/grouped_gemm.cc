@@ -81,7 +81,7 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
 }
 
 int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
-                                  void* dx, void* dw, int dtype, int M, int n, int k, int E,
+                                  void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
                                   int accumulate) {
   const size_t es = elem_size(dtype);
   std::vector<float> xe, dye, we((size_t)n * k), dwe((size_t)n * k);
@@ -120,10 +120,10 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
           }
         }
       });
-      char* out = (char*)dw + (size_t)e * n * k * es;
+      char* out = (char*)dw + (size_t)e * n * k * elem_size(dw_dtype);
       if (accumulate)
-        for (size_t i = 0; i < (size_t)n * k; i++) dwe[i] += xft_cpu::load(out, dtype, i);
-      from_f32(out, dtype, dwe.data(), (size_t)n * k);
+        for (size_t i = 0; i < (size_t)n * k; i++) dwe[i] += xft_cpu::load(out, dw_dtype, i);
+      from_f32(out, dw_dtype, dwe.data(), (size_t)n * k);
     }
   }
   return 0;

@@ -30,7 +30,7 @@ int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, i
 int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
                                  int dtype, int M, int n, int k, int E);
 int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
-                                  void* dx, void* dw, int dtype, int M, int n, int k, int E,
+                                  void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
                                   int accumulate);
 
 // merge.cc
