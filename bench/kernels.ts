@@ -11,6 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { Tensor, backend, ops, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
+import { printTable } from './table';
 
 interface Shape { name: string; T: number; d: number; f: number; E: number; K: number }
 const SHAPES: Shape[] = [
@@ -111,19 +112,6 @@ function runShape(s: Shape, device: Device, withTorch: boolean) {
   return { shape: s, device, dtype, torch, rows };
 }
 
-function printTable(title: string, rows: Row[]) {
-  const cols: (keyof Row)[] = ['op', 'xft_ms', 'xft_rate', 'reference', 'ref_ms', 'ratio', 'target'];
-  const cell = (r: Row, c: keyof Row) => {
-    const v = r[c];
-    return typeof v === 'number' ? v.toFixed(3) : v === null || v === undefined ? '-' : String(v);
-  };
-  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r, c).length)));
-  console.log(`\n${title}`);
-  console.log(cols.map((c, i) => c.padEnd(widths[i])).join(' | '));
-  console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
-  for (const r of rows) console.log(cols.map((c, i) => cell(r, c).padEnd(widths[i])).join(' | '));
-}
-
 function main() {
   const b = backend();
   const device: Device = b.kind;
@@ -132,7 +120,7 @@ function main() {
   const results = [];
   for (const s of shapes) {
     const r = runShape(s, device, !process.argv.includes('--no-torch'));
-    printTable(`${s.name}: T=${s.T} d=${s.d} f=${s.f} E=${s.E} K=${s.K} on ${device === 'cuda' ? b.name : 'CPU'} (${r.dtype})`, r.rows);
+    printTable(`${s.name}: T=${s.T} d=${s.d} f=${s.f} E=${s.E} K=${s.K} on ${device === 'cuda' ? b.name : 'CPU'} (${r.dtype})`, ['op', 'xft_ms', 'xft_rate', 'reference', 'ref_ms', 'ratio', 'target'], r.rows, (v) => v.toFixed(3));
     results.push(r);
   }
   const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'kernels.json');

@@ -13,6 +13,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { backend, memoryStats, resetPeakMemory, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
+import { printTable } from './table';
 import { llamaConfig, type LlamaConfig } from '../lib/config';
 import { createDense, upcycle, mergeable, countParameters } from '../lib/xft';
 import { Trainer, disposeState } from '../lib/train';
@@ -99,19 +100,6 @@ function count(n: number): string {
   return n >= 1e6 ? `${(n / 1e6).toFixed(1)}M` : n >= 1e3 ? `${(n / 1e3).toFixed(1)}K` : String(n);
 }
 
-function printTable(title: string, rows: Row[]) {
-  const cols: (keyof Row)[] = ['model', 'params', 'xft_ms', 'xft_tok_s', 'torch_ms', 'torch_tok_s', 'ratio', 'xft_peak_mib', 'torch_peak_mib', 'target'];
-  const cell = (r: Row, c: keyof Row) => {
-    const v = r[c];
-    return typeof v === 'number' ? (Number.isInteger(v) ? String(v) : v.toFixed(c.endsWith('ms') ? 2 : 0)) : v === null || v === undefined ? '-' : String(v);
-  };
-  const widths = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r, c).length)));
-  console.log(`\n${title}`);
-  console.log(cols.map((c, i) => c.padEnd(widths[i])).join(' | '));
-  console.log(widths.map((w) => '-'.repeat(w)).join('-|-'));
-  for (const r of rows) console.log(cols.map((c, i) => cell(r, c).padEnd(widths[i])).join(' | '));
-}
-
 function main() {
   const b = backend();
   const device: Device = b.kind;
@@ -136,7 +124,9 @@ function main() {
       results.push({ size: s.name, kind, dtype, batch: s.batch, seqLen: s.seqLen, xft: x, torch: tr });
     }
     const c = s.config;
-    printTable(`${s.name}: d=${c.hidden_size} f=${c.intermediate_size} L=${c.num_hidden_layers} H=${c.num_attention_heads} V=${c.vocab_size}, batch ${s.batch}x${s.seqLen}, ${dtype} on ${device === 'cuda' ? b.name : 'CPU'} (ratio = xft speed / PyTorch eager speed)`, rows);
+    printTable(`${s.name}: d=${c.hidden_size} f=${c.intermediate_size} L=${c.num_hidden_layers} H=${c.num_attention_heads} V=${c.vocab_size}, batch ${s.batch}x${s.seqLen}, ${dtype} on ${device === 'cuda' ? b.name : 'CPU'} (ratio = xft speed / PyTorch eager speed)`,
+      ['model', 'params', 'xft_ms', 'xft_tok_s', 'torch_ms', 'torch_tok_s', 'ratio', 'xft_peak_mib', 'torch_peak_mib', 'target'], rows,
+      (v, col) => (Number.isInteger(v) ? String(v) : v.toFixed(col.endsWith('ms') ? 2 : 0)));
   }
   const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'train.json');
   fs.mkdirSync(path.dirname(out), { recursive: true });

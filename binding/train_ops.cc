@@ -325,6 +325,19 @@ Napi::Value BalanceLossBackward(const Napi::CallbackInfo& info) {
 
 // ---- noisy top-k load estimate ----
 
+// Checks the sizes and the three [T, N] inputs of the load estimate; returns T * N.
+size_t LoadEstimateInputs(Napi::Env env, const char* op, Storage* clean, Storage* z, Storage* noisy, int dtype, int64_t T,
+                          int64_t N, int64_t k) {
+  RequireFloat(env, op, dtype, "clean, z, noisy");
+  if (T < 0 || T > INT32_MAX || N < 2 || N > XFT_LOAD_MAX_EXPERTS || k < 1 || k >= N)
+    Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes T=" + std::to_string(T) + " N=" + std::to_string(N) + " k=" + std::to_string(k));
+  const size_t n = (size_t)T * (size_t)N;
+  RequireBytes(env, clean, n, dtype, op, "clean");
+  RequireBytes(env, z, n, dtype, op, "z");
+  RequireBytes(env, noisy, n, dtype, op, "noisy");
+  return n;
+}
+
 // loadEstimateForward(clean, z, noisy, dtype, T, N, k, eps, prob, load)
 Napi::Value LoadEstimateForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -337,13 +350,7 @@ Napi::Value LoadEstimateForward(const Napi::CallbackInfo& info) {
   double eps = ArgNumber(info, 7, op, "eps");
   Storage* prob = ArgStorage(info, 8, op, "prob");
   Storage* load = ArgStorage(info, 9, op, "load");
-  RequireFloat(env, op, dtype, "clean, z, noisy");
-  if (T < 0 || T > INT32_MAX || N < 2 || N > XFT_LOAD_MAX_EXPERTS || k < 1 || k >= N || (double)T * N > 9e15)
-    Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes T=" + std::to_string(T) + " N=" + std::to_string(N) + " k=" + std::to_string(k));
-  const size_t n = (size_t)T * (size_t)N;
-  RequireBytes(env, clean, n, dtype, op, "clean");
-  RequireBytes(env, z, n, dtype, op, "z");
-  RequireBytes(env, noisy, n, dtype, op, "noisy");
+  const size_t n = LoadEstimateInputs(env, op, clean, z, noisy, dtype, T, N, k);
   RequireBytes(env, prob, n, XFT_F32, op, "prob");
   RequireBytes(env, load, (size_t)N, XFT_F32, op, "load");
   int device = CommonDevice(env, op, {clean, z, noisy, prob, load});
@@ -366,13 +373,7 @@ Napi::Value LoadEstimateBackward(const Napi::CallbackInfo& info) {
   uint64_t seed = (uint64_t)ArgInt(info, 9, op, "seed");
   Storage* dclean = ArgStorage(info, 10, op, "dClean");
   Storage* dz = ArgStorage(info, 11, op, "dz");
-  RequireFloat(env, op, dtype, "clean, z, noisy");
-  if (T < 0 || T > INT32_MAX || N < 2 || N > XFT_LOAD_MAX_EXPERTS || k < 1 || k >= N || (double)T * N > 9e15)
-    Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes T=" + std::to_string(T) + " N=" + std::to_string(N) + " k=" + std::to_string(k));
-  const size_t n = (size_t)T * (size_t)N;
-  RequireBytes(env, clean, n, dtype, op, "clean");
-  RequireBytes(env, z, n, dtype, op, "z");
-  RequireBytes(env, noisy, n, dtype, op, "noisy");
+  const size_t n = LoadEstimateInputs(env, op, clean, z, noisy, dtype, T, N, k);
   RequireBytes(env, dload, (size_t)N, XFT_F32, op, "dLoad");
   RequireBytes(env, dclean, n, dtype, op, "dClean");
   RequireBytes(env, dz, n, dtype, op, "dz");

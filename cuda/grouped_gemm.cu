@@ -299,11 +299,48 @@ __device__ __forceinline__ void mma_mainloop(const TileSrc<uint16_t>& a, const T
   cp_async_wait<0>();  // only empty groups remain; leaves nothing in flight for the caller
 }
 
-// the warp's accumulators into the bf16 tile C (row stride ld) of row_rem x col_rem valid outputs;
-// accumulate: C = round(C + acc). mma C fragment: c0, c1 at (g, 2t), (g, 2t + 1); c2, c3 at row g + 8.
-// VEC: C is 4-byte aligned and ld even, so column pairs are stored as one 32-bit word.
+// one column pair (v0, v1) of an output row into C at dst: bf16 rounded to nearest even (VEC: one
+// 32-bit word) or f32 unrounded (VEC: one float2); accumulate adds the old value first (in fp32)
 template <bool VEC>
-__device__ __forceinline__ void mma_store(uint16_t* C, size_t ld, int row_rem, int col_rem,
+__device__ __forceinline__ void store_pair(uint16_t* dst, float v0, float v1, bool pair, bool accumulate) {
+  if (VEC && pair) {
+    if (accumulate) {
+      const uint32_t old = *(const uint32_t*)dst;
+      v0 += xft_bf16_to_f32((uint16_t)(old & 0xffffu));
+      v1 += xft_bf16_to_f32((uint16_t)(old >> 16));
+    }
+    *(uint32_t*)dst = (uint32_t)xft_f32_to_bf16(v0) | ((uint32_t)xft_f32_to_bf16(v1) << 16);
+    return;
+  }
+  if (accumulate) v0 += xft_bf16_to_f32(dst[0]);
+  dst[0] = xft_f32_to_bf16(v0);
+  if (pair) {
+    if (accumulate) v1 += xft_bf16_to_f32(dst[1]);
+    dst[1] = xft_f32_to_bf16(v1);
+  }
+}
+
+template <bool VEC>
+__device__ __forceinline__ void store_pair(float* dst, float v0, float v1, bool pair, bool accumulate) {
+  if (VEC && pair) {
+    if (accumulate) {
+      const float2 old = *(const float2*)dst;
+      v0 += old.x;
+      v1 += old.y;
+    }
+    *(float2*)dst = make_float2(v0, v1);
+    return;
+  }
+  dst[0] = accumulate ? v0 + dst[0] : v0;
+  if (pair) dst[1] = accumulate ? v1 + dst[1] : v1;
+}
+
+// the warp's accumulators into the tile C (row stride ld) of row_rem x col_rem valid outputs, C bf16
+// (rounded once) or f32 (an f32 dw of bf16 inputs, unrounded); accumulate: C = C + acc in fp32.
+// mma C fragment: c0, c1 at (g, 2t), (g, 2t + 1); c2, c3 at row g + 8. VEC: C is aligned for a pair
+// store (4 bytes for bf16, 8 for f32) and ld even.
+template <bool VEC, typename OutT>
+__device__ __forceinline__ void mma_store(OutT* C, size_t ld, int row_rem, int col_rem,
                                           const float (&acc)[kMT][kNT][4], bool accumulate) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int wm = warp / kWarpsN, wn = warp % kWarpsN, g = lane / 4, t = lane % 4;
@@ -317,57 +354,7 @@ __device__ __forceinline__ void mma_store(uint16_t* C, size_t ld, int row_rem, i
       for (int nt = 0; nt < kNT; nt++) {
         const int c = wn * kWN + nt * 8 + 2 * t;
         if (c >= col_rem) continue;
-        uint16_t* dst = C + (size_t)r * ld + c;
-        float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-        if (VEC && c + 1 < col_rem) {
-          if (accumulate) {
-            const uint32_t old = *(const uint32_t*)dst;
-            v0 += xft_bf16_to_f32((uint16_t)(old & 0xffffu));
-            v1 += xft_bf16_to_f32((uint16_t)(old >> 16));
-          }
-          *(uint32_t*)dst = (uint32_t)xft_f32_to_bf16(v0) | ((uint32_t)xft_f32_to_bf16(v1) << 16);
-        } else {
-          if (accumulate) v0 += xft_bf16_to_f32(dst[0]);
-          dst[0] = xft_f32_to_bf16(v0);
-          if (c + 1 < col_rem) {
-            if (accumulate) v1 += xft_bf16_to_f32(dst[1]);
-            dst[1] = xft_f32_to_bf16(v1);
-          }
-        }
-      }
-    }
-}
-
-// the warp's accumulators into the fp32 tile C (an f32 dw of bf16 inputs), unrounded; accumulate: C += acc.
-// VEC: C is 8-byte aligned and ld even, so column pairs are stored as one float2.
-template <bool VEC>
-__device__ __forceinline__ void mma_store_f32(float* C, size_t ld, int row_rem, int col_rem,
-                                              const float (&acc)[kMT][kNT][4], bool accumulate) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int wm = warp / kWarpsN, wn = warp % kWarpsN, g = lane / 4, t = lane % 4;
-#pragma unroll
-  for (int mt = 0; mt < kMT; mt++)
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const int r = wm * kWM + mt * 16 + h * 8 + g;
-      if (r >= row_rem) continue;
-#pragma unroll
-      for (int nt = 0; nt < kNT; nt++) {
-        const int c = wn * kWN + nt * 8 + 2 * t;
-        if (c >= col_rem) continue;
-        float* dst = C + (size_t)r * ld + c;
-        float v0 = acc[mt][nt][2 * h], v1 = acc[mt][nt][2 * h + 1];
-        if (VEC && c + 1 < col_rem) {
-          if (accumulate) {
-            const float2 old = *(const float2*)dst;
-            v0 += old.x;
-            v1 += old.y;
-          }
-          *(float2*)dst = make_float2(v0, v1);
-        } else {
-          dst[0] = accumulate ? v0 + dst[0] : v0;
-          if (c + 1 < col_rem) dst[1] = accumulate ? v1 + dst[1] : v1;
-        }
+        store_pair<VEC>(C + (size_t)r * ld + c, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1], c + 1 < col_rem, accumulate);
       }
     }
 }
@@ -511,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
   if constexpr (DT == XFT_BF16) {
     float acc[kMT][kNT][4];
     mma_mainloop<false, false, VEC>(a, b, rows, acc, (uint16_t*)smem);
-    if constexpr (F32OUT) mma_store_f32<VEC>((float*)dw + c0, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
+    if constexpr (F32OUT) mma_store<VEC>((float*)dw + c0, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
     else mma_store<VEC>(Ct, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
   } else {
     float acc[4][4];
