@@ -14,7 +14,7 @@ function throwsCode(t: TapTest, fn: () => unknown, code: string, match?: RegExp,
     if (match) t.match((err as Error).message, match, `${what ?? 'call'}: message names the problem`);
   }
 }
-type TapTest = import('tap').Test;
+type TapTest = tap.Test;
 
 t.test('tensor creation errors', async (t) => {
   throwsCode(t, () => Tensor.from([1, 2, 3], [2, 2]), 'XFT_SHAPE', /3 elements but shape \[2, 2\] needs 4/, 'numel mismatch');

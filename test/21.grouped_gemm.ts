@@ -73,7 +73,7 @@ t.test('backward vs finite differences', async (t) => {
   const offsets = Tensor.from(offs, [E + 1], { dtype: 'i32' });
   const L = (xs: number[], ws: number[]) => {
     const y = ops.groupedGemm(Tensor.from(xs, [M, k]), Tensor.from(ws, [E, n, k]), offsets).toArray();
-    return y.reduce((acc, v, i) => acc + v * dyv[i], 0);
+    return Array.from(y).reduce((acc, v, i) => acc + v * dyv[i], 0);
   };
   const { dx, dw } = ops.groupedGemmBackward(Tensor.from(xv, [M, k]), Tensor.from(wv, [E, n, k]), offsets, Tensor.from(dyv, [M, n]));
   const h = 1e-2;

@@ -52,7 +52,7 @@ t.test('backward vs finite differences', async (t) => {
     const grads = shapes.map((s, i) => randomTensor(s.slice(1), 90 + i));
     const L = (a: number[]) =>
       ops.mergeExperts(stacks.map((s) => s.t), Tensor.from(a, [A]), rate)
-        .reduce((acc, m, i) => acc + m.toArray().reduce((s, v, j) => s + v * grads[i].values[j], 0), 0);
+        .reduce((acc, m, i) => acc + Array.from(m.toArray()).reduce((s, v, j) => s + v * grads[i].values[j], 0), 0);
     const h = 1e-2;
     const fd = alphaValues.map((_, i) => {
       const p = [...alphaValues], m = [...alphaValues];

@@ -14,7 +14,7 @@ import { TOL, pair, seed, setupGpuTest } from './helpers/gpu';
 const FLOATS = ['f32', 'bf16'] as const;
 setupGpuTest(t);
 
-type Test = import('tap').Test;
+type Test = tap.Test;
 
 /** Bit-for-bit equality (NaN never equal: unwritten poisoned outputs fail), fast on large arrays. */
 function exact(t: Test, got: ArrayLike<number>, want: ArrayLike<number>, what: string): void {

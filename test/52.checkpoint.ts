@@ -34,7 +34,7 @@ function paramsOf(m: Model): Map<string, Float32Array> {
   return new Map(m.params().map((p) => [p.name, p.value.toArray() as Float32Array]));
 }
 
-function sameParams(t: import("tap").Test, a: Model, b: Model, what: string) {
+function sameParams(t: tap.Test, a: Model, b: Model, what: string) {
   const pa = paramsOf(a), pb = paramsOf(b);
   t.same([...pa.keys()], [...pb.keys()], `${what}: the same parameter names in the same order`);
   let diff = 0;

@@ -46,7 +46,7 @@ function reference(dir: string): { numpy: number[]; transformers: number[] | nul
   return { numpy: j.numpy.flat(2), transformers: j.transformers ? j.transformers.flat(2) : null, error: j.transformers_error };
 }
 
-function compare(t: import('tap').Test, dir: string, m: Model, what: string) {
+function compare(t: tap.Test, dir: string, m: Model, what: string) {
   const got = xftLogits(m), ref = reference(dir);
   t.equal(ref.numpy.length, got.length, `${what}: ${B}x${T}x${config.vocab_size} logits`);
   const e = relErr(got, ref.numpy);

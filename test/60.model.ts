@@ -72,7 +72,7 @@ function disposeModels(...ms: Model[]) {
 }
 
 // loss(θ) through the whole model; gradients against central differences on a few coordinates
-function gradCheck(t: import('tap').Test, m: Model, what: string, pick: (name: string) => boolean, withAux = false, h = 1e-2) {
+function gradCheck(t: tap.Test, m: Model, what: string, pick: (name: string) => boolean, withAux = false, h = 1e-2) {
   m.zeroGrad();
   m.forward(ids, targets, B, T, { training: true, seed: 5n });
   m.backward();

@@ -3,7 +3,7 @@ import t from 'tap';
 import { XftError } from '../../lib/index';
 import { relErr } from './ref';
 
-type Test = import('tap').Test;
+type Test = tap.Test;
 
 export function throwsCode(t: Test, fn: () => unknown, code: string, match: RegExp, what: string): void {
   try {
