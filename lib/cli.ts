@@ -244,6 +244,7 @@ program
   .option('--held-out <n>', 'examples (or a fraction < 1) held out for evaluation at the end', num(0), 0)
   .option('--seed <n>', 'seed of the data order and router noise', int(0), 0)
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
+  .option('--eval-every <steps>', 'evaluate on the held-out examples every N steps (needs --held-out)', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
   .addOption(deviceOption())
   .addOption(precisionOption())
@@ -254,7 +255,7 @@ program
 
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
-  warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; resume?: boolean; device?: string; precision?: string;
+  warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
   dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean;
 }
 
@@ -280,6 +281,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   const parts = o.heldOut > 0 ? split(samples, o.heldOut, o.seed) : { train: samples, eval: [] };
   if (parts.train.length === 0) throw new XftError(`${o.data}: no training examples left after holding out ${o.heldOut}`, 'XFT_VALUE');
   const rows = rowsOf(parts.train, o, tok), evalRows = rowsOf(parts.eval, o, tok);
+  if (o.evalEvery && evalRows.length === 0) throw new UsageError('train: --eval-every needs held-out examples (--held-out)');
   const batch = Math.min(o.batchSize, rows.length);
   const micro = o.microBatch ?? Math.min(8, batch);
   if (batch % micro !== 0) throw new XftError(`--micro-batch ${micro} must divide the batch size ${batch}`, 'XFT_VALUE');
@@ -302,6 +304,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   const state: TrainState = o.resume ? loadTrainState(resumeDir, model) : { step: 0, m: new Map(), v: new Map() };
   const earlier = o.resume ? ((readTrainStateInfo(resumeDir).losses as number[] | undefined) ?? []) : [];
   const losses: number[] = [...earlier];
+  const evals: { step: number; loss: number; accuracy: number }[] = [];
   const runArgs = () => ({ args: { model: modelDir, options: { ...o, resume: undefined } }, losses });
   const stop = new AbortController();
   const onSigint = () => {
@@ -318,6 +321,11 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
     onStep: (s) => {
       losses.push(s.loss);
       b.update(s.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSecond) });
+      if (o.evalEvery && s.step % o.evalEvery === 0 && s.step < s.steps) {
+        const ev = evaluate(model, evalRows, { batchSize: micro });
+        evals.push({ step: s.step, loss: ev.loss, accuracy: ev.accuracy });
+        console.log(`step ${s.step}: held-out loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}%`);
+      }
       if (o.saveEvery && s.step % o.saveEvery === 0 && s.step < s.steps) {
         saveTrainState(resumeDir, model, state, runArgs());
         console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
@@ -332,7 +340,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
     process.exitCode = EXIT.interrupted;
     return;
   }
-  const metrics: Record<string, unknown> = { kind: model.kind, steps: total, losses, lr, warmup, batch, seqLen: o.seqLen };
+  const metrics: Record<string, unknown> = { kind: model.kind, steps: total, losses, evals, lr, warmup, batch, seqLen: o.seqLen };
   if (evalRows.length) {
     const ev = evaluate(model, evalRows, { batchSize: micro });
     metrics.eval = ev;

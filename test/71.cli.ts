@@ -45,12 +45,14 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   let r = xft('upcycle', 'dense', 'moe', '--experts', '4', '--top-k', '3');
   t.equal(r.code, 0, `upcycle: ${r.err}`);
   t.equal(readCheckpointInfo(at('moe')).kind, 'moe');
-  r = xft('train', 'moe', ...DATA, '--out', 'moe-ft', '--batch-size', '8', '--steps', '3', '--lr', '1e-3', '--held-out', '8');
+  r = xft('train', 'moe', ...DATA, '--out', 'moe-ft', '--batch-size', '8', '--steps', '3', '--lr', '1e-3', '--held-out', '8', '--eval-every', '2');
   t.equal(r.code, 0, `train MoE: ${r.err}`);
   t.match(r.out, /MoE fine-tuning/);
   t.match(r.out, /held-out: loss \d+\.\d+, token accuracy/);
   const log = JSON.parse(fs.readFileSync(at('moe-ft/xft_train.json'), 'utf8'));
   t.equal(log.losses.length, 3, 'three steps logged');
+  t.equal(log.evals.length, 1, 'one evaluation during training (step 2), then the final one');
+  t.match(r.out, /step 2: held-out loss \d+\.\d+/);
   r = xft('train', 'moe-ft', '--merge', ...DATA, '--out', 'merge', '--batch-size', '8', '--steps', '2', '--lr', '1e-2');
   t.equal(r.code, 0, `train --merge: ${r.err}`);
   t.match(r.out, /merge learning/);
@@ -78,6 +80,7 @@ t.test('exit codes: 2 usage, 3 unusable input, 1 runtime failure', async (t) => 
     [['upcycle', 'dense', 'x', '--top-k', 'six'], 2, /--top-k.*integer/],
     [['upcycle', 'dense', 'x', '--router', 'rnn'], 2, /--router.*mlp, linear/],
     [['train', 'dense', '--out', 'x'], 2, /--data/],
+    [['train', 'dense', '--data', 'data.jsonl', '--out', 'x', '--eval-every', '5'], 2, /--eval-every needs held-out/],
     [['train', 'dense', '--out', 'x', '--resume'], 1, /x\.resume: no trainer_state\.json/],
     [['merge', 'moe', 'x', '--shared-rate', '2'], 2, /--shared-rate/],
     [['upcycle', 'dense', 'x', '--experts', '4', '--top-k', '5'], 3, /num_selects/],
