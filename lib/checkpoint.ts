@@ -412,6 +412,38 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
   return out;
 }
 
+/**
+ * Writes a merge checkpoint for a trained merge model whose frozen weights came from `src` (an MoE
+ * or merge checkpoint): every frozen tensor is copied from `src` as it is there (its dtype and bits,
+ * whatever precision the model computed in), the router is dropped, and the model's α is written
+ * (f32) with its λ. Streams like mergeCheckpoint.
+ */
+export function saveMergeCheckpoint(model: Model, src: string, dst: string, options: StreamOptions & { copyFiles?: Record<string, string> } = {}): CheckpointInfo {
+  if (model.kind !== 'merged') throw new XftError(`saveMergeCheckpoint: expected a merge model, got a ${model.kind} model`, 'XFT_VALUE');
+  const info = readCheckpointInfo(src);
+  if (info.kind === 'dense') throw new XftError(`saveMergeCheckpoint: ${src} is a dense checkpoint; expected the MoE or merge checkpoint the model came from`, 'XFT_VALUE');
+  const r = new SafetensorsReader(src);
+  checkTensors(info, r);
+  checkTarget(dst, options.overwrite);
+  const ffns = model.blocks.map((b) => b.ffn as MergedFFN);
+  const rate = ffns[0].sharedRate, E = info.moe!.num_experts;
+  if (ffns[0].gate.value.shape[0] !== E || model.blocks.length !== info.config.num_hidden_layers)
+    throw new XftError(`saveMergeCheckpoint: the model does not have the shape of ${src}`, 'XFT_SHAPE');
+  const to = fileDtypeOf(options), chunk = chunkOf(options);
+  const keep = (n: string) => !/\.mlp\.gate\./.test(n) && !n.endsWith('.mlp.average_weights') && !IGNORED.test(n);
+  const entries: WriteEntry[] = r.names().filter(keep).map((n) => copyEntry(r, n, n, to, chunk));
+  ffns.forEach((f, i) => entries.push({ name: `${layer(i)}.mlp.average_weights`, dtype: 'F32', shape: f.alpha.value.shape, tensor: () => f.alpha.value }));
+  const dtype = to ?? r.info('model.layers.0.mlp.calculator.experts.weight_gate.0.weight').dtype;
+  const raw = configJson('merged', info.config, info.moe, rate, dtype);
+  writeFolderAtomic(dst, (tmp) => {
+    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
+    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
+    copySideFiles(src, tmp);
+    for (const [name, content] of Object.entries(options.copyFiles ?? {})) writeFileAtomic(path.join(tmp, name), content);
+  });
+  return { dir: dst, kind: 'merged', config: info.config, moe: info.moe, sharedRate: rate, raw };
+}
+
 /** Mixing coefficients c_e (XFT.md section 2), computed in double: c_0 = λ, c_i = (1 - λ) softmax(α)_i; soup: softmax(α). */
 export function mixingCoefficients(alpha: ArrayLike<number>, sharedRate: number | null): number[] {
   const a = Array.from(alpha), m = Math.max(...a);

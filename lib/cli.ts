@@ -17,7 +17,7 @@ import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
-import { loadModel, mergeCheckpoint, readCheckpointInfo, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
+import { loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
 import { mergeable, countParameters } from './xft';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainState } from './train';
 import { encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
@@ -346,15 +346,21 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
     metrics.eval = ev;
     console.log(`held-out: loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}% (${ev.tokens} tokens)`);
   }
-  // a bf16 run: the written weights are rounded from the f32 master weights, not from the bf16 copies
-  if (r.state.master && r.state.master.size > 0) {
-    model.cast('f32');
-    for (const p of model.params()) {
-      const master = r.state.master.get(p.name);
-      if (master) p.value.copy_(master);
+  const files = { 'xft_train.json': JSON.stringify(metrics, null, 2) + '\n' };
+  if (model.kind === 'merged') {
+    // the frozen experts are copied from the source checkpoint as they are there; only α comes from the run
+    saveMergeCheckpoint(model, modelDir, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFiles: files });
+  } else {
+    // a bf16 run: the written weights are rounded from the f32 master weights, not from the bf16 copies
+    if (r.state.master && r.state.master.size > 0) {
+      model.cast('f32');
+      for (const p of model.params()) {
+        const master = r.state.master.get(p.name);
+        if (master) p.value.copy_(master);
+      }
     }
+    saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files });
   }
-  saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files: { 'xft_train.json': JSON.stringify(metrics, null, 2) + '\n' } });
   fs.rmSync(resumeDir, { recursive: true, force: true });
   console.log(`wrote ${o.out} (${model.kind} checkpoint); final training loss ${losses.at(-1)?.toFixed(4) ?? '-'}`);
   disposeState(r.state);

@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { Tensor } from '../lib/index';
 import { tinyConfig, llamaConfig } from '../lib/config';
 import { createDense, upcycle, mergeable, toDense } from '../lib/xft';
-import { loadModel, saveModel, readCheckpointInfo, upcycleCheckpoint, mergeCheckpoint, mixingCoefficients } from '../lib/checkpoint';
+import { loadModel, saveModel, readCheckpointInfo, upcycleCheckpoint, mergeCheckpoint, mixingCoefficients, saveMergeCheckpoint } from '../lib/checkpoint';
 import { SafetensorsReader, writeSafetensors } from '../lib/safetensors';
 import type { Model } from '../lib/model';
 import { MergedFFN } from '../lib/model';
@@ -187,6 +187,14 @@ t.test('merge: average_weights and λ in the checkpoint; merge on disk = toDense
     t.ok(relErr(logitsOf(disk), logitsOf(mg)) <= 1e-5, 'the merged dense model computes the merge model');
     [mg, back, merged, disk].forEach((x) => x.dispose());
   }
+  // a merge model trained from the MoE checkpoint: frozen tensors copied from it, α from the model
+  const learned = mergeable(moe, { sharedRate: 0.75 });
+  learned.blocks.forEach((b, i) => (b.ffn as MergedFFN).alpha.value.copy_(Tensor.randn([3], { seed: 60 + i })));
+  saveMergeCheckpoint(learned, dir('moe6'), dir('merge-from-src'));
+  const back = loadModel(dir('merge-from-src'));
+  sameParams(t, learned, back, 'saveMergeCheckpoint round trip');
+  throwsCode(t, () => saveMergeCheckpoint(moe, dir('moe6'), dir('y')), 'XFT_VALUE', /merge model/, 'an MoE model is not a merge model');
+  [learned, back].forEach((x) => x.dispose());
   // an MoE checkpoint merges with the initial coefficients (α = 0)
   const init = mergeable(moe);
   const initDense = toDense(init);

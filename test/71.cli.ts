@@ -53,12 +53,16 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   t.equal(log.losses.length, 3, 'three steps logged');
   t.equal(log.evals.length, 1, 'one evaluation during training (step 2), then the final one');
   t.match(r.out, /step 2: held-out loss \d+\.\d+/);
-  r = xft('train', 'moe-ft', '--merge', ...DATA, '--out', 'merge', '--batch-size', '8', '--steps', '2', '--lr', '1e-2');
+  r = xft('train', 'moe-ft', '--merge', ...DATA, '--out', 'merge', '--batch-size', '8', '--steps', '2', '--lr', '1e-2', '--precision', 'bf16');
   t.equal(r.code, 0, `train --merge: ${r.err}`);
   t.match(r.out, /merge learning/);
   t.equal(readCheckpointInfo(at('merge')).kind, 'merged');
   const alpha = new SafetensorsReader(at('merge')).readF32('model.layers.0.mlp.average_weights');
   t.ok(alpha.some((v) => v !== 0), 'α moved from 0');
+  const expert = 'model.layers.1.mlp.calculator.experts.weight_down.3.weight';
+  t.same(new SafetensorsReader(at('merge')).readBytes(expert), new SafetensorsReader(at('moe-ft')).readBytes(expert),
+    'a bf16 merge-learning run copies the frozen f32 experts bit for bit');
+  t.notOk(new SafetensorsReader(at('merge')).has('model.layers.0.mlp.gate.gate_network.0.weight'), 'no router in the merge checkpoint');
   r = xft('merge', 'merge', 'final');
   t.equal(r.code, 0, `merge: ${r.err}`);
   t.equal(readCheckpointInfo(at('final')).kind, 'dense');
