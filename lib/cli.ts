@@ -20,7 +20,7 @@ import { runDemo, markdownTable } from './demo';
 import { loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
 import { mergeable, countParameters } from './xft';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainState } from './train';
-import { encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
+import { countTargets, encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
@@ -132,7 +132,7 @@ function tokenizerFor(modelDir: string, spec: string | undefined, vocab: number)
 function rowsOf(samples: Sample[], o: DataOptions, tok: Tokenizer): Sample[] {
   if (samples.length === 0) return [];
   const rows = toRows(samples, o.seqLen, o.pack ? 'pack' : 'pad', tok.pad);
-  const kept = rows.filter((r) => r.targets.some((v) => v >= 0));
+  const kept = rows.filter((r) => countTargets(r.targets) > 0);
   if (kept.length === 0)
     throw new XftError(`--seq-len ${o.seqLen}: no sequence keeps a response token (the prompt template alone is longer); use a larger --seq-len`, 'XFT_VALUE');
   if (kept.length < rows.length)

@@ -147,10 +147,31 @@ export function loadTokenizer(spec = 'byte'): Tokenizer {
 
 // ---- samples and batches ----
 
+/** Token ids: a plain array (one example) or an Int32Array (the rows of toRows: 4 bytes a token). */
+export type TokenArray = number[] | Int32Array;
+
 /** One tokenized example: input ids and next-token targets, -1 where the loss is masked. */
 export interface Sample {
-  ids: number[];
-  targets: number[];
+  ids: TokenArray;
+  targets: TokenArray;
+}
+
+/** Targets that count (>= 0): the response tokens of a sample. */
+export function countTargets(targets: TokenArray): number {
+  let n = 0;
+  for (let i = 0; i < targets.length; i++) if (targets[i] >= 0) n++;
+  return n;
+}
+
+/** The rows' ids or targets one after another, as one Int32Array (a batch for Tensor.from). */
+export function concatRows(rows: readonly Sample[], key: 'ids' | 'targets'): Int32Array {
+  const out = new Int32Array(rows.reduce((a, r) => a + r[key].length, 0));
+  let at = 0;
+  for (const r of rows) {
+    out.set(r[key], at);
+    at += r[key].length;
+  }
+  return out;
 }
 
 /**
@@ -211,28 +232,21 @@ export interface Batch {
  */
 export function toRows(samples: readonly Sample[], seqLen: number, mode: 'pack' | 'pad', pad: number): Sample[] {
   if (!Number.isSafeInteger(seqLen) || seqLen < 1) throw new XftError(`toRows: expected a positive integer for seqLen but received ${seqLen}`, 'XFT_VALUE');
-  if (mode === 'pad')
-    return samples.map((s) => {
-      const ids = s.ids.slice(0, seqLen), targets = s.targets.slice(0, seqLen);
-      while (ids.length < seqLen) {
-        ids.push(pad);
-        targets.push(-1);
-      }
-      return { ids, targets };
-    });
-  const ids: number[] = [], targets: number[] = [];
-  for (const s of samples)
-    for (let i = 0; i < s.ids.length; i++) {
-      ids.push(s.ids[i]);
-      targets.push(s.targets[i]);
+  const padded = (ids: TokenArray, targets: TokenArray, from: number, to: number): Sample => {
+    const row = { ids: new Int32Array(seqLen).fill(pad), targets: new Int32Array(seqLen).fill(-1) };
+    const n = Math.min(seqLen, to - from);
+    for (let i = 0; i < n; i++) {
+      row.ids[i] = ids[from + i];
+      row.targets[i] = targets[from + i];
     }
+    return row;
+  };
+  if (mode === 'pad') return samples.map((s) => padded(s.ids, s.targets, 0, s.ids.length));
+  const ids = concatRows(samples, 'ids'), targets = concatRows(samples, 'targets');
   const rows: Sample[] = [];
   for (let i = 0; i + seqLen <= ids.length; i += seqLen) rows.push({ ids: ids.slice(i, i + seqLen), targets: targets.slice(i, i + seqLen) });
   const rest = ids.length % seqLen;
-  if (rest > 0 && targets.slice(ids.length - rest).some((v) => v >= 0)) {
-    const tail = toRows([{ ids: ids.slice(ids.length - rest), targets: targets.slice(ids.length - rest) }], seqLen, 'pad', pad);
-    rows.push(tail[0]);
-  }
+  if (rest > 0 && countTargets(targets.subarray(ids.length - rest)) > 0) rows.push(padded(ids, targets, ids.length - rest, ids.length));
   return rows;
 }
 
@@ -247,7 +261,7 @@ export function* batches(rows: readonly Sample[], batchSize: number, seed?: numb
     chunk.forEach((r, b) => {
       ids.set(r.ids, b * seqLen);
       targets.set(r.targets, b * seqLen);
-      tokens += r.targets.filter((v) => v >= 0).length;
+      tokens += countTargets(r.targets);
     });
     yield { ids, targets, batch: chunk.length, seqLen, tokens };
   }

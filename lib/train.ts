@@ -14,7 +14,7 @@ import { Tensor, disposeAll } from './tensor';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
 import { type Model, type Param } from './model';
-import { type Sample, shuffle } from './data';
+import { type Sample, concatRows, countTargets, shuffle } from './data';
 import { SafetensorsReader, writeFileAtomic, writeFolderAtomic, writeSafetensors } from './safetensors';
 
 export interface TrainOptions {
@@ -160,12 +160,12 @@ export class Trainer {
     }
     const first = (step % this.#stepsPerEpoch) * o.batchSize;
     const chunk = this.#order.slice(first, first + o.batchSize);
-    const stepTokens = chunk.reduce((a, r) => a + r.targets.filter((v) => v >= 0).length, 0);
+    const stepTokens = chunk.reduce((a, r) => a + countTargets(r.targets), 0);
     let lossSum = 0, aux = 0;
     for (let mb = 0; mb < accum; mb++) {
       const part = chunk.slice(mb * micro, (mb + 1) * micro);
-      const ids = Tensor.from(part.flatMap((r) => r.ids), [part.length * seqLen], { dtype: 'i32', device: model.device });
-      const targets = Tensor.from(part.flatMap((r) => r.targets), [part.length * seqLen], { dtype: 'i32', device: model.device });
+      const ids = Tensor.from(concatRows(part, 'ids'), [part.length * seqLen], { dtype: 'i32', device: model.device });
+      const targets = Tensor.from(concatRows(part, 'targets'), [part.length * seqLen], { dtype: 'i32', device: model.device });
       const f = model.forward(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb) });
       model.backward({ tokens: stepTokens, scale: 1, auxScale: 1 / accum });
       lossSum += f.loss * f.tokens;
@@ -232,8 +232,8 @@ export function evaluate(
   let sum = 0, tokens = 0, correct = 0;
   for (let i = 0; i < rows.length; i += bs) {
     const part = rows.slice(i, i + bs), seqLen = part[0].ids.length;
-    const ids = Tensor.from(part.flatMap((r) => r.ids), [part.length * seqLen], { dtype: 'i32', device: model.device });
-    const targets = Tensor.from(part.flatMap((r) => r.targets), [part.length * seqLen], { dtype: 'i32', device: model.device });
+    const ids = Tensor.from(concatRows(part, 'ids'), [part.length * seqLen], { dtype: 'i32', device: model.device });
+    const targets = Tensor.from(concatRows(part, 'targets'), [part.length * seqLen], { dtype: 'i32', device: model.device });
     const f = model.forward(ids, targets, part.length, seqLen, { training: false });
     sum += f.loss * f.tokens;
     tokens += f.tokens;

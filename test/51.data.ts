@@ -61,15 +61,17 @@ t.test('the Magicoder template and response-only targets', async (t) => {
 t.test('packing, padding, shuffles and splits', async (t) => {
   const samples = [{ ids: [1, 2, 3], targets: [-1, 3, 4] }, { ids: [5, 6], targets: [6, 7] }, { ids: [8, 9, 10, 11, 12], targets: [-1, -1, 11, 12, 13] }];
   const padded = toRows(samples, 4, 'pad', 0);
-  t.same(padded[0], { ids: [1, 2, 3, 0], targets: [-1, 3, 4, -1] });
-  t.same(padded[2], { ids: [8, 9, 10, 11], targets: [-1, -1, 11, 12] }, 'truncated');
+  const plain = (r: { ids: ArrayLike<number>; targets: ArrayLike<number> }) => ({ ids: Array.from(r.ids), targets: Array.from(r.targets) });
+  t.same(plain(padded[0]), { ids: [1, 2, 3, 0], targets: [-1, 3, 4, -1] });
+  t.same(plain(padded[2]), { ids: [8, 9, 10, 11], targets: [-1, -1, 11, 12] }, 'truncated');
   const packed = toRows(samples, 4, 'pack', 0);
-  t.same(packed.map((r) => r.ids), [[1, 2, 3, 5], [6, 8, 9, 10], [11, 12, 0, 0]], 'the stream cut into rows, the tail padded');
-  t.same(packed[2].targets, [12, 13, -1, -1]);
+  t.same(packed.map((r) => Array.from(r.ids)), [[1, 2, 3, 5], [6, 8, 9, 10], [11, 12, 0, 0]], 'the stream cut into rows, the tail padded');
+  t.ok(packed.every((r) => r.ids instanceof Int32Array && r.targets instanceof Int32Array), 'rows are Int32Arrays (4 bytes a token)');
+  t.same(Array.from(packed[2].targets), [12, 13, -1, -1]);
   const bs = [...batches(packed, 2, 1)];
   t.equal(bs.length, 2);
   t.equal(bs[0].ids.length, 8);
-  t.equal(bs.reduce((a, b) => a + b.tokens, 0), packed.flatMap((r) => r.targets).filter((v) => v >= 0).length, 'token counts');
+  t.equal(bs.reduce((a, b) => a + b.tokens, 0), packed.reduce((a, r) => a + Array.from(r.targets).filter((v) => v >= 0).length, 0), 'token counts');
   const items = Array.from({ length: 100 }, (_, i) => i);
   t.same(shuffle(items, 7), shuffle(items, 7), 'same seed, same order');
   t.notSame(shuffle(items, 7), shuffle(items, 8), 'other seed, other order');
