@@ -142,17 +142,12 @@ export function f32ToBytes(f: Float32Array, to: FileDType): Uint8Array {
 
 /** Raw file bytes of `dtype` to a Tensor of `target` dtype on `device`. */
 function bytesToTensor(raw: Uint8Array, from: FileDType, shape: number[], target: DType, device: Device, name: string): Tensor {
-  const n = numelOf(shape);
   if (TENSOR_TO_FILE[target] === from) return Tensor.fromBytes(raw, shape, { dtype: target, device });
-  const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
   if (target === 'i32' || from === 'I32')
     throw new XftError(`cannot read ${name}: a ${from} tensor into ${target}`, 'XFT_DTYPE');
-  const f = new Float32Array(n);
-  if (from === 'F32') for (let i = 0; i < n; i++) f[i] = dv.getFloat32(i * 4, true);
-  else if (from === 'BF16') for (let i = 0; i < n; i++) { u32Scratch[0] = dv.getUint16(i * 2, true) << 16; f[i] = f32Scratch[0]; }
-  else if (from === 'F16') for (let i = 0; i < n; i++) f[i] = f16ToF32(dv.getUint16(i * 2, true));
-  else throw new XftError(`cannot read ${name}: dtype ${from} is not supported (expected one of ${READABLE.join(', ')})`, 'XFT_DTYPE');
-  return Tensor.from(f, shape, { dtype: target, device });
+  if (from !== 'F32' && from !== 'BF16' && from !== 'F16')
+    throw new XftError(`cannot read ${name}: dtype ${from} is not supported (expected one of ${READABLE.join(', ')})`, 'XFT_DTYPE');
+  return Tensor.from(bytesToF32(raw, from, name), shape, { dtype: target, device });
 }
 
 /** A tensor's bytes in the file dtype `to`. */
