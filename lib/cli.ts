@@ -238,7 +238,7 @@ program
   .option('--epochs <n>', 'passes over the data (default: the recipe: SFT 5, MoE 4, merge 1)', num(0))
   .option('--steps <n>', 'optimizer steps (overrides --epochs)', int(1))
   .option('--lr <lr>', 'peak learning rate (default: the recipe: 5e-5, merge 1e-5)', num(0))
-  .option('--warmup <steps>', `linear warmup steps (default: ${WARMUP_FRACTION * 100}% of the steps, as the recipe)`, int(0))
+  .option('--warmup <steps>', `linear warmup steps (default: ${(WARMUP_FRACTION * 100).toFixed(1)}% of the steps, as the recipe)`, int(0))
   .option('--weight-decay <w>', 'AdamW weight decay', num(0), 0)
   .option('--clip <norm>', 'gradient norm clipping (0: off)', num(0), 1)
   .option('--held-out <n>', 'examples (or a fraction < 1) held out for evaluation at the end', num(0), 0)
