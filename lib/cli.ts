@@ -19,6 +19,7 @@ import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
 import { loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
 import { mergeable, countParameters } from './xft';
+import { generate } from './generate';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainState } from './train';
 import { countTargets, encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
@@ -165,6 +166,7 @@ Pipeline (Hugging Face checkpoint folders throughout):
   xft train moe-ft/ --merge --data train.jsonl --out merge/   # learn the mixing coefficients
   xft merge merge/ final/                       # -> a dense LlamaForCausalLM of the original size
   xft eval final/ --data heldout.jsonl
+  xft generate final/ "Write a function that reverses a string."
 
 Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted (Ctrl-C).`);
 
@@ -422,6 +424,34 @@ program
     const result = { model: modelDir, kind: model.kind, precision: model.dtype, loss: r.loss, accuracy: r.accuracy, tokens: r.tokens, sequences: rows.length };
     if (o.json) console.log(JSON.stringify(result, null, 2));
     else console.log(`${modelDir} (${model.kind}): loss ${r.loss.toFixed(4)}, token accuracy ${(r.accuracy * 100).toFixed(2)}% over ${r.tokens} response tokens`);
+    model.dispose();
+  });
+
+program
+  .command('generate')
+  .description('answer an instruction with a checkpoint (any kind), for spot checks: greedy or sampled, in the Magicoder template (no KV cache: slow on long outputs)')
+  .argument('<model>', 'checkpoint folder')
+  .argument('<prompt>', "the instruction ('-' reads it from standard input)")
+  .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
+  .option('--max-new-tokens <n>', 'most tokens to generate', int(0), 256)
+  .option('--temperature <t>', '0: greedy; > 0: sampling', num(0), 0)
+  .option('--top-p <p>', 'nucleus sampling mass', num(1e-9, 1), 1)
+  .option('--seed <n>', 'seed of the sampling', int(0), 0)
+  .option('--raw', 'use the prompt as it is (no Magicoder template)')
+  .addOption(deviceOption())
+  .addOption(precisionOption())
+  .action((modelDir: string, prompt: string, o: { tokenizer?: string; maxNewTokens: number; temperature: number; topP: number; seed: number; raw?: boolean; device?: string; precision?: string }) => {
+    const info = readCheckpointInfo(modelDir);
+    const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
+    const text = prompt === '-' ? fs.readFileSync(0, 'utf8') : prompt;
+    const device = deviceOf(o.device);
+    const model = loadModel(modelDir, { device, dtype: precisionOf(o.precision, device) });
+    const r = generate(model, tok, text, {
+      maxNewTokens: o.maxNewTokens, temperature: o.temperature, topP: o.topP, seed: o.seed, raw: o.raw,
+      onToken: (piece) => process.stdout.write(piece),
+    });
+    process.stdout.write('\n');
+    console.error(`xft: ${r.ids.length} tokens, stopped at ${r.stop === 'eos' ? 'the end-of-sequence token' : '--max-new-tokens'}`);
     model.dispose();
   });
 

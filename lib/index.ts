@@ -17,6 +17,7 @@ export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, t
 export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
 export {
   type Example, type Sample, type Batch, type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, parseJsonl, readJsonl,
-  encodeExample, formatPrompt, toRows, batches, split, shuffle, MAGICODER_PROMPT,
+  encodeExample, formatPrompt, toRows, concatRows, countTargets, type TokenArray, batches, split, shuffle, MAGICODER_PROMPT,
 } from './data';
+export { generate, pickToken, type GenerateOptions, type GenerateResult } from './generate';
 export { SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader } from './safetensors';

@@ -32,7 +32,7 @@ const DATA = ['--data', 'data.jsonl', '--seq-len', '200'];
 t.test('--help on every command', async (t) => {
   const top = xft('--help');
   t.equal(top.code, 0);
-  for (const c of ['info', 'upcycle', 'train', 'merge', 'eval', 'demo']) t.match(top.out, new RegExp(`\\n  ${c}\\b`), `lists ${c}`);
+  for (const c of ['info', 'upcycle', 'train', 'merge', 'eval', 'generate', 'demo']) t.match(top.out, new RegExp(`\\n  ${c}\\b`), `lists ${c}`);
   t.match(top.out, /Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted/);
   for (const [c, opt] of [['upcycle', '--experts'], ['train', '--merge'], ['merge', '--shared-rate'], ['eval', '--data'], ['demo', '--scale'], ['info', '--json']]) {
     const r = xft(c, '--help');
@@ -71,6 +71,9 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   t.equal(r.code, 0, `train --precision bf16: ${r.err}`);
   t.match(r.out, /SFT of the dense model: .*, bf16/);
   t.equal(new SafetensorsReader(at('sft-bf16')).info('lm_head.weight').dtype, 'F32', 'an f32 source is written back as f32 (from the f32 master weights)');
+  const g = xft('generate', 'final', 'Add 2 and 3.', '--max-new-tokens', '5');
+  t.equal(g.code, 0, `generate: ${g.err}`);
+  t.match(g.err, /xft: \d+ tokens, stopped at/, 'generate reports its tokens');
   const a = xft('eval', 'final', ...DATA, '--json'), b = xft('eval', 'merge', ...DATA, '--json');
   t.equal(a.code, 0, a.err);
   const ea = JSON.parse(a.out), eb = JSON.parse(b.out);
