@@ -338,15 +338,20 @@ export interface StreamOptions {
   onProgress?: (p: { done: number; total: number; name: string; bytes: number }) => void;
 }
 
-/** A write entry that copies `name` from `r` chunk by chunk, converting to `to` when it differs. */
+/**
+ * A write entry that copies `name` from `r` chunk by chunk, converting to `to` when it differs. One
+ * read buffer is reused across chunks: the writer consumes each chunk before the next is read.
+ */
 function copyEntry(r: SafetensorsReader, name: string, outName: string, to: FileDType | undefined, chunk: number): WriteEntry {
   const info = r.info(name), dtype = to ?? info.dtype, n = numelOf(info.shape), size = dtypeBytes(info.dtype);
   return {
     name: outName, dtype, shape: info.shape,
     bytes: function* () {
+      const scratch = new Uint8Array(Math.min(n, chunk) * size);
+      const values = dtype === info.dtype ? null : new Float32Array(Math.min(n, chunk));
       for (let s = 0; s < n; s += chunk) {
-        const raw = r.readRange(name, s * size, Math.min(n, s + chunk) * size);
-        yield dtype === info.dtype ? raw : f32ToBytes(bytesToF32(raw, info.dtype, name), dtype);
+        const raw = r.readRange(name, s * size, Math.min(n, s + chunk) * size, scratch);
+        yield values ? f32ToBytes(bytesToF32(raw, info.dtype, name, values), dtype) : raw;
       }
     },
   };
@@ -499,15 +504,18 @@ export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpoi
       entries.push({
         name: `${p}.mlp.${g}_proj.weight`, dtype, shape: first.shape,
         bytes: function* () {
-          const acc = new Float32Array(n);
+          // one f32 accumulator for the tensor; the read buffers are reused (no garbage per chunk)
+          const acc = new Float32Array(n), c = Math.min(n, chunk);
+          const buffers = { scratch: new Uint8Array(c * dtypeBytes(first.dtype)), out: new Float32Array(c) };
           for (let e = 0; e < E; e++) {
             const ce = coef[e];
             for (let s = 0; s < n; s += chunk) {
-              const v = r.readF32(expertName(i, g, e), s, Math.min(chunk, n - s));
+              const v = r.readF32(expertName(i, g, e), s, Math.min(chunk, n - s), buffers);
               for (let j = 0; j < v.length; j++) acc[s + j] += ce * v[j];
             }
           }
-          for (let s = 0; s < n; s += chunk) yield f32ToBytes(acc.subarray(s, Math.min(n, s + chunk)), dtype);
+          if (dtype === 'F32') yield new Uint8Array(acc.buffer, 0, n * 4);
+          else for (let s = 0; s < n; s += chunk) yield f32ToBytes(acc.subarray(s, Math.min(n, s + chunk)), dtype);
         },
       });
     }

@@ -105,18 +105,20 @@ function f32ToF16(v: number): number {
   return sign | r;
 }
 
-/** Raw file bytes of a float dtype to f32 values. */
-export function bytesToF32(raw: Uint8Array, from: FileDType, name = 'tensor'): Float32Array {
+/** Raw file bytes of a float dtype to f32 values (into `out` when given: its first values). */
+export function bytesToF32(raw: Uint8Array, from: FileDType, name = 'tensor', out?: Float32Array): Float32Array {
   const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  const size = from === 'F32' ? 4 : 2, n = raw.byteLength / size;
+  if (out && out.length < n) throw new XftError(`bytesToF32: ${n} values do not fit an output of ${out.length}`, 'XFT_SHAPE');
   if (from === 'F32') {
-    if (raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
-    const f = new Float32Array(raw.byteLength / 4);
-    for (let i = 0; i < f.length; i++) f[i] = dv.getFloat32(i * 4, true);
+    if (!out && raw.byteOffset % 4 === 0) return new Float32Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
+    const f = out ? out.subarray(0, n) : new Float32Array(n);
+    for (let i = 0; i < n; i++) f[i] = dv.getFloat32(i * 4, true);
     return f;
   }
-  const f = new Float32Array(raw.byteLength / 2);
+  const f = out ? out.subarray(0, n) : new Float32Array(n);
   if (from === 'BF16') {
-    const u = new Uint32Array(f.buffer);
+    const u = new Uint32Array(f.buffer, f.byteOffset, f.length);
     for (let i = 0; i < f.length; i++) u[i] = dv.getUint16(i * 2, true) << 16;
   } else if (from === 'F16') for (let i = 0; i < f.length; i++) f[i] = f16ToF32(dv.getUint16(i * 2, true));
   else throw new XftError(`cannot read ${name}: dtype ${from} is not a float dtype (expected F32, BF16 or F16)`, 'XFT_DTYPE');
@@ -226,10 +228,11 @@ export class SafetensorsReader {
   }
 
   /** Raw bytes [begin, end) of one tensor's data. */
-  readRange(name: string, begin: number, end: number): Uint8Array {
+  readRange(name: string, begin: number, end: number, into?: Uint8Array): Uint8Array {
     const info = this.info(name);
     if (!(begin >= 0 && end >= begin && end <= info.bytes)) throw new XftError(`${this.source}: byte range [${begin}, ${end}) outside ${name} (${info.bytes} bytes)`, 'XFT_VALUE');
-    const buf = new Uint8Array(end - begin);
+    if (into && into.length < end - begin) throw new XftError(`readRange: ${end - begin} bytes do not fit a buffer of ${into.length}`, 'XFT_SHAPE');
+    const buf = into ? into.subarray(0, end - begin) : new Uint8Array(end - begin);
     const fd = fs.openSync(info.file, 'r');
     try {
       let done = 0;
@@ -244,11 +247,14 @@ export class SafetensorsReader {
     return buf;
   }
 
-  /** Elements [start, start + count) of a float tensor (flattened, row-major) as f32 values. */
-  readF32(name: string, start = 0, count?: number): Float32Array {
+  /**
+   * Elements [start, start + count) of a float tensor (flattened, row-major) as f32 values; with
+   * `scratch` (bytes) and `out` (values) buffers, nothing is allocated (the result is a view of out).
+   */
+  readF32(name: string, start = 0, count?: number, buffers: { scratch?: Uint8Array; out?: Float32Array } = {}): Float32Array {
     const info = this.info(name), size = FILE_DTYPE_BYTES[info.dtype], n = numelOf(info.shape);
     const c = count ?? n - start;
-    return bytesToF32(this.readRange(name, start * size, (start + c) * size), info.dtype, name);
+    return bytesToF32(this.readRange(name, start * size, (start + c) * size, buffers.scratch), info.dtype, name, buffers.out);
   }
 
   /** One tensor, converted to `dtype` (default: f32 for floats, i32 for I32) on `device`. */

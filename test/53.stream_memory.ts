@@ -51,9 +51,9 @@ t.test('upcycle and merge on disk stay near one tensor of memory', async (t) => 
   const moeBytes = dirSize(moe), ffn = f * d * 4;
   t.ok(moeBytes > 400 * MB, `the MoE checkpoint is ${(moeBytes / MB).toFixed(0)} MB`);
   const upGrowth = up.peak - up.before;
-  t.ok(upGrowth < 0.15 * moeBytes, `upcycle: peak RSS grew by ${(upGrowth / MB).toFixed(1)} MB (< 15% of the ${(moeBytes / MB).toFixed(0)} MB written; one FFN weight is ${(ffn / MB).toFixed(1)} MB)`);
+  t.ok(upGrowth < 0.2 * moeBytes, `upcycle: peak RSS grew by ${(upGrowth / MB).toFixed(1)} MB (< 20% of the ${(moeBytes / MB).toFixed(0)} MB written; one FFN weight is ${(ffn / MB).toFixed(1)} MB)`);
   const mg = run(`ck.mergeCheckpoint(${JSON.stringify(moe)}, ${JSON.stringify(dense)}, { chunkElements: 1 << 18 });`);
   const mgGrowth = mg.peak - mg.before;
-  t.ok(mgGrowth < 0.15 * moeBytes, `merge: peak RSS grew by ${(mgGrowth / MB).toFixed(1)} MB (< 15% of the ${(moeBytes / MB).toFixed(0)} MB read)`);
+  t.ok(mgGrowth < 0.2 * moeBytes, `merge: peak RSS grew by ${(mgGrowth / MB).toFixed(1)} MB (< 20% of the ${(moeBytes / MB).toFixed(0)} MB read)`);
   t.ok(Math.abs(dirSize(dense) - dirSize(src)) < 64 * 1024, `the merged checkpoint has the dense model's size (${(dirSize(dense) / MB).toFixed(1)} MB)`);
 });
