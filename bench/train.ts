@@ -18,7 +18,7 @@ import { llamaConfig, type LlamaConfig } from '../lib/config';
 import { createDense, upcycle, mergeable, countParameters } from '../lib/xft';
 import { Trainer, disposeState } from '../lib/train';
 import type { Model } from '../lib/model';
-import type { Sample } from '../lib/data';
+import { seededRandom, type Sample } from '../lib/data';
 
 interface Size { name: string; config: LlamaConfig; batch: number; seqLen: number }
 const SIZES: Size[] = [
@@ -52,14 +52,12 @@ function measureXft(kind: Kind, s: Size, dtype: 'f32' | 'bf16', device: Device, 
   synchronize();
   resetPeakMemory();
   const model = build(kind, s, dtype, device);
-  let seed = 7;
-  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) % s.config.vocab_size);
+  const random = seededRandom(7), rand = () => Math.floor(random() * s.config.vocab_size);
   const rows: Sample[] = Array.from({ length: s.batch * (steps + 2) }, () => {
     const ids = Array.from({ length: s.seqLen + 1 }, rand);
     return { ids: ids.slice(0, -1), targets: ids.slice(1) };
   });
-  const micro = s.batch;
-  const run = new Trainer(model, rows, { lr: 1e-4, batchSize: s.batch, microBatch: micro, steps: steps + 2, seed: 1 });
+  const run = new Trainer(model, rows, { lr: 1e-4, batchSize: s.batch, steps: steps + 2, seed: 1 });
   const ms: number[] = [];
   let loss = 0;
   for (let i = 0; i < steps + 2; i++) {

@@ -36,27 +36,12 @@ namespace {
 constexpr int kTokenThreads = 128;
 constexpr int kReduceThreads = 256;
 
-__device__ __forceinline__ float load_value(const void* p, int dtype, size_t i) {
-  return dtype == XFT_BF16 ? xft_bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
-__device__ __forceinline__ void store_value(void* p, int dtype, size_t i, float v) {
-  if (dtype == XFT_BF16) ((uint16_t*)p)[i] = xft_f32_to_bf16(v);
-  else ((float*)p)[i] = v;
-}
-
-struct Row {
-  const void* p;
-  int dtype;
-  size_t base;
-  __device__ float operator[](int i) const { return load_value(p, dtype, base + i); }
-};
-
 __global__ void load_estimate_token_kernel(const void* clean, const void* z, const void* noisy, int dtype, int T, int N,
                                            int k, float eps, float* prob) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const size_t base = (size_t)t * N;
-  Row c{clean, dtype, base}, zr{z, dtype, base}, v{noisy, dtype, base};
+  XftLoadRow c{clean, dtype, base}, zr{z, dtype, base}, v{noisy, dtype, base};
   xft_load_estimate_token(c, zr, v, N, k, eps, prob + base);
 }
 
@@ -81,13 +66,13 @@ __global__ void load_estimate_backward_kernel(const void* clean, const void* z, 
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= T) return;
   const size_t base = (size_t)t * N;
-  Row c{clean, dtype, base}, zr{z, dtype, base}, v{noisy, dtype, base};
+  XftLoadRow c{clean, dtype, base}, zr{z, dtype, base}, v{noisy, dtype, base};
   float dc[XFT_LOAD_MAX_EXPERTS], dcl[XFT_LOAD_MAX_EXPERTS];
   xft_load_estimate_token_backward(c, zr, v, dload, N, k, eps, seed, base, dcl, dc);
   for (int i = 0; i < N; i++) {
     const float zi = zr[i];
-    store_value(dclean, dtype, base + i, dcl[i]);
-    store_value(dz, dtype, base + i, dc[i] / (1.f + expf(-zi)));
+    xft_store_value(dclean, dtype, base + i, dcl[i]);
+    xft_store_value(dz, dtype, base + i, dc[i] / (1.f + expf(-zi)));
   }
 }
 

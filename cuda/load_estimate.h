@@ -1,7 +1,7 @@
 /*
 The per-token math of the noisy top-k load estimate (cuda/load_estimate.cu states it), shared by the
 CUDA kernels and their CPU twin (binding/cpu/load_estimate.cc) so both compute the same thing.
-`Row` is anything indexable by expert that yields fp32 (a row of a f32 or bf16 tensor).
+`Row` is anything indexable by expert that yields fp32 (XftLoadRow: a row of a f32 or bf16 tensor).
 */
 #pragma once
 #include <math.h>
@@ -10,6 +10,14 @@ CUDA kernels and their CPU twin (binding/cpu/load_estimate.cc) so both compute t
 #include "xft_math.h"
 
 #define XFT_LOAD_MAX_EXPERTS 256
+
+// row `base` of a [T, N] f32 or bf16 tensor, read as fp32 by expert
+struct XftLoadRow {
+  const void* p;
+  int dtype;
+  size_t base;
+  XFT_HD float operator[](int i) const { return xft_load_value(p, dtype, base + i); }
+};
 
 XFT_HD float xft_load_softplus(float z) { return z > 20.f ? z : log1pf(expf(z)); }
 

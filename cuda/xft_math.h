@@ -10,6 +10,7 @@ of (s, i), so a fill is reproducible, order independent and identical on CPU and
 uniform values (normal values go through logf/cosf and may differ by an ulp).
 */
 #pragma once
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
@@ -51,6 +52,15 @@ XFT_HD uint16_t xft_f32_to_bf16(float f) {
 }
 
 XFT_HD float xft_bf16_to_f32(uint16_t h) { return xft_bits_f32((uint32_t)h << 16); }
+
+// value i of a f32 or bf16 buffer as fp32, and fp32 v stored into one (bf16: nearest even)
+XFT_HD float xft_load_value(const void* p, int dtype, size_t i) {
+  return dtype == XFT_BF16 ? xft_bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+XFT_HD void xft_store_value(void* p, int dtype, size_t i, float v) {
+  if (dtype == XFT_BF16) ((uint16_t*)p)[i] = xft_f32_to_bf16(v);
+  else ((float*)p)[i] = v;
+}
 
 // fp32 rounded through bf16 and back
 XFT_HD float xft_round_bf16(float f) { return xft_bf16_to_f32(xft_f32_to_bf16(f)); }

@@ -24,7 +24,7 @@ import { Tensor, type Device, formatShape, numelOf } from './tensor';
 import { type LlamaConfig, type MoeConfig, hfConfigJson, llamaConfig, moeConfig, readConfigJson } from './config';
 import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
 import { type FileDType, SafetensorsReader, type WriteEntry, bytesToF32, dtypeBytes, f32ToBytes, writeFileAtomic, writeFolderAtomic, writeShards } from './safetensors';
-import { type UpcycleOptions, routerInit, upcycleMoeConfig } from './xft';
+import { type UpcycleOptions, routerInit, routerTensors, upcycleMoeConfig } from './xft';
 
 export type CheckpointKind = 'dense' | 'moe' | 'merged';
 /** dtype of the weights written (the model computes in f32 either way) */
@@ -54,11 +54,18 @@ const NON_DENSE_KEYS = [
   'score_scale_factor', 'add_weight_norm', 'drop_tokens', 'dropped_padding', 'capacity_factor', 'shared_expert_weight', 'ffn_folder_path',
 ];
 
+/** The dense architecture's fields of a config (the MoE / merge keys left out). */
+function denseFields(config: object): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(config).filter(([k]) => !NON_DENSE_KEYS.includes(k)));
+}
+
 /** Tokenizer and generation files copied along when a checkpoint is derived from another. */
 const SIDE_FILES = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model', 'generation_config.json'];
 
 const layer = (i: number) => `model.layers.${i}`;
 const PROJ = ['gate', 'up', 'down'] as const;
+/** the per-layer tensors every kind has, besides the FFN: `${layer}.${name}.weight` */
+const LAYER_COMMON = ['input_layernorm', 'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'post_attention_layernorm'];
 const expertName = (i: number, g: string, e: number) => `${layer(i)}.mlp.calculator.experts.weight_${g}.${e}.weight`;
 /** checkpoint tensors that carry nothing (older transformers saved the RoPE frequencies) */
 const IGNORED = /\.rotary_emb\.inv_freq$/;
@@ -78,7 +85,7 @@ function moeJson(m: MoeConfig): Record<string, unknown> {
 
 /** config.json of a model of `kind`. */
 export function configJson(kind: CheckpointKind, config: LlamaConfig, moe: MoeConfig | null, sharedRate: number | null, dtype: FileDType): Record<string, unknown> {
-  const dense = Object.fromEntries(Object.entries(config).filter(([k]) => !NON_DENSE_KEYS.includes(k))) as unknown as LlamaConfig;
+  const dense = denseFields(config) as unknown as LlamaConfig;
   const base = hfConfigJson(dense, { torch_dtype: TORCH_DTYPE[dtype] });
   if (kind === 'dense') return base;
   const m = moeJson(moe!);
@@ -95,8 +102,7 @@ export function readCheckpointInfo(dir: string): CheckpointInfo {
   const file = path.join(dir, 'config.json');
   if (!fs.existsSync(file)) throw new XftError(`${dir}: not a checkpoint folder (no config.json)`, 'XFT_IO');
   const raw = readConfigJson(file);
-  const dense = Object.fromEntries(Object.entries(raw).filter(([k]) => !NON_DENSE_KEYS.includes(k)));
-  const config = llamaConfig(dense as Partial<LlamaConfig> & Record<string, unknown>, file);
+  const config = llamaConfig(denseFields(raw) as Partial<LlamaConfig> & Record<string, unknown>, file);
   const arch = Array.isArray(raw.architectures) ? String(raw.architectures[0]) : '';
   const isMoe = raw.num_experts !== undefined && raw.model_type !== 'llama';
   if (!isMoe) {
@@ -144,12 +150,6 @@ function shapesOf(c: LlamaConfig): Shapes {
   return { common, ffn: () => ({ gate: [f, d], up: [f, d], down: [d, f] }) };
 }
 
-/** Router tensors of layer i: name and shape. */
-function routerShapes(i: number, moe: MoeConfig, d: number): [string, number[]][] {
-  const N = moe.shared_expert ? moe.num_experts - 1 : moe.num_experts, p = `${layer(i)}.mlp.gate`;
-  return moe.gate_type === 'mlp' ? [[`${p}.gate_network.0.weight`, [N, d]], [`${p}.gate_network.2.weight`, [N, N]]] : [[`${p}.gate_network.weight`, [N, d]]];
-}
-
 /** Every tensor a checkpoint of this kind must hold, with its shape (noise optional). */
 function expectedTensors(info: CheckpointInfo): Map<string, number[]> {
   const { common, ffn } = shapesOf(info.config);
@@ -163,7 +163,7 @@ function expectedTensors(info: CheckpointInfo): Map<string, number[]> {
     }
     const E = info.moe!.num_experts;
     for (const g of PROJ) for (let e = 0; e < E; e++) all.set(expertName(i, g, e), s[g]);
-    if (info.kind === 'moe') for (const [n, shape] of routerShapes(i, info.moe!, d)) all.set(n, shape);
+    if (info.kind === 'moe') for (const [n, shape] of routerTensors(i, info.moe!, d)) all.set(n, shape);
     else all.set(`${layer(i)}.mlp.average_weights`, [info.sharedRate === null ? E : E - 1]);
   }
   return all;
@@ -237,7 +237,7 @@ export function loadModel(dir: string, options: LoadOptions = {}): Model {
       if (info.kind === 'dense') ffn = new DenseFFN(param(`${p}.mlp.gate_proj.weight`), param(`${p}.mlp.up_proj.weight`), param(`${p}.mlp.down_proj.weight`));
       else if (info.kind === 'moe') {
         const [g, u, dn] = PROJ.map((x) => stack(i, x));
-        const router = routerShapes(i, info.moe!, c.hidden_size).map(([n]) => param(n));
+        const router = routerTensors(i, info.moe!, c.hidden_size).map(([n]) => param(n));
         const noiseName = `${p}.mlp.gate.weight_noise.weight`;
         const noise = r.has(noiseName) ? param(noiseName) : null;
         ffn = new MoeFFN(info.moe!, g, u, dn, router, noise);
@@ -278,7 +278,8 @@ function targetDtype(config: LlamaConfig, dtype?: SaveDtype, modelDtype = 'f32')
   return FILE_DTYPE[FROM_TORCH[config.torch_dtype ?? 'float32'] ?? 'f32'];
 }
 
-function checkTarget(dir: string, overwrite?: boolean): void {
+/** An output folder must not exist, or be empty, unless `overwrite` (XFT_IO otherwise). */
+export function checkOutputFolder(dir: string, overwrite?: boolean): void {
   if (fs.existsSync(dir) && !overwrite) {
     if (!fs.statSync(dir).isDirectory()) throw new XftError(`${dir} exists and is not a folder`, 'XFT_IO');
     if (fs.readdirSync(dir).length > 0) throw new XftError(`${dir} exists and is not empty (pass overwrite / --overwrite to replace it)`, 'XFT_IO');
@@ -290,21 +291,32 @@ function copySideFiles(from: string | undefined, to: string): void {
   for (const f of SIDE_FILES) if (fs.existsSync(path.join(from, f))) fs.copyFileSync(path.join(from, f), path.join(to, f));
 }
 
+/**
+ * Writes a checkpoint folder atomically: the entries as safetensors (sharded above maxShardBytes),
+ * config.json, the tokenizer files of `copyFrom`, and `files` (name -> content).
+ */
+function writeCheckpoint(dir: string, entries: WriteEntry[], config: Record<string, unknown>,
+  options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string> }): void {
+  writeFolderAtomic(dir, (tmp) => {
+    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
+    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(config, null, 2) + '\n');
+    copySideFiles(options.copyFrom, tmp);
+    for (const [name, content] of Object.entries(options.files ?? {})) writeFileAtomic(path.join(tmp, name), content);
+  });
+}
+
 /** Writes `model` as a checkpoint folder of its kind (dense / moe / merge), atomically. */
 export function saveModel(model: Model, dir: string, options: SaveOptions = {}): void {
-  checkTarget(dir, options.overwrite);
+  checkOutputFolder(dir, options.overwrite);
   const dtype = targetDtype(model.config, options.dtype, model.dtype);
   const entries: WriteEntry[] = [];
-  let moe: MoeConfig | null = null, rate: number | null = null;
-  for (const b of model.blocks) {
-    if (b.ffn instanceof MoeFFN) moe = b.ffn.moe;
-    if (b.ffn instanceof MergedFFN) rate = b.ffn.sharedRate;
-  }
-  if (model.kind === 'merged') {
-    const f = model.blocks[0].ffn as MergedFFN, E = f.gate.value.shape[0];
-    // a merge model made by hand (not from upcycle / loadModel) may not know its MoE: its shapes tell E
-    moe = f.moe ?? moeConfig({ num_experts: E, num_selects: Math.min(E, 2), shared_expert: rate !== null });
-  }
+  const f = model.blocks[0]?.ffn;
+  const rate = f instanceof MergedFFN ? f.sharedRate : null;
+  // a merge model made by hand (not from upcycle / loadModel) may not know its MoE: its shapes tell E
+  const E = f instanceof MergedFFN ? f.gate.value.shape[0] : 0;
+  const moe = f instanceof MoeFFN ? f.moe
+    : f instanceof MergedFFN ? (f.moe ?? moeConfig({ num_experts: E, num_selects: Math.min(E, 2), shared_expert: rate !== null }))
+    : null;
   for (const p of model.params()) {
     const stacked = /\.calculator\.experts\.weight_(gate|up|down)$/.test(p.name);
     const fileDtype = p.name.endsWith('.average_weights') ? 'F32' : dtype;
@@ -316,13 +328,7 @@ export function saveModel(model: Model, dir: string, options: SaveOptions = {}):
     for (let e = 0; e < E; e++)
       entries.push({ name: `${p.name}.${e}.weight`, dtype: fileDtype, shape, tensor: () => p.value.narrow(e, 1).reshape(shape) });
   }
-  const config = configJson(model.kind, model.config, moe, rate, dtype);
-  writeFolderAtomic(dir, (tmp) => {
-    writeShards(tmp, entries, { maxShardBytes: options.maxShardBytes });
-    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(config, null, 2) + '\n');
-    copySideFiles(options.copyFrom, tmp);
-    for (const [name, content] of Object.entries(options.files ?? {})) writeFileAtomic(path.join(tmp, name), content);
-  });
+  writeCheckpoint(dir, entries, configJson(model.kind, model.config, moe, rate, dtype), options);
 }
 
 // ---- streaming on disk ----
@@ -387,18 +393,18 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
   const moe = upcycleMoeConfig(options, 'upcycleCheckpoint');
   const r = new SafetensorsReader(src);
   checkTensors(info, r);
-  checkTarget(dst, options.overwrite);
+  checkOutputFolder(dst, options.overwrite);
   const to = fileDtypeOf(options), chunk = chunkOf(options);
   const c = info.config, d = c.hidden_size, E = moe.num_experts;
   const init = routerInit(options.seed ?? 0);
   const entries: WriteEntry[] = [copyEntry(r, 'model.embed_tokens.weight', 'model.embed_tokens.weight', to, chunk)];
   for (let i = 0; i < c.num_hidden_layers; i++) {
     const p = layer(i);
-    for (const n of ['input_layernorm', 'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'post_attention_layernorm'])
+    for (const n of LAYER_COMMON)
       entries.push(copyEntry(r, `${p}.${n}.weight`, `${p}.${n}.weight`, to, chunk));
     const ffnDtype = to ?? r.info(`${p}.mlp.gate_proj.weight`).dtype;
     for (const g of PROJ) for (let e = 0; e < E; e++) entries.push(copyEntry(r, `${p}.mlp.${g}_proj.weight`, expertName(i, g, e), to, chunk));
-    for (const [name, shape] of routerShapes(i, moe, d)) {
+    for (const [name, shape] of routerTensors(i, moe, d)) {
       const make = init.next(shape);
       entries.push({ name, dtype: ffnDtype, shape, tensor: make, dispose: true });
     }
@@ -409,11 +415,7 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
   entries.push(copyEntry(r, 'lm_head.weight', 'lm_head.weight', to, chunk));
   const dtype = to ?? r.info('model.layers.0.mlp.gate_proj.weight').dtype;
   const out: CheckpointInfo = { dir: dst, kind: 'moe', config: c, moe, sharedRate: null, raw: configJson('moe', c, moe, null, dtype) };
-  writeFolderAtomic(dst, (tmp) => {
-    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
-    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(out.raw, null, 2) + '\n');
-    copySideFiles(src, tmp);
-  });
+  writeCheckpoint(dst, entries, out.raw, { ...options, copyFrom: src });
   return out;
 }
 
@@ -423,13 +425,13 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
  * whatever precision the model computed in), the router is dropped, and the model's α is written
  * (f32) with its λ. Streams like mergeCheckpoint.
  */
-export function saveMergeCheckpoint(model: Model, src: string, dst: string, options: StreamOptions & { copyFiles?: Record<string, string> } = {}): CheckpointInfo {
+export function saveMergeCheckpoint(model: Model, src: string, dst: string, options: StreamOptions & { files?: Record<string, string> } = {}): CheckpointInfo {
   if (model.kind !== 'merged') throw new XftError(`saveMergeCheckpoint: expected a merge model, got a ${model.kind} model`, 'XFT_VALUE');
   const info = readCheckpointInfo(src);
   if (info.kind === 'dense') throw new XftError(`saveMergeCheckpoint: ${src} is a dense checkpoint; expected the MoE or merge checkpoint the model came from`, 'XFT_VALUE');
   const r = new SafetensorsReader(src);
   checkTensors(info, r);
-  checkTarget(dst, options.overwrite);
+  checkOutputFolder(dst, options.overwrite);
   const ffns = model.blocks.map((b) => b.ffn as MergedFFN);
   const rate = ffns[0].sharedRate, E = info.moe!.num_experts;
   if (ffns[0].gate.value.shape[0] !== E || model.blocks.length !== info.config.num_hidden_layers)
@@ -440,12 +442,7 @@ export function saveMergeCheckpoint(model: Model, src: string, dst: string, opti
   ffns.forEach((f, i) => entries.push({ name: `${layer(i)}.mlp.average_weights`, dtype: 'F32', shape: f.alpha.value.shape, tensor: () => f.alpha.value }));
   const dtype = to ?? r.info('model.layers.0.mlp.calculator.experts.weight_gate.0.weight').dtype;
   const raw = configJson('merged', info.config, info.moe, rate, dtype);
-  writeFolderAtomic(dst, (tmp) => {
-    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
-    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
-    copySideFiles(src, tmp);
-    for (const [name, content] of Object.entries(options.copyFiles ?? {})) writeFileAtomic(path.join(tmp, name), content);
-  });
+  writeCheckpoint(dst, entries, raw, { ...options, copyFrom: src });
   return { dir: dst, kind: 'merged', config: info.config, moe: info.moe, sharedRate: rate, raw };
 }
 
@@ -487,7 +484,7 @@ export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpoi
   }
   const r = new SafetensorsReader(src);
   checkTensors(info, r);
-  checkTarget(dst, options.overwrite);
+  checkOutputFolder(dst, options.overwrite);
   const to = fileDtypeOf(options), chunk = chunkOf(options);
   const c = info.config;
   const coefficients: number[][] = [];
@@ -497,7 +494,7 @@ export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpoi
     const alpha = info.kind === 'merged' ? Array.from(r.readF32(`${p}.mlp.average_weights`)) : new Array<number>(rate === null ? E : E - 1).fill(0);
     const coef = mixingCoefficients(alpha, rate);
     coefficients.push(coef);
-    for (const n of ['input_layernorm', 'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'post_attention_layernorm'])
+    for (const n of LAYER_COMMON)
       entries.push(copyEntry(r, `${p}.${n}.weight`, `${p}.${n}.weight`, to, chunk));
     for (const g of PROJ) {
       const first = r.info(expertName(i, g, 0)), n = numelOf(first.shape), dtype = to ?? first.dtype;
@@ -524,10 +521,6 @@ export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpoi
   entries.push(copyEntry(r, 'lm_head.weight', 'lm_head.weight', to, chunk));
   const dtype = to ?? r.info('model.layers.0.mlp.calculator.experts.weight_gate.0.weight').dtype;
   const raw = configJson('dense', c, null, null, dtype);
-  writeFolderAtomic(dst, (tmp) => {
-    writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
-    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(raw, null, 2) + '\n');
-    copySideFiles(src, tmp);
-  });
+  writeCheckpoint(dst, entries, raw, { ...options, copyFrom: src });
   return { dir: dst, kind: 'dense', config: c, moe: null, sharedRate: null, raw, coefficients };
 }

@@ -17,10 +17,10 @@ import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
-import { loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
+import { checkOutputFolder, loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
 import { mergeable, countParameters } from './xft';
 import { generate } from './generate';
-import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainState } from './train';
+import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, useMasterWeights, type TrainState } from './train';
 import { countTargets, encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
 
@@ -107,7 +107,10 @@ function fileProgress(label: string) {
       written += p.bytes;
       b.update(p.done, { mbs: (written / 1e6 / Math.max(1e-3, (Date.now() - t0) / 1000)).toFixed(0) });
     },
-    stop: () => started && b.stop(),
+    stop: () => {
+      if (started) b.stop();
+      started = false;
+    },
   };
 }
 
@@ -264,8 +267,8 @@ interface TrainCliOptions extends DataOptions {
 async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
   const resumeDir = `${cli.out.replace(/[/\\]+$/, '')}.resume`;
   let o = cli;
-  if (cli.resume) {
-    const saved = readTrainStateInfo(resumeDir);
+  const saved = cli.resume ? readTrainStateInfo(resumeDir) : null;
+  if (saved) {
     const args = saved.args as { model: string; options: TrainCliOptions } | undefined;
     if (!args) throw new XftError(`${resumeDir}: no run options in trainer_state.json`, 'XFT_FORMAT');
     if (path.resolve(args.model) !== path.resolve(modelDir))
@@ -273,8 +276,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
     o = { ...args.options, device: cli.device ?? args.options.device, resume: true };
     console.log(`resuming at step ${saved.step} with the saved options`);
   } else if (!o.data) throw new UsageError("train: required option '--data <file>' not specified");
-  if (fs.existsSync(o.out) && fs.readdirSync(o.out).length > 0 && !o.overwrite)
-    throw new XftError(`${o.out} exists and is not empty (pass --overwrite to replace it)`, 'XFT_IO');
+  checkOutputFolder(o.out, o.overwrite);
   const info = readCheckpointInfo(modelDir);
   if (o.merge && info.kind !== 'moe') throw new XftError(`--merge starts merge learning from an MoE checkpoint; ${modelDir} is a ${info.kind} checkpoint`, 'XFT_VALUE');
   const device = deviceOf(o.device);
@@ -304,8 +306,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
 
   // the run's state object: the trainer fills and advances it, so --save-every can save it between steps
   const state: TrainState = o.resume ? loadTrainState(resumeDir, model) : { step: 0, m: new Map(), v: new Map() };
-  const earlier = o.resume ? ((readTrainStateInfo(resumeDir).losses as number[] | undefined) ?? []) : [];
-  const losses: number[] = [...earlier];
+  const losses: number[] = [...((saved?.losses as number[] | undefined) ?? [])];
   const evals: { step: number; loss: number; accuracy: number }[] = [];
   const runArgs = () => ({ args: { model: modelDir, options: { ...o, resume: undefined } }, losses });
   const stop = new AbortController();
@@ -351,16 +352,10 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   const files = { 'xft_train.json': JSON.stringify(metrics, null, 2) + '\n' };
   if (model.kind === 'merged') {
     // the frozen experts are copied from the source checkpoint as they are there; only α comes from the run
-    saveMergeCheckpoint(model, modelDir, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFiles: files });
+    saveMergeCheckpoint(model, modelDir, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, files });
   } else {
     // a bf16 run: the written weights are rounded from the f32 master weights, not from the bf16 copies
-    if (r.state.master && r.state.master.size > 0) {
-      model.cast('f32');
-      for (const p of model.params()) {
-        const master = r.state.master.get(p.name);
-        if (master) p.value.copy_(master);
-      }
-    }
+    useMasterWeights(model, r.state);
     saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files });
   }
   fs.rmSync(resumeDir, { recursive: true, force: true });

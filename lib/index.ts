@@ -14,7 +14,7 @@ export * from './checkpoint';
 export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
 export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type MergeableOptions, type InitOptions } from './xft';
-export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
+export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
 export {
   type Example, type Sample, type Batch, type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, parseJsonl, readJsonl,
   encodeExample, formatPrompt, toRows, concatRows, countTargets, type TokenArray, batches, split, shuffle, MAGICODER_PROMPT,

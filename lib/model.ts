@@ -406,12 +406,18 @@ export class Block {
     return [this.inputNorm, this.q, this.k, this.v, this.o, this.postNorm, ...this.ffn.params()];
   }
 
+  /** RoPE of this config (theta, linear scaling) for the batch's sequence length; forward and backward share it. */
+  #ropeOptions(ctx: Context) {
+    const c = this.config;
+    return { seqLen: ctx.seqLen, headDim: c.hidden_size / c.num_attention_heads, theta: c.rope_theta, scalingFactor: ropeScaling(c) };
+  }
+
   forward(ctx: Context, x: Tensor): Tensor {
-    const c = this.config, hd = c.hidden_size / c.num_attention_heads;
+    const c = this.config;
     const eps = c.rms_norm_eps;
     const { y: n1, rstd: rstd1 } = lops.rmsnorm(x, this.inputNorm.value, { eps });
     const q = linear(ctx, n1, this.q.value), k = linear(ctx, n1, this.k.value), v = linear(ctx, n1, this.v.value);
-    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta, scalingFactor: ropeScaling(c) };
+    const ropeOpts = this.#ropeOptions(ctx);
     lops.rope(q, { ...ropeOpts, out: q });
     lops.rope(k, { ...ropeOpts, out: k });
     const { out: att, lse } = tops.attention(q, k, v, { batch: ctx.batch, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads });
@@ -434,7 +440,7 @@ export class Block {
   backward(ctx: Context, dy: Tensor): Tensor {
     const s = this.#saved;
     if (!s) throw new XftError('Block.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
-    const c = this.config, hd = c.hidden_size / c.num_attention_heads;
+    const c = this.config;
     // y = h + ffn(rmsnorm(h))
     const dn2 = this.ffn.backward(ctx, dy);
     const r2 = lops.rmsnormBackward(s.h, this.postNorm.value, s.rstd2, dn2, { dw: this.postNorm.trainable ? this.postNorm.gradBuffer() : false });
@@ -444,7 +450,7 @@ export class Block {
     // h = x + o_proj(attn)
     const datt = linearBackward(ctx, s.att, this.o, dh)!;
     const g = tops.attentionBackward(s.q, s.k, s.v, s.att, s.lse, datt, { batch: ctx.batch, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads });
-    const ropeOpts = { seqLen: ctx.seqLen, headDim: hd, theta: c.rope_theta, scalingFactor: ropeScaling(c) };
+    const ropeOpts = this.#ropeOptions(ctx);
     lops.ropeBackward(g.dq, { ...ropeOpts, out: g.dq });
     lops.ropeBackward(g.dk, { ...ropeOpts, out: g.dk });
     const dn1 = linearBackward(ctx, s.n1, this.q, g.dq)!;
@@ -506,8 +512,9 @@ export class Model {
    */
   cast(dtype: 'f32' | 'bf16'): this {
     if (dtype !== 'f32' && dtype !== 'bf16') throw new XftError(`Model.cast: expected 'f32' or 'bf16' for dtype but received ${JSON.stringify(dtype)}`, 'XFT_VALUE');
+    const alphas = new Set(this.blocks.flatMap((b) => (b.ffn instanceof MergedFFN ? [b.ffn.alpha] : [])));
     for (const p of this.params()) {
-      if (p.value.dtype === dtype || p.name.endsWith('.average_weights')) continue;
+      if (p.value.dtype === dtype || alphas.has(p)) continue;
       const v = p.value.cast(dtype);
       p.value.dispose();
       p.value = v;

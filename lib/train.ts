@@ -293,6 +293,19 @@ export function loadTrainState(dir: string, model: Model): TrainState {
   return { step, m, v, master };
 }
 
+/**
+ * Puts the f32 master weights of a bf16 run into `model` (cast to f32 first), so that what is saved
+ * next is rounded once from them rather than from the bf16 copies. No-op for an f32 run.
+ */
+export function useMasterWeights(model: Model, state: TrainState): void {
+  if (!state.master || state.master.size === 0) return;
+  model.cast('f32');
+  for (const p of model.params()) {
+    const master = state.master.get(p.name);
+    if (master) p.value.copy_(master);
+  }
+}
+
 export function disposeState(state: TrainState): void {
   state.m.forEach((t) => t.dispose());
   state.v.forEach((t) => t.dispose());

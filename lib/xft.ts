@@ -90,16 +90,7 @@ export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
   return rebuild(dense, (b, i) => {
     const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
     const stack = (w: Param, name: string) => new Param(`${p}.calculator.experts.weight_${name}`, stackCopies(w.value, E));
-    const made = (name: string, shape: number[]) => {
-      const w = init.next(shape)();
-      if (dtype === 'f32') return new Param(name, w);
-      const c = w.cast(dtype);
-      w.dispose();
-      return new Param(name, c);
-    };
-    const router = moe.gate_type === 'mlp'
-      ? [made(`${p}.gate.gate_network.0.weight`, [N, d]), made(`${p}.gate.gate_network.2.weight`, [N, N])]
-      : [made(`${p}.gate.gate_network.weight`, [N, d])];
+    const router = routerTensors(i, moe, d).map(([name, shape]) => new Param(name, init.next(shape, dtype)()));
     const noise = new Param(`${p}.gate.weight_noise.weight`, Tensor.zeros([N, d], { device: dense.device, dtype }));
     return new MoeFFN(moe, stack(f.gate, 'gate'), stack(f.up, 'up'), stack(f.down, 'down'), router, noise);
   });
@@ -119,14 +110,20 @@ export function upcycleMoeConfig(options: UpcycleOptions, source: string): MoeCo
  * torch.nn.Linear does: uniform(-1/sqrt(in), 1/sqrt(in)), from seeds derived from `seed`. The
  * in-memory and the on-disk upcycle draw the same numbers.
  */
-export function routerInit(seed: number, device: Device = 'cpu'): { next(shape: number[]): () => Tensor } {
+export function routerInit(seed: number, device: Device = 'cpu'): { next(shape: number[], dtype?: 'f32' | 'bf16'): () => Tensor } {
   let s = seed * 1000 + 777;
   return {
-    next(shape: number[]) {
+    next(shape: number[], dtype: 'f32' | 'bf16' = 'f32') {
       const mine = s++, bound = 1 / Math.sqrt(shape[1]);
-      return () => Tensor.uniform(shape, { seed: mine, low: -bound, high: bound, device });
+      return () => Tensor.uniform(shape, { seed: mine, low: -bound, high: bound, device, dtype });
     },
   };
+}
+
+/** The router tensors of layer i, names (the reference's) and shapes: [W0 (N, d), W2 (N, N)] for 'mlp', [W0] for 'linear'. */
+export function routerTensors(i: number, moe: MoeConfig, d: number): [string, number[]][] {
+  const N = moe.shared_expert ? moe.num_experts - 1 : moe.num_experts, p = `${layerName(i)}.mlp.gate`;
+  return moe.gate_type === 'mlp' ? [[`${p}.gate_network.0.weight`, [N, d]], [`${p}.gate_network.2.weight`, [N, N]]] : [[`${p}.gate_network.weight`, [N, d]]];
 }
 
 export interface MergeableOptions {

@@ -1,24 +1,15 @@
 // CPU twin of cuda/load_estimate.cu (the noisy top-k load estimate; the math is stated there and
-// shared through cuda/load_estimate.h). load sums tokens in order per expert (fp32).
+// shared through cuda/load_estimate.h). load sums tokens in order per expert (in double).
 #include <math.h>
 
 #include "../../cuda/load_estimate.h"
 #include "xft_cpu.h"
 
-namespace {
-struct Row {
-  const void* p;
-  int dtype;
-  size_t base;
-  float operator[](int i) const { return xft_cpu::load(p, dtype, base + i); }
-};
-}  // namespace
-
 int xft_cpu_load_estimate_forward(const void* clean, const void* z, const void* noisy, int dtype, int T, int N, int k,
                                   float eps, float* prob, float* load) {
   for (int t = 0; t < T; t++) {
     const size_t base = (size_t)t * N;
-    xft_load_estimate_token(Row{clean, dtype, base}, Row{z, dtype, base}, Row{noisy, dtype, base}, N, k, eps, prob + base);
+    xft_load_estimate_token(XftLoadRow{clean, dtype, base}, XftLoadRow{z, dtype, base}, XftLoadRow{noisy, dtype, base}, N, k, eps, prob + base);
   }
   for (int i = 0; i < N; i++) {
     double s = 0.0;
@@ -33,8 +24,8 @@ int xft_cpu_load_estimate_backward(const void* clean, const void* z, const void*
   float dc[XFT_LOAD_MAX_EXPERTS], dcl[XFT_LOAD_MAX_EXPERTS];
   for (int t = 0; t < T; t++) {
     const size_t base = (size_t)t * N;
-    Row zr{z, dtype, base};
-    xft_load_estimate_token_backward(Row{clean, dtype, base}, zr, Row{noisy, dtype, base}, dload, N, k, eps, seed, base, dcl, dc);
+    XftLoadRow zr{z, dtype, base};
+    xft_load_estimate_token_backward(XftLoadRow{clean, dtype, base}, zr, XftLoadRow{noisy, dtype, base}, dload, N, k, eps, seed, base, dcl, dc);
     for (int i = 0; i < N; i++) {
       xft_cpu::store(dclean, dtype, base + i, dcl[i]);
       xft_cpu::store(dz, dtype, base + i, dc[i] / (1.f + expf(-zr[i])));

@@ -109,14 +109,9 @@ int xft_cpu_load_estimate_backward(const void* clean, const void* z, const void*
 // helpers shared by the CPU files
 namespace xft_cpu {
 // value i of a f32 or bf16 buffer, as fp32
-inline float load(const void* p, int dtype, size_t i) {
-  return dtype == XFT_BF16 ? xft_bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
-}
+inline float load(const void* p, int dtype, size_t i) { return xft_load_value(p, dtype, i); }
 // store fp32 v into a f32 or bf16 buffer (round to nearest even for bf16)
-inline void store(void* p, int dtype, size_t i, float v) {
-  if (dtype == XFT_BF16) ((uint16_t*)p)[i] = xft_f32_to_bf16(v);
-  else ((float*)p)[i] = v;
-}
+inline void store(void* p, int dtype, size_t i, float v) { xft_store_value(p, dtype, i, v); }
 // widen n values of a f32 or bf16 buffer into dst
 void to_f32(float* dst, const void* src, int dtype, size_t n);
 // fn(begin, end) over [0, n) split into contiguous chunks on up to xft_cpu::threads() threads when
