@@ -1,16 +1,103 @@
-# CUDA source -> host C++ for the emulator: kernel launches become emu_launch calls,
-# the rcp.approx asm becomes a division.
+# CUDA source -> host C++ for the emulator (cuda_runtime.h beside this file).
+#   kernel<<<grid, block, smem, stream>>>(args)  -> emu_launch(grid, block, smem, &kernel, "kernel", [&] { kernel(args); })
+#   asm("ptx" : outs : ins)                      -> emu_<instruction>(outs..., ins...)
+#   __shared__ T a[n], b[m];                     -> static T a[n], b[m]; emu_shared(a, sizeof a); ...
+#   extern __shared__ T s[];                     -> T* s = (T*)emu_dynamic_smem();
+# Usage: python3 convert.py in.cu [out.cc]
 import re, sys
+
 src = open(sys.argv[1]).read()
-src = re.sub(r'asm\("rcp\.approx\.ftz\.f32 %0, %1;" : "=f"\((\w+)\) : "f"\((\w+)\)\);', r'\1 = 1.0f / \2;', src)
+
+
+def balanced(s, i, open_='(', close=')'):
+    """index of the bracket closing the one at s[i]"""
+    depth = 0
+    for j in range(i, len(s)):
+        if s[j] == open_: depth += 1
+        elif s[j] == close:
+            depth -= 1
+            if depth == 0: return j
+    raise ValueError('unbalanced at %d: %s' % (i, s[i:i + 60]))
+
+
+def split_top(s, sep=','):
+    """split at separators outside (), [], <> (template args of a kernel name) and strings"""
+    parts, depth, cur, q = [], 0, '', False
+    for ch in s:
+        if ch == '"': q = not q
+        if not q:
+            if ch in '([': depth += 1
+            elif ch in ')]': depth -= 1
+        if ch == sep and depth == 0 and not q:
+            parts.append(cur); cur = ''
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts]
+
+
+# ---- inline PTX ----
+PTX = {
+    'cp.async.cg.shared.global': 'emu_cp_async_cg_16',
+    'cp.async.commit_group': 'emu_cp_async_commit',
+    'cp.async.wait_group': 'emu_cp_async_wait',
+    'ldmatrix.sync.aligned.m8n8.x4.shared.b16': 'emu_ldmatrix_x4(false, ',
+    'ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16': 'emu_ldmatrix_x4(true, ',
+    'mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32': 'emu_mma_m16n8k16_bf16',
+    'rcp.approx.ftz.f32': 'emu_rcp_approx',
+}
+
+
+def convert_asm(s):
+    out, i = [], 0
+    while True:
+        m = re.compile(r'\basm\s*(?:volatile\s*)?\(').search(s, i)
+        if not m: out.append(s[i:]); break
+        a = m.end() - 1
+        e = balanced(s, a)
+        body = s[a + 1:e]
+        sections = split_top(body, ':')
+        template = ''.join(re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0]))
+        instr = re.match(r'[\w.]+', template).group(0)
+        if instr not in PTX: raise ValueError('no emulation for PTX %r' % instr)
+        ops = []
+        for sec in sections[1:3]:
+            for op in split_top(sec):
+                if not op: continue
+                mm = re.match(r'"[^"]*"\s*\((.*)\)$', op, re.S)
+                ops.append(mm.group(1).strip())
+        fn = PTX[instr]
+        call = fn + ', '.join(ops) + ')' if fn.endswith(', ') else '%s(%s)' % (fn, ', '.join(ops))
+        out.append(s[i:m.start()])
+        out.append(call)
+        i = e + 1
+    return ''.join(out)
+
+
+src = convert_asm(src)
+
+# ---- shared memory ----
+src = re.sub(r'extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w ]+?)\s+(\w+)\s*\[\s*\]\s*;',
+             r'\1* \2 = (\1*)emu_dynamic_smem();', src)
+
+
+def shared(m):
+    decl = m.group(1)
+    first = re.search(r'\b(\w+)\s*\[', decl)
+    names = re.findall(r'\b(\w+)\s*(?:\[[^\]]*\])+', decl[first.start():])
+    return 'static %s; %s' % (decl, ' '.join('emu_shared(%s, sizeof(%s));' % (n, n) for n in names))
+
+
+src = re.sub(r'(?<![\w#])__shared__\s+([^;(]+\[[^;]*);', shared, src)
+
+# ---- launches ----
 out, i = [], 0
 while True:
     k = src.find('<<<', i)
     if k < 0:
         out.append(src[i:]); break
-    # kernel name: identifier with optional template args, scanning backwards
-    j = k
-    if src[j-1] == '>':
+    j = k  # kernel name: identifier with optional template args, scanning backwards
+    if src[j - 1] == '>':
         depth = 0
         while True:
             j -= 1
@@ -18,23 +105,22 @@ while True:
             elif src[j] == '<':
                 depth -= 1
                 if depth == 0: break
-    while j > 0 and (src[j-1].isalnum() or src[j-1] == '_'): j -= 1
+    while j > 0 and (src[j - 1].isalnum() or src[j - 1] == '_'): j -= 1
     name = src[j:k]
     e = src.find('>>>', k)
-    cfg = src[k+3:e]
-    parts = [p.strip() for p in cfg.split(',')]
-    # args in balanced parens
+    parts = split_top(src[k + 3:e])
+    smem = parts[2] if len(parts) > 2 else '0'
     a0 = e + 3
-    assert src[a0] == '(', src[a0:a0+20]
-    depth, a = 0, a0
-    while True:
-        if src[a] == '(': depth += 1
-        elif src[a] == ')':
-            depth -= 1
-            if depth == 0: break
-        a += 1
-    args = src[a0+1:a]
+    assert src[a0] == '(', src[a0:a0 + 20]
+    a = balanced(src, a0)
+    args = src[a0 + 1:a]
     out.append(src[i:j])
-    out.append('emu_launch(dim3(%s), dim3(%s), [&] { %s(%s); })' % (parts[0], parts[1], name, args))
+    key = 'nullptr' if smem == '0' else '(const void*)&' + name  # the cudaFuncSetAttribute key
+    out.append('emu_launch(dim3(%s), dim3(%s), (size_t)(%s), %s, "%s", [&] { %s(%s); })'
+               % (parts[0], parts[1], smem, key, name.split('<')[0], name, args))
     i = a + 1
-sys.stdout.write(''.join(out))
+result = '#include <cuda_runtime.h>\n#line 1 "%s"\n' % sys.argv[1] + ''.join(out)
+if len(sys.argv) > 2:
+    open(sys.argv[2], 'w').write(result)
+else:
+    sys.stdout.write(result)

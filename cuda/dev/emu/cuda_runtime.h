@@ -1,167 +1,554 @@
-// cuda_runtime.h for cuda/dev/emu/run.sh: a host emulation of the bits of CUDA the xft kernels
-// use. Every CUDA thread of a block is a coroutine on one OS thread (started with ucontext,
-// switched with _setjmp/_longjmp: no signal-mask syscalls); blocks run one after another.
-// Warp barriers open when every lane of the warp waits at one, the block barrier when every
-// live thread does; anything else is reported as a deadlock (divergent barrier or shuffle).
+// cuda_runtime.h of the host emulation (cuda/dev/emu): the parts of CUDA the xft kernels and
+// cuda/runtime.cu use, on the CPU, so that the whole CUDA backend can run on a machine without a
+// GPU (the `XFT_EMU=ON` developer build, and cuda/dev/emu/run.sh). convert.py rewrites each .cu
+// first: launches become emu_launch, inline PTX becomes the emu_* functions below, __shared__
+// arrays are poisoned per block.
+//
+// Execution: blocks run one after another; every thread of a block is a coroutine on one OS
+// thread (ucontext to start, _setjmp/_longjmp to switch) that runs until it reaches a barrier.
+// A warp barrier (__syncwarp, and every warp-collective: shuffles, ldmatrix, mma) opens when all
+// lanes of the warp wait at one; __syncthreads when every live thread of the block does.
+// Anything else is a divergent barrier and fails the launch (cudaErrorLaunchFailure).
+//
+// What it checks: launch configuration (block <= 1024 threads, grid limits, dynamic shared
+// memory <= 48 KiB unless cudaFuncSetAttribute raised it, <= 227 KiB); shared memory poisoned
+// (0xFF: NaN / -1) at every block's start; cp.async / ldmatrix alignment and shared-window
+// bounds; the stream-ordered pool (double frees, copies outside live allocations). What it
+// cannot: the memory model between barriers. Run with XFT_EMU_ORDER=reverse|random (threads and
+// blocks in that order) and XFT_EMU_CP_ASYNC=eager (copies land at issue, not at wait_group) to
+// shake out missing barriers; with -fsanitize=address (cuda/dev/emu/check.sh) for global memory.
 #pragma once
-#include <ucontext.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <math.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <math.h>
-#include <limits.h>
-#include <vector>
-#include <functional>
+#include <ucontext.h>
+
 #include <algorithm>
-using std::min;
-using std::max;
+#include <functional>
+#include <map>
+#include <random>
+#include <type_traits>
+#include <vector>
 
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __align__(n) alignas(n)
 #define __shared__ static
+#define warpSize 32
 
-struct dim3 { unsigned x, y, z; dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {} };
+// ---- types ----
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
 struct uint3 { unsigned x, y, z; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
-inline uint3 threadIdx, blockIdx;
-inline dim3 blockDim, gridDim;
+inline float2 make_float2(float a, float b) { return float2{a, b}; }
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 
-typedef void* cudaStream_t;
-typedef void* cudaEvent_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
-inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) { *p = malloc(n ? n : 1); memset(*p, 0xCD, n); return cudaSuccess; }
-inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { free(p); return cudaSuccess; }
-inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) { memset(p, v, n); return cudaSuccess; }
-inline const char* cudaGetErrorString(cudaError_t e) { return e ? "emu error" : "no error"; }
-inline int cudaEventCreate(cudaEvent_t*) { return 0; }
-inline int cudaEventRecord(cudaEvent_t, cudaStream_t) { return 0; }
-inline int cudaEventSynchronize(cudaEvent_t) { return 0; }
-inline int cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return 0; }
+typedef struct EmuStream* cudaStream_t;
+typedef struct EmuEvent* cudaEvent_t;
+typedef struct EmuPool* cudaMemPool_t;
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorMemoryAllocation = 2,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorNoDevice = 100,
+  cudaErrorIllegalAddress = 700,
+  cudaErrorMisalignedAddress = 716,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaMemPoolAttr {
+  cudaMemPoolAttrReleaseThreshold = 4,
+  cudaMemPoolAttrReservedMemCurrent = 5,
+  cudaMemPoolAttrUsedMemCurrent = 7,
+};
+#define cudaStreamNonBlocking 0x01
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor, multiProcessorCount;
+  size_t totalGlobalMem, sharedMemPerBlockOptin;
+};
 
+// ---- math and bit intrinsics ----
+template <class A, class B> inline typename std::common_type<A, B>::type min(A a, B b) { return b < a ? b : a; }
+template <class A, class B> inline typename std::common_type<A, B>::type max(A a, B b) { return a < b ? b : a; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcs(const T* p) { return *p; }
+inline void emu_rcp_approx(float& out, float in) { out = 1.0f / in; }
 
-struct EmuThread { ucontext_t ctx; jmp_buf jb; int state; bool started; };  // 0 runnable, 1 warp barrier, 2 block barrier, 3 done
+// ---- errors ----
+struct EmuState {
+  int pending = cudaSuccess;             // returned (and cleared) by cudaGetLastError, returned by syncs
+  long long errors = 0;                   // every failure so far (the standalone tests print it)
+  std::map<const void*, int> max_dynamic_smem;
+  std::map<const char*, size_t> live;     // device allocations: start -> bytes
+  size_t used = 0, reserved = 0;
+  unsigned long long block_serial = 0;
+  std::map<const void*, unsigned long long> shared_seen;
+};
+inline EmuState g_emu;
+inline void emu_fail(int err, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+inline void emu_fail(int err, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  fprintf(stderr, "xft emu: ");
+  vfprintf(stderr, fmt, ap);
+  fprintf(stderr, "\n");
+  va_end(ap);
+  g_emu.errors++;
+  if (g_emu.pending == cudaSuccess) g_emu.pending = err;
+  if (getenv("XFT_EMU_ABORT")) abort();
+}
+
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument (emulated)";
+    case cudaErrorMemoryAllocation: return "out of memory (emulated)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated)";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered (emulated)";
+    case cudaErrorMisalignedAddress: return "misaligned address (emulated)";
+    case cudaErrorLaunchFailure: return "unspecified launch failure (emulated: divergent barrier)";
+    default: return "unknown error (emulated)";
+  }
+}
+inline cudaError_t cudaGetLastError() {
+  int e = g_emu.pending;
+  g_emu.pending = cudaSuccess;
+  return (cudaError_t)e;
+}
+inline cudaError_t cudaPeekAtLastError() { return (cudaError_t)g_emu.pending; }
+
+// ---- device, stream, pool ----
+inline const size_t kEmuTotalMemory = (size_t)80 << 30;
+inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
+  if (d != 0) return cudaErrorInvalidDevice;
+  memset(p, 0, sizeof *p);
+  snprintf(p->name, sizeof p->name, "xft host emulation (sm_90)");
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = 132;
+  p->totalGlobalMem = kEmuTotalMemory;
+  p->sharedMemPerBlockOptin = 227 * 1024;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
+  *total_b = kEmuTotalMemory;
+  *free_b = kEmuTotalMemory - g_emu.reserved;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = (cudaStream_t)&g_emu; return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaDeviceSynchronize() { return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) { *p = (cudaMemPool_t)&g_emu; return cudaSuccess; }
+inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
+inline cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr a, void* v) {
+  *(uint64_t*)v = a == cudaMemPoolAttrUsedMemCurrent ? g_emu.used : g_emu.reserved;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemPoolTrimTo(cudaMemPool_t, size_t) {
+  g_emu.reserved = g_emu.used;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
+  // malloc (not a private arena), so that an -fsanitize=address build sees every overrun
+  const size_t bytes = n ? n : 1;
+  *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
+  if (!*p) return cudaErrorMemoryAllocation;
+  memset(*p, 0xFF, bytes);  // fresh device memory holds garbage: NaN floats, -1 ints
+  g_emu.live[(const char*)*p] = n;
+  g_emu.used += n;
+  g_emu.reserved = std::max(g_emu.reserved, g_emu.used);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMalloc(void** p, size_t n) { return cudaMallocAsync(p, n, nullptr); }
+inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+  if (!p) return cudaSuccess;
+  auto it = g_emu.live.find((const char*)p);
+  if (it == g_emu.live.end()) {
+    emu_fail(cudaErrorInvalidValue, "cudaFreeAsync(%p): not a live allocation (double free?)", p);
+    return cudaErrorInvalidValue;
+  }
+  g_emu.used -= it->second;
+  g_emu.live.erase(it);
+  free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaFree(void* p) { return cudaFreeAsync(p, nullptr); }
+// [p, p + n) inside one live device allocation
+inline bool emu_device_range(const void* p, size_t n, const char* what) {
+  auto it = g_emu.live.upper_bound((const char*)p);
+  if (it != g_emu.live.begin()) {
+    --it;
+    if ((const char*)p >= it->first && (const char*)p + n <= it->first + it->second) return true;
+  }
+  emu_fail(cudaErrorInvalidValue, "%s: [%p, +%zu) is not inside a live device allocation", what, p, n);
+  return false;
+}
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  if (n == 0) return cudaSuccess;
+  const bool dd = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  const bool sd = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if ((dd && !emu_device_range(d, n, "cudaMemcpyAsync dst")) || (sd && !emu_device_range(s, n, "cudaMemcpyAsync src")))
+    return cudaGetLastError();
+  memmove(d, s, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k) { return cudaMemcpyAsync(d, s, n, k, nullptr); }
+inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
+  if (n == 0) return cudaSuccess;
+  if (!emu_device_range(d, n, "cudaMemsetAsync")) return cudaGetLastError();
+  memset(d, v, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)&g_emu; return cudaSuccess; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return cudaSuccess; }
+template <class F> inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
+  if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (v < 0 || v > 227 * 1024) return cudaErrorInvalidValue;
+    g_emu.max_dynamic_smem[(const void*)f] = v;
+  }
+  return cudaSuccess;
+}
+
+// ---- the block scheduler ----
+enum { EMU_RUN = 0, EMU_WARP = 1, EMU_BLOCK = 2, EMU_DONE = 3 };
+struct EmuThread {
+  ucontext_t ctx;
+  jmp_buf jb;
+  int state;
+  bool started;
+};
+struct EmuCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int bytes;
+};
 struct EmuBlock {
   std::vector<EmuThread> th;
   std::vector<char> stacks;
-  ucontext_t sched;
   jmp_buf sched_jb;
   unsigned cur = 0, n = 0;
-  unsigned long long slot[1024];
+  uint64_t slot[1024][8];                       // per-thread exchange for warp collectives
   std::function<void()> fn;
+  std::vector<unsigned char> smem;             // dynamic shared memory (the shared window of cvta)
+  size_t smem_bytes = 0;
+  std::vector<std::vector<EmuCopy>> cp_open;   // per thread: cp.async not yet committed
+  std::vector<std::vector<std::vector<EmuCopy>>> cp_groups;  // per thread: committed groups, oldest first
+  bool failed = false;
 };
 inline EmuBlock g_blk;
-inline long long g_emu_errors = 0;
-inline const size_t kEmuStack = 256 * 1024;
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline const size_t kEmuStack = 128 * 1024;
 
+inline int emu_order_mode() {  // 0 forward, 1 reverse, 2 random
+  static int mode = [] {
+    const char* s = getenv("XFT_EMU_ORDER");
+    return !s ? 0 : !strcmp(s, "reverse") ? 1 : !strcmp(s, "random") ? 2 : 0;
+  }();
+  return mode;
+}
+inline std::mt19937& emu_rng() {
+  static std::mt19937 rng(getenv("XFT_EMU_SEED") ? atoi(getenv("XFT_EMU_SEED")) : 12345);
+  return rng;
+}
+inline bool emu_cp_async_eager() {
+  static bool eager = getenv("XFT_EMU_CP_ASYNC") && !strcmp(getenv("XFT_EMU_CP_ASYNC"), "eager");
+  return eager;
+}
+
+inline void emu_set_thread(unsigned t) {
+  g_blk.cur = t;
+  threadIdx = uint3{t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
+}
 inline void emu_wait(int state) {
   EmuThread& t = g_blk.th[g_blk.cur];
   t.state = state;
   if (_setjmp(t.jb) == 0) _longjmp(g_blk.sched_jb, 1);
 }
-inline void __syncthreads() { emu_wait(2); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(1); }
+inline void __syncthreads() { emu_wait(EMU_BLOCK); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(EMU_WARP); }
+inline unsigned emu_tid() { return g_blk.cur; }
 
 template <class T> inline T emu_shfl(T v, unsigned src_lane) {
-  const unsigned me = threadIdx.x, base = me & ~31u;
-  memcpy(&g_blk.slot[me], &v, sizeof(T));
+  static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+  const unsigned me = emu_tid(), base = me & ~31u;
+  memcpy(&g_blk.slot[me][0], &v, sizeof(T));
   __syncwarp();
-  if (base + src_lane >= g_blk.n) { fprintf(stderr, "EMU: shuffle from a missing lane\n"); g_emu_errors++; }
-  T r;
-  memcpy(&r, &g_blk.slot[base + src_lane], sizeof(T));
+  T r = v;
+  if (base + src_lane >= g_blk.n) emu_fail(cudaErrorLaunchFailure, "shuffle from lane %u, which does not exist", src_lane);
+  else memcpy(&r, &g_blk.slot[base + src_lane][0], sizeof(T));
   __syncwarp();
   return r;
 }
-template <class T> inline T __shfl_xor_sync(unsigned, T v, int o, int w = 32) { return emu_shfl(v, (threadIdx.x % 32) ^ o); }
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int o, int w = 32) {
+  const int lane = emu_tid() % 32;
+  const int src = lane ^ o;
+  return emu_shfl(v, (unsigned)((src & ~(w - 1)) == (lane & ~(w - 1)) ? src : lane));
+}
 template <class T> inline T __shfl_sync(unsigned, T v, int src, int w = 32) {
-  const int lane = threadIdx.x % 32;
-  return emu_shfl(v, (lane & ~(w - 1)) + (src & (w - 1)));
+  const int lane = emu_tid() % 32;
+  return emu_shfl(v, (unsigned)((lane & ~(w - 1)) + (src & (w - 1))));
 }
 template <class T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int w = 32) {
-  const int lane = threadIdx.x % 32;
+  const int lane = emu_tid() % 32;
   return emu_shfl(v, (unsigned)((lane % w) >= (int)d ? lane - (int)d : lane));
+}
+template <class T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int w = 32) {
+  const int lane = emu_tid() % 32;
+  return emu_shfl(v, (unsigned)((lane % w) + (int)d < w ? lane + (int)d : lane));
+}
+
+// __shared__ arrays (rewritten by convert.py): poisoned by the first thread of each block that
+// reaches the declaration (no thread of the block can have written them before that)
+inline void emu_shared(void* p, size_t bytes) {
+  unsigned long long& seen = g_emu.shared_seen[p];
+  if (seen != g_emu.block_serial) {
+    memset(p, 0xFF, bytes);
+    seen = g_emu.block_serial;
+  }
+}
+inline void* emu_dynamic_smem() { return g_blk.smem.data(); }
+inline size_t __cvta_generic_to_shared(const void* p) {
+  const unsigned char* b = g_blk.smem.data();
+  if ((const unsigned char*)p < b || (const unsigned char*)p > b + g_blk.smem_bytes) {
+    emu_fail(cudaErrorIllegalAddress, "__cvta_generic_to_shared of a pointer outside dynamic shared memory");
+    return 0;
+  }
+  return (size_t)((const unsigned char*)p - b);
+}
+inline unsigned char* emu_shared_at(uint32_t addr, unsigned bytes, unsigned align, const char* what) {
+  if (addr % align) emu_fail(cudaErrorMisalignedAddress, "%s: shared address %u is not %u-byte aligned", what, addr, align);
+  if ((size_t)addr + bytes > g_blk.smem_bytes) {
+    emu_fail(cudaErrorIllegalAddress, "%s: shared [%u, +%u) past the %zu bytes of shared memory", what, addr, bytes, g_blk.smem_bytes);
+    return nullptr;
+  }
+  return g_blk.smem.data() + addr;
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: bytes past src_bytes are zero-filled.
+// Lazy (default): the copy lands at the cp.async.wait_group that covers it; eager: at issue.
+inline void emu_copy_now(const EmuCopy& c) {
+  memcpy(c.dst, c.src, c.bytes);
+  memset(c.dst + c.bytes, 0, 16 - c.bytes);
+}
+inline void emu_cp_async_cg_16(uint32_t dst, const void* src, int src_bytes) {
+  unsigned char* d = emu_shared_at(dst, 16, 16, "cp.async");
+  if ((uintptr_t)src % 16) emu_fail(cudaErrorMisalignedAddress, "cp.async: global source %p is not 16-byte aligned", src);
+  if (src_bytes < 0 || src_bytes > 16) emu_fail(cudaErrorInvalidValue, "cp.async: src-size %d", src_bytes);
+  if (!d || src_bytes < 0 || src_bytes > 16) return;
+  EmuCopy c{d, (const unsigned char*)src, src_bytes};
+  if (emu_cp_async_eager()) emu_copy_now(c);
+  else g_blk.cp_open[emu_tid()].push_back(c);
+}
+inline void emu_cp_async_commit() {
+  auto& open = g_blk.cp_open[emu_tid()];
+  g_blk.cp_groups[emu_tid()].push_back(open);
+  open.clear();
+}
+inline void emu_cp_async_wait(int n) {
+  auto& groups = g_blk.cp_groups[emu_tid()];
+  while ((int)groups.size() > n) {
+    for (const EmuCopy& c : groups.front()) emu_copy_now(c);
+    groups.erase(groups.begin());
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address of row l % 8 of
+// matrix l / 8 (8 b16, 16-byte aligned); lane t gets, of matrix q, elements (t/4, 2(t%4) + {0,1})
+// (or, .trans, elements (2(t%4) + {0,1}, t/4)) packed low half first.
+inline void emu_ldmatrix_x4(bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  const unsigned me = emu_tid(), base = me & ~31u, lane = me % 32;
+  g_blk.slot[me][0] = addr;
+  __syncwarp();
+  uint32_t* r[4] = {&r0, &r1, &r2, &r3};
+  for (int q = 0; q < 4; q++) {
+    uint16_t h[2];
+    for (int j = 0; j < 2; j++) {
+      const int row = trans ? 2 * (lane % 4) + j : lane / 4, col = trans ? lane / 4 : 2 * (lane % 4) + j;
+      const unsigned char* p = emu_shared_at((uint32_t)g_blk.slot[base + 8 * q + row][0], 16, 16, "ldmatrix");
+      h[j] = 0xFFFF;
+      if (p) memcpy(&h[j], p + 2 * col, 2);
+    }
+    *r[q] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+  }
+  __syncwarp();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D (16x8) += A (16x16) B (16x8), lane
+// t = 4g + i holds A (g, 2i..), (g+8, 2i..), (g, 2i+8..), (g+8, 2i+8..); B (2i.., g), (2i+8.., g);
+// D (g, 2i..), (g+8, 2i..).
+inline float emu_bf16(uint32_t reg, int half) { return __uint_as_float(((reg >> (16 * half)) & 0xFFFF) << 16); }
+inline void emu_mma_m16n8k16_bf16(float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint32_t a1, uint32_t a2,
+                                  uint32_t a3, uint32_t b0, uint32_t b1) {
+  const unsigned me = emu_tid(), base = me & ~31u, lane = me % 32;
+  uint64_t* s = g_blk.slot[me];
+  s[0] = a0; s[1] = a1; s[2] = a2; s[3] = a3; s[4] = b0; s[5] = b1;
+  __syncwarp();
+  auto A = [&](int row, int k) {
+    const int reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+    return emu_bf16((uint32_t)g_blk.slot[base + 4 * (row % 8) + (k % 8) / 2][reg], k % 2);
+  };
+  auto B = [&](int k, int col) { return emu_bf16((uint32_t)g_blk.slot[base + 4 * col + (k % 8) / 2][k >= 8 ? 5 : 4], k % 2); };
+  float* d[4] = {&d0, &d1, &d2, &d3};
+  for (int c = 0; c < 4; c++) {
+    const int row = lane / 4 + (c >= 2 ? 8 : 0), col = 2 * (lane % 4) + (c & 1);
+    float acc = *d[c];
+    for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+    *d[c] = acc;
+  }
+  __syncwarp();
 }
 
 inline void emu_trampoline() {
   g_blk.fn();
-  g_blk.th[g_blk.cur].state = 3;
+  if (!g_blk.cp_open[g_blk.cur].empty() || !g_blk.cp_groups[g_blk.cur].empty()) {
+    for (auto& g : g_blk.cp_groups[g_blk.cur])  // land them anyway: an exited thread's copies still complete
+      for (const EmuCopy& c : g) emu_copy_now(c);
+    for (const EmuCopy& c : g_blk.cp_open[g_blk.cur]) emu_copy_now(c);
+  }
+  g_blk.th[g_blk.cur].state = EMU_DONE;
   _longjmp(g_blk.sched_jb, 1);
 }
 
-inline void emu_launch(dim3 grid, dim3 block, std::function<void()> fn) {
-  const unsigned n = block.x;
-  if (n == 0 || n > 1024 || grid.x == 0) { fprintf(stderr, "EMU: bad launch %u x %u\n", grid.x, n); g_emu_errors++; return; }
+inline std::vector<unsigned> emu_order(unsigned n) {
+  std::vector<unsigned> o(n);
+  for (unsigned i = 0; i < n; i++) o[i] = i;
+  if (emu_order_mode() == 1) std::reverse(o.begin(), o.end());
+  if (emu_order_mode() == 2) std::shuffle(o.begin(), o.end(), emu_rng());
+  return o;
+}
+
+// one block: run every runnable thread until it waits or ends, then open what barriers can open
+inline bool emu_run_block(unsigned b) {
+  const unsigned n = g_blk.n;
+  g_emu.block_serial++;
+  memset(g_blk.smem.data(), 0xFF, g_blk.smem.size());
+  for (unsigned t = 0; t < n; t++) {
+    EmuThread& th = g_blk.th[t];
+    getcontext(&th.ctx);
+    th.ctx.uc_stack.ss_sp = g_blk.stacks.data() + (size_t)t * kEmuStack;
+    th.ctx.uc_stack.ss_size = kEmuStack;
+    th.ctx.uc_link = nullptr;
+    makecontext(&th.ctx, emu_trampoline, 0);
+    th.state = EMU_RUN;
+    th.started = false;
+    g_blk.cp_open[t].clear();
+    g_blk.cp_groups[t].clear();
+  }
+  for (;;) {
+    for (unsigned t : emu_order(n))
+      if (g_blk.th[t].state == EMU_RUN) {
+        emu_set_thread(t);
+        if (_setjmp(g_blk.sched_jb) == 0) {
+          if (!g_blk.th[t].started) {
+            g_blk.th[t].started = true;
+            setcontext(&g_blk.th[t].ctx);
+          }
+          _longjmp(g_blk.th[t].jb, 1);
+        }
+      }
+    bool all_done = true, released = false;
+    for (unsigned t = 0; t < n; t++) all_done = all_done && g_blk.th[t].state == EMU_DONE;
+    if (all_done) return true;
+    for (unsigned w0 = 0; w0 < n; w0 += 32) {
+      bool all = true;
+      for (unsigned t = w0; t < std::min(n, w0 + 32); t++) all = all && g_blk.th[t].state == EMU_WARP;
+      if (all) {
+        for (unsigned t = w0; t < std::min(n, w0 + 32); t++) g_blk.th[t].state = EMU_RUN;
+        released = true;
+      }
+    }
+    if (!released) {
+      bool all = true, any = false;
+      for (unsigned t = 0; t < n; t++) {
+        all = all && (g_blk.th[t].state == EMU_BLOCK || g_blk.th[t].state == EMU_DONE);
+        any = any || g_blk.th[t].state == EMU_BLOCK;
+      }
+      if (all && any) {
+        for (unsigned t = 0; t < n; t++)
+          if (g_blk.th[t].state == EMU_BLOCK) g_blk.th[t].state = EMU_RUN;
+        released = true;
+      }
+    }
+    if (!released) {
+      char states[1100];
+      unsigned k = 0;
+      for (unsigned t = 0; t < n && k + 1 < sizeof states; t++) states[k++] = "RWBD"[g_blk.th[t].state];
+      states[k] = 0;
+      emu_fail(cudaErrorLaunchFailure, "block %u: divergent barrier (R run, W warp barrier, B __syncthreads, D done): %s", b, states);
+      return false;
+    }
+  }
+}
+
+inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, const char* name, std::function<void()> fn) {
+  const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
+  if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
+      grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
+    emu_fail(cudaErrorInvalidConfiguration, "%s: launch <<<(%u, %u, %u), (%u, %u, %u)>>>", name, grid.x, grid.y, grid.z,
+             block.x, block.y, block.z);
+    return;
+  }
+  auto it = g_emu.max_dynamic_smem.find(kernel);
+  const size_t smem_cap = std::max<size_t>(48 * 1024, it == g_emu.max_dynamic_smem.end() ? 0 : it->second);
+  if (smem > smem_cap) {
+    emu_fail(cudaErrorInvalidValue, "%s: %zu bytes of dynamic shared memory, over the %zu allowed", name, smem, smem_cap);
+    return;
+  }
   gridDim = grid;
   blockDim = block;
   g_blk.fn = fn;
-  g_blk.n = n;
+  g_blk.n = (unsigned)n;
   g_blk.th.assign(n, EmuThread{});
+  g_blk.cp_open.assign(n, {});
+  g_blk.cp_groups.assign(n, {});
+  g_blk.smem_bytes = smem;
+  g_blk.smem.assign(smem, 0xFF);
   if (g_blk.stacks.size() < n * kEmuStack) g_blk.stacks.resize(n * kEmuStack);
-  for (unsigned b = 0; b < grid.x; b++) {
-    blockIdx = uint3{b, 0, 0};
-    for (unsigned t = 0; t < n; t++) {
-      EmuThread& th = g_blk.th[t];
-      getcontext(&th.ctx);
-      th.ctx.uc_stack.ss_sp = g_blk.stacks.data() + t * kEmuStack;
-      th.ctx.uc_stack.ss_size = kEmuStack;
-      th.ctx.uc_link = nullptr;
-      makecontext(&th.ctx, emu_trampoline, 0);
-      th.state = 0;
-      th.started = false;
-    }
-    for (;;) {
-      for (unsigned t = 0; t < n; t++)
-        if (g_blk.th[t].state == 0) {
-          g_blk.cur = t;
-          threadIdx = uint3{t, 0, 0};
-          if (_setjmp(g_blk.sched_jb) == 0) {
-            if (!g_blk.th[t].started) {
-              g_blk.th[t].started = true;
-              setcontext(&g_blk.th[t].ctx);
-            }
-            _longjmp(g_blk.th[t].jb, 1);
-          }
-        }
-      bool all_done = true, released = false;
-      for (unsigned t = 0; t < n; t++) all_done = all_done && g_blk.th[t].state == 3;
-      if (all_done) break;
-      for (unsigned w0 = 0; w0 < n; w0 += 32) {  // a warp barrier opens when every lane of the warp is at one
-        bool all1 = true;
-        for (unsigned t = w0; t < std::min(n, w0 + 32); t++) all1 = all1 && g_blk.th[t].state == 1;
-        if (all1) {
-          for (unsigned t = w0; t < std::min(n, w0 + 32); t++) g_blk.th[t].state = 0;
-          released = true;
-        }
-      }
-      if (!released) {  // the block barrier opens when every live thread is at it
-        bool all2 = true;
-        for (unsigned t = 0; t < n; t++) all2 = all2 && (g_blk.th[t].state == 2 || g_blk.th[t].state == 3);
-        if (all2) {
-          for (unsigned t = 0; t < n; t++)
-            if (g_blk.th[t].state == 2) g_blk.th[t].state = 0;
-          released = true;
-        }
-      }
-      if (!released) {
-        fprintf(stderr, "EMU: deadlock / divergent barrier in block %u:", b);
-        for (unsigned t = 0; t < n; t++) fprintf(stderr, " %d", g_blk.th[t].state);
-        fprintf(stderr, "\n");
-        g_emu_errors++;
-        exit(3);
-      }
-    }
+  const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
+  std::vector<unsigned long long> order;
+  const int mode = emu_order_mode();
+  if (mode != 0 && blocks <= (1u << 20)) {
+    order.resize(blocks);
+    for (unsigned long long i = 0; i < blocks; i++) order[i] = i;
+    if (mode == 1) std::reverse(order.begin(), order.end());
+    else std::shuffle(order.begin(), order.end(), emu_rng());
+  }
+  for (unsigned long long i = 0; i < blocks; i++) {
+    const unsigned long long b = order.empty() ? i : order[i];
+    blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y), (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
+    if (!emu_run_block((unsigned)b)) return;
   }
 }
