@@ -47,16 +47,20 @@ for (const dtype of ['f32', 'bf16'] as const)
         logits.dispose();
         const f = m.forward(idsT, tgT, B, T, { training: true, seed: 5n });
         m.backward();
-        const grads = new Map(m.trainableParams().map((p) => [p.name, p.grad!.toArray()]));
+        // a parameter the step did not use (the router's noise layer with noise off) has no gradient
+        const grads = new Map(m.trainableParams().filter((p) => p.grad).map((p) => [p.name, p.grad!.toArray()]));
+        const noGrad = m.trainableParams().filter((p) => !p.grad).map((p) => p.name);
         m.dispose();
         idsT.dispose();
         tgT.dispose();
-        return { logits: l, loss: f.loss, aux: f.auxLoss, grads };
+        return { logits: l, loss: f.loss, aux: f.auxLoss, grads, noGrad };
       };
       const cpu = run('cpu'), gpu = run('cuda');
       close(t, gpu.logits, cpu.logits, MODEL_TOL[dtype], 'logits');
       t.ok(Math.abs(gpu.loss - cpu.loss) <= MODEL_TOL[dtype] * cpu.loss, `loss ${gpu.loss} vs ${cpu.loss}`);
       t.ok(Math.abs(gpu.aux - cpu.aux) <= MODEL_TOL[dtype] * Math.max(cpu.aux, 1e-6), `balance loss ${gpu.aux} vs ${cpu.aux}`);
+      t.same(gpu.noGrad, cpu.noGrad, 'the same parameters have no gradient on both devices');
+      t.same([...gpu.grads.keys()], [...cpu.grads.keys()], 'the same parameters have gradients');
       let worst = 0, name = '';
       for (const [n, g] of cpu.grads) {
         const e = relErr(gpu.grads.get(n)!, g);

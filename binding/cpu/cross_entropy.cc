@@ -15,14 +15,15 @@ dlogits may be logits itself: row r is fully read (max, sum) before it is overwr
 
 namespace {
 
-// max and sum of exp(z - max) of one row
+// max and sum of exp(z - max) of one row; the sum is accumulated in double (a sequential fp32 sum
+// over a 50k vocabulary drifts by ~1e-5 relative, more than the CUDA kernel's tree of partial sums)
 void row_stats(const void* logits, int dtype, size_t base, int V, float* max_out, float* sum_out) {
   float m = -INFINITY;
   for (int j = 0; j < V; j++) m = fmaxf(m, xft_cpu::load(logits, dtype, base + j));
-  float sum = 0.f;
+  double sum = 0.0;
   for (int j = 0; j < V; j++) sum += expf(xft_cpu::load(logits, dtype, base + j) - m);
   *max_out = m;
-  *sum_out = sum;
+  *sum_out = (float)sum;
 }
 
 }  // namespace

@@ -288,6 +288,23 @@ inline bool emu_cp_async_eager() {
   return eager;
 }
 
+// AddressSanitizer is told of every stack switch (else it sees one thread jump between stacks)
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
+extern "C" void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+inline const void* g_emu_sched_bottom = nullptr;
+inline size_t g_emu_sched_size = 0;
+inline void emu_to_thread(unsigned t) { __sanitizer_start_switch_fiber(nullptr, g_blk.stacks.data() + (size_t)t * kEmuStack, kEmuStack); }
+inline void emu_in_thread() { __sanitizer_finish_switch_fiber(nullptr, &g_emu_sched_bottom, &g_emu_sched_size); }
+inline void emu_to_scheduler() { __sanitizer_start_switch_fiber(nullptr, g_emu_sched_bottom, g_emu_sched_size); }
+inline void emu_in_scheduler() { __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr); }
+#else
+inline void emu_to_thread(unsigned) {}
+inline void emu_in_thread() {}
+inline void emu_to_scheduler() {}
+inline void emu_in_scheduler() {}
+#endif
+
 inline void emu_set_thread(unsigned t) {
   g_blk.cur = t;
   threadIdx = uint3{t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
@@ -295,7 +312,11 @@ inline void emu_set_thread(unsigned t) {
 inline void emu_wait(int state) {
   EmuThread& t = g_blk.th[g_blk.cur];
   t.state = state;
-  if (_setjmp(t.jb) == 0) _longjmp(g_blk.sched_jb, 1);
+  if (_setjmp(t.jb) == 0) {
+    emu_to_scheduler();
+    _longjmp(g_blk.sched_jb, 1);
+  }
+  emu_in_thread();
 }
 inline void __syncthreads() { emu_wait(EMU_BLOCK); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(EMU_WARP); }
@@ -431,15 +452,17 @@ inline void emu_mma_m16n8k16_bf16(float& d0, float& d1, float& d2, float& d3, ui
   __syncwarp();
 }
 
+// A thread's coroutine runs the kernel once per block: after a block it waits (EMU_DONE) where
+// the next block resumes it, so contexts are made once per launch, not per block.
 inline void emu_trampoline() {
-  g_blk.fn();
-  if (!g_blk.cp_open[g_blk.cur].empty() || !g_blk.cp_groups[g_blk.cur].empty()) {
-    for (auto& g : g_blk.cp_groups[g_blk.cur])  // land them anyway: an exited thread's copies still complete
+  emu_in_thread();
+  for (;;) {
+    g_blk.fn();
+    for (auto& g : g_blk.cp_groups[g_blk.cur])  // an exited thread's copies still land
       for (const EmuCopy& c : g) emu_copy_now(c);
     for (const EmuCopy& c : g_blk.cp_open[g_blk.cur]) emu_copy_now(c);
+    emu_wait(EMU_DONE);
   }
-  g_blk.th[g_blk.cur].state = EMU_DONE;
-  _longjmp(g_blk.sched_jb, 1);
 }
 
 inline std::vector<unsigned> emu_order(unsigned n) {
@@ -457,27 +480,31 @@ inline bool emu_run_block(unsigned b) {
   memset(g_blk.smem.data(), 0xFF, g_blk.smem.size());
   for (unsigned t = 0; t < n; t++) {
     EmuThread& th = g_blk.th[t];
-    getcontext(&th.ctx);
-    th.ctx.uc_stack.ss_sp = g_blk.stacks.data() + (size_t)t * kEmuStack;
-    th.ctx.uc_stack.ss_size = kEmuStack;
-    th.ctx.uc_link = nullptr;
-    makecontext(&th.ctx, emu_trampoline, 0);
+    if (!th.started) {  // first block of the launch, or after a failed block abandoned it
+      getcontext(&th.ctx);
+      th.ctx.uc_stack.ss_sp = g_blk.stacks.data() + (size_t)t * kEmuStack;
+      th.ctx.uc_stack.ss_size = kEmuStack;
+      th.ctx.uc_link = nullptr;
+      makecontext(&th.ctx, emu_trampoline, 0);
+    }
     th.state = EMU_RUN;
-    th.started = false;
     g_blk.cp_open[t].clear();
     g_blk.cp_groups[t].clear();
   }
+  const std::vector<unsigned> order = emu_order(n);
   for (;;) {
-    for (unsigned t : emu_order(n))
+    for (unsigned t : order)
       if (g_blk.th[t].state == EMU_RUN) {
         emu_set_thread(t);
         if (_setjmp(g_blk.sched_jb) == 0) {
+          emu_to_thread(t);
           if (!g_blk.th[t].started) {
             g_blk.th[t].started = true;
             setcontext(&g_blk.th[t].ctx);
           }
           _longjmp(g_blk.th[t].jb, 1);
         }
+        emu_in_scheduler();
       }
     bool all_done = true, released = false;
     for (unsigned t = 0; t < n; t++) all_done = all_done && g_blk.th[t].state == EMU_DONE;
@@ -508,6 +535,7 @@ inline bool emu_run_block(unsigned b) {
       for (unsigned t = 0; t < n && k + 1 < sizeof states; t++) states[k++] = "RWBD"[g_blk.th[t].state];
       states[k] = 0;
       emu_fail(cudaErrorLaunchFailure, "block %u: divergent barrier (R run, W warp barrier, B __syncthreads, D done): %s", b, states);
+      for (unsigned t = 0; t < n; t++) g_blk.th[t].started = false;  // abandoned: remade by the next block
       return false;
     }
   }

@@ -1,0 +1,41 @@
+#!/bin/bash
+# The GPU test files (test/3x and the leak test) against the CUDA backend run by the host
+# emulation (cuda_runtime.h here), on a machine without a GPU. Builds the addon with XFT_EMU=ON
+# into build-emu (and build-emu-asan for 'asan'), then runs tap with it. Modes:
+#   quick    the default order (threads and blocks in index order, cp.async lands at wait_group)
+#   shake    threads and blocks in reverse, then random order, and cp.async landing at issue:
+#            a missing barrier or a read of another thread's unwritten result shows as a failure
+#   asan     AddressSanitizer + alignment checks over global memory (out-of-bounds, use after free)
+# Usage, from the repo root: bash cuda/dev/emu/check.sh [quick|shake|asan] [test files...]
+# Not a substitute for the GPU (no memory model between barriers, no timing); see cuda_runtime.h.
+set -euo pipefail
+MODE=${1:-quick}
+shift || true
+FILES=("$@")
+[ ${#FILES[@]} -gt 0 ] || FILES=(test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/12.leak.ts)
+cd "$(dirname "$0")/../../.."
+
+build() {  # out-dir, extra cmake-js flags
+  XFT_CUDA=OFF npx cmake-js compile --out "$1" --CDXFT_EMU=ON "${@:2}" >"$1.log" 2>&1 || { tail -50 "$1.log"; exit 1; }
+}
+run() {  # addon, env...
+  local addon=$1
+  shift
+  echo "== emulated CUDA backend: $* ${FILES[*]}"
+  env "$@" XFT_ADDON_PATH="$PWD/$addon" npx tap --disable-coverage --timeout 3000 "${FILES[@]}"
+}
+
+case "$MODE" in
+  quick)
+    build build-emu
+    run build-emu/Release/xft.node XFT_EMU_ORDER=forward ;;
+  shake)
+    build build-emu
+    run build-emu/Release/xft.node XFT_EMU_ORDER=reverse XFT_EMU_CP_ASYNC=eager
+    run build-emu/Release/xft.node XFT_EMU_ORDER=random XFT_EMU_SEED=$RANDOM ;;
+  asan)
+    build build-emu-asan --CDXFT_EMU_SANITIZE=ON
+    run build-emu-asan/Release/xft.node LD_PRELOAD="$(gcc -print-file-name=libasan.so)" \
+      ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0:halt_on_error=1 ;;
+  *) echo "usage: $0 [quick|shake|asan] [test files...]" >&2; exit 2 ;;
+esac
