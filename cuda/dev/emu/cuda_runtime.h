@@ -7,7 +7,9 @@
 // Execution: blocks run one after another; every thread of a block is a coroutine on one OS
 // thread (ucontext to start, _setjmp/_longjmp to switch) that runs until it reaches a barrier.
 // A warp barrier (__syncwarp, and every warp-collective: shuffles, ldmatrix, mma) opens when all
-// lanes of the warp wait at one; __syncthreads when every live thread of the block does.
+// lanes of the warp wait at one; __syncthreads when every live thread of the block does. Warps
+// run one at a time up to the next __syncthreads, so a warp reading what another warp writes
+// without a __syncthreads between them reads stale or poisoned data and the results differ.
 // Anything else is a divergent barrier and fails the launch (cudaErrorLaunchFailure).
 //
 // What it checks: launch configuration (block <= 1024 threads, grid limits, dynamic shared
@@ -491,53 +493,54 @@ inline bool emu_run_block(unsigned b) {
     g_blk.cp_open[t].clear();
     g_blk.cp_groups[t].clear();
   }
-  const std::vector<unsigned> order = emu_order(n);
+  // Warp by warp: a warp runs (through its warp barriers) until every lane waits at
+  // __syncthreads or has ended, before the next warp starts; so a warp never sees another warp's
+  // writes that a missing __syncthreads would not order. Lanes within a warp run one after another.
+  const unsigned warps = (n + 31) / 32;
   for (;;) {
-    for (unsigned t : order)
-      if (g_blk.th[t].state == EMU_RUN) {
-        emu_set_thread(t);
-        if (_setjmp(g_blk.sched_jb) == 0) {
-          emu_to_thread(t);
-          if (!g_blk.th[t].started) {
-            g_blk.th[t].started = true;
-            setcontext(&g_blk.th[t].ctx);
+    const std::vector<unsigned> warp_order = emu_order(warps);
+    for (unsigned w : warp_order) {
+      const unsigned w0 = 32 * w, w1 = std::min(n, w0 + 32);
+      const std::vector<unsigned> lane_order = emu_order(w1 - w0);
+      for (;;) {
+        for (unsigned l : lane_order) {
+          const unsigned t = w0 + l;
+          if (g_blk.th[t].state != EMU_RUN) continue;
+          emu_set_thread(t);
+          if (_setjmp(g_blk.sched_jb) == 0) {
+            emu_to_thread(t);
+            if (!g_blk.th[t].started) {
+              g_blk.th[t].started = true;
+              setcontext(&g_blk.th[t].ctx);
+            }
+            _longjmp(g_blk.th[t].jb, 1);
           }
-          _longjmp(g_blk.th[t].jb, 1);
+          emu_in_scheduler();
         }
-        emu_in_scheduler();
+        bool all = true;  // the warp barrier opens when every lane of the warp waits at one
+        for (unsigned t = w0; t < w1; t++) all = all && g_blk.th[t].state == EMU_WARP;
+        if (!all) break;
+        for (unsigned t = w0; t < w1; t++) g_blk.th[t].state = EMU_RUN;
       }
-    bool all_done = true, released = false;
-    for (unsigned t = 0; t < n; t++) all_done = all_done && g_blk.th[t].state == EMU_DONE;
+    }
+    bool all_done = true, all_block = true;
+    for (unsigned t = 0; t < n; t++) {
+      all_done = all_done && g_blk.th[t].state == EMU_DONE;
+      all_block = all_block && (g_blk.th[t].state == EMU_BLOCK || g_blk.th[t].state == EMU_DONE);
+    }
     if (all_done) return true;
-    for (unsigned w0 = 0; w0 < n; w0 += 32) {
-      bool all = true;
-      for (unsigned t = w0; t < std::min(n, w0 + 32); t++) all = all && g_blk.th[t].state == EMU_WARP;
-      if (all) {
-        for (unsigned t = w0; t < std::min(n, w0 + 32); t++) g_blk.th[t].state = EMU_RUN;
-        released = true;
-      }
+    if (all_block) {  // __syncthreads opens when every live thread waits at it
+      for (unsigned t = 0; t < n; t++)
+        if (g_blk.th[t].state == EMU_BLOCK) g_blk.th[t].state = EMU_RUN;
+      continue;
     }
-    if (!released) {
-      bool all = true, any = false;
-      for (unsigned t = 0; t < n; t++) {
-        all = all && (g_blk.th[t].state == EMU_BLOCK || g_blk.th[t].state == EMU_DONE);
-        any = any || g_blk.th[t].state == EMU_BLOCK;
-      }
-      if (all && any) {
-        for (unsigned t = 0; t < n; t++)
-          if (g_blk.th[t].state == EMU_BLOCK) g_blk.th[t].state = EMU_RUN;
-        released = true;
-      }
-    }
-    if (!released) {
-      char states[1100];
-      unsigned k = 0;
-      for (unsigned t = 0; t < n && k + 1 < sizeof states; t++) states[k++] = "RWBD"[g_blk.th[t].state];
-      states[k] = 0;
-      emu_fail(cudaErrorLaunchFailure, "block %u: divergent barrier (R run, W warp barrier, B __syncthreads, D done): %s", b, states);
-      for (unsigned t = 0; t < n; t++) g_blk.th[t].started = false;  // abandoned: remade by the next block
-      return false;
-    }
+    char states[1100];
+    unsigned k = 0;
+    for (unsigned t = 0; t < n && k + 1 < sizeof states; t++) states[k++] = "RWBD"[g_blk.th[t].state];
+    states[k] = 0;
+    emu_fail(cudaErrorLaunchFailure, "block %u: divergent barrier (R run, W warp barrier, B __syncthreads, D done): %s", b, states);
+    for (unsigned t = 0; t < n; t++) g_blk.th[t].started = false;  // abandoned: remade by the next block
+    return false;
   }
 }
 
