@@ -24,6 +24,8 @@
 #include <stdarg.h>
 #include <math.h>
 #include <setjmp.h>
+#include <signal.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -544,7 +546,27 @@ inline bool emu_run_block(unsigned b) {
   }
 }
 
+// A kernel that never returns hangs a GPU too; here a launch running longer than
+// XFT_EMU_LAUNCH_TIMEOUT seconds (default 600) ends the process with its name, instead of a silent hang.
+inline const char* g_emu_running = "";
+inline void emu_watchdog(int) {
+  const char* a = "xft emu: launch of ";
+  const char* b = " ran past XFT_EMU_LAUNCH_TIMEOUT (a kernel that does not end?)\n";
+  if (write(2, a, strlen(a)) < 0 || write(2, g_emu_running, strlen(g_emu_running)) < 0 || write(2, b, strlen(b)) < 0) {}
+  _exit(124);
+}
+struct EmuWatchdog {
+  EmuWatchdog(const char* name) {
+    static const unsigned seconds = getenv("XFT_EMU_LAUNCH_TIMEOUT") ? atoi(getenv("XFT_EMU_LAUNCH_TIMEOUT")) : 600;
+    g_emu_running = name;
+    signal(SIGALRM, emu_watchdog);
+    alarm(seconds);
+  }
+  ~EmuWatchdog() { alarm(0); }
+};
+
 inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, const char* name, std::function<void()> fn) {
+  EmuWatchdog watchdog(name);
   const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
       grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
