@@ -14,8 +14,9 @@ const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-cli-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const at = (name: string) => path.join(tmp, name);
 const CLI = path.join(__dirname, '..', 'lib', 'cli.ts');
-// the child runs the TypeScript CLI through the same loader as this test, on the CPU
-const env = { ...process.env, XFT_DEVICE: 'cpu' };
+// the child runs the TypeScript CLI through the same loader as this test, on the CPU unless
+// XFT_TEST_CLI_DEVICE=auto (then the CLI's own default: the GPU, in bf16, when there is one)
+const env = process.env.XFT_TEST_CLI_DEVICE === 'auto' ? { ...process.env } : { ...process.env, XFT_DEVICE: 'cpu' };
 
 function xft(...args: string[]) {
   const r = spawnSync(process.execPath, [...process.execArgv, CLI, ...args], { cwd: tmp, env, encoding: 'utf8' });
