@@ -16,7 +16,7 @@ FILES=("$@")
 cd "$(dirname "$0")/../../.."
 
 build() {  # out-dir, extra cmake-js flags
-  XFT_CUDA=OFF npx cmake-js compile --out "$1" --CDXFT_EMU=ON "${@:2}" >"$1.log" 2>&1 || { tail -50 "$1.log"; exit 1; }
+  npx cmake-js compile --out "$1" --CDXFT_EMU=ON "${@:2}" >"$1.log" 2>&1 || { tail -50 "$1.log"; exit 1; }
 }
 run() {  # addon, env...
   local addon=$1

@@ -1,7 +1,7 @@
 # CUDA source -> host C++ for the emulator (cuda_runtime.h beside this file).
 #   kernel<<<grid, block, smem, stream>>>(args)  -> emu_launch(grid, block, smem, &kernel, "kernel", [&] { kernel(args); })
 #   asm("ptx" : outs : ins)                      -> emu_<instruction>(outs..., ins...)
-#   __shared__ T a[n], b[m];                     -> static T a[n], b[m]; emu_shared(a, sizeof a); ...
+#   __shared__ T a[n], b[m];                     -> static T a[n], b[m]; EMU_SHARED(a); EMU_SHARED(b);
 #   extern __shared__ T s[];                     -> T* s = (T*)emu_dynamic_smem();
 # Usage: python3 convert.py in.cu [out.cc]
 import re, sys
@@ -41,17 +41,20 @@ PTX = {
     'cp.async.cg.shared.global': 'emu_cp_async_cg_16',
     'cp.async.commit_group': 'emu_cp_async_commit',
     'cp.async.wait_group': 'emu_cp_async_wait',
-    'ldmatrix.sync.aligned.m8n8.x4.shared.b16': 'emu_ldmatrix_x4(false, ',
-    'ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16': 'emu_ldmatrix_x4(true, ',
+    'ldmatrix.sync.aligned.m8n8.x4.shared.b16': 'emu_ldmatrix_x4',
+    'ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16': 'emu_ldmatrix_x4_trans',
     'mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32': 'emu_mma_m16n8k16_bf16',
     'rcp.approx.ftz.f32': 'emu_rcp_approx',
 }
 
 
+ASM = re.compile(r'\basm\s*(?:volatile\s*)?\(')
+
+
 def convert_asm(s):
     out, i = [], 0
     while True:
-        m = re.compile(r'\basm\s*(?:volatile\s*)?\(').search(s, i)
+        m = ASM.search(s, i)
         if not m: out.append(s[i:]); break
         a = m.end() - 1
         e = balanced(s, a)
@@ -66,10 +69,8 @@ def convert_asm(s):
                 if not op: continue
                 mm = re.match(r'"[^"]*"\s*\((.*)\)$', op, re.S)
                 ops.append(mm.group(1).strip())
-        fn = PTX[instr]
-        call = fn + ', '.join(ops) + ')' if fn.endswith(', ') else '%s(%s)' % (fn, ', '.join(ops))
         out.append(s[i:m.start()])
-        out.append(call)
+        out.append('%s(%s)' % (PTX[instr], ', '.join(ops)))
         i = e + 1
     return ''.join(out)
 
@@ -85,7 +86,7 @@ def shared(m):
     decl = m.group(1)
     first = re.search(r'\b(\w+)\s*\[', decl)
     names = re.findall(r'\b(\w+)\s*(?:\[[^\]]*\])+', decl[first.start():])
-    return 'static %s; %s' % (decl, ' '.join('emu_shared(%s, sizeof(%s));' % (n, n) for n in names))
+    return 'static %s; %s' % (decl, ' '.join('EMU_SHARED(%s);' % n for n in names))
 
 
 src = re.sub(r'(?<![\w#])__shared__\s+([^;(]+\[[^;]*);', shared, src)

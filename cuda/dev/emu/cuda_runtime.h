@@ -106,12 +106,10 @@ inline void emu_rcp_approx(float& out, float in) { out = 1.0f / in; }
 // ---- errors ----
 struct EmuState {
   int pending = cudaSuccess;             // returned (and cleared) by cudaGetLastError, returned by syncs
-  long long errors = 0;                   // every failure so far (the standalone tests print it)
   std::map<const void*, int> max_dynamic_smem;
   std::map<const char*, size_t> live;     // device allocations: start -> bytes
   size_t used = 0, reserved = 0;
-  unsigned long long block_serial = 0;
-  std::map<const void*, unsigned long long> shared_seen;
+  unsigned long long block_serial = 0;     // which block runs: __shared__ arrays are poisoned once per block
 };
 inline EmuState g_emu;
 inline void emu_fail(int err, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -122,7 +120,6 @@ inline void emu_fail(int err, const char* fmt, ...) {
   vfprintf(stderr, fmt, ap);
   fprintf(stderr, "\n");
   va_end(ap);
-  g_emu.errors++;
   if (g_emu.pending == cudaSuccess) g_emu.pending = err;
   if (getenv("XFT_EMU_ABORT")) abort();
 }
@@ -263,13 +260,11 @@ struct EmuBlock {
   std::vector<char> stacks;
   jmp_buf sched_jb;
   unsigned cur = 0, n = 0;
-  uint64_t slot[1024][8];                       // per-thread exchange for warp collectives
+  uint64_t slot[1024][6];                       // per-thread exchange for warp collectives
   std::function<void()> fn;
   std::vector<unsigned char> smem;             // dynamic shared memory (the shared window of cvta)
-  size_t smem_bytes = 0;
   std::vector<std::vector<EmuCopy>> cp_open;   // per thread: cp.async not yet committed
   std::vector<std::vector<std::vector<EmuCopy>>> cp_groups;  // per thread: committed groups, oldest first
-  bool failed = false;
 };
 inline EmuBlock g_blk;
 inline uint3 threadIdx, blockIdx;
@@ -356,18 +351,23 @@ template <class T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int w = 
 }
 
 // __shared__ arrays (rewritten by convert.py): poisoned by the first thread of each block that
-// reaches the declaration (no thread of the block can have written them before that)
-inline void emu_shared(void* p, size_t bytes) {
-  unsigned long long& seen = g_emu.shared_seen[p];
+// reaches the declaration (no thread of the block can have written them before that); `seen` is
+// the declaration site's own static, like the array
+inline void emu_shared(void* p, size_t bytes, unsigned long long& seen) {
   if (seen != g_emu.block_serial) {
     memset(p, 0xFF, bytes);
     seen = g_emu.block_serial;
   }
 }
+#define EMU_SHARED(a)                          \
+  do {                                         \
+    static unsigned long long emu_seen_ = 0;   \
+    emu_shared(a, sizeof(a), emu_seen_);       \
+  } while (0)
 inline void* emu_dynamic_smem() { return g_blk.smem.data(); }
 inline size_t __cvta_generic_to_shared(const void* p) {
   const unsigned char* b = g_blk.smem.data();
-  if ((const unsigned char*)p < b || (const unsigned char*)p > b + g_blk.smem_bytes) {
+  if ((const unsigned char*)p < b || (const unsigned char*)p > b + g_blk.smem.size()) {
     emu_fail(cudaErrorIllegalAddress, "__cvta_generic_to_shared of a pointer outside dynamic shared memory");
     return 0;
   }
@@ -375,8 +375,8 @@ inline size_t __cvta_generic_to_shared(const void* p) {
 }
 inline unsigned char* emu_shared_at(uint32_t addr, unsigned bytes, unsigned align, const char* what) {
   if (addr % align) emu_fail(cudaErrorMisalignedAddress, "%s: shared address %u is not %u-byte aligned", what, addr, align);
-  if ((size_t)addr + bytes > g_blk.smem_bytes) {
-    emu_fail(cudaErrorIllegalAddress, "%s: shared [%u, +%u) past the %zu bytes of shared memory", what, addr, bytes, g_blk.smem_bytes);
+  if ((size_t)addr + bytes > g_blk.smem.size()) {
+    emu_fail(cudaErrorIllegalAddress, "%s: shared [%u, +%u) past the %zu bytes of shared memory", what, addr, bytes, g_blk.smem.size());
     return nullptr;
   }
   return g_blk.smem.data() + addr;
@@ -413,7 +413,7 @@ inline void emu_cp_async_wait(int n) {
 // ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane l gives the address of row l % 8 of
 // matrix l / 8 (8 b16, 16-byte aligned); lane t gets, of matrix q, elements (t/4, 2(t%4) + {0,1})
 // (or, .trans, elements (2(t%4) + {0,1}, t/4)) packed low half first.
-inline void emu_ldmatrix_x4(bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+inline void emu_ldmatrix(bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
   const unsigned me = emu_tid(), base = me & ~31u, lane = me % 32;
   g_blk.slot[me][0] = addr;
   __syncwarp();
@@ -429,6 +429,12 @@ inline void emu_ldmatrix_x4(bool trans, uint32_t& r0, uint32_t& r1, uint32_t& r2
     *r[q] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
   }
   __syncwarp();
+}
+inline void emu_ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  emu_ldmatrix(false, r0, r1, r2, r3, addr);
+}
+inline void emu_ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  emu_ldmatrix(true, r0, r1, r2, r3, addr);
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D (16x8) += A (16x16) B (16x8), lane
@@ -469,9 +475,10 @@ inline void emu_trampoline() {
   }
 }
 
-inline std::vector<unsigned> emu_order(unsigned n) {
-  std::vector<unsigned> o(n);
-  for (unsigned i = 0; i < n; i++) o[i] = i;
+// 0..n-1 in the XFT_EMU_ORDER order
+template <class T> inline std::vector<T> emu_order(T n) {
+  std::vector<T> o(n);
+  for (T i = 0; i < n; i++) o[i] = i;
   if (emu_order_mode() == 1) std::reverse(o.begin(), o.end());
   if (emu_order_mode() == 2) std::shuffle(o.begin(), o.end(), emu_rng());
   return o;
@@ -498,15 +505,14 @@ inline bool emu_run_block(unsigned b) {
   // Warp by warp: a warp runs (through its warp barriers) until every lane waits at
   // __syncthreads or has ended, before the next warp starts; so a warp never sees another warp's
   // writes that a missing __syncthreads would not order. Lanes within a warp run one after another.
-  const unsigned warps = (n + 31) / 32;
+  const std::vector<unsigned> warp_order = emu_order((n + 31) / 32), lane_order = emu_order(32u);
   for (;;) {
-    const std::vector<unsigned> warp_order = emu_order(warps);
     for (unsigned w : warp_order) {
       const unsigned w0 = 32 * w, w1 = std::min(n, w0 + 32);
-      const std::vector<unsigned> lane_order = emu_order(w1 - w0);
       for (;;) {
         for (unsigned l : lane_order) {
           const unsigned t = w0 + l;
+          if (t >= w1) continue;
           if (g_blk.th[t].state != EMU_RUN) continue;
           emu_set_thread(t);
           if (_setjmp(g_blk.sched_jb) == 0) {
@@ -587,18 +593,11 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, c
   g_blk.th.assign(n, EmuThread{});
   g_blk.cp_open.assign(n, {});
   g_blk.cp_groups.assign(n, {});
-  g_blk.smem_bytes = smem;
-  g_blk.smem.assign(smem, 0xFF);
+  g_blk.smem.resize(smem);  // poisoned by each block
   if (g_blk.stacks.size() < n * kEmuStack) g_blk.stacks.resize(n * kEmuStack);
   const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
-  std::vector<unsigned long long> order;
-  const int mode = emu_order_mode();
-  if (mode != 0 && blocks <= (1u << 20)) {
-    order.resize(blocks);
-    for (unsigned long long i = 0; i < blocks; i++) order[i] = i;
-    if (mode == 1) std::reverse(order.begin(), order.end());
-    else std::shuffle(order.begin(), order.end(), emu_rng());
-  }
+  const std::vector<unsigned long long> order = emu_order_mode() != 0 && blocks <= (1u << 20) ? emu_order(blocks)
+                                                                                               : std::vector<unsigned long long>();
   for (unsigned long long i = 0; i < blocks; i++) {
     const unsigned long long b = order.empty() ? i : order[i];
     blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)((b / grid.x) % grid.y), (unsigned)(b / ((unsigned long long)grid.x * grid.y))};
