@@ -24,6 +24,7 @@ import { Tensor, type Device, formatShape, numelOf } from './tensor';
 import { type LlamaConfig, type MoeConfig, hfConfigJson, llamaConfig, moeConfig, readConfigJson } from './config';
 import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
 import { type FileDType, SafetensorsReader, type WriteEntry, bytesToF32, dtypeBytes, f32ToBytes, writeFileAtomic, writeFolderAtomic, writeShards } from './safetensors';
+import { checkOutputFolder, recoverFolder } from './folder';
 import { type UpcycleOptions, routerInit, routerTensors, upcycleMoeConfig } from './xft';
 
 export type CheckpointKind = 'dense' | 'moe' | 'merged';
@@ -98,6 +99,7 @@ export function configJson(kind: CheckpointKind, config: LlamaConfig, moe: MoeCo
 
 /** Reads config.json of a checkpoint folder and tells its kind. */
 export function readCheckpointInfo(dir: string): CheckpointInfo {
+  recoverFolder(dir);
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new XftError(`${dir}: not a checkpoint folder (no such folder)`, 'XFT_IO');
   const file = path.join(dir, 'config.json');
   if (!fs.existsSync(file)) throw new XftError(`${dir}: not a checkpoint folder (no config.json)`, 'XFT_IO');
@@ -211,7 +213,7 @@ export function loadModel(dir: string, options: LoadOptions = {}): Model {
   const made: Param[] = [];
   try {
     const param = (name: string, train = trainable) => {
-      const p = new Param(name, r.read(name, { device, dtype: name.endsWith('.average_weights') ? 'f32' : dtype }), train);
+      const p = new Param(name, r.read(name, { device, dtype: name.endsWith('.average_weights') ? 'f32' : dtype, finite: true }), train);
       made.push(p);
       return p;
     };
@@ -221,7 +223,7 @@ export function loadModel(dir: string, options: LoadOptions = {}): Model {
       const p = new Param(`${layer(i)}.mlp.calculator.experts.weight_${g}`, s, info.kind === 'moe');
       made.push(p);
       for (let e = 0; e < E; e++) {
-        const t = r.read(expertName(i, g, e), { device, dtype });
+        const t = r.read(expertName(i, g, e), { device, dtype, finite: true });
         s.narrow(e, 1).copy_(t);
         t.dispose();
       }
@@ -278,13 +280,7 @@ function targetDtype(config: LlamaConfig, dtype?: SaveDtype, modelDtype = 'f32')
   return FILE_DTYPE[FROM_TORCH[config.torch_dtype ?? 'float32'] ?? 'f32'];
 }
 
-/** An output folder must not exist, or be empty, unless `overwrite` (XFT_IO otherwise). */
-export function checkOutputFolder(dir: string, overwrite?: boolean): void {
-  if (fs.existsSync(dir) && !overwrite) {
-    if (!fs.statSync(dir).isDirectory()) throw new XftError(`${dir} exists and is not a folder`, 'XFT_IO');
-    if (fs.readdirSync(dir).length > 0) throw new XftError(`${dir} exists and is not empty (pass overwrite / --overwrite to replace it)`, 'XFT_IO');
-  }
-}
+export { checkOutputFolder };
 
 function copySideFiles(from: string | undefined, to: string): void {
   if (!from) return;
@@ -296,13 +292,13 @@ function copySideFiles(from: string | undefined, to: string): void {
  * config.json, the tokenizer files of `copyFrom`, and `files` (name -> content).
  */
 function writeCheckpoint(dir: string, entries: WriteEntry[], config: Record<string, unknown>,
-  options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string> }): void {
+  options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string>; overwrite?: boolean }): void {
   writeFolderAtomic(dir, (tmp) => {
     writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
     writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(config, null, 2) + '\n');
     copySideFiles(options.copyFrom, tmp);
     for (const [name, content] of Object.entries(options.files ?? {})) writeFileAtomic(path.join(tmp, name), content);
-  });
+  }, { overwrite: options.overwrite ?? false });
 }
 
 /** Writes `model` as a checkpoint folder of its kind (dense / moe / merge), atomically. */

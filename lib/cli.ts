@@ -4,9 +4,11 @@
  *
  * Exit codes (for scripts):
  *   0    success
- *   1    runtime failure (I/O, CUDA, out of memory, an internal error)
+ *   1    runtime failure (I/O, CUDA, out of memory, training diverged (a non-finite loss or gradient
+ *        norm), the output folder claimed by another running xft, an internal error)
  *   2    usage error (unknown command or option, an option value out of range)
- *   3    unusable input (a checkpoint, config.json or data file that is malformed or does not fit)
+ *   3    unusable input (a checkpoint, config.json or data file that is malformed or does not fit,
+ *        or a checkpoint holding NaN or ±Inf weights)
  *   130  interrupted (Ctrl-C); `xft train` first saves a resumable state
  */
 import { Command, InvalidArgumentError, CommanderError, Option } from 'commander';
@@ -17,6 +19,7 @@ import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
+import { lockFolder, type FolderLock } from './folder';
 import { checkOutputFolder, loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
 import { mergeable, countParameters } from './xft';
 import { generate } from './generate';
@@ -171,7 +174,10 @@ Pipeline (Hugging Face checkpoint folders throughout):
   xft eval final/ --data heldout.jsonl
   xft generate final/ "Write a function that reverses a string."
 
-Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted (Ctrl-C).`);
+Exit codes: 0 success, 1 runtime failure (also: training diverged, output folder in use), 2 usage error, 3 unusable input, 130 interrupted (Ctrl-C).
+
+Output folders are claimed while written (a lock file .<name>.lock beside them, with the owner's pid):
+a second xft writing the same folder fails at once; a lock left by a process that no longer runs is taken over.`);
 
 program
   .command('info')
@@ -251,6 +257,7 @@ program
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
   .option('--eval-every <steps>', 'evaluate on the held-out examples every N steps (needs --held-out)', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
+  .option('--skip-nonfinite <n>', 'skip up to N steps whose loss or gradient norm is NaN/Inf (no update) before stopping with exit 1 (default 0: stop at the first)', int(0), 0)
   .addOption(deviceOption())
   .addOption(precisionOption())
   .addOption(dtypeOption())
@@ -261,11 +268,22 @@ program
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
   warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
-  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean;
+  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number;
 }
 
 async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
   const resumeDir = `${cli.out.replace(/[/\\]+$/, '')}.resume`;
+  // claim <out> and <out>.resume for the whole run: a second run with this --out fails now, not after training
+  const claims: FolderLock[] = [];
+  try {
+    claims.push(lockFolder(cli.out), lockFolder(resumeDir));
+    await trainRun(modelDir, cli, resumeDir);
+  } finally {
+    claims.forEach((c) => c.release());
+  }
+}
+
+async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: string): Promise<void> {
   let o = cli;
   const saved = cli.resume ? readTrainStateInfo(resumeDir) : null;
   if (saved) {
@@ -318,9 +336,11 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   process.once('SIGINT', onSigint);
   const b = bar(' train |{bar}| {value}/{total} steps | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_formatted}');
   b.start(total, state.step, { loss: '-', lr: '-', tps: '-' });
+  let savedStep = saved?.step ?? null;
   const r = await trainAsync(model, rows, {
     lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: o.clip, seed: o.seed,
-    resume: state, signal: stop.signal,
+    resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0,
+    onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {
       losses.push(s.loss);
       b.update(s.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSecond) });
@@ -331,12 +351,20 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
       }
       if (o.saveEvery && s.step % o.saveEvery === 0 && s.step < s.steps) {
         saveTrainState(resumeDir, model, state, runArgs());
+        savedStep = s.step;
         console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
       }
     },
+  }).catch((err: unknown) => {
+    if ((err as XftError).code === 'XFT_NONFINITE') {
+      const kept = savedStep !== null ? `; the last good state (step ${savedStep}) stays in ${resumeDir}` : '';
+      (err as Error).message += `. Nothing was written${kept}${fs.existsSync(o.out) ? `; ${o.out} is unchanged` : ''}`;
+    }
+    throw err;
+  }).finally(() => {
+    b.stop();
+    process.removeListener('SIGINT', onSigint);
   });
-  b.stop();
-  process.removeListener('SIGINT', onSigint);
   if (r.interrupted) {
     saveTrainState(resumeDir, model, r.state, runArgs());
     console.error(`xft: saved the state at step ${r.state.step}/${total} in ${resumeDir}; continue with: xft train ${modelDir} --out ${o.out} --resume`);
@@ -416,6 +444,8 @@ program
       },
     });
     if (!o.json) b.stop();
+    if (!Number.isFinite(r.loss))
+      throw new XftError(`${modelDir}: the loss is ${r.loss}: the model's weights overflow in the forward pass (the checkpoint is unusable)`, 'XFT_FORMAT');
     const result = { model: modelDir, kind: model.kind, precision: model.dtype, loss: r.loss, accuracy: r.accuracy, tokens: r.tokens, sequences: rows.length };
     if (o.json) console.log(JSON.stringify(result, null, 2));
     else console.log(`${modelDir} (${model.kind}): loss ${r.loss.toFixed(4)}, token accuracy ${(r.accuracy * 100).toFixed(2)}% over ${r.tokens} response tokens`);

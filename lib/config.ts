@@ -3,7 +3,7 @@
  * of the XFT reference (num_experts, num_selects, gate type) for upcycled models.
  */
 import * as fs from 'node:fs';
-import { XftError } from './errors';
+import { XftError, describe } from './errors';
 
 export interface LlamaConfig {
   hidden_size: number;
@@ -130,12 +130,18 @@ export function hfConfigJson(c: LlamaConfig, extra: Record<string, unknown> = {}
   };
 }
 
+/** config.json as an object; a file that is not a JSON object is XFT_FORMAT naming the file (a missing one XFT_IO). */
 export function readConfigJson(file: string): Record<string, unknown> {
+  let raw: unknown;
   try {
-    return JSON.parse(fs.readFileSync(file, 'utf8'));
+    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
   } catch (err) {
-    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, (err as NodeJS.ErrnoException).code === 'ENOENT' ? 'XFT_IO' : 'XFT_FORMAT');
+    const code = (err as NodeJS.ErrnoException).code;
+    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, code === 'ENOENT' || code === 'EACCES' ? 'XFT_IO' : 'XFT_FORMAT');
   }
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
+    throw new XftError(`${file}: expected a JSON object of model settings but received ${describe(raw)}`, 'XFT_FORMAT');
+  return raw as Record<string, unknown>;
 }
 
 /** A tiny config for tests and the demo. */

@@ -10,6 +10,8 @@ export type XftErrorCode =
   | 'XFT_CUDA' // a CUDA call or kernel failed
   | 'XFT_IO' // a file could not be read or written
   | 'XFT_FORMAT' // a file or record is malformed
+  | 'XFT_NONFINITE' // a loss, gradient or tensor to be written is NaN or infinite (training diverged)
+  | 'XFT_BUSY' // another writer holds the output folder (or another run trains the model)
   | 'XFT_NATIVE'; // the native addon could not be loaded
 
 /** The one error class of xft: `code` says what went wrong, the message names the argument. */

@@ -1,14 +1,19 @@
 /**
  * safetensors, read and written tensor by tensor (peak memory: one tensor), single files and
  * Hugging Face shards (`model.safetensors.index.json`). Writes are atomic: a file (or a whole
- * checkpoint folder) is written under a temporary name and renamed into place when complete.
+ * checkpoint folder, lib/folder.ts) is written under a temporary name and renamed into place when
+ * complete; a float tensor holding NaN or ±Inf is never written. Headers are checked as the format
+ * requires (known dtypes, offsets that hold their shape, inside the file, no overlaps).
  * Format: u64 little-endian header length N, N bytes of JSON
  * `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the data.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { XftError } from './errors';
+import { XftError, describe } from './errors';
 import { Tensor, type DType, type Device, formatShape, numelOf } from './tensor';
+import { recoverFolder, temporaryName as tempName, writeFileAtomic } from './folder';
+
+export { writeFileAtomic, writeFolderAtomic } from './folder';
 
 export type FileDType = 'F32' | 'BF16' | 'F16' | 'I32' | 'I64' | 'F64' | 'U8' | 'I8' | 'BOOL' | 'I16' | 'U16';
 const FILE_DTYPE_BYTES: Record<FileDType, number> = { F64: 8, I64: 8, F32: 4, I32: 4, BF16: 2, F16: 2, I16: 2, U16: 2, U8: 1, I8: 1, BOOL: 1 };
@@ -28,49 +33,109 @@ export interface TensorInfo {
 
 const MAX_HEADER = 100 * 2 ** 20;
 
-/** Reads the header of one safetensors file. */
+const isObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+const isCount = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
+
+/**
+ * Reads the header of one safetensors file and checks what the format requires: a JSON object of
+ * entries with a known dtype, a shape of non-negative integers and data offsets [begin, end] that
+ * hold exactly the shape's bytes, inside the file, with no two tensors overlapping.
+ */
 export function readHeader(file: string): { tensors: TensorInfo[]; metadata: Record<string, string> } {
   let fd: number;
   try {
     fd = fs.openSync(file, 'r');
   } catch (err) {
-    throw new XftError(`cannot open ${file}: ${(err as Error).message}`, 'XFT_IO');
+    const code = (err as NodeJS.ErrnoException).code;
+    throw new XftError(`cannot open ${file}: ${(err as Error).message}`, code === 'EISDIR' ? 'XFT_FORMAT' : 'XFT_IO');
   }
   try {
-    const size = fs.fstatSync(fd).size;
+    const stat = fs.fstatSync(fd);
+    if (!stat.isFile()) throw new XftError(`${file}: not a safetensors file (${stat.isDirectory() ? 'a folder' : 'not a regular file'})`, 'XFT_FORMAT');
+    const size = stat.size;
     const lenBuf = Buffer.alloc(8);
     if (size < 8 || fs.readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new XftError(`${file}: not a safetensors file (shorter than 8 bytes)`, 'XFT_FORMAT');
     const n = Number(lenBuf.readBigUInt64LE(0));
     if (n > MAX_HEADER || 8 + n > size) throw new XftError(`${file}: not a safetensors file (header length ${n} does not fit in ${size} bytes)`, 'XFT_FORMAT');
     const hb = Buffer.alloc(n);
-    fs.readSync(fd, hb, 0, n, 8);
-    let header: Record<string, unknown>;
+    if (fs.readSync(fd, hb, 0, n, 8) !== n) throw new XftError(`${file}: the safetensors header is truncated`, 'XFT_FORMAT');
+    let header: unknown;
     try {
       header = JSON.parse(hb.toString('utf8'));
     } catch (err) {
       throw new XftError(`${file}: the safetensors header is not valid JSON (${(err as Error).message})`, 'XFT_FORMAT');
     }
+    if (!isObject(header)) throw new XftError(`${file}: the safetensors header is ${describe(header)}, expected a JSON object of tensors`, 'XFT_FORMAT');
     const base = 8 + n;
     const tensors: TensorInfo[] = [];
     let metadata: Record<string, string> = {};
+    const bad = (name: string, v: unknown, why: string) =>
+      new XftError(`${file}: tensor ${JSON.stringify(name)} has a malformed header entry ${JSON.stringify(v)?.slice(0, 200)} (${why})`, 'XFT_FORMAT');
     for (const [name, v] of Object.entries(header)) {
       if (name === '__metadata__') {
+        if (v !== null && !isObject(v)) throw new XftError(`${file}: __metadata__ is ${describe(v)}, expected an object of strings`, 'XFT_FORMAT');
         metadata = (v ?? {}) as Record<string, string>;
         continue;
       }
-      const e = v as { dtype?: string; shape?: number[]; data_offsets?: [number, number] };
-      if (!e || typeof e.dtype !== 'string' || !(e.dtype in FILE_DTYPE_BYTES) || !Array.isArray(e.shape) || !Array.isArray(e.data_offsets))
-        throw new XftError(`${file}: tensor ${name} has a malformed header entry ${JSON.stringify(v)}`, 'XFT_FORMAT');
-      const [b, end] = e.data_offsets;
-      const bytes = numelOf(e.shape) * FILE_DTYPE_BYTES[e.dtype as FileDType];
-      if (end - b !== bytes || base + end > size || b < 0)
-        throw new XftError(`${file}: tensor ${name} (${e.dtype}${formatShape(e.shape)}) has data offsets [${b}, ${end}] that do not fit`, 'XFT_FORMAT');
-      tensors.push({ name, dtype: e.dtype as FileDType, shape: e.shape, offset: base + b, bytes, file });
+      if (!isObject(v)) throw bad(name, v, 'not an object');
+      const { dtype, shape, data_offsets: offsets } = v;
+      if (typeof dtype !== 'string' || !(dtype in FILE_DTYPE_BYTES)) throw bad(name, v, `unknown dtype; expected one of ${Object.keys(FILE_DTYPE_BYTES).join(', ')}`);
+      if (!Array.isArray(shape) || !shape.every(isCount)) throw bad(name, v, 'shape is not a list of non-negative integers');
+      if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every(isCount) || offsets[0] > offsets[1])
+        throw bad(name, v, 'data_offsets is not [begin, end] with 0 <= begin <= end');
+      const [b, end] = offsets as [number, number];
+      const bytes = numelOf(shape) * FILE_DTYPE_BYTES[dtype as FileDType];
+      if (end - b !== bytes)
+        throw new XftError(`${file}: tensor ${name} (${dtype}${formatShape(shape)}, ${bytes} bytes) has data offsets [${b}, ${end}] of ${end - b} bytes`, 'XFT_FORMAT');
+      if (base + end > size)
+        throw new XftError(`${file}: tensor ${name} has data offsets [${b}, ${end}] past the end of the file (${size - base} bytes of data)`, 'XFT_FORMAT');
+      tensors.push({ name, dtype: dtype as FileDType, shape: shape as number[], offset: base + b, bytes, file });
+    }
+    const sorted = [...tensors].sort((x, y) => x.offset - y.offset || x.bytes - y.bytes);
+    for (let i = 1; i < sorted.length; i++) {
+      const prev = sorted[i - 1], cur = sorted[i];
+      if (cur.bytes > 0 && prev.bytes > 0 && cur.offset < prev.offset + prev.bytes)
+        throw new XftError(`${file}: tensors ${prev.name} and ${cur.name} overlap in data_offsets (the format forbids it)`, 'XFT_FORMAT');
     }
     return { tensors, metadata };
+  } catch (err) {
+    if (err instanceof XftError) throw err;
+    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, 'XFT_IO');
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/**
+ * Index of the first NaN or ±Inf element in `raw`, bytes of file dtype `dtype` (-1: none; always
+ * -1 for integer dtypes). Reads the exponent bits only, so it costs about one pass over the bytes.
+ */
+export function firstNonFinite(raw: Uint8Array, dtype: FileDType): number {
+  const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+  if (dtype === 'F32') {
+    const n = raw.byteLength >> 2;
+    if (raw.byteOffset % 4 === 0) {
+      const u = new Uint32Array(raw.buffer, raw.byteOffset, n);
+      for (let i = 0; i < n; i++) if ((u[i] & 0x7f800000) === 0x7f800000) return i;
+      return -1;
+    }
+    for (let i = 0; i < n; i++) if ((dv.getUint32(i * 4, true) & 0x7f800000) === 0x7f800000) return i;
+    return -1;
+  }
+  if (dtype === 'BF16' || dtype === 'F16') {
+    const mask = dtype === 'BF16' ? 0x7f80 : 0x7c00, n = raw.byteLength >> 1;
+    if (raw.byteOffset % 2 === 0) {
+      const u = new Uint16Array(raw.buffer, raw.byteOffset, n);
+      for (let i = 0; i < n; i++) if ((u[i] & mask) === mask) return i;
+      return -1;
+    }
+    for (let i = 0; i < n; i++) if ((dv.getUint16(i * 2, true) & mask) === mask) return i;
+    return -1;
+  }
+  if (dtype === 'F64') {
+    for (let i = 0; i < raw.byteLength >> 3; i++) if (!Number.isFinite(dv.getFloat64(i * 8, true))) return i;
+  }
+  return -1;
 }
 
 // ---- host dtype conversion ----
@@ -179,6 +244,7 @@ export class SafetensorsReader {
   /** `source`: a .safetensors file, a model.safetensors.index.json, or a folder holding either. */
   constructor(readonly source: string) {
     let file = source;
+    recoverFolder(source);
     if (fs.existsSync(source) && fs.statSync(source).isDirectory()) {
       const index = path.join(source, 'model.safetensors.index.json');
       const single = path.join(source, 'model.safetensors');
@@ -187,17 +253,23 @@ export class SafetensorsReader {
       else throw new XftError(`${source}: no model.safetensors or model.safetensors.index.json in this folder`, 'XFT_IO');
     }
     if (file.endsWith('.index.json')) {
-      let index: { weight_map?: Record<string, string>; metadata?: Record<string, string> };
+      let index: unknown;
       try {
         index = JSON.parse(fs.readFileSync(file, 'utf8'));
       } catch (err) {
-        throw new XftError(`${file}: cannot read the shard index (${(err as Error).message})`, 'XFT_FORMAT');
+        const code = (err as NodeJS.ErrnoException).code;
+        throw new XftError(`${file}: cannot read the shard index (${(err as Error).message})`, code === 'ENOENT' || code === 'EACCES' ? 'XFT_IO' : 'XFT_FORMAT');
       }
-      if (!index.weight_map) throw new XftError(`${file}: the shard index has no weight_map`, 'XFT_FORMAT');
-      const shards = [...new Set(Object.values(index.weight_map))];
+      if (!isObject(index) || !isObject(index.weight_map))
+        throw new XftError(`${file}: the shard index has no weight_map object (received ${describe(isObject(index) ? index.weight_map : index)})`, 'XFT_FORMAT');
+      const map = index.weight_map;
+      for (const [name, shard] of Object.entries(map))
+        if (typeof shard !== 'string' || shard === '' || path.isAbsolute(shard))
+          throw new XftError(`${file}: weight_map maps ${name} to ${describe(shard)}; expected the file name of a shard`, 'XFT_FORMAT');
+      const shards = [...new Set(Object.values(map) as string[])];
       for (const shard of shards) this.#add(readHeader(path.join(path.dirname(file), shard)));
-      for (const name of Object.keys(index.weight_map))
-        if (!this.tensors.has(name)) throw new XftError(`${file}: ${name} is listed in the index but missing from ${index.weight_map[name]}`, 'XFT_FORMAT');
+      for (const name of Object.keys(map))
+        if (!this.tensors.has(name)) throw new XftError(`${file}: ${name} is listed in the index but missing from ${map[name]}`, 'XFT_FORMAT');
     } else {
       this.#add(readHeader(file));
     }
@@ -257,13 +329,21 @@ export class SafetensorsReader {
     return bytesToF32(this.readRange(name, start * size, (start + c) * size, buffers.scratch), info.dtype, name, buffers.out);
   }
 
-  /** One tensor, converted to `dtype` (default: f32 for floats, i32 for I32) on `device`. */
-  read(name: string, options: { dtype?: DType; device?: Device; shape?: readonly number[] } = {}): Tensor {
+  /**
+   * One tensor, converted to `dtype` (default: f32 for floats, i32 for I32) on `device`. With
+   * `finite`, a tensor holding NaN or ±Inf is an error (XFT_FORMAT naming the file and tensor).
+   */
+  read(name: string, options: { dtype?: DType; device?: Device; shape?: readonly number[]; finite?: boolean } = {}): Tensor {
     const info = this.info(name);
     if (options.shape && formatShape(options.shape) !== formatShape(info.shape))
       throw new XftError(`${this.source}: ${name} has shape ${formatShape(info.shape)}, expected ${formatShape(options.shape)}`, 'XFT_SHAPE');
     const dtype = options.dtype ?? (info.dtype === 'I32' ? 'i32' : 'f32');
-    return bytesToTensor(this.readBytes(name), info.dtype, info.shape, dtype, options.device ?? 'cpu', name);
+    const raw = this.readBytes(name);
+    if (options.finite) {
+      const at = firstNonFinite(raw, info.dtype);
+      if (at >= 0) throw new XftError(`${info.file}: ${name} holds a non-finite value (NaN or ±Inf) at element ${at}; the checkpoint is unusable`, 'XFT_FORMAT');
+    }
+    return bytesToTensor(raw, info.dtype, info.shape, dtype, options.device ?? 'cpu', name);
   }
 }
 
@@ -283,57 +363,17 @@ export interface WriteEntry {
   dispose?: boolean;
 }
 
-function tempName(target: string): string {
-  removeStaleTemps(target);
-  return path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}-${Math.random().toString(36).slice(2, 8)}`);
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
+export interface WriteOptions {
+  /** write NaN and ±Inf values too (default false: a non-finite value is an XFT_NONFINITE error and nothing is written) */
+  allowNonFinite?: boolean;
 }
 
 /**
- * Removes the temporary files and folders an interrupted write to `target` left behind (killed
- * with SIGINT/SIGKILL mid-write: the final name was never touched). Only those of processes that no
- * longer run are removed.
+ * Writes one safetensors file atomically, producing and writing one tensor at a time. A float
+ * tensor holding NaN or ±Inf (after conversion to the file dtype) stops the write with
+ * XFT_NONFINITE, unless `allowNonFinite`: what was at `file` before stays as it was.
  */
-function removeStaleTemps(target: string): void {
-  const dir = path.dirname(target), prefix = `.${path.basename(target)}.tmp-`;
-  let names: string[];
-  try {
-    names = fs.readdirSync(dir);
-  } catch {
-    return;
-  }
-  for (const n of names) {
-    if (!n.startsWith(prefix)) continue;
-    const pid = Number(n.slice(prefix.length).split('-')[0]);
-    if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && !alive(pid)) fs.rmSync(path.join(dir, n), { recursive: true, force: true });
-  }
-}
-
-/** Writes `content` to `file` atomically (temporary file, fsync, rename). */
-export function writeFileAtomic(file: string, content: string | Uint8Array): void {
-  const tmp = tempName(file);
-  try {
-    fs.writeFileSync(tmp, content);
-    const fd = fs.openSync(tmp, 'r');
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    fs.renameSync(tmp, file);
-  } catch (err) {
-    fs.rmSync(tmp, { force: true });
-    throw new XftError(`cannot write ${file}: ${(err as Error).message}`, 'XFT_IO');
-  }
-}
-
-/** Writes one safetensors file atomically, producing and writing one tensor at a time. */
-export function writeSafetensors(file: string, entries: WriteEntry[], metadata: Record<string, string> = {}): void {
+export function writeSafetensors(file: string, entries: WriteEntry[], metadata: Record<string, string> = {}, options: WriteOptions = {}): void {
   const header: Record<string, unknown> = {};
   if (Object.keys(metadata).length) header.__metadata__ = metadata;
   let offset = 0;
@@ -354,6 +394,13 @@ export function writeSafetensors(file: string, entries: WriteEntry[], metadata: 
     len.writeBigUInt64LE(BigInt(json.length));
     fs.writeSync(fd, len);
     fs.writeSync(fd, json);
+    // `first`: the element index of bytes[0] within the entry
+    const checked = (e: WriteEntry, bytes: Uint8Array, first: number) => {
+      const at = options.allowNonFinite ? -1 : firstNonFinite(bytes, e.dtype);
+      if (at >= 0)
+        throw new XftError(`writeSafetensors: ${e.name} holds a non-finite value (NaN or ±Inf) at element ${first + at} as ${e.dtype}; not writing ${file}`, 'XFT_NONFINITE');
+      return bytes;
+    };
     const write = (bytes: Uint8Array) => {
       let done = 0;
       while (done < bytes.length) done += fs.writeSync(fd, bytes, done, Math.min(bytes.length - done, 1 << 30));
@@ -363,9 +410,10 @@ export function writeSafetensors(file: string, entries: WriteEntry[], metadata: 
         const out = e.bytes(), want = numelOf(e.shape) * FILE_DTYPE_BYTES[e.dtype];
         let got = 0;
         for (const chunk of out instanceof Uint8Array ? [out] : out) {
+          const first = got / FILE_DTYPE_BYTES[e.dtype];
           got += chunk.length;
           if (got > want) break;
-          write(chunk);
+          write(checked(e, chunk, first));
         }
         if (got !== want) throw new XftError(`writeSafetensors: ${e.name} was declared ${e.dtype}${formatShape(e.shape)} (${want} bytes) but produced ${got} bytes`, 'XFT_SHAPE');
         e.after?.();
@@ -376,7 +424,7 @@ export function writeSafetensors(file: string, entries: WriteEntry[], metadata: 
       try {
         if (formatShape(t.shape) !== formatShape(e.shape))
           throw new XftError(`writeSafetensors: ${e.name} was declared ${formatShape(e.shape)} but is ${t.describe()}`, 'XFT_SHAPE');
-        write(tensorToBytes(t, e.dtype));
+        write(checked(e, tensorToBytes(t, e.dtype), 0));
       } finally {
         if (e.dispose) t.dispose();
       }
@@ -395,32 +443,10 @@ export function writeSafetensors(file: string, entries: WriteEntry[], metadata: 
 }
 
 /**
- * Writes a checkpoint folder atomically: `fill(tmpDir)` writes every file into a temporary
- * folder beside `dir`, which then replaces `dir` (an earlier checkpoint there is removed only
- * after the new one is complete).
- */
-export function writeFolderAtomic(dir: string, fill: (tmpDir: string) => void): void {
-  const parent = path.dirname(path.resolve(dir));
-  fs.mkdirSync(parent, { recursive: true });
-  const tmp = tempName(path.resolve(dir));
-  fs.mkdirSync(tmp);
-  try {
-    fill(tmp);
-  } catch (err) {
-    fs.rmSync(tmp, { recursive: true, force: true });
-    throw err;
-  }
-  const old = fs.existsSync(dir) ? tempName(path.resolve(dir)) : null;
-  if (old) fs.renameSync(dir, old);
-  fs.renameSync(tmp, dir);
-  if (old) fs.rmSync(old, { recursive: true, force: true });
-}
-
-/**
  * Writes `entries` as `model.safetensors` into `dir`, or as shards of at most `maxShardBytes`
  * (`model-00001-of-0000N.safetensors` + `model.safetensors.index.json`, the Hugging Face layout).
  */
-export function writeShards(dir: string, entries: WriteEntry[], options: { maxShardBytes?: number; metadata?: Record<string, string> } = {}): string[] {
+export function writeShards(dir: string, entries: WriteEntry[], options: { maxShardBytes?: number; metadata?: Record<string, string> } & WriteOptions = {}): string[] {
   const max = options.maxShardBytes ?? 5 * 2 ** 30;
   const shards: WriteEntry[][] = [[]];
   let size = 0, total = 0;
@@ -436,13 +462,13 @@ export function writeShards(dir: string, entries: WriteEntry[], options: { maxSh
   }
   const metadata = { format: 'pt', ...(options.metadata ?? {}) };
   if (shards.length === 1) {
-    writeSafetensors(path.join(dir, 'model.safetensors'), shards[0], metadata);
+    writeSafetensors(path.join(dir, 'model.safetensors'), shards[0], metadata, options);
     return ['model.safetensors'];
   }
   const names = shards.map((_, i) => `model-${String(i + 1).padStart(5, '0')}-of-${String(shards.length).padStart(5, '0')}.safetensors`);
   const weightMap: Record<string, string> = {};
   shards.forEach((s, i) => {
-    writeSafetensors(path.join(dir, names[i]), s, metadata);
+    writeSafetensors(path.join(dir, names[i]), s, metadata, options);
     for (const e of s) weightMap[e.name] = names[i];
   });
   writeFileAtomic(path.join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2));

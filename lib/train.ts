@@ -6,16 +6,23 @@
  *
  * Each step reads top to bottom: next micro-batches -> forward -> backward (gradients accumulate)
  * -> grad norm -> clip -> AdamW update -> zero gradients.
+ *
+ * Divergence: a step whose loss or gradient norm is NaN or infinite is caught before the update,
+ * from the values the step reads back anyway (no extra device sync): the run stops with
+ * XFT_NONFINITE, weights and optimizer state as the last good step left them (or, with
+ * `skipNonFinite`, up to that many such steps are skipped: no update of weights or moments). A loss
+ * stuck at ln(vocab) (a collapsed model predicting the uniform distribution) gets a warning.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { XftError } from './errors';
+import { XftError, describe } from './errors';
 import { Tensor, disposeAll } from './tensor';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
 import { type Model, type Param } from './model';
 import { type Sample, concatRows, countTargets, shuffle } from './data';
-import { SafetensorsReader, writeFileAtomic, writeFolderAtomic, writeSafetensors } from './safetensors';
+import { SafetensorsReader, writeSafetensors } from './safetensors';
+import { recoverFolder, writeFileAtomic, writeFolderAtomic } from './folder';
 
 export interface TrainOptions {
   /** peak learning rate */
@@ -44,6 +51,10 @@ export interface TrainOptions {
   resume?: TrainState;
   /** stop after this step (the state is returned for a later resume) */
   stopAfter?: number;
+  /** steps with a non-finite loss or gradient norm that may be skipped (no update) before the run stops with XFT_NONFINITE (default 0) */
+  skipNonFinite?: number;
+  /** called with a warning about the run (e.g. a loss stuck at ln(vocab)); default: none */
+  onWarning?: (message: string) => void;
 }
 
 export interface StepInfo {
@@ -60,6 +71,8 @@ export interface StepInfo {
   tokens: number;
   /** tokens (all positions) per second of wall time for this step */
   tokensPerSecond: number;
+  /** the loss or gradient norm was not finite and the step was skipped (skipNonFinite): no update */
+  skipped: boolean;
 }
 
 /** Optimizer moments and progress, for resuming. */
@@ -88,6 +101,20 @@ function check(cond: boolean, name: string, expected: string, got: unknown): voi
   if (!cond) throw new XftError(`train: expected ${expected} for ${name} but received ${JSON.stringify(got)}`, 'XFT_VALUE');
 }
 
+/** Consecutive steps with a loss flat at ln(vocab) before the warning. */
+const STUCK_STEPS = 5;
+/** |loss - ln V| and |loss - previous loss| below which a step counts as stuck at the uniform prediction. */
+const STUCK_TOLERANCE = 1e-4;
+
+/** Models inside train / trainAsync: a second run on one model at a time is refused. */
+const busy = new WeakSet<Model>();
+
+function claimModel(model: Model): void {
+  if (busy.has(model))
+    throw new XftError('train: this model is already being trained by another train / trainAsync call; one run per model at a time (their updates would interleave)', 'XFT_BUSY');
+  busy.add(model);
+}
+
 /** 64-bit seed of (run seed, step, micro-batch) for router noise. */
 function stepSeed(seed: number, step: number, micro: number): bigint {
   return BigInt.asUintN(64, (BigInt(seed) << 40n) ^ (BigInt(step) << 12n) ^ BigInt(micro) ^ 0x9e3779b97f4a7c15n);
@@ -111,6 +138,10 @@ export class Trainer {
   readonly #last: number;
   #order: Sample[] = [];
   #orderEpoch = -1;
+  /** steps skipped for a non-finite loss or gradient norm */
+  skipped = 0;
+  #stuck = 0;
+  #warnedStuck = false;
 
   constructor(readonly model: Model, rows: readonly Sample[], options: TrainOptions) {
     const o = options;
@@ -119,6 +150,7 @@ export class Trainer {
     check(Number.isSafeInteger(o.batchSize) && o.batchSize >= 1, 'batchSize', 'a positive integer', o.batchSize);
     const micro = o.microBatch ?? o.batchSize;
     check(Number.isSafeInteger(micro) && micro >= 1 && o.batchSize % micro === 0, 'microBatch', `a positive divisor of batchSize (${o.batchSize})`, micro);
+    check(o.skipNonFinite === undefined || (Number.isSafeInteger(o.skipNonFinite) && o.skipNonFinite >= 0), 'skipNonFinite', 'an integer >= 0', o.skipNonFinite);
     check(rows.length > 0, 'rows', 'at least one training sequence', rows.length);
     const seqLen = rows[0].ids.length;
     check(rows.every((r) => r.ids.length === seqLen && r.targets.length === seqLen), 'rows', `sequences of one length (${seqLen})`, 'rows of several lengths');
@@ -176,24 +208,54 @@ export class Trainer {
     const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
     const gradNorm = Math.sqrt(sq.item());
     sq.dispose();
-    const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
-    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
-    for (const p of withGrad) {
-      // a bf16 parameter: AdamW updates its f32 master and writes the rounded result into the parameter
-      const master = this.state.master!.get(p.name);
-      tops.adamw(master ?? p.value, p.grad!, this.state.m.get(p.name)!, this.state.v.get(p.name)!, {
-        lr, step: step + 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0, gradScale: scale,
-        copyTo: master ? p.value : undefined,
-      });
-    }
-    model.zeroGrad();
-    this.state.step = step + 1;
     const loss = stepTokens ? lossSum / stepTokens : 0;
+    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
+    // the one divergence check: loss and norm are already on the host (no extra sync)
+    const finite = Number.isFinite(loss) && Number.isFinite(aux) && Number.isFinite(gradNorm);
+    if (!finite) {
+      model.zeroGrad();
+      if (this.skipped >= (o.skipNonFinite ?? 0)) {
+        const skipped = o.skipNonFinite ? ` (${this.skipped} step(s) skipped already, --skip-nonfinite ${o.skipNonFinite})` : '';
+        throw new XftError(
+          `train: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite at step ${step + 1} (loss ${loss}, gradient norm ${gradNorm})${skipped}: ` +
+          `training diverged; stopped before updating, with the weights and optimizer state of step ${step} (lower the learning rate, or clip the gradient norm)`, 'XFT_NONFINITE');
+      }
+      this.skipped++;
+      o.onWarning?.(`step ${step + 1}: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite; step skipped (${this.skipped} of at most ${o.skipNonFinite})`);
+    } else {
+      const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
+      for (const p of withGrad) {
+        // a bf16 parameter: AdamW updates its f32 master and writes the rounded result into the parameter
+        const master = this.state.master!.get(p.name);
+        tops.adamw(master ?? p.value, p.grad!, this.state.m.get(p.name)!, this.state.v.get(p.name)!, {
+          lr, step: step + 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0, gradScale: scale,
+          copyTo: master ? p.value : undefined,
+        });
+      }
+      model.zeroGrad();
+      this.#watchStuck(loss);
+    }
+    this.state.step = step + 1;
     this.losses.push(loss);
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    const info = { step: step + 1, steps: this.total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds };
+    const info = {
+      step: step + 1, steps: this.total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds, skipped: !finite,
+    };
     o.onStep?.(info);
     return info;
+  }
+
+  /** Warns once when the loss sits at ln(vocab), unchanged, for STUCK_STEPS steps: the model predicts the uniform distribution. */
+  #watchStuck(loss: number): void {
+    const uniform = Math.log(this.model.config.vocab_size), prev = this.losses.at(-1);
+    const stuck = Math.abs(loss - uniform) < STUCK_TOLERANCE * uniform && prev !== undefined && Math.abs(loss - prev) < STUCK_TOLERANCE * uniform;
+    this.#stuck = stuck ? this.#stuck + 1 : 0;
+    if (this.#stuck >= STUCK_STEPS && !this.#warnedStuck) {
+      this.#warnedStuck = true;
+      this.#o.onWarning?.(
+        `the loss has been ${loss.toFixed(4)} = ln(vocab_size ${this.model.config.vocab_size}) for ${this.#stuck} steps: the model predicts the uniform distribution ` +
+        '(collapsed, usually a learning rate far too high); it is not learning');
+    }
   }
 
   result(): TrainResult {
@@ -203,9 +265,14 @@ export class Trainer {
 
 /** Trains `model` on `rows` (samples of one length, from data.toRows). Returns per-step losses and the optimizer state. */
 export function train(model: Model, rows: readonly Sample[], options: TrainOptions): TrainResult {
-  const run = new Trainer(model, rows, options);
-  while (!run.done) run.step();
-  return run.result();
+  claimModel(model);
+  try {
+    const run = new Trainer(model, rows, options);
+    while (!run.done) run.step();
+    return run.result();
+  } finally {
+    busy.delete(model);
+  }
 }
 
 /**
@@ -214,14 +281,19 @@ export function train(model: Model, rows: readonly Sample[], options: TrainOptio
  * state with saveTrainState and resume later: the losses continue exactly).
  */
 export async function trainAsync(model: Model, rows: readonly Sample[], options: TrainOptions & { signal?: AbortSignal }): Promise<TrainResult & { interrupted: boolean }> {
-  const run = new Trainer(model, rows, options);
-  const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
-  while (!run.done) {
-    await tick();
-    if (options.signal?.aborted) return { ...run.result(), interrupted: true };
-    run.step();
+  claimModel(model);
+  try {
+    const run = new Trainer(model, rows, options);
+    const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
+    while (!run.done) {
+      await tick();
+      if (options.signal?.aborted) return { ...run.result(), interrupted: true };
+      run.step();
+    }
+    return { ...run.result(), interrupted: false };
+  } finally {
+    busy.delete(model);
   }
-  return { ...run.result(), interrupted: false };
 }
 
 /** Mean loss and token accuracy of `model` on `rows` (no gradients). */
@@ -246,7 +318,8 @@ export function evaluate(
 
 /**
  * Saves parameters and optimizer moments (safetensors) and the step (JSON, with `extra` fields,
- * e.g. the run's options) into `dir`, atomically.
+ * e.g. the run's options) into `dir`, atomically; a state holding NaN or ±Inf is refused
+ * (XFT_NONFINITE) and the earlier state in `dir` kept.
  */
 export function saveTrainState(dir: string, model: Model, state: TrainState, extra: Record<string, unknown> = {}): void {
   const entries = (prefix: string, list: [string, Tensor][]) =>
@@ -260,13 +333,19 @@ export function saveTrainState(dir: string, model: Model, state: TrainState, ext
 
 /** trainer_state.json of a saved state: the step and the extra fields. */
 export function readTrainStateInfo(dir: string): { step: number } & Record<string, unknown> {
+  recoverFolder(dir);
   const file = path.join(dir, 'trainer_state.json');
   if (!fs.existsSync(file)) throw new XftError(`${dir}: no trainer_state.json (not a training checkpoint)`, 'XFT_IO');
+  let info: unknown;
   try {
-    return JSON.parse(fs.readFileSync(file, 'utf8'));
+    info = JSON.parse(fs.readFileSync(file, 'utf8'));
   } catch (err) {
     throw new XftError(`${file}: ${(err as Error).message}`, 'XFT_FORMAT');
   }
+  const step = (info as { step?: unknown } | null)?.step;
+  if (typeof info !== 'object' || info === null || Array.isArray(info) || !Number.isSafeInteger(step) || (step as number) < 0)
+    throw new XftError(`${file}: expected a JSON object with an integer step but received ${describe(info)}`, 'XFT_FORMAT');
+  return info as { step: number } & Record<string, unknown>;
 }
 
 /** Loads what saveTrainState wrote: parameters into `model` (same architecture), and the optimizer state. */
@@ -274,14 +353,14 @@ export function loadTrainState(dir: string, model: Model): TrainState {
   const { step } = readTrainStateInfo(dir);
   const params = new SafetensorsReader(path.join(dir, 'params.safetensors'));
   for (const p of model.params()) {
-    const t = params.read(p.name, { device: model.device, shape: p.value.shape, dtype: p.value.dtype });
+    const t = params.read(p.name, { device: model.device, shape: p.value.shape, dtype: p.value.dtype, finite: true });
     p.value.copy_(t);
     t.dispose();
   }
   const opt = new SafetensorsReader(path.join(dir, 'optimizer.safetensors'));
   const m = new Map<string, Tensor>(), v = new Map<string, Tensor>(), master = new Map<string, Tensor>();
   for (const name of opt.names()) {
-    const t = opt.read(name, { device: model.device });
+    const t = opt.read(name, { device: model.device, finite: true });
     if (name.startsWith('m.')) m.set(name.slice(2), t);
     else if (name.startsWith('v.')) v.set(name.slice(2), t);
     else if (name.startsWith('master.')) master.set(name.slice(7), t);
