@@ -1,5 +1,6 @@
 // The training loop on the CPU: loss decreases on real text, runs are deterministic, a resumed run
-// continues with the losses of an unbroken one, the XFT stages train what they should.
+// continues with the losses of an unbroken one, the XFT stages train what they should; a diverging
+// run stops at the first non-finite step, a collapsed one is warned about, one run per model.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -8,6 +9,9 @@ import { tinyConfig } from '../lib/config';
 import { createDense, upcycle, mergeable } from '../lib/xft';
 import { ByteTokenizer, toRows } from '../lib/data';
 import { train, trainAsync, evaluate, learningRate, saveTrainState, loadTrainState, disposeState } from '../lib/train';
+import { writeSafetensors, writeFolderAtomic } from '../lib/safetensors';
+import { XftError } from '../lib/errors';
+import { throwsCode } from './helpers/check';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-train-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -103,5 +107,108 @@ t.test('training options are checked', async (t) => {
   t.throws(() => train(m, rows, { lr: 1e-3, batchSize: 4, microBatch: 3 }), /microBatch/);
   t.throws(() => train(m, rows, { lr: 1e-3, batchSize: 10000 }), /batchSize/);
   t.throws(() => train(m, [], { lr: 1e-3, batchSize: 1 }), /rows/);
+  m.dispose();
+});
+
+t.test('divergence: a non-finite loss or gradient norm stops training on that step, before any update (XFT_NONFINITE)', async (t) => {
+  const m = createDense(config, { seed: 1 });
+  const seen: number[] = [];
+  let before: Float32Array | null = null;
+  try {
+    train(m, rows, {
+      lr: 1e20, clip: 0, batchSize: 8, steps: 10, seed: 3,
+      onStep: (s) => {
+        seen.push(s.step);
+        before = m.lmHead.value.toArray() as Float32Array;
+      },
+    });
+    t.fail('a diverging run should throw');
+  } catch (err) {
+    t.equal((err as XftError).code, 'XFT_NONFINITE', (err as Error).message);
+    t.match((err as Error).message, /not finite at step \d+ .*weights and optimizer state of step \d+/);
+  }
+  t.ok(seen.length >= 1 && seen.length < 10, `stopped after ${seen.length} good step(s)`);
+  t.same(m.lmHead.value.toArray(), before, 'the failing step updated nothing');
+  // the model is free again once the run has thrown (its weights are still 1e20-sized: the next run diverges, not XFT_BUSY)
+  throwsCode(t, () => train(m, rows, { lr: 0, batchSize: 8, steps: 1 }), 'XFT_NONFINITE', /step 1/, 'the next run on the model');
+  m.dispose();
+});
+
+t.test('skipNonFinite: bad steps are skipped without an update, up to the limit', async (t) => {
+  const m = createDense(config, { seed: 1 });
+  const info: { step: number; skipped: boolean }[] = [], warnings: string[] = [];
+  let after1: Float32Array | null = null;
+  try {
+    train(m, rows, {
+      lr: 1e20, clip: 0, batchSize: 8, steps: 10, skipNonFinite: 2, onWarning: (w) => warnings.push(w),
+      onStep: (s) => {
+        info.push({ step: s.step, skipped: s.skipped });
+        if (!s.skipped) after1 = m.lmHead.value.toArray() as Float32Array;
+      },
+    });
+    t.fail('more bad steps than allowed should throw');
+  } catch (err) {
+    t.equal((err as XftError).code, 'XFT_NONFINITE', (err as Error).message);
+    t.match((err as Error).message, /2 step\(s\) skipped already/);
+  }
+  t.equal(info.filter((s) => s.skipped).length, 2, 'two steps skipped');
+  t.equal(warnings.filter((w) => /step skipped/.test(w)).length, 2, 'each skip is reported');
+  t.same(m.lmHead.value.toArray(), after1, 'skipped steps change no weight');
+  throwsCode(t, () => train(m, rows, { lr: 1e-3, batchSize: 8, skipNonFinite: -1 }), 'XFT_VALUE', /skipNonFinite/, 'a negative skipNonFinite');
+  m.dispose();
+});
+
+t.test('a loss stuck at ln(vocab) gets a warning', async (t) => {
+  const m = createDense(config, { seed: 1 });
+  const warnings: string[] = [];
+  const r = train(m, rows, { lr: 1e4, batchSize: 8, steps: 8, onWarning: (w) => warnings.push(w) });
+  t.equal(warnings.length, 1, `one warning: ${warnings[0]}`);
+  t.match(warnings[0], /ln\(vocab_size 259\).*uniform distribution/);
+  disposeState(r.state);
+  m.dispose();
+  const fresh = createDense(config, { seed: 1 }), healthy: string[] = [];
+  const r2 = train(fresh, rows, { lr: 3e-3, batchSize: 8, steps: 8, onWarning: (w) => healthy.push(w) });
+  t.same(healthy, [], 'no warning for a run that learns');
+  disposeState(r2.state);
+  fresh.dispose();
+});
+
+t.test('one run per model: a second train / trainAsync on a model in training is refused (XFT_BUSY)', async (t) => {
+  const m = createDense(config, { seed: 1 });
+  const first = trainAsync(m, rows, { lr: 1e-3, batchSize: 8, steps: 3 });
+  await t.rejects(trainAsync(m, rows, { lr: 1e-3, batchSize: 8, steps: 3 }), { code: 'XFT_BUSY' }, 'a second trainAsync');
+  throwsCode(t, () => train(m, rows, { lr: 1e-3, batchSize: 8, steps: 1 }), 'XFT_BUSY', /already being trained/, 'a synchronous train meanwhile');
+  const r = await first;
+  t.equal(r.state.step, 3, 'the first run completes undisturbed');
+  const other = createDense(config, { seed: 2 });
+  const [a, b] = await Promise.all([trainAsync(m, rows, { lr: 1e-3, batchSize: 8, steps: 2 }), trainAsync(other, rows, { lr: 1e-3, batchSize: 8, steps: 2 })]);
+  t.ok(a.state.step === 2 && b.state.step === 2, 'two models train at once');
+  [r, a, b].forEach((x) => disposeState(x.state));
+  m.dispose();
+  other.dispose();
+});
+
+t.test('saveTrainState refuses a non-finite state and keeps the last good one; loadTrainState refuses one', async (t) => {
+  const m = createDense(config, { seed: 1 });
+  const r = train(m, rows, { lr: 1e-3, batchSize: 8, steps: 1 });
+  const dir = path.join(tmp, 'nan.resume');
+  saveTrainState(dir, m, r.state);
+  const good = fs.readFileSync(path.join(dir, 'params.safetensors'));
+  r.state.m.values().next().value!.fill_(NaN);
+  throwsCode(t, () => saveTrainState(dir, m, r.state), 'XFT_NONFINITE', /m\..*non-finite/, 'a NaN moment');
+  t.same(fs.readFileSync(path.join(dir, 'params.safetensors')), good, 'the saved state is untouched');
+  t.same(fs.readdirSync(tmp).filter((n) => n.startsWith('.nan.resume')), [], 'no temporary or lock left behind');
+  const loaded = loadTrainState(dir, m);
+  t.equal(loaded.step, 1);
+  disposeState(loaded);
+  // a state written before this check existed (NaN inside) is refused on load
+  fs.rmSync(dir, { recursive: true });
+  writeFolderAtomic(dir, (d) => {
+    writeSafetensors(path.join(d, 'params.safetensors'), m.params().map((p) => ({ name: p.name, dtype: 'F32' as const, shape: p.value.shape, tensor: () => p.value })));
+    writeSafetensors(path.join(d, 'optimizer.safetensors'), [...r.state.m].map(([n, v]) => ({ name: `m.${n}`, dtype: 'F32' as const, shape: v.shape, tensor: () => v })), {}, { allowNonFinite: true });
+    fs.writeFileSync(path.join(d, 'trainer_state.json'), '{"step": 1}');
+  });
+  throwsCode(t, () => loadTrainState(dir, m), 'XFT_FORMAT', /optimizer\.safetensors: m\..* non-finite/, 'loading a NaN state');
+  disposeState(r.state);
   m.dispose();
 });
