@@ -1,11 +1,12 @@
-// safetensors: byte-exact format, dtype conversions, shards, atomic writes, malformed files.
+// safetensors: byte-exact format, dtype conversions, shards, atomic writes, malformed files (header
+// lies, overlapping offsets, null indexes), non-finite values never written.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { spawn } from 'node:child_process';
 import { Tensor, XftError } from '../lib/index';
-import { SafetensorsReader, readHeader, writeSafetensors, writeShards, writeFolderAtomic, _internal } from '../lib/safetensors';
+import { SafetensorsReader, readHeader, writeSafetensors, writeShards, writeFolderAtomic, firstNonFinite, _internal } from '../lib/safetensors';
 import { roundBf16, rng } from './helpers/ref';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-st-'));
@@ -177,4 +178,122 @@ t.test('a write killed half way leaves nothing under the final name; the next wr
   writeFolderAtomic(target, (dir) => fs.writeFileSync(path.join(dir, 'a'), 'complete'));
   t.equal(fs.readFileSync(path.join(target, 'a'), 'utf8'), 'complete', 'the next write completes');
   t.same(temps(), [path.basename(live)], "the dead writer's temporary folder is gone; a live one's stays");
+});
+
+t.test('header lies are XFT_FORMAT errors that name the file', async (t) => {
+  const raw = (header: string, data = Buffer.alloc(16)) => {
+    const json = Buffer.from(header), len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    return Buffer.concat([len, json, data]);
+  };
+  const cases: [string, Buffer, RegExp][] = [
+    ['null-header', raw('null'), /header is null, expected a JSON object/],
+    ['array-header', raw('[1, 2]'), /header is \[1, 2\], expected a JSON object/],
+    ['null-entry', raw('{"a": null}'), /tensor "a" has a malformed header entry null/],
+    ['bad-dtype', raw('{"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}'), /unknown dtype/],
+    ['bad-shape', raw('{"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}'), /shape is not a list of non-negative integers/],
+    ['float-shape', raw('{"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 6]}}'), /shape is not a list/],
+    ['reversed-offsets', raw('{"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 0]}}'), /0 <= begin <= end/],
+    ['string-offsets', raw('{"a": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}'), /data_offsets is not/],
+    ['size-mismatch', raw('{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}'), /12 bytes\) has data offsets \[0, 8\] of 8 bytes/],
+    ['past-end', raw('{"a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}'), /past the end of the file \(16 bytes of data\)/],
+    ['overlap', raw('{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}'), /tensors a and b overlap/],
+    ['same-range', raw('{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}'), /overlap/],
+    ['bad-metadata', raw('{"__metadata__": 5}'), /__metadata__ is 5/],
+  ];
+  for (const [name, content, msg] of cases) {
+    const f = path.join(tmp, `${name}.safetensors`);
+    fs.writeFileSync(f, content);
+    try {
+      new SafetensorsReader(f);
+      t.fail(`${name} should fail`);
+    } catch (err) {
+      t.ok(err instanceof XftError && err.code === 'XFT_FORMAT', `${name}: XFT_FORMAT (${(err as Error).message})`);
+      t.match((err as Error).message, msg, `${name}: says why`);
+      t.ok((err as Error).message.includes(f), `${name}: names the file`);
+    }
+  }
+  // adjacent, empty and out-of-order tensors are fine (only overlaps are forbidden)
+  const f = path.join(tmp, 'ok-order.safetensors');
+  fs.writeFileSync(f, raw('{"b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}, "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'));
+  t.same(new SafetensorsReader(f).names().sort(), ['a', 'b', 'e']);
+});
+
+t.test('a model.safetensors that is a folder, and shard indexes with holes, name the file (XFT_FORMAT)', async (t) => {
+  const dir = path.join(tmp, 'dir-as-file');
+  fs.mkdirSync(path.join(dir, 'model.safetensors'), { recursive: true });
+  const expectFormat = (what: string, source: string, msg: RegExp) => {
+    try {
+      new SafetensorsReader(source);
+      t.fail(`${what} should fail`);
+    } catch (err) {
+      t.ok(err instanceof XftError && err.code === 'XFT_FORMAT', `${what}: XFT_FORMAT (${(err as Error).message})`);
+      t.match((err as Error).message, msg, `${what}: names the file and says why`);
+    }
+  };
+  expectFormat('a folder named model.safetensors', dir, /dir-as-file\/model\.safetensors: not a safetensors file \(a folder\)/);
+  const sharded = path.join(tmp, 'bad-index');
+  fs.mkdirSync(sharded);
+  const index = path.join(sharded, 'model.safetensors.index.json');
+  writeSafetensors(path.join(sharded, 'part.safetensors'), [{ name: 'w', dtype: 'F32', shape: [2], tensor: () => Tensor.zeros([2]) }]);
+  for (const [what, content, msg] of [
+    ['a null shard', '{"weight_map": {"w": "part.safetensors", "v": null}}', /model\.safetensors\.index\.json: weight_map maps v to null/],
+    ['a numeric shard', '{"weight_map": {"w": 3}}', /weight_map maps w to 3/],
+    ['a null weight_map', '{"weight_map": null}', /index\.json: the shard index has no weight_map object \(received null\)/],
+    ['a null index', 'null', /index\.json: the shard index has no weight_map object/],
+    ['garbage', '{"weight_map": ', /index\.json: cannot read the shard index/],
+  ] as const) {
+    fs.writeFileSync(index, content);
+    expectFormat(what, sharded, msg);
+  }
+  fs.writeFileSync(index, '{"weight_map": {"w": "part.safetensors"}}');
+  t.same(new SafetensorsReader(sharded).names(), ['w'], 'a good index reads');
+});
+
+t.test('non-finite values: never written (XFT_NONFINITE, the earlier file kept), refused on read with finite: true', async (t) => {
+  const file = path.join(tmp, 'finite.safetensors');
+  writeSafetensors(file, [{ name: 'w', dtype: 'F32', shape: [3], tensor: () => Tensor.from([1, 2, 3], [3]) }]);
+  const good = fs.readFileSync(file);
+  const attempts: [string, () => void, RegExp][] = [
+    ['NaN in F32', () => writeSafetensors(file, [{ name: 'w', dtype: 'F32', shape: [3], tensor: () => Tensor.from([1, NaN, 3], [3]) }]), /w holds a non-finite value .* at element 1 as F32/],
+    ['Inf in BF16', () => writeSafetensors(file, [{ name: 'w', dtype: 'BF16', shape: [3], tensor: () => Tensor.from([1, 2, -Infinity], [3]) }]), /at element 2 as BF16/],
+    ['f32 overflowing F16', () => writeSafetensors(file, [{ name: 'w', dtype: 'F16', shape: [3], tensor: () => Tensor.from([70000, 2, 3], [3]) }]), /at element 0 as F16/],
+    ['NaN in the second chunk of streamed bytes', () => writeSafetensors(file, [{
+      name: 'w', dtype: 'F32', shape: [4], bytes: function* () {
+        yield new Uint8Array(new Float32Array([1, 2]).buffer);
+        yield new Uint8Array(new Float32Array([3, NaN]).buffer);
+      },
+    }]), /at element 3 as F32/],
+  ];
+  for (const [what, fn, msg] of attempts) {
+    try {
+      fn();
+      t.fail(`${what} should be refused`);
+    } catch (err) {
+      t.ok(err instanceof XftError && err.code === 'XFT_NONFINITE', `${what}: XFT_NONFINITE (${(err as Error).message})`);
+      t.match((err as Error).message, msg);
+    }
+    t.same(fs.readFileSync(file), good, `${what}: the earlier file is kept`);
+  }
+  t.same(fs.readdirSync(tmp).filter((n) => n.startsWith('.finite.safetensors')), [], 'no temporary left behind');
+  writeSafetensors(file, [{ name: 'w', dtype: 'F32', shape: [3], tensor: () => Tensor.from([1, NaN, 3], [3]) }], {}, { allowNonFinite: true });
+  const r = new SafetensorsReader(file);
+  t.ok(Number.isNaN(r.read('w').toArray()[1]), 'allowNonFinite writes it');
+  try {
+    r.read('w', { finite: true });
+    t.fail('finite: true should refuse it');
+  } catch (err) {
+    t.equal((err as XftError).code, 'XFT_FORMAT');
+    t.match((err as Error).message, /finite\.safetensors: w holds a non-finite value \(NaN or ±Inf\) at element 1/);
+  }
+  const bytes = (a: number[]) => new Uint8Array(new Float32Array(a).buffer);
+  t.equal(firstNonFinite(bytes([0, -0, 3.4e38, 1e-45, -1]), 'F32'), -1, 'extremes and subnormals are finite');
+  t.equal(firstNonFinite(bytes([0, 1, Infinity]), 'F32'), 2);
+  t.equal(firstNonFinite(bytes([0, 1, Infinity]).subarray(1, 9), 'I32'), -1, 'integers are never non-finite');
+  const unaligned = new Uint8Array(13);
+  unaligned.set(bytes([1, 2, NaN]), 1);
+  t.equal(firstNonFinite(unaligned.subarray(1), 'F32'), 2, 'an unaligned view');
+  t.equal(firstNonFinite(new Uint8Array([0x80, 0x3f, 0x80, 0x7f]), 'BF16'), 1, 'bf16 infinity');
+  t.equal(firstNonFinite(new Uint8Array([0x00, 0x7c]), 'F16'), 0, 'f16 infinity');
+  t.equal(firstNonFinite(new Uint8Array([0xff, 0x7b]), 'F16'), -1, 'f16 65504 is finite');
 });
