@@ -131,6 +131,8 @@ export function writeFolderAtomic(dir: string, fill: (tmpDir: string) => void, o
   fs.mkdirSync(path.dirname(target), { recursive: true });
   const lock = lockFolder(target);
   try {
+    recoverFolder(target);
+    removeStaleTemps(target);
     checkOutputFolder(target, overwrite);
     const tmp = tempName(target);
     fs.mkdirSync(tmp);
