@@ -10,7 +10,7 @@ import { createDense, upcycle, mergeable, toDense } from '../lib/xft';
 import { loadModel, saveModel, readCheckpointInfo, upcycleCheckpoint, mergeCheckpoint, mixingCoefficients, saveMergeCheckpoint } from '../lib/checkpoint';
 import { SafetensorsReader, writeSafetensors } from '../lib/safetensors';
 import type { Model } from '../lib/model';
-import { MergedFFN } from '../lib/model';
+import { DenseFFN, MergedFFN } from '../lib/model';
 import { relErr, rng, roundBf16, refCoefficients } from './helpers/ref';
 import { close, exact, throwsCode } from './helpers/check';
 
@@ -242,6 +242,37 @@ t.test('bad checkpoints get typed errors naming the tensor; writes never replace
   t.notOk(fs.existsSync(dir('partial')), 'no partial checkpoint under the final name');
   t.equal(fs.readdirSync(tmp).length, before, 'no temporary folder left behind');
   m.dispose();
+});
+
+t.test('non-finite weights: saveModel refuses them over a good folder; loadModel refuses a checkpoint holding them', async (t) => {
+  const m = createDense(config, { seed: 10 });
+  saveModel(m, dir('good'));
+  const good = fs.readFileSync(path.join(dir('good'), 'model.safetensors'));
+  (m.blocks[0].ffn as DenseFFN).down.value.narrow(0, 1).fill_(NaN);
+  throwsCode(t, () => saveModel(m, dir('good'), { overwrite: true }), 'XFT_NONFINITE', /model\.layers\.0\.mlp\.down_proj\.weight holds a non-finite value/, 'saveModel with a NaN weight');
+  t.same(fs.readFileSync(path.join(dir('good'), 'model.safetensors')), good, 'the good checkpoint is kept');
+  throwsCode(t, () => saveModel(m, dir('nan-new')), 'XFT_NONFINITE', /non-finite/, 'a new folder');
+  t.notOk(fs.existsSync(dir('nan-new')), 'nothing written');
+  t.same(fs.readdirSync(tmp).filter((n) => n.startsWith('.good') || n.startsWith('.nan-new')), [], 'no temporary or lock left behind');
+  // a checkpoint with an infinite weight (written elsewhere): patch one value in the file
+  fs.cpSync(dir('good'), dir('inf'), { recursive: true });
+  const file = path.join(dir('inf'), 'model.safetensors');
+  const info = new SafetensorsReader(dir('inf')).info('lm_head.weight');
+  const bytes = fs.readFileSync(file);
+  bytes.writeFloatLE(-Infinity, info.offset + 4 * 5);
+  fs.writeFileSync(file, bytes);
+  throwsCode(t, () => loadModel(dir('inf')), 'XFT_FORMAT', /inf\/model\.safetensors: lm_head\.weight holds a non-finite value \(NaN or ±Inf\) at element 5/, 'loadModel');
+  m.dispose();
+});
+
+t.test('config.json that is not an object, or a folder, names the file (XFT_FORMAT)', async (t) => {
+  for (const [name, content] of [['null', 'null'], ['array', '[]'], ['number', '5'], ['garbage', '{"hidden_size": ']] as const) {
+    fs.mkdirSync(dir(`cfg-${name}`));
+    fs.writeFileSync(path.join(dir(`cfg-${name}`), 'config.json'), content);
+    throwsCode(t, () => readCheckpointInfo(dir(`cfg-${name}`)), 'XFT_FORMAT', new RegExp(`cfg-${name}/config\\.json`), `config.json ${content}`);
+  }
+  fs.mkdirSync(path.join(dir('cfg-dir'), 'config.json'), { recursive: true });
+  throwsCode(t, () => readCheckpointInfo(dir('cfg-dir')), 'XFT_FORMAT', /cfg-dir\/config\.json.*EISDIR/, 'config.json a folder');
 });
 
 t.test('config: rope_scaling forms and the llama checks', async (t) => {
