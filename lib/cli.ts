@@ -174,7 +174,8 @@ Pipeline (Hugging Face checkpoint folders throughout):
   xft eval final/ --data heldout.jsonl
   xft generate final/ "Write a function that reverses a string."
 
-Exit codes: 0 success, 1 runtime failure (also: training diverged, output folder in use), 2 usage error, 3 unusable input, 130 interrupted (Ctrl-C).
+Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted (Ctrl-C).
+1 also means: training diverged (a NaN/Inf loss or gradient norm), or the output folder is claimed by another xft.
 
 Output folders are claimed while written (a lock file .<name>.lock beside them, with the owner's pid):
 a second xft writing the same folder fails at once; a lock left by a process that no longer runs is taken over.`);

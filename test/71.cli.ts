@@ -1,5 +1,6 @@
 // The `xft` command line end to end: the pipeline upcycle -> train -> train --merge -> merge -> eval,
 // --help everywhere, exit codes, Ctrl-C saving a resumable state that continues the run exactly.
+// (Faults: test/72.cli_faults.ts; output folder claims: test/73.cli_claims.ts.)
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
