@@ -263,7 +263,10 @@ export class Trainer {
   }
 }
 
-/** Trains `model` on `rows` (samples of one length, from data.toRows). Returns per-step losses and the optimizer state. */
+/**
+ * Trains `model` on `rows` (samples of one length, from data.toRows). Returns per-step losses and the
+ * optimizer state. A second train / trainAsync on a model already in training is refused (XFT_BUSY).
+ */
 export function train(model: Model, rows: readonly Sample[], options: TrainOptions): TrainResult {
   claimModel(model);
   try {
