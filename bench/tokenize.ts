@@ -3,12 +3,12 @@
  * instructions of 100-500 words, code responses of 10-80 lines) with a tokenizer, cold and from
  * the token cache next to the data file.
  *
- * Usage: node dist/bench/tokenize.js --tokenizer <folder|tokenizer.json|byte> [--examples N] [--dir D] [--seed S]
+ * Usage: node dist/bench/tokenize.js --tokenizer <folder|tokenizer.json|byte> [--examples N] [--workers W] [--dir D] [--seed S]
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { encodeDataFile, seededRandom } from '../lib/data';
+import { encodeDataFile, encodeDataFileAsync, seededRandom } from '../lib/data';
 import { loadTokenizer } from '../lib/tokenizer';
 
 const PROSE = ('the a an of to in for with that this which function should return given list array string integer value values input output ' +
@@ -46,7 +46,7 @@ export function writeSyntheticData(file: string, examples: number, seed = 0): vo
   }
 }
 
-function main(): void {
+async function main(): Promise<void> {
   const arg = (name: string, dflt: string) => {
     const i = process.argv.indexOf(name);
     return i >= 0 ? process.argv[i + 1] : dflt;
@@ -60,13 +60,14 @@ function main(): void {
   const tok = loadTokenizer(arg('--tokenizer', 'byte'));
   const load = (performance.now() - t) / 1000;
   const cpu0 = process.cpuUsage();
-  const cold = encodeDataFile(file, tok);
+  const workers = Number(arg('--workers', '0')) || undefined;
+  const cold = await encodeDataFileAsync(file, tok, { workers });
   const cpu = process.cpuUsage(cpu0);
   const tokens = cold.samples.reduce((a, s) => a + s.ids.length + 1, 0);
   const warm = encodeDataFile(file, tok);
   const mb = fs.statSync(file).size / 1e6;
-  console.log(JSON.stringify({ tokenizer: tok.name, examples: n, dataMB: +mb.toFixed(1), tokens, loadSeconds: +load.toFixed(2), coldSeconds: +cold.seconds.toFixed(2), coldCpuSeconds: +((cpu.user + cpu.system) / 1e6).toFixed(2),
+  console.log(JSON.stringify({ tokenizer: tok.name, examples: n, dataMB: +mb.toFixed(1), tokens, loadSeconds: +load.toFixed(2), coldSeconds: +cold.seconds.toFixed(2), mainThreadCpuSeconds: +((cpu.user + cpu.system) / 1e6).toFixed(2), workers: workers ?? 'default',
     cachedSeconds: +warm.seconds.toFixed(2), cached: warm.cached, examplesPerSecond: Math.round(n / cold.seconds) }));
 }
 
-if (require.main === module) main();
+if (require.main === module) void main();

@@ -21,7 +21,7 @@ import { checkOutputFolder, loadModel, mergeCheckpoint, readCheckpointInfo, save
 import { mergeable, countParameters } from './xft';
 import { generate } from './generate';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, useMasterWeights, type TrainState } from './train';
-import { checkTokenizerFolder, countTargets, encodeDataFile, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
+import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
@@ -148,11 +148,11 @@ function rowsOf(samples: Sample[], o: DataOptions, tok: Tokenizer): Sample[] {
   return kept;
 }
 
-/** The examples of a JSONL file encoded, with a progress bar, or read back from the token cache next to it. */
-function loadData(file: string, tok: Tokenizer, quiet = false): Sample[] {
+/** The examples of a JSONL file encoded (on worker threads when large), with a progress bar, or read back from the token cache next to it. */
+async function loadData(file: string, tok: Tokenizer, quiet = false): Promise<Sample[]> {
   const b = bar(' tokenize |{bar}| {value}/{total} examples | ETA {eta_formatted}');
   let started = false;
-  const r = encodeDataFile(file, tok, {
+  const r = await encodeDataFileAsync(file, tok, {
     onProgress: (done, total) => {
       if (quiet) return;
       if (!started) b.start(total, 0);
@@ -298,7 +298,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<voi
   if (o.merge && info.kind !== 'moe') throw new XftError(`--merge starts merge learning from an MoE checkpoint; ${modelDir} is a ${info.kind} checkpoint`, 'XFT_VALUE');
   const device = deviceOf(o.device);
   const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size, true);
-  const samples = loadData(o.data, tok);
+  const samples = await loadData(o.data, tok);
   const parts = o.heldOut > 0 ? split(samples, o.heldOut, o.seed) : { train: samples, eval: [] };
   if (parts.train.length === 0) throw new XftError(`${o.data}: no training examples left after holding out ${o.heldOut}`, 'XFT_VALUE');
   const rows = rowsOf(parts.train, o, tok), evalRows = rowsOf(parts.eval, o, tok);
@@ -416,10 +416,10 @@ program
   .addOption(deviceOption())
   .addOption(precisionOption())
   .option('--json', 'print JSON')
-  .action((modelDir: string, o: DataOptions & { batchSize: number; device?: string; precision?: string; json?: boolean }) => {
+  .action(async (modelDir: string, o: DataOptions & { batchSize: number; device?: string; precision?: string; json?: boolean }) => {
     const info = readCheckpointInfo(modelDir);
     const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
-    const rows = rowsOf(loadData(o.data, tok, o.json), o, tok);
+    const rows = rowsOf(await loadData(o.data, tok, o.json), o, tok);
     const device = deviceOf(o.device);
     const model = loadModel(modelDir, { device, dtype: precisionOf(o.precision, device) });
     const b = bar(' eval |{bar}| {value}/{total} sequences | {tps} tok/s | ETA {eta_formatted}');

@@ -5,7 +5,10 @@
  */
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
-import { XftError } from './errors';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Worker } from 'node:worker_threads';
+import { XftError, type XftErrorCode } from './errors';
 import type { Tokenizer } from './tokenizer';
 
 /** The Magicoder instruction format used by XFT (XFT.md). */
@@ -223,30 +226,16 @@ function tokenizerFingerprint(tok: Tokenizer): string {
   return typeof f === 'string' ? f : tok.name;
 }
 
-/**
- * Reads and encodes a JSONL data file (encodeExample per example), or reads the encoding back from
- * `<file>.xft-tokens` when the data, the tokenizer and the template are unchanged. The cache is
- * written atomically (a temporary file renamed into place).
- */
-export function encodeDataFile(file: string, tok: Tokenizer, options: EncodeDataOptions = {}): EncodedData {
-  const t0 = performance.now();
-  const template = options.template ?? MAGICODER_PROMPT;
-  const useCache = options.cache ?? true;
-  const warn = options.warn ?? ((m: string) => console.error(m));
-  let data: Buffer;
-  try {
-    data = fs.readFileSync(file);
-  } catch (err) {
-    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, 'XFT_IO');
-  }
-  const cacheFile = cacheFileOf(file);
-  const key = useCache ? cacheKey(data, tok, template) : '';
-  const hit = useCache ? readCache(cacheFile, key) : null;
-  if (hit) {
-    options.onProgress?.(hit.length, hit.length);
-    return { samples: hit, cached: true, cacheFile, seconds: (performance.now() - t0) / 1000 };
-  }
-  const examples = parseJsonl(data.toString('utf8'), file);
+/** Encoded examples packed: the full token sequence of each (prompt, response, EOS), one after another. */
+export interface PackedExamples {
+  lengths: Int32Array;
+  /** prompt tokens (BOS included) at the start of each sequence */
+  prompts: Int32Array;
+  tokens: Int32Array;
+}
+
+/** encodeExample over `examples`, packed; `onProgress(done)` every 256 examples and at the end. */
+export function encodePacked(tok: Tokenizer, examples: readonly Example[], template = MAGICODER_PROMPT, onProgress?: (done: number) => void): PackedExamples {
   const n = examples.length;
   const lengths = new Int32Array(n), prompts = new Int32Array(n);
   const pieces: Int32Array[] = new Array(n);
@@ -262,23 +251,125 @@ export function encodeDataFile(file: string, tok: Tokenizer, options: EncodeData
     lengths[i] = all.length;
     prompts[i] = p + 1;
     total += all.length;
-    if (options.onProgress && (i % 256 === 255 || i === n - 1)) options.onProgress(i + 1, n);
+    if (onProgress && (i % 256 === 255 || i === n - 1)) onProgress(i + 1);
   }
   const tokens = new Int32Array(total);
-  const samples: Sample[] = new Array(n);
-  for (let i = 0, at = 0; i < n; i++) {
-    tokens.set(pieces[i], at);
-    samples[i] = sampleOf(tokens.subarray(at, at + lengths[i]), prompts[i]);
-    at += lengths[i];
-  }
-  if (useCache && n > 0) {
-    try {
-      writeCache(cacheFile, key, lengths, prompts, tokens);
-    } catch (err) {
-      warn(`xft: could not write the token cache ${cacheFile} (${(err as Error).message}); continuing without it`);
+  for (let i = 0, at = 0; i < n; at += lengths[i], i++) tokens.set(pieces[i], at);
+  return { lengths, prompts, tokens };
+}
+
+/** Packed parts (of consecutive example ranges) as one. */
+function concatPacked(parts: readonly PackedExamples[]): PackedExamples {
+  const cat = (key: keyof PackedExamples) => {
+    const out = new Int32Array(parts.reduce((a, p) => a + p[key].length, 0));
+    let at = 0;
+    for (const p of parts) {
+      out.set(p[key], at);
+      at += p[key].length;
     }
+    return out;
+  };
+  return { lengths: cat('lengths'), prompts: cat('prompts'), tokens: cat('tokens') };
+}
+
+function samplesOf(p: PackedExamples): Sample[] {
+  const samples: Sample[] = new Array(p.lengths.length);
+  for (let i = 0, at = 0; i < samples.length; at += p.lengths[i], i++) samples[i] = sampleOf(p.tokens.subarray(at, at + p.lengths[i]), p.prompts[i]);
+  return samples;
+}
+
+interface CacheLookup {
+  data: Buffer;
+  key: string;
+  cacheFile: string;
+  hit: Sample[] | null;
+}
+
+function lookUp(file: string, tok: Tokenizer, template: string, useCache: boolean): CacheLookup {
+  let data: Buffer;
+  try {
+    data = fs.readFileSync(file);
+  } catch (err) {
+    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, 'XFT_IO');
   }
-  return { samples, cached: false, cacheFile, seconds: (performance.now() - t0) / 1000 };
+  const cacheFile = cacheFileOf(file);
+  const key = useCache ? cacheKey(data, tok, template) : '';
+  return { data, key, cacheFile, hit: useCache ? readCache(cacheFile, key) : null };
+}
+
+function store(c: CacheLookup, packed: PackedExamples, options: EncodeDataOptions): void {
+  if (!(options.cache ?? true) || packed.lengths.length === 0) return;
+  try {
+    writeCache(c.cacheFile, c.key, packed.lengths, packed.prompts, packed.tokens);
+  } catch (err) {
+    (options.warn ?? ((m: string) => console.error(m)))(`xft: could not write the token cache ${c.cacheFile} (${(err as Error).message}); continuing without it`);
+  }
+}
+
+/**
+ * Reads and encodes a JSONL data file (encodeExample per example), or reads the encoding back from
+ * `<file>.xft-tokens` when the data, the tokenizer and the template are unchanged. The cache is
+ * written atomically (a temporary file renamed into place).
+ */
+export function encodeDataFile(file: string, tok: Tokenizer, options: EncodeDataOptions = {}): EncodedData {
+  const t0 = performance.now();
+  const template = options.template ?? MAGICODER_PROMPT;
+  const c = lookUp(file, tok, template, options.cache ?? true);
+  if (c.hit) {
+    options.onProgress?.(c.hit.length, c.hit.length);
+    return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+  }
+  const examples = parseJsonl(c.data.toString('utf8'), file);
+  const packed = encodePacked(tok, examples, template, options.onProgress && ((done) => options.onProgress!(done, examples.length)));
+  store(c, packed, options);
+  return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+}
+
+/** Below this many examples a data file is encoded on the calling thread. */
+const MIN_EXAMPLES_PER_WORKER = 2000;
+
+/**
+ * encodeDataFile with the examples split over `workers` threads (default: the available cores, at
+ * most 8), each loading the tokenizer from its files. Tokenizers that cannot be reloaded by name
+ * (not 'byte' or an HfTokenizer) and small files are encoded on the calling thread.
+ */
+export async function encodeDataFileAsync(file: string, tok: Tokenizer, options: EncodeDataOptions & { workers?: number } = {}): Promise<EncodedData> {
+  const t0 = performance.now();
+  const template = options.template ?? MAGICODER_PROMPT;
+  const c = lookUp(file, tok, template, options.cache ?? true);
+  if (c.hit) {
+    options.onProgress?.(c.hit.length, c.hit.length);
+    return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+  }
+  const examples = parseJsonl(c.data.toString('utf8'), file);
+  const spec = tok.name === 'byte' || tok.constructor.name === 'HfTokenizer' ? tok.name : null;
+  const workers = Math.min(options.workers ?? Math.min(8, os.availableParallelism()), Math.floor(examples.length / MIN_EXAMPLES_PER_WORKER));
+  let packed: PackedExamples;
+  if (spec === null || workers < 2) {
+    packed = encodePacked(tok, examples, template, options.onProgress && ((done) => options.onProgress!(done, examples.length)));
+  } else {
+    const done = new Array<number>(workers).fill(0);
+    const chunk = Math.ceil(examples.length / workers);
+    const script = path.join(__dirname, `tokenize_worker${path.extname(__filename)}`);
+    const run = (w: number) => new Promise<PackedExamples>((resolve, reject) => {
+      const worker = new Worker(script, { workerData: { spec, template, examples: examples.slice(w * chunk, (w + 1) * chunk) } });
+      worker.on('message', (m: { done?: number; result?: PackedExamples }) => {
+        if (m.result) resolve(m.result);
+        else if (m.done !== undefined) {
+          done[w] = m.done;
+          options.onProgress?.(done.reduce((a, b) => a + b, 0), examples.length);
+        }
+      });
+      worker.on('error', (err) => {
+        const code = (err as { code?: unknown }).code; // an XftError thrown in the worker arrives as a plain Error with its code
+        reject(new XftError((err as Error).message, typeof code === 'string' && code.startsWith('XFT_') ? (code as XftErrorCode) : 'XFT_IO'));
+      });
+      worker.on('exit', (code) => reject(new XftError(`tokenizing ${file}: a worker thread exited with code ${code}`, 'XFT_IO')));
+    });
+    packed = concatPacked(await Promise.all(Array.from({ length: workers }, (_, w) => run(w))));
+  }
+  store(c, packed, options);
+  return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
 }
 
 /** A seeded generator (mulberry32) for shuffling. */

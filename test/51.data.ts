@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { XftError } from '../lib/index';
-import { ByteTokenizer, HfTokenizer, MAGICODER_PROMPT, batches, cacheFileOf, checkTokenizerFolder, encodeDataFile, encodeExample, parseJsonl, readJsonl, shuffle, split, toRows } from '../lib/data';
+import { ByteTokenizer, HfTokenizer, MAGICODER_PROMPT, batches, cacheFileOf, checkTokenizerFolder, encodeDataFile, encodeDataFileAsync, encodeExample, parseJsonl, readJsonl, shuffle, split, toRows } from '../lib/data';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-data-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -212,4 +212,23 @@ t.test('encodeDataFile: the token cache next to the data file', async (t) => {
   t.equal(encodeDataFile(file, tok, { warn: (m) => warnings.push(m) }).samples.length, 51);
   t.match(warnings.join('\n'), /could not write the token cache/);
   t.equal(encodeDataFile(file, tok, { cache: false }).cached, false);
+});
+
+t.test('encodeDataFileAsync: worker threads give the samples of encodeDataFile', async (t) => {
+  const file = path.join(tmp, 'many.jsonl');
+  fs.writeFileSync(file, Array.from({ length: 4100 }, (_, i) => JSON.stringify({ instruction: `Task ${i}: sort ${i % 7} items.`, output: `def f${i}(x):\n\treturn sorted(x)[:${i % 13}]` })).join('\n'));
+  const tok = new HfTokenizer(wordLevel(path.join(tmp, 'workertok'), { eos_token: '</s>', add_bos_token: true }));
+  const progress: number[] = [];
+  const a = await encodeDataFileAsync(file, tok, { workers: 2, onProgress: (done) => progress.push(done) });
+  const b = encodeDataFile(file, tok, { cache: false });
+  t.notOk(a.cached);
+  t.equal(a.samples.length, 4100);
+  let differ = 0;
+  for (let i = 0; i < b.samples.length; i++)
+    if (Array.from(a.samples[i].ids).join() !== Array.from(b.samples[i].ids).join() || Array.from(a.samples[i].targets).join() !== Array.from(b.samples[i].targets).join()) differ++;
+  t.equal(differ, 0, 'the same samples from 2 threads');
+  t.equal(progress.at(-1), 4100, 'progress adds up over the threads');
+  t.ok((await encodeDataFileAsync(file, tok, { workers: 2 })).cached, 'the async path writes and reads the same cache');
+  fs.writeFileSync(path.join(tmp, 'workertok', 'tokenizer.json'), '{"model": null}'); // the files change under a worker's feet
+  await t.rejects(encodeDataFileAsync(file, tok, { workers: 2, cache: false }), { code: 'XFT_FORMAT' }, 'an error in a worker is an XftError with its code');
 });
