@@ -9,7 +9,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { XftError, type XftErrorCode } from './errors';
-import type { Tokenizer } from './tokenizer';
+import { ByteTokenizer, HfTokenizer, type Tokenizer } from './tokenizer';
 
 /** The Magicoder instruction format used by XFT (XFT.md). */
 export const MAGICODER_PROMPT =
@@ -342,7 +342,7 @@ export async function encodeDataFileAsync(file: string, tok: Tokenizer, options:
     return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
   }
   const examples = parseJsonl(c.data.toString('utf8'), file);
-  const spec = tok.name === 'byte' || tok.constructor.name === 'HfTokenizer' ? tok.name : null;
+  const spec = tok instanceof ByteTokenizer ? 'byte' : tok instanceof HfTokenizer ? tok.name : null;
   const workers = Math.min(options.workers ?? Math.min(8, os.availableParallelism()), Math.floor(examples.length / MIN_EXAMPLES_PER_WORKER));
   let packed: PackedExamples;
   if (spec === null || workers < 2) {
