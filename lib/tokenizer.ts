@@ -1,8 +1,8 @@
 /**
  * Tokenizers: bytes (the default, no files) and Hugging Face tokenizer.json files through
  * @huggingface/tokenizers, with the special tokens of tokenizer_config.json and a cached fast path
- * for byte-level BPE (Llama 3, Qwen, DeepSeek): the library's own pre-tokenizer patterns and BPE,
- * each distinct pre-token encoded once.
+ * for BPE (Llama 2 and 3, Qwen, DeepSeek): the library's own normalizer, pre-tokenizer patterns and
+ * BPE, each distinct pre-token encoded once.
  */
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -132,19 +132,25 @@ function literalsPattern(words: readonly string[]): RegExp | null {
   return sorted.length ? new RegExp(sorted.map((w) => w.replace(/[.*+?^${}()|[\]\\/-]/g, '\\$&')).join('|'), 'g') : null;
 }
 
+const METASPACE = '\u2581';
+
 /**
- * The byte-level BPE fast path: added tokens, the normalizer and the Split pre-tokenizers applied as
- * the library applies them (its own compiled patterns), then BPE once per distinct pre-token.
+ * The BPE fast path: added tokens, the normalizer and the pre-tokenizers applied as the library
+ * applies them, then BPE once per distinct pre-token. Two shapes: byte-level BPE behind Split
+ * pre-tokenizers (the library's own compiled patterns: Llama 3, Qwen, DeepSeek), and SentencePiece
+ * BPE (Llama 2, CodeLlama: ' ' -> '▁', no pre-tokenizer) split before each '▁' that starts a word,
+ * which BPE gives the same tokens only because no token of the vocabulary has a '▁' after another
+ * character (checked on load).
  */
-class CachedByteLevelBpe {
+class CachedBpe {
   readonly #hf: HfImpl;
   readonly #patterns: RegExp[];
-  readonly #byteLevel: { pre_tokenize_text(t: string): string[] };
+  readonly #byteLevel: { pre_tokenize_text(t: string): string[] } | null;
   readonly #unnormalized: RegExp | null;
   readonly #normalized: RegExp | null;
   readonly #cache = new Map<string, number[]>();
 
-  private constructor(hf: HfImpl, patterns: RegExp[], byteLevel: { pre_tokenize_text(t: string): string[] }) {
+  private constructor(hf: HfImpl, patterns: RegExp[], byteLevel: { pre_tokenize_text(t: string): string[] } | null) {
     this.#hf = hf;
     this.#patterns = patterns;
     this.#byteLevel = byteLevel;
@@ -153,15 +159,17 @@ class CachedByteLevelBpe {
     this.#normalized = normalizer ? literalsPattern(hf.added_tokens.filter((t) => t.normalized).map((t) => normalizer(t.content))) : null;
   }
 
-  /** The fast path where the tokenizer is a plain byte-level BPE behind Split pre-tokenizers, else null. */
-  static from(hf: HfImpl, json: Json): CachedByteLevelBpe | null {
+  /** The fast path where the tokenizer has one of the two shapes, else null. */
+  static from(hf: HfImpl, json: Json): CachedBpe | null {
     const model = json.model as Json, pre = json.pre_tokenizer as Json | null, norm = json.normalizer as Json | null;
-    if (model.type !== 'BPE' || model.byte_fallback || model.dropout || model.continuing_subword_prefix || model.end_of_word_suffix) return null;
-    if (norm && !(norm.type === 'NFC' || (norm.type === 'Sequence' && Array.isArray(norm.normalizers) && norm.normalizers.length === 0))) return null;
+    if (model.type !== 'BPE' || model.dropout || model.continuing_subword_prefix || model.end_of_word_suffix) return null;
     if (hf.remove_space || hf.do_lowercase_and_remove_accent || !Array.isArray(hf.added_tokens) || !(hf.added_tokens_map instanceof Map)) return null;
     const added = (json.added_tokens ?? []) as Json[];
     if (added.some((t) => t.lstrip || t.rstrip || t.single_word)) return null;
-    if (!pre || pre.type !== 'Sequence' || !Array.isArray(pre.pretokenizers) || !hf.pre_tokenizer?.tokenizers) return null;
+    if (!pre) return CachedBpe.#sentencePiece(hf, model, norm);
+    if (model.byte_fallback) return null;
+    if (norm && !(norm.type === 'NFC' || (norm.type === 'Sequence' && Array.isArray(norm.normalizers) && norm.normalizers.length === 0))) return null;
+    if (pre.type !== 'Sequence' || !Array.isArray(pre.pretokenizers) || !hf.pre_tokenizer?.tokenizers) return null;
     const cfgs = pre.pretokenizers as Json[], impls = hf.pre_tokenizer.tokenizers;
     if (cfgs.length < 2 || impls.length !== cfgs.length) return null;
     const last = cfgs[cfgs.length - 1];
@@ -172,7 +180,16 @@ class CachedByteLevelBpe {
       if (c.type !== 'Split' || c.invert || String(c.behavior).toLowerCase() !== 'isolated' || !(p instanceof RegExp) || !p.global) return null;
       patterns.push(new RegExp(p.source, p.flags)); // our own lastIndex
     }
-    return new CachedByteLevelBpe(hf, patterns, impls[impls.length - 1]);
+    return new CachedBpe(hf, patterns, impls[impls.length - 1]);
+  }
+
+  static #sentencePiece(hf: HfImpl, model: Json, norm: Json | null): CachedBpe | null {
+    const steps = norm?.type === 'Sequence' && Array.isArray(norm.normalizers) ? (norm.normalizers as Json[]) : [];
+    const prepend = steps.length === 2 && steps[0].type === 'Prepend' && steps[0].prepend === METASPACE;
+    const replace = steps.length === 2 && steps[1].type === 'Replace' && isObject(steps[1].pattern) && steps[1].pattern.String === ' ' && steps[1].content === METASPACE;
+    if (!prepend || !replace || (model.fuse_unk && !model.byte_fallback) || !isObject(model.vocab)) return null;
+    for (const token in model.vocab) if (/[^\u2581]\u2581/.test(token)) return null; // a merge across a word start
+    return new CachedBpe(hf, [], null);
   }
 
   encode(text: string, out: number[]): void {
@@ -204,7 +221,8 @@ class CachedByteLevelBpe {
    */
   #pieces(text: string, level: number, out: number[]): void {
     if (level === this.#patterns.length) {
-      this.#word(text, out);
+      if (this.#byteLevel) this.#word(text, out);
+      else this.#words(text, out);
       return;
     }
     const re = this.#patterns[level];
@@ -225,11 +243,22 @@ class CachedByteLevelBpe {
     if (prev < text.length) this.#pieces(prev === 0 ? text : text.slice(prev), level + 1, out);
   }
 
+  /** SentencePiece text cut before each '▁' that follows another character (a word start). */
+  #words(text: string, out: number[]): void {
+    let start = 0;
+    for (let i = 1; i < text.length; i++)
+      if (text.charCodeAt(i) === 0x2581 && text.charCodeAt(i - 1) !== 0x2581) {
+        this.#word(text.slice(start, i), out);
+        start = i;
+      }
+    this.#word(start === 0 ? text : text.slice(start), out);
+  }
+
   #word(piece: string, out: number[]): void {
     let ids = this.#cache.get(piece);
     if (ids === undefined) {
       const hf = this.#hf;
-      const tokens = hf.model(this.#byteLevel.pre_tokenize_text(piece));
+      const tokens = hf.model(this.#byteLevel ? this.#byteLevel.pre_tokenize_text(piece) : [piece]);
       ids = tokens.map((t) => hf.added_tokens_map.get(t)?.id ?? hf.model.tokens_to_ids.get(t) ?? (hf.model.unk_token_id as number));
       this.#cache.set(piece, ids);
     }
@@ -251,7 +280,7 @@ export class HfTokenizer implements Tokenizer {
   readonly pad: number;
   readonly fingerprint: string;
   readonly #tok: HfImpl;
-  readonly #fast: CachedByteLevelBpe | null;
+  readonly #fast: CachedBpe | null;
 
   constructor(spec: string) {
     const file = tokenizerFile(spec);
@@ -268,7 +297,7 @@ export class HfTokenizer implements Tokenizer {
     } catch (err) {
       throw new XftError(`${file}: the tokenizer cannot be built from it (${(err as Error).message})`, 'XFT_FORMAT');
     }
-    this.#fast = CachedByteLevelBpe.from(this.#tok, json as Json);
+    this.#fast = CachedBpe.from(this.#tok, json as Json);
     this.name = file;
     const special = (key: string): number | null => {
       const v = config[key];
@@ -285,6 +314,11 @@ export class HfTokenizer implements Tokenizer {
     this.pad = special('pad_token') ?? eos;
     const addBos = typeof config.add_bos_token === 'boolean' ? config.add_bos_token : bos !== null && this.#tok.encode('a', { add_special_tokens: true }).ids[0] === bos;
     this.bos = addBos ? bos : null;
+  }
+
+  /** Whether encode takes the cached fast path (else the library encodes each text whole). */
+  get fastPath(): boolean {
+    return this.#fast !== null;
   }
 
   encode(text: string): number[] {

@@ -30,6 +30,7 @@ for (const f of FIXTURES) {
     const ids = Object.values(json.model.vocab as Record<string, number>).concat((json.added_tokens as { id: number }[]).map((a) => a.id));
     t.equal(tok.vocabSize, ids.reduce((a, b) => Math.max(a, b), 0) + 1, `vocabSize ${tok.vocabSize}: the largest id + 1`);
     t.ok(tok.vocabSize <= f.vocabSize, `fits the family's vocab_size ${f.vocabSize}`);
+    t.ok(tok.fastPath, 'the cached fast path is taken (the ids below check it against the reference)');
 
     const same = (text: string, what: string) => {
       const ours = tok.encode(text), theirs = ref.encode(text, { add_special_tokens: false });

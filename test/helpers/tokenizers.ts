@@ -67,7 +67,7 @@ export function fuzzStrings(n: number, seed: number): string[] {
   let s = seed >>> 0;
   const rand = () => ((s = (Math.imul(s, 1664525) + 1013904223) >>> 0) / 4294967296);
   const pool = ['a', 'Z', 'x', '_', '0', '7', '42', ' ', '  ', '\t', '\n', '\r\n', '\r', "'s", "'LL", '.', ',', '(', ')', '{', '}', '=>', '::', '#', '"', '`', '\\',
-    'é', 'ß', 'Ä', '漢', 'ひ', 'カ', '한', 'π', 'Ж', '🦀', '👍🏽', '\u0301', '\u00a0', '\u2028', '\u200b', '<', '>', '|', '<s>', '</s>', 'def ', 'return ', 'function'];
+    'é', 'ß', 'Ä', '漢', 'ひ', 'カ', '한', 'π', 'Ж', '🦀', '👍🏽', '\u0301', '\u00a0', '\u2028', '\u200b', '<', '>', '|', '<s>', '</s>', '\u2581', '\u2581\u2581', 'def ', 'return ', 'function'];
   return Array.from({ length: n }, () => {
     const len = 1 + Math.floor(rand() * 40);
     let out = '';
