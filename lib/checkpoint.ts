@@ -444,7 +444,7 @@ export function saveMergeCheckpoint(model: Model, src: string, dst: string, opti
 
 /** Mixing coefficients c_e (XFT.md section 2), computed in double: c_0 = λ, c_i = (1 - λ) softmax(α)_i; soup: softmax(α). */
 export function mixingCoefficients(alpha: ArrayLike<number>, sharedRate: number | null): number[] {
-  const a = Array.from(alpha), m = Math.max(...a);
+  const a = Array.from(alpha), m = a.reduce((x, v) => Math.max(x, v), -Infinity);
   const ex = a.map((v) => Math.exp(v - m)), z = ex.reduce((s, v) => s + v, 0);
   const s = ex.map((v) => v / z);
   return sharedRate === null ? s : [sharedRate, ...s.map((v) => (1 - sharedRate) * v)];

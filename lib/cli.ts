@@ -24,7 +24,7 @@ import { checkOutputFolder, loadModel, mergeCheckpoint, readCheckpointInfo, save
 import { mergeable, countParameters } from './xft';
 import { generate } from './generate';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, useMasterWeights, type TrainState } from './train';
-import { countTargets, encodeExample, loadTokenizer, readJsonl, split, toRows, type Tokenizer, type Sample } from './data';
+import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
@@ -126,9 +126,13 @@ interface DataOptions {
   pack?: boolean;
 }
 
-/** The tokenizer: --tokenizer, else the model folder's tokenizer.json, else bytes. */
-function tokenizerFor(modelDir: string, spec: string | undefined, vocab: number): Tokenizer {
+/**
+ * The tokenizer: --tokenizer, else the model folder's tokenizer.json, else bytes. `copied`: the model
+ * folder's tokenizer files are copied into the output, so they are checked even when --tokenizer is another.
+ */
+function tokenizerFor(modelDir: string, spec: string | undefined, vocab: number, copied = false): Tokenizer {
   const chosen = spec ?? (fs.existsSync(path.join(modelDir, 'tokenizer.json')) ? modelDir : 'byte');
+  if (copied && chosen !== modelDir) checkTokenizerFolder(modelDir);
   const tok = loadTokenizer(chosen);
   if (tok.vocabSize > vocab)
     throw new XftError(`the tokenizer ${chosen} has ${tok.vocabSize} tokens but the model's vocab_size is ${vocab}`, 'XFT_VALUE');
@@ -147,10 +151,22 @@ function rowsOf(samples: Sample[], o: DataOptions, tok: Tokenizer): Sample[] {
   return kept;
 }
 
-function loadData(file: string, tok: Tokenizer): Sample[] {
-  const examples = readJsonl(file);
-  if (examples.length === 0) throw new XftError(`${file}: no examples`, 'XFT_FORMAT');
-  return examples.map((e) => encodeExample(tok, e));
+/** The examples of a JSONL file encoded (on worker threads when large), with a progress bar, or read back from the token cache next to it. */
+async function loadData(file: string, tok: Tokenizer, quiet = false): Promise<Sample[]> {
+  const b = bar(' tokenize |{bar}| {value}/{total} examples | ETA {eta_formatted}');
+  let started = false;
+  const r = await encodeDataFileAsync(file, tok, {
+    onProgress: (done, total) => {
+      if (quiet) return;
+      if (!started) b.start(total, 0);
+      started = true;
+      b.update(done);
+    },
+  });
+  if (started) b.stop();
+  if (r.samples.length === 0) throw new XftError(`${file}: no examples`, 'XFT_FORMAT');
+  if (!quiet) console.error(`xft: ${r.samples.length} examples ${r.cached ? `read from the token cache ${r.cacheFile}` : `tokenized in ${r.seconds.toFixed(1)} s (cached in ${r.cacheFile})`}`);
+  return r.samples;
 }
 
 function describe(m: Model): string {
@@ -220,6 +236,7 @@ program
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
   .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+    checkTokenizerFolder(src); // copied into the output: a bad tokenizer file fails here, naming the file
     const p = fileProgress('upcycle');
     const t0 = Date.now();
     try {
@@ -299,8 +316,8 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const info = readCheckpointInfo(modelDir);
   if (o.merge && info.kind !== 'moe') throw new XftError(`--merge starts merge learning from an MoE checkpoint; ${modelDir} is a ${info.kind} checkpoint`, 'XFT_VALUE');
   const device = deviceOf(o.device);
-  const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
-  const samples = loadData(o.data, tok);
+  const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size, true);
+  const samples = await loadData(o.data, tok);
   const parts = o.heldOut > 0 ? split(samples, o.heldOut, o.seed) : { train: samples, eval: [] };
   if (parts.train.length === 0) throw new XftError(`${o.data}: no training examples left after holding out ${o.heldOut}`, 'XFT_VALUE');
   const rows = rowsOf(parts.train, o, tok), evalRows = rowsOf(parts.eval, o, tok);
@@ -403,6 +420,7 @@ program
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
   .action((src: string, out: string, o: { sharedRate?: number | null; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+    checkTokenizerFolder(src);
     const p = fileProgress('merge');
     const t0 = Date.now();
     try {
@@ -427,10 +445,10 @@ program
   .addOption(deviceOption())
   .addOption(precisionOption())
   .option('--json', 'print JSON')
-  .action((modelDir: string, o: DataOptions & { batchSize: number; device?: string; precision?: string; json?: boolean }) => {
+  .action(async (modelDir: string, o: DataOptions & { batchSize: number; device?: string; precision?: string; json?: boolean }) => {
     const info = readCheckpointInfo(modelDir);
     const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
-    const rows = rowsOf(loadData(o.data, tok), o, tok);
+    const rows = rowsOf(await loadData(o.data, tok, o.json), o, tok);
     const device = deviceOf(o.device);
     const model = loadModel(modelDir, { device, dtype: precisionOf(o.precision, device) });
     const b = bar(' eval |{bar}| {value}/{total} sequences | {tps} tok/s | ETA {eta_formatted}');

@@ -1,11 +1,15 @@
 /**
  * Instruction data for code SFT: JSONL records, the Magicoder prompt template, tokenizers
- * (byte level by default; a Hugging Face tokenizer.json through @huggingface/tokenizers), loss
- * on response tokens only, packing or padding to a sequence length, seeded shuffling, a held-out split.
+ * (lib/tokenizer.ts), loss on response tokens only, encoding a data file with a token cache next to it,
+ * packing or padding to a sequence length, seeded shuffling, a held-out split.
  */
+import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
-import { XftError } from './errors';
+import { Worker } from 'node:worker_threads';
+import { XftError, type XftErrorCode } from './errors';
+import { ByteTokenizer, HfTokenizer, type Tokenizer } from './tokenizer';
 
 /** The Magicoder instruction format used by XFT (XFT.md). */
 export const MAGICODER_PROMPT =
@@ -60,90 +64,9 @@ export function formatPrompt(instruction: string, template = MAGICODER_PROMPT): 
   return template.replace('{instruction}', instruction);
 }
 
-// ---- tokenizers ----
+// ---- tokenizers (lib/tokenizer.ts) ----
 
-export interface Tokenizer {
-  readonly name: string;
-  readonly vocabSize: number;
-  readonly bos: number | null;
-  readonly eos: number;
-  readonly pad: number;
-  encode(text: string): number[];
-  decode(ids: ArrayLike<number>): string;
-}
-
-/** UTF-8 bytes as tokens 0..255, then BOS 256, EOS 257, PAD 258. Needs no files. */
-export class ByteTokenizer implements Tokenizer {
-  readonly name = 'byte';
-  readonly vocabSize = 259;
-  readonly bos = 256;
-  readonly eos = 257;
-  readonly pad = 258;
-  encode(text: string): number[] {
-    return Array.from(Buffer.from(text, 'utf8'));
-  }
-  decode(ids: ArrayLike<number>): string {
-    return Buffer.from(Array.from(ids).filter((i) => i < 256)).toString('utf8');
-  }
-}
-
-interface HfTokenizerImpl {
-  encode(t: string, o?: { add_special_tokens?: boolean }): { ids: number[] };
-  decode(ids: number[], o?: object): string;
-  token_to_id(t: string): number | undefined;
-}
-
-/** A Hugging Face tokenizer (tokenizer.json, with tokenizer_config.json when present). */
-export class HfTokenizer implements Tokenizer {
-  readonly name: string;
-  readonly vocabSize: number;
-  readonly bos: number | null;
-  readonly eos: number;
-  readonly pad: number;
-  readonly #tok: HfTokenizerImpl;
-
-  constructor(dir: string) {
-    const file = fs.existsSync(dir) && fs.statSync(dir).isDirectory() ? path.join(dir, 'tokenizer.json') : dir;
-    const configFile = path.join(path.dirname(file), 'tokenizer_config.json');
-    let json: { model?: { vocab?: Record<string, number> | unknown[] }; added_tokens?: { id: number; content: string }[] };
-    let config: Record<string, unknown> = {};
-    try {
-      json = JSON.parse(fs.readFileSync(file, 'utf8'));
-      if (fs.existsSync(configFile)) config = JSON.parse(fs.readFileSync(configFile, 'utf8'));
-    } catch (err) {
-      throw new XftError(`cannot read the tokenizer ${file}: ${(err as Error).message}`, 'XFT_IO');
-    }
-    // eslint-disable-next-line @typescript-eslint/no-require-imports
-    const { Tokenizer: HfTok } = require('@huggingface/tokenizers') as { Tokenizer: new (t: object, c: object) => HfTokenizerImpl };
-    this.#tok = new HfTok(json, config);
-    this.name = file;
-    const vocab = json.model?.vocab;
-    const base = Array.isArray(vocab) ? vocab.length : vocab ? Math.max(...Object.values(vocab)) + 1 : 0;
-    const added = Math.max(-1, ...(json.added_tokens ?? []).map((t) => t.id)) + 1;
-    this.vocabSize = Math.max(base, added);
-    const special = (key: string): number | null => {
-      const v = config[key];
-      const content = typeof v === 'string' ? v : v && typeof v === 'object' ? (v as { content?: string }).content : undefined;
-      return content === undefined ? null : this.#tok.token_to_id(content) ?? null;
-    };
-    this.bos = special('bos_token');
-    const eos = special('eos_token');
-    if (eos === null) throw new XftError(`${file}: the tokenizer has no eos_token (tokenizer_config.json)`, 'XFT_FORMAT');
-    this.eos = eos;
-    this.pad = special('pad_token') ?? eos;
-  }
-  encode(text: string): number[] {
-    return this.#tok.encode(text, { add_special_tokens: false }).ids;
-  }
-  decode(ids: ArrayLike<number>): string {
-    return this.#tok.decode(Array.from(ids), { skip_special_tokens: true });
-  }
-}
-
-/** 'byte' (default) or a path to a Hugging Face tokenizer (folder or tokenizer.json). */
-export function loadTokenizer(spec = 'byte'): Tokenizer {
-  return spec === 'byte' ? new ByteTokenizer() : new HfTokenizer(spec);
-}
+export { type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, checkTokenizerFolder, tokenizerFile } from './tokenizer';
 
 // ---- samples and batches ----
 
@@ -176,15 +99,277 @@ export function concatRows(rows: readonly Sample[], key: 'ids' | 'targets'): Int
 
 /**
  * [BOS] prompt response EOS; targets are the next tokens on the response (and EOS) positions and
- * -1 elsewhere: the loss is on the response tokens only.
+ * -1 elsewhere: the loss is on the response tokens only. BOS is put first where the tokenizer's family
+ * adds one, once: a template that starts with the BOS token itself gets no second one.
  */
 export function encodeExample(tok: Tokenizer, ex: Example, template = MAGICODER_PROMPT): Sample {
-  const prompt = (tok.bos !== null ? [tok.bos] : []).concat(tok.encode(formatPrompt(ex.instruction, template)));
+  const promptIds = tok.encode(formatPrompt(ex.instruction, template));
+  const prompt = tok.bos !== null && promptIds[0] !== tok.bos ? [tok.bos].concat(promptIds) : promptIds;
   const response = tok.encode(ex.response).concat([tok.eos]);
   const all = prompt.concat(response);
   const ids = all.slice(0, -1);
   const targets = all.slice(1).map((v, i) => (i + 1 >= prompt.length ? v : -1));
   return { ids, targets };
+}
+
+// ---- encoding a data set, with a cache next to the data file ----
+
+/** Bumped when the cache layout or what is cached changes. */
+const CACHE_VERSION = 1;
+const CACHE_MAGIC = 'XFTTOKENS\n';
+
+export interface EncodeDataOptions {
+  template?: string;
+  /** called every few hundred examples and at the end */
+  onProgress?: (done: number, total: number) => void;
+  /** read and write `<file>.xft-tokens` (default true); a cache that cannot be written is only a warning */
+  cache?: boolean;
+  /** where a warning goes (default: console.error) */
+  warn?: (message: string) => void;
+}
+
+export interface EncodedData {
+  samples: Sample[];
+  /** whether the samples came from the cache file */
+  cached: boolean;
+  cacheFile: string;
+  seconds: number;
+}
+
+/** The cache file of a data file: `<file>.xft-tokens`, reused while its key matches. */
+export function cacheFileOf(file: string): string {
+  return `${file}.xft-tokens`;
+}
+
+/**
+ * The key of an encoding: a SHA-256 of the data file's bytes, the tokenizer's fingerprint (the bytes of
+ * its files), the template and CACHE_VERSION.
+ */
+function cacheKey(data: Buffer, tok: Tokenizer, template: string): string {
+  const h = crypto.createHash('sha256');
+  h.update(`xft-tokens ${CACHE_VERSION}\0`).update(tokenizerFingerprint(tok)).update('\0').update(template).update('\0').update(data);
+  return h.digest('hex');
+}
+
+/** One sample from the full token sequence (prompt, response, EOS) and its prompt length. */
+function sampleOf(all: Int32Array, promptLength: number): Sample {
+  const n = all.length - 1;
+  const targets = new Int32Array(n);
+  for (let i = 0; i < n; i++) targets[i] = i + 1 >= promptLength ? all[i + 1] : -1;
+  return { ids: all.subarray(0, n), targets };
+}
+
+function readCache(cacheFile: string, key: string): Sample[] | null {
+  let buf: Buffer;
+  try {
+    buf = fs.readFileSync(cacheFile);
+  } catch {
+    return null;
+  }
+  const magic = Buffer.from(CACHE_MAGIC);
+  if (buf.length < magic.length + 4 || !buf.subarray(0, magic.length).equals(magic)) return null;
+  const headerLength = buf.readUInt32LE(magic.length);
+  const start = magic.length + 4;
+  let header: { key?: string; examples?: number; tokens?: number };
+  try {
+    header = JSON.parse(buf.subarray(start, start + headerLength).toString('utf8'));
+  } catch {
+    return null;
+  }
+  const n = header.examples ?? -1, total = header.tokens ?? -1;
+  const body = start + headerLength;
+  if (header.key !== key || !Number.isSafeInteger(n) || !Number.isSafeInteger(total) || n < 0 || total < 0 || body % 4 !== 0 || buf.length !== body + 4 * (2 * n + total)) return null;
+  // a private copy, aligned: the samples are views into it
+  const ints = new Int32Array(2 * n + total);
+  Buffer.from(ints.buffer).set(buf.subarray(body));
+  const lengths = ints.subarray(0, n), prompts = ints.subarray(n, 2 * n), tokens = ints.subarray(2 * n);
+  const samples: Sample[] = new Array(n);
+  let at = 0;
+  for (let i = 0; i < n; i++) {
+    if (lengths[i] < 2 || prompts[i] < 0 || prompts[i] > lengths[i] || at + lengths[i] > total) return null;
+    samples[i] = sampleOf(tokens.subarray(at, at + lengths[i]), prompts[i]);
+    at += lengths[i];
+  }
+  return at === total ? samples : null;
+}
+
+function writeCache(cacheFile: string, key: string, lengths: Int32Array, prompts: Int32Array, tokens: Int32Array): void {
+  const magic = Buffer.from(CACHE_MAGIC);
+  let header = JSON.stringify({ key, examples: lengths.length, tokens: tokens.length, version: CACHE_VERSION });
+  while ((magic.length + 4 + Buffer.byteLength(header)) % 4 !== 0) header += ' ';
+  const head = Buffer.alloc(magic.length + 4 + Buffer.byteLength(header));
+  magic.copy(head);
+  head.writeUInt32LE(Buffer.byteLength(header), magic.length);
+  head.write(header, magic.length + 4, 'utf8');
+  const tmp = `${cacheFile}.tmp-${process.pid}`;
+  try {
+    const fd = fs.openSync(tmp, 'w');
+    try {
+      for (const part of [head, lengths, prompts, tokens]) {
+        const b = Buffer.from(part.buffer, part.byteOffset, part.byteLength);
+        for (let off = 0; off < b.length; ) off += fs.writeSync(fd, b, off, b.length - off);
+      }
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, cacheFile);
+  } catch (err) {
+    fs.rmSync(tmp, { force: true });
+    throw err;
+  }
+}
+
+/** What identifies a tokenizer's encoding: the bytes of its files (HfTokenizer), else its name. */
+function tokenizerFingerprint(tok: Tokenizer): string {
+  const f = (tok as { fingerprint?: string }).fingerprint;
+  return typeof f === 'string' ? f : tok.name;
+}
+
+/** Encoded examples packed: the full token sequence of each (prompt, response, EOS), one after another. */
+export interface PackedExamples {
+  lengths: Int32Array;
+  /** prompt tokens (BOS included) at the start of each sequence */
+  prompts: Int32Array;
+  tokens: Int32Array;
+}
+
+/** encodeExample over `examples`, packed; `onProgress(done)` every 256 examples and at the end. */
+export function encodePacked(tok: Tokenizer, examples: readonly Example[], template = MAGICODER_PROMPT, onProgress?: (done: number) => void): PackedExamples {
+  const n = examples.length;
+  const lengths = new Int32Array(n), prompts = new Int32Array(n);
+  const pieces: Int32Array[] = new Array(n);
+  let total = 0;
+  for (let i = 0; i < n; i++) {
+    const s = encodeExample(tok, examples[i], template);
+    const all = new Int32Array(s.ids.length + 1);
+    all.set(s.ids);
+    all[s.ids.length] = s.targets[s.targets.length - 1];
+    let p = 0;
+    while (p < s.targets.length && s.targets[p] < 0) p++;
+    pieces[i] = all;
+    lengths[i] = all.length;
+    prompts[i] = p + 1;
+    total += all.length;
+    if (onProgress && (i % 256 === 255 || i === n - 1)) onProgress(i + 1);
+  }
+  const tokens = new Int32Array(total);
+  for (let i = 0, at = 0; i < n; at += lengths[i], i++) tokens.set(pieces[i], at);
+  return { lengths, prompts, tokens };
+}
+
+/** Packed parts (of consecutive example ranges) as one. */
+function concatPacked(parts: readonly PackedExamples[]): PackedExamples {
+  const cat = (key: keyof PackedExamples) => {
+    const out = new Int32Array(parts.reduce((a, p) => a + p[key].length, 0));
+    let at = 0;
+    for (const p of parts) {
+      out.set(p[key], at);
+      at += p[key].length;
+    }
+    return out;
+  };
+  return { lengths: cat('lengths'), prompts: cat('prompts'), tokens: cat('tokens') };
+}
+
+function samplesOf(p: PackedExamples): Sample[] {
+  const samples: Sample[] = new Array(p.lengths.length);
+  for (let i = 0, at = 0; i < samples.length; at += p.lengths[i], i++) samples[i] = sampleOf(p.tokens.subarray(at, at + p.lengths[i]), p.prompts[i]);
+  return samples;
+}
+
+interface CacheLookup {
+  data: Buffer;
+  key: string;
+  cacheFile: string;
+  hit: Sample[] | null;
+}
+
+function lookUp(file: string, tok: Tokenizer, template: string, useCache: boolean): CacheLookup {
+  let data: Buffer;
+  try {
+    data = fs.readFileSync(file);
+  } catch (err) {
+    throw new XftError(`cannot read ${file}: ${(err as Error).message}`, 'XFT_IO');
+  }
+  const cacheFile = cacheFileOf(file);
+  const key = useCache ? cacheKey(data, tok, template) : '';
+  return { data, key, cacheFile, hit: useCache ? readCache(cacheFile, key) : null };
+}
+
+function store(c: CacheLookup, packed: PackedExamples, options: EncodeDataOptions): void {
+  if (!(options.cache ?? true) || packed.lengths.length === 0) return;
+  try {
+    writeCache(c.cacheFile, c.key, packed.lengths, packed.prompts, packed.tokens);
+  } catch (err) {
+    (options.warn ?? ((m: string) => console.error(m)))(`xft: could not write the token cache ${c.cacheFile} (${(err as Error).message}); continuing without it`);
+  }
+}
+
+/**
+ * Reads and encodes a JSONL data file (encodeExample per example), or reads the encoding back from
+ * `<file>.xft-tokens` when the data, the tokenizer and the template are unchanged. The cache is
+ * written atomically (a temporary file renamed into place).
+ */
+export function encodeDataFile(file: string, tok: Tokenizer, options: EncodeDataOptions = {}): EncodedData {
+  const t0 = performance.now();
+  const template = options.template ?? MAGICODER_PROMPT;
+  const c = lookUp(file, tok, template, options.cache ?? true);
+  if (c.hit) {
+    options.onProgress?.(c.hit.length, c.hit.length);
+    return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+  }
+  const examples = parseJsonl(c.data.toString('utf8'), file);
+  const packed = encodePacked(tok, examples, template, options.onProgress && ((done) => options.onProgress!(done, examples.length)));
+  store(c, packed, options);
+  return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+}
+
+/** Below this many examples a data file is encoded on the calling thread. */
+const MIN_EXAMPLES_PER_WORKER = 2000;
+
+/**
+ * encodeDataFile with the examples split over `workers` threads (default: the available cores, at
+ * most 8), each loading the tokenizer from its files. Tokenizers that cannot be reloaded by name
+ * (not 'byte' or an HfTokenizer) and small files are encoded on the calling thread.
+ */
+export async function encodeDataFileAsync(file: string, tok: Tokenizer, options: EncodeDataOptions & { workers?: number } = {}): Promise<EncodedData> {
+  const t0 = performance.now();
+  const template = options.template ?? MAGICODER_PROMPT;
+  const c = lookUp(file, tok, template, options.cache ?? true);
+  if (c.hit) {
+    options.onProgress?.(c.hit.length, c.hit.length);
+    return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+  }
+  const examples = parseJsonl(c.data.toString('utf8'), file);
+  const spec = tok instanceof ByteTokenizer ? 'byte' : tok instanceof HfTokenizer ? tok.name : null;
+  const workers = Math.min(options.workers ?? Math.min(8, os.availableParallelism()), Math.floor(examples.length / MIN_EXAMPLES_PER_WORKER));
+  let packed: PackedExamples;
+  if (spec === null || workers < 2) {
+    packed = encodePacked(tok, examples, template, options.onProgress && ((done) => options.onProgress!(done, examples.length)));
+  } else {
+    const done = new Array<number>(workers).fill(0);
+    const chunk = Math.ceil(examples.length / workers);
+    const script = path.join(__dirname, `tokenize_worker${path.extname(__filename)}`);
+    const run = (w: number) => new Promise<PackedExamples>((resolve, reject) => {
+      const worker = new Worker(script, { workerData: { spec, template, examples: examples.slice(w * chunk, (w + 1) * chunk) } });
+      worker.on('message', (m: { done?: number; result?: PackedExamples }) => {
+        if (m.result) resolve(m.result);
+        else if (m.done !== undefined) {
+          done[w] = m.done;
+          options.onProgress?.(done.reduce((a, b) => a + b, 0), examples.length);
+        }
+      });
+      worker.on('error', (err) => {
+        const code = (err as { code?: unknown }).code; // an XftError thrown in the worker arrives as a plain Error with its code
+        reject(new XftError((err as Error).message, typeof code === 'string' && code.startsWith('XFT_') ? (code as XftErrorCode) : 'XFT_IO'));
+      });
+      worker.on('exit', (code) => reject(new XftError(`tokenizing ${file}: a worker thread exited with code ${code}`, 'XFT_IO')));
+    });
+    packed = concatPacked(await Promise.all(Array.from({ length: workers }, (_, w) => run(w))));
+  }
+  store(c, packed, options);
+  return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
 }
 
 /** A seeded generator (mulberry32) for shuffling. */

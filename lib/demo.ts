@@ -126,7 +126,7 @@ export function findDemoData(maxPretrainBytes = 400_000): DemoData {
     let text = '';
     for (const f of py) {
       const src = fs.readFileSync(f, 'utf8');
-      examples.push(...pythonPairs(src));
+      for (const e of pythonPairs(src)) examples.push(e);
       if (text.length < maxPretrainBytes) text += src.slice(0, 20_000) + '\n';
     }
     if (examples.length >= 100) return { language: 'Python', source: path.dirname(py[0]), pretrainText: text.slice(0, maxPretrainBytes), examples };
@@ -137,7 +137,7 @@ export function findDemoData(maxPretrainBytes = 400_000): DemoData {
   let text = '';
   for (const f of js) {
     const src = fs.readFileSync(f, 'utf8');
-    examples.push(...javascriptPairs(src));
+    for (const e of javascriptPairs(src)) examples.push(e);
     if (text.length < maxPretrainBytes) text += src.slice(0, 20_000) + '\n';
   }
   return { language: 'JavaScript', source: root, pretrainText: text.slice(0, maxPretrainBytes), examples };
@@ -248,9 +248,16 @@ export function markdownTable(r: DemoResult): string {
 export function lossSvg(curves: Record<string, number[]>): string {
   const W = 720, H = 420, L = 60, R = 20, T = 30, B = 50;
   const series = Object.entries(curves).filter(([, v]) => v.length);
-  const maxX = Math.max(...series.map(([, v]) => v.length));
-  const all = series.flatMap(([, v]) => v);
-  const lo = Math.floor(Math.min(...all) * 2) / 2, hi = Math.ceil(Math.max(...all) * 2) / 2;
+  // loops, not Math.max(...curve): a curve grows with the run, past the engine's argument limit
+  let maxX = 0, min = Infinity, max = -Infinity;
+  for (const [, v] of series) {
+    maxX = Math.max(maxX, v.length);
+    for (const val of v) {
+      if (val < min) min = val;
+      if (val > max) max = val;
+    }
+  }
+  const lo = Math.floor(min * 2) / 2, hi = Math.ceil(max * 2) / 2;
   const x = (i: number) => L + ((W - L - R) * i) / Math.max(1, maxX - 1);
   const y = (v: number) => T + ((H - T - B) * (hi - v)) / Math.max(1e-9, hi - lo);
   const colors = ['#888888', '#d62728', '#1f77b4', '#2ca02c'];

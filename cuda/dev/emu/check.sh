@@ -12,7 +12,7 @@ set -euo pipefail
 MODE=${1:-quick}
 shift || true
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/12.leak.ts)
+[ ${#FILES[@]} -gt 0 ] || FILES=(test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/12.leak.ts)
 cd "$(dirname "$0")/../../.."
 
 build() {  # out-dir, extra cmake-js flags
