@@ -135,6 +135,113 @@ function literalsPattern(words: readonly string[]): RegExp | null {
 const METASPACE = '\u2581';
 
 /**
+ * BPE over one pre-token, the library's semantics (@huggingface/tokenizers `BPE.bpe` + `encode`)
+ * without its per-lookup JSON keys: the word split into code points, then repeatedly the adjacent
+ * pair of lowest merge rank merged (the leftmost on ties; a later duplicate merge line wins, as the
+ * library's Map does); each resulting token is its id, else its UTF-8 bytes as `<0xXX>` tokens when
+ * the model falls back to bytes. Pairs are looked up by vocabulary ids (a · V + b), which is exact
+ * because every merge's parts and result are checked to be in the vocabulary (else no fast BPE); a
+ * code point outside the vocabulary takes part in no merge. A word the library would map to unk
+ * (where `fuse_unk` would join pieces) returns null and the caller asks the library, as for words
+ * over MAX_WORD code points (the scan is O(n²) in the word's length; the library's heap is not).
+ */
+class MergeRanks {
+  static readonly MAX_WORD = 128;
+  /** a · V + b -> the merge's rank */
+  readonly #rank = new Map<number, number>();
+  /** rank -> the merged token's vocabulary id */
+  readonly #merged: Int32Array;
+  readonly #vocab: Map<string, number>;
+  readonly #v: number;
+  /** vocabulary ids that the library reports as an added token's other id */
+  readonly #renamed = new Map<number, number>();
+  readonly #byteFallback: boolean;
+  readonly #ignoreMerges: boolean;
+  readonly #utf8 = new TextEncoder();
+
+  private constructor(model: Json, vocab: Map<string, number>, merges: number) {
+    this.#vocab = vocab;
+    let v = 0;
+    for (const id of vocab.values()) if (id >= v) v = id + 1;
+    this.#v = v;
+    this.#merged = new Int32Array(merges);
+    this.#byteFallback = model.byte_fallback === true;
+    this.#ignoreMerges = model.ignore_merges === true;
+  }
+
+  /** The ranks of model.merges ("a b" strings or [a, b] pairs), or null when a merge cannot be looked up by ids. */
+  static from(model: Json, vocab: Map<string, number>, added: Map<string, { id: number }>): MergeRanks | null {
+    const merges = model.merges;
+    if (!Array.isArray(merges)) return null;
+    const m = new MergeRanks(model, vocab, merges.length);
+    if (m.#v * m.#v > Number.MAX_SAFE_INTEGER) return null;
+    for (let i = 0; i < merges.length; i++) {
+      const e = merges[i] as unknown;
+      let a: unknown, b: unknown;
+      if (typeof e === 'string') {
+        const parts = e.split(' ', 2); // the library's split: what follows a second space is dropped
+        if (parts.length !== 2) return null;
+        [a, b] = parts;
+      } else if (Array.isArray(e) && e.length === 2) [a, b] = e as unknown[];
+      if (typeof a !== 'string' || typeof b !== 'string') return null;
+      const ia = vocab.get(a), ib = vocab.get(b), ic = vocab.get(a + b);
+      if (ia === undefined || ib === undefined || ic === undefined) return null;
+      m.#rank.set(ia * m.#v + ib, i);
+      m.#merged[i] = ic;
+    }
+    for (const [content, { id }] of added) {
+      const own = vocab.get(content);
+      if (own !== undefined && own !== id) m.#renamed.set(own, id);
+    }
+    return m;
+  }
+
+  /** The ids of one pre-token, or null where the library must decide (unknown pieces, long words). */
+  ids(word: string): number[] | null {
+    if (word.length === 0) return [];
+    if (this.#ignoreMerges) {
+      const whole = this.#vocab.get(word);
+      if (whole !== undefined) return [this.#renamed.get(whole) ?? whole];
+    }
+    if (word.length > MergeRanks.MAX_WORD) return null;
+    const chars = Array.from(word);
+    const sym: number[] = new Array(chars.length);
+    for (let i = 0; i < chars.length; i++) sym[i] = this.#vocab.get(chars[i]) ?? -1 - i; // -1 - i: chars[i], in no merge
+    const rankOf = (i: number): number => (sym[i] < 0 || sym[i + 1] < 0 ? Infinity : this.#rank.get(sym[i] * this.#v + sym[i + 1]) ?? Infinity);
+    const pair: number[] = new Array(sym.length - 1);
+    for (let i = 0; i + 1 < sym.length; i++) pair[i] = rankOf(i);
+    while (pair.length > 0) {
+      let best = Infinity, at = -1;
+      for (let i = 0; i < pair.length; i++)
+        if (pair[i] < best) {
+          best = pair[i];
+          at = i;
+        }
+      if (at < 0) break;
+      sym[at] = this.#merged[best];
+      sym.splice(at + 1, 1);
+      pair.splice(at, 1);
+      if (at > 0) pair[at - 1] = rankOf(at - 1);
+      if (at < pair.length) pair[at] = rankOf(at);
+    }
+    const out: number[] = [];
+    for (const id of sym) {
+      if (id >= 0) {
+        out.push(this.#renamed.get(id) ?? id);
+        continue;
+      }
+      if (!this.#byteFallback) return null;
+      for (const byte of this.#utf8.encode(chars[-1 - id])) {
+        const b = this.#vocab.get(`<0x${byte.toString(16).toUpperCase().padStart(2, '0')}>`);
+        if (b === undefined) return null;
+        out.push(this.#renamed.get(b) ?? b);
+      }
+    }
+    return out;
+  }
+}
+
+/**
  * The BPE fast path: added tokens, the normalizer and the pre-tokenizers applied as the library
  * applies them, then BPE once per distinct pre-token. Two shapes: byte-level BPE behind Split
  * pre-tokenizers (the library's own compiled patterns: Llama 3, Qwen, DeepSeek), and SentencePiece
@@ -149,9 +256,11 @@ class CachedBpe {
   readonly #unnormalized: RegExp | null;
   readonly #normalized: RegExp | null;
   readonly #cache = new Map<string, number[]>();
+  readonly #merges: MergeRanks | null;
 
-  private constructor(hf: HfImpl, patterns: RegExp[], byteLevel: { pre_tokenize_text(t: string): string[] } | null) {
+  private constructor(hf: HfImpl, patterns: RegExp[], byteLevel: { pre_tokenize_text(t: string): string[] } | null, model: Json) {
     this.#hf = hf;
+    this.#merges = MergeRanks.from(model, hf.model.tokens_to_ids, hf.added_tokens_map);
     this.#patterns = patterns;
     this.#byteLevel = byteLevel;
     const normalizer = hf.normalizer;
@@ -180,7 +289,7 @@ class CachedBpe {
       if (c.type !== 'Split' || c.invert || String(c.behavior).toLowerCase() !== 'isolated' || !(p instanceof RegExp) || !p.global) return null;
       patterns.push(new RegExp(p.source, p.flags)); // our own lastIndex
     }
-    return new CachedBpe(hf, patterns, impls[impls.length - 1]);
+    return new CachedBpe(hf, patterns, impls[impls.length - 1], model);
   }
 
   static #sentencePiece(hf: HfImpl, model: Json, norm: Json | null): CachedBpe | null {
@@ -189,7 +298,7 @@ class CachedBpe {
     const replace = steps.length === 2 && steps[1].type === 'Replace' && isObject(steps[1].pattern) && steps[1].pattern.String === ' ' && steps[1].content === METASPACE;
     if (!prepend || !replace || (model.fuse_unk && !model.byte_fallback) || !isObject(model.vocab)) return null;
     for (const token in model.vocab) if (/[^\u2581]\u2581/.test(token)) return null; // a merge across a word start
-    return new CachedBpe(hf, [], null);
+    return new CachedBpe(hf, [], null, model);
   }
 
   encode(text: string, out: number[]): void {
@@ -258,8 +367,13 @@ class CachedBpe {
     let ids = this.#cache.get(piece);
     if (ids === undefined) {
       const hf = this.#hf;
-      const tokens = hf.model(this.#byteLevel ? this.#byteLevel.pre_tokenize_text(piece) : [piece]);
-      ids = tokens.map((t) => hf.added_tokens_map.get(t)?.id ?? hf.model.tokens_to_ids.get(t) ?? (hf.model.unk_token_id as number));
+      const words = this.#byteLevel ? this.#byteLevel.pre_tokenize_text(piece) : [piece];
+      const ours = words.length === 1 && this.#merges ? this.#merges.ids(words[0]) : null;
+      if (ours !== null) ids = ours;
+      else {
+        const tokens = hf.model(words);
+        ids = tokens.map((t) => hf.added_tokens_map.get(t)?.id ?? hf.model.tokens_to_ids.get(t) ?? (hf.model.unk_token_id as number));
+      }
       this.#cache.set(piece, ids);
     }
     for (let i = 0; i < ids.length; i++) out.push(ids[i]);
