@@ -61,16 +61,16 @@ void CheckSynced(Napi::Env env, const char* op, int status) {
   xft_cuda_fault f;
   CheckStatus(env, op, xft_cuda_take_fault(&f));
   if (f.kind == XFT_FAULT_NONE) return;
-  const std::string where = " (found by the GPU kernel, reported at the next synchronisation: " + std::string(op) +
-                            "; the out-of-range entry was skipped, so that op's outputs are not meaningful)";
+  const std::string where = " (found by a GPU kernel and reported at the next synchronisation, here " + std::string(op) +
+                            "; the entry was skipped, so that op's outputs are not meaningful)";
   const std::string at = "[" + std::to_string(f.index) + "] = " + std::to_string(f.value);
+  const std::string B = std::to_string(f.bound);
   if (f.kind == XFT_FAULT_ROUTE_EXPERTS)
-    Throw(env, "XFT_INDEX", "routeSharedBackward: routing.experts" + at + " (flat index) is not an expert of the routing (expected " +
-                                "1 <= e < " + std::to_string(f.bound) + " with a shared expert, 0 <= e < " +
-                                std::to_string(f.bound) + " without)" + where);
+    Throw(env, "XFT_INDEX", "routeSharedBackward: routing.experts" + at + " (flat index) is not an expert of the routing (" + B +
+                                " logit columns: expected 1 <= e <= " + B + " with a shared expert, 0 <= e < " + B + " without)" + where);
   if (f.kind == XFT_FAULT_EMBEDDING_IDS)
-    Throw(env, "XFT_INDEX", "embedding: ids" + at + " (flat index) is out of range for a table of " + std::to_string(f.bound) +
-                                " rows (expected 0 <= id < " + std::to_string(f.bound) + ")" + where);
+    Throw(env, "XFT_INDEX", "embedding: ids" + at + " (flat index) is out of range for a table of " + B +
+                                " rows (expected 0 <= id < " + B + ")" + where);
   Throw(env, "XFT_INDEX", "a GPU kernel met an out-of-range index (fault kind " + std::to_string(f.kind) + ")" + where);
 #endif
 }

@@ -42,7 +42,7 @@ inline bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes)
 // one block per row
 template <typename T, int W>
 __global__ void embedding_forward_kernel(const int* __restrict__ ids, const T* __restrict__ table,
-                                         T* __restrict__ out, int V, int d, xft_cuda_fault* fault) {
+                                         T* __restrict__ out, int V, int d, xft_cuda_fault_slot* fault) {
   const int r = blockIdx.x;
   const int id = ids[r];
   const bool valid = id >= 0 && id < V;
@@ -61,7 +61,7 @@ __global__ void embedding_forward_kernel(const int* __restrict__ ids, const T* _
 
 // sort keys: the id, or V for an invalid id; values: the row
 __global__ void embedding_keys_kernel(const int* __restrict__ ids, unsigned* __restrict__ keys,
-                                      int* __restrict__ rows, int R, int V, xft_cuda_fault* fault) {
+                                      int* __restrict__ rows, int R, int V, xft_cuda_fault_slot* fault) {
   for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < R; r += gridDim.x * blockDim.x) {
     const int id = ids[r];
     const bool valid = id >= 0 && id < V;

@@ -402,7 +402,7 @@ template <int G, int VPL>
 __global__ void __launch_bounds__(RouteBlock<VPL>::value, ROUTE_MIN_BLOCKS)
 route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, int K, int normalize, int shared,
                       const int* __restrict__ experts, const float* __restrict__ dweights,
-                      const float* __restrict__ dimportance, void* __restrict__ dlogits, xft_cuda_fault* fault) {
+                      const float* __restrict__ dimportance, void* __restrict__ dlogits, xft_cuda_fault_slot* fault) {
   constexpr int BLOCK = RouteBlock<VPL>::value;
   constexpr int GROUPS = BLOCK / G;
   constexpr int COLS = G * VPL;
@@ -459,7 +459,7 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
     if (live)
       for (int s = lg; s < S; s += G) {
         const int ex = experts[prow + s];
-        if (ex < shared || ex >= N + shared) xft_raise_fault(fault, XFT_FAULT_ROUTE_EXPERTS, (long long)prow + s, ex, N + shared);
+        if (ex < shared || ex >= N + shared) xft_raise_fault(fault, XFT_FAULT_ROUTE_EXPERTS, (long long)prow + s, ex, N);
       }
     auto col_x = [&](int c) -> float { return shared ? p[c] : load_logit(logits, dtype, row + c); };
 

@@ -17,10 +17,10 @@ driver (or without a GPU) reports 0 devices instead of failing to load the addon
 static cudaStream_t g_stream = nullptr;
 static cudaMemPool_t g_pool = nullptr;
 static int g_device = -1;
-static xft_cuda_fault* g_fault = nullptr;  // device record the kernels write index faults to
-static xft_cuda_fault g_fault_host;        // its copy at the last synchronisation
+static xft_cuda_fault_slot* g_fault = nullptr;  // device record the kernels write index faults to
+static xft_cuda_fault_slot g_fault_host;        // its copy at the last synchronisation
 
-extern "C" xft_cuda_fault* xft_cuda_fault_record(void) { return g_fault; }
+extern "C" xft_cuda_fault_slot* xft_cuda_fault_record(void) { return g_fault; }
 
 // Enqueues the fault record's copy to the host; the caller's synchronisation completes it.
 static cudaError_t fetch_fault(void) {
@@ -29,7 +29,11 @@ static cudaError_t fetch_fault(void) {
 }
 
 extern "C" int xft_cuda_take_fault(xft_cuda_fault* out) {
-  *out = g_fault_host;
+  const unsigned long long first = ~g_fault_host.worst;  // (index << 32) | (uint32)value
+  out->kind = g_fault_host.kind;
+  out->index = (int)(first >> 32);
+  out->value = (int)(unsigned)(first & 0xffffffffu);
+  out->bound = g_fault_host.bound;
   if (g_fault_host.kind == XFT_FAULT_NONE) return 0;
   memset(&g_fault_host, 0, sizeof(g_fault_host));
   return cudaMemsetAsync(g_fault, 0, sizeof(*g_fault), g_stream);

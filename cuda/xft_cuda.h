@@ -49,23 +49,31 @@ int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes);
 int xft_cuda_pool_trim(void);                          // release unused pool memory to the driver
 
 // Index faults. A kernel that meets an index outside its range (e.g. routing.experts holding 1e6)
-// skips the access and records the first such index in one small device record; the record comes
-// back with every d2h copy, xft_cuda_synchronize and xft_cuda_pool_trim (the points where the stream
-// already waits), and xft_cuda_take_fault hands it over once and clears it. The binding turns it
-// into an XFT_INDEX error there. kind: one of xft_fault_kind; 0 = no fault.
+// skips the access and records it in one small device record; the record comes back with every
+// d2h copy, xft_cuda_synchronize and xft_cuda_pool_trim (the points where the stream already
+// waits), and xft_cuda_take_fault hands it over once and clears it. The binding turns it into an
+// XFT_INDEX error there. The first op (in stream order) to fault since the last wait is kept, with
+// its smallest faulting index, so the report is deterministic.
 enum xft_fault_kind {
   XFT_FAULT_NONE = 0,
-  XFT_FAULT_ROUTE_EXPERTS = 1,  // route_backward: experts[index] = value outside [shared, N + shared)
-  XFT_FAULT_EMBEDDING_IDS = 2,  // embedding forward/backward: ids[index] = value outside [0, bound)
+  XFT_FAULT_ROUTE_EXPERTS = 1,  // route_backward: experts[index] = value outside [shared, N + shared); bound = N
+  XFT_FAULT_EMBEDDING_IDS = 2,  // embedding forward/backward: ids[index] = value outside [0, bound = V)
 };
 typedef struct xft_cuda_fault {
   int kind;   // xft_fault_kind
   int index;  // flat element index into the index tensor
   int value;  // the value found there
-  int bound;  // the exclusive upper bound it broke (N + shared, V)
+  int bound;  // the range it broke: N (logit columns) for experts, V for ids
 } xft_cuda_fault;
-// The device pointer kernels record faults through (set by xft_cuda_init).
-xft_cuda_fault* xft_cuda_fault_record(void);
+// The device record (zeroed = no fault): worst = ~((index << 32) | (uint32)value), kept by atomicMax,
+// so the smallest index wins.
+typedef struct xft_cuda_fault_slot {
+  int kind;
+  int bound;
+  unsigned long long worst;
+} xft_cuda_fault_slot;
+// The device pointer kernels record faults through (set by xft_cuda_init; NULL before).
+xft_cuda_fault_slot* xft_cuda_fault_record(void);
 // The fault seen at the last synchronisation (kind 0 if none); clears it on host and device.
 int xft_cuda_take_fault(xft_cuda_fault* out);
 

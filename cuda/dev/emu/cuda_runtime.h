@@ -105,6 +105,7 @@ template <class T> inline T __ldcs(const T* p) { return *p; }
 inline int atomicCAS(int* p, int compare, int v) { int o = *p; if (o == compare) *p = v; return o; }
 inline int atomicExch(int* p, int v) { int o = *p; *p = v; return o; }
 inline int atomicMax(int* p, int v) { int o = *p; if (v > o) *p = v; return o; }
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) { auto o = *p; if (v > o) *p = v; return o; }
 inline void __threadfence() {}
 inline void emu_rcp_approx(float& out, float in) { out = 1.0f / in; }
 
