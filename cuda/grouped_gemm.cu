@@ -27,7 +27,7 @@ w as B in dx, dy^T and x in dw):
 Block -> work mapping (no host knowledge of group sizes; offsets stay on the device):
 - forward, dx: grid (column tiles, row-tile slots). Slot s is the s-th row tile of the groups taken
   in order; each block scans the offsets (E is small) to find its group and tile, and strides by
-  gridDim.y so that even overlapping (invalid) groups are covered. gridDim.y = ceil(M/BM) + E
+  gridDim.y so that any number of tiles is covered. gridDim.y = ceil(M/BM) + E
   covers every valid split in one pass. Column tiles vary fastest, so the blocks resident at once
   share a few A row tiles and one expert's weights in L2.
 - dw: grid (k tiles, n tiles, E); each block reduces over all rows of its group (no split over

@@ -220,7 +220,10 @@ t.test('native index ops without the TypeScript checks (child process)', async (
 const valgrind = spawnSync('valgrind', ['--version'], { encoding: 'utf8' });
 const haveValgrind = valgrind.status === 0;
 const requireValgrind = process.env.XFT_REQUIRE_VALGRIND === '1';
-t.test('native index ops under valgrind memcheck', { skip: !haveValgrind && !requireValgrind ? 'valgrind is not installed (XFT_REQUIRE_VALGRIND=1 makes this a failure)' : false }, async (t) => {
+// the child uses only CPU storages: with the CUDA backend (a GPU, or the emulator) the CPU run covers it
+const valgrindSkip = !SKIP_NO_CUDA ? 'the CUDA backend is in use; the CPU-backend run covers the native CPU ops'
+  : !haveValgrind && !requireValgrind ? 'valgrind is not installed (XFT_REQUIRE_VALGRIND=1 makes this a failure)' : false;
+t.test('native index ops under valgrind memcheck', { skip: valgrindSkip }, async (t) => {
   if (!haveValgrind) {
     t.fail('XFT_REQUIRE_VALGRIND=1 but valgrind is not installed (apt-get install -y valgrind)');
     return;
