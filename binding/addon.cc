@@ -55,11 +55,31 @@ void CheckStatus(Napi::Env env, const char* op, int status) {
 #endif
 }
 
+void CheckSynced(Napi::Env env, const char* op, int status) {
+  CheckStatus(env, op, status);
+#ifdef XFT_WITH_CUDA
+  xft_cuda_fault f;
+  CheckStatus(env, op, xft_cuda_take_fault(&f));
+  if (f.kind == XFT_FAULT_NONE) return;
+  const std::string where = " (found by a GPU kernel and reported at the next synchronisation, here " + std::string(op) +
+                            "; the entry was skipped, so that op's outputs are not meaningful)";
+  const std::string at = "[" + std::to_string(f.index) + "] = " + std::to_string(f.value);
+  const std::string B = std::to_string(f.bound);
+  if (f.kind == XFT_FAULT_ROUTE_EXPERTS)
+    Throw(env, "XFT_INDEX", "routeSharedBackward: routing.experts" + at + " (flat index) is not an expert of the routing (" + B +
+                                " logit columns: expected 1 <= e <= " + B + " with a shared expert, 0 <= e < " + B + " without)" + where);
+  if (f.kind == XFT_FAULT_EMBEDDING_IDS)
+    Throw(env, "XFT_INDEX", "embedding: ids" + at + " (flat index) is out of range for a table of " + B +
+                                " rows (expected 0 <= id < " + B + ")" + where);
+  Throw(env, "XFT_INDEX", "a GPU kernel met an out-of-range index (fault kind " + std::to_string(f.kind) + ")" + where);
+#endif
+}
+
 void AfterLaunch(Napi::Env env, const char* op, int device) {
 #ifdef XFT_WITH_CUDA
   if (device != DEV_CUDA) return;
   CheckStatus(env, op, xft_cuda_check());
-  if (g_sync_each_op) CheckStatus(env, op, xft_cuda_synchronize());
+  if (g_sync_each_op) CheckSynced(env, op, xft_cuda_synchronize());
 #else
   (void)env, (void)op, (void)device;
 #endif
@@ -332,7 +352,7 @@ static Napi::Value ResetPeakMemory(const Napi::CallbackInfo& info) {
 
 static Napi::Value Synchronize(const Napi::CallbackInfo& info) {
 #ifdef XFT_WITH_CUDA
-  if (g_cuda_state == 1) CheckStatus(info.Env(), "synchronize", xft_cuda_synchronize());
+  if (g_cuda_state == 1) CheckSynced(info.Env(), "synchronize", xft_cuda_synchronize());
 #endif
   return info.Env().Undefined();
 }
@@ -344,7 +364,7 @@ static Napi::Value SetPoison(const Napi::CallbackInfo& info) {
 
 static Napi::Value TrimPool(const Napi::CallbackInfo& info) {
 #ifdef XFT_WITH_CUDA
-  if (g_cuda_state == 1) CheckStatus(info.Env(), "trimPool", xft_cuda_pool_trim());
+  if (g_cuda_state == 1) CheckSynced(info.Env(), "trimPool", xft_cuda_pool_trim());
 #endif
   return info.Env().Undefined();
 }

@@ -23,6 +23,9 @@ inline const char* DeviceName(int device) { return device == DEV_CUDA ? "cuda" :
 
 // Throws XFT_CUDA naming the op when a backend call returned an error.
 void CheckStatus(Napi::Env env, const char* op, int status);
+// After a call that waited for the CUDA stream (d2h copy, synchronize): CheckStatus, then the
+// index fault a kernel recorded since the last wait (cuda/xft_cuda.h), thrown as XFT_INDEX.
+void CheckSynced(Napi::Env env, const char* op, int status);
 
 // Is the CUDA backend usable (compiled in, a device present, not disabled by XFT_DEVICE=cpu)?
 // Initialises it on first use.

@@ -68,8 +68,7 @@ Napi::Value Download(const Napi::CallbackInfo& info) {
     if (nbytes) memcpy(dst, src, nbytes);
   } else {
 #ifdef XFT_WITH_CUDA
-    int status = xft_cuda_memcpy_d2h(dst, src, nbytes);
-    if (status) CheckStatus(env, "toArray (or a kernel queued before it)", status);
+    CheckSynced(env, "toArray (or a kernel queued before it)", xft_cuda_memcpy_d2h(dst, src, nbytes));
 #endif
   }
   if (dtype == XFT_BF16) {
@@ -115,7 +114,7 @@ Napi::Value DownloadBytes(const Napi::CallbackInfo& info) {
     if (n) memcpy(out.Data(), src, n);
   } else {
 #ifdef XFT_WITH_CUDA
-    CheckStatus(env, "downloadBytes (or a kernel queued before it)", xft_cuda_memcpy_d2h(out.Data(), src, n));
+    CheckSynced(env, "downloadBytes (or a kernel queued before it)", xft_cuda_memcpy_d2h(out.Data(), src, n));
 #endif
   }
   return out;
@@ -141,7 +140,7 @@ Napi::Value Copy(const Napi::CallbackInfo& info) {
 #ifdef XFT_WITH_CUDA
   if (dst->device == DEV_CUDA && src->device == DEV_CUDA) CheckStatus(env, op, xft_cuda_memcpy_d2d(d, s, nbytes));
   else if (dst->device == DEV_CUDA) CheckStatus(env, op, xft_cuda_memcpy_h2d(d, s, nbytes));
-  else CheckStatus(env, op, xft_cuda_memcpy_d2h(d, s, nbytes));
+  else CheckSynced(env, op, xft_cuda_memcpy_d2h(d, s, nbytes));
 #endif
   return env.Undefined();
 }

@@ -18,6 +18,21 @@ void CheckRouteShape(Napi::Env env, const char* op, int64_t T, int64_t N, int64_
   if (S < 1 || S > N) Throw(env, "XFT_SHAPE", std::string(op) + ": topK out of range for " + std::to_string(N) + " logit columns");
 }
 
+// Every expert slot the backward reads (all K without a shared expert; the first K - 1 with one,
+// as 1 + the logit column) names a logit column; else XFT_INDEX naming the entry.
+void CheckRouteExperts(Napi::Env env, const char* op, const int* experts, int64_t T, int64_t K, int64_t N, bool shared) {
+  const int64_t S = shared ? K - 1 : K, lo = shared ? 1 : 0;
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t s = 0; s < S; s++) {
+      const int e = experts[t * K + s];
+      if (e < lo || e >= N + lo)
+        Throw(env, "XFT_INDEX", std::string(op) + ": routing.experts[" + std::to_string(t) + ", " + std::to_string(s) +
+                                    "] = " + std::to_string(e) + " is not an expert of this routing (expected " +
+                                    std::to_string(lo) + " <= e <= " + std::to_string(N + lo - 1) +
+                                    (shared ? "; slot K-1 is the shared expert 0" : "") + ")");
+    }
+}
+
 // routeForward(logits, dtype, T, N, K, normalize, shared, experts, weights, counts, offsets, order, importance, load)
 Napi::Value RouteForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -69,6 +84,9 @@ Napi::Value RouteBackward(const Napi::CallbackInfo& info) {
   RequireBytes(env, dimportance, N, XFT_F32, op, "dImportance");
   RequireBytes(env, dlogits, T * N, dtype, op, "dLogits");
   int device = CommonDevice(env, op, {logits, experts, dweights, dimportance, dlogits});
+  // the experts come from the caller: on the CPU check them here (one pass, before anything is
+  // written); the CUDA kernel clamps them and reports an index fault at the next synchronisation
+  if (device == DEV_CPU) CheckRouteExperts(env, op, (const int*)experts->data, T, K, N, shared);
   XFT_DISPATCH(env, op, device, route_backward, logits->data, dtype, (int)T, (int)N, (int)K, normalize, shared,
                (const int*)experts->data, (const float*)dweights->data,
                dimportance ? (const float*)dimportance->data : nullptr, dlogits->data);

@@ -1,7 +1,8 @@
 /*
 Token embedding (HF nn.Embedding without padding_idx).
   forward:  out[r, :] = table[ids[r], :]           ids i32 [R], table [V, d], out [R, d] (table dtype)
-            a row whose id is outside [0, V) is written as zeros: lib/ops_layers.ts rejects such ids
+            a row whose id is outside [0, V) is written as zeros and reported as an index fault
+            (xft_cuda.h: XFT_INDEX at the next synchronisation); lib/ops_layers.ts rejects such ids
             on CPU tensors, and no kernel reads or writes outside the table.
   backward: dtable[v, :] (+)= sum over r with ids[r] = v of dout[r, :]      dout [R, d], dtable f32 [V, d]
             Deterministic, without float atomics: the (id, r) pairs are radix-sorted by id (a stable
@@ -16,6 +17,7 @@ Layout: row-major. Rows move as 16-byte vectors (8 bf16 or 4 f32) when d and the
 #include <cub/device/device_radix_sort.cuh>
 
 #include "xft_cuda.h"
+#include "xft_fault.cuh"
 #include "xft_math.h"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
@@ -40,10 +42,11 @@ inline bool aligned(const void* p, size_t bytes) { return ((uintptr_t)p % bytes)
 // one block per row
 template <typename T, int W>
 __global__ void embedding_forward_kernel(const int* __restrict__ ids, const T* __restrict__ table,
-                                         T* __restrict__ out, int V, int d) {
+                                         T* __restrict__ out, int V, int d, xft_cuda_fault_slot* fault) {
   const int r = blockIdx.x;
   const int id = ids[r];
   const bool valid = id >= 0 && id < V;
+  if (!valid && threadIdx.x == 0) xft_raise_fault(fault, XFT_FAULT_EMBEDDING_IDS, r, id, V);
   const T* src = table + (valid ? (size_t)id * d : 0);
   T* dst = out + (size_t)r * d;
   for (int c = threadIdx.x * W; c < d; c += blockDim.x * W) {
@@ -58,10 +61,12 @@ __global__ void embedding_forward_kernel(const int* __restrict__ ids, const T* _
 
 // sort keys: the id, or V for an invalid id; values: the row
 __global__ void embedding_keys_kernel(const int* __restrict__ ids, unsigned* __restrict__ keys,
-                                      int* __restrict__ rows, int R, int V) {
+                                      int* __restrict__ rows, int R, int V, xft_cuda_fault_slot* fault) {
   for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < R; r += gridDim.x * blockDim.x) {
     const int id = ids[r];
-    keys[r] = (id >= 0 && id < V) ? (unsigned)id : (unsigned)V;
+    const bool valid = id >= 0 && id < V;
+    if (!valid) xft_raise_fault(fault, XFT_FAULT_EMBEDDING_IDS, r, id, V);
+    keys[r] = valid ? (unsigned)id : (unsigned)V;
     rows[r] = r;
   }
 }
@@ -111,9 +116,9 @@ int embedding_forward(const int* ids, const T* table, T* out, int R, int V, int 
   constexpr int W = 16 / sizeof(T);
   cudaStream_t stream = xft_cuda_stream();
   if (d % W == 0 && aligned(table, 16) && aligned(out, 16))
-    embedding_forward_kernel<T, W><<<R, block_for(d / W), 0, stream>>>(ids, table, out, V, d);
+    embedding_forward_kernel<T, W><<<R, block_for(d / W), 0, stream>>>(ids, table, out, V, d, xft_cuda_fault_record());
   else
-    embedding_forward_kernel<T, 1><<<R, block_for(d), 0, stream>>>(ids, table, out, V, d);
+    embedding_forward_kernel<T, 1><<<R, block_for(d), 0, stream>>>(ids, table, out, V, d, xft_cuda_fault_record());
   return cudaGetLastError();
 }
 
@@ -142,7 +147,7 @@ int embedding_backward(const int* ids, const T* dout, float* dtable, int R, int 
   int* rows = (int*)(scratch + 3 * arr);
   void* sort_tmp = scratch + 4 * arr;
   int grid = CEIL_DIV(R, 256);
-  embedding_keys_kernel<<<grid < 65535 ? grid : 65535, 256, 0, stream>>>(ids, keys_in, rows_in, R, V);
+  embedding_keys_kernel<<<grid < 65535 ? grid : 65535, 256, 0, stream>>>(ids, keys_in, rows_in, R, V, xft_cuda_fault_record());
   e = cudaGetLastError();
   if (e == cudaSuccess)
     e = cub::DeviceRadixSort::SortPairs(sort_tmp, sort_bytes, keys_in, keys, rows_in, rows, R, 0, end_bit, stream);

@@ -7,8 +7,11 @@ offsets i32 [E + 1], group e = rows o_e .. o_{e+1}:
   forward:   y[o_e:o_{e+1}]  = x[o_e:o_{e+1}] @ w[e].T                  y  [M, n]
   backward:  dx[o_e:o_{e+1}] = dy[o_e:o_{e+1}] @ w[e]                   dx [M, k]  (overwrite)
              dw[e] (+)= dy[o_e:o_{e+1}].T @ x[o_e:o_{e+1}]              dw [E, n, k] (accumulate)
-Offsets are clamped to [0, M] and a decreasing offset gives an empty group, as in the CPU twin, so
-any offsets are memory safe. An empty group gives dw[e] = 0 (or leaves it unchanged with accumulate).
+Any offsets are memory safe and give fully defined outputs, as in the CPU twin: each is clamped to
+[0, M] and raised to the running maximum, o'_e = max(o'_{e-1}, clamp(o_e)), so groups never overlap
+(a decreasing offset gives an empty group), and rows outside [o'_0, o'_E) of y and dx are written
+as zeros (by the row kernel's blocks before their tiles; nothing to do for valid offsets). An
+empty group gives dw[e] = 0 (or leaves it unchanged with accumulate).
 All tensors share one dtype, except that dw may be f32 with bf16 inputs (the f32 gradients of bf16
 weights: the fp32 accumulators stored unrounded); accumulation is fp32 and every result is rounded
 once (bf16: nearest even, xft_f32_to_bf16; with accumulate dw = round(old + sum) in fp32). No atomics:
@@ -24,7 +27,7 @@ w as B in dx, dy^T and x in dw):
 Block -> work mapping (no host knowledge of group sizes; offsets stay on the device):
 - forward, dx: grid (column tiles, row-tile slots). Slot s is the s-th row tile of the groups taken
   in order; each block scans the offsets (E is small) to find its group and tile, and strides by
-  gridDim.y so that even overlapping (invalid) groups are covered. gridDim.y = ceil(M/BM) + E
+  gridDim.y so that any number of tiles is covered. gridDim.y = ceil(M/BM) + E
   covers every valid split in one pass. Column tiles vary fastest, so the blocks resident at once
   share a few A row tiles and one expert's weights in L2.
 - dw: grid (k tiles, n tiles, E); each block reduces over all rows of its group (no split over
@@ -98,19 +101,25 @@ const size_t kFSmemBytes = sizeof(float) * 2 * kFBK * kFLd;
 
 // CUDA kernels
 
-// rows [r0, r1) of group e, clamped like the CPU twin
+__device__ __forceinline__ int clamped_offset(const int* offsets, int e, int M) {
+  return min(max(__ldg(offsets + e), 0), M);
+}
+
+// rows [r0, r1) of group e: o'_e .. o'_{e+1}, the clamped offsets' running maximum (as the CPU twin)
 __device__ __forceinline__ void group_rows(const int* offsets, int e, int M, int& r0, int& r1) {
-  r0 = min(max(__ldg(offsets + e), 0), M);
-  r1 = max(r0, min(max(__ldg(offsets + e + 1), 0), M));
+  r0 = clamped_offset(offsets, 0, M);
+  for (int i = 1; i <= e; i++) r0 = max(r0, clamped_offset(offsets, i, M));
+  r1 = max(r0, clamped_offset(offsets, e + 1, M));
 }
 
 // the slot-th row tile of BM rows over the groups in order: group e, rows [row0, row1) of which the
 // tile holds min(BM, row1 - row0); false when slot is past the last tile
 __device__ __forceinline__ bool find_row_tile(const int* offsets, int E, int M, int BM, int slot, int& e, int& row0,
                                               int& row1) {
+  int r1 = clamped_offset(offsets, 0, M);
   for (e = 0; e < E; e++) {
-    int r0, r1;
-    group_rows(offsets, e, M, r0, r1);
+    const int r0 = r1;
+    r1 = max(r0, clamped_offset(offsets, e + 1, M));
     const int tiles = (r1 - r0 + BM - 1) / BM;
     if (slot < tiles) {
       row0 = r0 + slot * BM;
@@ -120,6 +129,20 @@ __device__ __forceinline__ bool find_row_tile(const int* offsets, int E, int M, 
     slot -= tiles;
   }
   return false;
+}
+
+// zeros in the rows of C [M, N] no group covers ([0, o'_0) and [o'_E, M)), columns n0 .. n0 + BN:
+// row u of the uncovered ones goes to the blocks with blockIdx.y == u mod gridDim.y
+template <typename T>
+__device__ void zero_uncovered_rows(const int* offsets, int E, int M, T* C, int N, int n0, int BN) {
+  const int lo = clamped_offset(offsets, 0, M);
+  int hi = lo;
+  for (int e = 1; e <= E; e++) hi = max(hi, clamped_offset(offsets, e, M));
+  const int uncovered = lo + (M - hi), cols = min(BN, N - n0);
+  for (int u = blockIdx.y; u < uncovered; u += gridDim.y) {
+    T* row = C + (size_t)(u < lo ? u : hi + (u - lo)) * N + n0;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = T(0);
+  }
 }
 
 // ---- PTX wrappers (sm_80+) ----
@@ -459,6 +482,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
   extern __shared__ __align__(16) unsigned char smem[];
   const int BM = Tiles<DT>::BM, BN = Tiles<DT>::BN;
   const int n0 = blockIdx.x * BN;
+  zero_uncovered_rows<T>(offsets, E, M, (T*)C, N, n0, BN);
   for (int slot = blockIdx.y;; slot += gridDim.y) {
     int e, row0, row1;
     if (!find_row_tile(offsets, E, M, BM, slot, e, row0, row1)) return;

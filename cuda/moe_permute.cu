@@ -10,11 +10,16 @@ x, dx, out, dout [T, d]; xp, dxp, y, dy [T*K, d]; one dtype (f32 or bf16), fp32 
   permute backward:    dx[t] = sum_s dxp[position[t*K + s]]           (slot order: deterministic)
   unpermute forward:   out[t] = sum_s g[t, s] y[position[t*K + s]]    (the weighted combine)
   unpermute backward:  dy[position[t*K + s]] = g[t, s] dout[t],  dg[t, s] = <dout[t], y[position[t*K + s]]>
-Backward passes gather by position instead of scattering by order, so no atomics are needed.
-Indices outside [0, T*K) read as zero rows and are never written through (memory safety; the CPU
-twin does the same).
-Layout: one block per output row (permute forward) or per token (the others); threads stride over
-the d columns; dg is a fixed-order block reduction per slot.
+Backward passes gather instead of scattering, so no float atomics are needed: unpermute backward
+first inverts position (q = inverse, in scratch) and writes dy[i] = g[q[i]] dout[q[i] / K].
+Any index values are memory safe and give fully defined outputs (the CPU twin is the same):
+- indices outside [0, T*K) read as zero rows and are never written through;
+- invert_permutation: position[j] = -1 where no i has order[i] = j, and the largest such i where
+  several do (one integer atomicMax per element: deterministic);
+- unpermute backward: dy rows no valid position maps to are zero; a row several pairs map to
+  takes the pair with the largest index t*K + s (the last one, as the twin's loop).
+Layout: one block per output row (permute forward, dy rows) or per token (the others); threads
+stride over the d columns; dg is a fixed-order block reduction per slot.
 
 Balance loss (XFT.md): loss = weight (cv2(importance) + cv2(load)), cv2(x) = var(x) / (mean(x)^2 + 1e-10),
 var unbiased (N - 1, as torch.var), cv2 = 0 when N == 1. With mu = mean, S = var, D = mu^2 + 1e-10:
@@ -59,10 +64,11 @@ __device__ float block_sum(float x) {
   return x;
 }
 
+// position filled with -1 first; duplicates keep the largest i
 __global__ void invert_permutation_kernel(const int* order, int* position, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     int o = order[i];
-    if (o >= 0 && o < n) position[o] = i;
+    if (o >= 0 && o < n) atomicMax(position + o, i);
   }
 }
 
@@ -98,23 +104,30 @@ __global__ void combine_kernel(const void* rows, const int* position, const floa
   }
 }
 
-__global__ void unpermute_backward_kernel(const void* dout, const void* y, const int* position, const float* g, void* dy,
-                                          float* dg, int dtype, int n, int K, int d) {
+// dg[t, s] = <dout[t], y[position[t*K + s]]>, one block per token
+__global__ void unpermute_dg_kernel(const void* dout, const void* y, const int* position, float* dg, int dtype, int n,
+                                    int K, int d) {
   const int t = blockIdx.x;
   for (int s = 0; s < K; s++) {
     const int p = position[(size_t)t * K + s];  // block-uniform
     const bool valid = p >= 0 && p < n;
-    const float w = g[(size_t)t * K + s];
     float acc = 0.f;
     if (valid)
-      for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        const float go = load_value(dout, dtype, (size_t)t * d + c);
-        acc += go * load_value(y, dtype, (size_t)p * d + c);
-        store_value(dy, dtype, (size_t)p * d + c, w * go);
-      }
+      for (int c = threadIdx.x; c < d; c += blockDim.x)
+        acc += load_value(dout, dtype, (size_t)t * d + c) * load_value(y, dtype, (size_t)p * d + c);
     acc = block_sum(acc);
     if (threadIdx.x == 0) dg[(size_t)t * K + s] = acc;
   }
+}
+
+// dy[i] = g[q] dout[q / K] with q = inverse[i] the pair mapped to row i, zero when none; one block per row
+__global__ void unpermute_dy_kernel(const void* dout, const int* inverse, const float* g, void* dy, int dtype, int K,
+                                    int d) {
+  const int i = blockIdx.x;
+  const int q = inverse[i];  // block-uniform; -1 or a valid pair (inverse was built from in-range entries)
+  const float w = q >= 0 ? g[q] : 0.f;
+  for (int c = threadIdx.x; c < d; c += blockDim.x)
+    store_value(dy, dtype, (size_t)i * d + c, q >= 0 ? w * load_value(dout, dtype, (size_t)(q / K) * d + c) : 0.f);
 }
 
 struct Moments {
@@ -166,6 +179,8 @@ int row_block(int d) {
 
 extern "C" int xft_cuda_invert_permutation(const int* order, int* position, int n) {
   if (n <= 0) return 0;
+  cudaError_t err = cudaMemsetAsync(position, 0xFF, (size_t)n * sizeof(int), xft_cuda_stream());  // -1: unmapped
+  if (err != cudaSuccess) return err;
   const int block = 256;
   int blocks = CEIL_DIV(n, block);
   if (blocks > 65535 * 8) blocks = 65535 * 8;
@@ -207,8 +222,19 @@ extern "C" int xft_cuda_unpermute_forward(const void* y, const int* position, co
 extern "C" int xft_cuda_unpermute_backward(const void* dout, const void* y, const int* position, const float* g,
                                            void* dy, float* dg, int dtype, int T, int K, int d) {
   if (T <= 0) return 0;
-  unpermute_backward_kernel<<<T, row_block(d), 0, xft_cuda_stream()>>>(dout, y, position, g, dy, dg, dtype, T * K, K, d);
-  return cudaGetLastError();
+  const int n = T * K;
+  cudaStream_t stream = xft_cuda_stream();
+  int* inverse = nullptr;
+  cudaError_t err = cudaMallocAsync((void**)&inverse, (size_t)n * sizeof(int), stream);
+  if (err != cudaSuccess) return err;
+  err = (cudaError_t)xft_cuda_invert_permutation(position, inverse, n);
+  if (err == cudaSuccess) {
+    unpermute_dg_kernel<<<T, row_block(d), 0, stream>>>(dout, y, position, dg, dtype, n, K, d);
+    unpermute_dy_kernel<<<n, row_block(d), 0, stream>>>(dout, inverse, g, dy, dtype, K, d);
+    err = cudaGetLastError();
+  }
+  cudaError_t ferr = cudaFreeAsync(inverse, stream);
+  return err != cudaSuccess ? err : ferr;
 }
 
 extern "C" int xft_cuda_balance_loss_forward(const float* importance, const float* load, int N, float weight, float* loss) {

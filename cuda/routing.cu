@@ -43,6 +43,8 @@ Layout and launch
      (every block, block 0 writes it); pair (t, s) with expert e goes to
      offsets[e] + hist[e, block of t] + rank: sorted by expert, then token, as the twin.
   Scratch (cudaMallocAsync on the stream): hist i32 [E, nb], imp_part f32 [N, nb], rank i32 [T*K].
+- backward reads experts as given: an expert outside [shared, N + shared) is clamped for memory
+  safety and reported as an index fault (xft_cuda.h; XFT_INDEX at the next synchronisation).
 - backward, 1 kernel, grid-stride over blocks of tokens: the same groups, one token each; p, dp
   and dz of the token live in shared memory [N] per group, slot lanes scatter dp/dz by column,
   owner lanes finish dz + p (dp - <p, dp>). T = 0 writes nothing; forward with T = 0 zeroes
@@ -53,6 +55,7 @@ Layout and launch
 #include <stdint.h>
 
 #include "xft_cuda.h"
+#include "xft_fault.cuh"
 #include "xft_math.h"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
@@ -399,7 +402,7 @@ template <int G, int VPL>
 __global__ void __launch_bounds__(RouteBlock<VPL>::value, ROUTE_MIN_BLOCKS)
 route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, int K, int normalize, int shared,
                       const int* __restrict__ experts, const float* __restrict__ dweights,
-                      const float* __restrict__ dimportance, void* __restrict__ dlogits) {
+                      const float* __restrict__ dimportance, void* __restrict__ dlogits, xft_cuda_fault_slot* fault) {
   constexpr int BLOCK = RouteBlock<VPL>::value;
   constexpr int GROUPS = BLOCK / G;
   constexpr int COLS = G * VPL;
@@ -450,8 +453,14 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
     __syncwarp();  // p, and the zeroed dp, dz rows, before other lanes read or scatter
 
     // slot s: its logit column (clamped: guards memory only, valid experts never need it) and
-    // the value the weight softmax runs over, p_sel (shared) or z_sel (no shared)
+    // the value the weight softmax runs over, p_sel (shared) or z_sel (no shared). An expert out of
+    // range is reported as an index fault (the host raises XFT_INDEX at its next synchronisation).
     auto slot_col = [&](int s) -> int { return min(max(experts[prow + s] - shared, 0), N - 1); };
+    if (live)
+      for (int s = lg; s < S; s += G) {
+        const int ex = experts[prow + s];
+        if (ex < shared || ex >= N + shared) xft_raise_fault(fault, XFT_FAULT_ROUTE_EXPERTS, (long long)prow + s, ex, N);
+      }
     auto col_x = [&](int c) -> float { return shared ? p[c] : load_logit(logits, dtype, row + c); };
 
     float p1 = 0.f, dg0 = 0.f;
@@ -618,6 +627,6 @@ extern "C" int xft_cuda_route_backward(const void* logits, int dtype, int T, int
   int grid = CEIL_DIV(T, groups);
   grid = grid > ROUTE_BACKWARD_MAX_GRID ? ROUTE_BACKWARD_MAX_GRID : grid;
   ROUTE_DISPATCH(G, VPL, route_backward_kernel, grid, logits, dtype, T, N, K, normalize, shared, experts, dweights,
-                 dimportance, dlogits);
+                 dimportance, dlogits, xft_cuda_fault_record());
   return cudaGetLastError();
 }

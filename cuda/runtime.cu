@@ -3,6 +3,7 @@ The CUDA runtime of the addon: one device, one non-blocking stream, and a stream
 memory pool (cudaMallocAsync on the device's default pool with the release threshold raised
 so that freed blocks stay reserved for reuse: a training step never reaches cudaMalloc).
 Every op is enqueued on xft_cuda_stream(); only d2h copies and xft_cuda_synchronize wait.
+The index-fault record (xft_cuda.h) rides along with each of those waits: one 16-byte copy.
 The CUDA runtime is linked statically and finds the driver at run time, so a host without a
 driver (or without a GPU) reports 0 devices instead of failing to load the addon.
 */
@@ -16,6 +17,27 @@ driver (or without a GPU) reports 0 devices instead of failing to load the addon
 static cudaStream_t g_stream = nullptr;
 static cudaMemPool_t g_pool = nullptr;
 static int g_device = -1;
+static xft_cuda_fault_slot* g_fault = nullptr;  // device record the kernels write index faults to
+static xft_cuda_fault_slot g_fault_host;        // its copy at the last synchronisation
+
+extern "C" xft_cuda_fault_slot* xft_cuda_fault_record(void) { return g_fault; }
+
+// Enqueues the fault record's copy to the host; the caller's synchronisation completes it.
+static cudaError_t fetch_fault(void) {
+  if (g_fault == nullptr) return cudaSuccess;
+  return cudaMemcpyAsync(&g_fault_host, g_fault, sizeof(g_fault_host), cudaMemcpyDeviceToHost, g_stream);
+}
+
+extern "C" int xft_cuda_take_fault(xft_cuda_fault* out) {
+  const unsigned long long first = ~g_fault_host.worst;  // (index << 32) | (uint32)value
+  out->kind = g_fault_host.kind;
+  out->index = (int)(first >> 32);
+  out->value = (int)(unsigned)(first & 0xffffffffu);
+  out->bound = g_fault_host.bound;
+  if (g_fault_host.kind == XFT_FAULT_NONE) return 0;
+  memset(&g_fault_host, 0, sizeof(g_fault_host));
+  return cudaMemsetAsync(g_fault, 0, sizeof(*g_fault), g_stream);
+}
 
 extern "C" cudaStream_t xft_cuda_stream(void) { return g_stream; }
 
@@ -60,6 +82,8 @@ extern "C" int xft_cuda_init(int ordinal, xft_cuda_device* info) {
     if ((e = cudaDeviceGetDefaultMemPool(&g_pool, ordinal)) != cudaSuccess) return e;
     uint64_t threshold = UINT64_MAX;
     if ((e = cudaMemPoolSetAttribute(g_pool, cudaMemPoolAttrReleaseThreshold, &threshold)) != cudaSuccess) return e;
+    if ((e = cudaMalloc((void**)&g_fault, sizeof(*g_fault))) != cudaSuccess) return e;
+    if ((e = cudaMemset(g_fault, 0, sizeof(*g_fault))) != cudaSuccess) return e;
   }
   return xft_cuda_query(info);
 }
@@ -82,6 +106,8 @@ extern "C" int xft_cuda_memcpy_d2h(void* host_dst, const void* src, size_t bytes
     cudaError_t e = cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_stream);
     if (e != cudaSuccess) return e;
   }
+  cudaError_t e = fetch_fault();
+  if (e != cudaSuccess) return e;
   return cudaStreamSynchronize(g_stream);
 }
 
@@ -95,7 +121,11 @@ extern "C" int xft_cuda_memset(void* dst, int byte, size_t bytes) {
   return cudaMemsetAsync(dst, byte, bytes, g_stream);
 }
 
-extern "C" int xft_cuda_synchronize(void) { return cudaStreamSynchronize(g_stream); }
+extern "C" int xft_cuda_synchronize(void) {
+  cudaError_t e = fetch_fault();
+  if (e != cudaSuccess) return e;
+  return cudaStreamSynchronize(g_stream);
+}
 
 extern "C" int xft_cuda_check(void) { return cudaGetLastError(); }
 
@@ -110,7 +140,9 @@ extern "C" int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes) {
 }
 
 extern "C" int xft_cuda_pool_trim(void) {
-  cudaError_t e = cudaStreamSynchronize(g_stream);
+  cudaError_t e = fetch_fault();
+  if (e != cudaSuccess) return e;
+  e = cudaStreamSynchronize(g_stream);
   if (e != cudaSuccess) return e;
   return cudaMemPoolTrimTo(g_pool, 0);
 }

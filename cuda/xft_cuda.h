@@ -48,6 +48,35 @@ int xft_cuda_check(void);                              // last launch error, wit
 int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes);
 int xft_cuda_pool_trim(void);                          // release unused pool memory to the driver
 
+// Index faults. A kernel that meets an index outside its range (e.g. routing.experts holding 1e6)
+// skips the access and records it in one small device record; the record comes back with every
+// d2h copy, xft_cuda_synchronize and xft_cuda_pool_trim (the points where the stream already
+// waits), and xft_cuda_take_fault hands it over once and clears it. The binding turns it into an
+// XFT_INDEX error there. The first op (in stream order) to fault since the last wait is kept, with
+// its smallest faulting index, so the report is deterministic.
+enum xft_fault_kind {
+  XFT_FAULT_NONE = 0,
+  XFT_FAULT_ROUTE_EXPERTS = 1,  // route_backward: experts[index] = value outside [shared, N + shared); bound = N
+  XFT_FAULT_EMBEDDING_IDS = 2,  // embedding forward/backward: ids[index] = value outside [0, bound = V)
+};
+typedef struct xft_cuda_fault {
+  int kind;   // xft_fault_kind
+  int index;  // flat element index into the index tensor
+  int value;  // the value found there
+  int bound;  // the range it broke: N (logit columns) for experts, V for ids
+} xft_cuda_fault;
+// The device record (zeroed = no fault): worst = ~((index << 32) | (uint32)value), kept by atomicMax,
+// so the smallest index wins.
+typedef struct xft_cuda_fault_slot {
+  int kind;
+  int bound;
+  unsigned long long worst;
+} xft_cuda_fault_slot;
+// The device pointer kernels record faults through (set by xft_cuda_init; NULL before).
+xft_cuda_fault_slot* xft_cuda_fault_record(void);
+// The fault seen at the last synchronisation (kind 0 if none); clears it on host and device.
+int xft_cuda_take_fault(xft_cuda_fault* out);
+
 // ---- tensor fills and casts (cuda/fill.cu) ----
 // kind 0: uniform in [a, b); kind 1: normal with mean a and std b. Element i depends on (seed, i) only.
 int xft_cuda_fill_random(void* out, int dtype, size_t n, int kind, uint64_t seed, float a, float b);
@@ -74,6 +103,9 @@ int xft_cuda_route_backward(const void* logits, int dtype, int T, int N, int K, 
 // ---- grouped expert GEMM (cuda/grouped_gemm.cu) ----
 // x [M, k], w [E, n, k], offsets i32 [E + 1] (0 = o_0 <= ... <= o_E = M), y [M, n]:
 // y[o_e:o_{e+1}] = x[o_e:o_{e+1}] @ w[e]^T. x, w, y, dy, dx share dtype (f32 or bf16); fp32 accumulation.
+// Other offsets are memory safe and fully defined: each is clamped to [0, M] and raised to the
+// running maximum (o'_e = max(o'_{e-1}, clamp(o_e))), group e is rows o'_e .. o'_{e+1}, and rows
+// outside [o'_0, o'_E) of y and dx are zero.
 int xft_cuda_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
                                   int dtype, int M, int n, int k, int E);
 // dx [M, k] = dy @ w[e] per group (overwrite; skipped when dx is NULL);
@@ -185,7 +217,9 @@ int xft_cuda_adamw(float* p, const float* g, float* m, float* v, size_t n, float
 // MoE permutation (cuda/moe_permute.cu), around the grouped GEMMs. order i32 [T*K] from routing
 // (pairs t*K + s sorted by expert); position i32 [T*K] its inverse. x, dx, out, dout [T, d];
 // xp, dxp, y, dy [T*K, d]; all of one dtype (f32 or bf16), fp32 math; g, dg f32 [T, K].
-// Out-of-range indices read as zero rows and are never written through (memory safety only).
+// Any index values give fully defined outputs: out-of-range indices read as zero rows and are
+// never written through; entries nothing maps to are -1 (position) or zero rows (dy); where several
+// map to one entry, the largest source index wins (deterministic).
 int xft_cuda_invert_permutation(const int* order, int* position, int n);              // position[order[i]] = i
 int xft_cuda_permute_forward(const void* x, const int* order, void* xp, int dtype, int T, int K, int d);
 //   xp[i] = x[order[i] / K]
@@ -197,6 +231,7 @@ int xft_cuda_unpermute_forward(const void* y, const int* position, const float* 
 int xft_cuda_unpermute_backward(const void* dout, const void* y, const int* position, const float* g,
                                 void* dy, float* dg, int dtype, int T, int K, int d);
 //   dy[position[t*K + s]] = g[t, s] dout[t];  dg[t, s] = <dout[t], y[position[t*K + s]]>  (overwrite)
+//   (dy rows no pair maps to are zero; uses a T*K int scratch from the pool)
 
 // balance loss (cuda/moe_permute.cu): loss f32 [1] = weight (cv2(importance) + cv2(load)),
 // cv2(x) = var(x) / (mean(x)^2 + 1e-10), unbiased variance (N - 1), cv2 = 0 when N == 1; f32 [N] inputs.

@@ -5,6 +5,7 @@ export type XftErrorCode =
   | 'XFT_DEVICE' // a tensor is on the wrong device, or the device is not available
   | 'XFT_DISPOSED' // a tensor was used after dispose()
   | 'XFT_VALUE' // an argument has an invalid value
+  | 'XFT_INDEX' // an index tensor holds an entry outside its range (found by the native layer or a GPU kernel)
   | 'XFT_TYPE' // an argument has the wrong type
   | 'XFT_OOM' // out of memory
   | 'XFT_CUDA' // a CUDA call or kernel failed

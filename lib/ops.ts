@@ -144,7 +144,9 @@ export function routeShared(logits: Tensor, options: RouteOptions): Routing {
 
 /**
  * dL/dlogits [T, E-1] (logits dtype) from dL/dweights f32 [T, K], and optionally dL/dimportance
- * f32 [E-1] (the balance loss), through normalization, top-k and softmax.
+ * f32 [E-1] (the balance loss), through normalization, top-k and softmax. routing.experts must
+ * name logit columns (as routeShared wrote them): on the CPU any other entry throws XFT_INDEX before
+ * anything is written; on CUDA it is skipped and XFT_INDEX is thrown at the next synchronisation.
  */
 export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: Tensor, options: { dImportance?: Tensor } = {}): Tensor {
   const op = 'routeSharedBackward';
@@ -169,7 +171,9 @@ export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: 
 
 export interface GroupedGemmOptions {
   /** Check offsets (0 = o_0 <= ... <= o_E = M). On CUDA this reads them back (a synchronisation);
-   * pass false for offsets made by routeShared, which are valid by construction. Default true. */
+   * pass false for offsets made by routeShared, which are valid by construction. Default true.
+   * Unchecked, other offsets are clamped to [0, M] and made non-decreasing (o'_e = max(o'_{e-1},
+   * o_e)); rows outside [o'_0, o'_E) of y and dx are zeros: outputs are always fully written. */
   validate?: boolean;
 }
 

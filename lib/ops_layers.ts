@@ -84,7 +84,8 @@ function output(op: string, name: string, given: unknown, shape: readonly number
 // 1. Token embedding
 
 function checkIds(op: string, ids: Tensor, V: number): void {
-  if (ids.device !== 'cpu') return; // on CUDA, out-of-range ids give zero rows (forward) and are skipped (backward)
+  // on CUDA, out-of-range ids give zero rows (forward), are skipped (backward) and throw XFT_INDEX at the next sync
+  if (ids.device !== 'cpu') return;
   const v = ids.toArray();
   for (let i = 0; i < v.length; i++)
     if (v[i] < 0 || v[i] >= V)
@@ -94,7 +95,7 @@ function checkIds(op: string, ids: Tensor, V: number): void {
 /**
  * out[..., :] = table[ids[...], :]. ids i32 of any shape (e.g. [B, T]), table f32 or bf16 [V, d];
  * out [...ids.shape, d] in the table's dtype. Ids of CPU tensors are checked (XFT_VALUE); on CUDA an
- * out-of-range id gives a zero row.
+ * out-of-range id gives a zero row and XFT_INDEX at the next synchronisation (e.g. toArray).
  */
 export function embedding(ids: Tensor, table: Tensor): Tensor {
   const op = 'embedding';

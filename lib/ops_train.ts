@@ -243,7 +243,10 @@ export function adamw(params: Tensor, grads: Tensor, m: Tensor, v: Tensor, optio
 export interface PermutationOptions {
   /** Check that order / position is a permutation of 0 .. T*K-1. On CUDA this reads it back (a
    * synchronisation); pass false for routeShared's order and its inverse, valid by construction.
-   * Default true. Unchecked, out-of-range entries read as zero rows and are never written through. */
+   * Default true. Unchecked, outputs are still fully written: out-of-range entries read as zero rows
+   * and are never written through; invertPermutation gives -1 where no entry maps and the largest
+   * source index where several do; unpermuteBackward's dy has zero rows where no pair maps and the
+   * last pair's (largest t*K + s) where several do. */
   validate?: boolean;
 }
 

@@ -82,16 +82,19 @@ t.test('embedding: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
     }
 });
 
-t.test('embedding on CUDA: out-of-range ids give zero rows and no gradient', { skip: SKIP_NO_CUDA }, async (t) => {
+t.test('embedding on CUDA: out-of-range ids give zero rows, no gradient, and XFT_INDEX at the next sync', { skip: SKIP_NO_CUDA }, async (t) => {
   const V = 4, d = 9;
   const ids = Tensor.from([1, -1, 4, 2147483647, 3, -2147483648], [6], { dtype: 'i32', device: 'cuda' });
   const table = Tensor.from(Array.from({ length: V * d }, (_, i) => i + 1), [V, d], { device: 'cuda' });
-  const out = ops.embedding(ids, table).toArray();
+  const outT = ops.embedding(ids, table);
+  t.throws(() => outT.toArray(), { code: 'XFT_INDEX', message: /ids\[1\] = -1/ }, 'the first bad id is reported once');
+  const out = outT.toArray();
   const row = (v: number) => Array.from({ length: d }, (_, c) => v * d + c + 1);
   const zero = new Array(d).fill(0);
   exact(t, out, [...row(1), ...zero, ...zero, ...zero, ...row(3), ...zero], 'zero rows for invalid ids');
-  const dTable = ops.embeddingBackward(ids, Tensor.ones([6, d], { device: 'cuda' }), V).toArray();
-  exact(t, dTable, [...zero, ...new Array(d).fill(1), ...zero, ...new Array(d).fill(1)], 'invalid ids skipped');
+  const dTableT = ops.embeddingBackward(ids, Tensor.ones([6, d], { device: 'cuda' }), V);
+  t.throws(() => dTableT.toArray(), { code: 'XFT_INDEX' }, 'backward: reported at the next sync');
+  exact(t, dTableT.toArray(), [...zero, ...new Array(d).fill(1), ...zero, ...new Array(d).fill(1)], 'invalid ids skipped');
 });
 
 t.test('rmsnorm: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {

@@ -5,8 +5,10 @@ CPU twin of cuda/grouped_gemm.cu: one GEMM per expert over a contiguous group of
   backward: dx[r] = w[e]^T @ dy[r]                                            dx [M, k]
             dw[e] (+)= sum_r dy[r] outer x[r]                                 dw [E, n, k]
 bf16 operands are widened to fp32, accumulated in fp32, and results rounded once to bf16
-(with accumulate, dw = round(dw + sum)). Offsets are clamped to [0, M] so that even invalid
-offsets (rejected earlier by the binding) never read or write out of bounds.
+(with accumulate, dw = round(dw + sum)). Any offsets (lib/ops.ts checks them unless validate is
+false) are memory safe and give fully defined outputs, as the CUDA kernels: each is clamped to
+[0, M] and raised to the running maximum, o'_e = max(o'_{e-1}, clamp(o_e)); group e is rows
+o'_e .. o'_{e+1}; rows outside [o'_0, o'_E) of y and dx are zero.
 */
 #include <string.h>
 
@@ -17,7 +19,22 @@ offsets (rejected earlier by the binding) never read or write out of bounds.
 
 namespace {
 
-inline int clamp_offset(const int* offsets, int e, int M) { return std::min(std::max(offsets[e], 0), M); }
+// o'_0 .. o'_E: the offsets clamped to [0, M] and made non-decreasing (the groups as the kernels see them)
+std::vector<int> effective_offsets(const int* offsets, int E, int M) {
+  std::vector<int> o(E + 1);
+  for (int e = 0; e <= E; e++) {
+    o[e] = std::min(std::max(offsets[e], 0), M);
+    if (e > 0) o[e] = std::max(o[e], o[e - 1]);
+  }
+  return o;
+}
+
+// zero rows [0, o'_0) and [o'_E, M) of out [M, cols]
+void zero_uncovered_rows(void* out, const std::vector<int>& o, int M, int cols, size_t es) {
+  const size_t row = (size_t)cols * es;
+  memset(out, 0, (size_t)o.front() * row);
+  memset((char*)out + (size_t)o.back() * row, 0, (size_t)(M - o.back()) * row);
+}
 
 // y[r, j] = dot(a[r, :], b[j, :]) for r < rows, j < cols, all fp32, k contiguous in both
 void gemm_nt(const float* a, const float* b, float* y, int rows, int cols, int k) {
@@ -64,8 +81,10 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
                                  int dtype, int M, int n, int k, int E) {
   const size_t es = elem_size(dtype);
   std::vector<float> xe, we((size_t)n * k), ye;
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  zero_uncovered_rows(y, o, M, n, es);
   for (int e = 0; e < E; e++) {
-    int r0 = clamp_offset(offsets, e, M), r1 = std::max(r0, clamp_offset(offsets, e + 1, M));
+    int r0 = o[e], r1 = o[e + 1];
     int rows = r1 - r0;
     if (rows == 0) continue;
     xe.resize((size_t)rows * k);
@@ -85,8 +104,10 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
                                   int accumulate) {
   const size_t es = elem_size(dtype);
   std::vector<float> xe, dye, we((size_t)n * k), dwe((size_t)n * k);
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  if (dx) zero_uncovered_rows(dx, o, M, k, es);
   for (int e = 0; e < E; e++) {
-    int r0 = clamp_offset(offsets, e, M), r1 = std::max(r0, clamp_offset(offsets, e + 1, M));
+    int r0 = o[e], r1 = o[e + 1];
     int rows = r1 - r0;
     dye.resize((size_t)rows * n);
     xe.resize((size_t)rows * k);

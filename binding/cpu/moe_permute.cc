@@ -10,8 +10,12 @@ x, dx, out, dout [T, d]; xp, dxp, y, dy [T*K, d]; one dtype (f32 or bf16), fp32 
   permute backward:    dx[t] = sum_s dxp[position[t*K + s]]           (slot order: deterministic)
   unpermute forward:   out[t] = sum_s g[t, s] y[position[t*K + s]]    (the weighted combine)
   unpermute backward:  dy[position[t*K + s]] = g[t, s] dout[t],  dg[t, s] = <dout[t], y[position[t*K + s]]>
-Indices outside [0, T*K) read as zero rows and are never written through (the CUDA kernels do the
-same); the TS wrappers can check that order/position are permutations.
+Any index values give fully defined outputs (the CUDA kernels do the same; the TS wrappers check
+that order/position are permutations unless validate is false):
+- indices outside [0, T*K) read as zero rows and are never written through;
+- invert_permutation: position[j] = -1 where no i has order[i] = j, the largest such i where several do;
+- unpermute backward: dy[i] = g[q] dout[q / K] with q the largest pair index t*K + s whose position
+  is i (the inverse of position), zero rows where there is none.
 
 Balance loss (XFT.md): loss = weight (cv2(importance) + cv2(load)), cv2(x) = var(x) / (mean(x)^2 + 1e-10),
 var unbiased (N - 1, as torch.var), cv2 = 0 when N == 1. With mu = mean, S = var, D = mu^2 + 1e-10:
@@ -25,6 +29,7 @@ var unbiased (N - 1, as torch.var), cv2 = 0 when N == 1. With mu = mean, S = var
 #include "xft_cpu.h"
 
 int xft_cpu_invert_permutation(const int* order, int* position, int n) {
+  for (int i = 0; i < n; i++) position[i] = -1;
   for (int i = 0; i < n; i++) {
     int o = order[i];
     if (o >= 0 && o < n) position[o] = i;
@@ -84,14 +89,19 @@ int xft_cpu_unpermute_backward(const void* dout, const void* y, const int* posit
     xft_cpu::to_f32(go.data(), (const char*)dout + (size_t)t * d * (dtype == XFT_BF16 ? 2 : 4), dtype, d);
     for (int s = 0; s < K; s++) {
       int p = position[(size_t)t * K + s];
-      float w = g[(size_t)t * K + s], acc = 0.f;
+      float acc = 0.f;
       if (p >= 0 && p < n)
-        for (int c = 0; c < d; c++) {
-          acc += go[c] * xft_cpu::load(y, dtype, (size_t)p * d + c);
-          xft_cpu::store(dy, dtype, (size_t)p * d + c, w * go[c]);
-        }
+        for (int c = 0; c < d; c++) acc += go[c] * xft_cpu::load(y, dtype, (size_t)p * d + c);
       dg[(size_t)t * K + s] = acc;
     }
+  }
+  std::vector<int> inverse(n);
+  xft_cpu_invert_permutation(position, inverse.data(), n);
+  for (int i = 0; i < n; i++) {
+    const int q = inverse[i];
+    const float w = q >= 0 ? g[q] : 0.f;
+    for (int c = 0; c < d; c++)
+      xft_cpu::store(dy, dtype, (size_t)i * d + c, q >= 0 ? w * xft_cpu::load(dout, dtype, (size_t)(q / K) * d + c) : 0.f);
   }
   return 0;
 }

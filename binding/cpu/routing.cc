@@ -12,7 +12,10 @@ experts[t] = [i_1 + 1, ..., i_S + 1, 0] with a shared expert, [i_1, ..., i_S] wi
 importance[j] = sum over tokens selecting column j of p_j; load[j] = their count.
 counts/offsets/order: a stable counting sort of the T*K (token, slot) pairs by expert.
 
-Backward (dweights = dL/dg, dimportance = dL/dimportance or none), per token, q = softmax(p_sel):
+Backward (dweights = dL/dg, dimportance = dL/dimportance or none), per token, q = softmax(p_sel).
+experts come from the caller: binding/xft_ops.cc rejects an expert outside the logit columns
+(XFT_INDEX) before this runs; here it is clamped, as in the kernel, so nothing reads or writes
+out of bounds even so.
   normalize:  dp_{i_m} = p_1 q_m (dg_m - sum_j q_j dg_j),  dp_{i_1} += sum_j q_j dg_j - dg_0
   !normalize: dp_{i_m} = dg_m,                             dp_{i_1} -= dg_0
   dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
@@ -20,6 +23,7 @@ Backward (dweights = dL/dg, dimportance = dL/dimportance or none), per token, q 
 */
 #include <math.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "xft_cpu.h"
@@ -106,7 +110,8 @@ int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, i
     softmax(z.data(), N, p.data());
     const int* ex = experts + (size_t)t * K;
     const float* dg = dweights + (size_t)t * K;
-    for (int j = 0; j < S; j++) sel[j] = shared ? ex[j] - 1 : ex[j];
+    // clamped as the kernel does (memory safety only: the binding rejects such experts first)
+    for (int j = 0; j < S; j++) sel[j] = std::min(std::max(shared ? ex[j] - 1 : ex[j], 0), N - 1);
     for (int j = 0; j < N; j++) dp[j] = dz[j] = 0.f;
     if (shared) {
       if (normalize) {

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU test files (test/3x and the leak test) against the CUDA backend run by the host
+# The GPU test files (test/3x, the leak and index-safety tests) against the CUDA backend run by the host
 # emulation (cuda_runtime.h here), on a machine without a GPU. Builds the addon with XFT_EMU=ON
 # into build-emu (and build-emu-asan for 'asan'), then runs tap with it. Modes:
 #   quick    the default order (threads and blocks in index order, cp.async lands at wait_group)
@@ -12,7 +12,7 @@ set -euo pipefail
 MODE=${1:-quick}
 shift || true
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/12.leak.ts)
+[ ${#FILES[@]} -gt 0 ] || FILES=(test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/12.leak.ts test/13.index_safety.ts)
 cd "$(dirname "$0")/../../.."
 
 build() {  # out-dir, extra cmake-js flags

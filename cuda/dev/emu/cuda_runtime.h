@@ -101,6 +101,12 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcs(const T* p) { return *p; }
+// integer atomics: emulated threads switch only at barriers, so a plain read-modify-write is atomic
+inline int atomicCAS(int* p, int compare, int v) { int o = *p; if (o == compare) *p = v; return o; }
+inline int atomicExch(int* p, int v) { int o = *p; *p = v; return o; }
+inline int atomicMax(int* p, int v) { int o = *p; if (v > o) *p = v; return o; }
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) { auto o = *p; if (v > o) *p = v; return o; }
+inline void __threadfence() {}
 inline void emu_rcp_approx(float& out, float in) { out = 1.0f / in; }
 
 // ---- errors ----
@@ -229,6 +235,7 @@ inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
   memset(d, v, n);
   return cudaSuccess;
 }
+inline cudaError_t cudaMemset(void* d, int v, size_t n) { return cudaMemsetAsync(d, v, n, nullptr); }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)&g_emu; return cudaSuccess; }
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
