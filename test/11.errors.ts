@@ -51,11 +51,13 @@ t.test('cuda unavailable is a clear error', { skip: CUDA ? 'a CUDA device is pre
 
 t.test('native layer rejects what slips past', async (t) => {
   // the binding re-checks sizes even when called directly
-  const s = new native.Storage(0, 8);
+  const s = native.alloc(0, 8, {});
   throwsCode(t, () => native.fillValue(s, 0, 100, 1), 'XFT_SHAPE', /holds 8 bytes/, 'fill beyond storage');
   throwsCode(t, () => native.fillValue({} as never, 0, 1, 1), 'XFT_TYPE', /storage/, 'not a storage');
   throwsCode(t, () => native.fillValue(s, 7, 1, 1), 'XFT_DTYPE', /dtype/, 'bad dtype code');
-  throwsCode(t, () => new native.Storage(0, -1), 'XFT_SHAPE', /bytes/, 'negative size');
-  s.dispose();
+  throwsCode(t, () => native.alloc(0, -1, {}), 'XFT_SHAPE', /bytes/, 'negative size');
+  throwsCode(t, () => native.fillValue(123456789 as never, 0, 1, 1), 'XFT_TYPE', /storage/, 'a number that names no storage');
+  t.equal(native.free(s), true, 'free releases');
+  t.equal(native.free(s), false, 'a second free is a no-op');
   throwsCode(t, () => native.fillValue(s, 0, 1, 1), 'XFT_DISPOSED', /after dispose/, 'disposed storage');
 });
