@@ -27,6 +27,7 @@ export interface Expect {
 export function expectTensor(op: string, name: string, t: unknown, e: Expect = {}): Tensor {
   if (!Tensor.isTensor(t)) throw invalidArgument(op, name, 'a Tensor', t, 'XFT_TYPE');
   if (t.disposed) throw new XftError(`${op}: ${name} (${t.describe()}) was used after dispose()`, 'XFT_DISPOSED');
+  if (t.offset !== 0) throw new XftError(`${op}: ${name} (${t.describe()}) is a view that starts inside its storage (narrow); ops take whole tensors: clone() it`, 'XFT_SHAPE');
   const want = e.shapeName ? ` ${e.shapeName}` : '';
   if (e.dtype && !e.dtype.includes(t.dtype))
     throw new XftError(`${op}: expected ${name} to be a ${e.dtype.join(' or ')} tensor${want}, got ${t.describe()}`, 'XFT_DTYPE');

@@ -126,6 +126,9 @@ function tensorOptions(op: string, options: unknown): { dtype: DType; device: De
   return { dtype, device };
 }
 
+/** Most elements one tensor may have (the kernels index rows and columns with 32-bit integers). */
+export const MAX_TENSOR_ELEMENTS = 2 ** 31 - 1;
+
 /** The most bytes one tensor may take: the memory of its device (no larger tensor can exist there). */
 export function maxTensorBytes(device: Device): number {
   return device === 'cuda' ? (backendCache ?? backend()).totalMemory ?? 0 : os.totalmem();
@@ -133,7 +136,10 @@ export function maxTensorBytes(device: Device): number {
 
 /** Throws XFT_SHAPE (before anything is allocated) when a tensor of this size cannot fit on its device. */
 function checkSize(op: string, shape: Shape, dtype: DType, device: Device): number {
-  const bytes = numelOf(shape) * DTYPE_BYTES[dtype];
+  const numel = numelOf(shape);
+  if (!(numel <= MAX_TENSOR_ELEMENTS))
+    throw new XftError(`${op}: a ${dtype}${formatShape(shape)} tensor would have ${numel} elements, more than the ${MAX_TENSOR_ELEMENTS} a tensor may have`, 'XFT_SHAPE');
+  const bytes = numel * DTYPE_BYTES[dtype];
   const limit = maxTensorBytes(device);
   if (!(bytes <= limit))
     throw new XftError(`${op}: a ${dtype}${formatShape(shape)} tensor needs ${bytes} bytes, more than the ${limit} bytes of memory of the ${device}`, 'XFT_SHAPE');
