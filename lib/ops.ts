@@ -275,7 +275,7 @@ export function mergeExpertsBackward(weights: Tensor[], alpha: Tensor, sharedRat
   const o = expectOptions<{ into?: Tensor }>(op, options, 'an options object { into? }');
   expectArray(op, 'dMerged', dMerged, `an array of ${a.stacks.length} gradients`);
   if (dMerged.length !== a.stacks.length)
-    throw invalidArgument(op, 'dMerged', `an array of ${a.stacks.length} gradients (one per expert stack)`, dMerged, 'XFT_SHAPE');
+    throw invalidArgument(op, 'dMerged', `an array of ${a.stacks.length} gradients (one per expert stack)`, dMerged, 'XFT_TYPE');
   const grads = dMerged.map((g, i) => expectTensor(op, `dMerged[${i}]`, g, { dtype: [a.dtype], shape: a.stacks[i].shape.slice(1),
     shapeName: formatShape(a.stacks[i].shape.slice(1)) }));
   const into = o.into === undefined ? null : expectTensor(op, 'options.into', o.into, { dtype: ['f32'], shape: alpha.shape });

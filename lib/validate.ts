@@ -54,7 +54,7 @@ export function expectPositive(op: string, name: string, v: unknown): number {
 /** `v` as a dense array (no holes) of at least `min` elements, else XFT_TYPE naming `name`. */
 export function expectArray<T = unknown>(op: string, name: string, v: unknown, what: string, min = 0): T[] {
   if (!Array.isArray(v)) throw invalidArgument(op, name, what, v, 'XFT_TYPE');
-  if (v.length < min) throw invalidArgument(op, name, what, v, 'XFT_VALUE');
+  if (v.length < min) throw invalidArgument(op, name, what, v, 'XFT_TYPE');
   for (let i = 0; i < v.length; i++) if (!(i in v)) throw invalidArgument(op, `${name}[${i}]`, `${what} (the array has a hole here)`, undefined, 'XFT_TYPE');
   return v as T[];
 }
