@@ -13,6 +13,8 @@ import * as fs from 'node:fs';
 import {
   Tensor, XftError, ops, manualSeed, setDefaultDevice, disposeAll, memoryStats, synchronize, resetPeakMemory, backend,
   createDense, upcycle, mergeable, toDense, copyDense, countParameters, tinyConfig, llamaConfig, moeConfig, parameterCount,
+  parseJsonl, formatPrompt, ByteTokenizer, countTargets, concatRows, encodeExample, shuffle, split, toRows, batches,
+  pickToken, generate, train, evaluate, learningRate,
 } from '../../lib/index';
 
 const [seedArg, batchArg, firstArg, countArg, mode] = process.argv.slice(2);
@@ -56,8 +58,19 @@ function cyclic(): object {
   return o;
 }
 
+/** Set for entry points whose work grows with a count (train steps, generated tokens): a huge count
+ * there is a valid request that takes forever, not a bad argument. */
+let noHugeCounts = false;
+
 /** A bad value: anything an argument should not be. */
 function badValue(r: Rng): unknown {
+  for (;;) {
+    const v = anyBadValue(r);
+    if (!(noHugeCounts && typeof v === 'number' && v > 1000 && Number.isFinite(v))) return v;
+  }
+}
+
+function anyBadValue(r: Rng): unknown {
   const cases: (() => unknown)[] = [
     () => null, () => undefined, () => NaN, () => -1, () => 0, () => 1, () => 3, () => 1.5, () => -0, () => Infinity, () => -Infinity,
     () => 2 ** 31, () => 2 ** 32, () => 2 ** 53, () => 1e300, () => -(2 ** 31), () => 'x', () => '', () => 'f32', () => 'cpu', () => 'cuda', () => 'i32',
@@ -171,6 +184,24 @@ const entries: Entry[] = [
   ['Model#logits', () => [denseModel(), i32([1, 2, 3, 4]), 1, 4], (m, ...a) => (m as { logits: (...x: unknown[]) => unknown }).logits(...a)],
   ['Model#forward', () => [moeModel(), i32([1, 2, 3, 4]), i32([2, 3, 4, -100]), 1, 4, { training: true, seed: 1n }],
     (m, ...a) => (m as { forward: (...x: unknown[]) => unknown }).forward(...a)],
+  // data, generation and training
+  ['parseJsonl', () => ['{"instruction":"a","response":"b"}\n{"problem":"c","solution":"d"}\n', 'src.jsonl'], fn(parseJsonl)],
+  ['formatPrompt', () => ['Write a function.'], fn(formatPrompt)],
+  ['ByteTokenizer#encode', () => [new ByteTokenizer(), 'abc'], (tk, ...a) => (tk as ByteTokenizer).encode(...(a as [string]))],
+  ['ByteTokenizer#decode', () => [new ByteTokenizer(), [97, 98]], (tk, ...a) => (tk as ByteTokenizer).decode(...(a as [number[]]))],
+  ['countTargets', () => [[1, -1, 2]], fn(countTargets)],
+  ['concatRows', () => [[{ ids: [1, 2], targets: [2, 3] }, { ids: new Int32Array([4, 5]), targets: [5, -1] }], 'ids'], fn(concatRows)],
+  ['encodeExample', () => [new ByteTokenizer(), { instruction: 'a', response: 'b' }], fn(encodeExample)],
+  ['shuffle', () => [[1, 2, 3, 4], 7], fn(shuffle)],
+  ['split', () => [[1, 2, 3, 4], 0.25, 7], fn(split)],
+  ['toRows', () => [[{ ids: [1, 2, 3], targets: [2, 3, -1] }, { ids: [4, 5, 6], targets: [5, 6, 7] }], 4, 'pack', 0], fn(toRows)],
+  ['batches', () => [[{ ids: [1, 2], targets: [2, 3] }, { ids: [4, 5], targets: [5, -1] }], 1, 3], (...a) => [...(batches as (...x: unknown[]) => Iterable<unknown>)(...a)]],
+  ['pickToken', (r) => [[0.1, 2, -1, 0.5], 0.8, 0.9, () => r.next()], fn(pickToken)],
+  ['learningRate', () => [3, 1e-3, 2, 10], fn(learningRate)],
+  ['generate', () => [denseModel(), new ByteTokenizer(), 'ab', { maxNewTokens: 2, temperature: 0.5, topP: 0.9, seed: 1 }], fn(generate)],
+  ['train', () => [denseModel(), [{ ids: [1, 2, 3, 4], targets: [2, 3, 4, -1] }, { ids: [5, 6, 7, 8], targets: [6, 7, 8, 9] }],
+    { lr: 1e-3, batchSize: 1, steps: 1 }], (...a) => keep((train as (...x: unknown[]) => { state: unknown }).apply(null, a).state)],
+  ['evaluate', () => [denseModel(), [{ ids: [1, 2, 3, 4], targets: [2, 3, 4, -1] }], { batchSize: 1 }], fn(evaluate)],
   // the XFT ops
   op('routeShared', (r) => [f32([4, 3], r), { topK: 3, normalize: true, shared: true }]),
   op('routeSharedBackward', (r) => { const x = routing(r); return [x.logits, x.routing, f32([4, 3], r), { dImportance: f32([3], r) }]; }),
@@ -253,6 +284,7 @@ const list = (mode === 'index-values' ? indexEntries : entries).filter(([name]) 
 for (let call = FIRST; call < FIRST + COUNT; call++) {
   const r = rngFor(call);
   const [name, build, invoke] = list[r.int(list.length)];
+  noHugeCounts = name === 'train' || name === 'generate';
   fs.writeSync(1, `call ${call} ${name}\n`);
   let args: unknown[] = [];
   try {
@@ -260,11 +292,11 @@ for (let call = FIRST; call < FIRST + COUNT; call++) {
     if (mode !== 'index-values') {
       // mostly one or two bad arguments; sometimes all valid, sometimes one missing or one extra
       const roll = r.next();
-      if (roll < 0.08) { /* valid */ } else if (roll < 0.14 && args.length) args = args.slice(0, Math.max(name.startsWith('Model#') ? 1 : 0, r.int(args.length)));
+      if (roll < 0.08) { /* valid */ } else if (roll < 0.14 && args.length) args = args.slice(0, Math.max(/^(Model|ByteTokenizer)#/.test(name) ? 1 : 0, r.int(args.length)));
       else if (roll < 0.18) args = [...args, badValue(r)];
       else {
         const n = r.chance(0.25) ? 2 : 1;
-        const from = name.startsWith('Model#') ? 1 : 0; // a model method keeps its model
+        const from = /^(Model|ByteTokenizer)#/.test(name) ? 1 : 0; // a model or tokenizer method keeps its receiver
         for (let i = 0; i < n && args.length > from; i++) {
           const at = from + r.int(args.length - from);
           args[at] = mutate(args[at], r);
