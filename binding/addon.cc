@@ -4,16 +4,26 @@
 #include <sys/mman.h>
 
 #include <atomic>
+#include <unordered_map>
 
 #include "common.h"
 
 namespace xft {
 
+static void ReleaseMemory(Storage& s);
+
 namespace {
 
 struct InstanceData {
   Napi::FunctionReference error_class;
-  Napi::FunctionReference storage_ctor;
+  // the live storages of this environment by handle; handles count up from 1 and are never reused,
+  // so a stale handle is always recognised as disposed
+  std::unordered_map<uint64_t, Storage> storages;
+  uint64_t next_handle = 1;
+  // what JavaScript never disposed nor collected is freed when the environment ends
+  ~InstanceData() {
+    for (auto& entry : storages) ReleaseMemory(entry.second);
+  }
 };
 
 InstanceData* Data(Napi::Env env) { return env.GetInstanceData<InstanceData>(); }
@@ -142,94 +152,121 @@ static void HostFree(void* p, size_t bytes) {
   else free(p);
 }
 
-Napi::Function Storage::Define(Napi::Env env) {
-  return DefineClass(env, "Storage",
-                     {InstanceMethod<&Storage::Dispose>("dispose"),
-                      InstanceAccessor<&Storage::GetBytes>("bytes"),
-                      InstanceAccessor<&Storage::GetDevice>("device"),
-                      InstanceAccessor<&Storage::GetDisposed>("disposed")});
-}
-
-Storage::Storage(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Storage>(info), env_(info.Env()) {
-  Napi::Env env = info.Env();
-  int64_t dev = ArgInt(info, 0, "Storage", "device");
-  int64_t nbytes = ArgInt(info, 1, "Storage", "bytes");
-  if (dev != DEV_CPU && dev != DEV_CUDA) Throw(env, "XFT_DEVICE", "Storage: device must be 0 (cpu) or 1 (cuda)");
-  if (nbytes < 0) Throw(env, "XFT_SHAPE", "Storage: bytes must be >= 0, got " + std::to_string(nbytes));
-  device = (int)dev;
-  bytes = (size_t)nbytes;
-  if (device == DEV_CPU) {
-    data = HostAlloc(bytes);
-    if (!data) Throw(env, "XFT_OOM", "Storage: out of host memory allocating " + std::to_string(bytes) + " bytes");
-    if (g_poison) memset(data, 0xFF, bytes);
-    g_counters.host_bytes += (int64_t)bytes;
-    g_counters.host_count++;
-    if (g_counters.host_bytes > g_counters.host_peak) g_counters.host_peak = g_counters.host_bytes;
-  } else {
-    RequireCuda(env, "Storage");
-#ifdef XFT_WITH_CUDA
-    int status = xft_cuda_malloc(&data, bytes);
-    if (status != 0) {
-      data = nullptr;
-      Throw(env, "XFT_OOM", "Storage: cannot allocate " + std::to_string(bytes) + " bytes on the GPU: " +
-                                xft_cuda_error_string(status));
-    }
-    if (g_poison) CheckStatus(env, "Storage", xft_cuda_memset(data, 0xFF, bytes));
-#endif
-    g_counters.cuda_bytes += (int64_t)bytes;
-    g_counters.cuda_count++;
-    if (g_counters.cuda_bytes > g_counters.cuda_peak) g_counters.cuda_peak = g_counters.cuda_bytes;
-  }
-  Napi::MemoryManagement::AdjustExternalMemory(env, (int64_t)bytes);
-}
-
-void Storage::Release() {
-  if (disposed) return;
-  disposed = true;
-  if (data == nullptr) return;
-  if (device == DEV_CPU) {
-    HostFree(data, bytes);
-    g_counters.host_bytes -= (int64_t)bytes;
+static void ReleaseMemory(Storage& s) {
+  if (s.data == nullptr) return;
+  if (s.device == DEV_CPU) {
+    HostFree(s.data, s.bytes);
+    g_counters.host_bytes -= (int64_t)s.bytes;
     g_counters.host_count--;
   } else {
 #ifdef XFT_WITH_CUDA
-    xft_cuda_free(data);  // stream ordered: safe while kernels using it are still queued
+    xft_cuda_free(s.data);  // stream ordered: safe while kernels using it are still queued
 #endif
-    g_counters.cuda_bytes -= (int64_t)bytes;
+    g_counters.cuda_bytes -= (int64_t)s.bytes;
     g_counters.cuda_count--;
   }
-  data = nullptr;
+  s.data = nullptr;
 }
 
-Storage::~Storage() {
-  size_t b = disposed ? 0 : bytes;
-  Release();
-  if (b) Napi::MemoryManagement::AdjustExternalMemory(env_, -(int64_t)b);
+// Handles travel as JS numbers: exact up to 2^53, far beyond any number of allocations.
+static const double kMaxHandle = 9007199254740991.0;
+
+// Releases a storage's memory and its owner's finalizer, and forgets its handle.
+static void Forget(napi_env env, InstanceData* d, std::unordered_map<uint64_t, Storage>::iterator it) {
+  int64_t nbytes = (int64_t)it->second.bytes;
+  if (it->second.owner) napi_delete_reference(env, it->second.owner);
+  ReleaseMemory(it->second);
+  d->storages.erase(it);
+  int64_t adjusted = 0;
+  napi_adjust_external_memory(env, -nbytes, &adjusted);
 }
 
-Napi::Value Storage::Dispose(const Napi::CallbackInfo& info) {
-  if (!disposed) {
-    size_t b = bytes;
-    Release();
-    Napi::MemoryManagement::AdjustExternalMemory(info.Env(), -(int64_t)b);
+// The finalizer of a forgotten owner (runs after garbage collection, from the event loop).
+static void FinalizeOwner(napi_env env, void* data, void* hint) {
+  (void)hint;
+  void* raw = nullptr;
+  if (napi_get_instance_data(env, &raw) != napi_ok || raw == nullptr) return;
+  InstanceData* d = static_cast<InstanceData*>(raw);
+  auto it = d->storages.find((uint64_t)(uintptr_t)data);
+  if (it != d->storages.end()) Forget(env, d, it);
+}
+
+// alloc(device, bytes, owner) -> handle: a new storage (uninitialised; 0xFF bytes with setPoison(true))
+// that is freed when `owner` (an object) is garbage collected, unless free() came first.
+static Napi::Value Alloc(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[2].IsObject()) Throw(env, "XFT_TYPE", "alloc: owner must be an object");
+  int64_t dev = ArgInt(info, 0, "alloc", "device");
+  int64_t nbytes = ArgInt(info, 1, "alloc", "bytes");
+  if (dev != DEV_CPU && dev != DEV_CUDA) Throw(env, "XFT_DEVICE", "alloc: device must be 0 (cpu) or 1 (cuda)");
+  if (nbytes < 0) Throw(env, "XFT_SHAPE", "alloc: bytes must be >= 0, got " + std::to_string(nbytes));
+  Storage s;
+  s.device = (int)dev;
+  s.bytes = (size_t)nbytes;
+  if (s.device == DEV_CPU) {
+    s.data = HostAlloc(s.bytes);
+    if (!s.data) Throw(env, "XFT_OOM", "alloc: out of host memory allocating " + std::to_string(s.bytes) + " bytes");
+    if (g_poison) memset(s.data, 0xFF, s.bytes);
+    g_counters.host_bytes += nbytes;
+    g_counters.host_count++;
+    if (g_counters.host_bytes > g_counters.host_peak) g_counters.host_peak = g_counters.host_bytes;
+  } else {
+    RequireCuda(env, "alloc");
+#ifdef XFT_WITH_CUDA
+    int status = xft_cuda_malloc(&s.data, s.bytes);
+    if (status != 0)
+      Throw(env, "XFT_OOM", "alloc: cannot allocate " + std::to_string(s.bytes) + " bytes on the GPU: " +
+                                xft_cuda_error_string(status));
+    g_counters.cuda_bytes += nbytes;
+    g_counters.cuda_count++;
+    if (g_counters.cuda_bytes > g_counters.cuda_peak) g_counters.cuda_peak = g_counters.cuda_bytes;
+    if (g_poison) {
+      int poison = xft_cuda_memset(s.data, 0xFF, s.bytes);
+      if (poison != 0) {
+        ReleaseMemory(s);
+        CheckStatus(env, "alloc", poison);
+      }
+    }
+#endif
   }
-  return info.Env().Undefined();
+  InstanceData* d = Data(env);
+  uint64_t handle = d->next_handle++;
+  napi_status status = napi_add_finalizer(env, info[2], (void*)(uintptr_t)handle, FinalizeOwner, nullptr, &s.owner);
+  if (status != napi_ok) {
+    ReleaseMemory(s);
+    Throw(env, "XFT_NATIVE", "alloc: cannot attach a finalizer to the owner");
+  }
+  d->storages.emplace(handle, s);
+  Napi::MemoryManagement::AdjustExternalMemory(env, nbytes);
+  return Napi::Number::New(env, (double)handle);
 }
 
-Napi::Value Storage::GetBytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), (double)bytes); }
-Napi::Value Storage::GetDevice(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device); }
-Napi::Value Storage::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), disposed); }
+// free(handle) -> boolean: releases the memory now; false when it was already released.
+static Napi::Value Free(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsNumber()) Throw(env, "XFT_TYPE", "free: expected a storage handle");
+  double h = info[0].As<Napi::Number>().DoubleValue();
+  InstanceData* d = Data(env);
+  auto it = h >= 1 && h <= kMaxHandle ? d->storages.find((uint64_t)h) : d->storages.end();
+  if (it == d->storages.end()) return Napi::Boolean::New(env, false);
+  Forget(env, d, it);
+  return Napi::Boolean::New(env, true);
+}
 
 // ---- argument helpers ----
 
 static std::string Where(const char* op, const char* name) { return std::string(op) + ": " + name; }
 
 Storage* ValueStorage(Napi::Env env, Napi::Value v, const char* op, const char* name) {
-  if (!v.IsObject() || !v.As<Napi::Object>().InstanceOf(Data(env)->storage_ctor.Value()))
+  double h = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : 0;
+  InstanceData* d = Data(env);
+  if (!(h >= 1 && h <= kMaxHandle) || h != (double)(uint64_t)h) Throw(env, "XFT_TYPE", Where(op, name) + " must be a tensor storage");
+  auto it = d->storages.find((uint64_t)h);
+  if (it == d->storages.end()) {
+    if ((uint64_t)h < d->next_handle) Throw(env, "XFT_DISPOSED", Where(op, name) + " was used after dispose()");
     Throw(env, "XFT_TYPE", Where(op, name) + " must be a tensor storage");
-  Storage* s = Storage::Unwrap(v.As<Napi::Object>());
-  if (s->disposed) Throw(env, "XFT_DISPOSED", Where(op, name) + " was used after dispose()");
-  return s;
+  }
+  return &it->second;
 }
 
 Storage* ArgStorageOrNull(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
@@ -374,9 +411,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   env.SetInstanceData(d);
   const char* sync = getenv("XFT_SYNC");
   g_sync_each_op = sync && strcmp(sync, "1") == 0;
-  Napi::Function ctor = Storage::Define(env);
-  d->storage_ctor = Napi::Persistent(ctor);
-  exports.Set("Storage", ctor);
+  exports.Set("alloc", Napi::Function::New(env, Alloc, "alloc"));
+  exports.Set("free", Napi::Function::New(env, Free, "free"));
   exports.Set("setErrorClass", Napi::Function::New(env, SetErrorClass, "setErrorClass"));
   exports.Set("backend", Napi::Function::New(env, Backend, "backend"));
   exports.Set("memoryStats", Napi::Function::New(env, MemoryStats, "memoryStats"));

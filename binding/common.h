@@ -33,25 +33,17 @@ bool CudaAvailable(Napi::Env env);
 // Throws XFT_DEVICE with the reason when it is not.
 void RequireCuda(Napi::Env env, const char* op);
 
-// A block of memory on one device. Freed by dispose() or, failing that, by the finalizer.
-class Storage : public Napi::ObjectWrap<Storage> {
- public:
-  static Napi::Function Define(Napi::Env env);
-  explicit Storage(const Napi::CallbackInfo& info);
-  ~Storage() override;
-
+// A block of memory on one device. JavaScript holds it by a number, its handle, and an owner object
+// (lib/tensor.ts): alloc() makes one and attaches a finalizer to the owner, free() releases the
+// memory and deletes that finalizer's reference at once, so a disposed tensor leaves nothing native
+// behind. (An ObjectWrap's wrap and finalizer would stay until the event loop turns: Node runs
+// finalizers from setImmediate, and a synchronous training loop would pile them up.) A forgotten
+// owner's finalizer frees its block; what is left when the environment ends is freed then.
+struct Storage {
   void* data = nullptr;
   size_t bytes = 0;
   int device = DEV_CPU;
-  bool disposed = false;
-
- private:
-  void Release();
-  Napi::Value Dispose(const Napi::CallbackInfo& info);
-  Napi::Value GetBytes(const Napi::CallbackInfo& info);
-  Napi::Value GetDevice(const Napi::CallbackInfo& info);
-  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
-  Napi::Env env_;
+  napi_ref owner = nullptr;  // weak reference carrying the finalizer of the owner object
 };
 
 // Live allocations, for memoryStats() and the leak tests.
@@ -62,7 +54,7 @@ struct Counters {
 };
 Counters& LiveCounters();
 
-// Argument i as a live Storage; throws XFT_DISPOSED or a type error naming `name`.
+// Argument i (a storage handle) as a live Storage; throws XFT_DISPOSED or a type error naming `name`.
 Storage* ArgStorage(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
 // A JS value as a live Storage; throws XFT_DISPOSED or XFT_TYPE naming `name`.
 Storage* ValueStorage(Napi::Env env, Napi::Value v, const char* op, const char* name);

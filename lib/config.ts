@@ -58,47 +58,55 @@ const INT_FIELDS = ['hidden_size', 'intermediate_size', 'num_hidden_layers', 'nu
 
 /** Checks a config; fills num_key_value_heads, rms_norm_eps, rope_theta defaults like transformers. */
 export function llamaConfig(raw: Partial<LlamaConfig> & Record<string, unknown>, source = 'config'): LlamaConfig {
+  if (typeof source !== 'string') source = 'config';
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw))
+    throw new XftError(`${source}: expected a config object but received ${describe(raw)}`, 'XFT_TYPE');
   const c = { rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 2048, ...raw } as LlamaConfig & Record<string, unknown>;
   if (c.num_key_value_heads === undefined) c.num_key_value_heads = c.num_attention_heads;
   for (const f of INT_FIELDS)
     if (!Number.isSafeInteger(c[f]) || (c[f] as number) < 1)
-      throw new XftError(`${source}: expected a positive integer for ${f} but received ${JSON.stringify(c[f])}`, 'XFT_VALUE');
+      throw new XftError(`${source}: expected a positive integer for ${f} but received ${describe(c[f])}`, 'XFT_VALUE');
   if (c.hidden_size % c.num_attention_heads !== 0)
     throw new XftError(`${source}: hidden_size ${c.hidden_size} is not a multiple of num_attention_heads ${c.num_attention_heads}`, 'XFT_VALUE');
   if (c.num_attention_heads % c.num_key_value_heads !== 0)
     throw new XftError(`${source}: num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`, 'XFT_VALUE');
   if ((c.hidden_size / c.num_attention_heads) % 2 !== 0)
     throw new XftError(`${source}: the head size ${c.hidden_size / c.num_attention_heads} must be even (rotary embedding)`, 'XFT_VALUE');
-  if (!(c.rms_norm_eps > 0)) throw new XftError(`${source}: expected a positive rms_norm_eps but received ${c.rms_norm_eps}`, 'XFT_VALUE');
-  if (!(c.rope_theta > 0)) throw new XftError(`${source}: expected a positive rope_theta but received ${c.rope_theta}`, 'XFT_VALUE');
+  if (typeof c.rms_norm_eps !== 'number' || !(c.rms_norm_eps > 0) || !Number.isFinite(c.rms_norm_eps)) throw new XftError(`${source}: expected a positive rms_norm_eps but received ${describe(c.rms_norm_eps)}`, 'XFT_VALUE');
+  if (typeof c.rope_theta !== 'number' || !(c.rope_theta > 0) || !Number.isFinite(c.rope_theta)) throw new XftError(`${source}: expected a positive rope_theta but received ${describe(c.rope_theta)}`, 'XFT_VALUE');
   if (c.rope_scaling !== undefined && c.rope_scaling !== null) {
     const r = c.rope_scaling as unknown as Record<string, unknown>;
     const kind = r.type ?? r.rope_type;
     if (kind === 'default') c.rope_scaling = null;
     else if (kind !== 'linear' || typeof r.factor !== 'number' || !(r.factor > 0))
-      throw new XftError(`${source}: rope_scaling ${JSON.stringify(r)} is not supported (expected null or { "type": "linear", "factor": > 0 })`, 'XFT_VALUE');
+      throw new XftError(`${source}: rope_scaling ${describe(r)} is not supported (expected null or { "type": "linear", "factor": > 0 })`, 'XFT_VALUE');
     else c.rope_scaling = { type: 'linear', factor: r.factor };
   }
   if (c.hidden_act !== undefined && c.hidden_act !== 'silu')
-    throw new XftError(`${source}: hidden_act ${JSON.stringify(c.hidden_act)} is not supported (Llama uses "silu")`, 'XFT_VALUE');
+    throw new XftError(`${source}: hidden_act ${describe(c.hidden_act)} is not supported (Llama uses "silu")`, 'XFT_VALUE');
   if (c.attention_bias === true || c.mlp_bias === true)
     throw new XftError(`${source}: attention_bias / mlp_bias are not supported (Llama has no biases)`, 'XFT_VALUE');
   if (c.head_dim !== undefined && c.head_dim !== null && c.head_dim !== c.hidden_size / c.num_attention_heads)
-    throw new XftError(`${source}: head_dim ${c.head_dim} differs from hidden_size / num_attention_heads = ${c.hidden_size / c.num_attention_heads} (not supported)`, 'XFT_VALUE');
+    throw new XftError(`${source}: head_dim ${describe(c.head_dim)} differs from hidden_size / num_attention_heads = ${c.hidden_size / c.num_attention_heads} (not supported)`, 'XFT_VALUE');
   if (c.tie_word_embeddings) throw new XftError(`${source}: tied word embeddings are not supported (Llama/DeepSeek-Coder use an untied lm_head)`, 'XFT_VALUE');
   return c;
 }
 
 export function moeConfig(raw: Partial<MoeConfig>, source = 'moe config'): MoeConfig {
+  if (typeof source !== 'string') source = 'moe config';
+  if (raw === null || typeof raw !== 'object' || Array.isArray(raw))
+    throw new XftError(`${source}: expected an MoE config object but received ${describe(raw)}`, 'XFT_TYPE');
   const m = { ...DEFAULT_MOE, ...raw };
   if (!Number.isSafeInteger(m.num_experts) || m.num_experts < 2)
-    throw new XftError(`${source}: expected an integer >= 2 for num_experts but received ${m.num_experts}`, 'XFT_VALUE');
+    throw new XftError(`${source}: expected an integer >= 2 for num_experts but received ${describe(m.num_experts)}`, 'XFT_VALUE');
   const minK = m.shared_expert ? 2 : 1;
   if (!Number.isSafeInteger(m.num_selects) || m.num_selects < minK || m.num_selects > m.num_experts)
-    throw new XftError(`${source}: expected an integer in [${minK}, ${m.num_experts}] for num_selects but received ${m.num_selects}`, 'XFT_VALUE');
+    throw new XftError(`${source}: expected an integer in [${minK}, ${m.num_experts}] for num_selects but received ${describe(m.num_selects)}`, 'XFT_VALUE');
   if (m.gate_type !== 'mlp' && m.gate_type !== 'linear')
-    throw new XftError(`${source}: expected 'mlp' or 'linear' for gate_type but received ${JSON.stringify(m.gate_type)}`, 'XFT_VALUE');
-  if (!(m.balance_loss_weight >= 0)) throw new XftError(`${source}: expected balance_loss_weight >= 0 but received ${m.balance_loss_weight}`, 'XFT_VALUE');
+    throw new XftError(`${source}: expected 'mlp' or 'linear' for gate_type but received ${describe(m.gate_type)}`, 'XFT_VALUE');
+  for (const f of ['normalize_weights', 'shared_expert', 'gate_noise'] as const)
+    if (typeof m[f] !== 'boolean') throw new XftError(`${source}: expected true or false for ${f} but received ${describe(m[f])}`, 'XFT_VALUE');
+  if (!(typeof m.balance_loss_weight === 'number' && m.balance_loss_weight >= 0 && Number.isFinite(m.balance_loss_weight))) throw new XftError(`${source}: expected balance_loss_weight >= 0 but received ${describe(m.balance_loss_weight)}`, 'XFT_VALUE');
   return m;
 }
 
@@ -109,6 +117,7 @@ export function ropeScaling(c: LlamaConfig): number {
 
 /** Parameter count of the dense model. */
 export function parameterCount(c: LlamaConfig): number {
+  c = llamaConfig(c as LlamaConfig & Record<string, unknown>, 'parameterCount');
   const d = c.hidden_size, f = c.intermediate_size, hd = d / c.num_attention_heads;
   const attn = d * d * 2 + 2 * d * c.num_key_value_heads * hd;
   return c.vocab_size * d * 2 + c.num_hidden_layers * (attn + 3 * d * f + 2 * d) + d;
@@ -146,6 +155,8 @@ export function readConfigJson(file: string): Record<string, unknown> {
 
 /** A tiny config for tests and the demo. */
 export function tinyConfig(overrides: Partial<LlamaConfig> = {}): LlamaConfig {
+  if (overrides === null || typeof overrides !== 'object' || Array.isArray(overrides))
+    throw new XftError(`tinyConfig: expected an object of overrides but received ${describe(overrides)}`, 'XFT_TYPE');
   return llamaConfig({
     hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
     vocab_size: 259, rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 512, ...overrides,

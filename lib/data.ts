@@ -8,8 +8,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { Worker } from 'node:worker_threads';
-import { XftError, type XftErrorCode } from './errors';
+import { XftError, type XftErrorCode, describe, invalidArgument } from './errors';
 import { ByteTokenizer, HfTokenizer, type Tokenizer } from './tokenizer';
+import { expectArray, expectFunction, expectInt, expectNumber, expectOneOf, expectString } from './validate';
 
 /** The Magicoder instruction format used by XFT (XFT.md). */
 export const MAGICODER_PROMPT =
@@ -29,6 +30,8 @@ export const FIELD_PAIRS: readonly [string, string][] = [
 
 /** Parses JSONL text; a bad line is an XFT_FORMAT error naming `source:line`. Blank lines are skipped. */
 export function parseJsonl(text: string, source = '<jsonl>'): Example[] {
+  expectString('parseJsonl', 'text', text);
+  expectString('parseJsonl', 'source', source);
   const out: Example[] = [];
   const lines = text.split('\n');
   lines.forEach((raw, i) => {
@@ -61,6 +64,8 @@ export function readJsonl(file: string): Example[] {
 }
 
 export function formatPrompt(instruction: string, template = MAGICODER_PROMPT): string {
+  expectString('formatPrompt', 'instruction', instruction);
+  expectString('formatPrompt', 'template', template);
   return template.replace('{instruction}', instruction);
 }
 
@@ -79,8 +84,37 @@ export interface Sample {
   targets: TokenArray;
 }
 
+/** The longest rows toRows makes (a sane limit: each row is allocated whole). */
+export const MAX_SEQ_LEN = 2 ** 24;
+
+/** `v` as token ids: an array or Int32Array of 32-bit integers, else XFT_TYPE / XFT_VALUE naming `name`. */
+export function expectTokens(op: string, name: string, v: unknown): TokenArray {
+  if (v instanceof Int32Array) return v;
+  const a = expectArray<unknown>(op, name, v, 'an array or Int32Array of token ids');
+  for (let i = 0; i < a.length; i++)
+    if (typeof a[i] !== 'number' || !Number.isInteger(a[i]) || (a[i] as number) < -2147483648 || (a[i] as number) > 2147483647)
+      throw invalidArgument(op, `${name}[${i}]`, 'a 32-bit integer token id', a[i], typeof a[i] === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
+  return a as number[];
+}
+
+/** `v` as samples { ids, targets } with as many targets as ids (all of one length when `sameLength`). */
+export function expectSamples(op: string, name: string, v: unknown, sameLength = false): Sample[] {
+  const rows = expectArray<unknown>(op, name, v, 'an array of samples { ids, targets }');
+  let length = -1;
+  rows.forEach((r, i) => {
+    if (r === null || typeof r !== 'object') throw invalidArgument(op, `${name}[${i}]`, 'a sample { ids, targets }', r, 'XFT_TYPE');
+    const ids = expectTokens(op, `${name}[${i}].ids`, (r as Sample).ids), targets = expectTokens(op, `${name}[${i}].targets`, (r as Sample).targets);
+    if (ids.length !== targets.length) throw new XftError(`${op}: ${name}[${i}] has ${ids.length} ids but ${targets.length} targets`, 'XFT_SHAPE');
+    if (sameLength && length >= 0 && ids.length !== length)
+      throw new XftError(`${op}: ${name} must be sequences of one length: ${name}[0] has ${length} tokens, ${name}[${i}] ${ids.length}`, 'XFT_SHAPE');
+    length = ids.length;
+  });
+  return rows as Sample[];
+}
+
 /** Targets that count (>= 0): the response tokens of a sample. */
 export function countTargets(targets: TokenArray): number {
+  expectTokens('countTargets', 'targets', targets);
   let n = 0;
   for (let i = 0; i < targets.length; i++) if (targets[i] >= 0) n++;
   return n;
@@ -88,6 +122,8 @@ export function countTargets(targets: TokenArray): number {
 
 /** The rows' ids or targets one after another, as one Int32Array (a batch for Tensor.from). */
 export function concatRows(rows: readonly Sample[], key: 'ids' | 'targets'): Int32Array {
+  expectSamples('concatRows', 'rows', rows);
+  expectOneOf('concatRows', 'key', key, ['ids', 'targets'] as const);
   const out = new Int32Array(rows.reduce((a, r) => a + r[key].length, 0));
   let at = 0;
   for (const r of rows) {
@@ -103,6 +139,10 @@ export function concatRows(rows: readonly Sample[], key: 'ids' | 'targets'): Int
  * adds one, once: a template that starts with the BOS token itself gets no second one.
  */
 export function encodeExample(tok: Tokenizer, ex: Example, template = MAGICODER_PROMPT): Sample {
+  const op = 'encodeExample';
+  expectTokenizer(op, tok);
+  if (ex === null || typeof ex !== 'object') throw invalidArgument(op, 'ex', 'an example { instruction, response }', ex, 'XFT_TYPE');
+  expectString(op, 'ex.response', ex.response);
   const promptIds = tok.encode(formatPrompt(ex.instruction, template));
   const prompt = tok.bos !== null && promptIds[0] !== tok.bos ? [tok.bos].concat(promptIds) : promptIds;
   const response = tok.encode(ex.response).concat([tok.eos]);
@@ -372,6 +412,15 @@ export async function encodeDataFileAsync(file: string, tok: Tokenizer, options:
   return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
 }
 
+/** `tok` as a tokenizer (encode, decode, eos, bos), else XFT_TYPE. */
+export function expectTokenizer(op: string, tok: unknown): Tokenizer {
+  const t = tok as Tokenizer;
+  if (tok === null || typeof tok !== 'object' || typeof t.encode !== 'function' || typeof t.decode !== 'function' ||
+    !Number.isInteger(t.eos) || !(t.bos === null || Number.isInteger(t.bos)) || !Number.isInteger(t.vocabSize))
+    throw invalidArgument(op, 'tokenizer', 'a Tokenizer (ByteTokenizer, HfTokenizer)', tok, 'XFT_TYPE');
+  return t;
+}
+
 /** A seeded generator (mulberry32) for shuffling. */
 export function seededRandom(seed: number): () => number {
   let s = seed >>> 0;
@@ -385,6 +434,8 @@ export function seededRandom(seed: number): () => number {
 }
 
 export function shuffle<T>(items: readonly T[], seed: number): T[] {
+  expectArray('shuffle', 'items', items, 'an array');
+  expectInt('shuffle', 'seed', seed, -(2 ** 53) + 1);
   const a = [...items], rand = seededRandom(seed);
   for (let i = a.length - 1; i > 0; i--) {
     const j = Math.floor(rand() * (i + 1));
@@ -395,6 +446,9 @@ export function shuffle<T>(items: readonly T[], seed: number): T[] {
 
 /** A seeded held-out split: `fraction` (0..1) or a count of examples goes to eval. */
 export function split<T>(items: readonly T[], heldOut: number, seed: number): { train: T[]; eval: T[] } {
+  expectArray('split', 'items', items, 'an array');
+  expectNumber('split', 'heldOut', heldOut, 'a fraction in [0, 1) or a count of examples >= 1', (x) => x >= 0);
+  expectInt('split', 'seed', seed, -(2 ** 53) + 1);
   const s = shuffle(items, seed);
   const n = heldOut < 1 ? Math.round(items.length * heldOut) : Math.min(items.length, Math.floor(heldOut));
   return { eval: s.slice(0, n), train: s.slice(n) };
@@ -416,7 +470,10 @@ export interface Batch {
  * padded with `pad` (masked targets).
  */
 export function toRows(samples: readonly Sample[], seqLen: number, mode: 'pack' | 'pad', pad: number): Sample[] {
-  if (!Number.isSafeInteger(seqLen) || seqLen < 1) throw new XftError(`toRows: expected a positive integer for seqLen but received ${seqLen}`, 'XFT_VALUE');
+  expectSamples('toRows', 'samples', samples);
+  expectOneOf('toRows', 'mode', mode, ['pack', 'pad'] as const);
+  expectInt('toRows', 'pad', pad, -2147483648, 2147483647);
+  expectInt('toRows', 'seqLen', seqLen, 1, MAX_SEQ_LEN);
   const padded = (ids: TokenArray, targets: TokenArray, from: number, to: number): Sample => {
     const row = { ids: new Int32Array(seqLen).fill(pad), targets: new Int32Array(seqLen).fill(-1) };
     const n = Math.min(seqLen, to - from);
@@ -437,6 +494,9 @@ export function toRows(samples: readonly Sample[], seqLen: number, mode: 'pack' 
 
 /** Batches of `batchSize` rows (the last may be smaller), in a seeded order when `seed` is given. */
 export function* batches(rows: readonly Sample[], batchSize: number, seed?: number): Generator<Batch> {
+  expectSamples('batches', 'rows', rows, true);
+  expectInt('batches', 'batchSize', batchSize, 1);
+  if (seed !== undefined) expectInt('batches', 'seed', seed, -(2 ** 53) + 1);
   const order = seed === undefined ? [...rows] : shuffle(rows, seed);
   for (let i = 0; i < order.length; i += batchSize) {
     const chunk = order.slice(i, i + batchSize);

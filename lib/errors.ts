@@ -37,7 +37,17 @@ export function describe(value: unknown): string {
   if (typeof value === 'string') return JSON.stringify(value.length > 40 ? value.slice(0, 40) + '…' : value);
   if (Array.isArray(value))
     return value.length <= 8 && value.every((v) => typeof v !== 'object') ? `[${value.map((v) => describe(v)).join(', ')}]` : `an array of length ${value.length}`;
-  if (typeof value === 'object' && value && 'describe' in value && typeof (value as { describe: unknown }).describe === 'function')
-    return (value as { describe(): string }).describe();
-  return typeof value === 'object' ? (value as object).constructor?.name ?? 'object' : typeof value;
+  try {
+    if (typeof value === 'object' && 'describe' in value && typeof (value as { describe: unknown }).describe === 'function') {
+      const text = (value as { describe(): unknown }).describe();
+      if (typeof text === 'string') return text;
+    }
+    if (typeof value === 'function') return `function ${value.name || '(anonymous)'}`;
+    if (typeof value === 'symbol') return String(value);
+    if (ArrayBuffer.isView(value)) return `${value.constructor.name} of length ${(value as unknown as ArrayLike<unknown>).length ?? value.byteLength}`;
+    const name = (value as object).constructor?.name;
+    return typeof name === 'string' && name ? name : 'object';
+  } catch {
+    return 'object'; // a hostile value (a throwing getter or proxy) still gets a message
+  }
 }

@@ -7,8 +7,9 @@
  */
 import { XftError } from './errors';
 import { Tensor } from './tensor';
-import type { Model } from './model';
-import { type Tokenizer, MAGICODER_PROMPT, formatPrompt, seededRandom } from './data';
+import { type Model, expectModel } from './model';
+import { type Tokenizer, MAGICODER_PROMPT, expectTokenizer, formatPrompt, seededRandom } from './data';
+import { expectBool, expectFunction, expectInt, expectNumber, expectOptions, expectString } from './validate';
 
 export interface GenerateOptions {
   /** most tokens to add (default 256) */
@@ -36,6 +37,14 @@ export interface GenerateResult {
 
 /** The next token from one row of logits. */
 export function pickToken(logits: ArrayLike<number>, temperature: number, topP: number, rand: () => number): number {
+  const op = 'pickToken';
+  const ok = logits !== null && typeof logits === 'object' && Number.isSafeInteger(logits.length) && logits.length >= 1 &&
+    !(logits instanceof BigInt64Array || logits instanceof BigUint64Array);
+  if (!ok) throw new XftError(`${op}: expected a non-empty array or typed array of numbers for logits`, 'XFT_TYPE');
+  for (let i = 0; i < logits.length; i++) if (typeof logits[i] !== 'number') throw new XftError(`${op}: logits[${i}] is not a number`, 'XFT_TYPE');
+  expectNumber(op, 'temperature', temperature, 'a finite number >= 0', (x) => x >= 0);
+  expectNumber(op, 'topP', topP, 'a number in (0, 1]', (x) => x > 0 && x <= 1);
+  expectFunction(op, 'rand', rand, false);
   let best = 0;
   for (let i = 1; i < logits.length; i++) if (logits[i] > logits[best]) best = i;
   if (temperature === 0) return best;
@@ -54,10 +63,17 @@ export function pickToken(logits: ArrayLike<number>, temperature: number, topP: 
 
 /** Generates a continuation of `prompt` with `model` (any kind: dense, MoE or merge). */
 export function generate(model: Model, tok: Tokenizer, prompt: string, options: GenerateOptions = {}): GenerateResult {
-  const max = options.maxNewTokens ?? 256, temperature = options.temperature ?? 0, topP = options.topP ?? 1;
-  if (!Number.isSafeInteger(max) || max < 0) throw new XftError(`generate: expected an integer >= 0 for maxNewTokens but received ${max}`, 'XFT_VALUE');
-  if (!(temperature >= 0) || !Number.isFinite(temperature)) throw new XftError(`generate: expected a number >= 0 for temperature but received ${temperature}`, 'XFT_VALUE');
-  if (!(topP > 0 && topP <= 1)) throw new XftError(`generate: expected a number in (0, 1] for topP but received ${topP}`, 'XFT_VALUE');
+  const op = 'generate';
+  expectModel(op, 'model', model);
+  expectTokenizer(op, tok);
+  expectString(op, 'prompt', prompt);
+  options = expectOptions<GenerateOptions>(op, options, 'an options object { maxNewTokens?, temperature?, topP?, seed?, raw?, onToken? }');
+  if (options.seed !== undefined) expectInt(op, 'options.seed', options.seed, -(2 ** 53) + 1);
+  if (options.raw !== undefined) expectBool(op, 'options.raw', options.raw);
+  expectFunction(op, 'options.onToken', options.onToken);
+  const max = options.maxNewTokens === undefined ? 256 : expectInt(op, 'options.maxNewTokens', options.maxNewTokens, 0);
+  const temperature = options.temperature === undefined ? 0 : expectNumber(op, 'options.temperature', options.temperature, 'a finite number >= 0', (x) => x >= 0);
+  const topP = options.topP === undefined ? 1 : expectNumber(op, 'options.topP', options.topP, 'a number in (0, 1]', (x) => x > 0 && x <= 1);
   if (tok.vocabSize > model.config.vocab_size)
     throw new XftError(`generate: the tokenizer has ${tok.vocabSize} tokens but the model's vocab_size is ${model.config.vocab_size}`, 'XFT_VALUE');
   const text = options.raw ? prompt : formatPrompt(prompt, MAGICODER_PROMPT);

@@ -17,8 +17,9 @@
  * Parameters are fp32 master tensors; gradients accumulate (+=) across micro-batches until zeroed.
  * Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...) identify every parameter.
  */
-import { XftError } from './errors';
+import { XftError, invalidArgument } from './errors';
 import { Tensor, type Device, disposeAll } from './tensor';
+import { expectInt, expectNumber, expectOptions, expectRequiredOptions, expectBool, expectSeed } from './validate';
 import * as xops from './ops';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
@@ -511,7 +512,8 @@ export class Model {
    * bf16 -> f32 is exact; f32 -> bf16 rounds to nearest even.
    */
   cast(dtype: 'f32' | 'bf16'): this {
-    if (dtype !== 'f32' && dtype !== 'bf16') throw new XftError(`Model.cast: expected 'f32' or 'bf16' for dtype but received ${JSON.stringify(dtype)}`, 'XFT_VALUE');
+    if (dtype !== 'f32' && dtype !== 'bf16') throw invalidArgument('Model.cast', 'dtype', "'f32' or 'bf16'", dtype, 'XFT_VALUE');
+    expectModel('Model.cast', 'this', this);
     const alphas = new Set(this.blocks.flatMap((b) => (b.ffn instanceof MergedFFN ? [b.ffn.alpha] : [])));
     for (const p of this.params()) {
       if (p.value.dtype === dtype || alphas.has(p)) continue;
@@ -551,6 +553,7 @@ export class Model {
 
   /** Logits [B*T, V] for ids i32 [B*T] (eval mode; nothing kept). */
   logits(ids: Tensor, batch: number, seqLen: number): Tensor {
+    checkBatch('Model.logits', this, ids, null, batch, seqLen);
     const ctx = this.context(batch, seqLen, false);
     let x = lops.embedding(ids, this.embed.value);
     for (const b of this.blocks) {
@@ -569,8 +572,13 @@ export class Model {
    * activations for backward() and adds router noise; otherwise frees them at once.
    */
   forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint }): ForwardResult {
+    const op = 'Model.forward';
+    checkBatch(op, this, ids, targets, batch, seqLen);
+    const o = expectRequiredOptions<{ training: boolean; seed?: bigint }>(op, options, 'an options object { training, seed? }');
+    const training = expectBool(op, 'options.training', o.training);
+    const seed = o.seed === undefined ? 0n : expectSeed(op, o.seed, 'options.seed');
     this.release();
-    const ctx = this.context(batch, seqLen, options.training, options.seed ?? 0n);
+    const ctx = this.context(batch, seqLen, training, seed);
     const xs: Tensor[] = [];
     let x = lops.embedding(ids, this.embed.value);
     for (const b of this.blocks) {
@@ -590,7 +598,7 @@ export class Model {
       }
     disposeAll(losses, predictions);
     const auxLoss = this.blocks.reduce((a, b) => a + b.ffn.auxLoss(), 0);
-    if (options.training) this.#saved = { xs: [...xs, x], nf, rstdf, logits, targets, ids, tokens, batch, seqLen };
+    if (training) this.#saved = { xs: [...xs, x], nf, rstdf, logits, targets, ids, tokens, batch, seqLen };
     else {
       disposeAll(xs.slice(1), x, nf, rstdf, logits);
       xs[0].dispose();
@@ -604,6 +612,12 @@ export class Model {
    * `auxScale` (default `scale`; e.g. 1 / accumulation steps).
    */
   backward(options: { scale?: number; tokens?: number; auxScale?: number } = {}): void {
+    const op = 'Model.backward';
+    const o = expectOptions<{ scale?: number; tokens?: number; auxScale?: number }>(op, options, 'an options object { scale?, tokens?, auxScale? }');
+    if (o.scale !== undefined) expectNumber(op, 'options.scale', o.scale);
+    if (o.tokens !== undefined) expectInt(op, 'options.tokens', o.tokens, 0);
+    if (o.auxScale !== undefined) expectNumber(op, 'options.auxScale', o.auxScale);
+    options = o;
     const s = this.#saved;
     if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
     const tokens = options.tokens ?? s.tokens;
@@ -645,4 +659,23 @@ export class Model {
     this.#offsets.forEach((t) => t.dispose());
     this.#offsets.clear();
   }
+}
+
+/** `m` as a Model whose parameters are all live (of `kind` when given), else XFT_TYPE / XFT_DISPOSED / XFT_VALUE. */
+export function expectModel(op: string, name: string, m: unknown, kind?: Model['kind']): Model {
+  if (!(m instanceof Model)) throw invalidArgument(op, name, kind ? `a ${kind} Model` : 'a Model', m, 'XFT_TYPE');
+  if (m.params().some((p) => p.value.disposed)) throw new XftError(`${op}: ${name} (a ${m.kind} model) was used after dispose()`, 'XFT_DISPOSED');
+  if (kind && m.kind !== kind) throw invalidArgument(op, name, `a ${kind} model`, `a ${m.kind} model`, 'XFT_VALUE');
+  return m;
+}
+
+/** ids (and targets) i32 [B*T] on the model's device, B and T positive integers. */
+function checkBatch(op: string, m: Model, ids: unknown, targets: unknown, batch: unknown, seqLen: unknown): void {
+  expectModel(op, 'this', m);
+  const B = expectInt(op, 'batch', batch, 1, 2147483647), T = expectInt(op, 'seqLen', seqLen, 1, 2147483647);
+  const like = { dtype: ['i32'] as const, shape: [B * T], shapeName: `[B*T] = [${B * T}]` };
+  const named: Record<string, Tensor> = { ids: xops.expectTensor(op, 'ids', ids, { ...like, dtype: ['i32'] }) };
+  if (targets !== null) named.targets = xops.expectTensor(op, 'targets', targets, { ...like, dtype: ['i32'] });
+  for (const [name, t] of Object.entries(named))
+    if (t.device !== m.device) throw new XftError(`${op}: ${name} is on ${t.device} but the model is on ${m.device}`, 'XFT_DEVICE');
 }

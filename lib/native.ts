@@ -7,12 +7,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { XftError } from './errors';
 
-export interface NativeStorage {
-  readonly bytes: number;
-  readonly device: 0 | 1;
-  readonly disposed: boolean;
-  dispose(): void;
-}
+/** A storage handle (binding/addon.cc alloc/free): a number naming a block of native memory.
+ * lib/tensor.ts owns each one; ops pass them to the native functions, which look them up. */
+export type NativeStorage = number & { readonly __nativeStorage: never };
 
 export interface NativeBackend {
   compiledWithCuda: boolean;
@@ -44,7 +41,10 @@ type S = NativeStorage;
 type Seed = number | bigint;
 
 export interface NativeAddon {
-  Storage: new (device: number, bytes: number) => NativeStorage;
+  /** A new block of `bytes` bytes on device 0 (cpu) or 1 (cuda), uninitialised; freed when `owner` is collected unless freed first. */
+  alloc(device: number, bytes: number, owner: object): NativeStorage;
+  /** Releases it now; false when it was already released. */
+  free(storage: NativeStorage): boolean;
   compiledWithCuda: boolean;
   setErrorClass(cls: typeof XftError): void;
   backend(): NativeBackend;

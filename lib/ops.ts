@@ -7,6 +7,9 @@
 import { XftError, invalidArgument, describe } from './errors';
 import { native } from './native';
 import { DType, Tensor, dtypeCode, formatShape } from './tensor';
+import { expectArray, expectBool, expectInt, expectOptions } from './validate';
+
+export { expectBool, expectInt };
 
 /** Largest number of router logit columns routeShared accepts (binding/xft_ops.cc kMaxRouteColumns). */
 export const MAX_ROUTE_EXPERTS = 1024;
@@ -22,8 +25,9 @@ export interface Expect {
 
 /** Checks `t` is a live tensor of the expected dtype and shape, else throws naming `name`. */
 export function expectTensor(op: string, name: string, t: unknown, e: Expect = {}): Tensor {
-  if (!(t instanceof Tensor)) throw invalidArgument(op, name, 'a Tensor', t, 'XFT_TYPE');
+  if (!Tensor.isTensor(t)) throw invalidArgument(op, name, 'a Tensor', t, 'XFT_TYPE');
   if (t.disposed) throw new XftError(`${op}: ${name} (${t.describe()}) was used after dispose()`, 'XFT_DISPOSED');
+  if (t.offset !== 0) throw new XftError(`${op}: ${name} (${t.describe()}) is a view that starts inside its storage (narrow); ops take whole tensors: clone() it`, 'XFT_SHAPE');
   const want = e.shapeName ? ` ${e.shapeName}` : '';
   if (e.dtype && !e.dtype.includes(t.dtype))
     throw new XftError(`${op}: expected ${name} to be a ${e.dtype.join(' or ')} tensor${want}, got ${t.describe()}`, 'XFT_DTYPE');
@@ -49,20 +53,6 @@ export function sameDevice(op: string, tensors: Record<string, Tensor | null | u
       throw new XftError(`${op}: ${name} is on ${t.device} but ${first[0]} is on ${first[1].device}; all tensors must be on one device`, 'XFT_DEVICE');
   }
   return first ? first[1].device : 'cpu';
-}
-
-/** `v` as an integer in [min, max], else XFT_VALUE (or XFT_TYPE for a non-number) naming `name`. */
-export function expectInt(op: string, name: string, v: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max)
-    throw invalidArgument(op, name, `an integer in [${min}, ${max}]`, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
-  return v;
-}
-
-/** `v` as a boolean (`fallback` when undefined and one is given), else XFT_TYPE naming `name`. */
-export function expectBool(op: string, name: string, v: unknown, fallback?: boolean): boolean {
-  if (v === undefined && fallback !== undefined) return fallback;
-  if (typeof v !== 'boolean') throw invalidArgument(op, name, 'a boolean', v, 'XFT_TYPE');
-  return v;
 }
 
 /** The floating-point dtypes. */
@@ -106,7 +96,8 @@ export interface Routing {
 }
 
 function routeOptions(op: string, logits: Tensor, options: RouteOptions) {
-  if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', 'an object with topK', options, 'XFT_TYPE');
+  if (options === undefined || options === null || typeof options !== 'object' || Array.isArray(options))
+    throw invalidArgument(op, 'options', 'an object with topK', options, 'XFT_TYPE');
   const normalize = options.normalize === undefined ? true : expectBool(op, 'normalize', options.normalize);
   const shared = options.shared === undefined ? true : expectBool(op, 'shared', options.shared);
   const N = logits.shape[1];
@@ -151,13 +142,15 @@ export function routeShared(logits: Tensor, options: RouteOptions): Routing {
 export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: Tensor, options: { dImportance?: Tensor } = {}): Tensor {
   const op = 'routeSharedBackward';
   expectTensor(op, 'logits', logits, { dtype: FLOAT, rank: 2, shapeName: '[T, E-1]' });
-  if (!routing || !(routing.experts instanceof Tensor)) throw invalidArgument(op, 'routing', 'the result of routeShared', routing, 'XFT_TYPE');
+  if (routing === null || typeof routing !== 'object' || !Tensor.isTensor(routing.experts))
+    throw invalidArgument(op, 'routing', 'the result of routeShared', routing, 'XFT_TYPE');
+  const o = expectOptions<{ dImportance?: Tensor }>(op, options, 'an options object { dImportance? }');
   const { normalize, shared, topK: K } = routing;
   const { N, T } = routeOptions(op, logits, { topK: K, normalize, shared });
   if (T !== routing.tokens) throw new XftError(`${op}: logits has ${T} tokens but routing was computed for ${routing.tokens}`, 'XFT_SHAPE');
   expectTensor(op, 'routing.experts', routing.experts, { dtype: ['i32'], shape: [T, K], shapeName: `[T, K] = [${T}, ${K}]` });
   expectTensor(op, 'dWeights', dWeights, { dtype: ['f32'], shape: [T, K], shapeName: `[T, K] = [${T}, ${K}]` });
-  const dImportance = options.dImportance;
+  const dImportance = o.dImportance;
   if (dImportance !== undefined) expectTensor(op, 'dImportance', dImportance, { dtype: ['f32'], shape: [N], shapeName: `[E-1] = [${N}]` });
   sameDevice(op, { logits, experts: routing.experts, dWeights, dImportance });
   const dLogits = Tensor.empty([T, N], { dtype: logits.dtype, device: logits.device });
@@ -203,8 +196,10 @@ function checkOffsets(op: string, offsets: Tensor, M: number): void {
 export function groupedGemm(x: Tensor, w: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
   const a = gemmArgs(op, x, w, offsets);
+  const o = expectOptions<GroupedGemmOptions>(op, options, 'an options object { validate? }');
+  const validate = expectBool(op, 'options.validate', o.validate, true);
   sameDevice(op, { x, w, offsets });
-  if (options.validate !== false) checkOffsets(op, offsets, a.M);
+  if (validate) checkOffsets(op, offsets, a.M);
   const y = Tensor.empty([a.M, a.n], { dtype: x.dtype, device: x.device });
   native.groupedGemmForward(x.storage, w.storage, offsets.storage, y.storage, dtypeCode(x.dtype), a.M, a.n, a.k, a.E);
   return y;
@@ -225,13 +220,18 @@ export function groupedGemmBackward(x: Tensor, w: Tensor, offsets: Tensor, dy: T
   const op = 'groupedGemmBackward';
   const a = gemmArgs(op, x, w, offsets);
   expectTensor(op, 'dy', dy, { dtype: [x.dtype], shape: [a.M, a.n], shapeName: `[M, n] = [${a.M}, ${a.n}]` });
-  const into = options.dw instanceof Tensor
-    ? expectTensor(op, 'options.dw', options.dw, { dtype: w.dtype === 'bf16' ? ['bf16', 'f32'] : [w.dtype], shape: w.shape, shapeName: `[E, n, k] = ${formatShape(w.shape)}` })
+  const o = expectOptions<GroupedGemmBackwardOptions>(op, options, 'an options object { validate?, dx?, dw? }');
+  const validate = expectBool(op, 'options.validate', o.validate, true);
+  const wantDx = expectBool(op, 'options.dx', o.dx, true);
+  if (o.dw !== undefined && typeof o.dw !== 'boolean' && !Tensor.isTensor(o.dw))
+    throw invalidArgument(op, 'options.dw', 'a boolean or a Tensor [E, n, k] to accumulate into', o.dw, 'XFT_TYPE');
+  const into = Tensor.isTensor(o.dw)
+    ? expectTensor(op, 'options.dw', o.dw, { dtype: w.dtype === 'bf16' ? ['bf16', 'f32'] : [w.dtype], shape: w.shape, shapeName: `[E, n, k] = ${formatShape(w.shape)}` })
     : null;
   sameDevice(op, { x, w, offsets, dy, dw: into });
-  if (options.validate !== false) checkOffsets(op, offsets, a.M);
-  const dx = options.dx === false ? null : Tensor.empty([a.M, a.k], { dtype: x.dtype, device: x.device });
-  const dw = into ?? (options.dw === false ? null : Tensor.empty(w.shape, { dtype: w.dtype, device: w.device }));
+  if (validate) checkOffsets(op, offsets, a.M);
+  const dx = wantDx ? Tensor.empty([a.M, a.k], { dtype: x.dtype, device: x.device }) : null;
+  const dw = into ?? (o.dw === false ? null : Tensor.empty(w.shape, { dtype: w.dtype, device: w.device }));
   native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx ? dx.storage : null, dw ? dw.storage : null,
     dtypeCode(x.dtype), a.M, a.n, a.k, a.E, into !== null, dtypeCode(dw ? dw.dtype : x.dtype));
   return { dx, dw };
@@ -241,13 +241,12 @@ export function groupedGemmBackward(x: Tensor, w: Tensor, offsets: Tensor, dy: T
 // 3. Mixing-coefficient merge
 
 function mergeArgs(op: string, weights: unknown, alpha: unknown, sharedRate: unknown) {
-  if (!Array.isArray(weights) || weights.length === 0)
-    throw invalidArgument(op, 'weights', 'a non-empty array of expert stacks [E, ...]', weights, 'XFT_TYPE');
-  const first = expectTensor(op, 'weights[0]', weights[0], { dtype: FLOAT, shapeName: '[E, ...]' });
+  const list = expectArray<unknown>(op, 'weights', weights, 'a non-empty array of expert stacks [E, ...]', 1);
+  const first = expectTensor(op, 'weights[0]', list[0], { dtype: FLOAT, shapeName: '[E, ...]' });
   if (first.rank < 1) throw new XftError(`${op}: expected weights[0] to be an expert stack [E, ...], got ${first.describe()}`, 'XFT_SHAPE');
   const E = first.shape[0];
   if (E < 2) throw new XftError(`${op}: expected at least 2 experts, got weights[0] ${first.describe()}`, 'XFT_SHAPE');
-  const stacks = weights.map((w, i) => {
+  const stacks = list.map((w, i) => {
     const t = expectTensor(op, `weights[${i}]`, w, { dtype: [first.dtype], shapeName: `[E, ...] with E = ${E}` });
     if (t.rank < 1 || t.shape[0] !== E) throw new XftError(`${op}: expected weights[${i}] to be [E, ...] with E = ${E}, got ${t.describe()}`, 'XFT_SHAPE');
     return t;
@@ -277,11 +276,13 @@ export function mergeExperts(weights: Tensor[], alpha: Tensor, sharedRate: numbe
 export function mergeExpertsBackward(weights: Tensor[], alpha: Tensor, sharedRate: number | null, dMerged: Tensor[], options: { into?: Tensor } = {}): Tensor {
   const op = 'mergeExpertsBackward';
   const a = mergeArgs(op, weights, alpha, sharedRate);
-  if (!Array.isArray(dMerged) || dMerged.length !== a.stacks.length)
-    throw invalidArgument(op, 'dMerged', `an array of ${a.stacks.length} gradients`, dMerged, 'XFT_TYPE');
+  const o = expectOptions<{ into?: Tensor }>(op, options, 'an options object { into? }');
+  expectArray(op, 'dMerged', dMerged, `an array of ${a.stacks.length} gradients`);
+  if (dMerged.length !== a.stacks.length)
+    throw invalidArgument(op, 'dMerged', `an array of ${a.stacks.length} gradients (one per expert stack)`, dMerged, 'XFT_TYPE');
   const grads = dMerged.map((g, i) => expectTensor(op, `dMerged[${i}]`, g, { dtype: [a.dtype], shape: a.stacks[i].shape.slice(1),
     shapeName: formatShape(a.stacks[i].shape.slice(1)) }));
-  const into = options.into === undefined ? null : expectTensor(op, 'options.into', options.into, { dtype: ['f32'], shape: alpha.shape });
+  const into = o.into === undefined ? null : expectTensor(op, 'options.into', o.into, { dtype: ['f32'], shape: alpha.shape });
   sameDevice(op, Object.fromEntries([['alpha', alpha], ['into', into], ...grads.map((t, i) => [`dMerged[${i}]`, t])]));
   const dAlpha = into ?? Tensor.empty(alpha.shape, { dtype: 'f32', device: alpha.device });
   native.mergeBackward(a.stacks.map((w) => w.storage), grads.map((g) => g.storage), grads.map((g) => g.numel),

@@ -12,6 +12,7 @@ import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
 import { FLOAT, expectInt, expectTensor, sameDevice } from './ops';
 import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
+import { expectArray, expectFinite, expectOptions, expectPositive } from './validate';
 
 /** Largest hidden size rmsnorm takes (cuda/rmsnorm.cu kMaxD: a thread keeps its columns in registers). */
 export const MAX_RMSNORM_DIM = 8192;
@@ -42,23 +43,6 @@ export interface LayerNative {
 }
 
 const layerNative = native as unknown as LayerNative;
-
-function expectPositive(op: string, name: string, v: unknown): number {
-  if (typeof v !== 'number' || !(v > 0) || !Number.isFinite(v))
-    throw invalidArgument(op, name, 'a finite positive number', v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
-  return v;
-}
-
-function expectFinite(op: string, name: string, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isFinite(v)) throw invalidArgument(op, name, 'a finite number', v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
-  return v;
-}
-
-function expectOptions<T extends object>(op: string, options: T | undefined, what: string): T {
-  if (options === undefined) return {} as T;
-  if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', what, options, 'XFT_TYPE');
-  return options;
-}
 
 function sameShape(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((d, i) => d === b[i]);
@@ -186,9 +170,9 @@ export function rmsnormBackward(x: Tensor, w: Tensor, rstd: Tensor, dy: Tensor, 
   expectTensor(op, 'rstd', rstd, { dtype: ['f32'], shape: [a.R], shapeName: `[R] = [${a.R}] (from rmsnorm)` });
   expectLike(op, 'dy', dy, x.shape, [x.dtype], 'x');
   const o = expectOptions(op, options, 'an object { dw?: boolean | Tensor }');
-  if (o.dw !== undefined && typeof o.dw !== 'boolean' && !(o.dw instanceof Tensor))
+  if (o.dw !== undefined && typeof o.dw !== 'boolean' && !Tensor.isTensor(o.dw))
     throw invalidArgument(op, 'options.dw', 'a boolean or an f32 tensor [d]', o.dw, 'XFT_TYPE');
-  const into = o.dw instanceof Tensor ? expectTensor(op, 'options.dw', o.dw, { dtype: ['f32'], shape: [a.d], shapeName: `[d] = [${a.d}]` }) : null;
+  const into = Tensor.isTensor(o.dw) ? expectTensor(op, 'options.dw', o.dw, { dtype: ['f32'], shape: [a.d], shapeName: `[d] = [${a.d}]` }) : null;
   const device = sameDevice(op, { x, w, rstd, dy, dw: into });
   const dx = Tensor.empty(x.shape, { dtype: x.dtype, device });
   const dw = into ?? (o.dw === false ? null : Tensor.empty([a.d], { dtype: 'f32', device }));
@@ -384,9 +368,7 @@ export function routerNoiseBackward(z: Tensor, dNoisy: Tensor, options: { seed: 
  */
 export function sumSquares(tensors: Tensor[]): Tensor {
   const op = 'sumSquares';
-  if (!Array.isArray(tensors) || tensors.length === 0)
-    throw invalidArgument(op, 'tensors', 'a non-empty array of f32 or bf16 tensors', tensors, 'XFT_TYPE');
-  const list = tensors.map((t, i) => expectTensor(op, `tensors[${i}]`, t, { dtype: FLOAT }));
+  const list = expectArray<unknown>(op, 'tensors', tensors, 'a non-empty array of f32 or bf16 tensors', 1).map((t, i) => expectTensor(op, `tensors[${i}]`, t, { dtype: FLOAT }));
   const device = sameDevice(op, Object.fromEntries(list.map((t, i) => [`tensors[${i}]`, t])));
   const out = Tensor.empty([1], { dtype: 'f32', device });
   layerNative.sumSquares(list.map((t) => t.storage), list.map((t) => t.numel), list.map((t) => dtypeCode(t.dtype)), out.storage);

@@ -9,6 +9,7 @@ import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
 import { FLOAT, expectBool, expectInt, expectTensor, sameDevice } from './ops';
 import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
+import { expectNumber, expectRequiredOptions as expectOptions } from './validate';
 
 type S = NativeStorage;
 
@@ -40,17 +41,6 @@ export const MAX_HEAD_DIM = 128;
 export const MAX_ATTENTION_GRID = 65535;
 /** Weight of the balance loss in the reference (XFT.md). */
 export const BALANCE_LOSS_WEIGHT = 0.01;
-
-function expectNumber(op: string, name: string, v: unknown, what: string, ok: (x: number) => boolean): number {
-  if (typeof v !== 'number' || !Number.isFinite(v) || !ok(v))
-    throw invalidArgument(op, name, what, v, typeof v === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
-  return v;
-}
-
-function expectOptions<T extends object>(op: string, options: unknown, what: string): T {
-  if (options === null || typeof options !== 'object') throw invalidArgument(op, 'options', what, options, 'XFT_TYPE');
-  return options as T;
-}
 
 // ---------------------------------------------------------------------------------------------
 // 1. Causal self-attention with grouped-query heads
@@ -177,6 +167,7 @@ export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
  */
 export function crossEntropyBackward(logits: Tensor, targets: Tensor, dLoss: Tensor, options: CrossEntropyBackwardOptions = {}): Tensor {
   const op = 'crossEntropyBackward';
+  if (dLoss === undefined) throw invalidArgument(op, 'dLoss', 'an f32 tensor [R] (dL/dlosses)', dLoss, 'XFT_TYPE');
   const a = crossEntropyArgs(op, logits, targets, options, dLoss);
   const inPlace = expectBool(op, 'inPlace', options.inPlace, false);
   const dLogits = inPlace ? logits : Tensor.empty(logits.shape, { dtype: logits.dtype, device: logits.device });

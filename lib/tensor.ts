@@ -1,11 +1,16 @@
 /**
  * Tensors: a shape, a dtype and a device over a block of native memory (host memory, or device
  * memory from the CUDA stream-ordered pool). Ops enqueue work and return at once; reading values
- * (`toArray`) waits for it. `dispose()` frees the memory at once; a finalizer frees what was
- * forgotten. Views made by `reshape` share the memory: disposing any of them disposes all.
+ * (`toArray`) waits for it. `dispose()` frees the memory and everything native at once (a tensor
+ * holds only a number naming its block: no N-API reference or finalizer is left to wait for the event
+ * loop); a FinalizationRegistry frees what was forgotten. Views made by `reshape` and `narrow` share
+ * the memory: disposing any of them disposes all. Every entry point checks its arguments before it
+ * allocates (lib/validate.ts).
  */
+import * as os from 'node:os';
 import { XftError, invalidArgument, describe } from './errors';
 import { native, NativeStorage, NativeBackend } from './native';
+import { expectArray, expectNumber, expectOptions, expectSeed } from './validate';
 
 export type DType = 'f32' | 'bf16' | 'i32';
 export type Device = 'cpu' | 'cuda';
@@ -47,7 +52,7 @@ export function setDefaultDevice(device: Device): void {
 let seedState = 0x5eedn;
 /** Sets the global seed from which `randn`/`uniform` without an explicit seed draw theirs. */
 export function manualSeed(seed: number | bigint): void {
-  seedState = BigInt.asUintN(64, BigInt(seed));
+  seedState = expectSeed('manualSeed', seed);
 }
 function nextSeed(): bigint {
   // splitmix64 step
@@ -87,9 +92,7 @@ export function synchronize(): void {
 
 /** A seed (safe integer or bigint) as an unsigned 64-bit bigint, else XFT_TYPE naming it. */
 export function seedOf(op: string, seed: unknown): bigint {
-  if (typeof seed === 'bigint') return BigInt.asUintN(64, seed);
-  if (typeof seed === 'number' && Number.isSafeInteger(seed)) return BigInt.asUintN(64, BigInt(seed));
-  throw invalidArgument(op, 'seed', 'an integer or bigint', seed, 'XFT_TYPE');
+  return expectSeed(op, seed);
 }
 
 function checkDtype(op: string, dtype: unknown): asserts dtype is DType {
@@ -102,10 +105,67 @@ function checkDevice(op: string, device: unknown): asserts device is Device {
     throw new XftError(`${op}: device 'cuda' is not available: ${(backendCache ?? backend()).reason}`, 'XFT_DEVICE');
 }
 
-function checkShape(op: string, shape: unknown): number[] {
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0))
-    throw invalidArgument(op, 'shape', 'an array of non-negative integers', shape, 'XFT_SHAPE');
-  return [...shape];
+/** Most dimensions a tensor may have. */
+export const MAX_RANK = 64;
+
+function checkShape(op: string, shape: unknown, name = 'shape'): number[] {
+  const what = `an array of at most ${MAX_RANK} non-negative integers`;
+  if (!Array.isArray(shape) || shape.length > MAX_RANK) throw invalidArgument(op, name, what, shape, 'XFT_SHAPE');
+  const dims = expectArray<unknown>(op, name, shape, what);
+  if (!dims.every((d) => typeof d === 'number' && Number.isSafeInteger(d) && d >= 0)) throw invalidArgument(op, name, what, shape, 'XFT_SHAPE');
+  return [...(dims as number[])];
+}
+
+/** Options { dtype?, device? } checked, with the defaults filled in. */
+function tensorOptions(op: string, options: unknown): { dtype: DType; device: Device } {
+  const o = expectOptions<TensorOptions>(op, options, 'an options object { dtype?, device? }');
+  const dtype = o.dtype ?? 'f32';
+  const device = o.device ?? defaultDevice();
+  checkDtype(op, dtype);
+  checkDevice(op, device);
+  return { dtype, device };
+}
+
+/** Most elements one tensor may have (the kernels index rows and columns with 32-bit integers). */
+export const MAX_TENSOR_ELEMENTS = 2 ** 31 - 1;
+
+/** The most bytes one tensor may take: the memory of its device (no larger tensor can exist there). */
+export function maxTensorBytes(device: Device): number {
+  return device === 'cuda' ? (backendCache ?? backend()).totalMemory ?? 0 : os.totalmem();
+}
+
+/** Throws XFT_SHAPE (before anything is allocated) when a tensor of this size cannot fit on its device. */
+function checkSize(op: string, shape: Shape, dtype: DType, device: Device): number {
+  const numel = numelOf(shape);
+  if (!(numel <= MAX_TENSOR_ELEMENTS))
+    throw new XftError(`${op}: a ${dtype}${formatShape(shape)} tensor would have ${numel} elements, more than the ${MAX_TENSOR_ELEMENTS} a tensor may have`, 'XFT_SHAPE');
+  const bytes = numel * DTYPE_BYTES[dtype];
+  const limit = maxTensorBytes(device);
+  if (!(bytes <= limit))
+    throw new XftError(`${op}: a ${dtype}${formatShape(shape)} tensor needs ${bytes} bytes, more than the ${limit} bytes of memory of the ${device}`, 'XFT_SHAPE');
+  return bytes;
+}
+
+/** An i32 value: an integer in the 32-bit range, else XFT_VALUE. */
+function checkI32Value(op: string, name: string, v: number): void {
+  if (!Number.isInteger(v) || v < -2147483648 || v > 2147483647) throw invalidArgument(op, name, 'a 32-bit integer for an i32 tensor', v, 'XFT_VALUE');
+}
+
+/** The JS owner of one native block: frees it on dispose(); the native finalizer frees it when forgotten. */
+class Block {
+  readonly handle: NativeStorage;
+  #disposed = false;
+  constructor(device: Device, bytes: number) {
+    this.handle = native.alloc(DEVICE_CODE[device], bytes, this);
+  }
+  get disposed(): boolean {
+    return this.#disposed;
+  }
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    native.free(this.handle);
+  }
 }
 
 export function numelOf(shape: Shape): number {
@@ -124,56 +184,76 @@ export class Tensor {
   readonly device: Device;
   /** Element offset of this tensor in its storage (views made by `narrow` start later). */
   readonly offset: number;
-  readonly #storage: NativeStorage;
+  readonly #block: Block;
 
-  private constructor(storage: NativeStorage, shape: Shape, dtype: DType, device: Device, offset = 0) {
-    this.#storage = storage;
+  private constructor(block: Block, shape: Shape, dtype: DType, device: Device, offset = 0) {
+    this.#block = block;
     this.shape = Object.freeze([...shape]);
     this.dtype = dtype;
     this.device = device;
     this.offset = offset;
   }
 
+  /** Is `v` a tensor made by this library (not merely an object with Tensor.prototype)? */
+  static isTensor(v: unknown): v is Tensor {
+    return typeof v === 'object' && v !== null && #block in v;
+  }
+
+  /** A new tensor over a new block; the size was checked by the caller. */
+  static #alloc(shape: number[], dtype: DType, device: Device): Tensor {
+    return new Tensor(new Block(device, numelOf(shape) * DTYPE_BYTES[dtype]), shape, dtype, device);
+  }
+
   // ---- creation ----
 
   /** An uninitialised tensor. */
   static empty(shape: Shape, options: TensorOptions = {}): Tensor {
-    const s = checkShape('Tensor.empty', shape);
-    const dtype = options.dtype ?? 'f32';
-    const device = options.device ?? defaultDevice();
-    checkDtype('Tensor.empty', dtype);
-    checkDevice('Tensor.empty', device);
-    const storage = new native.Storage(DEVICE_CODE[device], numelOf(s) * DTYPE_BYTES[dtype]);
-    return new Tensor(storage, s, dtype, device);
+    const op = 'Tensor.empty';
+    const { dtype, device } = tensorOptions(op, options);
+    const s = checkShape(op, shape);
+    checkSize(op, s, dtype, device);
+    return Tensor.#alloc(s, dtype, device);
   }
 
-  /** A tensor holding `data` (flat, row-major). bf16 values are rounded to nearest even. */
+  /** A tensor holding `data` (flat, row-major): an array or typed array of numbers. bf16 values are rounded to nearest even. */
   static from(data: ArrayLike<number>, shape?: Shape, options: TensorOptions = {}): Tensor {
     const op = 'Tensor.from';
-    if (data === null || typeof data !== 'object' || typeof (data as ArrayLike<number>).length !== 'number')
-      throw invalidArgument(op, 'data', 'an array or typed array of numbers', data, 'XFT_TYPE');
-    const dtype = options.dtype ?? 'f32';
-    checkDtype(op, dtype);
-    const s = shape === undefined ? [data.length] : checkShape(op, shape);
-    if (numelOf(s) !== data.length)
-      throw new XftError(`${op}: data has ${data.length} elements but shape ${formatShape(s)} needs ${numelOf(s)}`, 'XFT_SHAPE');
+    const what = 'an array or typed array of numbers';
+    if (data === null || typeof data !== 'object' || data instanceof DataView || data instanceof BigInt64Array || data instanceof BigUint64Array)
+      throw invalidArgument(op, 'data', what, data, 'XFT_TYPE');
+    const length = (data as ArrayLike<number>).length;
+    if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < 0)
+      throw invalidArgument(op, 'data.length', `a non-negative integer (data must be ${what})`, length, 'XFT_TYPE');
+    const { dtype, device } = tensorOptions(op, options);
+    const s = shape === undefined ? [length] : checkShape(op, shape);
+    if (numelOf(s) !== length)
+      throw new XftError(`${op}: data has ${length} elements but shape ${formatShape(s)} needs ${numelOf(s)}`, 'XFT_SHAPE');
+    checkSize(op, s, dtype, device);
+    const typed = ArrayBuffer.isView(data);
     let host: Float32Array | Int32Array;
     if (dtype === 'i32') {
       if (data instanceof Int32Array) host = data;
       else {
-        host = new Int32Array(data.length);
-        for (let i = 0; i < data.length; i++) {
+        host = new Int32Array(length);
+        for (let i = 0; i < length; i++) {
           const v = data[i];
+          if (typeof v !== 'number') throw invalidArgument(op, `data[${i}]`, 'a number', v, 'XFT_TYPE');
           if (!Number.isInteger(v) || v < -2147483648 || v > 2147483647)
             throw invalidArgument(op, `data[${i}]`, 'a 32-bit integer for an i32 tensor', v, 'XFT_DTYPE');
           host[i] = v;
         }
       }
-    } else {
-      host = data instanceof Float32Array ? data : Float32Array.from(data);
+    } else if (data instanceof Float32Array) host = data;
+    else {
+      host = new Float32Array(length);
+      for (let i = 0; i < length; i++) {
+        const v = data[i];
+        if (!typed && typeof v !== 'number') throw invalidArgument(op, `data[${i}]`, 'a number', v, 'XFT_TYPE');
+        host[i] = v;
+      }
     }
-    const t = Tensor.empty(s, options);
-    native.upload(t.#storage, DTYPE_CODE[dtype], host, 0);
+    const t = Tensor.#alloc(s, dtype, device);
+    native.upload(t.#block.handle, DTYPE_CODE[dtype], host, 0);
     return t;
   }
 
@@ -181,19 +261,27 @@ export class Tensor {
   static fromBytes(bytes: Uint8Array, shape: Shape, options: TensorOptions = {}): Tensor {
     const op = 'Tensor.fromBytes';
     if (!(bytes instanceof Uint8Array)) throw invalidArgument(op, 'bytes', 'a Uint8Array', bytes, 'XFT_TYPE');
-    const t = Tensor.empty(shape, options);
-    if (bytes.byteLength !== t.bytes) {
-      t.dispose();
-      throw new XftError(`${op}: ${bytes.byteLength} bytes do not hold a ${t.dtype}${formatShape(shape)} tensor (${t.bytes} bytes)`, 'XFT_SHAPE');
-    }
-    native.uploadBytes(t.#storage, bytes, 0);
+    const { dtype, device } = tensorOptions(op, options);
+    const s = checkShape(op, shape);
+    const need = numelOf(s) * DTYPE_BYTES[dtype];
+    if (bytes.byteLength !== need)
+      throw new XftError(`${op}: ${bytes.byteLength} bytes do not hold a ${dtype}${formatShape(s)} tensor (${need} bytes)`, 'XFT_SHAPE');
+    checkSize(op, s, dtype, device);
+    const t = Tensor.#alloc(s, dtype, device);
+    native.uploadBytes(t.#block.handle, bytes, 0);
     return t;
   }
 
+  /** Every element `value` (for i32: an integer in the 32-bit range). */
   static full(shape: Shape, value: number, options: TensorOptions = {}): Tensor {
-    if (typeof value !== 'number') throw invalidArgument('Tensor.full', 'value', 'a number', value, 'XFT_TYPE');
-    const t = Tensor.empty(shape, options);
-    native.fillValue(t.#storage, DTYPE_CODE[t.dtype], t.numel, value);
+    const op = 'Tensor.full';
+    if (typeof value !== 'number') throw invalidArgument(op, 'value', 'a number', value, 'XFT_TYPE');
+    const { dtype, device } = tensorOptions(op, options);
+    if (dtype === 'i32') checkI32Value(op, 'value', value);
+    const s = checkShape(op, shape);
+    checkSize(op, s, dtype, device);
+    const t = Tensor.#alloc(s, dtype, device);
+    native.fillValue(t.#block.handle, DTYPE_CODE[dtype], t.numel, value);
     return t;
   }
 
@@ -205,53 +293,75 @@ export class Tensor {
     return Tensor.full(shape, 1, options);
   }
 
-  /** Normal values, mean 0 and std 1 unless given; reproducible for a given seed on any device. */
+  /** Normal values, mean 0 and std 1 unless given; reproducible for a given seed on any device. f32 or bf16. */
   static randn(shape: Shape, options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
-    const t = Tensor.empty(shape, options);
-    native.fillRandom(t.#storage, DTYPE_CODE[t.dtype], t.numel, 1, Tensor.#seed('Tensor.randn', options.seed),
-      options.mean ?? 0, options.std ?? 1);
+    const op = 'Tensor.randn';
+    const o = expectOptions<RandomOptions & { mean?: number; std?: number }>(op, options, 'an options object { dtype?, device?, seed?, mean?, std? }');
+    const { dtype, device } = tensorOptions(op, o);
+    if (dtype === 'i32') throw invalidArgument(op, 'dtype', "'f32' or 'bf16' (normal values are not integers)", dtype, 'XFT_DTYPE');
+    const mean = o.mean === undefined ? 0 : expectNumber(op, 'mean', o.mean);
+    const std = o.std === undefined ? 1 : expectNumber(op, 'std', o.std, 'a finite number >= 0', (x) => x >= 0);
+    const seed = o.seed === undefined ? undefined : seedOf(op, o.seed);
+    const s = checkShape(op, shape);
+    checkSize(op, s, dtype, device);
+    const t = Tensor.#alloc(s, dtype, device);
+    native.fillRandom(t.#block.handle, DTYPE_CODE[dtype], t.numel, 1, seed ?? nextSeed(), mean, std);
     return t;
   }
 
   /** Uniform values in [low, high), default [0, 1); for i32, integers in [low, high). */
   static uniform(shape: Shape, options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
-    const low = options.low ?? 0, high = options.high ?? 1;
-    if (!(high >= low)) throw invalidArgument('Tensor.uniform', 'high', `a number >= low (${low})`, high);
-    const t = Tensor.empty(shape, options);
-    native.fillRandom(t.#storage, DTYPE_CODE[t.dtype], t.numel, 0, Tensor.#seed('Tensor.uniform', options.seed), low, high);
+    const op = 'Tensor.uniform';
+    const o = expectOptions<RandomOptions & { low?: number; high?: number }>(op, options, 'an options object { dtype?, device?, seed?, low?, high? }');
+    const { dtype, device } = tensorOptions(op, o);
+    const low = o.low === undefined ? 0 : expectNumber(op, 'low', o.low);
+    const high = o.high === undefined ? 1 : expectNumber(op, 'high', o.high);
+    if (!(high >= low)) throw invalidArgument(op, 'high', `a number >= low (${low})`, high);
+    if (dtype === 'i32') {
+      checkI32Value(op, 'low', low);
+      checkI32Value(op, 'high', high);
+      if (!(high > low)) throw invalidArgument(op, 'high', `an integer > low (${low}) for i32 values in [low, high)`, high);
+    }
+    const seed = o.seed === undefined ? undefined : seedOf(op, o.seed);
+    const s = checkShape(op, shape);
+    checkSize(op, s, dtype, device);
+    const t = Tensor.#alloc(s, dtype, device);
+    native.fillRandom(t.#block.handle, DTYPE_CODE[dtype], t.numel, 0, seed ?? nextSeed(), low, high);
     return t;
-  }
-
-  static #seed(op: string, seed: number | bigint | undefined): bigint {
-    return seed === undefined ? nextSeed() : seedOf(op, seed);
   }
 
   // ---- properties ----
 
   get numel(): number {
+    Tensor.#self(this, 'numel');
     return numelOf(this.shape);
   }
   get rank(): number {
+    Tensor.#self(this, 'rank');
     return this.shape.length;
   }
   get bytes(): number {
+    Tensor.#self(this, 'bytes');
     return this.numel * DTYPE_BYTES[this.dtype];
   }
   get disposed(): boolean {
-    return this.#storage.disposed;
+    return Tensor.#self(this, 'disposed').#block.disposed;
   }
-  /** The native storage, for lib/ops.ts; throws XFT_DISPOSED after dispose(). */
+  /** The native storage handle, for lib/ops*.ts; throws XFT_DISPOSED after dispose(). */
   get storage(): NativeStorage {
-    if (this.#storage.disposed) throw new XftError(`a ${this.describe()} tensor was used after dispose()`, 'XFT_DISPOSED');
+    const block = Tensor.#self(this, 'storage').#block;
+    if (block.disposed) throw new XftError(`a ${this.describe()} tensor was used after dispose()`, 'XFT_DISPOSED');
     if (this.offset !== 0) throw new XftError('ops take whole tensors; this view starts inside its storage: clone() it', 'XFT_SHAPE');
-    return this.#storage;
+    return block.handle;
   }
 
-  /** e.g. "f32[2, 3]@cpu" */
+  /** e.g. "f32[2, 3]@cpu". Never throws (error messages use it). */
   describe(): string {
+    if (!Tensor.isTensor(this)) return 'an object that is not a Tensor made by xft';
     return `${this.dtype}${formatShape(this.shape)}@${this.device}`;
   }
   toString(): string {
+    if (!Tensor.isTensor(this)) return 'Tensor(not a tensor made by xft)';
     return `Tensor(${this.describe()}${this.disposed ? ', disposed' : ''})`;
   }
 
@@ -259,18 +369,19 @@ export class Tensor {
 
   /** A host copy of the values: Float32Array for f32 and bf16, Int32Array for i32. Waits for queued work. */
   toArray(): Float32Array | Int32Array {
-    this.#live('toArray');
-    return native.download(this.#storage, DTYPE_CODE[this.dtype], this.numel, this.offset);
+    Tensor.#live(this, 'toArray');
+    return native.download(this.#block.handle, DTYPE_CODE[this.dtype], this.numel, this.offset);
   }
 
   /** The raw little-endian bytes of the values (bf16 as its 16-bit patterns). Waits for queued work. */
   toBytes(): Uint8Array {
-    this.#live('toBytes');
-    return native.downloadBytes(this.#storage, this.bytes, this.offset * DTYPE_BYTES[this.dtype]);
+    Tensor.#live(this, 'toBytes');
+    return native.downloadBytes(this.#block.handle, this.bytes, this.offset * DTYPE_BYTES[this.dtype]);
   }
 
   /** The single value of a one-element tensor. */
   item(): number {
+    Tensor.#live(this, 'item');
     if (this.numel !== 1) throw new XftError(`item: expected a tensor with one element, got ${this.describe()}`, 'XFT_SHAPE');
     return this.toArray()[0];
   }
@@ -279,97 +390,120 @@ export class Tensor {
 
   /** A copy on `device` (always a new tensor, also when already there). */
   to(device: Device): Tensor {
-    this.#live('to');
+    Tensor.#live(this, 'to');
     checkDevice('Tensor.to', device);
     const t = Tensor.empty(this.shape, { dtype: this.dtype, device });
-    native.copy(t.#storage, this.#storage, this.bytes, 0, this.offset * DTYPE_BYTES[this.dtype]);
+    native.copy(t.#block.handle, this.#block.handle, this.bytes, 0, this.offset * DTYPE_BYTES[this.dtype]);
     return t;
   }
 
   clone(): Tensor {
+    Tensor.#live(this, 'clone');
     return this.to(this.device);
   }
 
   /** A copy converted to `dtype` (bf16 rounds to nearest even, i32 truncates toward zero). */
   cast(dtype: DType): Tensor {
-    this.#live('cast');
+    Tensor.#live(this, 'cast');
     checkDtype('Tensor.cast', dtype);
-    const src = this.offset ? this.clone() : this;
     const t = Tensor.empty(this.shape, { dtype, device: this.device });
-    native.cast(t.#storage, DTYPE_CODE[dtype], src.#storage, DTYPE_CODE[this.dtype], this.numel);
+    const src = this.offset ? this.clone() : this;
+    native.cast(t.#block.handle, DTYPE_CODE[dtype], src.#block.handle, DTYPE_CODE[this.dtype], this.numel);
     if (src !== this) src.dispose();
     return t;
   }
 
   /** A view with another shape over the same memory (one dimension may be -1). */
   reshape(shape: Shape): Tensor {
-    this.#live('reshape');
-    const dims = [...shape];
+    const op = 'Tensor.reshape';
+    Tensor.#live(this, 'reshape');
+    const what = 'an array of integers >= 0 (one of them may be -1)';
+    if (!Array.isArray(shape) || shape.length > MAX_RANK) throw invalidArgument(op, 'shape', what, shape, 'XFT_SHAPE');
+    const dims = [...expectArray<number>(op, 'shape', shape, what)];
+    if (!dims.every((d) => typeof d === 'number' && Number.isSafeInteger(d) && d >= -1) || dims.filter((d) => d === -1).length > 1)
+      throw invalidArgument(op, 'shape', what, shape, 'XFT_SHAPE');
     const unknown = dims.indexOf(-1);
     if (unknown >= 0) {
       const rest = numelOf(dims.filter((_, i) => i !== unknown));
       dims[unknown] = rest === 0 ? 0 : this.numel / rest;
     }
-    const s = checkShape('Tensor.reshape', dims);
-    if (numelOf(s) !== this.numel)
+    if (!dims.every((d) => Number.isSafeInteger(d)) || numelOf(dims) !== this.numel)
       throw new XftError(`reshape: cannot view ${this.describe()} as ${formatShape(shape)}`, 'XFT_SHAPE');
-    return new Tensor(this.#storage, s, this.dtype, this.device, this.offset);
+    return new Tensor(this.#block, dims, this.dtype, this.device, this.offset);
   }
 
   /** A view of rows [start, start + length) along the first dimension, over the same memory. */
   narrow(start: number, length: number): Tensor {
-    this.#live('narrow');
-    const rows = this.shape[0] ?? 0;
+    Tensor.#live(this, 'narrow');
+    if (this.rank < 1) throw new XftError(`narrow: a ${this.describe()} tensor has no rows`, 'XFT_SHAPE');
+    const rows = this.shape[0];
+    if (typeof start !== 'number' || typeof length !== 'number')
+      throw invalidArgument('narrow', typeof start !== 'number' ? 'start' : 'length', 'an integer', typeof start !== 'number' ? start : length, 'XFT_TYPE');
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(length) || start < 0 || length < 0 || start + length > rows)
       throw new XftError(`narrow: rows [${start}, ${start}+${length}) out of range for ${this.describe()}`, 'XFT_SHAPE');
     const rowElems = numelOf(this.shape.slice(1));
-    return new Tensor(this.#storage, [length, ...this.shape.slice(1)], this.dtype, this.device, this.offset + start * rowElems);
+    return new Tensor(this.#block, [length, ...this.shape.slice(1)], this.dtype, this.device, this.offset + start * rowElems);
   }
 
   /** Copies `src` (same dtype and element count, any device) into this tensor. */
   copy_(src: Tensor): this {
-    this.#live('copy_');
-    if (!(src instanceof Tensor)) throw invalidArgument('copy_', 'src', 'a Tensor', src, 'XFT_TYPE');
-    src.#live('copy_');
+    Tensor.#live(this, 'copy_');
+    if (!Tensor.isTensor(src)) throw invalidArgument('copy_', 'src', 'a Tensor', src, 'XFT_TYPE');
+    Tensor.#live(src, 'copy_');
     if (src.dtype !== this.dtype || src.numel !== this.numel)
       throw new XftError(`copy_: cannot copy ${src.describe()} into ${this.describe()}`, 'XFT_SHAPE');
-    native.copy(this.#storage, src.#storage, this.bytes, this.offset * DTYPE_BYTES[this.dtype], src.offset * DTYPE_BYTES[src.dtype]);
+    native.copy(this.#block.handle, src.#block.handle, this.bytes, this.offset * DTYPE_BYTES[this.dtype], src.offset * DTYPE_BYTES[src.dtype]);
     return this;
   }
 
-  /** Sets every element to `value`. */
+  /** Sets every element to `value` (for i32: an integer in the 32-bit range). */
   fill_(value: number): this {
-    this.#live('fill_');
+    Tensor.#live(this, 'fill_');
+    if (typeof value !== 'number') throw invalidArgument('fill_', 'value', 'a number', value, 'XFT_TYPE');
+    if (this.dtype === 'i32') checkI32Value('fill_', 'value', value);
     if (this.offset !== 0) {
       const tmp = Tensor.full(this.shape, value, { dtype: this.dtype, device: this.device });
       this.copy_(tmp);
       tmp.dispose();
-    } else native.fillValue(this.#storage, DTYPE_CODE[this.dtype], this.numel, value);
+    } else native.fillValue(this.#block.handle, DTYPE_CODE[this.dtype], this.numel, value);
     return this;
   }
 
-  /** Frees the memory now (all views of it too). Idempotent. */
+  /** Frees the memory now (all views of it too), with everything native that belongs to it. Idempotent. */
   dispose(): void {
-    this.#storage.dispose();
+    Tensor.#self(this, 'dispose').#block.dispose();
   }
 
   [Symbol.dispose](): void {
     this.dispose();
   }
 
-  #live(op: string): void {
-    if (this.#storage.disposed) throw new XftError(`${op}: a ${this.describe()} tensor was used after dispose()`, 'XFT_DISPOSED');
+  /** `t` itself when it is a tensor made by this library (a method called on anything else: XFT_TYPE). */
+  static #self(t: unknown, op: string): Tensor {
+    if (!Tensor.isTensor(t)) throw invalidArgument(`Tensor.${op}`, 'this', 'a Tensor made by xft (Tensor.from, Tensor.zeros, an op, ...)', t, 'XFT_TYPE');
+    return t;
+  }
+
+  static #live(t: unknown, op: string): void {
+    const self = Tensor.#self(t, op);
+    if (self.#block.disposed) throw new XftError(`${op}: a ${self.describe()} tensor was used after dispose()`, 'XFT_DISPOSED');
   }
 }
 
-/** Disposes every tensor found in the arguments (tensors, arrays and plain objects of them). */
+/** Disposes every tensor found in the arguments (tensors, and arrays, Maps, Sets and plain objects of them, cycles allowed). */
 export function disposeAll(...items: unknown[]): void {
-  const visit = (v: unknown): void => {
-    if (v instanceof Tensor) v.dispose();
-    else if (Array.isArray(v)) v.forEach(visit);
-    else if (v && typeof v === 'object' && Object.getPrototypeOf(v) === Object.prototype) Object.values(v).forEach(visit);
-  };
-  items.forEach(visit);
+  const seen = new Set<object>();
+  const stack: unknown[] = [...items];
+  while (stack.length) {
+    const v = stack.pop();
+    if (v === null || typeof v !== 'object' || seen.has(v)) continue;
+    seen.add(v);
+    if (Tensor.isTensor(v)) v.dispose();
+    else if (Array.isArray(v)) {
+      for (let i = 0; i < v.length; i++) stack.push(v[i]);
+    } else if (v instanceof Map || v instanceof Set) for (const x of v.values()) stack.push(x);
+    else if (Object.getPrototypeOf(v) === Object.prototype || Object.getPrototypeOf(v) === null) for (const x of Object.values(v)) stack.push(x);
+  }
 }
 
 export { describe };

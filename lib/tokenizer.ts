@@ -7,7 +7,8 @@
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { XftError } from './errors';
+import { XftError, invalidArgument } from './errors';
+import { expectArray, expectString } from './validate';
 
 export interface Tokenizer {
   readonly name: string;
@@ -31,11 +32,21 @@ export class ByteTokenizer implements Tokenizer {
   readonly pad = 258;
   readonly fingerprint = 'byte';
   encode(text: string): number[] {
-    return Array.from(Buffer.from(text, 'utf8'));
+    return Array.from(Buffer.from(expectString('ByteTokenizer.encode', 'text', text), 'utf8'));
   }
   decode(ids: ArrayLike<number>): string {
-    return Buffer.from(Array.from(ids).filter((i) => i < 256)).toString('utf8');
+    return Buffer.from(Array.from(expectIds('ByteTokenizer.decode', ids)).filter((i) => i >= 0 && i < 256)).toString('utf8');
   }
+}
+
+/** Token ids to decode: an integer typed array or an array of integers, else XFT_TYPE / XFT_VALUE. */
+function expectIds(op: string, ids: unknown): ArrayLike<number> {
+  if (ids instanceof Int32Array || ids instanceof Uint32Array || ids instanceof Uint16Array || ids instanceof Uint8Array) return ids;
+  const a = expectArray<unknown>(op, 'ids', ids, 'an array or Int32Array of token ids');
+  for (let i = 0; i < a.length; i++)
+    if (typeof a[i] !== 'number' || !Number.isInteger(a[i]))
+      throw invalidArgument(op, `ids[${i}]`, 'an integer token id', a[i], typeof a[i] === 'number' ? 'XFT_VALUE' : 'XFT_TYPE');
+  return a as number[];
 }
 
 /** The parts of @huggingface/tokenizers' Tokenizer that xft uses (its fields are read for the fast path). */
@@ -436,6 +447,7 @@ export class HfTokenizer implements Tokenizer {
   }
 
   encode(text: string): number[] {
+    expectString('HfTokenizer.encode', 'text', text);
     if (!this.#fast) return this.#tok.encode(text, { add_special_tokens: false }).ids;
     const out: number[] = [];
     this.#fast.encode(text, out);
@@ -444,6 +456,7 @@ export class HfTokenizer implements Tokenizer {
 
   /** The text of the ids, special tokens left out, exactly as encoded (no clean-up of spaces: code keeps ` ?` and ` .`). */
   decode(ids: ArrayLike<number>): string {
+    expectIds('HfTokenizer.decode', ids);
     if (ids.length === 0) return '';
     return this.#tok.decode(Array.from(ids), { skip_special_tokens: true, clean_up_tokenization_spaces: false });
   }

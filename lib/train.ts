@@ -19,8 +19,8 @@ import { XftError, describe } from './errors';
 import { Tensor, disposeAll } from './tensor';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
-import { type Model, type Param } from './model';
-import { type Sample, concatRows, countTargets, shuffle } from './data';
+import { type Model, type Param, expectModel } from './model';
+import { type Sample, concatRows, countTargets, expectSamples, shuffle } from './data';
 import { SafetensorsReader, writeSafetensors } from './safetensors';
 import { recoverFolder, writeFileAtomic, writeFolderAtomic } from './folder';
 
@@ -93,12 +93,14 @@ export interface TrainResult {
 
 /** Linear warmup from 0 to lr over `warmup` steps, then linear decay to 0 at `total` (HF get_linear_schedule_with_warmup). */
 export function learningRate(step: number, lr: number, warmup: number, total: number): number {
+  for (const [name, v] of [['step', step], ['lr', lr], ['warmup', warmup], ['total', total]] as const)
+    check(typeof v === 'number' && Number.isFinite(v), name, 'a finite number', v);
   if (step < warmup) return (lr * (step + 1)) / Math.max(1, warmup);
   return lr * Math.max(0, (total - step) / Math.max(1, total - warmup));
 }
 
 function check(cond: boolean, name: string, expected: string, got: unknown): void {
-  if (!cond) throw new XftError(`train: expected ${expected} for ${name} but received ${JSON.stringify(got)}`, 'XFT_VALUE');
+  if (!cond) throw new XftError(`train: expected ${expected} for ${name} but received ${describe(got)}`, 'XFT_VALUE');
 }
 
 /** Consecutive steps with a loss flat at ln(vocab) before the warning. */
@@ -144,6 +146,8 @@ export class Trainer {
   #warnedStuck = false;
 
   constructor(readonly model: Model, rows: readonly Sample[], options: TrainOptions) {
+    expectModel('train', 'model', model);
+    expectSamples('train', 'rows', rows, true);
     const o = options;
     check(o !== null && typeof o === 'object', 'options', 'an object with lr and batchSize', o);
     check(typeof o.lr === 'number' && o.lr >= 0, 'lr', 'a number >= 0', o.lr);
@@ -156,6 +160,17 @@ export class Trainer {
     check(rows.every((r) => r.ids.length === seqLen && r.targets.length === seqLen), 'rows', `sequences of one length (${seqLen})`, 'rows of several lengths');
     const stepsPerEpoch = Math.floor(rows.length / o.batchSize);
     check(stepsPerEpoch >= 1, 'batchSize', `at most the number of training sequences (${rows.length})`, o.batchSize);
+    // every option is checked here, before the optimizer state is allocated
+    const count = (name: keyof TrainOptions, min: number) => o[name] === undefined || check(Number.isSafeInteger(o[name]) && (o[name] as number) >= min, name, `an integer >= ${min}`, o[name]);
+    const num = (name: keyof TrainOptions, what: string, ok: (x: number) => boolean) =>
+      o[name] === undefined || check(typeof o[name] === 'number' && Number.isFinite(o[name]) && ok(o[name] as number), name, what, o[name]);
+    check(Number.isFinite(o.lr), 'lr', 'a finite number >= 0', o.lr);
+    count('epochs', 1), count('steps', 1), count('warmupSteps', 0), count('stopAfter', 0), count('seed', 0);
+    num('weightDecay', 'a finite number >= 0', (x) => x >= 0), num('clip', 'a finite number >= 0', (x) => x >= 0), num('eps', 'a finite number >= 0', (x) => x >= 0);
+    num('beta1', 'a number in [0, 1)', (x) => x >= 0 && x < 1), num('beta2', 'a number in [0, 1)', (x) => x >= 0 && x < 1);
+    check(o.onStep === undefined || typeof o.onStep === 'function', 'onStep', 'a function', o.onStep);
+    check(o.resume === undefined || (o.resume !== null && typeof o.resume === 'object' && o.resume.m instanceof Map && o.resume.v instanceof Map &&
+      Number.isSafeInteger(o.resume.step)), 'resume', 'a TrainState (from train or loadTrainState)', o.resume);
     this.#o = o;
     this.#rows = rows;
     this.#seqLen = seqLen;
@@ -303,7 +318,11 @@ export async function trainAsync(model: Model, rows: readonly Sample[], options:
 export function evaluate(
   model: Model, rows: readonly Sample[], options: { batchSize?: number; onBatch?: (done: number, total: number, positions: number) => void } = {},
 ): { loss: number; accuracy: number; tokens: number } {
+  expectModel('evaluate', 'model', model);
+  expectSamples('evaluate', 'rows', rows, true);
+  check(options !== null && typeof options === 'object', 'options', 'an options object', options);
   const bs = options.batchSize ?? 8;
+  check(Number.isSafeInteger(bs) && bs >= 1, 'batchSize', 'a positive integer', bs);
   let sum = 0, tokens = 0, correct = 0;
   for (let i = 0; i < rows.length; i += bs) {
     const part = rows.slice(i, i + bs), seqLen = part[0].ids.length;

@@ -7,7 +7,8 @@
 import { XftError } from './errors';
 import { Tensor, type Device } from './tensor';
 import { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig } from './config';
-import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
+import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param, expectModel } from './model';
+import { expectBool, expectInt, expectNumber, expectOneOf, expectOptions } from './validate';
 
 export interface InitOptions {
   seed?: number;
@@ -22,9 +23,13 @@ const layerName = (i: number) => `model.layers.${i}`;
 
 /** A freshly initialised dense Llama (normal(0, std) weights, unit norms). */
 export function createDense(config: LlamaConfig, options: InitOptions = {}): Model {
-  const c = llamaConfig(config as LlamaConfig & Record<string, unknown>);
-  const device = options.device ?? 'cpu', std = options.std ?? 0.02;
-  let seed = (options.seed ?? 0) * 1000;
+  const op = 'createDense';
+  const c = llamaConfig(config as LlamaConfig & Record<string, unknown>, op);
+  const o = expectOptions<InitOptions>(op, options, 'an options object { seed?, device?, std?, dtype? }');
+  const device = o.device === undefined ? 'cpu' : expectOneOf(op, 'options.device', o.device, ['cpu', 'cuda'] as const, 'XFT_DEVICE');
+  const std = o.std === undefined ? 0.02 : expectNumber(op, 'options.std', o.std, 'a finite number >= 0', (x) => x >= 0);
+  const dtype = o.dtype === undefined ? undefined : expectOneOf(op, 'options.dtype', o.dtype, ['f32', 'bf16'] as const, 'XFT_DTYPE');
+  let seed = (o.seed === undefined ? 0 : expectInt(op, 'options.seed', o.seed, 0, 2 ** 40)) * 1000;
   const normal = (name: string, shape: number[]) => new Param(name, Tensor.randn(shape, { seed: seed++, std, device }));
   const ones = (name: string, n: number) => new Param(name, Tensor.ones([n], { device }));
   const d = c.hidden_size, f = c.intermediate_size, hd = d / c.num_attention_heads, kv = c.num_key_value_heads * hd;
@@ -35,7 +40,7 @@ export function createDense(config: LlamaConfig, options: InitOptions = {}): Mod
       normal(`${p}.self_attn.v_proj.weight`, [kv, d]), normal(`${p}.self_attn.o_proj.weight`, [d, d]), ones(`${p}.post_attention_layernorm.weight`, d), ffn);
   });
   const m = new Model(c, normal('model.embed_tokens.weight', [c.vocab_size, d]), blocks, ones('model.norm.weight', d), normal('lm_head.weight', [c.vocab_size, d]), device);
-  return options.dtype ? m.cast(options.dtype) : m;
+  return dtype ? m.cast(dtype) : m;
 }
 
 /** A copy of a parameter (new name optional). */
@@ -82,10 +87,11 @@ export interface UpcycleOptions {
  * computes the dense model's function, whatever the router says.
  */
 export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
-  if (dense.kind !== 'dense') throw new XftError(`upcycle: expected a dense model, got a ${dense.kind} model`, 'XFT_VALUE');
-  const moe = upcycleMoeConfig(options, 'upcycle');
+  expectModel('upcycle', 'dense', dense, 'dense');
+  const o = expectOptions<UpcycleOptions>('upcycle', options);
+  const moe = upcycleMoeConfig(o, 'upcycle');
   const E = moe.num_experts, N = moe.shared_expert ? E - 1 : E, d = dense.config.hidden_size;
-  const init = routerInit(options.seed ?? 0, dense.device);
+  const init = routerInit(o.seed === undefined ? 0 : expectInt('upcycle', 'options.seed', o.seed, 0, 2 ** 40), dense.device);
   const dtype = dense.dtype;
   return rebuild(dense, (b, i) => {
     const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
@@ -98,6 +104,8 @@ export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
 
 /** The MoE config of an upcycle (defaults: the paper's 8 experts, top-6, mlp router, noise, balance 0.01). */
 export function upcycleMoeConfig(options: UpcycleOptions, source: string): MoeConfig {
+  options = expectOptions<UpcycleOptions>(source, options);
+  for (const f of ['normalize', 'sharedExpert', 'noise'] as const) if (options[f] !== undefined) expectBool(source, `options.${f}`, options[f]);
   return moeConfig({
     num_experts: options.experts ?? 8, num_selects: options.topK ?? 6, gate_type: options.router ?? 'mlp',
     normalize_weights: options.normalize ?? true, shared_expert: options.sharedExpert ?? true, gate_noise: options.noise ?? true,
@@ -137,9 +145,10 @@ export interface MergeableOptions {
  * zeros. Only alpha is trainable.
  */
 export function mergeable(moe: Model, options: MergeableOptions = {}): Model {
-  if (moe.kind !== 'moe') throw new XftError(`mergeable: expected an MoE model (from upcycle), got a ${moe.kind} model`, 'XFT_VALUE');
-  const rate = options.sharedRate === undefined ? 0.75 : options.sharedRate;
-  if (rate !== null && !(rate >= 0 && rate <= 1)) throw new XftError(`mergeable: expected a number in [0, 1] or null for sharedRate but received ${rate}`, 'XFT_VALUE');
+  expectModel('mergeable', 'moe', moe, 'moe');
+  const o = expectOptions<MergeableOptions>('mergeable', options, 'an options object { sharedRate? }');
+  const rate = o.sharedRate === undefined ? 0.75 : o.sharedRate;
+  if (rate !== null) expectNumber('mergeable', 'options.sharedRate', rate, 'a number in [0, 1], or null', (x) => x >= 0 && x <= 1);
   return rebuild(moe, (b, i) => {
     const f = b.ffn as MoeFFN;
     if (!f.moe.shared_expert && rate !== null)
@@ -152,7 +161,7 @@ export function mergeable(moe: Model, options: MergeableOptions = {}): Model {
 
 /** Compiles a merge model to a dense model of the original architecture: W̄ computed once per layer. */
 export function toDense(merged: Model): Model {
-  if (merged.kind !== 'merged') throw new XftError(`toDense: expected a merge model (from mergeable), got a ${merged.kind} model`, 'XFT_VALUE');
+  expectModel('toDense', 'merged', merged, 'merged');
   const dense = rebuild(merged, (b, i) => {
     const [g, u, d] = (b.ffn as MergedFFN).merged();
     const p = `${layerName(i)}.mlp`;
@@ -163,7 +172,7 @@ export function toDense(merged: Model): Model {
 
 /** An independent copy of a dense model (all parameters trainable). */
 export function copyDense(m: Model): Model {
-  if (m.kind !== 'dense') throw new XftError(`copyDense: expected a dense model, got a ${m.kind} model`, 'XFT_VALUE');
+  expectModel('copyDense', 'm', m, 'dense');
   return rebuild(m, (b) => {
     const f = b.ffn as DenseFFN;
     return new DenseFFN(copyParam(f.gate, f.gate.name, true), copyParam(f.up, f.up.name, true), copyParam(f.down, f.down.name, true));
@@ -172,6 +181,9 @@ export function copyDense(m: Model): Model {
 
 /** Number of parameters (all, or only the trainable ones). */
 export function countParameters(m: Model, options: { trainableOnly?: boolean } = {}): number {
-  return m.params().filter((p) => !options.trainableOnly || p.trainable).reduce((a, p) => a + p.value.numel, 0);
+  expectModel('countParameters', 'm', m);
+  const o = expectOptions<{ trainableOnly?: boolean }>('countParameters', options, 'an options object { trainableOnly? }');
+  const trainableOnly = expectBool('countParameters', 'options.trainableOnly', o.trainableOnly, false);
+  return m.params().filter((p) => !trainableOnly || p.trainable).reduce((a, p) => a + p.value.numel, 0);
 }
 
