@@ -112,6 +112,7 @@ const STUCK_TOLERANCE = 1e-4;
 const busy = new WeakSet<Model>();
 
 function claimModel(model: Model): void {
+  expectModel('train', 'model', model);
   if (busy.has(model))
     throw new XftError('train: this model is already being trained by another train / trainAsync call; one run per model at a time (their updates would interleave)', 'XFT_BUSY');
   busy.add(model);

@@ -273,7 +273,7 @@ const indexEntries: Entry[] = [
 
 // ---- the run ----
 
-const KNOWN_CODES = new Set(['XFT_SHAPE', 'XFT_DTYPE', 'XFT_DEVICE', 'XFT_DISPOSED', 'XFT_VALUE', 'XFT_TYPE', 'XFT_OOM', 'XFT_CUDA', 'XFT_IO', 'XFT_FORMAT', 'XFT_NATIVE']);
+const KNOWN_CODES = new Set(['XFT_SHAPE', 'XFT_DTYPE', 'XFT_DEVICE', 'XFT_DISPOSED', 'XFT_VALUE', 'XFT_TYPE', 'XFT_OOM', 'XFT_CUDA', 'XFT_IO', 'XFT_FORMAT', 'XFT_NATIVE', 'XFT_INDEX', 'XFT_NONFINITE', 'XFT_BUSY']);
 const counts = { calls: 0, returned: 0, xftErrors: 0, otherErrors: 0, leakedTensors: 0 };
 const leaks: Record<string, number> = {};
 const others: { call: number; name: string; error: string }[] = [];

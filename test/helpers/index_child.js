@@ -19,14 +19,22 @@ function check(ok, what) {
   }
 }
 
+// storages are handles owned by a JS object (binding/addon.cc alloc/free); the owners live as long as the process
+const owners = [];
+const storage = (bytes) => {
+  const owner = {};
+  owners.push(owner);
+  return addon.alloc(0, bytes, owner);
+};
+
 function tensor(dtype, values) {
   const data = dtype === I32 ? Int32Array.from(values) : Float32Array.from(values);
-  const s = new addon.Storage(0, Math.max(1, data.length) * 4);
+  const s = storage(Math.max(1, data.length) * 4);
   if (data.length) addon.upload(s, dtype, data, 0);
   return s;
 }
 // an output: fresh host memory, uninitialised (valgrind sees every element read before it is written)
-const out = (n) => new addon.Storage(0, Math.max(1, n) * 4);
+const out = (n) => storage(Math.max(1, n) * 4);
 const read = (s, dtype, n) => Array.from(addon.download(s, dtype, n, 0));
 const random = (n, seed) => Array.from({ length: n }, (_, i) => Math.sin(seed * 7.13 + i * 1.618) * 2);
 // every element defined and finite (reading them all is what makes valgrind check them)
