@@ -12,7 +12,7 @@ grouped-query attention (query head h reads key/value head h // (H / KV)); SwiGL
 lm_head. It reads safetensors itself (the header, then the raw little-endian data; F32, BF16,
 F16), so it needs only numpy. When torch and transformers are importable, the checkpoint is also
 loaded with LlamaForCausalLM.from_pretrained and run in float64: that proves the folder loads in
-transformers with the names and config it has.
+transformers with the names and config it has; a load or run that fails then fails the script.
 """
 import json
 import os
@@ -94,6 +94,16 @@ def llama_logits(cfg, w, ids):
     return rms_norm(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
 
 
+def transformers_available():
+    """None when torch and transformers import, else why not (the only failure the caller may excuse)."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def transformers_logits(folder, ids):
     import torch
     from transformers import LlamaForCausalLM
@@ -110,10 +120,11 @@ def main():
     assert cfg.get("architectures") == ["LlamaForCausalLM"] and cfg.get("model_type") == "llama", "not a LlamaForCausalLM config"
     ids = json.load(open(ids_file))
     out = {"numpy": llama_logits(cfg, read_safetensors(folder), ids).tolist(), "transformers": None, "transformers_error": None}
-    try:
+    # torch or transformers not installed: reported, the caller decides; installed, a checkpoint that
+    # does not load or run is an error (the exception ends the script with a non-zero status)
+    out["transformers_error"] = transformers_available()
+    if out["transformers_error"] is None:
         out["transformers"] = transformers_logits(folder, ids).tolist()
-    except Exception as e:  # transformers or torch missing, or the load failed: reported, the caller decides
-        out["transformers_error"] = f"{type(e).__name__}: {e}"
     json.dump(out, open(out_file, "w"))
 
 

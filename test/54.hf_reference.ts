@@ -15,8 +15,14 @@ import { saveModel, mergeCheckpoint, loadModel } from '../lib/checkpoint';
 import { MergedFFN, type Model } from '../lib/model';
 import { relErr, rng } from './helpers/ref';
 
-const probe = spawnSync('python3', ['-c', 'import numpy'], { encoding: 'utf8' });
-const skip = probe.status === 0 ? false : 'python3 with numpy is not available';
+// XFT_PYTHON picks the interpreter (CI: Debian's /usr/bin/python3 with python3-numpy); with
+// XFT_REQUIRE_REFERENCES=1 (CI) a missing numpy fails the file instead of skipping it
+const PYTHON = process.env.XFT_PYTHON ?? 'python3';
+const REQUIRED = process.env.XFT_REQUIRE_REFERENCES === '1';
+const probe = spawnSync(PYTHON, ['-c', 'import numpy'], { encoding: 'utf8' });
+const missing = probe.status === 0 ? null : `${PYTHON} with numpy is not available (${(probe.stderr ?? String(probe.error)).trim().split('\n').at(-1)})`;
+const skip = missing && !REQUIRED ? missing : false;
+if (missing && REQUIRED) t.fail(`XFT_REQUIRE_REFERENCES=1: ${missing}`);
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-hf-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 
@@ -40,7 +46,7 @@ function xftLogits(m: Model): number[] {
 function reference(dir: string): { numpy: number[]; transformers: number[] | null; error: string | null } {
   const idsFile = path.join(tmp, 'ids.json'), out = path.join(tmp, 'out.json');
   fs.writeFileSync(idsFile, JSON.stringify(ids));
-  const r = spawnSync('python3', [path.join(__dirname, '..', 'scripts', 'hf_reference.py'), dir, idsFile, out], { encoding: 'utf8' });
+  const r = spawnSync(PYTHON, [path.join(__dirname, '..', 'scripts', 'hf_reference.py'), dir, idsFile, out], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`hf_reference.py failed: ${r.stderr}`);
   const j = JSON.parse(fs.readFileSync(out, 'utf8'));
   return { numpy: j.numpy.flat(2), transformers: j.transformers ? j.transformers.flat(2) : null, error: j.transformers_error };
@@ -54,7 +60,8 @@ function compare(t: tap.Test, dir: string, m: Model, what: string) {
   if (ref.transformers) {
     const e2 = relErr(got, ref.transformers);
     t.ok(e2 <= 1e-5, `${what}: xft vs transformers LlamaForCausalLM, relative error ${e2.toExponential(2)} <= 1e-5`);
-  } else t.comment(`transformers not run: ${ref.error}`);
+  } else if (process.env.XFT_REQUIRE_TRANSFORMERS === '1') t.fail(`${what}: XFT_REQUIRE_TRANSFORMERS=1 but transformers did not run: ${ref.error}`);
+  else t.comment(`transformers not run: ${ref.error}`);
 }
 
 t.test('a dense checkpoint (GQA, rope_theta 1e5, linear rope_scaling 4) computes what transformers computes', { skip }, async (t) => {
