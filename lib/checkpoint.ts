@@ -349,14 +349,32 @@ function copyEntry(r: SafetensorsReader, name: string, outName: string, to: File
   return {
     name: outName, dtype, shape: info.shape,
     bytes: function* () {
-      const scratch = new Uint8Array(Math.min(n, chunk) * size);
-      const values = dtype === info.dtype ? null : new Float32Array(Math.min(n, chunk));
+      const scratch = scratchBytes(Math.min(n, chunk) * size);
+      const values = dtype === info.dtype ? null : scratchF32(Math.min(n, chunk));
       for (let s = 0; s < n; s += chunk) {
         const raw = r.readRange(name, s * size, Math.min(n, s + chunk) * size, scratch);
         yield values ? f32ToBytes(bytesToF32(raw, info.dtype, name, values), dtype) : raw;
       }
     },
   };
+}
+
+// Buffers shared by every streamed tensor of a process: a new one per tensor is garbage the size of a
+// chunk (or of a whole FFN weight) that the GC frees late, so that peak memory grew with the number of
+// tensors (test/53). Safe because the writer consumes one entry's chunks before it starts the next.
+let scratchBuffer = new Uint8Array(0), scratchValues = new Float32Array(0), scratchAcc = new Float32Array(0);
+function scratchBytes(n: number): Uint8Array {
+  if (scratchBuffer.length < n) scratchBuffer = new Uint8Array(n);
+  return scratchBuffer.subarray(0, n);
+}
+function scratchF32(n: number): Float32Array {
+  if (scratchValues.length < n) scratchValues = new Float32Array(n);
+  return scratchValues.subarray(0, n);
+}
+/** A zeroed f32 accumulator of n values. */
+function zeroedAccumulator(n: number): Float32Array {
+  if (scratchAcc.length < n) scratchAcc = new Float32Array(n);
+  return scratchAcc.subarray(0, n).fill(0);
 }
 
 /** Reports each written tensor to onProgress. */
@@ -498,8 +516,8 @@ export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpoi
         name: `${p}.mlp.${g}_proj.weight`, dtype, shape: first.shape,
         bytes: function* () {
           // one f32 accumulator for the tensor; the read buffers are reused (no garbage per chunk)
-          const acc = new Float32Array(n), c = Math.min(n, chunk);
-          const buffers = { scratch: new Uint8Array(c * dtypeBytes(first.dtype)), out: new Float32Array(c) };
+          const acc = zeroedAccumulator(n), c = Math.min(n, chunk);
+          const buffers = { scratch: scratchBytes(c * dtypeBytes(first.dtype)), out: scratchF32(c) };
           for (let e = 0; e < E; e++) {
             const ce = coef[e];
             for (let s = 0; s < n; s += chunk) {

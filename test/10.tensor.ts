@@ -1,7 +1,7 @@
 // Tensors: round trips for every dtype and device, bf16 rounding, fills, random, views, copies.
 import t from 'tap';
 import { Tensor, backend, manualSeed, type Device } from '../lib/index';
-import { CUDA, SKIP_NO_CUDA, roundBf16, rng } from './helpers/ref';
+import { CUDA, SKIP_NO_CUDA, expectedBackend, roundBf16, rng } from './helpers/ref';
 
 const devices: [Device, false | string][] = [['cpu', false], ['cuda', SKIP_NO_CUDA]];
 
@@ -118,4 +118,9 @@ t.test('cross-device copies', { skip: SKIP_NO_CUDA }, async (t) => {
     t.same(Tensor.uniform([1000], { seed: 4, device: 'cuda' }).toArray(), Tensor.uniform([1000], { seed: 4 }).toArray(),
       'seeded uniform is bit-identical across devices');
   }
+});
+
+t.test('the backend is the one this machine should have (decided without asking the backend)', async (t) => {
+  const b = backend();
+  t.equal(b.kind, expectedBackend(b.compiledWithCuda), `kind ${b.kind} (${b.kind === 'cpu' ? b.reason : b.name})`);
 });

@@ -6,7 +6,7 @@ import { Tensor, ops, type DType } from '../lib/index';
 import { native } from '../lib/native';
 import { SKIP_NO_CUDA, randomOffsets } from './helpers/ref';
 import { close, exact } from './helpers/check';
-import { TOL, pair, seed, setupGpuTest } from './helpers/gpu';
+import { TOL, fastCases, pair, seed, setupGpuTest } from './helpers/gpu';
 
 setupGpuTest(t);
 
@@ -14,9 +14,10 @@ setupGpuTest(t);
 
 t.test('routing: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   const shapes: [number, number, number][] = [[1, 7, 6], [37, 7, 6], [16384, 7, 6], [1000, 7, 2], [513, 7, 8], [300, 1, 2], [777, 63, 9], [64, 300, 5], [0, 7, 6]];
+  const run = fastCases(t, shapes, ([T, N]) => T * N, 1e4);
   for (const dtype of ['f32', 'bf16'] as const)
     for (const [normalize, shared] of [[true, true], [false, true], [true, false]] as const)
-      for (const [T, N, K0] of shapes) {
+      for (const [T, N, K0] of run) {
         const K = shared ? K0 : Math.min(K0, N);
         const what = `${dtype} normalize=${normalize} shared=${shared} T=${T} N=${N} K=${K}`;
         const logits = pair([T, N], dtype, { std: 2 });
@@ -56,8 +57,9 @@ t.test('grouped GEMM: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
     [1, 1, 1, 1, false], [37, 19, 23, 8, true], [256, 128, 64, 1, false], [1000, 96, 80, 8, true],
     [4096, 512, 384, 8, true], [3000, 33, 65, 5, true], [513, 130, 258, 3, false], [0, 16, 16, 4, true], [2048, 1024, 512, 8, false],
   ];
+  const run = fastCases(t, cases, ([M, n, k]) => M * n * k, 2e7);
   for (const dtype of ['f32', 'bf16'] as const)
-    for (const [M, n, k, E, empty] of cases) {
+    for (const [M, n, k, E, empty] of run) {
       const what = `${dtype} M=${M} n=${n} k=${k} E=${E}`;
       const offs = randomOffsets(M, E, seed(), empty);
       const offsets = Tensor.from(offs, [E + 1], { dtype: 'i32' });

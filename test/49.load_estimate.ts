@@ -120,3 +120,52 @@ t.test('errors name the argument', async (t) => {
   throwsCode(t, () => ops.loadEstimate(Tensor.zeros([4, 1]), Tensor.zeros([4, 1]), Tensor.zeros([4, 1]), { k: 1 }), 'XFT_SHAPE', /N/, 'one expert');
   throwsCode(t, () => ops.loadEstimateBackward(a, a, a, Tensor.zeros([6]), { k: 2, seed: 1 }), 'XFT_SHAPE', /dLoad/, 'dLoad of another size');
 });
+
+/** prob [T*N] in float64: Φ((clean − threshold) / scale) per token and expert, the noise from n. */
+function refProb(clean: number[], z: number[], n: number[], T: number, N: number, k: number, eps: number): number[] {
+  const prob: number[] = [];
+  for (let t = 0; t < T; t++) {
+    const c = Array.from({ length: N }, (_, i) => softplus(z[t * N + i]) + eps);
+    const noisy = Array.from({ length: N }, (_, i) => clean[t * N + i] + n[t * N + i] * c[i]);
+    const order = [...noisy.keys()].sort((a, b) => noisy[b] - noisy[a] || a - b);
+    const thrOut = noisy[order[k - 1]], thrIn = noisy[order[k]];
+    for (let i = 0; i < N; i++) prob.push(Phi((clean[t * N + i] - (noisy[i] > thrIn ? thrIn : thrOut)) / c[i]));
+  }
+  return prob;
+}
+
+t.test('prob, per token and expert, matches the float64 reference (f32 and bf16)', async (t) => {
+  for (const [T, N, k, dtype] of [[5, 7, 5, 'f32'], [64, 7, 1, 'f32'], [33, 15, 4, 'f32'], [40, 7, 5, 'bf16'], [30, 15, 10, 'bf16']] as const) {
+    const s = setup(T, N, T * 13 + N + k, dtype);
+    const { load, prob } = ops.loadEstimate(s.ct, s.zt, s.noisy, { k });
+    t.same(prob.shape, [T, N], `${dtype} T=${T} N=${N} k=${k}: prob [T, N]`);
+    const want = refProb(s.clean, s.z, s.n, T, N, k, 0.01);
+    // bf16: the kernel reads the bf16-rounded noisy logits, the reference recomputes them in float64
+    close(t, prob.toArray(), want, dtype === 'f32' ? 1e-5 : 1e-2, `${dtype} T=${T} N=${N} k=${k}: prob`);
+    const p = prob.toArray(), l = load.toArray();
+    const sums = Array.from({ length: N }, (_, i) => Array.from({ length: T }, (_, r) => p[r * N + i]).reduce((a, b) => a + b, 0));
+    close(t, l, sums, 1e-6, `${dtype} T=${T} N=${N} k=${k}: load is prob summed over tokens`);
+    [s.ct, s.zt, s.noisy, load, prob].forEach((x) => x.dispose());
+  }
+});
+
+t.test('bf16 backward: dClean and dz against finite differences of the float64 reference', async (t) => {
+  for (const [T, N, k] of [[6, 5, 2], [8, 7, 5]] as const) {
+    const s = setup(T, N, 300 + T * N, 'bf16');
+    const R = rng(19);
+    const w = Array.from({ length: N }, () => R.normal());
+    const f = (clean: number[], z: number[]) => refLoad(clean, z, s.n, T, N, k, 0.01).reduce((a, v, i) => a + w[i] * v, 0);
+    const h = 1e-5;
+    const fd = (base: number[], at: (v: number[]) => number) => base.map((_, j) => {
+      const p = [...base], m = [...base];
+      p[j] += h;
+      m[j] -= h;
+      return (at(p) - at(m)) / (2 * h);
+    });
+    const fdClean = fd(s.clean, (c) => f(c, s.z)), fdZ = fd(s.z, (z) => f(s.clean, z));
+    const g = ops.loadEstimateBackward(s.ct, s.zt, s.noisy, Tensor.from(w, [N]), { k, seed: s.noiseSeed });
+    t.equal(g.dClean.dtype, 'bf16');
+    close(t, g.dClean.toArray(), fdClean, 2e-2, `bf16 T=${T} N=${N} k=${k}: dClean`);
+    close(t, g.dz.toArray(), fdZ, 2e-2, `bf16 T=${T} N=${N} k=${k}: dz`);
+  }
+});

@@ -38,6 +38,7 @@ t.test('bad lines name the line number', async (t) => {
   check('{"instruction":"a"}', /data\.jsonl:1: expected string fields instruction\/response or instruction\/output or problem\/solution, got keys instruction/);
   try {
     readJsonl(path.join(tmp, 'missing.jsonl'));
+    t.fail('a missing file should throw');
   } catch (err) {
     t.equal((err as XftError).code, 'XFT_IO');
   }

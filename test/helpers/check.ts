@@ -20,6 +20,9 @@ export function close(t: Test, got: ArrayLike<number>, want: ArrayLike<number>, 
   t.ok(e <= tol, `${what}: relative error ${e.toExponential(2)} <= ${tol}`);
 }
 
+/** Element for element equal, as numbers (-0 equals 0); a NaN on either side is a mismatch. */
 export function exact(t: Test, got: ArrayLike<number>, want: ArrayLike<number>, what: string): void {
-  t.same(Array.from(got), Array.from(want), what);
+  let bad = got.length === want.length ? -1 : Math.min(got.length, want.length);
+  for (let i = 0; bad < 0 && i < got.length; i++) if (!(got[i] === want[i])) bad = i;
+  t.ok(bad < 0, bad < 0 ? what : `${what}: first mismatch at ${bad} (got ${got[bad]}, want ${want[bad]}; lengths ${got.length}, ${want.length})`);
 }

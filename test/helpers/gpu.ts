@@ -27,3 +27,15 @@ export function pair(shape: number[], dtype: DType, options: { std?: number } = 
   const cpu = Tensor.randn(shape, { seed: seed(), dtype, std: options.std ?? 1 });
   return { cpu, cuda: cpu.to('cuda') };
 }
+
+/**
+ * XFT_TEST_FAST=1 (CI's shake and asan emulation runs): only the cases whose `work` (a size, e.g.
+ * M·n·k) is at most `limit`; the small and odd shapes (partial tiles, empty groups) stay, the large
+ * ones, which cost minutes under emulation, go. Unset, every case runs.
+ */
+export function fastCases<C>(test: tap.Test, cases: C[], work: (c: C) => number, limit: number): C[] {
+  if (process.env.XFT_TEST_FAST !== '1') return cases;
+  const kept = cases.filter((c) => work(c) <= limit);
+  test.comment(`XFT_TEST_FAST=1: ${kept.length} of ${cases.length} cases (work <= ${limit})`);
+  return kept;
+}

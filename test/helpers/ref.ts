@@ -1,8 +1,22 @@
 // Plain TypeScript references (float64) for the ops, straight from ../shared/XFT.md, and test utilities.
+import * as fs from 'node:fs';
 import { Tensor, cudaAvailable } from '../../lib/index';
 
 export const CUDA = cudaAvailable();
 export const SKIP_NO_CUDA = CUDA ? false : 'no CUDA device (or a CPU-only build, or XFT_DEVICE=cpu)';
+
+/**
+ * The backend this run should have, decided without asking the backend (test/10 asserts it, so that
+ * a GPU machine whose backend falls back to the CPU fails instead of skipping every CUDA test):
+ * XFT_TEST_EXPECT_BACKEND (cpu|cuda; the emulated backend sets cuda), else cuda exactly when the addon
+ * was compiled with CUDA, XFT_DEVICE is not 'cpu', and the NVIDIA driver's device node exists.
+ */
+export function expectedBackend(compiledWithCuda: boolean): 'cpu' | 'cuda' {
+  const forced = process.env.XFT_TEST_EXPECT_BACKEND;
+  if (forced === 'cpu' || forced === 'cuda') return forced;
+  if (forced) throw new Error(`XFT_TEST_EXPECT_BACKEND must be cpu or cuda, got ${forced}`);
+  return compiledWithCuda && process.env.XFT_DEVICE !== 'cpu' && fs.existsSync('/dev/nvidiactl') ? 'cuda' : 'cpu';
+}
 
 /** ‖a − b‖ / ‖b‖ (both as float64); NaN anywhere gives Infinity. */
 export function relErr(a: ArrayLike<number>, b: ArrayLike<number>): number {

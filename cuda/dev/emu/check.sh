@@ -7,22 +7,33 @@
 #            a missing barrier or a read of another thread's unwritten result shows as a failure
 #   asan     AddressSanitizer + alignment checks over global memory (out-of-bounds, use after free)
 # Usage, from the repo root: bash cuda/dev/emu/check.sh [quick|shake|asan] [test files...]
+# XFT_TEST_SEEDS="1 2 random" runs the files once per seed of the GPU tests' random inputs ('random':
+# one from the clock, printed); unset, one run seeded from the clock as on the GPU.
 # Not a substitute for the GPU (no memory model between barriers, no timing); see cuda_runtime.h.
 set -euo pipefail
 MODE=${1:-quick}
 shift || true
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/12.leak.ts test/13.index_safety.ts)
+[ ${#FILES[@]} -gt 0 ] || FILES=(test/10.tensor.ts test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/12.leak.ts test/13.index_safety.ts)
+read -r -a SEEDS <<< "${XFT_TEST_SEEDS:-clock}"
 cd "$(dirname "$0")/../../.."
 
 build() {  # out-dir, extra cmake-js flags
   npx cmake-js compile --out "$1" --CDXFT_EMU=ON "${@:2}" >"$1.log" 2>&1 || { tail -50 "$1.log"; exit 1; }
 }
-run() {  # addon, env...
-  local addon=$1
+run() {  # addon, env... (once per seed; test/10 asserts that the backend is the emulated CUDA one)
+  local addon=$1 seed
   shift
-  echo "== emulated CUDA backend: $* ${FILES[*]}"
-  env "$@" XFT_ADDON_PATH="$PWD/$addon" npx tap --disable-coverage --timeout 3000 "${FILES[@]}"
+  for seed in "${SEEDS[@]}"; do
+    local seeded=()
+    case "$seed" in
+      clock) ;;
+      random) seeded=(XFT_TEST_SEED=$(( (RANDOM << 15 | RANDOM) % 1000000 ))) ;;
+      *) seeded=(XFT_TEST_SEED="$seed") ;;
+    esac
+    echo "== emulated CUDA backend: $* ${seeded[*]} ${FILES[*]}"
+    env "$@" "${seeded[@]}" XFT_TEST_EXPECT_BACKEND=cuda XFT_ADDON_PATH="$PWD/$addon" npx tap --disable-coverage --timeout 3000 "${FILES[@]}"
+  done
 }
 
 case "$MODE" in

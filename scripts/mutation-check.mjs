@@ -1,0 +1,138 @@
+#!/usr/bin/env node
+// Mutation check: plants each bug of the table below in a temporary copy of the project, runs only the
+// test files that should catch it, and fails if any mutant survives (every test passes) or no longer
+// applies (the code it mutates changed: update the table). The working tree is never touched.
+//
+//   node scripts/mutation-check.mjs [name ...]        (default: every mutant)
+//
+// TypeScript mutants run against XFT_ADDON_PATH when it is set, else against a CPU-only addon built in
+// the copy (~11 s); native mutants (binding/cpu) rebuild a CPU-only addon in the copy each (~11 s).
+// test/54 needs python3 with numpy (XFT_PYTHON picks the interpreter); XFT_REQUIRE_REFERENCES=1 is set
+// so that a missing reference fails instead of letting its mutant survive.
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
+
+/**
+ * name, why, file, edits [from, to, count = 1] (literal text; each must occur exactly `count` times),
+ * and the test files expected to kill it.
+ */
+const MUTANTS = [
+  // the review's six (issue 19): three survived the suite before it
+  { name: 'router-frozen', why: 'router parameters created with trainable = false', file: 'lib/xft.ts',
+    edits: [['new Param(name, init.next(shape, dtype)())', 'new Param(name, init.next(shape, dtype)(), false)']], tests: ['test/60.model.ts'] },
+  { name: 'microbatch-own-tokens', why: "each micro-batch normalised by its own token count, not the step's", file: 'lib/train.ts',
+    edits: [['model.backward({ tokens: stepTokens, ', 'model.backward({ tokens: f.tokens, ']], tests: ['test/64.train_loop.ts'] },
+  { name: 'gemm-chunk-row', why: "the CPU grouped GEMM's second thread chunk computes one row fewer", file: 'binding/cpu/grouped_gemm.cc', native: true,
+    edits: [['ye.data() + ra * n, (int)(rb - ra), n, k);', 'ye.data() + ra * n, (int)(rb - ra) - (ra > 0 ? 1 : 0), n, k);']], tests: ['test/65.references.ts'] },
+  { name: 'router-backward-removed', why: 'no gradient through the routing weights to the router', file: 'lib/model.ts',
+    edits: [['const dLogits = xops.routeSharedBackward(s.logits, s.routing, dWeights, dImportance ? { dImportance } : {});',
+      'const dLogits = Tensor.zeros(s.logits.shape, { dtype: s.logits.dtype, device: s.logits.device });']], tests: ['test/60.model.ts'] },
+  { name: 'balance-backward-skipped', why: "the balance loss's backward skipped", file: 'lib/model.ts',
+    edits: [['if (this.moe.balance_loss_weight > 0) {\n      const b = tops.balanceLossBackward', 'if (false) {\n      const b = tops.balanceLossBackward']], tests: ['test/60.model.ts'] },
+  { name: 'causal-mask-off-by-one', why: 'the CPU attention sees one future token', file: 'binding/cpu/attention.cc', native: true,
+    edits: [
+      ['for (int j = 0; j <= i; j++) m = fmaxf', 'for (int j = 0; j <= std::min(i + 1, T - 1); j++) m = fmaxf'],
+      ['for (int j = 0; j <= i; j++) sum +=', 'for (int j = 0; j <= std::min(i + 1, T - 1); j++) sum +='],
+      ['for (int j = 0; j <= i; j++)\n            for (int d = 0; d < hd; d++) o[d]', 'for (int j = 0; j <= std::min(i + 1, T - 1); j++)\n            for (int d = 0; d < hd; d++) o[d]'],
+    ], tests: ['test/45.attention.ts', 'test/65.references.ts'] },
+  // five more
+  { name: 'balance-load-counts', why: 'the balance loss uses the hard counts under noise instead of the noisy top-k estimate', file: 'lib/model.ts',
+    edits: [['tops.balanceLoss(routing.importance, estimate ?? routing.load,', 'tops.balanceLoss(routing.importance, routing.load,']], tests: ['test/65.references.ts'] },
+  { name: 'noise-in-eval', why: 'router noise added outside training', file: 'lib/model.ts',
+    edits: [['const noisy = ctx.training && this.noise !== null && this.moe.gate_noise;', 'const noisy = this.noise !== null && this.moe.gate_noise;']], tests: ['test/65.references.ts'] },
+  { name: 'grad-norm-squared', why: 'the gradient norm reported and clipped as its square', file: 'lib/train.ts',
+    edits: [['const gradNorm = Math.sqrt(sq.item());', 'const gradNorm = sq.item();']], tests: ['test/64.train_loop.ts'] },
+  { name: 'rope-scaling-ignored', why: 'linear rope_scaling dropped from the model', file: 'lib/model.ts',
+    edits: [['theta: c.rope_theta, scalingFactor: ropeScaling(c) };', 'theta: c.rope_theta, scalingFactor: ropeScaling(c) * 0 + 1 };']], tests: ['test/54.hf_reference.ts'] },
+  { name: 'gqa-heads-interleaved', why: 'query head h reads kv head h % Hkv instead of h / (H / Hkv) (forward and backward alike)', file: 'binding/cpu/attention.cc', native: true,
+    edits: [['for (int h = kvh * G; h < (kvh + 1) * G; h++)', 'for (int h = kvh; h < H; h += Hkv)', 2]], tests: ['test/45.attention.ts', 'test/65.references.ts'] },
+  { name: 'merge-rate-swapped', why: 'mixing coefficients with λ and 1 − λ swapped (on-disk merge)', file: 'lib/checkpoint.ts',
+    edits: [['[sharedRate, ...s.map((v) => (1 - sharedRate) * v)]', '[1 - sharedRate, ...s.map((v) => sharedRate * v)]']], tests: ['test/52.checkpoint.ts'] },
+];
+
+const only = process.argv.slice(2);
+const mutants = only.length ? MUTANTS.filter((m) => only.includes(m.name)) : MUTANTS;
+if (only.length && mutants.length !== only.length) {
+  console.error(`unknown mutant(s): ${only.filter((n) => !MUTANTS.some((m) => m.name === n)).join(', ')}; known: ${MUTANTS.map((m) => m.name).join(', ')}`);
+  process.exit(2);
+}
+
+// the copy: the project's files as they are in the working tree (tracked and untracked, not ignored)
+const work = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-mutants-'));
+const cleanup = () => fs.rmSync(work, { recursive: true, force: true });
+process.on('exit', cleanup);
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+const files = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' }).stdout.split('\0').filter(Boolean);
+for (const f of files) {
+  if (f === 'node_modules' || f.startsWith('build') || !fs.existsSync(path.join(root, f))) continue;
+  fs.mkdirSync(path.dirname(path.join(work, f)), { recursive: true });
+  fs.copyFileSync(path.join(root, f), path.join(work, f));
+}
+fs.symlinkSync(fs.realpathSync(path.join(root, 'node_modules')), path.join(work, 'node_modules'));
+
+const npx = (args, env = {}) => spawnSync('npx', args, { cwd: work, encoding: 'utf8', env: { ...process.env, ...env }, maxBuffer: 1 << 28 });
+function buildCpu(out) {
+  const t0 = Date.now();
+  const r = npx(['cmake-js', 'compile', '--out', out, '--CDXFT_CUDA=OFF']);
+  if (r.status !== 0) throw new Error(`CPU build in ${work}/${out} failed:\n${(r.stdout + r.stderr).slice(-3000)}`);
+  return { addon: path.join(work, out, 'Release', 'xft.node'), seconds: (Date.now() - t0) / 1000 };
+}
+
+let baseAddon = process.env.XFT_ADDON_PATH;
+if (!baseAddon) {
+  const b = buildCpu('build-base');
+  baseAddon = b.addon;
+  console.log(`== CPU-only addon for the TypeScript mutants built in ${b.seconds.toFixed(0)} s`);
+}
+
+function runTests(tests, addon) {
+  const r = npx(['tap', '--disable-coverage', '-R', 'tap', ...tests], {
+    XFT_ADDON_PATH: addon, XFT_REQUIRE_REFERENCES: '1', XFT_DEVICE: 'cpu', XFT_TEST_EXPECT_BACKEND: 'cpu',
+  });
+  const out = r.stdout + r.stderr;
+  const failed = tests.filter((f) => new RegExp(`^not ok \\d+ - ${f.replace(/[.]/g, '\\.')}`, 'm').test(out));
+  const first = (out.match(/^\s+not ok \d+ - .*$/m) ?? [''])[0].trim();
+  return { status: r.status, failed, first, out };
+}
+
+const results = [];
+const total0 = Date.now();
+for (const m of mutants) {
+  const t0 = Date.now();
+  const file = path.join(work, m.file), original = fs.readFileSync(file, 'utf8');
+  let text = original, stale = null;
+  for (const [from, to, count = 1] of m.edits) {
+    const n = text.split(from).length - 1;
+    if (n !== count) stale = `expected ${count} occurrence(s) of ${JSON.stringify(from.slice(0, 60))} in ${m.file}, found ${n}`;
+    text = text.split(from).join(to);
+  }
+  let row;
+  if (stale) row = { name: m.name, verdict: 'STALE', detail: stale };
+  else {
+    fs.writeFileSync(file, text);
+    try {
+      const addon = m.native ? buildCpu(`build-mutant-${m.name}`).addon : baseAddon;
+      const r = runTests(m.tests, addon);
+      row = r.failed.length
+        ? { name: m.name, verdict: 'killed', detail: `${r.failed.join(', ')}: ${r.first}` }
+        : r.status !== 0
+          ? { name: m.name, verdict: 'ERROR', detail: `tap exited ${r.status} without a failing file:\n${r.out.slice(-2000)}` }
+          : { name: m.name, verdict: 'SURVIVED', detail: `${m.tests.join(', ')} all pass` };
+    } catch (err) {
+      row = { name: m.name, verdict: 'ERROR', detail: err.message };
+    } finally {
+      fs.writeFileSync(file, original);
+      if (m.native) fs.rmSync(path.join(work, `build-mutant-${m.name}`), { recursive: true, force: true });
+    }
+  }
+  row.seconds = (Date.now() - t0) / 1000;
+  results.push(row);
+  console.log(`${row.verdict.padEnd(8)} ${m.name.padEnd(26)} ${row.seconds.toFixed(0).padStart(4)} s  ${m.why}\n         ${row.detail}`);
+}
+const bad = results.filter((r) => r.verdict !== 'killed');
+console.log(`== ${results.length - bad.length} of ${results.length} mutants killed in ${((Date.now() - total0) / 1000).toFixed(0)} s`);
+process.exit(bad.length ? 1 : 0);
