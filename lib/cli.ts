@@ -240,10 +240,10 @@ program
     const p = fileProgress('upcycle');
     const t0 = Date.now();
     try {
-      const r = upcycleCheckpoint(src, out, {
+      const r = sourceNonFinite(src, out, () => upcycleCheckpoint(src, out, {
         experts: o.experts, topK: o.topK, router: o.router, normalize: o.normalize, sharedExpert: o.sharedExpert, noise: o.noise,
         balanceLossWeight: o.balanceLoss, seed: o.seed, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
-      });
+      }));
       p.stop();
       console.log(`wrote ${out}: MoE with ${r.moe!.num_experts} experts (top-${r.moe!.num_selects}, ${r.moe!.gate_type} router) per layer, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
     } finally {
@@ -424,7 +424,7 @@ program
     const p = fileProgress('merge');
     const t0 = Date.now();
     try {
-      const r = mergeCheckpoint(src, out, { sharedRate: o.sharedRate, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress });
+      const r = sourceNonFinite(src, out, () => mergeCheckpoint(src, out, { sharedRate: o.sharedRate, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress }));
       p.stop();
       const c = r.coefficients[0].map((v) => v.toFixed(3)).join(', ');
       console.log(`wrote ${out}: dense LlamaForCausalLM, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s (layer 0 coefficients: ${c})`);
@@ -527,6 +527,22 @@ program
   });
 
 /** The exit code for an error. */
+/**
+ * A streamed upcycle/merge writes what it reads: a non-finite value on the way out came from the
+ * source checkpoint (unusable input, exit 3), named as such rather than by the temporary file.
+ */
+function sourceNonFinite<T>(src: string, out: string, run: () => T): T {
+  try {
+    return run();
+  } catch (err) {
+    if (err instanceof XftError && err.code === 'XFT_NONFINITE') {
+      const what = /: (\S+) holds a non-finite value[^;]*/.exec(err.message);
+      throw new XftError(`${src}: the checkpoint holds non-finite weights (${what ? `${what[1]}: NaN or ±Inf` : err.message}); nothing was written to ${out}`, 'XFT_FORMAT');
+    }
+    throw err;
+  }
+}
+
 export function exitCodeOf(err: unknown): number {
   if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
   if (err instanceof UsageError) return EXIT.usage;

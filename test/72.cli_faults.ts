@@ -58,4 +58,9 @@ t.test('unusable checkpoints exit 3 with a message that names the file', async (
     t.equal(r.code, 3, `eval ${dir} exits 3`);
     t.match(r.err, msg, `and names the file: ${r.err.trim().split('\n').at(-1)}`);
   }
+  // upcycle streams the source through the writer: its non-finite guard is about the source (exit 3)
+  const r = xft('upcycle', 'nan-weights', 'nan-moe', '--experts', '4', '--top-k', '2');
+  t.equal(r.code, 3, 'upcycle of a checkpoint with NaN weights exits 3');
+  t.match(r.err, /nan-weights: the checkpoint holds non-finite weights \(lm_head\.weight: NaN or ±Inf\); nothing was written to nan-moe/, `and names the source: ${r.err.trim().split('\n').at(-1)}`);
+  t.notOk(fs.existsSync(at('nan-moe')), 'no output folder');
 });
