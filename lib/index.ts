@@ -21,6 +21,8 @@ export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loa
 export {
   type Example, type Sample, type Batch, type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, parseJsonl, readJsonl,
   encodeExample, formatPrompt, toRows, concatRows, countTargets, type TokenArray, batches, split, shuffle, MAGICODER_PROMPT,
+  encodeDataFile, encodeDataFileAsync, cacheFileOf, type EncodeDataOptions, type EncodedData,
 } from './data';
 export { generate, pickToken, type GenerateOptions, type GenerateResult } from './generate';
 export { SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader } from './safetensors';
+export { lockFolder, recoverFolder, type FolderLock } from './folder';
