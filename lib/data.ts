@@ -352,6 +352,21 @@ function store(c: CacheLookup, packed: PackedExamples, options: EncodeDataOption
  * written atomically (a temporary file renamed into place).
  */
 export function encodeDataFile(file: string, tok: Tokenizer, options: EncodeDataOptions = {}): EncodedData {
+  const e = openEncoding(file, tok, options);
+  if ('samples' in e) return e;
+  return finishEncoding(e, encodePacked(tok, e.examples, e.template, e.onProgress), options);
+}
+
+/** Where an encoding starts: the cached result, or the parsed examples to encode. */
+interface Encoding {
+  t0: number;
+  c: CacheLookup;
+  template: string;
+  examples: Example[];
+  onProgress?: (done: number) => void;
+}
+
+function openEncoding(file: string, tok: Tokenizer, options: EncodeDataOptions): Encoding | EncodedData {
   const t0 = performance.now();
   const template = options.template ?? MAGICODER_PROMPT;
   const c = lookUp(file, tok, template, options.cache ?? true);
@@ -360,9 +375,13 @@ export function encodeDataFile(file: string, tok: Tokenizer, options: EncodeData
     return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
   }
   const examples = parseJsonl(c.data.toString('utf8'), file);
-  const packed = encodePacked(tok, examples, template, options.onProgress && ((done) => options.onProgress!(done, examples.length)));
-  store(c, packed, options);
-  return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+  const onProgress = options.onProgress && ((done: number) => options.onProgress!(done, examples.length));
+  return { t0, c, template, examples, onProgress };
+}
+
+function finishEncoding(e: Encoding, packed: PackedExamples, options: EncodeDataOptions): EncodedData {
+  store(e.c, packed, options);
+  return { samples: samplesOf(packed), cached: false, cacheFile: e.c.cacheFile, seconds: (performance.now() - e.t0) / 1000 };
 }
 
 /** Below this many examples a data file is encoded on the calling thread. */
@@ -374,19 +393,14 @@ const MIN_EXAMPLES_PER_WORKER = 2000;
  * (not 'byte' or an HfTokenizer) and small files are encoded on the calling thread.
  */
 export async function encodeDataFileAsync(file: string, tok: Tokenizer, options: EncodeDataOptions & { workers?: number } = {}): Promise<EncodedData> {
-  const t0 = performance.now();
-  const template = options.template ?? MAGICODER_PROMPT;
-  const c = lookUp(file, tok, template, options.cache ?? true);
-  if (c.hit) {
-    options.onProgress?.(c.hit.length, c.hit.length);
-    return { samples: c.hit, cached: true, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
-  }
-  const examples = parseJsonl(c.data.toString('utf8'), file);
+  const e = openEncoding(file, tok, options);
+  if ('samples' in e) return e;
+  const { examples, template } = e;
   const spec = tok instanceof ByteTokenizer ? 'byte' : tok instanceof HfTokenizer ? tok.name : null;
   const workers = Math.min(options.workers ?? Math.min(8, os.availableParallelism()), Math.floor(examples.length / MIN_EXAMPLES_PER_WORKER));
   let packed: PackedExamples;
   if (spec === null || workers < 2) {
-    packed = encodePacked(tok, examples, template, options.onProgress && ((done) => options.onProgress!(done, examples.length)));
+    packed = encodePacked(tok, examples, template, e.onProgress);
   } else {
     const done = new Array<number>(workers).fill(0);
     const chunk = Math.ceil(examples.length / workers);
@@ -408,8 +422,7 @@ export async function encodeDataFileAsync(file: string, tok: Tokenizer, options:
     });
     packed = concatPacked(await Promise.all(Array.from({ length: workers }, (_, w) => run(w))));
   }
-  store(c, packed, options);
-  return { samples: samplesOf(packed), cached: false, cacheFile: c.cacheFile, seconds: (performance.now() - t0) / 1000 };
+  return finishEncoding(e, packed, options);
 }
 
 /** `tok` as a tokenizer (encode, decode, eos, bos), else XFT_TYPE. */

@@ -83,18 +83,7 @@ t.test('packing, padding, shuffles and splits', async (t) => {
 });
 
 t.test('a Hugging Face tokenizer.json', async (t) => {
-  const dir = path.join(tmp, 'hf');
-  fs.mkdirSync(dir);
-  fs.writeFileSync(path.join(dir, 'tokenizer.json'), JSON.stringify({
-    version: '1.0', truncation: null, padding: null,
-    added_tokens: [
-      { id: 0, content: '<s>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
-      { id: 1, content: '</s>', single_word: false, lstrip: false, rstrip: false, normalized: false, special: true },
-    ],
-    normalizer: null, pre_tokenizer: { type: 'Whitespace' }, post_processor: null, decoder: null,
-    model: { type: 'WordLevel', vocab: { '<s>': 0, '</s>': 1, '<unk>': 2, def: 3, f: 4, '(': 5, '):': 6, return: 7 }, unk_token: '<unk>' },
-  }));
-  fs.writeFileSync(path.join(dir, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<s>', eos_token: { content: '</s>' }, add_bos_token: true }));
+  const dir = wordLevel(path.join(tmp, 'hf'), { bos_token: '<s>', eos_token: { content: '</s>' }, add_bos_token: true });
   const tok = new HfTokenizer(dir);
   t.equal(tok.vocabSize, 8);
   t.equal(tok.bos, 0);
