@@ -275,6 +275,7 @@ program
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
   .option('--eval-every <steps>', 'evaluate on the held-out examples every N steps (needs --held-out)', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
+  .option('--recompute', 'activation recomputation: keep only each block\'s input, recompute it in the backward (less memory, ~1/3 more compute, identical gradients)')
   .option('--skip-nonfinite <n>', 'skip up to N steps whose loss or gradient norm is NaN/Inf (no update) before stopping with exit 1 (default 0: stop at the first)', int(0), 0)
   .addOption(deviceOption())
   .addOption(precisionOption())
@@ -286,7 +287,7 @@ program
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
   warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
-  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number;
+  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; recompute?: boolean;
 }
 
 async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
@@ -357,7 +358,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   let savedStep = saved?.step ?? null;
   const r = await trainAsync(model, rows, {
     lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: o.clip, seed: o.seed,
-    resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0,
+    resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0, recompute: o.recompute ?? false,
     onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {
       losses.push(s.loss);
