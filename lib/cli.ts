@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The `xft` command line: info, upcycle, train, merge, eval, demo.
+ * The `xft` command line: info, plan, upcycle, train, merge, eval, demo.
  *
  * Exit codes (for scripts):
  *   0    success
@@ -26,6 +26,7 @@ import { generate } from './generate';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, useMasterWeights, type TrainState } from './train';
 import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
+import { planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions } from './plan';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -217,6 +218,33 @@ program
     } else {
       console.log(`device:  CPU (${b.reason})`);
     }
+  });
+
+program
+  .command('plan')
+  .description('peak GPU memory of one training step by category (weights, gradients, optimizer state, activations, workspace), whether it fits, and the largest micro-batch that fits; reads only config.json')
+  .argument('<model>', 'checkpoint or config folder (only config.json is read)')
+  .addOption(new Option('--stage <stage>', 'training stage (default: sft for a dense model, moe for an MoE, merge for a merge checkpoint)').choices(['sft', 'moe', 'merge']))
+  .option('--experts <E>', 'experts of the upcycle of a dense config, the shared expert included (default 8)', int(2))
+  .option('--top-k <K>', 'experts per token of that upcycle, the shared expert included (default 6)', int(1))
+  .option('--micro-batch <n>', 'sequences per forward pass', int(1), PLAN_DEFAULTS.microBatch)
+  .option('--seq-len <n>', 'tokens per sequence', int(1), PLAN_DEFAULTS.seqLen)
+  .addOption(new Option('--optim <name>', 'optimizer').choices(['adafactor', 'adamw']).default(PLAN_DEFAULTS.optimizer))
+  .addOption(new Option('--precision <mode>', "'mixed' (bf16 weights, f32 master weights and gradients), 'bf16' (bf16 weights updated in place) or 'f32'").choices(['mixed', 'bf16', 'f32']).default(PLAN_DEFAULTS.precision))
+  .addOption(new Option('--gradients <dtype>', "gradient dtype of --precision bf16").choices(['bf16', 'f32']))
+  .option('--recompute', 'activation recomputation (as xft train --recompute)')
+  .option('--gpu-memory <GB>', 'GPU memory in GB (default: the GPU present, else 80)', num(1e-9))
+  .option('--json', 'print JSON')
+  .action((dir: string, o: { stage?: PlanOptions['stage']; experts?: number; topK?: number; microBatch: number; seqLen: number; optim: PlanOptions['optimizer']; precision: PlanOptions['precision'];
+    gradients?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean }) => {
+    if (o.gradients && o.precision !== 'bf16') throw new UsageError(`plan: --gradients applies to --precision bf16 (${o.precision} keeps f32 gradients)`);
+    const b = backend();
+    const gpuMemory = o.gpuMemory !== undefined ? o.gpuMemory * 1e9 : b.kind === 'cuda' && b.totalMemory ? b.totalMemory : PLAN_DEFAULTS.gpuMemoryGB * 1e9;
+    const plan = planMemory(dir, {
+      stage: o.stage, experts: o.experts, topK: o.topK, microBatch: o.microBatch, seqLen: o.seqLen, optimizer: o.optim, precision: o.precision,
+      gradients: o.gradients, recompute: o.recompute ?? false, gpuMemory,
+    });
+    console.log(o.json ? JSON.stringify(plan, null, 2) : formatPlan(plan, { gpu: o.gpuMemory !== undefined ? 'given' : b.kind === 'cuda' ? b.name ?? 'the GPU' : 'no GPU here: 80 GB assumed' }));
   });
 
 program
