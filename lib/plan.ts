@@ -24,6 +24,7 @@ import { XftError, describe } from './errors';
 import { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig } from './config';
 import { readCheckpointInfo, type CheckpointKind } from './checkpoint';
 import { upcycleMoeConfig } from './xft';
+import { MAX_TENSOR_ELEMENTS } from './tensor';
 
 export type PlanStage = 'sft' | 'moe' | 'merge';
 export type PlanOptimizer = 'adafactor' | 'adamw';
@@ -87,8 +88,11 @@ export interface MemoryPlan {
   /** what stays between steps: weights, gradients, optimizer state */
   persistent: number;
   gpuMemory: number;
+  /** the peak fits gpuMemory and no tensor of the step is too large */
   fits: boolean;
-  /** the largest micro-batch whose step fits gpuMemory (0: none) */
+  /** a tensor of the step (e.g. the logits [B*T, V]) would have more than MAX_TENSOR_ELEMENTS elements */
+  tooLarge: boolean;
+  /** the largest micro-batch whose step fits (0: none) */
   maxMicroBatch: number;
 }
 
@@ -230,7 +234,7 @@ const SUM_BLOCKS = 512;
 const MERGE_BACKWARD_MAX_GRID = 1024, MERGE_BLOCK = 256;
 
 /** Peak of one steady-state training step. */
-function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: number } {
+function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: number; largest: number } {
   const { c, stage, moe } = s;
   const pool = new Pool();
   const act = o.precision === 'f32' ? 4 : 2; // activations in the weights' dtype
@@ -249,7 +253,11 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
 
   const B = o.B, T = o.T, N = B * T, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads;
   const kv = c.num_key_value_heads * (d / H), V = c.vocab_size, L = c.num_hidden_layers;
-  const A = (cat: Category, elements: number, bytes = act) => pool.alloc(cat, elements * bytes);
+  let largest = 0; // elements of the largest activation or temporary
+  const A = (cat: Category, elements: number, bytes = act) => {
+    largest = Math.max(largest, elements);
+    return pool.alloc(cat, elements * bytes);
+  };
   const kept = (elements: number, bytes = act) => A('activations', elements, bytes);
   const temp = (elements: number, bytes = act) => A('workspace', elements, bytes);
   const rmsnormDwScratch = (rows: number) => pool.scratch(Math.ceil(rows / Math.max(RMSNORM_MIN_ROWS, Math.ceil(rows / RMSNORM_BACKWARD_BLOCKS))) * d * 4);
@@ -416,7 +424,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
   // the update: the gradient norm's partial sums (AdamW and Adafactor update in place)
   const trainable = s.params.filter((p) => p.trainable).length;
   pool.scratch(Math.ceil(trainable / 64) * SUM_BLOCKS * 8);
-  return { peak: pool.peak, persistent };
+  return { peak: pool.peak, persistent, largest };
 }
 
 function sourceOf(source: string | PlanSource): { config: LlamaConfig; kind: CheckpointKind; moe: MoeConfig | null } {
@@ -458,9 +466,11 @@ export function planMemory(source: string | PlanSource, options: PlanOptions = {
   const gpuMemory = options.gpuMemory === undefined ? PLAN_DEFAULTS.gpuMemoryGB * 1e9
     : typeof options.gpuMemory === 'number' && options.gpuMemory > 0 && Number.isFinite(options.gpuMemory) ? options.gpuMemory : fail('gpuMemory', 'a positive number of bytes', options.gpuMemory);
   const shapes = shapesOf(src.config, stage, moe);
-  const { peak, persistent } = simulate(shapes, settings);
+  const { peak, persistent, largest } = simulate(shapes, settings);
+  // a step fits when its peak does and no tensor of it is past the kernels' 32-bit element indexing
+  const fitsIn = (r: { peak: MemoryBreakdown; largest: number }) => r.peak.total <= gpuMemory && r.largest <= MAX_TENSOR_ELEMENTS;
   // the largest micro-batch that fits: the peak grows with B (doubling, then bisection)
-  const fitsAt = (B: number) => simulate(shapes, { ...settings, B }).peak.total <= gpuMemory;
+  const fitsAt = (B: number) => fitsIn(simulate(shapes, { ...settings, B }));
   let maxMicroBatch = 0;
   if (fitsAt(1)) {
     let lo = 1, hi = 2;
@@ -477,7 +487,7 @@ export function planMemory(source: string | PlanSource, options: PlanOptions = {
   return {
     stage, optimizer: settings.optimizer, precision, gradients: settings.gradients, recompute: settings.recompute, microBatch: settings.B, seqLen: settings.T,
     parameters, trainable, moe: moe && stage !== 'sft' ? { experts: moe.num_experts, topK: moe.num_selects } : null,
-    peak, persistent, gpuMemory, fits: peak.total <= gpuMemory, maxMicroBatch,
+    peak, persistent, gpuMemory, fits: fitsIn({ peak, largest }), tooLarge: largest > MAX_TENSOR_ELEMENTS, maxMicroBatch,
   };
 }
 
@@ -500,6 +510,7 @@ export function formatPlan(p: MemoryPlan, options: { gpu?: string } = {}): strin
     ...rows.map(([name, v]) => `  ${name.padEnd(width)}  ${gb(v).padStart(10)}`),
     `  ${'peak'.padEnd(width)}  ${gb(p.peak.total).padStart(10)}`,
     '',
+    ...(p.tooLarge ? [`a tensor of this step would have more than ${MAX_TENSOR_ELEMENTS} elements (the kernels' limit): use a smaller micro-batch`] : []),
     `${p.fits ? 'fits' : 'does not fit'} in ${gb(p.gpuMemory)}${options.gpu ? ` (${options.gpu})` : ''}; ` +
       (p.maxMicroBatch > 0 ? `largest micro-batch that fits: ${p.maxMicroBatch}` : 'not even a micro-batch of 1 fits'),
   ].join('\n');

@@ -131,6 +131,9 @@ t.test('categories, Adafactor state, the largest micro-batch', async (t) => {
   const at = (B: number) => planMemory(FIXTURE, { stage: 'moe', experts: 8, topK: 6, precision: 'f32', optimizer: 'adafactor', microBatch: B, seqLen: 2048, gpuMemory: 100 * GBYTES });
   t.ok(at(p.maxMicroBatch).fits && !at(p.maxMicroBatch + 1).fits, `largest micro-batch ${p.maxMicroBatch}: it fits, one more does not`);
   t.equal(planMemory(FIXTURE, { gpuMemory: 1e9 }).maxMicroBatch, 0, 'nothing fits 1 GB');
+  // the logits [B*T, V] of 66 × 1024 tokens have more elements than a tensor may (2^31 - 1), whatever the memory
+  const big = planMemory(FIXTURE, { recompute: true, microBatch: 66, seqLen: 1024, gpuMemory: 1000 * GBYTES });
+  t.match(big, { tooLarge: true, fits: false, maxMicroBatch: 65 }, 'the largest micro-batch respects the tensor size limit');
 });
 
 t.test('checkpoint kinds and bad input', async (t) => {
