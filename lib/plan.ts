@@ -157,14 +157,6 @@ class Pool {
   scratch(bytes: number): void {
     this.free(this.alloc('workspace', bytes));
   }
-
-  /** moves a live allocation to another category (an activation gradient that becomes kept, ...) */
-  recategorize(id: number, cat: Category): void {
-    const a = this.#live.get(id)!;
-    this.now[a.cat] -= a.bytes;
-    this.now[cat] += a.bytes;
-    a.cat = cat;
-  }
 }
 
 // ---- the model's tensors ----
@@ -200,7 +192,7 @@ function shapesOf(c: LlamaConfig, stage: PlanStage, moe: MoeConfig | null): Shap
         add([N, d]);
         if (moe!.gate_type === 'mlp') add([N, N]);
         add([N, d]);
-      } else add([moe!.shared_expert ? E - 1 : E], true, true); // α (sharedRate λ: E-1; none: E, one size bound)
+      } else add([moe!.shared_expert ? E - 1 : E], true, true); // α [E-1] beside the fixed λ (a few bytes more when λ is learned too)
     }
   }
   add([d]), add([V, d]);
@@ -267,7 +259,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
   const estimate = noisy && moe!.balance_loss_weight > 0 && (moe!.shared_expert ? K - 1 : K) < En;
 
   // Trainer.step: the micro-batch (ids, targets); Model.forward: the embedding
-  temp(N, 4), temp(N, 4);
+  const batch = [temp(N, 4), temp(N, 4)];
   const xs = [kept(N * d)];
 
   // FFN forward: the ids of what it keeps, and its output
@@ -420,10 +412,12 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     const arr = Math.ceil((N * 4) / 256) * 256;
     pool.scratch(4 * arr + 2 * arr);
   }
-  pool.free(dx, xs[0]);
+  pool.free(dx, xs[0], ...batch);
   // the update: the gradient norm's partial sums (AdamW and Adafactor update in place)
   const trainable = s.params.filter((p) => p.trainable).length;
   pool.scratch(Math.ceil(trainable / 64) * SUM_BLOCKS * 8);
+  // every activation and temporary is given back by the end of the step, as in the code it mirrors
+  if (pool.now.total !== persistent) throw new XftError(`planMemory: internal error: ${pool.now.total - persistent} bytes left after the step`, 'XFT_NATIVE');
   return { peak: pool.peak, persistent, largest };
 }
 
