@@ -1,16 +1,17 @@
 // xft plan's estimate against the memory one training step really takes: for each stage (sft, moe,
 // merge), optimizer and precision that train() has, and recomputation on and off, a small model runs a
-// step with its gradients allocated (as by an earlier step), measured. On the CUDA backend (the emulator in
-// CI) the measure is the pool's high-water mark (memoryStats().poolReservedBytes after trimPool():
-// tensors and kernel scratch); on the CPU, the tensors' high-water mark (hostPeakBytes). The estimate
-// must be within 10% of it, both the whole peak and its part above what stays between steps (weights,
-// gradients, optimizer state), so that the activations are checked, not hidden under the weights.
-// Then the planner's own contract: categories, the fit, the largest micro-batch, errors, the 1.3B figures.
+// step with its gradients allocated (as by an earlier step), measured. On the emulated CUDA backend (CI)
+// the measure is the pool's high-water mark (memoryStats().poolReservedBytes after trimPool(): tensors
+// and kernel scratch); on the CPU and on a real GPU (whose pool reserves whole pages), the tensors'
+// high-water mark. The estimate must be within 10% of the peak, and within 2% on its part above what
+// stays between steps (weights, gradients, optimizer state), so that the activations are checked, not
+// hidden under the weights. Then the planner's own contract: categories, the fit, the largest
+// micro-batch, errors, the 1.3B figures.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Tensor, memoryStats, resetPeakMemory, synchronize } from '../lib/index';
+import { Tensor, backend, memoryStats, resetPeakMemory, synchronize } from '../lib/index';
 import { native } from '../lib/native';
 import { tinyConfig, llamaConfig, type LlamaConfig } from '../lib/config';
 import { createDense, upcycle, mergeable } from '../lib/xft';
@@ -20,7 +21,9 @@ import { type Model } from '../lib/model';
 import { SKIP_NO_CUDA } from './helpers/ref';
 
 const DEVICE = SKIP_NO_CUDA ? 'cpu' : 'cuda';
-const TOLERANCE = 0.1;
+/** the issue's bound on the peak; the part above the persistent is held tighter (the replay is exact up to a
+ * few bytes of offset tensors), so that a forgotten activation cannot hide in the 10% */
+const TOLERANCE = 0.1, TRANSIENT_TOLERANCE = 0.02;
 const config = tinyConfig({ hidden_size: 32, intermediate_size: 64, num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 2, vocab_size: 96 });
 const B = 4, T = 32;
 const MOE = { experts: 4, topK: 3 };
@@ -49,9 +52,11 @@ const rows = Array.from({ length: B }, (_, i) => {
   return { ids, targets: ids.map((x, j) => (j % 4 ? (x + 3) % config.vocab_size : -100)) };
 });
 
+/** the emulator's pool counts bytes exactly; a real GPU's pool reserves whole pages, so there the tensors' own mark is used */
+const POOL = DEVICE === 'cuda' && (backend().name ?? '').includes('emulation');
 const used = () => {
   const s = memoryStats();
-  return DEVICE === 'cuda' ? s.poolUsedBytes! : s.hostBytes;
+  return POOL ? s.poolUsedBytes! : DEVICE === 'cuda' ? s.cudaBytes : s.hostBytes;
 };
 
 /** Peak and persistent bytes of a step in the steady state (the gradients allocated, as by an earlier step). */
@@ -62,19 +67,19 @@ function measure(stage: 'sft' | 'moe' | 'merge', precision: PlanPrecision, recom
   const run = new Trainer(model, rows, { lr: 1e-3, batchSize: B, steps: 1, recompute });
   model.trainableParams().forEach((p) => p.gradBuffer());
   synchronize();
-  if (DEVICE === 'cuda') native.trimPool();
+  if (POOL) native.trimPool();
   resetPeakMemory();
   run.step();
   synchronize();
   const s = memoryStats();
-  const peak = (DEVICE === 'cuda' ? s.poolReservedBytes! : s.hostPeakBytes) - base;
+  const peak = (POOL ? s.poolReservedBytes! : DEVICE === 'cuda' ? s.cudaPeakBytes : s.hostPeakBytes) - base;
   const persistent = used() - base;
   disposeState(run.state);
   model.dispose();
   return { peak, persistent };
 }
 
-t.comment(`measured on ${DEVICE === 'cuda' ? 'the CUDA backend (pool high-water mark, kernel scratch included)' : 'the CPU backend (tensor high-water mark)'}`);
+t.comment(`measured on ${POOL ? 'the emulated CUDA backend (pool high-water mark, kernel scratch included)' : `the ${DEVICE} backend (tensor high-water mark)`}`);
 for (const s of SETTINGS)
   t.test(`${s.stage}, ${s.optimizer}, ${s.precision}${s.recompute ? ', recompute' : ''}: the estimate is within 10% of the measured peak`, async (t) => {
     const plan = planMemory({ config, kind: 'dense' }, { ...s, ...(s.stage === 'sft' ? {} : MOE), microBatch: B, seqLen: T });
@@ -84,7 +89,7 @@ for (const s of SETTINGS)
     t.comment(`estimate ${est} (persistent ${plan.persistent}, activations ${plan.peak.activations}, workspace ${plan.peak.workspace}); measured ${got.peak} (persistent ${got.persistent})`);
     t.ok(rel(plan.persistent, got.persistent) < 0.01, `persistent: estimate ${plan.persistent} vs ${got.persistent} bytes`);
     t.ok(rel(est, got.peak) < TOLERANCE, `peak: estimate ${est} vs ${got.peak} bytes (${(100 * rel(est, got.peak)).toFixed(2)}%)`);
-    t.ok(rel(transient, gotTransient) < TOLERANCE, `above the persistent: estimate ${transient} vs ${gotTransient} bytes (${(100 * rel(transient, gotTransient)).toFixed(2)}%)`);
+    t.ok(rel(transient, gotTransient) < TRANSIENT_TOLERANCE, `above the persistent: estimate ${transient} vs ${gotTransient} bytes (${(100 * rel(transient, gotTransient)).toFixed(2)}%)`);
     // meaningful: the step's own memory is a real share of the peak, and not mostly workspace
     t.ok(gotTransient > 0.2 * got.peak, `the step's activations and workspace are ${(100 * gotTransient / got.peak).toFixed(0)}% of the peak`);
     t.ok(plan.peak.activations > plan.peak.workspace || s.recompute, 'activations outweigh workspace at the peak (without recomputation)');
