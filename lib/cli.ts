@@ -366,7 +366,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const stepsPerEpoch = Math.floor(rows.length / batch);
   const total = o.steps ?? Math.max(1, Math.round(stepsPerEpoch * (o.epochs ?? recipe.epochs)));
   const lr = o.lr ?? recipe.lr, warmup = o.warmup ?? Math.round(WARMUP_FRACTION * total);
-  console.log(`${recipe.what}: ${describe(model)}, ${precision}`);
+  console.log(`${recipe.what}: ${describe(model)}, ${precision}${o.recompute ? ', activation recomputation' : ''}`);
   console.log(`data: ${rows.length} sequences of ${o.seqLen} tokens (${tok.name} tokenizer), ${evalRows.length} held out; ${total} steps of ${batch} (micro-batch ${micro}), lr ${lr}, warmup ${warmup}`);
 
   // the run's state object: the trainer fills and advances it, so --save-every can save it between steps
