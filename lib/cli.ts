@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The `xft` command line: info, upcycle, train, merge, eval, demo.
+ * The `xft` command line: info, plan, upcycle, train, merge, eval, demo.
  *
  * Exit codes (for scripts):
  *   0    success
@@ -26,6 +26,7 @@ import { generate } from './generate';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, useMasterWeights, type TrainState } from './train';
 import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
+import { planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions } from './plan';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -220,6 +221,33 @@ program
   });
 
 program
+  .command('plan')
+  .description('peak GPU memory of one training step by category (weights, gradients, optimizer state, activations, workspace), whether it fits, and the largest micro-batch that fits; reads only config.json')
+  .argument('<model>', 'checkpoint or config folder (only config.json is read)')
+  .addOption(new Option('--stage <stage>', 'training stage (default: sft for a dense model, moe for an MoE, merge for a merge checkpoint)').choices(['sft', 'moe', 'merge']))
+  .option('--experts <E>', 'experts of the upcycle of a dense config, the shared expert included (default 8)', int(2))
+  .option('--top-k <K>', 'experts per token of that upcycle, the shared expert included (default 6)', int(1))
+  .option('--micro-batch <n>', 'sequences per forward pass', int(1), PLAN_DEFAULTS.microBatch)
+  .option('--seq-len <n>', 'tokens per sequence', int(1), PLAN_DEFAULTS.seqLen)
+  .addOption(new Option('--optim <name>', 'optimizer').choices(['adafactor', 'adamw']).default(PLAN_DEFAULTS.optimizer))
+  .addOption(new Option('--precision <mode>', "'mixed' (bf16 weights, f32 master weights and gradients), 'bf16' (bf16 weights updated in place) or 'f32'").choices(['mixed', 'bf16', 'f32']).default(PLAN_DEFAULTS.precision))
+  .addOption(new Option('--gradients <dtype>', "gradient dtype of --precision bf16").choices(['bf16', 'f32']))
+  .option('--recompute', 'activation recomputation (as xft train --recompute)')
+  .option('--gpu-memory <GB>', 'GPU memory in GB (default: the GPU present, else 80)', num(1e-9))
+  .option('--json', 'print JSON')
+  .action((dir: string, o: { stage?: PlanOptions['stage']; experts?: number; topK?: number; microBatch: number; seqLen: number; optim: PlanOptions['optimizer']; precision: PlanOptions['precision'];
+    gradients?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean }) => {
+    if (o.gradients && o.precision !== 'bf16') throw new UsageError(`plan: --gradients applies to --precision bf16 (${o.precision} keeps f32 gradients)`);
+    const b = backend();
+    const gpuMemory = o.gpuMemory !== undefined ? o.gpuMemory * 1e9 : b.kind === 'cuda' && b.totalMemory ? b.totalMemory : PLAN_DEFAULTS.gpuMemoryGB * 1e9;
+    const plan = planMemory(dir, {
+      stage: o.stage, experts: o.experts, topK: o.topK, microBatch: o.microBatch, seqLen: o.seqLen, optimizer: o.optim, precision: o.precision,
+      gradients: o.gradients, recompute: o.recompute ?? false, gpuMemory,
+    });
+    console.log(o.json ? JSON.stringify(plan, null, 2) : formatPlan(plan, { gpu: o.gpuMemory !== undefined ? 'given' : b.kind === 'cuda' ? b.name ?? 'the GPU' : 'no GPU here: 80 GB assumed' }));
+  });
+
+program
   .command('upcycle')
   .description('upcycle a dense Llama checkpoint into a shared-expert MoE checkpoint (streams tensor by tensor: memory stays small whatever the model size)')
   .argument('<dense>', 'dense checkpoint folder (config.json + safetensors)')
@@ -275,6 +303,7 @@ program
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
   .option('--eval-every <steps>', 'evaluate on the held-out examples every N steps (needs --held-out)', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
+  .option('--recompute', 'activation recomputation: keep only each block\'s input, recompute it in the backward (less memory, ~1/3 more compute, identical gradients)')
   .option('--skip-nonfinite <n>', 'skip up to N steps whose loss or gradient norm is NaN/Inf (no update) before stopping with exit 1 (default 0: stop at the first)', int(0), 0)
   .addOption(deviceOption())
   .addOption(precisionOption())
@@ -286,7 +315,7 @@ program
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
   warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
-  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number;
+  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; recompute?: boolean;
 }
 
 async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
@@ -337,7 +366,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const stepsPerEpoch = Math.floor(rows.length / batch);
   const total = o.steps ?? Math.max(1, Math.round(stepsPerEpoch * (o.epochs ?? recipe.epochs)));
   const lr = o.lr ?? recipe.lr, warmup = o.warmup ?? Math.round(WARMUP_FRACTION * total);
-  console.log(`${recipe.what}: ${describe(model)}, ${precision}`);
+  console.log(`${recipe.what}: ${describe(model)}, ${precision}${o.recompute ? ', activation recomputation' : ''}`);
   console.log(`data: ${rows.length} sequences of ${o.seqLen} tokens (${tok.name} tokenizer), ${evalRows.length} held out; ${total} steps of ${batch} (micro-batch ${micro}), lr ${lr}, warmup ${warmup}`);
 
   // the run's state object: the trainer fills and advances it, so --save-every can save it between steps
@@ -357,7 +386,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   let savedStep = saved?.step ?? null;
   const r = await trainAsync(model, rows, {
     lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: o.clip, seed: o.seed,
-    resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0,
+    resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0, recompute: o.recompute ?? false,
     onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {
       losses.push(s.loss);

@@ -23,6 +23,9 @@ export {
   encodeExample, formatPrompt, toRows, concatRows, countTargets, type TokenArray, batches, split, shuffle, MAGICODER_PROMPT,
   encodeDataFile, encodeDataFileAsync, cacheFileOf, type EncodeDataOptions, type EncodedData,
 } from './data';
+export {
+  planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions, type PlanSource, type MemoryPlan, type MemoryBreakdown, type PlanStage, type PlanOptimizer, type PlanPrecision,
+} from './plan';
 export { generate, pickToken, type GenerateOptions, type GenerateResult } from './generate';
 export { SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader } from './safetensors';
 export { lockFolder, recoverFolder, type FolderLock } from './folder';

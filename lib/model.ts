@@ -61,6 +61,11 @@ export interface Context {
   seed: bigint;
   /** multiplies the auxiliary (balance) loss gradient, e.g. 1 / accumulation steps */
   auxScale: number;
+  /**
+   * activation recomputation (training only): each block keeps its input alone and its backward
+   * runs the block's forward again first (same kernels, same router noise seed: identical gradients)
+   */
+  recompute?: boolean;
   /** offsets [0, M] for dense GEMMs of M rows, cached per M */
   denseOffsets(M: number): Tensor;
 }
@@ -391,6 +396,8 @@ export class Block {
     x: Tensor; n1: Tensor; rstd1: Tensor; q: Tensor; k: Tensor; v: Tensor; att: Tensor; lse: Tensor;
     h: Tensor; n2: Tensor; rstd2: Tensor;
   } | null = null;
+  /** recomputation: the block's input (owned by the model) and the forward's seed, replayed by backward */
+  #input: { x: Tensor; seed: bigint } | null = null;
 
   constructor(
     readonly config: LlamaConfig,
@@ -429,16 +436,22 @@ export class Block {
     const f = this.ffn.forward(ctx, n2);
     const y = lops.add(h, f);
     f.dispose();
-    if (ctx.training) this.#saved = { x, n1, rstd1, q, k, v, att, lse, h, n2, rstd2 };
+    this.#input = null;
+    if (ctx.training && !ctx.recompute) this.#saved = { x, n1, rstd1, q, k, v, att, lse, h, n2, rstd2 };
     else {
       this.ffn.release();
       disposeAll(n1, rstd1, q, k, v, att, lse, h, n2, rstd2);
+      if (ctx.training) this.#input = { x, seed: ctx.seed };
     }
     return y;
   }
 
-  /** dx from dy (dy is consumed). */
+  /** dx from dy (dy is consumed). Under recomputation, first the forward again from the kept input. */
   backward(ctx: Context, dy: Tensor): Tensor {
+    if (this.#input) {
+      const { x, seed } = this.#input;
+      this.forward({ ...ctx, training: true, recompute: false, seed }, x).dispose();
+    }
     const s = this.#saved;
     if (!s) throw new XftError('Block.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
     const c = this.config;
@@ -465,6 +478,7 @@ export class Block {
   }
 
   release(): void {
+    this.#input = null;
     if (this.#saved) {
       const s = this.#saved;
       disposeAll(s.n1, s.rstd1, s.q, s.k, s.v, s.att, s.lse, s.h, s.n2, s.rstd2);
@@ -569,16 +583,19 @@ export class Model {
 
   /**
    * Loss of a batch (ids, targets i32 [B*T], targets < 0 masked). With `training`, keeps the
-   * activations for backward() and adds router noise; otherwise frees them at once.
+   * activations for backward() and adds router noise; otherwise frees them at once. With
+   * `recompute` (training only), each block keeps only its input and backward() recomputes the
+   * block's activations (the same kernels with the same router noise: gradients are identical).
    */
-  forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint }): ForwardResult {
+  forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint; recompute?: boolean }): ForwardResult {
     const op = 'Model.forward';
     checkBatch(op, this, ids, targets, batch, seqLen);
-    const o = expectRequiredOptions<{ training: boolean; seed?: bigint }>(op, options, 'an options object { training, seed? }');
+    const o = expectRequiredOptions<{ training: boolean; seed?: bigint; recompute?: boolean }>(op, options, 'an options object { training, seed?, recompute? }');
     const training = expectBool(op, 'options.training', o.training);
     const seed = o.seed === undefined ? 0n : expectSeed(op, o.seed, 'options.seed');
+    const recompute = expectBool(op, 'options.recompute', o.recompute, false);
     this.release();
-    const ctx = this.context(batch, seqLen, training, seed);
+    const ctx = { ...this.context(batch, seqLen, training, seed), recompute };
     const xs: Tensor[] = [];
     let x = lops.embedding(ids, this.embed.value);
     for (const b of this.blocks) {

@@ -52,6 +52,11 @@ const MUTANTS = [
     edits: [['for (int h = kvh * G; h < (kvh + 1) * G; h++)', 'for (int h = kvh; h < H; h += Hkv)', 2]], tests: ['test/45.attention.ts', 'test/65.references.ts'] },
   { name: 'merge-rate-swapped', why: 'mixing coefficients with λ and 1 − λ swapped (on-disk merge)', file: 'lib/checkpoint.ts',
     edits: [['[sharedRate, ...s.map((v) => (1 - sharedRate) * v)]', '[1 - sharedRate, ...s.map((v) => sharedRate * v)]']], tests: ['test/52.checkpoint.ts'] },
+  // recomputation and the memory plan (issue 11)
+  { name: 'recompute-noise-reseeded', why: "the recomputed forward draws router noise from the backward's seed, not the forward's", file: 'lib/model.ts',
+    edits: [['this.forward({ ...ctx, training: true, recompute: false, seed }, x)', 'this.forward({ ...ctx, training: true, recompute: false }, x)']], tests: ['test/66.recompute.ts'] },
+  { name: 'plan-forgets-expert-outputs', why: "the plan does not count the MoE's kept expert outputs ye", file: 'lib/plan.ts',
+    edits: [['kept(NK * f), kept(NK * f), kept(NK * f), kept(NK * d)); // xp, g, u, a, ye', 'kept(NK * f), kept(NK * f), kept(NK * f)); // xp, g, u, a, ye']], tests: ['test/67.plan.ts'] },
 ];
 
 const only = process.argv.slice(2);

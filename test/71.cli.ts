@@ -34,9 +34,9 @@ const DATA = ['--data', 'data.jsonl', '--seq-len', '200'];
 t.test('--help on every command', async (t) => {
   const top = xft('--help');
   t.equal(top.code, 0);
-  for (const c of ['info', 'upcycle', 'train', 'merge', 'eval', 'generate', 'demo']) t.match(top.out, new RegExp(`\\n  ${c}\\b`), `lists ${c}`);
+  for (const c of ['info', 'plan', 'upcycle', 'train', 'merge', 'eval', 'generate', 'demo']) t.match(top.out, new RegExp(`\\n  ${c}\\b`), `lists ${c}`);
   t.match(top.out, /Exit codes: 0 success, 1 runtime failure, 2 usage error, 3 unusable input, 130 interrupted/);
-  for (const [c, opt] of [['upcycle', '--experts'], ['train', '--merge'], ['merge', '--shared-rate'], ['eval', '--data'], ['demo', '--scale'], ['info', '--json']]) {
+  for (const [c, opt] of [['upcycle', '--experts'], ['train', '--merge'], ['merge', '--shared-rate'], ['eval', '--data'], ['demo', '--scale'], ['info', '--json'], ['plan', '--gpu-memory']]) {
     const r = xft(c, '--help');
     t.equal(r.code, 0, `${c} --help exits 0`);
     t.match(r.out, opt, `${c} --help shows ${opt}`);
@@ -47,9 +47,9 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   let r = xft('upcycle', 'dense', 'moe', '--experts', '4', '--top-k', '3');
   t.equal(r.code, 0, `upcycle: ${r.err}`);
   t.equal(readCheckpointInfo(at('moe')).kind, 'moe');
-  r = xft('train', 'moe', ...DATA, '--out', 'moe-ft', '--batch-size', '8', '--steps', '3', '--lr', '1e-3', '--held-out', '8', '--eval-every', '2');
+  r = xft('train', 'moe', ...DATA, '--out', 'moe-ft', '--batch-size', '8', '--steps', '3', '--lr', '1e-3', '--held-out', '8', '--eval-every', '2', '--recompute');
   t.equal(r.code, 0, `train MoE: ${r.err}`);
-  t.match(r.out, /MoE fine-tuning/);
+  t.match(r.out, /MoE fine-tuning: .*, activation recomputation/);
   t.match(r.out, /held-out: loss \d+\.\d+, token accuracy/);
   const log = JSON.parse(fs.readFileSync(at('moe-ft/xft_train.json'), 'utf8'));
   t.equal(log.losses.length, 3, 'three steps logged');
