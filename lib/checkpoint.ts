@@ -471,7 +471,7 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
       entries.push({ name, dtype: ffnDtype, shape, tensor: make, dispose: true });
     }
     const N = moe.shared_expert ? E - 1 : E;
-    entries.push({ name: `${p}.mlp.gate.weight_noise.weight`, dtype: ffnDtype, shape: [N, d], tensor: init.noise([N, d], moe.gate_noise), dispose: true });
+    if (moe.gate_noise) entries.push({ name: `${p}.mlp.gate.weight_noise.weight`, dtype: ffnDtype, shape: [N, d], tensor: init.noise([N, d]), dispose: true });
   }
   entries.push(copyEntry(r, 'model.norm.weight', 'model.norm.weight', to, chunk));
   entries.push(copyEntry(r, 'lm_head.weight', 'lm_head.weight', to, chunk));

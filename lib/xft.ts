@@ -114,7 +114,8 @@ export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
     const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
     const stack = (w: Param, name: string) => new Param(`${p}.calculator.experts.weight_${name}`, stackCopies(w.value, E));
     const router = routerTensors(i, moe, d).map(([name, shape]) => new Param(name, init.next(shape, dtype)()));
-    const noise = new Param(`${p}.gate.weight_noise.weight`, init.noise([N, d], moe.gate_noise, dtype)());
+    // a gate without noise has no W_noise (as the reference's gate modules)
+    const noise = moe.gate_noise ? new Param(`${p}.gate.weight_noise.weight`, init.noise([N, d], dtype)()) : null;
     return new MoeFFN(moe, stack(f.gate, 'gate'), stack(f.up, 'up'), stack(f.down, 'down'), router, noise);
   });
 }
@@ -134,12 +135,12 @@ export function upcycleMoeConfig(options: UpcycleOptions, source: string): MoeCo
  * Router weights in creation order (layer by layer: W0, then W2 for the mlp router, then W_noise),
  * from seeds derived from `seed`. 'uniform': as torch.nn.Linear, U(-1/sqrt(in), 1/sqrt(in)), W_noise
  * zero (the reference gate's own reset). 'reference': N(0, 0.02) for every one, as the reference's
- * from_pretrained draws the weights the dense checkpoint lacks (W_noise too, when the gate has noise).
+ * from_pretrained draws the weights the dense checkpoint lacks. A gate without noise has no W_noise.
  * The in-memory and the on-disk upcycle draw the same numbers.
  */
 export function routerInit(seed: number, device: Device = 'cpu', kind: RouterInitKind = 'uniform'): {
   next(shape: number[], dtype?: 'f32' | 'bf16'): () => Tensor;
-  noise(shape: number[], enabled: boolean, dtype?: 'f32' | 'bf16'): () => Tensor;
+  noise(shape: number[], dtype?: 'f32' | 'bf16'): () => Tensor;
 } {
   let s = seed * 1000 + 777;
   const normal = (shape: number[], dtype: 'f32' | 'bf16') => {
@@ -152,9 +153,8 @@ export function routerInit(seed: number, device: Device = 'cpu', kind: RouterIni
       const mine = s++, bound = 1 / Math.sqrt(shape[1]);
       return () => Tensor.uniform(shape, { seed: mine, low: -bound, high: bound, device, dtype });
     },
-    noise(shape: number[], enabled: boolean, dtype: 'f32' | 'bf16' = 'f32') {
-      // a gate without noise has no W_noise in the reference: nothing is drawn for it
-      if (kind === 'reference' && enabled) return normal(shape, dtype);
+    noise(shape: number[], dtype: 'f32' | 'bf16' = 'f32') {
+      if (kind === 'reference') return normal(shape, dtype);
       return () => Tensor.zeros(shape, { device, dtype });
     },
   };
