@@ -14,6 +14,7 @@ import { createDense, upcycle, mergeable } from '../lib/xft';
 import { GATE_TYPES, loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint } from '../lib/checkpoint';
 import { MoeFFN } from '../lib/model';
 import { exact, throwsCode } from './helpers/check';
+import { cliWorkspace } from './helpers/cli';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-config-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -247,4 +248,21 @@ t.test('router initialisation: uniform (default) and reference N(0, 0.02), deter
   throwsCode(t, () => upcycleCheckpoint(dir('wide'), dir('never'), { routerInit: 'normal' as never }), 'XFT_VALUE', /routerInit/, 'an unknown routerInit on disk');
   t.notOk(fs.existsSync(dir('never')), 'nothing written for a bad routerInit');
   for (const m of [dense, ref, uni, again, other, disk]) m.dispose();
+});
+
+t.test('xft upcycle --router-init: the help names the default, reference draws N(0, 0.02), a bad kind is a usage error', async (t) => {
+  const { xft, at } = cliWorkspace('xft-config-cli-', t.teardown.bind(t));
+  const help = xft('upcycle', '--help');
+  t.match(help.out.replace(/\s+/g, ' '), /--router-init <kind>.*reference.*N\(0, 0\.02\).*\(choices: "uniform", "reference", default: "uniform"\)/, 'help: both kinds and the default');
+  const r = xft('upcycle', 'dense', 'moe', '--experts', '4', '--top-k', '3', '--router-init', 'reference', '--seed', '3');
+  t.equal(r.code, 0, `upcycle --router-init reference: ${r.err}`);
+  const m = loadModel(at('moe'));
+  const f = m.blocks[0].ffn as MoeFFN;
+  const all = [...f.router, f.noise!].flatMap((p) => Array.from(p.value.toArray() as Float32Array));
+  const std = Math.sqrt(all.reduce((a, v) => a + v * v, 0) / all.length);
+  t.ok(Math.abs(std - 0.02) < 0.003, `router and noise weights: std ${std.toFixed(4)} ~ 0.02 (n = ${all.length})`);
+  m.dispose();
+  const bad = xft('upcycle', 'dense', 'moe2', '--router-init', 'normal');
+  t.equal(bad.code, 2, 'an unknown --router-init is exit 2');
+  t.match(bad.err, /--router-init.*uniform, reference/, 'naming the choices');
 });
