@@ -52,6 +52,11 @@ const MUTANTS = [
     edits: [['for (int h = kvh * G; h < (kvh + 1) * G; h++)', 'for (int h = kvh; h < H; h += Hkv)', 2]], tests: ['test/45.attention.ts', 'test/65.references.ts'] },
   { name: 'merge-rate-swapped', why: 'mixing coefficients with λ and 1 − λ swapped (on-disk merge)', file: 'lib/checkpoint.ts',
     edits: [['[sharedRate, ...s.map((v) => (1 - sharedRate) * v)]', '[1 - sharedRate, ...s.map((v) => sharedRate * v)]']], tests: ['test/52.checkpoint.ts'] },
+  // issue 14: checkpoints as the reference reads them
+  { name: 'importance-full-softmax', why: 'without a shared expert, importance sums p instead of the top-K renormalized weights', file: 'binding/cpu/routing.cc', native: true,
+    edits: [['importance[sel[j]] += shared ? p[sel[j]] : g[j];', 'importance[sel[j]] += p[sel[j]];']], tests: ['test/20.routing.ts'] },
+  { name: 'config-json-lossy', why: 'config.json written with JSON.stringify (4.0 becomes 4, the source key order lost)', file: 'lib/checkpoint.ts',
+    edits: [["configJsonText(config));", "JSON.stringify(config, null, 2) + '\\n');"]], tests: ['test/52.config_json.ts'] },
 ];
 
 const only = process.argv.slice(2);
