@@ -11,14 +11,15 @@ Per token t, with z = logits[t] (N columns, fp32 math) and p = softmax(z):
   shared, !normalize: g_0 = 1 - p_1,  g_{i_j} = p_j
   no shared expert:   g_{i_j} = softmax(z_{i_1}..z_{i_S})_j
   experts[t] = [i_1 + 1, ..., i_S + 1, 0] with a shared expert, [i_1, ..., i_S] without;
-  importance[j] = sum over tokens selecting column j of p_j;  load[j] = their count.
+  importance[j] = sum over tokens selecting column j of p_j with a shared expert, of g_j without
+  (the reference's TopKBalancedNoisyGate sums the top-K renormalized scores);  load[j] = their count.
   order: the T*K pairs t*K + s sorted by expert, then by token (a stable counting sort).
 
 Backward (dweights = dL/dg, dimportance = dL/dimportance or NULL), q = softmax(p_sel):
   normalize:  dp_{i_m} = p_1 q_m (dg_m - sum_j q_j dg_j),  dp_{i_1} += sum_j q_j dg_j - dg_0
   !normalize: dp_{i_m} = dg_m,                             dp_{i_1} -= dg_0
-  dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
-  no shared:  dz_{i_m} += g_m (dg_m - <g, dg>) on top of the importance path.
+  shared:     dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
+  no shared:  dg'_m = dg_m + dimportance_{i_m},  dz_{i_m} = g_m (dg'_m - <g, dg'>)  (dp = 0)
 
 Layout and launch
 - A group of G lanes (G = the power of two >= N, at most 32) owns one token at a time; lane l
@@ -162,7 +163,7 @@ struct RouteBlock {
 };
 
 // Kernel 1 of the forward. Block b, group g takes tokens [(b * GROUPS + g) * tpg, + tpg).
-// hist [E, nb]: tokens of block b that chose expert e; imp_part [N, nb]: their p_j summed in
+// hist [E, nb]: tokens of block b that chose expert e; imp_part [N, nb]: their scores summed in
 // token order; rank [T*K]: index of the pair among the block's pairs of the same expert.
 // weights doubles as the stash of the selected p (or z) between the two passes over slots.
 template <int G, int VPL>
@@ -182,7 +183,7 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
   const long long t0 = ((long long)blockIdx.x * GROUPS + g) * tpg;
 
   int cnt[VPL];   // tokens of this group that chose column lg + G*v so far
-  float imp[VPL]; // and their p, summed in token order
+  float imp[VPL]; // and their scores (p, or g without a shared expert), summed in token order
 #pragma unroll
   for (int v = 0; v < VPL; v++) {
     cnt[v] = 0;
@@ -261,7 +262,7 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
           zs = z[v];
           rk = cnt[v];
           cnt[v] += 1;
-          imp[v] += ps;
+          if (shared) imp[v] += ps;
         }
       }
       const int owner = sel % G;
@@ -289,6 +290,24 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
           const float q = div_rn(expf(weights[prow + s] - xmax), se);
           weights[prow + s] = shared ? p1 * q : q;
         }
+    }
+    if (!shared) {
+      // importance sums the final weights g: slot s was written by lane s % G, which hands g_s and
+      // its column to the column's owner lane (S is uniform over the warp: full-mask shuffles are safe)
+      for (int s = 0; s < S; s++) {
+        const int src = s % G;
+        float gs = 0.f;
+        int cs = -1;
+        if (live && lg == src) {
+          gs = weights[prow + s];
+          cs = experts[prow + s];
+        }
+        gs = __shfl_sync(FULL_MASK, gs, src, G);
+        cs = __shfl_sync(FULL_MASK, cs, src, G);
+#pragma unroll
+        for (int v = 0; v < VPL; v++)
+          if (lg + G * v == cs) imp[v] += gs;
+      }
     }
     if (shared && live && lg == (K - 1) % G) {
       experts[prow + K - 1] = 0;
@@ -462,6 +481,10 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
         if (ex < shared || ex >= N + shared) xft_raise_fault(fault, XFT_FAULT_ROUTE_EXPERTS, (long long)prow + s, ex, N);
       }
     auto col_x = [&](int c) -> float { return shared ? p[c] : load_logit(logits, dtype, row + c); };
+    // dL/dg of slot s; without a shared expert importance sums g, so its gradient joins here
+    auto slot_dg = [&](int s, int c) -> float {
+      return (!shared && dimportance) ? __fadd_rn(dweights[prow + s], dimportance[c]) : dweights[prow + s];
+    };
 
     float p1 = 0.f, dg0 = 0.f;
     if (live && shared) {
@@ -479,8 +502,9 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
       se = group_sum<G>(se);
       if (live)
         for (int s = lg; s < S; s += G) {
-          const float q = div_rn(expf(col_x(slot_col(s)) - xmax), se);
-          a = __fadd_rn(a, __fmul_rn(q, dweights[prow + s]));
+          const int c = slot_col(s);
+          const float q = div_rn(expf(col_x(c) - xmax), se);
+          a = __fadd_rn(a, __fmul_rn(q, slot_dg(s, c)));
         }
       a = group_sum<G>(a);
     }
@@ -488,7 +512,7 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
       for (int s = lg; s < S; s += G) {
         const int c = slot_col(s);
         const float x = col_x(c);
-        const float dg = dweights[prow + s];
+        const float dg = slot_dg(s, c);
         float d = 0.f;
         if (shared) {
           if (normalize) {
@@ -503,7 +527,7 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
           const float q = div_rn(expf(x - xmax), se);
           dz[c] = __fmul_rn(q, dg - a);
         }
-        if (dimportance) d = __fadd_rn(d, dimportance[c]);
+        if (dimportance && shared) d = __fadd_rn(d, dimportance[c]);
         dp[c] = d;
       }
     __syncwarp();  // the scatter before the owners read

@@ -8,7 +8,10 @@
  *             model.layers.{i}.mlp.calculator.experts.weight_{gate,up,down}.{e}.weight   (expert 0 shared)
  *             model.layers.{i}.mlp.gate.gate_network.{0,2}.weight   ('mlp' router; `.weight` for 'linear')
  *             model.layers.{i}.mlp.gate.weight_noise.weight
- *           config.json records num_experts, num_selects, gate_type / gate_network and the balance options.
+ *           config.json records num_experts, num_selects, gate_type / gate_network and the balance options,
+ *           with the reference's gate class per variant (GATE_TYPES): TopKUniversalBalancedNoisyGate (XFT),
+ *           TopKUniversalBalancedNoNormalizationNoisyGate (no normalization), TopKBalancedNoisyGate (no
+ *           shared expert: E routed experts, top-K, softmax over the selected logits).
  *   merge   the MoE's expert tensors plus the learned mixing coefficients
  *             model.layers.{i}.mlp.average_weights   (α, [E-1]; [E] for a soup without a shared rate)
  *           and the shared rate λ as `shared_expert_weight` in config.json.
@@ -16,16 +19,20 @@
  * `upcycleCheckpoint` and `mergeCheckpoint` work on disk, tensor by tensor in chunks: their peak
  * memory is one f32 copy of the largest FFN weight (merge) or one chunk (upcycle), whatever the
  * model size. Every folder is written atomically (a temporary folder renamed into place).
+ *
+ * config.json keeps every key and value of the source config that xft does not change as it was
+ * written (config.ts: configJsonText), and writes the keys loaders would otherwise fill with their
+ * own defaults (hfConfigJson).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { XftError } from './errors';
 import { Tensor, type Device, formatShape, numelOf } from './tensor';
-import { type LlamaConfig, type MoeConfig, hfConfigJson, llamaConfig, moeConfig, readConfigJson } from './config';
+import { type LlamaConfig, type MoeConfig, configJsonText, hfConfigJson, keepSource, llamaConfig, moeConfig, readConfigJson } from './config';
 import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param } from './model';
 import { type FileDType, SafetensorsReader, type WriteEntry, bytesToF32, dtypeBytes, f32ToBytes, writeFileAtomic, writeFolderAtomic, writeShards } from './safetensors';
 import { checkOutputFolder, recoverFolder } from './folder';
-import { type UpcycleOptions, routerInit, routerTensors, upcycleMoeConfig } from './xft';
+import { type UpcycleOptions, routerInit, routerInitKind, routerTensors, upcycleMoeConfig } from './xft';
 
 export type CheckpointKind = 'dense' | 'moe' | 'merged';
 /** dtype of the weights written (the model computes in f32 either way) */
@@ -57,7 +64,7 @@ const NON_DENSE_KEYS = [
 
 /** The dense architecture's fields of a config (the MoE / merge keys left out). */
 function denseFields(config: object): Record<string, unknown> {
-  return Object.fromEntries(Object.entries(config).filter(([k]) => !NON_DENSE_KEYS.includes(k)));
+  return keepSource(Object.fromEntries(Object.entries(config).filter(([k]) => !NON_DENSE_KEYS.includes(k))), config);
 }
 
 /** Tokenizer and generation files copied along when a checkpoint is derived from another. */
@@ -73,10 +80,28 @@ const IGNORED = /\.rotary_emb\.inv_freq$/;
 
 // ---- config.json ----
 
+/**
+ * The reference's gate class for each routing variant (modeling_llama_moe_upscaling_hf.py): the class
+ * its LlamaMoEUpscalingConfig.gate_type selects, so that the reference computes what xft trained.
+ */
+export const GATE_TYPES = {
+  /** XFT: shared expert 0 with 1 - p_1, normal weights p_1 softmax(p_sel) (gate over E-1 columns) */
+  xft: 'TopKUniversalBalancedNoisyGate',
+  /** ablation: shared expert, normal weights p_j (gate over E-1 columns) */
+  noNormalization: 'TopKUniversalBalancedNoNormalizationNoisyGate',
+  /** ablation: vanilla sparse upcycling, top-K of E, softmax over the selected logits (gate over E columns) */
+  noSharedExpert: 'TopKBalancedNoisyGate',
+} as const;
+
+/** The reference's gate class for an MoE config. */
+export function gateTypeOf(m: MoeConfig): string {
+  return !m.shared_expert ? GATE_TYPES.noSharedExpert : m.normalize_weights ? GATE_TYPES.xft : GATE_TYPES.noNormalization;
+}
+
 function moeJson(m: MoeConfig): Record<string, unknown> {
   return {
     num_experts: m.num_experts, num_selects: m.num_selects,
-    gate_type: 'TopKUniversalBalancedNoisyGate', gate_network: m.gate_type, gate_use_softmax: true,
+    gate_type: gateTypeOf(m), gate_network: m.gate_type, gate_use_softmax: true,
     gate_use_balance: m.balance_loss_weight > 0, gate_balance_loss_weight: m.balance_loss_weight,
     gate_add_noise: m.gate_noise, gate_noise_epsilon: 0.01,
     calculator_type: 'UniversalCalculator', multiply_gate_scores: true, score_scale_factor: 1.0, add_weight_norm: false,
@@ -90,12 +115,34 @@ export function configJson(kind: CheckpointKind, config: LlamaConfig, moe: MoeCo
   const base = hfConfigJson(dense, { torch_dtype: TORCH_DTYPE[dtype] });
   if (kind === 'dense') return base;
   const m = moeJson(moe!);
-  if (kind === 'moe') return { ...base, architectures: ['LlamaMoEForCausalLM'], model_type: 'llama_moe_upscaling', ...m };
-  return {
+  if (kind === 'moe') return keepSource({ ...base, architectures: ['LlamaMoEForCausalLM'], model_type: 'llama_moe_upscaling', ...m }, base);
+  return keepSource({
     ...base, architectures: ['LlamaWeightedForCausalLM'], model_type: 'llama_moe_upscaling', ...m, shared_expert_weight: sharedRate,
     xft: { ...(m.xft as object), merge: true },
-  };
+  }, base);
 }
+
+/** The routing variant of a gate_type: the reference's classes, and the xft record for what they leave open. */
+function routingVariant(raw: Record<string, unknown>, file: string): { shared_expert: boolean; normalize_weights: boolean } {
+  const x = (raw.xft ?? {}) as { normalize_weights?: unknown; shared_expert?: unknown };
+  const recorded = { shared_expert: x.shared_expert ?? true, normalize_weights: x.normalize_weights ?? true } as { shared_expert: boolean; normalize_weights: boolean };
+  const type = raw.gate_type;
+  // absent, or what earlier xft versions wrote for every variant (the ablation recorded only under "xft")
+  if (type === undefined || type === GATE_TYPES.xft) return recorded;
+  if (type === GATE_TYPES.noNormalization) {
+    if (x.shared_expert === false || x.normalize_weights === true)
+      throw new XftError(`${file}: gate_type ${type} (shared expert, no normalization) contradicts "xft": ${JSON.stringify(raw.xft)}`, 'XFT_FORMAT');
+    return { shared_expert: true, normalize_weights: false };
+  }
+  if (type === GATE_TYPES.noSharedExpert) {
+    if (x.shared_expert === true)
+      throw new XftError(`${file}: gate_type ${type} (no shared expert) contradicts "xft": ${JSON.stringify(raw.xft)}`, 'XFT_FORMAT');
+    return { shared_expert: false, normalize_weights: recorded.normalize_weights };
+  }
+  throw new XftError(`${file}: gate_type ${describeValue(type)} is not supported (expected one of ${Object.values(GATE_TYPES).join(', ')})`, 'XFT_FORMAT');
+}
+
+const describeValue = (v: unknown) => (typeof v === 'string' ? JSON.stringify(v) : String(v));
 
 /** Reads config.json of a checkpoint folder and tells its kind. */
 export function readCheckpointInfo(dir: string): CheckpointInfo {
@@ -112,11 +159,12 @@ export function readCheckpointInfo(dir: string): CheckpointInfo {
       throw new XftError(`${file}: model_type ${JSON.stringify(raw.model_type)} is not supported (expected "llama", or "llama_moe_upscaling" from xft)`, 'XFT_FORMAT');
     return { dir, kind: 'dense', config, moe: null, sharedRate: null, raw };
   }
-  const x = (raw.xft ?? {}) as { normalize_weights?: boolean; shared_expert?: boolean; merge?: boolean };
+  const x = (raw.xft ?? {}) as { merge?: boolean };
   const gateNetwork = raw.gate_network ?? 'mlp';
+  const variant = routingVariant(raw, file);
   const moe = moeConfig({
     num_experts: raw.num_experts as number, num_selects: raw.num_selects as number, gate_type: gateNetwork as MoeConfig['gate_type'],
-    normalize_weights: x.normalize_weights ?? true, shared_expert: x.shared_expert ?? true, gate_noise: (raw.gate_add_noise as boolean) ?? true,
+    normalize_weights: variant.normalize_weights, shared_expert: variant.shared_expert, gate_noise: (raw.gate_add_noise as boolean) ?? true,
     balance_loss_weight: raw.gate_use_balance === false ? 0 : ((raw.gate_balance_loss_weight as number) ?? 0.01),
   }, file);
   const merged = x.merge === true || arch === 'LlamaWeightedForCausalLM';
@@ -295,7 +343,7 @@ function writeCheckpoint(dir: string, entries: WriteEntry[], config: Record<stri
   options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string>; overwrite?: boolean }): void {
   writeFolderAtomic(dir, (tmp) => {
     writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
-    writeFileAtomic(path.join(tmp, 'config.json'), JSON.stringify(config, null, 2) + '\n');
+    writeFileAtomic(path.join(tmp, 'config.json'), configJsonText(config));
     copySideFiles(options.copyFrom, tmp);
     for (const [name, content] of Object.entries(options.files ?? {})) writeFileAtomic(path.join(tmp, name), content);
   }, { overwrite: options.overwrite ?? false });
@@ -410,7 +458,7 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
   checkOutputFolder(dst, options.overwrite);
   const to = fileDtypeOf(options), chunk = chunkOf(options);
   const c = info.config, d = c.hidden_size, E = moe.num_experts;
-  const init = routerInit(options.seed ?? 0);
+  const init = routerInit(options.seed ?? 0, 'cpu', routerInitKind(options, 'upcycleCheckpoint'));
   const entries: WriteEntry[] = [copyEntry(r, 'model.embed_tokens.weight', 'model.embed_tokens.weight', to, chunk)];
   for (let i = 0; i < c.num_hidden_layers; i++) {
     const p = layer(i);
@@ -423,7 +471,7 @@ export function upcycleCheckpoint(src: string, dst: string, options: UpcycleOpti
       entries.push({ name, dtype: ffnDtype, shape, tensor: make, dispose: true });
     }
     const N = moe.shared_expert ? E - 1 : E;
-    entries.push({ name: `${p}.mlp.gate.weight_noise.weight`, dtype: ffnDtype, shape: [N, d], tensor: () => Tensor.zeros([N, d]), dispose: true });
+    if (moe.gate_noise) entries.push({ name: `${p}.mlp.gate.weight_noise.weight`, dtype: ffnDtype, shape: [N, d], tensor: init.noise([N, d]), dispose: true });
   }
   entries.push(copyEntry(r, 'model.norm.weight', 'model.norm.weight', to, chunk));
   entries.push(copyEntry(r, 'lm_head.weight', 'lm_head.weight', to, chunk));

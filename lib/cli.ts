@@ -260,17 +260,18 @@ program
   .option('--no-noise', 'no router noise in training')
   .option('--balance-loss <w>', 'weight of the balance loss (0 disables it)', num(0), 0.01)
   .option('--seed <n>', 'seed of the router initialisation', int(0), 0)
+  .addOption(new Option('--router-init <kind>', "router and noise weights: 'uniform' as torch.nn.Linear (U(±1/√in), noise weights 0), or 'reference' as the XFT reference's upcycle draws them (N(0, 0.02))").choices(['uniform', 'reference']).default('uniform'))
   .addOption(dtypeOption())
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
-  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; routerInit: 'uniform' | 'reference'; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
     checkTokenizerFolder(src); // copied into the output: a bad tokenizer file fails here, naming the file
     const p = fileProgress('upcycle');
     const t0 = Date.now();
     try {
       const r = sourceNonFinite(src, out, () => upcycleCheckpoint(src, out, {
         experts: o.experts, topK: o.topK, router: o.router, normalize: o.normalize, sharedExpert: o.sharedExpert, noise: o.noise,
-        balanceLossWeight: o.balanceLoss, seed: o.seed, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
+        balanceLossWeight: o.balanceLoss, seed: o.seed, routerInit: o.routerInit, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
       }));
       p.stop();
       console.log(`wrote ${out}: MoE with ${r.moe!.num_experts} experts (top-${r.moe!.num_selects}, ${r.moe!.gate_type} router) per layer, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s`);

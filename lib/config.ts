@@ -1,8 +1,10 @@
 /**
  * Model configuration with the Hugging Face Llama field names (config.json), plus the MoE fields
- * of the XFT reference (num_experts, num_selects, gate type) for upcycled models.
+ * of the XFT reference (num_experts, num_selects, gate type) for upcycled models, and config.json
+ * round trips that keep what xft does not change as it was written (lossless-json).
  */
 import * as fs from 'node:fs';
+import { LosslessNumber, isLosslessNumber, parse as parseLossless, stringify as stringifyLossless } from 'lossless-json';
 import { XftError, describe } from './errors';
 
 export interface LlamaConfig {
@@ -15,11 +17,12 @@ export interface LlamaConfig {
   rms_norm_eps: number;
   rope_theta: number;
   max_position_embeddings: number;
-  /** HF rope_scaling: only linear scaling (DeepSeek-Coder: { type: 'linear', factor: 4 }) is supported */
+  /** HF rope_scaling: only linear scaling (DeepSeek-Coder: { type: 'linear', factor: 4.0 }) is supported; kept as written */
   rope_scaling?: { type: 'linear'; factor: number } | null;
-  /** optional HF fields kept on save */
-  bos_token_id?: number;
-  eos_token_id?: number;
+  /** optional HF fields kept on save (written as null when absent: see hfConfigJson) */
+  bos_token_id?: number | null;
+  eos_token_id?: number | null;
+  pad_token_id?: number | null;
   tie_word_embeddings?: boolean;
   torch_dtype?: string;
 }
@@ -62,6 +65,7 @@ export function llamaConfig(raw: Partial<LlamaConfig> & Record<string, unknown>,
   if (raw === null || typeof raw !== 'object' || Array.isArray(raw))
     throw new XftError(`${source}: expected a config object but received ${describe(raw)}`, 'XFT_TYPE');
   const c = { rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 2048, ...raw } as LlamaConfig & Record<string, unknown>;
+  keepSource(c, raw);
   if (c.num_key_value_heads === undefined) c.num_key_value_heads = c.num_attention_heads;
   for (const f of INT_FIELDS)
     if (!Number.isSafeInteger(c[f]) || (c[f] as number) < 1)
@@ -80,7 +84,7 @@ export function llamaConfig(raw: Partial<LlamaConfig> & Record<string, unknown>,
     if (kind === 'default') c.rope_scaling = null;
     else if (kind !== 'linear' || typeof r.factor !== 'number' || !(r.factor > 0))
       throw new XftError(`${source}: rope_scaling ${describe(r)} is not supported (expected null or { "type": "linear", "factor": > 0 })`, 'XFT_VALUE');
-    else c.rope_scaling = { type: 'linear', factor: r.factor };
+    else c.rope_scaling = { ...r } as LlamaConfig['rope_scaling'];  // as written (extra keys such as rope_type kept)
   }
   if (c.hidden_act !== undefined && c.hidden_act !== 'silu')
     throw new XftError(`${source}: hidden_act ${describe(c.hidden_act)} is not supported (Llama uses "silu")`, 'XFT_VALUE');
@@ -123,9 +127,15 @@ export function parameterCount(c: LlamaConfig): number {
   return c.vocab_size * d * 2 + c.num_hidden_layers * (attn + 3 * d * f + 2 * d) + d;
 }
 
-/** config.json as transformers writes it for a LlamaForCausalLM. */
+/**
+ * config.json as transformers writes it for a LlamaForCausalLM. Keys a loader would otherwise fill
+ * with its own defaults are written out: `rope_scaling` (null when the source had none; the XFT
+ * reference's config class assumes DeepSeek-Coder's linear scaling 4.0), `rope_theta`, and the
+ * token ids `pad_token_id`, `bos_token_id`, `eos_token_id` (null when absent; the reference assumes
+ * 32014, 32013, 32014, transformers' LlamaConfig null, 1, 2).
+ */
 export function hfConfigJson(c: LlamaConfig, extra: Record<string, unknown> = {}): Record<string, unknown> {
-  return {
+  const out = {
     architectures: ['LlamaForCausalLM'],
     model_type: 'llama',
     hidden_act: 'silu',
@@ -134,22 +144,98 @@ export function hfConfigJson(c: LlamaConfig, extra: Record<string, unknown> = {}
     tie_word_embeddings: false,
     initializer_range: 0.02,
     torch_dtype: c.torch_dtype ?? 'float32',
+    rope_scaling: null,
+    pad_token_id: null,
+    bos_token_id: null,
+    eos_token_id: null,
     ...c,
     ...extra,
   };
+  return keepSource(out, c);
+}
+
+// ---- lossless config.json ----
+
+/**
+ * The config.json document (numbers as lossless-json's LosslessNumber, in their written form) each
+ * config object was read from. llamaConfig and hfConfigJson pass it on to the objects they derive,
+ * and configJsonText writes every value xft left unchanged from it, as it was written.
+ */
+const SOURCES = new WeakMap<object, Record<string, unknown>>();
+
+/** Records that `to` derives from the config.json `from` came from (if any); returns `to`. */
+export function keepSource<T extends object>(to: T, from: object): T {
+  const doc = SOURCES.get(from);
+  if (doc && to !== from) SOURCES.set(to, doc);
+  return to;
+}
+
+/** The config.json document a config object derives from, or undefined (made in code). */
+export function configSource(config: object): Record<string, unknown> | undefined {
+  return SOURCES.get(config);
+}
+
+/** Keys the reference's config class and transformers read as floats: written with a fraction when xft sets them. */
+const FLOAT_KEYS = new Set(['rope_theta', 'rms_norm_eps', 'initializer_range', 'gate_balance_loss_weight', 'gate_noise_epsilon',
+  'score_scale_factor', 'capacity_factor', 'shared_expert_weight', 'attention_dropout', 'factor']);
+
+const isRecord = (x: unknown): x is Record<string, unknown> => typeof x === 'object' && x !== null && !Array.isArray(x) && !isLosslessNumber(x);
+
+/** Whether a plain JSON value equals a lossless document value (numbers by value). */
+function sameValue(value: unknown, doc: unknown): boolean {
+  if (isLosslessNumber(doc)) return typeof value === 'number' && Number(doc.value) === value;
+  if (Array.isArray(doc)) return Array.isArray(value) && value.length === doc.length && doc.every((d, i) => sameValue(value[i], d));
+  if (isRecord(doc)) {
+    if (!isRecord(value)) return false;
+    const keys = Object.keys(doc).filter((k) => doc[k] !== undefined), vkeys = Object.keys(value).filter((k) => value[k] !== undefined);
+    return keys.length === vkeys.length && keys.every((k) => k in value && sameValue(value[k], doc[k]));
+  }
+  return value === doc;
+}
+
+/** A number xft sets for a float key: integral values get a fraction (4 -> 4.0), as Python writes floats. */
+function floatForm(key: string, value: unknown): unknown {
+  if (!FLOAT_KEYS.has(key) || typeof value !== 'number' || !Number.isInteger(value) || Math.abs(value) >= 1e16) return value;
+  return new LosslessNumber(`${value}.0`);
+}
+
+/** `value` with every part equal to the document's taken from it; keys in the document's order first. */
+function mergeWritten(value: unknown, doc: unknown, key = ''): unknown {
+  if (doc !== undefined && sameValue(value, doc)) return doc;
+  if (isRecord(value)) {
+    const d = isRecord(doc) ? doc : {};
+    const keys = [...Object.keys(d).filter((k) => k in value), ...Object.keys(value).filter((k) => !(k in d))];
+    return Object.fromEntries(keys.filter((k) => value[k] !== undefined).map((k) => [k, mergeWritten(value[k], d[k], k)]));
+  }
+  return floatForm(key, value);
+}
+
+/**
+ * The text of config.json for `config`: what equals the source document (configSource, or `source`)
+ * is written exactly as it was there (4.0 stays 4.0, 1e-06 stays 1e-06, unknown keys and their
+ * order kept); keys xft adds follow in its order; floats xft sets are written with a fraction.
+ */
+export function configJsonText(config: Record<string, unknown>, source: Record<string, unknown> | undefined = configSource(config)): string {
+  return stringifyLossless(mergeWritten(config, source), undefined, 2) + '\n';
 }
 
 /** config.json as an object; a file that is not a JSON object is XFT_FORMAT naming the file (a missing one XFT_IO). */
 export function readConfigJson(file: string): Record<string, unknown> {
-  let raw: unknown;
+  let raw: unknown, text: string;
   try {
-    raw = JSON.parse(fs.readFileSync(file, 'utf8'));
+    text = fs.readFileSync(file, 'utf8');
+    raw = JSON.parse(text);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     throw new XftError(`cannot read ${file}: ${(err as Error).message}`, code === 'ENOENT' || code === 'EACCES' ? 'XFT_IO' : 'XFT_FORMAT');
   }
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
     throw new XftError(`${file}: expected a JSON object of model settings but received ${describe(raw)}`, 'XFT_FORMAT');
+  try {
+    SOURCES.set(raw, parseLossless(text) as Record<string, unknown>);
+  } catch {
+    // lossless-json refuses what JSON.parse takes (a duplicate key): then the values are written as parsed
+  }
   return raw as Record<string, unknown>;
 }
 

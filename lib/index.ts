@@ -14,9 +14,9 @@ const { expectTensor, sameDevice, expectInt, expectBool, describe, ...xftOnly } 
 export const ops = { ...xftOnly, ...layerOps, ...trainOps };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
 export * from './checkpoint';
-export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
+export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
 export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
-export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type MergeableOptions, type InitOptions } from './xft';
+export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type RouterInitKind, type MergeableOptions, type InitOptions } from './xft';
 export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
 export {
   type Example, type Sample, type Batch, type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, parseJsonl, readJsonl,

@@ -202,7 +202,7 @@ export class MoeFFN implements FFN {
     readonly down: Param,
     /** router: [W0 (E-1, d)] for 'linear', [W0 (E-1, d), W2 (E-1, E-1)] for 'mlp' */
     readonly router: Param[],
-    /** W_noise (E-1, d), zeros at upcycling (reference) */
+    /** W_noise (E-1, d): zeros at upcycling (routerInit 'uniform') or N(0, 0.02) ('reference'); null for a gate without noise */
     readonly noise: Param | null,
   ) {}
 

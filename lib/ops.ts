@@ -83,7 +83,10 @@ export interface Routing {
   offsets: Tensor;
   /** i32 [T * K]: (t, s) pairs as t * K + s, sorted by expert then token: the gather order */
   order: Tensor;
-  /** f32 [N]: per normal expert, the sum over tokens that selected it of its probability */
+  /**
+   * f32 [N]: per routed expert, the sum over the tokens that selected it of its score: its probability p
+   * with a shared expert, its weight g (the top-K renormalized score) without, as the reference's gates
+   */
   importance: Tensor;
   /** f32 [N]: per normal expert, the number of tokens that selected it */
   load: Tensor;

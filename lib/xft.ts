@@ -79,6 +79,23 @@ export interface UpcycleOptions {
   balanceLossWeight?: number;
   /** seed of the router initialisation */
   seed?: number;
+  /**
+   * how router and noise weights are drawn (default 'uniform'): 'uniform' as torch.nn.Linear
+   * initialises them (U(-1/sqrt(in), 1/sqrt(in))), noise weights zero; 'reference' as the reference's
+   * upcycle gets them (from_pretrained draws the weights the dense checkpoint lacks from N(0, 0.02),
+   * initializer_range), router and noise weights alike
+   */
+  routerInit?: RouterInitKind;
+}
+
+export type RouterInitKind = 'uniform' | 'reference';
+
+/** std of the reference's initialisation of missing weights (LlamaMoEUpscalingConfig.initializer_range) */
+export const REFERENCE_INIT_STD = 0.02;
+
+/** The router initialisation of upcycle options (default 'uniform'). */
+export function routerInitKind(options: UpcycleOptions, source: string): RouterInitKind {
+  return options.routerInit === undefined ? 'uniform' : expectOneOf(source, 'options.routerInit', options.routerInit, ['uniform', 'reference'] as const);
 }
 
 /**
@@ -91,13 +108,14 @@ export function upcycle(dense: Model, options: UpcycleOptions = {}): Model {
   const o = expectOptions<UpcycleOptions>('upcycle', options);
   const moe = upcycleMoeConfig(o, 'upcycle');
   const E = moe.num_experts, N = moe.shared_expert ? E - 1 : E, d = dense.config.hidden_size;
-  const init = routerInit(o.seed === undefined ? 0 : expectInt('upcycle', 'options.seed', o.seed, 0, 2 ** 40), dense.device);
+  const init = routerInit(o.seed === undefined ? 0 : expectInt('upcycle', 'options.seed', o.seed, 0, 2 ** 40), dense.device, routerInitKind(o, 'upcycle'));
   const dtype = dense.dtype;
   return rebuild(dense, (b, i) => {
     const f = b.ffn as DenseFFN, p = `${layerName(i)}.mlp`;
     const stack = (w: Param, name: string) => new Param(`${p}.calculator.experts.weight_${name}`, stackCopies(w.value, E));
     const router = routerTensors(i, moe, d).map(([name, shape]) => new Param(name, init.next(shape, dtype)()));
-    const noise = new Param(`${p}.gate.weight_noise.weight`, Tensor.zeros([N, d], { device: dense.device, dtype }));
+    // a gate without noise has no W_noise (as the reference's gate modules)
+    const noise = moe.gate_noise ? new Param(`${p}.gate.weight_noise.weight`, init.noise([N, d], dtype)()) : null;
     return new MoeFFN(moe, stack(f.gate, 'gate'), stack(f.up, 'up'), stack(f.down, 'down'), router, noise);
   });
 }
@@ -114,16 +132,30 @@ export function upcycleMoeConfig(options: UpcycleOptions, source: string): MoeCo
 }
 
 /**
- * Router weights in creation order (layer by layer; W0 then W2 for the mlp router), initialised as
- * torch.nn.Linear does: uniform(-1/sqrt(in), 1/sqrt(in)), from seeds derived from `seed`. The
- * in-memory and the on-disk upcycle draw the same numbers.
+ * Router weights in creation order (layer by layer: W0, then W2 for the mlp router, then W_noise),
+ * from seeds derived from `seed`. 'uniform': as torch.nn.Linear, U(-1/sqrt(in), 1/sqrt(in)), W_noise
+ * zero (the reference gate's own reset). 'reference': N(0, 0.02) for every one, as the reference's
+ * from_pretrained draws the weights the dense checkpoint lacks. A gate without noise has no W_noise.
+ * The in-memory and the on-disk upcycle draw the same numbers.
  */
-export function routerInit(seed: number, device: Device = 'cpu'): { next(shape: number[], dtype?: 'f32' | 'bf16'): () => Tensor } {
+export function routerInit(seed: number, device: Device = 'cpu', kind: RouterInitKind = 'uniform'): {
+  next(shape: number[], dtype?: 'f32' | 'bf16'): () => Tensor;
+  noise(shape: number[], dtype?: 'f32' | 'bf16'): () => Tensor;
+} {
   let s = seed * 1000 + 777;
+  const normal = (shape: number[], dtype: 'f32' | 'bf16') => {
+    const mine = s++;
+    return () => Tensor.randn(shape, { seed: mine, std: REFERENCE_INIT_STD, device, dtype });
+  };
   return {
     next(shape: number[], dtype: 'f32' | 'bf16' = 'f32') {
+      if (kind === 'reference') return normal(shape, dtype);
       const mine = s++, bound = 1 / Math.sqrt(shape[1]);
       return () => Tensor.uniform(shape, { seed: mine, low: -bound, high: bound, device, dtype });
+    },
+    noise(shape: number[], dtype: 'f32' | 'bf16' = 'f32') {
+      if (kind === 'reference') return normal(shape, dtype);
+      return () => Tensor.zeros(shape, { device, dtype });
     },
   };
 }

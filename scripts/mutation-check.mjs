@@ -57,6 +57,11 @@ const MUTANTS = [
     edits: [['this.forward({ ...ctx, training: true, recompute: false, seed }, x)', 'this.forward({ ...ctx, training: true, recompute: false }, x)']], tests: ['test/66.recompute.ts'] },
   { name: 'plan-forgets-expert-outputs', why: "the plan does not count the MoE's kept expert outputs ye", file: 'lib/plan.ts',
     edits: [['kept(NK * f), kept(NK * f), kept(NK * f), kept(NK * d)); // xp, g, u, a, ye', 'kept(NK * f), kept(NK * f), kept(NK * f)); // xp, g, u, a, ye']], tests: ['test/67.plan.ts'] },
+  // issue 14: checkpoints as the reference reads them
+  { name: 'importance-full-softmax', why: 'without a shared expert, importance sums p instead of the top-K renormalized weights', file: 'binding/cpu/routing.cc', native: true,
+    edits: [['importance[sel[j]] += shared ? p[sel[j]] : g[j];', 'importance[sel[j]] += p[sel[j]];']], tests: ['test/20.routing.ts'] },
+  { name: 'config-json-lossy', why: 'config.json written with JSON.stringify (4.0 becomes 4, the source key order lost)', file: 'lib/checkpoint.ts',
+    edits: [["configJsonText(config));", "JSON.stringify(config, null, 2) + '\\n');"]], tests: ['test/52.config_json.ts'] },
 ];
 
 const only = process.argv.slice(2);

@@ -47,9 +47,11 @@ t.test('routing: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
 
 t.test('routing is deterministic on CUDA', { skip: SKIP_NO_CUDA }, async (t) => {
   const logits = Tensor.randn([20000, 7], { seed: seed(), device: 'cuda' });
-  const a = ops.routeShared(logits, { topK: 6 }), b = ops.routeShared(logits, { topK: 6 });
-  exact(t, b.importance.toArray(), a.importance.toArray(), 'importance bit-identical run to run');
-  exact(t, b.order.toArray(), a.order.toArray(), 'order identical run to run');
+  for (const shared of [true, false]) {
+    const a = ops.routeShared(logits, { topK: 6, shared }), b = ops.routeShared(logits, { topK: 6, shared });
+    exact(t, b.importance.toArray(), a.importance.toArray(), `shared ${shared}: importance bit-identical run to run`);
+    exact(t, b.order.toArray(), a.order.toArray(), `shared ${shared}: order identical run to run`);
+  }
 });
 
 t.test('grouped GEMM: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {

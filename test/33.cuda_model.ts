@@ -47,7 +47,7 @@ for (const dtype of ['f32', 'bf16'] as const)
         logits.dispose();
         const f = m.forward(idsT, tgT, B, T, { training: true, seed: 5n });
         m.backward();
-        // a parameter the step did not use (the router's noise layer with noise off) has no gradient
+        // a parameter the step did not use has no gradient (the same ones on both devices)
         const grads = new Map(m.trainableParams().filter((p) => p.grad).map((p) => [p.name, p.grad!.toArray()]));
         const noGrad = m.trainableParams().filter((p) => !p.grad).map((p) => p.name);
         m.dispose();

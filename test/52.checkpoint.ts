@@ -276,7 +276,7 @@ t.test('config.json that is not an object, or a folder, names the file (XFT_FORM
 });
 
 t.test('config: rope_scaling forms and the llama checks', async (t) => {
-  t.same(llamaConfig({ ...config, rope_scaling: { rope_type: 'linear', factor: 2 } } as never).rope_scaling, { type: 'linear', factor: 2 }, 'rope_type spelling');
+  t.same(llamaConfig({ ...config, rope_scaling: { rope_type: 'linear', factor: 2 } } as never).rope_scaling, { rope_type: 'linear', factor: 2 }, 'rope_type spelling, kept as written');
   t.equal(llamaConfig({ ...config, rope_scaling: { rope_type: 'default' } } as never).rope_scaling, null, 'default = none');
   throwsCode(t, () => llamaConfig({ ...config, head_dim: 16 } as never), 'XFT_VALUE', /head_dim/, 'head_dim that differs');
 });

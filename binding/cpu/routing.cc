@@ -9,7 +9,9 @@ Per token t, with z = logits[t] (N columns, fp32) and p = softmax(z):
   shared, !normalize: g_0 = 1 - p_1,  g_{i_j} = p_j                              (paper ablation)
   no shared expert:   g_{i_j} = softmax(z_{i_1}..z_{i_S})_j                      (vanilla upcycling)
 experts[t] = [i_1 + 1, ..., i_S + 1, 0] with a shared expert, [i_1, ..., i_S] without.
-importance[j] = sum over tokens selecting column j of p_j; load[j] = their count.
+importance[j] = sum over tokens selecting column j of its score: p_j with a shared expert, g_j (the
+top-K renormalized weight) without, as the reference's gates (TopKUniversalBalanced*NoisyGate sum the
+selected p, TopKBalancedNoisyGate the selected softmax scores); load[j] = their count.
 counts/offsets/order: a stable counting sort of the T*K (token, slot) pairs by expert.
 
 Backward (dweights = dL/dg, dimportance = dL/dimportance or none), per token, q = softmax(p_sel).
@@ -18,8 +20,9 @@ experts come from the caller: binding/xft_ops.cc rejects an expert outside the l
 out of bounds even so.
   normalize:  dp_{i_m} = p_1 q_m (dg_m - sum_j q_j dg_j),  dp_{i_1} += sum_j q_j dg_j - dg_0
   !normalize: dp_{i_m} = dg_m,                             dp_{i_1} -= dg_0
-  dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
-  no shared:  dz_{i_m} += g_m (dg_m - <g, dg>) on top of the importance path.
+  shared:     dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
+  no shared:  importance sums g, so its gradient joins dg: dg'_m = dg_m + dimportance_{i_m},
+              dz_{i_m} = g_m (dg'_m - <g, dg'>)  (dp = 0)
 */
 #include <math.h>
 
@@ -86,7 +89,7 @@ int xft_cpu_route_forward(const void* logits, int dtype, int T, int N, int K, in
       for (int j = 0; j < S; j++) ex[j] = sel[j];
     }
     for (int j = 0; j < S; j++) {
-      importance[sel[j]] += p[sel[j]];
+      importance[sel[j]] += shared ? p[sel[j]] : g[j];
       load[sel[j]] += 1.f;
     }
     for (int s = 0; s < K; s++) counts[ex[s]]++;
@@ -129,11 +132,12 @@ int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, i
     } else {
       for (int j = 0; j < S; j++) zs[j] = z[sel[j]];
       softmax(zs.data(), S, g.data());
+      for (int j = 0; j < S; j++) q[j] = dg[j] + (dimportance ? dimportance[sel[j]] : 0.f);
       float a = 0.f;
-      for (int j = 0; j < S; j++) a += g[j] * dg[j];
-      for (int m = 0; m < S; m++) dz[sel[m]] = g[m] * (dg[m] - a);
+      for (int j = 0; j < S; j++) a += g[j] * q[j];
+      for (int m = 0; m < S; m++) dz[sel[m]] = g[m] * (q[m] - a);
     }
-    if (dimportance)
+    if (dimportance && shared)
       for (int m = 0; m < S; m++) dp[sel[m]] += dimportance[sel[m]];
     float pdp = 0.f;
     for (int j = 0; j < N; j++) pdp += p[j] * dp[j];

@@ -102,19 +102,24 @@ export function refRoute(logits: ArrayLike<number>, T: number, N: number, K: num
     const z = Array.from(logits).slice(t * N, (t + 1) * N);
     const p = softmax(z);
     const sel = topIndices(z, S);
+    // importance sums each selected expert's score: p with a shared expert (TopKUniversalBalanced*NoisyGate),
+    // the top-K renormalized weight g without (TopKBalancedNoisyGate), as the reference's gates
+    let score: number[];
     if (shared) {
       const p1 = p[sel[0]];
       const g = normalize ? softmax(sel.map((i) => p[i])).map((q) => p1 * q) : sel.map((i) => p[i]);
       experts.push(...sel.map((i) => i + 1), 0);
       weights.push(...g, 1 - p1);
+      score = sel.map((i) => p[i]);
     } else {
+      score = softmax(sel.map((i) => z[i]));
       experts.push(...sel);
-      weights.push(...softmax(sel.map((i) => z[i])));
+      weights.push(...score);
     }
-    for (const i of sel) {
-      importance[i] += p[i];
+    sel.forEach((i, j) => {
+      importance[i] += score[j];
       load[i] += 1;
-    }
+    });
   }
   const counts = new Array(E).fill(0);
   for (const e of experts) counts[e]++;
