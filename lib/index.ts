@@ -7,12 +7,13 @@ export {
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
-// the argument checkers lib/ops.ts shares with the other op files are not ops
-// eslint-disable-next-line @typescript-eslint/no-unused-vars
-const { expectTensor, sameDevice, expectInt, expectBool, describe, ...xftOnly } = xftOps;
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOnly, ...layerOps, ...trainOps };
+export const ops = { ...xftOps, ...layerOps, ...trainOps };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
+export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
+export type {
+  AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, AdamWOptions, PermutationOptions, LoadEstimateOptions,
+} from './ops_train';
 export * from './checkpoint';
 export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
 export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
