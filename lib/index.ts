@@ -14,9 +14,10 @@ export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions
 export type {
   AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, AdamWOptions, PermutationOptions, LoadEstimateOptions,
 } from './ops_train';
+export type { NativeBackend, NativeMemoryStats, NativeStorage } from './native';
 export * from './checkpoint';
-export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
-export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
+export { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
+export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type Context } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type MergeableOptions, type InitOptions } from './xft';
 export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
 export {
@@ -25,5 +26,8 @@ export {
   encodeDataFile, encodeDataFileAsync, cacheFileOf, type EncodeDataOptions, type EncodedData,
 } from './data';
 export { generate, pickToken, type GenerateOptions, type GenerateResult } from './generate';
-export { SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader } from './safetensors';
+export {
+  SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader,
+  type TensorInfo, type WriteEntry, type WriteOptions, type FileDType,
+} from './safetensors';
 export { lockFolder, recoverFolder, type FolderLock } from './folder';
