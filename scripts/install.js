@@ -73,6 +73,7 @@ if (fromSource) {
     }
     if (cpuOnly && r.compiledWithCuda) {
       failures.push(`${rel(c.file)} has the CUDA backend, and XFT_CUDA=OFF asks for a CPU-only addon`);
+      log(`not using ${rel(c.file)}: it has the CUDA backend, and XFT_CUDA=OFF asks for a CPU-only addon`);
       continue;
     }
     // build/Release is where node-gyp-build looks first: the chosen flavour goes there, and a stale
