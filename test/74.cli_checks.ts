@@ -5,6 +5,7 @@ import t from 'tap';
 import * as fs from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { CLI, DATA, cliWorkspace, env } from './helpers/cli';
+import { checkWritable } from '../lib/folder';
 
 const { tmp, at, xft } = cliWorkspace('xft-cli-checks-', (fn) => t.teardown(fn));
 const INTERNAL = /Tensor\.\w+:|upcycleCheckpoint|mergeCheckpoint|num_selects|options\.|overwrite:/;
@@ -20,6 +21,14 @@ t.test('an output folder that cannot be written fails at once with exit 1, befor
     t.match(r.err, msg, r.err.trim());
     t.notMatch(r.out + r.err, /SFT of the dense model|tokenize|data: |pretrain|upcycle \|/, 'before reading data, training or writing');
   }
+});
+
+t.test('checkWritable: a path below a file is refused with XFT_IO', async (t) => {
+  fs.writeFileSync(at('a-file'), 'x');
+  t.throws(() => checkWritable(at('a-file/out')), { code: 'XFT_IO', message: /a-file\/out cannot be written: .*a-file is not a folder/ });
+  t.throws(() => checkWritable(at('a-file')), { code: 'XFT_IO', message: /a-file exists and is not a folder/ });
+  t.doesNotThrow(() => checkWritable(at('new/deeper/out')), 'a folder that does not exist yet, below a writable one');
+  t.notOk(fs.existsSync(at('new')), 'the check creates nothing');
 });
 
 t.test("--seq-len above max_position_embeddings is refused (exit 2) unless --allow-long, which warns", async (t) => {
