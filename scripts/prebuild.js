@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Builds the prebuilt binaries the package ships (`npm run prebuild [-- <flavour>...]`), each with
+// Builds the prebuilt binaries the package ships (`npm run prebuilds [-- <flavour>...]`; not `prebuild`,
+// which npm would run before every `npm run build`), each with
 // cmake-js in its own folder (build-prebuild-<flavour>/, so a developer's build/ is left alone), linked
 // for older distributions (XFT_PORTABLE) and stripped:
 //   cuda   prebuilds/linux-x64/node.napi.node       CUDA backend (needs nvcc) + CPU; the default on linux-x64
