@@ -146,3 +146,15 @@ for (const [name, f] of Object.entries(FIXTURES)) {
     if (name === 'esm') t.equal(out.sameClass, true, 'import and require give one copy of the library');
   });
 }
+
+t.test("the package's xft executable runs, and a native addon that does not load is one line and exit 1", async (t) => {
+  const bin = path.join(modules, 'xft', pkg.bin.xft);
+  let r = spawnSync(process.execPath, [bin, '--version'], { cwd: consumer, encoding: 'utf8', env: { ...process.env, XFT_ADDON_PATH: '' } });
+  t.equal(r.status, 0, r.stderr);
+  t.equal(r.stdout.trim(), pkg.version);
+  r = spawnSync(process.execPath, [bin, 'info'], { cwd: consumer, encoding: 'utf8', env: { ...process.env, XFT_ADDON_PATH: path.join(tmp, 'no-such-addon.node') } });
+  t.equal(r.status, 1, 'exit 1');
+  t.match(r.stderr, /^xft: the xft native addon XFT_ADDON_PATH=.*no-such-addon\.node could not be loaded: Cannot find module/);
+  t.equal(r.stderr.trim().split('\n').length, 1, 'one line, no stack trace');
+  t.notMatch(r.stderr, /build:native/);
+});
