@@ -151,12 +151,17 @@ export function readCheckpointInfo(dir: string): CheckpointInfo {
   const file = path.join(dir, 'config.json');
   if (!fs.existsSync(file)) throw new XftError(`${dir}: not a checkpoint folder (no config.json)`, 'XFT_IO');
   const raw = readConfigJson(file);
+  if (raw.model_type !== undefined && raw.model_type !== 'llama' && raw.model_type !== 'llama_moe_upscaling') {
+    const arch = Array.isArray(raw.architectures) ? `, architectures ${raw.architectures.join(', ')}` : '';
+    throw new XftError(`${file}: not a Llama checkpoint (model_type ${JSON.stringify(raw.model_type)}${arch}); xft reads LlamaForCausalLM ` +
+      `checkpoints (model_type "llama") and its own MoE and merge checkpoints ("llama_moe_upscaling")`, 'XFT_FORMAT');
+  }
   const config = llamaConfig(denseFields(raw) as Partial<LlamaConfig> & Record<string, unknown>, file);
   const arch = Array.isArray(raw.architectures) ? String(raw.architectures[0]) : '';
   const isMoe = raw.num_experts !== undefined && raw.model_type !== 'llama';
   if (!isMoe) {
-    if (raw.model_type !== undefined && raw.model_type !== 'llama')
-      throw new XftError(`${file}: model_type ${JSON.stringify(raw.model_type)} is not supported (expected "llama", or "llama_moe_upscaling" from xft)`, 'XFT_FORMAT');
+    if (raw.model_type === 'llama_moe_upscaling')
+      throw new XftError(`${file}: model_type "llama_moe_upscaling" without num_experts: not an MoE checkpoint xft can read`, 'XFT_FORMAT');
     return { dir, kind: 'dense', config, moe: null, sharedRate: null, raw };
   }
   const x = (raw.xft ?? {}) as { merge?: boolean };

@@ -19,7 +19,7 @@ import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
-import { lockFolder, type FolderLock } from './folder';
+import { checkWritable, lockFolder, type FolderLock } from './folder';
 import { checkOutputFolder, loadModel, mergeCheckpoint, readCheckpointInfo, saveMergeCheckpoint, saveModel, upcycleCheckpoint, type SaveDtype, type CheckpointKind } from './checkpoint';
 import { mergeable, countParameters } from './xft';
 import { generate } from './generate';
@@ -84,8 +84,33 @@ const precisionOption = () =>
   new Option('--precision <dtype>', "compute dtype: 'bf16' (mixed precision: bf16 weights and activations, fp32 accumulation, f32 master weights) or 'f32' (default: bf16 on the GPU, f32 on the CPU)").choices(['bf16', 'f32']);
 const shardOption = () => new Option('--max-shard-size <size>', 'largest safetensors shard (5GB, 500MB, ...)').argParser(bytes).default(5e9, '5GB');
 
+/** --device, checked before any work: 'cuda' on a host without a usable GPU is a runtime failure (exit 1). */
 function deviceOf(d?: string): Device {
+  if (d === 'cuda' && !cudaAvailable()) throw new XftError(`--device cuda: no CUDA device is available (${backend().reason})`, 'XFT_CUDA');
   return (d as Device | undefined) ?? (cudaAvailable() ? 'cuda' : 'cpu');
+}
+
+/** --out, checked before any work: a folder that cannot be written fails at once (exit 1). */
+function checkOut(out: string): void {
+  checkWritable(out);
+}
+
+const DEFAULT_SEQ_LEN = 1024;
+
+/**
+ * --seq-len against the model's max_position_embeddings: positions past it were never trained (and
+ * rotary scaling is defined up to it), so a longer one is refused unless --allow-long (then a warning).
+ * Without --seq-len: 1024, or max_position_embeddings when smaller.
+ */
+function seqLenFor(o: { seqLen?: number; allowLong?: boolean }, config: { max_position_embeddings: number }, dir: string): number {
+  const max = config.max_position_embeddings;
+  if (o.seqLen === undefined) return Math.min(DEFAULT_SEQ_LEN, max);
+  if (o.seqLen > max) {
+    const what = `--seq-len ${o.seqLen} is longer than the model's max_position_embeddings ${max} (${path.join(dir, 'config.json')})`;
+    if (!o.allowLong) throw new UsageError(`${what}: positions past it were never trained; use --seq-len ${max} or less, or --allow-long to go on anyway`);
+    console.error(`xft: warning: ${what}; going on (--allow-long)`);
+  }
+  return o.seqLen;
 }
 
 function precisionOf(p: string | undefined, device: Device): 'f32' | 'bf16' {
@@ -123,7 +148,8 @@ function fileProgress(label: string) {
 interface DataOptions {
   data: string;
   tokenizer?: string;
-  seqLen: number;
+  seqLen?: number;
+  allowLong?: boolean;
   pack?: boolean;
 }
 
@@ -141,7 +167,7 @@ function tokenizerFor(modelDir: string, spec: string | undefined, vocab: number,
 }
 
 /** Sequences of --seq-len; sequences left without a response token (truncated away) are dropped, with a warning. */
-function rowsOf(samples: Sample[], o: DataOptions, tok: Tokenizer): Sample[] {
+function rowsOf(samples: Sample[], o: DataOptions & { seqLen: number }, tok: Tokenizer): Sample[] {
   if (samples.length === 0) return [];
   const rows = toRows(samples, o.seqLen, o.pack ? 'pack' : 'pad', tok.pad);
   const kept = rows.filter((r) => countTargets(r.targets) > 0);
@@ -265,6 +291,10 @@ program
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
   .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; routerInit: 'uniform' | 'reference'; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+    checkOut(out);
+    const minK = o.sharedExpert ? 2 : 1;
+    if (o.topK < minK || o.topK > o.experts)
+      throw new UsageError(`upcycle: --top-k ${o.topK} is out of range: expected ${minK} to --experts ${o.experts}${o.sharedExpert ? ' (the shared expert counts as one of the K)' : ''}`);
     checkTokenizerFolder(src); // copied into the output: a bad tokenizer file fails here, naming the file
     const p = fileProgress('upcycle');
     const t0 = Date.now();
@@ -289,7 +319,8 @@ program
   .option('--merge', 'start merge learning from an MoE checkpoint (mixing coefficients α = 0, experts frozen)')
   .option('--shared-rate <λ>', "shared expert rate of merge learning ('none': soup over all experts)", rate, 0.75)
   .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
-  .option('--seq-len <n>', 'tokens per sequence', int(2), 1024)
+  .option('--seq-len <n>', 'tokens per sequence (default: 1024, or max_position_embeddings when smaller)', int(2))
+  .option('--allow-long', "allow a --seq-len above the model's max_position_embeddings (a warning instead of exit 2)")
   .option('--pack', 'pack examples into full sequences (default: one example per sequence, padded)')
   .option('--batch-size <n>', 'sequences per optimizer step', int(1), 64)
   .option('--micro-batch <n>', 'sequences per forward pass (gradient accumulation up to --batch-size; default min(8, batch))', int(1))
@@ -321,6 +352,7 @@ interface TrainCliOptions extends DataOptions {
 
 async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
   const resumeDir = `${cli.out.replace(/[/\\]+$/, '')}.resume`;
+  checkOut(cli.out);
   // claim <out> and <out>.resume for the whole run: a second run with this --out fails now, not after training
   const claims: FolderLock[] = [];
   try {
@@ -346,11 +378,13 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const info = readCheckpointInfo(modelDir);
   if (o.merge && info.kind !== 'moe') throw new XftError(`--merge starts merge learning from an MoE checkpoint; ${modelDir} is a ${info.kind} checkpoint`, 'XFT_VALUE');
   const device = deviceOf(o.device);
+  const seqLen = seqLenFor(o, info.config, modelDir);
+  o = { ...o, seqLen };
   const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size, true);
   const samples = await loadData(o.data, tok);
   const parts = o.heldOut > 0 ? split(samples, o.heldOut, o.seed) : { train: samples, eval: [] };
   if (parts.train.length === 0) throw new XftError(`${o.data}: no training examples left after holding out ${o.heldOut}`, 'XFT_VALUE');
-  const rows = rowsOf(parts.train, o, tok), evalRows = rowsOf(parts.eval, o, tok);
+  const rows = rowsOf(parts.train, { ...o, seqLen }, tok), evalRows = rowsOf(parts.eval, { ...o, seqLen }, tok);
   if (o.evalEvery && evalRows.length === 0) throw new UsageError('train: --eval-every needs held-out examples (--held-out)');
   const batch = Math.min(o.batchSize, rows.length);
   const micro = o.microBatch ?? Math.min(8, batch);
@@ -450,6 +484,7 @@ program
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
   .action((src: string, out: string, o: { sharedRate?: number | null; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+    checkOut(out);
     checkTokenizerFolder(src);
     const p = fileProgress('merge');
     const t0 = Date.now();
@@ -469,7 +504,8 @@ program
   .argument('<model>', 'checkpoint folder')
   .requiredOption('--data <file>', 'JSONL instruction data')
   .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
-  .option('--seq-len <n>', 'tokens per sequence', int(2), 1024)
+  .option('--seq-len <n>', 'tokens per sequence (default: 1024, or max_position_embeddings when smaller)', int(2))
+  .option('--allow-long', "allow a --seq-len above the model's max_position_embeddings (a warning instead of exit 2)")
   .option('--pack', 'pack examples into full sequences')
   .option('--batch-size <n>', 'sequences per forward pass', int(1), 8)
   .addOption(deviceOption())
@@ -477,9 +513,10 @@ program
   .option('--json', 'print JSON')
   .action(async (modelDir: string, o: DataOptions & { batchSize: number; device?: string; precision?: string; json?: boolean }) => {
     const info = readCheckpointInfo(modelDir);
-    const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
-    const rows = rowsOf(await loadData(o.data, tok, o.json), o, tok);
+    const seqLen = seqLenFor(o, info.config, modelDir);
     const device = deviceOf(o.device);
+    const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size);
+    const rows = rowsOf(await loadData(o.data, tok, o.json), { ...o, seqLen }, tok);
     const model = loadModel(modelDir, { device, dtype: precisionOf(o.precision, device) });
     const b = bar(' eval |{bar}| {value}/{total} sequences | {tps} tok/s | ETA {eta_formatted}');
     if (!o.json) b.start(rows.length, 0, { tps: '-' });
@@ -537,6 +574,8 @@ program
   .option('--scale <x>', 'scale of the training budgets (1 = about 2 minutes on 2 CPU cores)', num(1e-3), 1)
   .option('--seed <n>', 'seed', int(0), 0)
   .action((opts: { out: string; device?: string; scale: number; seed: number }) => {
+    checkOut(opts.out);
+    deviceOf(opts.device);
     const bars = new MultiBar({ format: ' {stage} |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | ETA {eta_formatted}', hideCursor: true, clearOnComplete: false, noTTYOutput: true, notTTYSchedule: 10000 }, Presets.shades_classic);
     const open = new Map<string, SingleBar>();
     const r = runDemo({
@@ -553,7 +592,7 @@ program
     });
     bars.stop();
     console.log('\n' + markdownTable(r));
-    console.log(`wrote ${opts.out}/results.md, results.json, loss.svg, loss.png`);
+    console.log(`wrote ${r.files.map((f) => path.join(opts.out, f)).join(', ')}`);
   });
 
 /** The exit code for an error. */
@@ -573,11 +612,20 @@ function sourceNonFinite<T>(src: string, out: string, run: () => T): T {
   }
 }
 
+/**
+ * A library message in the CLI's words: without the internal prefix naming a method or function
+ * (`Tensor.empty: `, `upcycleCheckpoint: `) and with API option names as the flags that set them.
+ */
+export function cliMessage(message: string): string {
+  return message.replace(/^(?:[A-Z]\w*\.\w+|[a-z]+[A-Z]\w*): /, '').replace(/\bpass overwrite: true\b/g, 'pass --overwrite');
+}
+
 export function exitCodeOf(err: unknown): number {
   if (err instanceof CommanderError) return err.exitCode === 0 ? EXIT.ok : EXIT.usage;
   if (err instanceof UsageError) return EXIT.usage;
   const code = (err as { code?: string }).code;
-  if (code === 'XFT_FORMAT' || code === 'XFT_SHAPE' || code === 'XFT_DTYPE' || code === 'XFT_VALUE' || code === 'XFT_TYPE' || code === 'XFT_DEVICE') return EXIT.input;
+  // XFT_DEVICE (a CUDA device that is not available, tensors on two devices) is a runtime failure, as XFT_CUDA
+  if (code === 'XFT_FORMAT' || code === 'XFT_SHAPE' || code === 'XFT_DTYPE' || code === 'XFT_VALUE' || code === 'XFT_TYPE') return EXIT.input;
   return EXIT.failure;
 }
 
@@ -591,7 +639,7 @@ async function main(): Promise<void> {
       process.exitCode = exitCodeOf(err);
       return;
     }
-    console.error(`xft: ${(err as Error).message}`);
+    console.error(`xft: ${cliMessage((err as Error).message)}`);
     process.exitCode = exitCodeOf(err);
   }
 }

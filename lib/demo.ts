@@ -6,7 +6,8 @@
  *   3. with equal training budgets: SFT of the dense model (5 epochs) versus XFT: upcycle ->
  *      MoE fine-tune (4 epochs) -> learned merge (1 epoch) -> dense
  *   4. a table of held-out loss and token accuracy (SFT, MoE, XFT with the initial coefficients,
- *      XFT learned) as markdown and JSON, and the loss curves as SVG and PNG
+ *      XFT learned) as markdown and JSON, and the loss curves as SVG (and PNG when the optional
+ *      renderer @resvg/resvg-js is installed)
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -156,6 +157,8 @@ export interface DemoResult {
   data: { language: string; source: string; train: number; heldOut: number; pretrainTokens: number };
   device: string;
   seconds: number;
+  /** the files written to `out` (loss.png only when @resvg/resvg-js is installed) */
+  files: string[];
 }
 
 export function runDemo(options: DemoOptions): DemoResult {
@@ -219,8 +222,11 @@ export function runDemo(options: DemoOptions): DemoResult {
     rows, curves, device: device === 'cuda' ? `${backend().name}` : 'CPU',
     data: { language: data.language, source: data.source, train: trainRows.length, heldOut: evalRows.length, pretrainTokens: ids.length },
     seconds: (Date.now() - t0) / 1000,
+    files: ['results.md', 'results.json', 'loss.svg', ...(pngRenderer() ? ['loss.png'] : [])],
   };
   writeOutputs(options.out, result);
+  if (!result.files.includes('loss.png'))
+    log(`loss.png not written: the PNG renderer is an optional dependency (npm install @resvg/resvg-js); loss.svg holds the same curves`);
   return result;
 }
 
@@ -281,7 +287,17 @@ function writeOutputs(out: string, r: DemoResult): void {
   writeFileAtomic(path.join(out, 'results.json'), JSON.stringify(r, null, 2));
   const svg = lossSvg({ 'SFT (dense)': r.curves.sft, 'XFT (MoE, then merge)': r.curves.xft });
   writeFileAtomic(path.join(out, 'loss.svg'), svg);
-  // eslint-disable-next-line @typescript-eslint/no-require-imports
-  const { Resvg } = require('@resvg/resvg-js') as typeof import('@resvg/resvg-js');
-  writeFileAtomic(path.join(out, 'loss.png'), new Resvg(svg, { background: 'white', font: { loadSystemFonts: true } }).render().asPng());
+  const png = pngRenderer();
+  if (png) writeFileAtomic(path.join(out, 'loss.png'), new png.Resvg(svg, { background: 'white', font: { loadSystemFonts: true } }).render().asPng());
+}
+
+/** The PNG renderer, an optional peer dependency (4 MB of native code): null when it is not installed. */
+function pngRenderer(): typeof import('@resvg/resvg-js') | null {
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require('@resvg/resvg-js') as typeof import('@resvg/resvg-js');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'MODULE_NOT_FOUND') return null;
+    throw err;
+  }
 }

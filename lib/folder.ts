@@ -110,12 +110,30 @@ export function temporaryName(target: string): string {
   return tempName(target);
 }
 
+/**
+ * Throws XFT_IO at once unless `dir` could be written: its temporary folder and lock file go beside
+ * it, so a probe folder is created (and removed) in the nearest existing folder above it. For callers
+ * that would otherwise work for a long time before writing (`xft train`, `xft demo`).
+ */
+export function checkWritable(dir: string): void {
+  const target = path.resolve(dir);
+  if (fs.existsSync(target) && !fs.statSync(target).isDirectory()) throw new XftError(`${dir} exists and is not a folder`, 'XFT_IO');
+  let parent = path.dirname(target);
+  while (!fs.existsSync(parent) && path.dirname(parent) !== parent) parent = path.dirname(parent);
+  if (!fs.statSync(parent).isDirectory()) throw new XftError(`${dir} cannot be written: ${parent} is not a folder`, 'XFT_IO');
+  try {
+    fs.rmdirSync(fs.mkdtempSync(path.join(parent, '.xft-probe-')));
+  } catch (err) {
+    throw new XftError(`${dir} cannot be written: creating a folder in ${parent} fails (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, 'XFT_IO');
+  }
+}
+
 /** An output folder must not exist, or be empty, unless `overwrite` (XFT_IO otherwise). */
 export function checkOutputFolder(dir: string, overwrite?: boolean): void {
   recoverFolder(dir);
   if (fs.existsSync(dir) && !overwrite) {
     if (!fs.statSync(dir).isDirectory()) throw new XftError(`${dir} exists and is not a folder`, 'XFT_IO');
-    if (fs.readdirSync(dir).length > 0) throw new XftError(`${dir} exists and is not empty (pass overwrite / --overwrite to replace it)`, 'XFT_IO');
+    if (fs.readdirSync(dir).length > 0) throw new XftError(`${dir} exists and is not empty (pass overwrite: true to replace it)`, 'XFT_IO');
   }
 }
 

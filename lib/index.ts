@@ -7,15 +7,17 @@ export {
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
-// the argument checkers lib/ops.ts shares with the other op files are not ops
-// eslint-disable-next-line @typescript-eslint/no-unused-vars
-const { expectTensor, sameDevice, expectInt, expectBool, describe, ...xftOnly } = xftOps;
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOnly, ...layerOps, ...trainOps };
+export const ops = { ...xftOps, ...layerOps, ...trainOps };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
+export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
+export type {
+  AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, AdamWOptions, PermutationOptions, LoadEstimateOptions,
+} from './ops_train';
+export type { NativeBackend, NativeMemoryStats, NativeStorage } from './native';
 export * from './checkpoint';
-export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
-export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
+export { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
+export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type Context } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type RouterInitKind, type MergeableOptions, type InitOptions } from './xft';
 export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
 export {
@@ -27,5 +29,8 @@ export {
   planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions, type PlanSource, type MemoryPlan, type MemoryBreakdown, type PlanStage, type PlanOptimizer, type PlanPrecision,
 } from './plan';
 export { generate, pickToken, type GenerateOptions, type GenerateResult } from './generate';
-export { SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader } from './safetensors';
+export {
+  SafetensorsReader, writeSafetensors, writeShards, writeFolderAtomic, writeFileAtomic, readHeader,
+  type TensorInfo, type WriteEntry, type WriteOptions, type FileDType,
+} from './safetensors';
 export { lockFolder, recoverFolder, type FolderLock } from './folder';

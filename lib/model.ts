@@ -20,6 +20,7 @@
 import { XftError, invalidArgument } from './errors';
 import { Tensor, type Device, disposeAll } from './tensor';
 import { expectInt, expectNumber, expectOptions, expectRequiredOptions, expectBool, expectSeed } from './validate';
+import { expectTensor } from './ops_check';
 import * as xops from './ops';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
@@ -691,8 +692,8 @@ function checkBatch(op: string, m: Model, ids: unknown, targets: unknown, batch:
   expectModel(op, 'this', m);
   const B = expectInt(op, 'batch', batch, 1, 2147483647), T = expectInt(op, 'seqLen', seqLen, 1, 2147483647);
   const like = { dtype: ['i32'] as const, shape: [B * T], shapeName: `[B*T] = [${B * T}]` };
-  const named: Record<string, Tensor> = { ids: xops.expectTensor(op, 'ids', ids, { ...like, dtype: ['i32'] }) };
-  if (targets !== null) named.targets = xops.expectTensor(op, 'targets', targets, { ...like, dtype: ['i32'] });
+  const named: Record<string, Tensor> = { ids: expectTensor(op, 'ids', ids, { ...like, dtype: ['i32'] }) };
+  if (targets !== null) named.targets = expectTensor(op, 'targets', targets, { ...like, dtype: ['i32'] });
   for (const [name, t] of Object.entries(named))
     if (t.device !== m.device) throw new XftError(`${op}: ${name} is on ${t.device} but the model is on ${m.device}`, 'XFT_DEVICE');
 }

@@ -94,16 +94,20 @@ export function packageRoot(): string {
 
 function load(): NativeAddon {
   const root = packageRoot();
+  // XFT_ADDON_PATH loads a specific build (e.g. a second build folder while developing)
+  const explicit = process.env.XFT_ADDON_PATH;
   let addon: NativeAddon;
   try {
-    // XFT_ADDON_PATH loads a specific build (e.g. a second build folder while developing)
-    const explicit = process.env.XFT_ADDON_PATH;
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     addon = (explicit ? require(path.resolve(explicit)) : require('node-gyp-build')(root)) as NativeAddon;
   } catch (err) {
+    const reason = String((err as Error).message ?? err).split('\n')[0].trim();
+    if (explicit) throw new XftError(`the xft native addon XFT_ADDON_PATH=${explicit} could not be loaded: ${reason}`, 'XFT_NATIVE');
     throw new XftError(
-      `the xft native addon could not be loaded from ${root} (${(err as Error).message}). ` +
-        `Build it with \`npm run build:native\` (needs cmake and a C++ compiler; nvcc for the CUDA backend).`,
+      `the xft native addon could not be loaded from ${root}: ${reason}. ` +
+        `Reinstall it with \`npm rebuild xft\`: it uses the prebuilt binary for this machine (linux-x64, linux-arm64) ` +
+        `or compiles one (cmake and a C++17 compiler; nvcc only for the CUDA backend), and its output says what failed; ` +
+        `\`npm rebuild xft --build-from-source\` always compiles (in a checkout of xft itself: \`npm run build\`).`,
       'XFT_NATIVE',
     );
   }

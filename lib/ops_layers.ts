@@ -10,7 +10,8 @@
  */
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
-import { FLOAT, expectInt, expectTensor, sameDevice } from './ops';
+import { FLOAT, expectTensor, sameDevice } from './ops_check';
+import { expectInt } from './validate';
 import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
 import { expectArray, expectFinite, expectOptions, expectPositive } from './validate';
 

@@ -7,7 +7,8 @@
  */
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
-import { FLOAT, expectBool, expectInt, expectTensor, sameDevice } from './ops';
+import { FLOAT, expectTensor, sameDevice } from './ops_check';
+import { expectBool, expectInt } from './validate';
 import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
 import { expectNumber, expectRequiredOptions as expectOptions } from './validate';
 

@@ -3,7 +3,7 @@
  * XftError whose message reads "<op>: expected <what> for <name> but received <value>" (sharp's
  * invalidParameterError) and whose code says what kind of mistake it is (XFT_TYPE for the wrong kind
  * of value, XFT_VALUE for a value out of range). Entry points check all their arguments with these
- * before they allocate anything. Tensor arguments are checked by `expectTensor` in lib/ops.ts.
+ * before they allocate anything. Tensor arguments are checked by `expectTensor` in lib/ops_check.ts.
  */
 import { XftError, invalidArgument } from './errors';
 

@@ -46,7 +46,7 @@ t.test('this machine has code to learn from', async (t) => {
 
 t.test('table and chart', async (t) => {
   const r = { rows: [{ model: 'SFT', parameters: 1234, loss: 2.5, accuracy: 0.4 }], curves: { sft: [3, 2.5, 2], xft: [3, 2.4] },
-    data: { language: 'Python', source: '/x', train: 10, heldOut: 5, pretrainTokens: 100 }, device: 'CPU', seconds: 1 };
+    data: { language: 'Python', source: '/x', train: 10, heldOut: 5, pretrainTokens: 100 }, device: 'CPU', seconds: 1, files: [] };
   const md = markdownTable(r);
   t.match(md, /\| SFT \| 1,234 \| 2\.5000 \| 40\.00% \|/);
   const svg = lossSvg(r.curves);

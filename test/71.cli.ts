@@ -92,7 +92,7 @@ t.test('exit codes: 2 usage, 3 unusable input, 1 runtime failure', async (t) => 
     [['train', 'dense', '--data', 'data.jsonl', '--out', 'x', '--eval-every', '5'], 2, /--eval-every needs held-out/],
     [['train', 'dense', '--out', 'x', '--resume'], 1, /x\.resume: no trainer_state\.json/],
     [['merge', 'moe', 'x', '--shared-rate', '2'], 2, /--shared-rate/],
-    [['upcycle', 'dense', 'x', '--experts', '4', '--top-k', '5'], 3, /num_selects/],
+    [['upcycle', 'dense', 'x', '--experts', '4', '--top-k', '5'], 2, /--top-k 5 is out of range: expected 2 to --experts 4/],
     [['merge', 'dense', 'x'], 3, /dense checkpoint/],
     [['train', 'dense', '--data', 'data.jsonl', '--seq-len', '16', '--out', 'x'], 3, /no sequence keeps a response token/],
     [['eval', 'no-such-folder', '--data', 'data.jsonl'], 1, /no such folder/],
