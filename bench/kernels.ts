@@ -15,6 +15,9 @@ import { Tensor, backend, ops, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
 import { printTable } from './table';
 
+/** the PyTorch side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
+const PYTHON = process.env.XFT_PYTHON ?? 'python3';
+
 const USAGE = `Usage: node dist/bench/kernels.js [--shape xft-1.3b|small|tiny] [--out file.json] [--no-torch] [--help]
   --shape     one shape (default: xft-1.3b and small on the GPU, tiny on the CPU)
   --out       the JSON results (default bench/out/kernels.json)
@@ -59,10 +62,10 @@ function torchTimes(s: Shape, device: Device): TorchResult {
   const a = s.attn;
   const args = [script, '--device', device, '--attention', `${a.B},${a.seq},${a.H},${a.Hkv},${a.hd}`];
   if (device === 'cuda') args.push('--tokens', `${s.T}`, '--hidden', `${s.d}`, '--ffn', `${s.f}`, '--experts', `${s.E}`, '--topk', `${s.K}`);
-  const r = spawnSync('python3', args, { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const r = spawnSync(PYTHON, args, { encoding: 'utf8', maxBuffer: 1 << 24 });
   const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
   if (r.status !== 0 || !last.startsWith('{'))
-    throw new Error(`the PyTorch reference (python3 ${args.join(' ')}) failed with ${r.error?.message ?? `exit status ${r.status}`}:\n` +
+    throw new Error(`the PyTorch reference (${PYTHON} ${args.join(' ')}) failed with ${r.error?.message ?? `exit status ${r.status}`}:\n` +
       `${(r.stderr || '').slice(-1500)}\n(run with --no-torch to measure XFT alone)`);
   return JSON.parse(last) as TorchResult;
 }

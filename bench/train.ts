@@ -16,6 +16,9 @@ import * as path from 'node:path';
 import { backend, memoryStats, resetPeakMemory, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
 import { printTable } from './table';
+
+/** the PyTorch side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
+const PYTHON = process.env.XFT_PYTHON ?? 'python3';
 import { llamaConfig, type LlamaConfig } from '../lib/config';
 import { createDense, upcycle, mergeable, countParameters } from '../lib/xft';
 import { Trainer, disposeState } from '../lib/train';
@@ -98,10 +101,10 @@ function torchTimes(s: Size, dtype: string, steps: number): Record<Kind, TorchMo
   const args = [script, '--hidden', `${c.hidden_size}`, '--ffn', `${c.intermediate_size}`, '--layers', `${c.num_hidden_layers}`,
     '--heads', `${c.num_attention_heads}`, '--kv-heads', `${c.num_key_value_heads}`, '--vocab', `${c.vocab_size}`, '--batch', `${s.batch}`,
     '--seq', `${s.seqLen}`, '--dtype', dtype, '--steps', `${steps}`];
-  const r = spawnSync('python3', args, { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const r = spawnSync(PYTHON, args, { encoding: 'utf8', maxBuffer: 1 << 24 });
   const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
   const fail = (why: string) =>
-    new Error(`the PyTorch reference (python3 ${args.join(' ')}) failed: ${why}\n${(r.stderr || '').slice(-1500)}\n(run with --no-torch to measure XFT alone)`);
+    new Error(`the PyTorch reference (${PYTHON} ${args.join(' ')}) failed: ${why}\n${(r.stderr || '').slice(-1500)}\n(run with --no-torch to measure XFT alone)`);
   if (r.status !== 0 || !last.startsWith('{')) throw fail(r.error?.message ?? `exit status ${r.status}`);
   const j = JSON.parse(last) as Record<string, TorchModel | string>;
   for (const kind of KINDS) if (typeof j[kind] !== 'object') throw fail(`${kind}: ${String(j[kind])}`);

@@ -1,10 +1,10 @@
 /*
-Causal multi-head self-attention with grouped-query heads (GQA), flash-attention style: the T x T
-score matrix is never stored, only lse per query row.
+Causal multi-head self-attention with grouped-query heads (GQA/MQA), FlashAttention-2 style: the
+T x T score matrix is never stored, only lse per query row. CPU twin: binding/cpu/attention.cc.
 
 Layout: q, out, dout, dq [B*T, H*hd]; k, v, dk, dv [B*T, Hkv*hd]: row b*T + t, head h in columns
 h*hd .. h*hd + hd. Query head h reads kv head h / G, G = H / Hkv. lse f32 [B, H, T]. One dtype
-(f32 or bf16) for the activations; fp32 math (no tensor cores yet: correctness first). 1 <= hd <= 128.
+(f32 or bf16) for the activations. 1 <= hd <= 128.
 Forward, per (b, h, query i), in PyTorch terms:
   s_j = scale * q_i . k_j for j <= i (scale = 1/sqrt(hd)),  lse_i = logsumexp_j s_j,
   P_ij = exp(s_j - lse_i),  out_i = sum_j P_ij v_j
@@ -12,19 +12,56 @@ Backward, with D_i = dout_i . out_i (= sum_j P_ij dout_i . v_j):
   dP_ij = dout_i . v_j,  dS_ij = P_ij (dP_ij - D_i)
   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_{h in group, i >= j} dS_ij q_i,
   dv_j = sum_{h in group, i >= j} P_ij dout_i
-Gradients overwrite; no atomics, so the result is deterministic.
+Gradients overwrite. No atomics anywhere (dQ has its own pass): deterministic, run to run.
 
-Kernels (128 threads = 4 warps; tiles of 32 query rows and 32 keys, one key or query per lane):
-- forward: a block per (query tile, h, b). The Q tile stays in shared memory; K/V tiles stream
-  through it. Each warp owns 8 query rows (rows warp, warp + 4, ...); lane j scores key j of the
-  tile, the warp keeps an online softmax (running max m, lane-partial sums l) and an fp32 output
-  accumulator with dimensions lane + 32c in registers.
-- backward, pass 0: D_i, one warp per (row, head), into scratch from cudaMallocAsync.
-- backward, dk/dv: a block per (key tile, kv head, b); each warp owns 8 keys, accumulates dk, dv in
-  registers over the G query heads of the kv head and all query tiles at or after the key tile,
-  with lane i handling query i of the tile. P is recomputed from lse.
-- backward, dq: a block per (query tile, h, b), shaped like the forward; lane j handles key j.
-Shared-memory rows that lanes read at different rows have an odd stride (hd | 1): no bank conflicts.
+Two implementations, one contract:
+
+1. bf16 tensor cores (flash_* kernels), for bf16 with hd 64 or 128 and 16-byte aligned tensors:
+   mma.sync m16n8k16 (bf16 in, fp32 accumulate) for every product, fragments by ldmatrix (.trans
+   for the P V-like products), 16-byte padded shared rows (conflict-free ldmatrix), cp.async
+   double buffering (tile t + 1 is copied while tile t is used: one barrier per tile), the
+   softmax in fp32 in the log2 domain (exp2f of scale*log2e*s), P and dS rounded to bf16 as mma
+   operands (as FlashAttention-2 does; ~2-4e-3 relative against the fp32 twin). 4 warps, each
+   owning 16 rows of the block's tile, so a warp's softmax needs only quad shuffles.
+   - forward: a block per (64 query rows, h, b), longest rows first; the Q tile goes to registers;
+     64-key K/V tiles 0 .. qt (causal: tiles past the diagonal are never loaded; only the diagonal
+     tile is masked). Online softmax (running max m, partial sums l), O rescaled per tile;
+     lse = m ln2 + ln l is saved for the backward.
+   - backward, pass 0: D_i = dout_i . out_i (attention_backward_dot_kernel, scratch from
+     cudaMallocAsync).
+   - backward dK/dV: a block per (64 keys, kv head, b), K and V resident in shared memory; query
+     tiles (32 rows at hd 128, 64 at hd 64) of every query head of the group, from the key tile
+     on, stream with their lse and D. Keys are the mma rows (S^T = K Q^T), so P^T and dS^T are
+     A operands in registers: dV += P^T dO, dK += dS^T Q.
+   - backward dQ: a block per (64 query rows, h, b), Q and dO resident; K/V tiles (32 keys at
+     hd 128, 64 at hd 64) up to the diagonal: S, dP recomputed, dQ += dS K. The price of
+     determinism: 7 products in the backward instead of FlashAttention-2's 5 (its dQ uses atomics).
+   Shared memory per block (hd 128 / 64): forward 87,040 / 46,080 B, dK/dV 70,144 / 56,320 B, dQ
+   70,144 / 55,808 B: all under the 101,376 B opt-in of sm_86/89, so the same kernels run there.
+   ptxas (nvcc 13.0, -O3), registers sm_80 / sm_90a, no spills: forward 216 / 230 (hd 128),
+   143 / 146 (hd 64); dK/dV 250 / 239, 195 / 198; dQ 176 / 180, 196 / 204.
+   Estimate (not measured) at B 8, T 2048, H 16, hd 128, causal, H100 SXM: one product (QK^T, PV,
+   ...) is 2 B H T^2 hd / 2 = 68.7 GFLOP; forward 2 products (137 GFLOP), FlashAttention's count
+   for the backward 5 (fwd+bwd 481 GFLOP), this backward executes 7 (481 GFLOP alone). Compute
+   bound: HBM ~0.3 GB forward, ~0.6 GB backward (K/V re-reads hit L2). Each ldmatrix.x4 of B
+   fragments (512 B per warp) feeds 2 mma (8 kFLOP): 16 FLOP per shared byte in the forward, a
+   cap near 480 TFLOP/s at 128 B/clk/SM; ~11-16 in the backward. Expect forward 150-250 TFLOP/s
+   (0.55-0.9 ms), backward 100-170 TFLOP/s executed (2.8-4.8 ms): fwd+bwd 85-140 TFLOP/s by the
+   FlashAttention count, 0.35-0.6x PyTorch's FlashAttention-2 SDPA. Knobs if short: 32 rows per
+   warp in the forward (two m16 tiles: half the K/V fragment traffic per FLOP), K/V A fragments
+   kept in registers in dK/dV, dQ by atomics (5 products) as an opt-in non-deterministic mode.
+2. fp32 math on the CUDA cores (attention_* kernels), everything else (f32, other head dims,
+   misaligned views). 128 threads = 4 warps; tiles of 32 query rows and 32 keys, one per lane:
+   - forward: a block per (query tile, h, b). The Q tile stays in shared memory; K/V tiles stream
+     through it. Each warp owns 8 query rows (rows warp, warp + 4, ...); lane j scores key j of
+     the tile, the warp keeps an online softmax (running max m, lane-partial sums l) and an fp32
+     output accumulator with dimensions lane + 32c in registers.
+   - backward dk/dv: a block per (key tile, kv head, b); each warp owns 8 keys, accumulates dk, dv
+     in registers over the G query heads of the kv head and all query tiles at or after the key
+     tile, with lane i handling query i of the tile. P is recomputed from lse.
+   - backward dq: a block per (query tile, h, b), shaped like the forward; lane j handles key j.
+   Shared-memory rows that lanes read at different rows have an odd stride (hd | 1): no bank
+   conflicts.
 */
 #include <cuda_runtime.h>
 #include <stdint.h>
