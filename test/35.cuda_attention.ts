@@ -24,6 +24,8 @@ const cases: Case[] = [
   [1, 64, 2, 1, 128], // exactly one tile
   [2, 65, 8, 2, 128], // G = 4, one row into the second tile
   [1, 100, 4, 1, 128], // multi-query
+  [1, 70, 4, 2, 64], // small multi-tile cases kept by XFT_TEST_FAST: G = 2 at hd 64, MQA G = 4 at hd 128
+  [1, 66, 4, 1, 128],
   [2, 50, 4, 2, 96], // other head dims: the fallback
   [1, 70, 2, 1, 32],
 ];
