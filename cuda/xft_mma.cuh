@@ -14,6 +14,9 @@ So the C fragments of two adjacent n8 tiles are, packed to bf16, the A fragment 
 #include <stdint.h>
 
 #include "xft_math.h"
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#endif
 
 namespace {
 
@@ -48,9 +51,16 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// two fp32 rounded to bf16 (nearest even, as xft_f32_to_bf16) in one register, lo in the low half
+// two fp32 rounded to bf16 (nearest even, as xft_f32_to_bf16) in one register, lo in the low half.
+// On the device one cvt.rn.bf16x2.f32; the emulator (no __CUDA_ARCH__) takes the scalar twin, which
+// agrees for every non-NaN input (a NaN stays a NaN, with another payload).
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__)
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+#else
   return (uint32_t)xft_f32_to_bf16(lo) | ((uint32_t)xft_f32_to_bf16(hi) << 16);
+#endif
 }
 
 }  // namespace
