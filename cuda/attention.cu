@@ -38,8 +38,8 @@ Two implementations, one contract:
      determinism: 7 products in the backward instead of FlashAttention-2's 5 (its dQ uses atomics).
    Shared memory per block (hd 128 / 64): forward 87,040 / 46,080 B, dK/dV 70,144 / 56,320 B, dQ
    70,144 / 55,808 B: all under the 101,376 B opt-in of sm_86/89, so the same kernels run there.
-   ptxas (nvcc 13.0, -O3), registers sm_80 / sm_90a, no spills: forward 216 / 230 (hd 128),
-   143 / 146 (hd 64); dK/dV 250 / 239, 195 / 198; dQ 176 / 180, 196 / 204.
+   ptxas (nvcc 13.0, -O3), registers sm_80 / sm_90a, no spills: forward 212 / 230 (hd 128),
+   144 / 146 (hd 64); dK/dV 249 / 248, 203 / 206; dQ 176 / 180, 196 / 204.
    Estimate (not measured) at B 8, T 2048, H 16, hd 128, causal, H100 SXM: one product (QK^T, PV,
    ...) is 2 B H T^2 hd / 2 = 68.7 GFLOP; forward 2 products (137 GFLOP), FlashAttention's count
    for the backward 5 (fwd+bwd 481 GFLOP), this backward executes 7 (481 GFLOP alone). Compute
