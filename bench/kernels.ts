@@ -1,10 +1,12 @@
 /**
- * bench/kernels: the three XFT kernel families beside their references, measured in one run.
+ * bench/kernels: the XFT kernel families beside their references, measured in one run.
  *   grouped GEMM (forward, dx, dw)  TFLOP/s beside a dense cuBLAS GEMM of equal FLOPs and torch._grouped_mm
  *   routing                         time beside the PyTorch eager reference and the HBM floor
  *   merge forward / backward        time beside the HBM floor and PyTorch
- * The PyTorch side is bench/torch_kernels.py, run on the same GPU by this script.
- * Usage: node dist/bench/kernels.js [--shape xft-1.3b|small|tiny] [--out file.json] [--no-torch]
+ *   attention (causal, fwd, bwd)    TFLOP/s beside F.scaled_dot_product_attention (flash backend on the GPU)
+ * The PyTorch side is bench/torch_kernels.py, run on the same device by this script (on the CPU only
+ * its attention). If it fails, this script stops with its error and exit status 1 (--no-torch runs
+ * without it).
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -13,11 +15,21 @@ import { Tensor, backend, ops, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
 import { printTable } from './table';
 
-interface Shape { name: string; T: number; d: number; f: number; E: number; K: number }
+/** the PyTorch side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
+const PYTHON = process.env.XFT_PYTHON ?? 'python3';
+
+const USAGE = `Usage: node dist/bench/kernels.js [--shape xft-1.3b|small|tiny] [--out file.json] [--no-torch] [--help]
+  --shape     one shape (default: xft-1.3b and small on the GPU, tiny on the CPU)
+  --out       the JSON results (default bench/out/kernels.json)
+  --no-torch  skip the PyTorch references (bench/torch_kernels.py); otherwise a failing reference
+              stops the run with exit status 1`;
+
+/** T tokens of width d, FFN f, E experts top-K; attention over the same tokens as B sequences of `seq`. */
+interface Shape { name: string; T: number; d: number; f: number; E: number; K: number; attn: { B: number; seq: number; H: number; Hkv: number; hd: number } }
 const SHAPES: Shape[] = [
-  { name: 'xft-1.3b', T: 16384, d: 2048, f: 5504, E: 8, K: 6 },
-  { name: 'small', T: 2048, d: 512, f: 1376, E: 8, K: 6 },
-  { name: 'tiny', T: 256, d: 64, f: 176, E: 8, K: 6 },
+  { name: 'xft-1.3b', T: 16384, d: 2048, f: 5504, E: 8, K: 6, attn: { B: 8, seq: 2048, H: 16, Hkv: 16, hd: 128 } },
+  { name: 'small', T: 2048, d: 512, f: 1376, E: 8, K: 6, attn: { B: 4, seq: 512, H: 8, Hkv: 8, hd: 64 } },
+  { name: 'tiny', T: 256, d: 64, f: 176, E: 8, K: 6, attn: { B: 2, seq: 128, H: 4, Hkv: 2, hd: 16 } },
 ];
 
 function arg(name: string): string | undefined {
@@ -42,23 +54,38 @@ function time(fn: () => void, reps: number, warmup = 3): number {
 
 interface Row { op: string; xft_ms: number; xft_rate: string; reference: string; ref_ms: number | null; ratio: string; target?: string }
 
-function torchTimes(s: Shape): Record<string, number | string> | null {
+type TorchResult = Record<string, number | string> & { missing: Record<string, string> };
+
+/** bench/torch_kernels.py's JSON for this shape; throws (with its stderr) when it fails. */
+function torchTimes(s: Shape, device: Device): TorchResult {
   const script = path.join(packageRoot(), 'bench', 'torch_kernels.py');
-  const r = spawnSync('python3', [script, '--tokens', `${s.T}`, '--hidden', `${s.d}`, '--ffn', `${s.f}`, '--experts', `${s.E}`, '--topk', `${s.K}`], { encoding: 'utf8' });
-  if (r.status !== 0) {
-    console.error(`PyTorch reference failed: ${(r.stderr || r.error?.message || '').slice(-500)}`);
-    return null;
-  }
-  return JSON.parse(r.stdout.trim().split('\n').pop()!);
+  const a = s.attn;
+  const args = [script, '--device', device, '--attention', `${a.B},${a.seq},${a.H},${a.Hkv},${a.hd}`];
+  if (device === 'cuda') args.push('--tokens', `${s.T}`, '--hidden', `${s.d}`, '--ffn', `${s.f}`, '--experts', `${s.E}`, '--topk', `${s.K}`);
+  const r = spawnSync(PYTHON, args, { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
+  if (r.status !== 0 || !last.startsWith('{'))
+    throw new Error(`the PyTorch reference (${PYTHON} ${args.join(' ')}) failed with ${r.error?.message ?? `exit status ${r.status}`}:\n` +
+      `${(r.stderr || '').slice(-1500)}\n(run with --no-torch to measure XFT alone)`);
+  return JSON.parse(last) as TorchResult;
 }
 
 function runShape(s: Shape, device: Device, withTorch: boolean) {
   const reps = s.name === 'xft-1.3b' ? 10 : 20;
   const M = s.T * s.K;
-  const torch = withTorch && device === 'cuda' ? torchTimes(s) : null;
-  const ref = (k: string) => (torch && typeof torch[k] === 'number' ? (torch[k] as number) : null);
+  const torch = withTorch ? torchTimes(s, device) : null;
+  // a reference the script ran must be there; one this torch lacks by design is listed in `missing`
+  const ref = (k: string): number | null => {
+    if (!torch || (device !== 'cuda' && !k.startsWith('attention')) || torch.missing?.[k.replace(/_(fwd|dx|dw)$/, '')]) return null;
+    if (typeof torch[k] !== 'number') throw new Error(`the PyTorch reference printed no ${k} (${JSON.stringify(torch).slice(0, 400)})`);
+    return torch[k] as number;
+  };
+  const na = (k: string) => (torch?.missing?.[k] ? `n/a: ${torch.missing[k]}` : '-');
   const rows: Row[] = [];
-  const tflops = (flop: number, ms: number) => `${(flop / (ms * 1e-3) / 1e12).toFixed(1)} TFLOP/s`;
+  const tflops = (flop: number, ms: number) => {
+    const rate = flop / (ms * 1e-3);
+    return rate >= 1e11 ? `${(rate / 1e12).toFixed(1)} TFLOP/s` : `${(rate / 1e9).toFixed(2)} GFLOP/s`;
+  };
   const dtype = device === 'cuda' ? 'bf16' : 'f32';
 
   // routing
@@ -86,7 +113,7 @@ function runShape(s: Shape, device: Device, withTorch: boolean) {
     rows.push({ op: name, xft_ms: ms, xft_rate: tflops(flop, ms), reference: 'cuBLAS dense, equal FLOPs', ref_ms: ref(dense),
       ratio: ref(dense) ? `${((ref(dense)! / ms) * 100).toFixed(0)}% of cuBLAS` : '-', target: '>= 50%' });
     rows.push({ op: name, xft_ms: ms, xft_rate: '', reference: 'torch._grouped_mm', ref_ms: ref(grouped),
-      ratio: ref(grouped) ? `${(ref(grouped)! / ms).toFixed(2)}x` : '-' });
+      ratio: ref(grouped) ? `${(ref(grouped)! / ms).toFixed(2)}x` : na('grouped_mm') });
   }
   for (const v of [x, dy]) v.dispose();
 
@@ -109,18 +136,51 @@ function runShape(s: Shape, device: Device, withTorch: boolean) {
     ratio: ref('merge_bwd') ? `${(ref('merge_bwd')! / (mf + mb)).toFixed(1)}x faster` : '-' });
   for (const v of [...stacks, alpha, ...grads, logits]) v.dispose();
   routing.dispose();
+
+  // causal attention, B sequences of `seq` tokens. FLOPs as FlashAttention counts them: forward
+  // 4 B H seq^2 hd / 2 (QK^T and PV, half of the scores masked), backward 2.5x the forward (five
+  // products; the XFT backward runs seven, its separate dQ pass recomputing S and dP).
+  const at = s.attn;
+  const q = Tensor.randn([at.B * at.seq, at.H * at.hd], { seed: 11, device, dtype });
+  const kv = [12, 13].map((seed) => Tensor.randn([at.B * at.seq, at.Hkv * at.hd], { seed, device, dtype }));
+  const dOut = Tensor.randn([at.B * at.seq, at.H * at.hd], { seed: 14, device, dtype });
+  const opts = { batch: at.B, heads: at.H, kvHeads: at.Hkv };
+  const fwdFlop = (4 * at.B * at.H * at.seq * at.seq * at.hd) / 2;
+  const f = ops.attention(q, kv[0], kv[1], opts);
+  const afwd = time(() => {
+    const r = ops.attention(q, kv[0], kv[1], opts);
+    r.out.dispose();
+    r.lse.dispose();
+  }, reps);
+  const abwd = time(() => {
+    const g = ops.attentionBackward(q, kv[0], kv[1], f.out, f.lse, dOut, opts);
+    for (const x of [g.dq, g.dk, g.dv]) x.dispose();
+  }, reps);
+  const attnRef = torch ? `PyTorch ${torch.attention_reference}` : 'PyTorch SDPA';
+  rows.push({ op: 'attention fwd', xft_ms: afwd, xft_rate: tflops(fwdFlop, afwd), reference: attnRef, ref_ms: ref('attention_fwd'),
+    ratio: ref('attention_fwd') ? `${(ref('attention_fwd')! / afwd).toFixed(2)}x` : '-' });
+  rows.push({ op: 'attention bwd', xft_ms: abwd, xft_rate: tflops(2.5 * fwdFlop, abwd), reference: '', ref_ms: null, ratio: '' });
+  rows.push({ op: 'attention fwd+bwd', xft_ms: afwd + abwd, xft_rate: tflops(3.5 * fwdFlop, afwd + abwd), reference: attnRef,
+    ref_ms: ref('attention_fwdbwd'), ratio: ref('attention_fwdbwd') ? `${(ref('attention_fwdbwd')! / (afwd + abwd)).toFixed(2)}x` : '-',
+    target: at.hd === 128 && at.seq === 2048 ? '>= 0.6x' : undefined });
+  for (const x of [q, ...kv, dOut, f.out, f.lse]) x.dispose();
   return { shape: s, device, dtype, torch, rows };
 }
 
 function main() {
+  if (process.argv.includes('--help') || process.argv.includes('-h')) {
+    console.log(USAGE);
+    return;
+  }
   const b = backend();
   const device: Device = b.kind;
   const only = arg('--shape');
   const shapes = SHAPES.filter((s) => (only ? s.name === only : device === 'cuda' ? s.name !== 'tiny' : s.name === 'tiny'));
+  if (shapes.length === 0) throw new Error(`unknown --shape ${only} (expected ${SHAPES.map((s) => s.name).join(', ')})\n${USAGE}`);
   const results = [];
   for (const s of shapes) {
     const r = runShape(s, device, !process.argv.includes('--no-torch'));
-    printTable(`${s.name}: T=${s.T} d=${s.d} f=${s.f} E=${s.E} K=${s.K} on ${device === 'cuda' ? b.name : 'CPU'} (${r.dtype})`, ['op', 'xft_ms', 'xft_rate', 'reference', 'ref_ms', 'ratio', 'target'], r.rows, (v) => v.toFixed(3));
+    printTable(`${s.name}: T=${s.T} d=${s.d} f=${s.f} E=${s.E} K=${s.K}, attention ${s.attn.B}x${s.attn.seq} H=${s.attn.H} Hkv=${s.attn.Hkv} hd=${s.attn.hd} on ${device === 'cuda' ? b.name : 'CPU'} (${r.dtype})`, ['op', 'xft_ms', 'xft_rate', 'reference', 'ref_ms', 'ratio', 'target'], r.rows, (v) => v.toFixed(3));
     results.push(r);
   }
   const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'kernels.json');
@@ -129,4 +189,9 @@ function main() {
   console.log(`\nwrote ${out}`);
 }
 
-main();
+try {
+  main();
+} catch (err) {
+  console.error(`bench/kernels: ${(err as Error).message}`);
+  process.exitCode = 1;
+}

@@ -7,12 +7,24 @@ Prints one JSON object {name: median milliseconds} for the shape given on the co
   route_eager             the XFT reference gate (softmax, top-k, normalization) + permutation metadata
   merge_fwd, merge_bwd    the mixing-coefficient merge written plainly
   copy_gbps               device-to-device copy bandwidth (for the HBM floors)
+  attention_fwd, attention_fwdbwd   causal attention of --attention B,T,H,Hkv,hd (bf16 [B, H, T, hd]):
+                          F.scaled_dot_product_attention with the flash backend forced (GQA by
+                          enable_gqa, or repeat_interleave inside the timing on an older torch);
+                          attention_reference says which ran
+With --device cpu only the attention runs (f32, whatever SDPA backend torch picks on the CPU; a
+torch without SDPA (before 2.0) runs a plain math reference, labelled so). Any reference that
+fails makes the exit status 1 after the JSON line, with the errors on stderr; a reference this
+torch lacks by design (torch._grouped_mm) is listed under "missing", not an error.
 """
 import argparse
+import contextlib
 import json
 import sys
+import time
+import traceback
 
 import torch
+import torch.nn.functional as F
 
 
 def bench(fn, warmup=5, reps=20):
@@ -30,6 +42,76 @@ def bench(fn, warmup=5, reps=20):
         times.append(a.elapsed_time(b))
     times.sort()
     return times[len(times) // 2]
+
+
+def bench_cpu(fn, warmup=1, reps=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def attention_reference(out, shape, dev):
+    """times causal attention fwd and fwd+bwd of shape (B, T, H, Hkv, hd) into out"""
+    B, T, H, Hkv, hd = shape
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    timer = bench if dev.type == "cuda" else bench_cpu
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, H, T, hd, device=dev, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(B, Hkv, T, hd, device=dev, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(B, Hkv, T, hd, device=dev, dtype=dtype, generator=g).requires_grad_()
+    do = torch.randn(B, H, T, hd, device=dev, dtype=dtype, generator=g)
+    sdpa = getattr(F, "scaled_dot_product_attention", None)
+    backend = contextlib.nullcontext
+    if sdpa is None:
+        mask = torch.ones(T, T, device=dev, dtype=torch.bool).tril()
+
+        def attn(q, k, v):
+            kk, vv = (x.repeat_interleave(H // Hkv, dim=1) for x in (k, v))
+            s = (q @ kk.transpose(-2, -1)) / hd ** 0.5
+            return torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1) @ vv
+
+        out["attention_reference"] = f"math reference (torch {torch.__version__} has no scaled_dot_product_attention)"
+    else:
+        label = "SDPA flash" if dev.type == "cuda" else f"SDPA, torch {torch.__version__}'s CPU backend"
+        if dev.type == "cuda":
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                backend = lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)  # noqa: E731
+            except ImportError:
+                backend = lambda: torch.backends.cuda.sdp_kernel(enable_flash=True, enable_math=False, enable_mem_efficient=False)  # noqa: E731
+        gqa = Hkv != H
+        native_gqa = False
+        if gqa:
+            try:
+                with backend(), torch.no_grad():
+                    sdpa(q[:, :, :1], k[:, :, :1], v[:, :, :1], is_causal=True, enable_gqa=True)
+                native_gqa = True
+            except (TypeError, RuntimeError):
+                label += ", GQA by repeat_interleave (timed)"
+
+        def attn(q, k, v):
+            if gqa and not native_gqa:
+                k, v = (x.repeat_interleave(H // Hkv, dim=1) for x in (k, v))
+            with backend():
+                if native_gqa:
+                    return sdpa(q, k, v, is_causal=True, enable_gqa=True)
+                return sdpa(q, k, v, is_causal=True)
+
+        out["attention_reference"] = label
+
+    def fwd():
+        with torch.no_grad():
+            attn(q, k, v)
+
+    out["attention_fwd"] = timer(fwd)
+    out["attention_fwdbwd"] = timer(lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), do))
 
 
 def route_reference(logits, k, with_permutation=True):
@@ -54,18 +136,48 @@ def route_reference(logits, k, with_permutation=True):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, required=True)
-    p.add_argument("--hidden", type=int, required=True)
-    p.add_argument("--ffn", type=int, required=True)
-    p.add_argument("--experts", type=int, required=True)
-    p.add_argument("--topk", type=int, required=True)
+    p = argparse.ArgumentParser(description="PyTorch references of bench/kernels, timed on the same device; prints one JSON line {name: median ms}.")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: the attention reference only")
+    p.add_argument("--tokens", type=int, help="routed tokens T (GEMM, routing, merge; cuda only)")
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--ffn", type=int)
+    p.add_argument("--experts", type=int)
+    p.add_argument("--topk", type=int)
+    p.add_argument("--attention", type=lambda s: tuple(int(x) for x in s.split(",")), metavar="B,T,H,Hkv,hd",
+                   help="causal attention shape (skipped when absent)")
     a = p.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"torch_kernels.py: torch {torch.__version__} sees no CUDA device (use --device cpu for the CPU reference)")
+    if a.attention is not None and len(a.attention) != 5:
+        p.error("--attention takes B,T,H,Hkv,hd")
     torch.manual_seed(0)
+    out = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "missing": {}}
+    errors = {}
+
+    def run(name, fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - the others still run; the exit status says it failed
+            traceback.print_exc()
+            errors[name] = f"{type(e).__name__}: {str(e)[:300]}"
+
+    if dev.type == "cuda":
+        if None in (a.tokens, a.hidden, a.ffn, a.experts, a.topk):
+            p.error("--tokens, --hidden, --ffn, --experts, --topk are required on cuda")
+        run("gemm_routing_merge", lambda: gemm_routing_merge(out, errors, a, dev))
+    if a.attention is not None:
+        run("attention", lambda: attention_reference(out, a.attention, dev))
+    out["errors"] = errors
+    json.dump(out, sys.stdout)
+    print()
+    if errors:
+        sys.exit("torch_kernels.py: PyTorch reference failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+
+
+def gemm_routing_merge(out, errors, a, dev):
     T, d, f, E, K = a.tokens, a.hidden, a.ffn, a.experts, a.topk
     M = T * K
-    out = {"torch": torch.__version__, "device": torch.cuda.get_device_name()}
     bf = torch.bfloat16
 
     # dense cuBLAS GEMMs with the FLOPs of the grouped gate/up projection: [M, d] x [d, f]
@@ -89,8 +201,11 @@ def main():
             wn = ws  # dx = dy @ w[e]: [M, f] x [f, d]
             out["grouped_mm_dx"] = bench(lambda: torch._grouped_mm(dy, wn, offs=offs))
             out["grouped_mm_dw"] = bench(lambda: torch._grouped_mm(dy.t(), x, offs=offs))
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            out["grouped_mm_error"] = str(e)[:300]
+        except Exception as e:  # noqa: BLE001 - the rest still runs; the exit status says it failed
+            traceback.print_exc()
+            errors["grouped_mm"] = f"{type(e).__name__}: {str(e)[:300]}"
+    else:
+        out["missing"]["grouped_mm"] = f"torch {torch.__version__} has no torch._grouped_mm"
     del x, dy, ws
 
     # routing
@@ -123,8 +238,6 @@ def main():
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     out["copy_gbps"] = 2 * src.numel() / (ms * 1e-3) / 1e9
-    json.dump(out, sys.stdout)
-    print()
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ the same GPU in the same run.
 Precision: --dtype bf16 runs under torch.autocast(bfloat16) with f32 parameters (AMP), f32 runs
 plain f32. Optimizer torch.optim.AdamW. Prints one JSON object
 {dense|moe|merge: {ms, peak_bytes, loss}} with the median step time after two warm-up steps and
-torch.cuda.max_memory_allocated over the run.
+torch.cuda.max_memory_allocated over the run. If any model fails (out of memory included), the
+error goes to stderr and the exit status is 1 (bench/train then stops: no silent "-" columns).
 """
 import argparse
 import json
 import math
+import sys
+import traceback
 
 import torch
 import torch.nn as nn
@@ -172,7 +175,8 @@ class Llama(nn.Module):
             if a is not None:
                 aux = aux + a
         logits = self.head(self.norm(x))
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1)) + aux
+        # targets is ids[:, 1:], a non-contiguous slice: reshape (view would raise for batch > 1)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)) + aux
 
 
 def measure(a, kind):
@@ -206,19 +210,25 @@ def measure(a, kind):
 
 
 def main():
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description="PyTorch eager reference of bench/train: dense, MoE and merge training steps on one GPU; prints one JSON line.")
     for name, default in [("hidden", 512), ("ffn", 1376), ("layers", 4), ("heads", 8), ("kv-heads", 8), ("vocab", 8192), ("batch", 8), ("seq", 512), ("steps", 10)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
     a = p.parse_args()
-    result = {}
+    if not torch.cuda.is_available():
+        sys.exit(f"torch_train.py: torch {torch.__version__} sees no CUDA device (this reference runs on the GPU only)")
+    result, failed = {}, []
     for kind in ["dense", "moe", "merge"]:
         try:
             result[kind] = measure(a, kind)
-        except Exception as e:  # e.g. out of memory: reported per model
+        except Exception as e:  # e.g. out of memory: the other models still run, then the exit status is 1
+            traceback.print_exc()
             result[kind] = f"{type(e).__name__}: {e}"
+            failed.append(kind)
             torch.cuda.empty_cache()
     print(json.dumps(result))
+    if failed:
+        sys.exit(f"torch_train.py: the PyTorch reference failed for {', '.join(failed)}: " + "; ".join(result[k] for k in failed))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
  * SDPA attention, a Python loop over experts as the reference does, torch.optim.AdamW), timed on the
  * same GPU in the same run.
  *
- * Usage: node dist/bench/train.js [--size tiny|small|100m] [--dtype bf16|f32] [--steps N] [--out file.json] [--no-torch]
+ * If the PyTorch side fails (any model, out of memory included), this script stops with its error
+ * and exit status 1 (--no-torch runs without it). It runs on the GPU only.
+ * Usage: see USAGE below (--help).
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -14,11 +16,22 @@ import * as path from 'node:path';
 import { backend, memoryStats, resetPeakMemory, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
 import { printTable } from './table';
+
+/** the PyTorch side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
+const PYTHON = process.env.XFT_PYTHON ?? 'python3';
 import { llamaConfig, type LlamaConfig } from '../lib/config';
 import { createDense, upcycle, mergeable, countParameters } from '../lib/xft';
 import { Trainer, disposeState } from '../lib/train';
 import type { Model } from '../lib/model';
 import { seededRandom, type Sample } from '../lib/data';
+
+const USAGE = `Usage: node dist/bench/train.js [--size tiny|small|100m] [--dtype bf16|f32] [--steps N] [--out file.json] [--no-torch] [--help]
+  --size      one size (default: small and 100m on the GPU, tiny on the CPU)
+  --dtype     bf16 (default on the GPU) or f32 (default on the CPU)
+  --steps     timed steps after two warm-up steps (default 10 on the GPU, 3 on the CPU)
+  --out       the JSON results (default bench/out/train.json)
+  --no-torch  skip the PyTorch eager reference (bench/torch_train.py, GPU only); otherwise a failing
+              reference stops the run with exit status 1`;
 
 interface Size { name: string; config: LlamaConfig; batch: number; seqLen: number }
 const SIZES: Size[] = [
@@ -79,17 +92,23 @@ function measureXft(kind: Kind, s: Size, dtype: 'f32' | 'bf16', device: Device, 
   return out;
 }
 
-function torchTimes(s: Size, dtype: string, steps: number): Record<string, { ms: number; peak_bytes: number; loss: number } | string> | null {
+type TorchModel = { ms: number; peak_bytes: number; loss: number };
+
+/** bench/torch_train.py's measurements for this size; throws (with its stderr) when it fails. */
+function torchTimes(s: Size, dtype: string, steps: number): Record<Kind, TorchModel> {
   const c = s.config;
   const script = path.join(packageRoot(), 'bench', 'torch_train.py');
-  const r = spawnSync('python3', [script, '--hidden', `${c.hidden_size}`, '--ffn', `${c.intermediate_size}`, '--layers', `${c.num_hidden_layers}`,
+  const args = [script, '--hidden', `${c.hidden_size}`, '--ffn', `${c.intermediate_size}`, '--layers', `${c.num_hidden_layers}`,
     '--heads', `${c.num_attention_heads}`, '--kv-heads', `${c.num_key_value_heads}`, '--vocab', `${c.vocab_size}`, '--batch', `${s.batch}`,
-    '--seq', `${s.seqLen}`, '--dtype', dtype, '--steps', `${steps}`], { encoding: 'utf8', maxBuffer: 1 << 24 });
-  if (r.status !== 0) {
-    console.error(`PyTorch reference failed: ${(r.stderr || r.error?.message || '').slice(-800)}`);
-    return null;
-  }
-  return JSON.parse(r.stdout.trim().split('\n').pop()!);
+    '--seq', `${s.seqLen}`, '--dtype', dtype, '--steps', `${steps}`];
+  const r = spawnSync(PYTHON, args, { encoding: 'utf8', maxBuffer: 1 << 24 });
+  const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
+  const fail = (why: string) =>
+    new Error(`the PyTorch reference (${PYTHON} ${args.join(' ')}) failed: ${why}\n${(r.stderr || '').slice(-1500)}\n(run with --no-torch to measure XFT alone)`);
+  if (r.status !== 0 || !last.startsWith('{')) throw fail(r.error?.message ?? `exit status ${r.status}`);
+  const j = JSON.parse(last) as Record<string, TorchModel | string>;
+  for (const kind of KINDS) if (typeof j[kind] !== 'object') throw fail(`${kind}: ${String(j[kind])}`);
+  return j as Record<Kind, TorchModel>;
 }
 
 interface Row { model: string; params: string; xft_ms: number; xft_tok_s: number; torch_ms: number | null; torch_tok_s: number | null; ratio: string; xft_peak_mib: number; torch_peak_mib: number | null; target?: string }
@@ -99,19 +118,24 @@ function count(n: number): string {
 }
 
 function main() {
+  if (process.argv.includes('--help') || process.argv.includes('-h')) {
+    console.log(USAGE);
+    return;
+  }
   const b = backend();
   const device: Device = b.kind;
   const dtype = (arg('--dtype') ?? (device === 'cuda' ? 'bf16' : 'f32')) as 'f32' | 'bf16';
   const steps = Number(arg('--steps') ?? (device === 'cuda' ? 10 : 3));
   const only = arg('--size');
   const sizes = SIZES.filter((s) => (only ? s.name === only : device === 'cuda' ? s.name !== 'tiny' : s.name === 'tiny'));
+  if (sizes.length === 0) throw new Error(`unknown --size ${only} (expected ${SIZES.map((s) => s.name).join(', ')})\n${USAGE}`);
   const results = [];
   for (const s of sizes) {
     const torch = device === 'cuda' && !process.argv.includes('--no-torch') ? torchTimes(s, dtype, steps) : null;
     const rows: Row[] = [];
     for (const kind of KINDS) {
       const x = measureXft(kind, s, dtype, device, steps);
-      const tr = torch && typeof torch[kind] === 'object' ? (torch[kind] as { ms: number; peak_bytes: number; loss: number }) : null;
+      const tr = torch ? torch[kind] : null;
       const tokens = s.batch * s.seqLen;
       rows.push({
         model: kind, params: `${count(x.parameters)} (${count(x.trainable)} trained)`,
@@ -132,4 +156,9 @@ function main() {
   console.log(`\nwrote ${out}`);
 }
 
-main();
+try {
+  main();
+} catch (err) {
+  console.error(`bench/train: ${(err as Error).message}`);
+  process.exitCode = 1;
+}

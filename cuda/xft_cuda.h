@@ -189,7 +189,8 @@ int xft_cuda_sum_squares(const void* const* tensors, const size_t* numel, const 
 // attention (cuda/attention.cu): causal multi-head self-attention with grouped-query heads.
 // q, out [B*T, H*hd]; k, v [B*T, Hkv*hd] (row b*T + t, head h at columns h*hd..); H % Hkv == 0,
 // query head h reads kv head h / (H / Hkv); 1 <= hd <= 128, B, H <= 65535; q, k, v, out, dout, dq, dk, dv share
-// dtype (f32 or bf16), fp32 math. scale = 1/sqrt(hd). lse f32 [B, H, T] = logsumexp_j(scale q_i.k_j).
+// dtype (f32 or bf16). bf16 with hd 64 or 128 and 16-byte aligned tensors: tensor cores (bf16 products, fp32
+// softmax and accumulation); otherwise fp32 math. scale = 1/sqrt(hd). lse f32 [B, H, T] = logsumexp_j(scale q_i.k_j).
 int xft_cuda_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
                                int dtype, int B, int T, int H, int Hkv, int hd);
 // dq [B*T, H*hd], dk, dv [B*T, Hkv*hd] (overwrite; dk/dv sum over the query heads of a kv head),

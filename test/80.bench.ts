@@ -1,5 +1,6 @@
 // The benchmarks run end to end on the CPU (their tiny shapes) and write their JSON: they do not rot
-// between GPU sessions. Speed is not checked here (bench/ prints the figures).
+// between GPU sessions. Speed is not checked here (bench/ prints the figures). A failing PyTorch
+// reference stops a benchmark with exit status 1 (here: a python3 that fails), and --help answers.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -20,3 +21,22 @@ for (const [name, table] of [['kernels', /groupedGemm/], ['train', /dense .*\n.*
     t.ok(Array.isArray(j.results) && j.results.length > 0, `writes ${j.results.length} results`);
     if (name === 'train') t.ok(j.results.every((x: { xft: { ms: number; loss: number } }) => x.xft.ms > 0 && Number.isFinite(x.xft.loss)), 'timings and finite losses');
   });
+
+const bench = (name: string, args: string[], env: NodeJS.ProcessEnv = {}) =>
+  spawnSync(process.execPath, [...process.execArgv, path.join(__dirname, '..', 'bench', `${name}.ts`), ...args],
+    { encoding: 'utf8', env: { ...process.env, XFT_DEVICE: 'cpu', ...env } });
+
+t.test('--help prints the usage (bench/kernels; bench/train shares the code)', async (t) => {
+  const r = bench('kernels', ['--help']);
+  t.equal(r.status, 0, 'exit status 0');
+  t.match(r.stdout, /^Usage: .*--no-torch.*\n[\s\S]*--out/, 'usage');
+});
+
+t.test('bench/kernels fails loudly when the PyTorch reference fails', async (t) => {
+  const bin = fs.mkdtempSync(path.join(tmp, 'bin-'));
+  fs.writeFileSync(path.join(bin, 'python3'), '#!/bin/sh\necho "no torch here" >&2\nexit 3\n', { mode: 0o755 });
+  const r = bench('kernels', ['--out', path.join(tmp, 'failed.json')], { XFT_PYTHON: path.join(bin, 'python3') });
+  t.equal(r.status, 1, 'exit status 1');
+  t.match(r.stderr, /PyTorch reference .*torch_kernels\.py.* failed with exit status 3:\s+no torch here[\s\S]*--no-torch/, 'says which reference failed, its error and the way out');
+  t.notOk(fs.existsSync(path.join(tmp, 'failed.json')), 'writes no results');
+});

@@ -3,10 +3,27 @@
 #   asm("ptx" : outs : ins)                      -> emu_<instruction>(outs..., ins...)
 #   __shared__ T a[n], b[m];                     -> static T a[n], b[m]; EMU_SHARED(a); EMU_SHARED(b);
 #   extern __shared__ T s[];                     -> T* s = (T*)emu_dynamic_smem();
+#   #include "x.cuh" (beside the .cu)            -> its text, recursively (once each)
 # Usage: python3 convert.py in.cu [out.cc]
-import re, sys
+import os, re, sys
 
 src = open(sys.argv[1]).read()
+
+# ---- local .cuh headers (PTX wrappers) are inlined, so that their asm is rewritten too ----
+INCLUDE = re.compile(r'^#include\s+"([\w.]+\.cuh)"\s*$', re.M)
+
+
+def inline_headers(s, here, seen):
+    def one(m):
+        path = os.path.join(here, m.group(1))
+        if path in seen: return ''
+        seen.add(path)
+        body = open(path).read().replace('#pragma once', '')
+        return inline_headers(body, here, seen)
+    return INCLUDE.sub(one, s)
+
+
+src = inline_headers(src, os.path.dirname(os.path.abspath(sys.argv[1])), set())
 
 
 def balanced(s, i, open_='(', close=')'):
