@@ -12,7 +12,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 limit=${STEP_TIMEOUT:-280}
 stages=${*:-test sanitizer demo bench}
-GPU_TESTS="test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts"
+GPU_TESTS="test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/35.cuda_attention.ts test/13.index_safety.ts"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 node dist/lib/cli.js info | tee "$out/info.txt"
 step() {
