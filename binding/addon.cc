@@ -367,6 +367,7 @@ static Napi::Value Backend(const Napi::CallbackInfo& info) {
       Napi::Object c = Napi::Object::New(env);
       c.Set("error", p.error);
       c.Set("errorName", p.error ? xft_cuda_error_name(p.error) : "cudaSuccess");
+      c.Set("errorString", p.error ? xft_cuda_error_string(p.error) : "no error");
       c.Set("deviceCount", p.device_count);
       c.Set("driverVersion", p.driver_version);
       c.Set("runtimeVersion", p.runtime_version);

@@ -17,6 +17,7 @@ import * as path from 'node:path';
 import { MultiBar, Presets, SingleBar } from 'cli-progress';
 import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
+import { cudaVersionString } from './backend_reason';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
 import { lockFolder, type FolderLock } from './folder';
@@ -216,6 +217,8 @@ program
       console.log(`cuda:    driver ${b.driverVersion}, runtime ${b.runtimeVersion}`);
     } else {
       console.log(`device:  CPU (${b.reason})`);
+      if (b.cuda)
+        console.log(`cuda:    driver ${b.cuda.driverRelease || 'version unknown'} (supports CUDA ${cudaVersionString(b.cuda.driverVersion)}), runtime ${cudaVersionString(b.cuda.runtimeVersion)}, ${b.cuda.deviceCount} device(s)`);
     }
   });
 

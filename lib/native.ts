@@ -11,10 +11,31 @@ import { XftError } from './errors';
  * lib/tensor.ts owns each one; ops pass them to the native functions, which look them up. */
 export type NativeStorage = number & { readonly __nativeStorage: never };
 
+/** What a CUDA build found on the host when it did not use the GPU (cuda/xft_cuda.h xft_cuda_probe_result). */
+export interface NativeCudaProbe {
+  /** cudaGetDeviceCount's error (0 none; 35 cudaErrorInsufficientDriver, 100 cudaErrorNoDevice). */
+  error: number;
+  errorName: string;
+  errorString: string;
+  deviceCount: number;
+  /** The newest CUDA the driver supports, e.g. 12040 (0: no driver could be loaded). */
+  driverVersion: number;
+  /** The CUDA runtime this build links, e.g. 13000. */
+  runtimeVersion: number;
+  /** The NVIDIA kernel module's version, e.g. '550.54.15' ('' when unknown). */
+  driverRelease: string;
+  ordinal: number;
+  name?: string;
+  computeCapability?: [number, number];
+}
+
 export interface NativeBackend {
   compiledWithCuda: boolean;
   kind: 'cpu' | 'cuda';
+  /** kind 'cpu': why the GPU is not used. */
   reason?: string;
+  /** kind 'cpu' in a CUDA build: what the host offered (lib/backend_reason.ts words `reason` from it). */
+  cuda?: NativeCudaProbe;
   name?: string;
   ordinal?: number;
   computeCapability?: [number, number];
@@ -23,6 +44,10 @@ export interface NativeBackend {
   freeMemory?: number;
   driverVersion?: number;
   runtimeVersion?: number;
+  /** kind 'cuda': the NVIDIA kernel module's version ('' when unknown). */
+  driverRelease?: string;
+  /** kind 'cuda': cudaDevAttrMaxSharedMemoryPerBlockOptin in bytes (the bf16 GEMMs pick their pipeline from it). */
+  maxSharedMemoryPerBlock?: number;
 }
 
 export interface NativeMemoryStats {
