@@ -2,9 +2,28 @@
  * Why the GPU is not used, in words a user can act on, from what the native probe found (binding/addon.cc,
  * cuda/runtime.cu xft_cuda_probe): a driver older than the CUDA runtime this build links, no driver, no
  * device, a device xft's kernels were not built for (sm_80+). lib/tensor.ts's backend() puts it in
- * `reason`; `xft info` and the "device 'cuda' is not available" errors show it.
+ * `reason`; `xft info` and the "device 'cuda' is not available" errors show it. Also which CUDA flavour of
+ * the addon a driver can run, where more than one is installed (lib/native.ts).
  */
-import type { NativeCudaProbe } from './native';
+import * as fs from 'node:fs';
+
+/** What a CUDA build found on the host when it did not use the GPU (cuda/xft_cuda.h xft_cuda_probe_result). */
+export interface NativeCudaProbe {
+  /** cudaGetDeviceCount's error (0 none; 35 cudaErrorInsufficientDriver, 100 cudaErrorNoDevice). */
+  error: number;
+  errorName: string;
+  errorString: string;
+  deviceCount: number;
+  /** The newest CUDA the driver supports, e.g. 12040 (0: no driver could be loaded). */
+  driverVersion: number;
+  /** The CUDA runtime this build links, e.g. 13000. */
+  runtimeVersion: number;
+  /** The NVIDIA kernel module's version, e.g. '550.54.15' ('' when unknown). */
+  driverRelease: string;
+  ordinal: number;
+  name?: string;
+  computeCapability?: [number, number];
+}
 
 /** The oldest Linux driver each CUDA runtime major version runs on (CUDA minor version compatibility). */
 export const DRIVER_FLOOR: Readonly<Record<number, string>> = { 11: '450.80.02', 12: '525.60.13', 13: '580.65.06' };
@@ -54,4 +73,28 @@ export function cudaUnavailableReason(p: NativeCudaProbe, fallback: string, env:
       `${MIN_COMPUTE_MAJOR}.0 or newer (sm_80: A100, A10, L4, RTX 30 series and later); ${cpu}`
     );
   return fallback;
+}
+
+/** The NVIDIA kernel module's version from /proc/driver/nvidia/version ('' when there is none), as the native probe reads it. */
+export function readDriverRelease(file = '/proc/driver/nvidia/version'): string {
+  let text = '';
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return '';
+  }
+  const line = text.split('\n').find((l) => l.includes('Kernel Module')) ?? '';
+  return line.slice(line.indexOf('Kernel Module') + 13).split(/\s+/).find((w) => /^\d+(\.\d+)+$/.test(w)) ?? '';
+}
+
+/**
+ * Of the CUDA major versions of the addon builds at hand (e.g. [13, 12]), the newest this driver runs
+ * (DRIVER_FLOOR); undefined when the driver is unknown or too old for all of them (the default build
+ * then loads and says why).
+ */
+export function cudaFlavourFor(driverRelease: string, flavours: readonly number[]): number | undefined {
+  const branch = Number(driverRelease.split('.')[0]);
+  if (!driverRelease || !Number.isFinite(branch)) return undefined;
+  const runs = flavours.filter((v) => DRIVER_FLOOR[v] !== undefined && branch >= Number(DRIVER_FLOOR[v].split('.')[0]));
+  return runs.length ? Math.max(...runs) : undefined;
 }

@@ -6,28 +6,11 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { XftError } from './errors';
+import { cudaFlavourFor, readDriverRelease, type NativeCudaProbe } from './backend_reason';
 
 /** A storage handle (binding/addon.cc alloc/free): a number naming a block of native memory.
  * lib/tensor.ts owns each one; ops pass them to the native functions, which look them up. */
 export type NativeStorage = number & { readonly __nativeStorage: never };
-
-/** What a CUDA build found on the host when it did not use the GPU (cuda/xft_cuda.h xft_cuda_probe_result). */
-export interface NativeCudaProbe {
-  /** cudaGetDeviceCount's error (0 none; 35 cudaErrorInsufficientDriver, 100 cudaErrorNoDevice). */
-  error: number;
-  errorName: string;
-  errorString: string;
-  deviceCount: number;
-  /** The newest CUDA the driver supports, e.g. 12040 (0: no driver could be loaded). */
-  driverVersion: number;
-  /** The CUDA runtime this build links, e.g. 13000. */
-  runtimeVersion: number;
-  /** The NVIDIA kernel module's version, e.g. '550.54.15' ('' when unknown). */
-  driverRelease: string;
-  ordinal: number;
-  name?: string;
-  computeCapability?: [number, number];
-}
 
 export interface NativeBackend {
   compiledWithCuda: boolean;
@@ -117,12 +100,36 @@ export function packageRoot(): string {
   }
 }
 
+/** The CUDA major version of the default build (CMakeLists.txt with the toolkit CI and the prebuild use). */
+const DEFAULT_CUDA_MAJOR = 13;
+
+/**
+ * A second CUDA flavour for drivers older than the default build needs: prebuilds/<platform>-<arch>/cuda<N>/xft.node
+ * (e.g. cuda12, built by scripts/build-cuda12.sh, for R525-R570 drivers), taken when the driver's version
+ * (/proc/driver/nvidia/version) runs it and not the default; undefined: the default build.
+ */
+function cudaFlavourAddon(root: string): string | undefined {
+  const dir = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+  let flavours: number[];
+  try {
+    flavours = fs.readdirSync(dir).flatMap((n) => {
+      const m = /^cuda(\d+)$/.exec(n);
+      return m && fs.existsSync(path.join(dir, n, 'xft.node')) ? [Number(m[1])] : [];
+    });
+  } catch {
+    return undefined;
+  }
+  if (flavours.length === 0) return undefined;
+  const pick = cudaFlavourFor(readDriverRelease(), [DEFAULT_CUDA_MAJOR, ...flavours]);
+  return pick !== undefined && pick !== DEFAULT_CUDA_MAJOR ? path.join(dir, `cuda${pick}`, 'xft.node') : undefined;
+}
+
 function load(): NativeAddon {
   const root = packageRoot();
   let addon: NativeAddon;
   try {
     // XFT_ADDON_PATH loads a specific build (e.g. a second build folder while developing)
-    const explicit = process.env.XFT_ADDON_PATH;
+    const explicit = process.env.XFT_ADDON_PATH ?? cudaFlavourAddon(root);
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     addon = (explicit ? require(path.resolve(explicit)) : require('node-gyp-build')(root)) as NativeAddon;
   } catch (err) {

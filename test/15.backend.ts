@@ -9,7 +9,8 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { backend } from '../lib/index';
 import { cudaUnavailableReason, cudaVersionString, DRIVER_FLOOR } from '../lib/backend_reason';
-import type { NativeBackend, NativeCudaProbe } from '../lib/native';
+import type { NativeBackend } from '../lib/native';
+import { cudaFlavourFor, readDriverRelease, type NativeCudaProbe } from '../lib/backend_reason';
 
 const probe = (over: Partial<NativeCudaProbe>): NativeCudaProbe => ({
   error: 0, errorName: 'cudaSuccess', errorString: 'no error', deviceCount: 1, driverVersion: 13000, runtimeVersion: 13000,
@@ -41,6 +42,23 @@ t.test('reason wording from a probe', async (t) => {
   t.match(turing, /^GPU 0 \(Tesla T4\) has compute capability 7\.5; xft's CUDA kernels need 8\.0 or newer/, 'sm_75: says so');
   t.equal(cudaUnavailableReason(probe({}), 'CUDA initialisation failed: out of memory'), 'CUDA initialisation failed: out of memory',
     'a good probe: the native reason stands');
+});
+
+t.test('the CUDA flavour a driver runs', async (t) => {
+  t.equal(cudaFlavourFor('550.54.15', [13, 12]), 12, 'R550: the CUDA 12 build');
+  t.equal(cudaFlavourFor('580.65.06', [13, 12]), 13, 'R580: the CUDA 13 build');
+  t.equal(cudaFlavourFor('525.60.13', [13, 12]), 12);
+  t.equal(cudaFlavourFor('470.256.02', [13, 12]), undefined, 'R470: none (the default build loads and says why)');
+  t.equal(cudaFlavourFor('', [13, 12]), undefined, 'no driver: the default');
+  t.equal(cudaFlavourFor('550.54.15', [13]), undefined, 'no CUDA 12 build at hand');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-proc-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'version');
+  fs.writeFileSync(file, 'NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  (dvs-builder@U16)\nGCC version: gcc 12\n');
+  t.equal(readDriverRelease(file), '570.86.15', 'the open kernel module line');
+  fs.writeFileSync(file, 'NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.183.01  Sun May 12 19:39:15 UTC 2024\n');
+  t.equal(readDriverRelease(file), '535.183.01', 'the proprietary module line');
+  t.equal(readDriverRelease(path.join(dir, 'none')), '', 'no file: unknown');
 });
 
 // The emulated CUDA backend plays the host; other builds cannot, and say so
