@@ -16,7 +16,8 @@
 // memory <= 48 KiB unless cudaFuncSetAttribute raised it, <= the device's opt-in limit, 227 KiB or
 // XFT_EMU_SMEM_OPTIN); shared memory poisoned
 // (0xFF: NaN / -1) at every block's start; cp.async / ldmatrix alignment and shared-window
-// bounds; the stream-ordered pool (double frees, copies outside live allocations). What it
+// bounds; the stream-ordered pool (double frees, copies outside live allocations); host -> device
+// copies from pageable memory land late (a source freed before then is caught). What it
 // cannot: the memory model between barriers. Run with XFT_EMU_ORDER=reverse|random (threads and
 // blocks in that order) and XFT_EMU_CP_ASYNC=eager (copies land at issue, not at wait_group) to
 // shake out missing barriers; with -fsanitize=address (cuda/dev/emu/check.sh) for global memory.
@@ -234,8 +235,9 @@ inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
 inline cudaError_t cudaDriverGetVersion(int* v) { *v = emu_driver_version(); return cudaSuccess; }
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = kEmuRuntimeVersion; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = (cudaStream_t)&g_emu; return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return (cudaError_t)g_emu.pending; }
-inline cudaError_t cudaDeviceSynchronize() { return (cudaError_t)g_emu.pending; }
+inline void emu_land_h2d();
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaDeviceSynchronize() { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
 inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) { *p = (cudaMemPool_t)&g_emu; return cudaSuccess; }
 inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
 inline cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr a, void* v) {
@@ -259,6 +261,7 @@ inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
 }
 inline cudaError_t cudaMalloc(void** p, size_t n) { return cudaMallocAsync(p, n, nullptr); }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+  emu_land_h2d();
   if (!p) return cudaSuccess;
   auto it = g_emu.live.find((const char*)p);
   if (it == g_emu.live.end()) {
@@ -281,17 +284,44 @@ inline bool emu_device_range(const void* p, size_t n, const char* what) {
   emu_fail(cudaErrorInvalidValue, "%s: [%p, +%zu) is not inside a live device allocation", what, p, n);
   return false;
 }
+// Host -> device copies from pageable (not cudaMallocHost) memory land late, at the next stream
+// operation or synchronisation, as the DMA may read them on HMM/ATS systems (GH200): a caller that
+// frees or reuses the source before then copies garbage (and -fsanitize=address reports the read).
+struct EmuPendingCopy {
+  void* dst;
+  const void* src;
+  size_t n;
+};
+inline std::vector<EmuPendingCopy> g_emu_late_h2d;
+inline std::map<const char*, size_t> g_emu_pinned;  // cudaMallocHost blocks: start -> bytes
+inline void emu_land_h2d() {
+  for (const EmuPendingCopy& c : g_emu_late_h2d) memmove(c.dst, c.src, c.n);
+  g_emu_late_h2d.clear();
+}
+inline bool emu_pinned(const void* p, size_t n) {
+  auto it = g_emu_pinned.upper_bound((const char*)p);
+  if (it == g_emu_pinned.begin()) return false;
+  --it;
+  return (const char*)p >= it->first && (const char*)p + n <= it->first + it->second;
+}
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  emu_land_h2d();  // stream order
   if (n == 0) return cudaSuccess;
   const bool dd = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   const bool sd = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
   if ((dd && !emu_device_range(d, n, "cudaMemcpyAsync dst")) || (sd && !emu_device_range(s, n, "cudaMemcpyAsync src")))
     return cudaGetLastError();
-  memmove(d, s, n);
+  if (kind == cudaMemcpyHostToDevice && !emu_pinned(s, n)) g_emu_late_h2d.push_back({d, s, n});
+  else memmove(d, s, n);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k) { return cudaMemcpyAsync(d, s, n, k, nullptr); }
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k) {
+  cudaError_t e = cudaMemcpyAsync(d, s, n, k, nullptr);
+  emu_land_h2d();  // synchronous
+  return e;
+}
 inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
+  emu_land_h2d();
   if (n == 0) return cudaSuccess;
   if (!emu_device_range(d, n, "cudaMemsetAsync")) return cudaGetLastError();
   memset(d, v, n);
@@ -300,15 +330,22 @@ inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
 inline cudaError_t cudaMemset(void* d, int v, size_t n) { return cudaMemsetAsync(d, v, n, nullptr); }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)&g_emu; return cudaSuccess; }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
-// pinned host memory: plain host memory here (copies are synchronous)
+// pinned host memory: host -> device copies from it land at once (at issue)
 inline cudaError_t cudaMallocHost(void** p, size_t n) {
   *p = malloc(n ? n : 1);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  if (!*p) return cudaErrorMemoryAllocation;
+  g_emu_pinned[(const char*)*p] = n;
+  return cudaSuccess;
 }
-inline cudaError_t cudaFreeHost(void* p) { free(p); return cudaSuccess; }
+inline cudaError_t cudaFreeHost(void* p) {
+  emu_land_h2d();
+  g_emu_pinned.erase((const char*)p);
+  free(p);
+  return cudaSuccess;
+}
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return cudaSuccess; }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
   if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
@@ -648,6 +685,7 @@ struct EmuWatchdog {
 };
 
 inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, const char* name, std::function<void()> fn) {
+  emu_land_h2d();
   EmuWatchdog watchdog(name);
   const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
