@@ -218,7 +218,7 @@ program
     } else {
       console.log(`device:  CPU (${b.reason})`);
       if (b.cuda)
-        console.log(`cuda:    driver ${b.cuda.driverRelease || 'version unknown'} (supports CUDA ${cudaVersionString(b.cuda.driverVersion)}), runtime ${cudaVersionString(b.cuda.runtimeVersion)}, ${b.cuda.deviceCount} device(s)`);
+        console.log(`cuda:    ${b.cuda.driverVersion === 0 ? 'no driver' : `driver ${b.cuda.driverRelease || 'version unknown'} (supports CUDA ${cudaVersionString(b.cuda.driverVersion)})`}, runtime ${cudaVersionString(b.cuda.runtimeVersion)}, ${b.cuda.deviceCount} device(s)`);
     }
   });
 
