@@ -35,7 +35,11 @@ int g_cuda_state = 0;
 std::string g_cuda_reason;
 #ifdef XFT_WITH_CUDA
 xft_cuda_device g_cuda_info;
+xft_cuda_probe_result g_cuda_probe;  // what the host offered (backend() passes it on when the GPU is not used)
+bool g_cuda_probed = false;
 #endif
+// the oldest GPU the kernels are built for (sm_80: cp.async, ldmatrix, bf16 mma)
+const int kMinComputeMajor = 8;
 
 bool g_sync_each_op = false;
 bool g_poison = false;  // fill new storages with 0xFF bytes (NaN floats, -1 ints): finds unwritten outputs
@@ -105,15 +109,32 @@ bool CudaAvailable(Napi::Env env) {
     return false;
   }
 #ifdef XFT_WITH_CUDA
-  int count = 0;
-  xft_cuda_device_count(&count);
-  if (count == 0) {
-    g_cuda_reason = "no CUDA device was found (no GPU, or no NVIDIA driver)";
-    return false;
-  }
   int ordinal = 0;
   const char* want = getenv("XFT_CUDA_DEVICE");
   if (want) ordinal = atoi(want);
+  xft_cuda_probe(ordinal, &g_cuda_probe);
+  g_cuda_probed = true;
+  const xft_cuda_probe_result& p = g_cuda_probe;
+  // a short reason here; lib/backend_reason.ts words the full one from the probe
+  if (p.error != 0) {
+    g_cuda_reason = std::string("CUDA is not usable: ") + xft_cuda_error_string(p.error) + " (" +
+                    xft_cuda_error_name(p.error) + ")";
+    return false;
+  }
+  if (p.device_count == 0) {
+    g_cuda_reason = "no CUDA device was found (no GPU, or no NVIDIA driver)";
+    return false;
+  }
+  if (ordinal < 0 || ordinal >= p.device_count) {
+    g_cuda_reason = "XFT_CUDA_DEVICE=" + std::to_string(ordinal) + " names no device (" +
+                    std::to_string(p.device_count) + " found)";
+    return false;
+  }
+  if (p.major < kMinComputeMajor) {
+    g_cuda_reason = std::string(p.name) + " has compute capability " + std::to_string(p.major) + "." +
+                    std::to_string(p.minor) + "; xft's CUDA kernels need 8.0 or newer";
+    return false;
+  }
   int status = xft_cuda_init(ordinal, &g_cuda_info);
   if (status != 0) {
     g_cuda_reason = std::string("CUDA initialisation failed: ") + xft_cuda_error_string(status);
@@ -340,6 +361,28 @@ static Napi::Value Backend(const Napi::CallbackInfo& info) {
   if (!CudaAvailable(env)) {
     out.Set("kind", "cpu");
     out.Set("reason", g_cuda_reason);
+#ifdef XFT_WITH_CUDA
+    if (g_cuda_probed) {
+      const xft_cuda_probe_result& p = g_cuda_probe;
+      Napi::Object c = Napi::Object::New(env);
+      c.Set("error", p.error);
+      c.Set("errorName", p.error ? xft_cuda_error_name(p.error) : "cudaSuccess");
+      c.Set("errorString", p.error ? xft_cuda_error_string(p.error) : "no error");
+      c.Set("deviceCount", p.device_count);
+      c.Set("driverVersion", p.driver_version);
+      c.Set("runtimeVersion", p.runtime_version);
+      c.Set("driverRelease", std::string(p.driver_release));
+      c.Set("ordinal", p.ordinal);
+      if (p.major > 0) {
+        c.Set("name", std::string(p.name));
+        Napi::Array cc = Napi::Array::New(env, 2);
+        cc.Set((uint32_t)0, p.major);
+        cc.Set((uint32_t)1, p.minor);
+        c.Set("computeCapability", cc);
+      }
+      out.Set("cuda", c);
+    }
+#endif
     return out;
   }
 #ifdef XFT_WITH_CUDA
@@ -356,6 +399,8 @@ static Napi::Value Backend(const Napi::CallbackInfo& info) {
   out.Set("freeMemory", (double)g_cuda_info.free_memory);
   out.Set("driverVersion", g_cuda_info.driver_version);
   out.Set("runtimeVersion", g_cuda_info.runtime_version);
+  out.Set("driverRelease", std::string(g_cuda_probe.driver_release));
+  out.Set("maxSharedMemoryPerBlock", g_cuda_probe.max_smem_optin);
 #endif
   return out;
 }

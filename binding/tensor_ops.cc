@@ -27,6 +27,8 @@ Napi::Value Upload(const Napi::CallbackInfo& info) {
   RequireBytes(env, s, offset + n, dtype, op, "storage");
   const void* src = (const char*)ta.ArrayBuffer().Data() + ta.ByteOffset();
   char* dst = (char*)s->data + offset * DtypeSize(dtype);
+  // `staged` (and the JS array) may go as soon as this returns: xft_cuda_memcpy_h2d copies through
+  // pinned staging buffers, so the asynchronous DMA never reads them (cuda/runtime.cu)
   std::vector<uint16_t> staged;
   if (dtype == XFT_BF16) {
     staged.resize(n);

@@ -1,7 +1,10 @@
 /*
 Tensor fills and casts. Random fills are counter based (xft_math.h): element i of a fill with
 seed s is f(s, i), so the result does not depend on the launch shape and matches the CPU twin
-(binding/cpu/fill.cc) bit for bit for uniform values.
+(binding/cpu/fill.cc) bit for bit for uniform values. That promise needs the same rounding as the
+CPU's separate multiply and add: the fills use __fmul_rn/__fadd_rn, which nvcc never contracts into
+an FMA (its default, -fmad=true, would fuse a + (b - a) * u; an FMA's single rounding can move the
+last bit, and floor() of an i32 fill to another integer). cuda/dev/emu/check.sh contract tests it.
   fill_random kind 0: out[i] = a + (b - a) * u(s, i)      u uniform in [0, 1)
               kind 1: out[i] = a + b * n(s, i)            n standard normal (Box-Muller)
               i32 outputs take floor(value)
@@ -28,7 +31,8 @@ __device__ __forceinline__ void store_value(void* out, int dtype, size_t i, floa
 
 __global__ void fill_random_kernel(void* out, int dtype, size_t n, int kind, uint64_t seed, float a, float b) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    float v = kind == 0 ? a + (b - a) * xft_uniform01(seed, i) : a + b * xft_normal(seed, i);
+    const float v = kind == 0 ? __fadd_rn(a, __fmul_rn(b - a, xft_uniform01(seed, i)))
+                              : __fadd_rn(a, __fmul_rn(b, xft_normal(seed, i)));
     store_value(out, dtype, i, dtype == XFT_I32 ? floorf(v) : v);
   }
 }

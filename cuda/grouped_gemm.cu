@@ -35,7 +35,8 @@ Block -> work mapping (no host knowledge of group sizes; offsets stay on the dev
 
 bf16 (tensor cores): block tile 128 x 256 x 32, 8 warps as 2 x 4, warp tile 64 x 64 =
 4 x 8 mma.sync.m16n8k16 (bf16 in, fp32 accumulate), fragments by ldmatrix (.trans for MN-major
-operands), a 4-stage cp.async shared-memory pipeline. Shared rows are padded by 16 bytes, which
+operands), a cp.async shared-memory pipeline of 4 stages, or 3 on GPUs whose opt-in shared memory
+per block is below what 4 need (sm_86, sm_89, sm_120: 101,376 B; chosen per device at run time). Shared rows are padded by 16 bytes, which
 makes every ldmatrix phase conflict free (K-major rows are 80 bytes, MN-major rows 272 or 528).
 The VEC variant (all rows 16-byte aligned: n, k multiples of 8 and aligned pointers) copies
 16-byte chunks with cp.async, zero-filling tails through its src-size operand; otherwise the same
@@ -58,8 +59,8 @@ namespace {
 const int kThreads = 256;  // 8 warps, both paths
 const int kWarp = 32;
 
-// bf16 tensor-core tiles
-const int kBM = 128, kBN = 256, kBK = 32, kStages = 4;
+// bf16 tensor-core tiles; the pipeline depth S (stages) is a template parameter chosen at run time
+const int kBM = 128, kBN = 256, kBK = 32;
 const int kWarpsM = 2, kWarpsN = 4;
 const int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // 64 x 64 outputs per warp
 const int kMT = kWM / 16, kNT = kWN / 8;              // 4 x 8 m16n8 mma tiles per warp
@@ -92,10 +93,14 @@ __host__ __device__ constexpr int tile_elems() {
   return KMAJOR ? R * (kBK + kPad) : kBK * (R + kPad);
 }
 
-template <bool A_KMAJOR, bool B_KMAJOR>
+template <bool A_KMAJOR, bool B_KMAJOR, int S>
 __host__ __device__ constexpr size_t mma_smem_bytes() {
-  return sizeof(uint16_t) * kStages * (size_t)(tile_elems<A_KMAJOR, kBM>() + tile_elems<B_KMAJOR, kBN>());
+  return sizeof(uint16_t) * S * (size_t)(tile_elems<A_KMAJOR, kBM>() + tile_elems<B_KMAJOR, kBN>());
 }
+// 4 stages: 122,880 B (forward), 108,544 B (dx), 102,400 B (dw), which A100/H100-class GPUs allow;
+// 3 stages: 92,160 / 81,408 / 76,800 B, within the 101,376 B of sm_86, sm_89 and sm_120
+static_assert(mma_smem_bytes<true, true, 3>() <= 101376 && mma_smem_bytes<true, false, 3>() <= 101376 &&
+                  mma_smem_bytes<false, false, 3>() <= 101376, "3 stages fit 99 KiB");
 
 const size_t kFSmemBytes = sizeof(float) * 2 * kFBK * kFLd;
 
@@ -227,9 +232,10 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const TileSrc<uint16_t>& 
 }
 
 // acc[mt][nt] = the kBM x kBN tile of A B over the reduction length K, for this warp's 64 x 64 part.
-// Pipeline: tile t is cp.async group t; at iteration t, wait until group t landed, barrier (which
-// also retires the reads of stage t - 1), refill that stage with tile t + kStages - 1, then compute.
-template <bool A_KMAJOR, bool B_KMAJOR, bool VEC>
+// Pipeline of kStages (>= 2) shared buffers: tile t is cp.async group t; at iteration t, wait until
+// group t landed, barrier (which also retires the reads of stage t - 1), refill that stage with tile
+// t + kStages - 1, then compute.
+template <bool A_KMAJOR, bool B_KMAJOR, bool VEC, int kStages>
 __device__ __forceinline__ void mma_mainloop(const TileSrc<uint16_t>& a, const TileSrc<uint16_t>& b, int K,
                                              float (&acc)[kMT][kNT][4], uint16_t* smem) {
   const int kAElems = tile_elems<A_KMAJOR, kBM>(), kBElems = tile_elems<B_KMAJOR, kBN>();
@@ -474,7 +480,7 @@ template <> struct Tiles<XFT_BF16> { static const int BM = kBM, BN = kBN, kMinBl
 
 // forward (B = w K-major: C = y, N = n, K = k) and dx (B = w MN-major: C = dx, N = k, K = n):
 // C[rows of e] = A[rows of e] @ op(B[e]), A [M, K], B [E, N*K], C [M, N].
-template <int DT, bool B_KMAJOR, bool VEC>
+template <int DT, bool B_KMAJOR, bool VEC, int S>
 __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
     grouped_rows_kernel(const void* A, const void* B, const int* __restrict__ offsets, void* C, int M, int N, int K,
                         int E) {
@@ -493,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
     T* Ct = (T*)C + (size_t)row0 * N + n0;
     if constexpr (DT == XFT_BF16) {
       float acc[kMT][kNT][4];
-      mma_mainloop<true, B_KMAJOR, VEC>(a, b, K, acc, (uint16_t*)smem);
+      mma_mainloop<true, B_KMAJOR, VEC, S>(a, b, K, acc, (uint16_t*)smem);
       mma_store<VEC>(Ct, (size_t)N, row1 - row0, N - n0, acc, false);
     } else {
       float acc[4][4];
@@ -505,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
 }
 
 // dw[e] [n, k] (+)= dy[rows of e]^T @ x[rows of e]; block (k tile, n tile, e). F32OUT: bf16 inputs, f32 dw.
-template <int DT, bool VEC, bool F32OUT>
+template <int DT, bool VEC, bool F32OUT, int S>
 __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
     grouped_dw_kernel(const void* dy, const void* x, const int* __restrict__ offsets, void* dw, int M, int n, int k,
                       int accumulate) {
@@ -521,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
   T* Ct = (T*)dw + c0;
   if constexpr (DT == XFT_BF16) {
     float acc[kMT][kNT][4];
-    mma_mainloop<false, false, VEC>(a, b, rows, acc, (uint16_t*)smem);
+    mma_mainloop<false, false, VEC, S>(a, b, rows, acc, (uint16_t*)smem);
     if constexpr (F32OUT) mma_store<VEC>((float*)dw + c0, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
     else mma_store<VEC>(Ct, (size_t)k, n - j0, k - i0, acc, accumulate != 0);
   } else {
@@ -535,36 +541,80 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks)
 
 bool aligned(const void* p, uintptr_t bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
 
-template <int DT, bool B_KMAJOR>
-size_t rows_smem() {
-  return DT == XFT_BF16 ? mma_smem_bytes<true, B_KMAJOR>() : kFSmemBytes;
+// The device's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin), asked once
+// per device: 232,448 B on H100, 166,912 B on A100, 101,376 B on sm_86, sm_89 and sm_120.
+int smem_optin() {
+  static int cached[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int v = 0;
+  if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+  if (dev >= 0 && dev < 64) cached[dev] = v;
+  return v;
 }
 
-template <int DT, bool B_KMAJOR, bool VEC>
-cudaError_t launch_rows(const void* A, const void* B, const int* offsets, void* C, int M, int N, int K, int E) {
-  const size_t smem = rows_smem<DT, B_KMAJOR>();
-  cudaError_t err = cudaFuncSetAttribute(grouped_rows_kernel<DT, B_KMAJOR, VEC>,
+// the deepest bf16 pipeline (4, else 3 stages) whose shared memory fits the device; 0 if none does
+template <bool A_KMAJOR, bool B_KMAJOR>
+int bf16_stages() {
+  const size_t optin = (size_t)smem_optin();
+  return mma_smem_bytes<A_KMAJOR, B_KMAJOR, 4>() <= optin ? 4 : mma_smem_bytes<A_KMAJOR, B_KMAJOR, 3>() <= optin ? 3 : 0;
+}
+
+template <int DT, bool B_KMAJOR, bool VEC, int S>
+cudaError_t launch_rows_staged(const void* A, const void* B, const int* offsets, void* C, int M, int N, int K, int E) {
+  size_t smem = kFSmemBytes;
+  if constexpr (DT == XFT_BF16) smem = mma_smem_bytes<true, B_KMAJOR, S>();
+  cudaError_t err = cudaFuncSetAttribute(grouped_rows_kernel<DT, B_KMAJOR, VEC, S>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const long long slots = CEIL_DIV((long long)M, (long long)Tiles<DT>::BM) + E;  // >= row tiles of any valid split
   dim3 grid((unsigned)CEIL_DIV((long long)N, (long long)Tiles<DT>::BN), (unsigned)(slots < 65535 ? slots : 65535));
-  grouped_rows_kernel<DT, B_KMAJOR, VEC><<<grid, kThreads, smem, xft_cuda_stream()>>>(A, B, offsets, C, M, N, K, E);
+  grouped_rows_kernel<DT, B_KMAJOR, VEC, S><<<grid, kThreads, smem, xft_cuda_stream()>>>(A, B, offsets, C, M, N, K, E);
+  return cudaGetLastError();
+}
+
+template <int DT, bool B_KMAJOR, bool VEC>
+cudaError_t launch_rows(const void* A, const void* B, const int* offsets, void* C, int M, int N, int K, int E) {
+  if constexpr (DT != XFT_BF16) {
+    return launch_rows_staged<DT, B_KMAJOR, VEC, 0>(A, B, offsets, C, M, N, K, E);
+  } else {
+    switch (bf16_stages<true, B_KMAJOR>()) {
+      case 4: return launch_rows_staged<DT, B_KMAJOR, VEC, 4>(A, B, offsets, C, M, N, K, E);
+      case 3: return launch_rows_staged<DT, B_KMAJOR, VEC, 3>(A, B, offsets, C, M, N, K, E);
+      default: return cudaErrorInvalidConfiguration;  // under 92,160 B of shared memory: no sm_80+ GPU
+    }
+  }
+}
+
+template <int DT, bool VEC, bool F32OUT, int S>
+cudaError_t launch_dw_staged(const void* dy, const void* x, const int* offsets, void* dw, int M, int n, int k, int E,
+                             int accumulate) {
+  size_t smem = kFSmemBytes;
+  if constexpr (DT == XFT_BF16) smem = mma_smem_bytes<false, false, S>();
+  cudaError_t err = cudaFuncSetAttribute(grouped_dw_kernel<DT, VEC, F32OUT, S>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  const long long tiles_k = CEIL_DIV((long long)k, (long long)Tiles<DT>::BN);
+  const long long tiles_n = CEIL_DIV((long long)n, (long long)Tiles<DT>::BM);
+  if (tiles_n > 65535 || E > 65535) return cudaErrorInvalidValue;
+  dim3 grid((unsigned)tiles_k, (unsigned)tiles_n, (unsigned)E);
+  grouped_dw_kernel<DT, VEC, F32OUT, S><<<grid, kThreads, smem, xft_cuda_stream()>>>(dy, x, offsets, dw, M, n, k, accumulate);
   return cudaGetLastError();
 }
 
 template <int DT, bool VEC, bool F32OUT = false>
 cudaError_t launch_dw(const void* dy, const void* x, const int* offsets, void* dw, int M, int n, int k, int E,
                       int accumulate) {
-  const size_t smem = DT == XFT_BF16 ? mma_smem_bytes<false, false>() : kFSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(grouped_dw_kernel<DT, VEC, F32OUT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)smem);
-  if (err != cudaSuccess) return err;
-  const long long tiles_k = CEIL_DIV((long long)k, (long long)Tiles<DT>::BN);
-  const long long tiles_n = CEIL_DIV((long long)n, (long long)Tiles<DT>::BM);
-  if (tiles_n > 65535 || E > 65535) return cudaErrorInvalidValue;
-  dim3 grid((unsigned)tiles_k, (unsigned)tiles_n, (unsigned)E);
-  grouped_dw_kernel<DT, VEC, F32OUT><<<grid, kThreads, smem, xft_cuda_stream()>>>(dy, x, offsets, dw, M, n, k, accumulate);
-  return cudaGetLastError();
+  if constexpr (DT != XFT_BF16) {
+    return launch_dw_staged<DT, VEC, F32OUT, 0>(dy, x, offsets, dw, M, n, k, E, accumulate);
+  } else {
+    switch (bf16_stages<false, false>()) {
+      case 4: return launch_dw_staged<DT, VEC, F32OUT, 4>(dy, x, offsets, dw, M, n, k, E, accumulate);
+      case 3: return launch_dw_staged<DT, VEC, F32OUT, 3>(dy, x, offsets, dw, M, n, k, E, accumulate);
+      default: return cudaErrorInvalidConfiguration;
+    }
+  }
 }
 
 bool valid_args(int dtype, int M, int n, int k, int E) {

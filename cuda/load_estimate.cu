@@ -18,7 +18,8 @@ Backward from dload [N]: with u = (clean_i - thr_i)/c_i, phi = N(0,1) density, g
   which flows to clean_j (+1) and to c_j (n_j = xft_normal(seed, t N + j), the forward's noise);
   dz = dc sigmoid(z).
 Layout: clean, z, noisy, dclean, dz [T, N] row-major (f32 or bf16, fp32 math); prob f32 [T, N] is
-the forward's per-token probabilities (scratch for the reduction). One thread per token (N <= 256);
+the forward's per-token probabilities (scratch for the reduction). One thread per token (N <= 256;
+the backward keeps no per-expert array: two passes over the token's experts, no local memory);
 the reduction over tokens is one block per expert in a fixed order (deterministic).
 */
 #include <cuda_runtime.h>
@@ -67,12 +68,12 @@ __global__ void load_estimate_backward_kernel(const void* clean, const void* z, 
   if (t >= T) return;
   const size_t base = (size_t)t * N;
   XftLoadRow c{clean, dtype, base}, zr{z, dtype, base}, v{noisy, dtype, base};
-  float dc[XFT_LOAD_MAX_EXPERTS], dcl[XFT_LOAD_MAX_EXPERTS];
-  xft_load_estimate_token_backward(c, zr, v, dload, N, k, eps, seed, base, dcl, dc);
+  const XftLoadTokenGrad g = xft_load_token_grad(c, zr, v, dload, N, k, eps);
   for (int i = 0; i < N; i++) {
-    const float zi = zr[i];
-    xft_store_value(dclean, dtype, base + i, dcl[i]);
-    xft_store_value(dz, dtype, base + i, dc[i] / (1.f + expf(-zi)));
+    float dcl, dc;
+    xft_load_expert_grad(c, zr, v, dload, i, eps, seed, base, g, &dcl, &dc);
+    xft_store_value(dclean, dtype, base + i, dcl);
+    xft_store_value(dz, dtype, base + i, dc / (1.f + expf(-zr[i])));
   }
 }
 

@@ -9,7 +9,7 @@ CUDA kernels and their CPU twin (binding/cpu/load_estimate.cc) so both compute t
 
 #include "xft_math.h"
 
-#define XFT_LOAD_MAX_EXPERTS 256
+#define XFT_LOAD_MAX_EXPERTS 256  // N <= this (the ranking is O(N^2) per token)
 
 // row `base` of a [T, N] f32 or bf16 tensor, read as fp32 by expert
 struct XftLoadRow {
@@ -53,27 +53,61 @@ XFT_HD void xft_load_estimate_token(const Row& clean, const Row& z, const Row& n
   }
 }
 
-// dclean[i], dc[i] (before the sigmoid of z) of one token from dload [N]; noise index base + i
+// The backward of one token in two passes over its experts, with no per-expert scratch (a
+// per-thread array of N floats would live in local memory on the GPU): xft_load_token_grad sums
+// what flows into the two threshold experts, then xft_load_expert_grad gives each expert's
+// dclean_i and dc_i (before the sigmoid of z). g_i = dload_i phi(u_i) / c_i as in the forward's terms.
+struct XftLoadTokenGrad {
+  int j_out, j_in;      // the experts whose noisy logits are the thresholds
+  float thr_out, thr_in;
+  float g_out, g_in;    // -sum of g_i over the experts measured against thr_out / thr_in
+};
+
+// g_i and u_i of expert i; *in: measured against thr_in
 template <typename Row>
-XFT_HD void xft_load_estimate_token_backward(const Row& clean, const Row& z, const Row& noisy, const float* dload, int N,
-                                             int k, float eps, uint64_t seed, uint64_t base, float* dclean, float* dc) {
-  int j_out, j_in;
-  xft_load_thresholds(noisy, N, k, &j_out, &j_in);
-  const float thr_in = noisy[j_in], thr_out = noisy[j_out];
-  float g_in = 0.f, g_out = 0.f;
+XFT_HD float xft_load_expert_g(const Row& clean, const Row& z, const Row& noisy, const float* dload, int i, float eps,
+                               const XftLoadTokenGrad& t, float* u, bool* in) {
+  const float c = xft_load_softplus(z[i]) + eps;
+  *in = noisy[i] > t.thr_in;
+  *u = (clean[i] - (*in ? t.thr_in : t.thr_out)) / c;
+  return dload[i] * expf(-0.5f * *u * *u) * 0.39894228040143268f / c;
+}
+
+// pass 1
+template <typename Row>
+XFT_HD XftLoadTokenGrad xft_load_token_grad(const Row& clean, const Row& z, const Row& noisy, const float* dload, int N,
+                                            int k, float eps) {
+  XftLoadTokenGrad t;
+  xft_load_thresholds(noisy, N, k, &t.j_out, &t.j_in);
+  t.thr_in = noisy[t.j_in];
+  t.thr_out = noisy[t.j_out];
+  t.g_in = 0.f;
+  t.g_out = 0.f;
   for (int i = 0; i < N; i++) {
-    const float c = xft_load_softplus(z[i]) + eps;
-    const bool in = noisy[i] > thr_in;
-    const float u = (clean[i] - (in ? thr_in : thr_out)) / c;
-    const float g = dload[i] * expf(-0.5f * u * u) * 0.39894228040143268f / c;
-    dclean[i] = g;
-    dc[i] = -g * u;
-    if (in) g_in -= g;
-    else g_out -= g;
+    float u;
+    bool in;
+    const float g = xft_load_expert_g(clean, z, noisy, dload, i, eps, t, &u, &in);
+    if (in) t.g_in -= g;
+    else t.g_out -= g;
   }
-  // the thresholds are noisy logits: noisy_j = clean_j + n_j c_j
-  dclean[j_in] += g_in;
-  dc[j_in] += g_in * xft_normal(seed, base + j_in);
-  dclean[j_out] += g_out;
-  dc[j_out] += g_out * xft_normal(seed, base + j_out);
+  return t;
+}
+
+// pass 2: dclean_i = g_i (+ g_j when i is the threshold expert j, j_in or j_out), dc_i = -g_i u_i
+// (+ g_j n_i, its noise draw n_i = xft_normal(seed, base + i): noisy_i = clean_i + n_i c_i);
+// j_in != j_out since 1 <= k < N
+template <typename Row>
+XFT_HD void xft_load_expert_grad(const Row& clean, const Row& z, const Row& noisy, const float* dload, int i, float eps,
+                                 uint64_t seed, uint64_t base, const XftLoadTokenGrad& t, float* dclean, float* dc) {
+  float u;
+  bool in;
+  const float g = xft_load_expert_g(clean, z, noisy, dload, i, eps, t, &u, &in);
+  float dcl = g, dci = -g * u;
+  if (i == t.j_in || i == t.j_out) {  // one draw site (two would each keep a local-memory frame on the GPU)
+    const float gj = i == t.j_in ? t.g_in : t.g_out;
+    dcl += gj;
+    dci += gj * xft_normal(seed, base + i);
+  }
+  *dclean = dcl;
+  *dc = dci;
 }

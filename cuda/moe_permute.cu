@@ -66,9 +66,10 @@ __device__ float block_sum(float x) {
 
 // position filled with -1 first; duplicates keep the largest i
 __global__ void invert_permutation_kernel(const int* order, int* position, int n) {
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+  // size_t: i + the grid's stride must not wrap for n near 2^31
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (size_t)n; i += (size_t)gridDim.x * blockDim.x) {
     int o = order[i];
-    if (o >= 0 && o < n) atomicMax(position + o, i);
+    if (o >= 0 && o < n) atomicMax(position + o, (int)i);
   }
 }
 

@@ -5,7 +5,8 @@ so that freed blocks stay reserved for reuse: a training step never reaches cuda
 Every op is enqueued on xft_cuda_stream(); only d2h copies and xft_cuda_synchronize wait.
 The index-fault record (xft_cuda.h) rides along with each of those waits: one 16-byte copy.
 The CUDA runtime is linked statically and finds the driver at run time, so a host without a
-driver (or without a GPU) reports 0 devices instead of failing to load the addon.
+driver (or without a GPU, or with a driver older than the runtime) loads the addon and says why
+the GPU cannot be used (xft_cuda_probe) instead of failing to load.
 */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -42,6 +43,71 @@ extern "C" int xft_cuda_take_fault(xft_cuda_fault* out) {
 extern "C" cudaStream_t xft_cuda_stream(void) { return g_stream; }
 
 extern "C" const char* xft_cuda_error_string(int err) { return cudaGetErrorString((cudaError_t)err); }
+
+extern "C" const char* xft_cuda_error_name(int err) { return cudaGetErrorName((cudaError_t)err); }
+
+// The NVIDIA kernel module's version from its /proc file ("... Kernel Module  550.54.15  ..." or
+// "... Open Kernel Module for x86_64  580.65.06  ..."): the first word of digits and dots after
+// "Kernel Module". The emulator points XFT_NVIDIA_VERSION_PATH at a file of its choosing.
+#ifndef XFT_NVIDIA_VERSION_PATH
+#define XFT_NVIDIA_VERSION_PATH "/proc/driver/nvidia/version"
+#endif
+static void read_driver_release(char* out, size_t size) {
+  out[0] = 0;
+  const char* path = XFT_NVIDIA_VERSION_PATH;
+  FILE* f = path ? fopen(path, "r") : nullptr;
+  if (!f) return;
+  char line[512];
+  const char* found = nullptr;
+  while (!found && fgets(line, sizeof line, f)) {
+    const char* p = strstr(line, "Kernel Module");
+    if (!p) continue;
+    for (p += 13; *p && !found;) {
+      while (*p == ' ' || *p == '\t') p++;
+      const char* w = p;
+      bool digits = *w >= '0' && *w <= '9', dot = false;
+      while (*p && *p != ' ' && *p != '\t' && *p != '\n') {
+        if (*p == '.') dot = true;
+        else if (*p < '0' || *p > '9') digits = false;
+        p++;
+      }
+      if (digits && dot && (size_t)(p - w) < size) {
+        memcpy(out, w, p - w);
+        out[p - w] = 0;
+        found = out;
+      }
+    }
+  }
+  fclose(f);
+}
+
+extern "C" int xft_cuda_probe(int ordinal, xft_cuda_probe_result* out) {
+  memset(out, 0, sizeof(*out));
+  out->ordinal = ordinal;
+  cudaRuntimeGetVersion(&out->runtime_version);
+  if (cudaDriverGetVersion(&out->driver_version) != cudaSuccess) out->driver_version = 0;
+  read_driver_release(out->driver_release, sizeof(out->driver_release));
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // not sticky: clear it so that it is not reported by a later call
+    out->error = e;
+    return 0;
+  }
+  out->device_count = n;
+  if (ordinal < 0 || ordinal >= n) return 0;
+  cudaDeviceProp prop;
+  if ((e = cudaGetDeviceProperties(&prop, ordinal)) != cudaSuccess) {
+    cudaGetLastError();
+    out->error = e;
+    return 0;
+  }
+  snprintf(out->name, sizeof(out->name), "%s", prop.name);
+  out->major = prop.major;
+  out->minor = prop.minor;
+  out->max_smem_optin = (int)prop.sharedMemPerBlockOptin;
+  return 0;
+}
 
 extern "C" int xft_cuda_device_count(int* count) {
   int n = 0;
@@ -95,10 +161,45 @@ extern "C" int xft_cuda_malloc(void** ptr, size_t bytes) {
 
 extern "C" int xft_cuda_free(void* ptr) { return cudaFreeAsync(ptr, g_stream); }
 
+// Host -> device copies go through two pinned staging buffers, so that the caller's (pageable)
+// source may be freed or reused as soon as the call returns: the copy from a pinned buffer is truly
+// asynchronous, and nothing needs the source after the memcpy into the buffer. Copying straight
+// from pageable memory is safe only where the driver stages it before returning, which is not so
+// on HMM/ATS systems (GH200), where the DMA may read the source later. A buffer is refilled once the
+// event recorded after its last copy has completed, so large uploads pipeline the host memcpy of
+// one chunk with the DMA of the other. Without pinned memory: one synchronous copy.
+static const size_t kStageBytes = (size_t)8 << 20;
+static char* g_stage[2] = {nullptr, nullptr};
+static cudaEvent_t g_stage_done[2] = {nullptr, nullptr};
+static int g_stage_next = 0;
+
+static cudaError_t stage_init(void) {
+  cudaError_t e = cudaSuccess;
+  for (int i = 0; i < 2 && e == cudaSuccess; i++) {
+    if (!g_stage_done[i]) e = cudaEventCreateWithFlags(&g_stage_done[i], cudaEventDisableTiming);
+    if (e == cudaSuccess && !g_stage[i]) e = cudaMallocHost((void**)&g_stage[i], kStageBytes);
+  }
+  return e;
+}
+
 extern "C" int xft_cuda_memcpy_h2d(void* dst, const void* host_src, size_t bytes) {
-  // from pageable memory this returns once the source has been staged, so the caller may reuse it
   if (bytes == 0) return 0;
-  return cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_stream);
+  if (stage_init() != cudaSuccess) {  // no pinned memory to be had: copy and wait
+    cudaGetLastError();
+    cudaError_t e = cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_stream);
+    return e != cudaSuccess ? e : cudaStreamSynchronize(g_stream);
+  }
+  for (size_t off = 0; off < bytes; off += kStageBytes) {
+    const size_t n = bytes - off < kStageBytes ? bytes - off : kStageBytes;
+    const int i = g_stage_next;
+    g_stage_next ^= 1;
+    cudaError_t e = cudaEventSynchronize(g_stage_done[i]);  // its previous copy has landed
+    if (e != cudaSuccess) return e;
+    memcpy(g_stage[i], (const char*)host_src + off, n);
+    if ((e = cudaMemcpyAsync((char*)dst + off, g_stage[i], n, cudaMemcpyHostToDevice, g_stream)) != cudaSuccess) return e;
+    if ((e = cudaEventRecord(g_stage_done[i], g_stream)) != cudaSuccess) return e;
+  }
+  return 0;
 }
 
 extern "C" int xft_cuda_memcpy_d2h(void* host_dst, const void* src, size_t bytes) {

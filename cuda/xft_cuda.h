@@ -32,14 +32,30 @@ typedef struct xft_cuda_device {
   int runtime_version;
 } xft_cuda_device;
 
+// What the host offers, asked before the backend is chosen (binding/addon.cc turns it into backend()'s
+// reason when the GPU cannot be used; lib/backend_reason.ts words it).
+typedef struct xft_cuda_probe_result {
+  int error;                // cudaGetDeviceCount's error (0 none; 35 cudaErrorInsufficientDriver: driver too old)
+  int device_count;
+  int driver_version;       // the newest CUDA the driver supports, e.g. 12040 (0: no driver could be loaded)
+  int runtime_version;      // the CUDA runtime this build links, e.g. 13000
+  int ordinal;              // the device asked for; major.minor its compute capability (0.0 when not queried)
+  int major, minor;
+  int max_smem_optin;       // cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes (0 when not queried)
+  char name[256];
+  char driver_release[32];  // the kernel module's version, e.g. "550.54.15" ("" when unknown)
+} xft_cuda_probe_result;
+
 // ---- runtime (cuda/runtime.cu) ----
 const char* xft_cuda_error_string(int err);
+const char* xft_cuda_error_name(int err);              // e.g. "cudaErrorInsufficientDriver"
+int xft_cuda_probe(int ordinal, xft_cuda_probe_result* out);  // fills out; never fails
 int xft_cuda_device_count(int* count);                 // 0 devices (or no driver) is not an error
 int xft_cuda_init(int ordinal, xft_cuda_device* info); // select device, create stream and pool
 int xft_cuda_query(xft_cuda_device* info);             // refresh info (free memory)
 int xft_cuda_malloc(void** ptr, size_t bytes);         // stream-ordered pool allocation
 int xft_cuda_free(void* ptr);                          // stream-ordered release to the pool
-int xft_cuda_memcpy_h2d(void* dst, const void* host_src, size_t bytes); // host_src reusable on return
+int xft_cuda_memcpy_h2d(void* dst, const void* host_src, size_t bytes); // host_src reusable on return (pinned staging)
 int xft_cuda_memcpy_d2h(void* host_dst, const void* src, size_t bytes); // waits for the stream
 int xft_cuda_memcpy_d2d(void* dst, const void* src, size_t bytes);
 int xft_cuda_memset(void* dst, int byte, size_t bytes);
@@ -141,7 +157,8 @@ int xft_cuda_embedding_backward(const int* ids, const void* dout, float* dtable,
                                 int accumulate);
 
 // rmsnorm (cuda/rmsnorm.cu). x [R, d] (dtype), w [d] (w_dtype), y [R, d] (dtype), rstd f32 [R]:
-// rstd[r] = 1 / sqrt(mean(x[r]^2) + eps), y[r] = x[r] * rstd[r] * w. 1 <= d <= 16384; y may alias x.
+// rstd[r] = 1 / sqrt(mean(x[r]^2) + eps), y[r] = x[r] * rstd[r] * w. 1 <= d <= 8192 (cuda/rmsnorm.cu kMaxD; the binding and lib/ops_layers.ts
+// refuse more with XFT_SHAPE); y may alias x.
 int xft_cuda_rmsnorm_forward(const void* x, const void* w, void* y, float* rstd, int dtype, int w_dtype, int R,
                              int d, float eps);
 // dy, dx [R, d] (dtype; dx overwritten, may alias dy); dw f32 [d] (accumulate; skipped when NULL):

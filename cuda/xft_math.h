@@ -23,6 +23,12 @@ uniform values (normal values go through logf/cosf and may differ by an ulp).
 
 enum xft_dtype { XFT_F32 = 0, XFT_BF16 = 1, XFT_I32 = 2 };
 
+// The embedding backward sums the rows of one token id in chunks of this many (in token order, each
+// from zero), then the chunk sums in order: the CUDA kernel gives each chunk its own block, so a
+// frequent id (padding, "the") does not leave one block to sum thousands of rows; the CPU twin adds
+// in the same order.
+#define XFT_EMBEDDING_CHUNK 256
+
 XFT_HD uint32_t xft_f32_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);

@@ -17,6 +17,7 @@ import * as path from 'node:path';
 import { MultiBar, Presets, SingleBar } from 'cli-progress';
 import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
 import { packageRoot } from './native';
+import { cudaVersionString } from './backend_reason';
 import { XftError } from './errors';
 import { runDemo, markdownTable } from './demo';
 import { checkWritable, lockFolder, type FolderLock } from './folder';
@@ -243,6 +244,8 @@ program
       console.log(`cuda:    driver ${b.driverVersion}, runtime ${b.runtimeVersion}`);
     } else {
       console.log(`device:  CPU (${b.reason})`);
+      if (b.cuda)
+        console.log(`cuda:    ${b.cuda.driverVersion === 0 ? 'no driver' : `driver ${b.cuda.driverRelease || 'version unknown'} (supports CUDA ${cudaVersionString(b.cuda.driverVersion)})`}, runtime ${cudaVersionString(b.cuda.runtimeVersion)}, ${b.cuda.deviceCount} device(s)`);
     }
   });
 

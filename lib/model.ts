@@ -216,6 +216,11 @@ export class MoeFFN implements FFN {
     return this.moe.shared_expert ? this.moe.num_selects - 1 : this.moe.num_selects;
   }
 
+  /** The logits the last forward routed from ([tokens, normal experts]; noisy under router noise), until backward or release. */
+  get routerLogits(): Tensor | null {
+    return this.#saved?.logits ?? null;
+  }
+
   params(): Param[] {
     return [this.gate, this.up, this.down, ...this.router, ...(this.noise ? [this.noise] : [])];
   }

@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { XftError } from './errors';
+import { cudaFlavourFor, readDriverRelease, type NativeCudaProbe } from './backend_reason';
 
 /** A storage handle (binding/addon.cc alloc/free): a number naming a block of native memory.
  * lib/tensor.ts owns each one; ops pass them to the native functions, which look them up. */
@@ -14,7 +15,10 @@ export type NativeStorage = number & { readonly __nativeStorage: never };
 export interface NativeBackend {
   compiledWithCuda: boolean;
   kind: 'cpu' | 'cuda';
+  /** kind 'cpu': why the GPU is not used. */
   reason?: string;
+  /** kind 'cpu' in a CUDA build: what the host offered (lib/backend_reason.ts words `reason` from it). */
+  cuda?: NativeCudaProbe;
   name?: string;
   ordinal?: number;
   computeCapability?: [number, number];
@@ -23,6 +27,10 @@ export interface NativeBackend {
   freeMemory?: number;
   driverVersion?: number;
   runtimeVersion?: number;
+  /** kind 'cuda': the NVIDIA kernel module's version ('' when unknown). */
+  driverRelease?: string;
+  /** kind 'cuda': cudaDevAttrMaxSharedMemoryPerBlockOptin in bytes (the bf16 GEMMs pick their pipeline from it). */
+  maxSharedMemoryPerBlock?: number;
 }
 
 export interface NativeMemoryStats {
@@ -92,17 +100,46 @@ export function packageRoot(): string {
   }
 }
 
+/** The CUDA major version of the default build (CMakeLists.txt with the toolkit CI and the prebuild use). */
+const DEFAULT_CUDA_MAJOR = 13;
+
+/**
+ * A second CUDA flavour for drivers older than the default build needs: prebuilds/<platform>-<arch>/cuda<N>/xft.node
+ * (e.g. cuda12, built by scripts/build-cuda12.sh, for R525-R570 drivers), taken when the driver's version
+ * (/proc/driver/nvidia/version) runs it and not the default; undefined: the default build.
+ */
+function cudaFlavourAddon(root: string): string | undefined {
+  const dir = path.join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+  let flavours: number[];
+  try {
+    flavours = fs.readdirSync(dir).flatMap((n) => {
+      const m = /^cuda(\d+)$/.exec(n);
+      return m && fs.existsSync(path.join(dir, n, 'xft.node')) ? [Number(m[1])] : [];
+    });
+  } catch {
+    return undefined;
+  }
+  if (flavours.length === 0) return undefined;
+  const pick = cudaFlavourFor(readDriverRelease(), [DEFAULT_CUDA_MAJOR, ...flavours]);
+  return pick !== undefined && pick !== DEFAULT_CUDA_MAJOR ? path.join(dir, `cuda${pick}`, 'xft.node') : undefined;
+}
+
 function load(): NativeAddon {
   const root = packageRoot();
   // XFT_ADDON_PATH loads a specific build (e.g. a second build folder while developing)
   const explicit = process.env.XFT_ADDON_PATH;
+  // otherwise an older driver's CUDA flavour where one is installed, else node-gyp-build's choice
+  const flavour = explicit ? undefined : cudaFlavourAddon(root);
   let addon: NativeAddon;
   try {
+    const file = explicit ?? flavour;
     // eslint-disable-next-line @typescript-eslint/no-require-imports
-    addon = (explicit ? require(path.resolve(explicit)) : require('node-gyp-build')(root)) as NativeAddon;
+    addon = (file ? require(path.resolve(file)) : require('node-gyp-build')(root)) as NativeAddon;
   } catch (err) {
     const reason = String((err as Error).message ?? err).split('\n')[0].trim();
     if (explicit) throw new XftError(`the xft native addon XFT_ADDON_PATH=${explicit} could not be loaded: ${reason}`, 'XFT_NATIVE');
+    if (flavour)
+      throw new XftError(`the xft native addon ${flavour} (the CUDA build chosen for this NVIDIA driver) could not be loaded: ${reason}; XFT_ADDON_PATH=<file> loads another build`, 'XFT_NATIVE');
     throw new XftError(
       `the xft native addon could not be loaded from ${root}: ${reason}. ` +
         `Reinstall it with \`npm rebuild xft\`: it uses the prebuilt binary for this machine (linux-x64, linux-arm64) ` +

@@ -10,6 +10,7 @@
 import * as os from 'node:os';
 import { XftError, invalidArgument, describe } from './errors';
 import { native, NativeStorage, NativeBackend } from './native';
+import { cudaUnavailableReason } from './backend_reason';
 import { expectArray, expectNumber, expectOptions, expectSeed } from './validate';
 
 export type DType = 'f32' | 'bf16' | 'i32';
@@ -67,6 +68,7 @@ let backendCache: NativeBackend | undefined;
 /** The compute backend: the GPU in use (name, compute capability, memory) or the CPU, with the reason. */
 export function backend(): NativeBackend {
   const b = native.backend();
+  if (b.kind === 'cpu' && b.cuda) b.reason = cudaUnavailableReason(b.cuda, b.reason ?? '');
   backendCache = b;
   return b;
 }

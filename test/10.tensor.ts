@@ -117,6 +117,14 @@ t.test('cross-device copies', { skip: SKIP_NO_CUDA }, async (t) => {
     t.ok(maxd < 1e-5, `seeded randn agrees across devices (max diff ${maxd})`);
     t.same(Tensor.uniform([1000], { seed: 4, device: 'cuda' }).toArray(), Tensor.uniform([1000], { seed: 4 }).toArray(),
       'seeded uniform is bit-identical across devices');
+    // a + (b - a) u with a != 0, as a weight init (±1/√2048): an FMA on the device alone would move the
+    // last bit of about half the values (cuda/dev/emu/check.sh contract compiles the kernels that way)
+    const bound = 1 / Math.sqrt(2048);
+    for (const [low, high, dt] of [[-bound, bound, 'f32'], [-bound, bound, 'bf16'], [-3, 8, 'i32'], [-1000003, 1000001, 'i32']] as const) {
+      const opts = { seed: 12, low, high, dtype: dt } as const;
+      t.same(Tensor.uniform([4096], { ...opts, device: 'cuda' }).toArray(), Tensor.uniform([4096], opts).toArray(),
+        `seeded uniform in [${low.toPrecision(4)}, ${high.toPrecision(4)}) ${dt} is bit-identical across devices`);
+    }
   }
 });
 

@@ -5,8 +5,9 @@ CPU twin of cuda/embedding.cu: token embedding (HF nn.Embedding, no padding_idx)
             on CPU tensors; the kernels never read or write outside the table).
   backward: dtable[v, :] (+)= sum over r with ids[r] = v of dout[r, :]    dout [R, d], dtable f32 [V, d]
             Like the CUDA kernel: rows are grouped by id by a stable counting sort, each group is summed
-            in token order in fp32 from zero, and the sum is added to dtable (zeroed first unless
-            accumulate), so CPU and GPU add in the same order.
+            in token order in fp32, in chunks of XFT_EMBEDDING_CHUNK rows each from zero and then the
+            chunk sums in order, and the sum is added to dtable (zeroed first unless accumulate), so
+            CPU and GPU add in the same order.
 */
 #include <string.h>
 
@@ -37,14 +38,20 @@ int xft_cpu_embedding_backward(const int* ids, const void* dout, float* dtable, 
   std::vector<int> cursor(start.begin(), start.end() - 1);
   for (int r = 0; r < R; r++)
     if (ids[r] >= 0 && ids[r] < V) sorted[cursor[ids[r]]++] = r;
-  std::vector<float> acc(d), row(d);
+  std::vector<float> acc(d), part(d), row(d);
   for (int v = 0; v < V; v++) {
-    if (start[v] == start[v + 1]) continue;
-    for (int c = 0; c < d; c++) acc[c] = 0.f;
-    for (int j = start[v]; j < start[v + 1]; j++) {
-      xft_cpu::to_f32(row.data(), (const char*)dout + (size_t)sorted[j] * d * (dtype == XFT_BF16 ? 2 : 4), dtype, d);
-      for (int c = 0; c < d; c++) acc[c] += row[c];
+    const int end = start[v + 1];
+    for (int j0 = start[v]; j0 < end; j0 += XFT_EMBEDDING_CHUNK) {
+      float* sum = j0 == start[v] ? acc.data() : part.data();
+      for (int c = 0; c < d; c++) sum[c] = 0.f;
+      for (int j = j0; j < end && j < j0 + XFT_EMBEDDING_CHUNK; j++) {
+        xft_cpu::to_f32(row.data(), (const char*)dout + (size_t)sorted[j] * d * (dtype == XFT_BF16 ? 2 : 4), dtype, d);
+        for (int c = 0; c < d; c++) sum[c] += row[c];
+      }
+      if (sum != acc.data())
+        for (int c = 0; c < d; c++) acc[c] += part[c];
     }
+    if (start[v] == end) continue;
     float* dst = dtable + (size_t)v * d;
     for (int c = 0; c < d; c++) dst[c] += acc[c];
   }

@@ -21,14 +21,15 @@ int xft_cpu_load_estimate_forward(const void* clean, const void* z, const void* 
 
 int xft_cpu_load_estimate_backward(const void* clean, const void* z, const void* noisy, const float* dload, int dtype,
                                    int T, int N, int k, float eps, uint64_t seed, void* dclean, void* dz) {
-  float dc[XFT_LOAD_MAX_EXPERTS], dcl[XFT_LOAD_MAX_EXPERTS];
   for (int t = 0; t < T; t++) {
     const size_t base = (size_t)t * N;
-    XftLoadRow zr{z, dtype, base};
-    xft_load_estimate_token_backward(XftLoadRow{clean, dtype, base}, zr, XftLoadRow{noisy, dtype, base}, dload, N, k, eps, seed, base, dcl, dc);
+    XftLoadRow c{clean, dtype, base}, zr{z, dtype, base}, v{noisy, dtype, base};
+    const XftLoadTokenGrad g = xft_load_token_grad(c, zr, v, dload, N, k, eps);
     for (int i = 0; i < N; i++) {
-      xft_cpu::store(dclean, dtype, base + i, dcl[i]);
-      xft_cpu::store(dz, dtype, base + i, dc[i] / (1.f + expf(-zr[i])));
+      float dcl, dc;
+      xft_load_expert_grad(c, zr, v, dload, i, eps, seed, base, g, &dcl, &dc);
+      xft_cpu::store(dclean, dtype, base + i, dcl);
+      xft_cpu::store(dz, dtype, base + i, dc / (1.f + expf(-zr[i])));
     }
   }
   return 0;

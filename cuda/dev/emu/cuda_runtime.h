@@ -13,9 +13,11 @@
 // Anything else is a divergent barrier and fails the launch (cudaErrorLaunchFailure).
 //
 // What it checks: launch configuration (block <= 1024 threads, grid limits, dynamic shared
-// memory <= 48 KiB unless cudaFuncSetAttribute raised it, <= 227 KiB); shared memory poisoned
+// memory <= 48 KiB unless cudaFuncSetAttribute raised it, <= the device's opt-in limit, 227 KiB or
+// XFT_EMU_SMEM_OPTIN); shared memory poisoned
 // (0xFF: NaN / -1) at every block's start; cp.async / ldmatrix alignment and shared-window
-// bounds; the stream-ordered pool (double frees, copies outside live allocations). What it
+// bounds; the stream-ordered pool (double frees, copies outside live allocations); host -> device
+// copies from pageable memory land late (a source freed before then is caught). What it
 // cannot: the memory model between barriers. Run with XFT_EMU_ORDER=reverse|random (threads and
 // blocks in that order) and XFT_EMU_CP_ASYNC=eager (copies land at issue, not at wait_group) to
 // shake out missing barriers; with -fsanitize=address (cuda/dev/emu/check.sh) for global memory.
@@ -70,6 +72,7 @@ enum cudaError_t {
   cudaErrorInvalidValue = 1,
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorInsufficientDriver = 35,
   cudaErrorInvalidDevice = 101,
   cudaErrorNoDevice = 100,
   cudaErrorIllegalAddress = 700,
@@ -78,6 +81,8 @@ enum cudaError_t {
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+#define cudaEventDisableTiming 0x02
 enum cudaMemPoolAttr {
   cudaMemPoolAttrReleaseThreshold = 4,
   cudaMemPoolAttrReservedMemCurrent = 5,
@@ -95,10 +100,18 @@ template <class A, class B> inline typename std::common_type<A, B>::type min(A a
 template <class A, class B> inline typename std::common_type<A, B>::type max(A a, B b) { return a < b ? b : a; }
 inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
+// The _rn intrinsics are never contracted into an FMA, by nvcc nor here: the contraction build
+// (check.sh contract: -O2 -ffp-contract=fast -mfma, like nvcc's default -fmad=true) would otherwise
+// fuse them once inlined. An empty asm makes each operand and result opaque to the optimizer.
+#if defined(__x86_64__)
+#define EMU_OPAQUE(v) asm("" : "+x"(v))
+#else
+#define EMU_OPAQUE(v) asm("" : "+w"(v))
+#endif
+inline float __fadd_rn(float a, float b) { EMU_OPAQUE(a); EMU_OPAQUE(b); float r = a + b; EMU_OPAQUE(r); return r; }
+inline float __fmul_rn(float a, float b) { EMU_OPAQUE(a); EMU_OPAQUE(b); float r = a * b; EMU_OPAQUE(r); return r; }
+inline double __dadd_rn(double a, double b) { EMU_OPAQUE(a); EMU_OPAQUE(b); double r = a + b; EMU_OPAQUE(r); return r; }
+inline double __dmul_rn(double a, double b) { EMU_OPAQUE(a); EMU_OPAQUE(b); double r = a * b; EMU_OPAQUE(r); return r; }
 template <class T> inline T __ldg(const T* p) { return *p; }
 template <class T> inline T __ldcs(const T* p) { return *p; }
 // integer atomics: emulated threads switch only at barriers, so a plain read-modify-write is atomic
@@ -136,10 +149,27 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidValue: return "invalid argument (emulated)";
     case cudaErrorMemoryAllocation: return "out of memory (emulated)";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated)";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version (emulated)";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected (emulated)";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered (emulated)";
     case cudaErrorMisalignedAddress: return "misaligned address (emulated)";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulated: divergent barrier)";
     default: return "unknown error (emulated)";
+  }
+}
+inline const char* cudaGetErrorName(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    default: return "cudaErrorUnknown";
   }
 }
 inline cudaError_t cudaGetLastError() {
@@ -150,18 +180,51 @@ inline cudaError_t cudaGetLastError() {
 inline cudaError_t cudaPeekAtLastError() { return (cudaError_t)g_emu.pending; }
 
 // ---- device, stream, pool ----
+// The emulated host, from the environment (read once), so that tests can play hosts they do not have:
+//   XFT_EMU_DRIVER_VERSION   the CUDA version the driver supports (default 13000; below the runtime's
+//                            13000 cudaGetDeviceCount fails with cudaErrorInsufficientDriver, as an
+//                            R550 driver does with this build; 0: no driver at all)
+//   XFT_EMU_DEVICES          how many devices (default 1; 0: cudaErrorNoDevice, a driver without GPUs)
+//   XFT_EMU_SM               compute capability as major*10 + minor (default 90)
+//   XFT_EMU_SMEM_OPTIN       cudaDevAttrMaxSharedMemoryPerBlockOptin in bytes (default 232448, sm_90;
+//                            101376 is sm_86/89/120): cudaFuncSetAttribute above it and launches
+//                            asking for more fail as on that GPU
+//   XFT_EMU_NVIDIA_VERSION_FILE  stands for /proc/driver/nvidia/version (unset: no such file)
+inline int emu_env_int(const char* name, int fallback) {
+  const char* s = getenv(name);
+  return s && *s ? atoi(s) : fallback;
+}
 inline const size_t kEmuTotalMemory = (size_t)80 << 30;
-inline cudaError_t cudaGetDeviceCount(int* n) { *n = 1; return cudaSuccess; }
-inline cudaError_t cudaSetDevice(int d) { return d == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
+inline const int kEmuRuntimeVersion = 13000;
+inline int emu_driver_version() { static int v = emu_env_int("XFT_EMU_DRIVER_VERSION", 13000); return v; }
+inline int emu_devices() { static int v = emu_env_int("XFT_EMU_DEVICES", 1); return v; }
+inline int emu_sm() { static int v = emu_env_int("XFT_EMU_SM", 90); return v; }
+inline int emu_smem_optin() { static int v = emu_env_int("XFT_EMU_SMEM_OPTIN", 227 * 1024); return v; }
+#define XFT_NVIDIA_VERSION_PATH getenv("XFT_EMU_NVIDIA_VERSION_FILE")
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 0;
+  if (emu_driver_version() < kEmuRuntimeVersion) return cudaErrorInsufficientDriver;
+  if (emu_devices() <= 0) return cudaErrorNoDevice;
+  *n = emu_devices();
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) { return d >= 0 && d < emu_devices() ? cudaSuccess : cudaErrorInvalidDevice; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int d) {
-  if (d != 0) return cudaErrorInvalidDevice;
+  if (d < 0 || d >= emu_devices()) return cudaErrorInvalidDevice;
   memset(p, 0, sizeof *p);
-  snprintf(p->name, sizeof p->name, "xft host emulation (sm_90)");
-  p->major = 9;
-  p->minor = 0;
+  snprintf(p->name, sizeof p->name, "xft host emulation (sm_%d)", emu_sm());
+  p->major = emu_sm() / 10;
+  p->minor = emu_sm() % 10;
   p->multiProcessorCount = 132;
   p->totalGlobalMem = kEmuTotalMemory;
-  p->sharedMemPerBlockOptin = 227 * 1024;
+  p->sharedMemPerBlockOptin = (size_t)emu_smem_optin();
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
+  if (d < 0 || d >= emu_devices()) return cudaErrorInvalidDevice;
+  if (a != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  *v = emu_smem_optin();
   return cudaSuccess;
 }
 inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
@@ -169,11 +232,12 @@ inline cudaError_t cudaMemGetInfo(size_t* free_b, size_t* total_b) {
   *free_b = kEmuTotalMemory - g_emu.reserved;
   return cudaSuccess;
 }
-inline cudaError_t cudaDriverGetVersion(int* v) { *v = 13000; return cudaSuccess; }
-inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = 13000; return cudaSuccess; }
+inline cudaError_t cudaDriverGetVersion(int* v) { *v = emu_driver_version(); return cudaSuccess; }
+inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = kEmuRuntimeVersion; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = (cudaStream_t)&g_emu; return cudaSuccess; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return (cudaError_t)g_emu.pending; }
-inline cudaError_t cudaDeviceSynchronize() { return (cudaError_t)g_emu.pending; }
+inline void emu_land_h2d();
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaDeviceSynchronize() { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
 inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) { *p = (cudaMemPool_t)&g_emu; return cudaSuccess; }
 inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
 inline cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr a, void* v) {
@@ -197,6 +261,7 @@ inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
 }
 inline cudaError_t cudaMalloc(void** p, size_t n) { return cudaMallocAsync(p, n, nullptr); }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+  emu_land_h2d();
   if (!p) return cudaSuccess;
   auto it = g_emu.live.find((const char*)p);
   if (it == g_emu.live.end()) {
@@ -219,17 +284,44 @@ inline bool emu_device_range(const void* p, size_t n, const char* what) {
   emu_fail(cudaErrorInvalidValue, "%s: [%p, +%zu) is not inside a live device allocation", what, p, n);
   return false;
 }
+// Host -> device copies from pageable (not cudaMallocHost) memory land late, at the next stream
+// operation or synchronisation, as the DMA may read them on HMM/ATS systems (GH200): a caller that
+// frees or reuses the source before then copies garbage (and -fsanitize=address reports the read).
+struct EmuPendingCopy {
+  void* dst;
+  const void* src;
+  size_t n;
+};
+inline std::vector<EmuPendingCopy> g_emu_late_h2d;
+inline std::map<const char*, size_t> g_emu_pinned;  // cudaMallocHost blocks: start -> bytes
+inline void emu_land_h2d() {
+  for (const EmuPendingCopy& c : g_emu_late_h2d) memmove(c.dst, c.src, c.n);
+  g_emu_late_h2d.clear();
+}
+inline bool emu_pinned(const void* p, size_t n) {
+  auto it = g_emu_pinned.upper_bound((const char*)p);
+  if (it == g_emu_pinned.begin()) return false;
+  --it;
+  return (const char*)p >= it->first && (const char*)p + n <= it->first + it->second;
+}
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  emu_land_h2d();  // stream order
   if (n == 0) return cudaSuccess;
   const bool dd = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   const bool sd = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
   if ((dd && !emu_device_range(d, n, "cudaMemcpyAsync dst")) || (sd && !emu_device_range(s, n, "cudaMemcpyAsync src")))
     return cudaGetLastError();
-  memmove(d, s, n);
+  if (kind == cudaMemcpyHostToDevice && !emu_pinned(s, n)) g_emu_late_h2d.push_back({d, s, n});
+  else memmove(d, s, n);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k) { return cudaMemcpyAsync(d, s, n, k, nullptr); }
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind k) {
+  cudaError_t e = cudaMemcpyAsync(d, s, n, k, nullptr);
+  emu_land_h2d();  // synchronous
+  return e;
+}
 inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
+  emu_land_h2d();
   if (n == 0) return cudaSuccess;
   if (!emu_device_range(d, n, "cudaMemsetAsync")) return cudaGetLastError();
   memset(d, v, n);
@@ -237,13 +329,27 @@ inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
 }
 inline cudaError_t cudaMemset(void* d, int v, size_t n) { return cudaMemsetAsync(d, v, n, nullptr); }
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) { *e = (cudaEvent_t)&g_emu; return cudaSuccess; }
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) { return cudaEventCreate(e); }
+// pinned host memory: host -> device copies from it land at once (at issue)
+inline cudaError_t cudaMallocHost(void** p, size_t n) {
+  *p = malloc(n ? n : 1);
+  if (!*p) return cudaErrorMemoryAllocation;
+  g_emu_pinned[(const char*)*p] = n;
+  return cudaSuccess;
+}
+inline cudaError_t cudaFreeHost(void* p) {
+  emu_land_h2d();
+  g_emu_pinned.erase((const char*)p);
+  free(p);
+  return cudaSuccess;
+}
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return cudaSuccess; }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
   if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (v < 0 || v > 227 * 1024) return cudaErrorInvalidValue;
+    if (v < 0 || v > emu_smem_optin()) return cudaErrorInvalidValue;  // as the driver does past the GPU's opt-in limit
     g_emu.max_dynamic_smem[(const void*)f] = v;
   }
   return cudaSuccess;
@@ -579,6 +685,7 @@ struct EmuWatchdog {
 };
 
 inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, const char* name, std::function<void()> fn) {
+  emu_land_h2d();
   EmuWatchdog watchdog(name);
   const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
@@ -588,7 +695,8 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, c
     return;
   }
   auto it = g_emu.max_dynamic_smem.find(kernel);
-  const size_t smem_cap = std::max<size_t>(48 * 1024, it == g_emu.max_dynamic_smem.end() ? 0 : it->second);
+  const size_t smem_cap = std::min<size_t>(std::max<size_t>(48 * 1024, it == g_emu.max_dynamic_smem.end() ? 0 : it->second),
+                                           (size_t)emu_smem_optin());
   if (smem > smem_cap) {
     emu_fail(cudaErrorInvalidValue, "%s: %zu bytes of dynamic shared memory, over the %zu allowed", name, smem, smem_cap);
     return;
