@@ -7,13 +7,18 @@ export {
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
+import { adamw, adafactor } from './optim';
 // the argument checkers lib/ops.ts shares with the other op files are not ops
 // eslint-disable-next-line @typescript-eslint/no-unused-vars
 const { expectTensor, sameDevice, expectInt, expectBool, describe, ...xftOnly } = xftOps;
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOnly, ...layerOps, ...trainOps };
+export const ops = { ...xftOnly, ...layerOps, ...trainOps, adamw, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
 export * from './checkpoint';
+export {
+  type OptimizerKind, type OptimizerState, type Precision, OPTIMIZERS, PRECISIONS, bytesPerParameter, adafactorState, adafactorStateShapes,
+  adafactorStateElements, isFactored, type AdamWOptions, type AdafactorOptions, type AdafactorEntry, type AdafactorState,
+} from './optim';
 export { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount } from './config';
 export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type MergeableOptions, type InitOptions } from './xft';
