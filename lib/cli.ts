@@ -283,6 +283,7 @@ program
   .option('--clip <norm>', 'gradient norm clipping (0: off; default: GPU 0 as the reference, CPU 1)', num(0))
   .addOption(new Option('--optim <name>', "optimizer: 'adafactor' (transformers' Adafactor, as the reference) or 'adamw' (default: GPU adafactor, CPU adamw)").choices([...OPTIMIZERS]))
   .option('--stochastic-rounding', 'with --precision bf16: round the bf16 weight updates stochastically (updates below a bf16 ulp are kept on average)')
+  .addOption(new Option('--grad-dtype <dtype>', "gradients of the linear and expert weights with --precision bf16 or mixed: 'f32' or 'bf16' (half the memory)").choices(['f32', 'bf16']).default('f32'))
   .option('--held-out <n>', 'examples (or a fraction < 1) held out for evaluation at the end', num(0), 0)
   .option('--seed <n>', 'seed of the data order and router noise', int(0), 0)
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
@@ -299,7 +300,7 @@ program
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
   warmup?: number; weightDecay: number; clip?: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
-  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; optim?: OptimizerKind; stochasticRounding?: boolean;
+  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; optim?: OptimizerKind; stochasticRounding?: boolean; gradDtype?: 'f32' | 'bf16';
 }
 
 /** The options that decide how the saved state reads: given again with --resume, they must match the run's. */
@@ -316,6 +317,7 @@ function runSettings(o: TrainCliOptions, device: Device): { optim: OptimizerKind
   const precision = (o.precision as Precision | undefined) ?? d.precision;
   if (o.stochasticRounding && precision !== 'bf16')
     throw new UsageError(`train: --stochastic-rounding rounds bf16 weights updated in place; it needs --precision bf16 (this run: ${precision})`);
+  if (o.gradDtype === 'bf16' && precision === 'f32') throw new UsageError('train: --grad-dtype bf16 needs bf16 weights (--precision bf16 or mixed)');
   return { optim: o.optim ?? d.optim, precision, clip: o.clip ?? d.clip };
 }
 
@@ -397,7 +399,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   let savedStep = saved?.step ?? null;
   const r = await trainAsync(model, rows, {
     lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: run.clip, seed: o.seed,
-    optimizer: run.optim, masterWeights: run.precision === 'mixed', stochasticRounding: o.stochasticRounding ?? false,
+    optimizer: run.optim, masterWeights: run.precision === 'mixed', stochasticRounding: o.stochasticRounding ?? false, gradDtype: o.gradDtype ?? 'f32',
     resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0,
     onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {

@@ -50,6 +50,12 @@ export interface TrainOptions {
   masterWeights?: boolean;
   /** bf16 weights updated in place: stochastic rounding of the write (default false: nearest even), seeded by seed, step and tensor */
   stochasticRounding?: boolean;
+  /**
+   * dtype of the gradients of a bf16 model's linear and expert weights (default 'f32'; 'bf16' halves
+   * their memory, accumulating micro-batches in bf16 as PyTorch does for bf16 parameters). The
+   * embedding, norms and α keep f32 gradients.
+   */
+  gradDtype?: 'f32' | 'bf16';
   /** seed of the data order and router noise (default 0) */
   seed?: number;
   /** called after every optimizer step */
@@ -175,6 +181,8 @@ export class Trainer {
     check(o.optimizer === undefined || OPTIMIZERS.includes(o.optimizer), 'optimizer', `one of ${OPTIMIZERS.map((x) => `'${x}'`).join(', ')}`, o.optimizer);
     check(o.masterWeights === undefined || typeof o.masterWeights === 'boolean', 'masterWeights', 'a boolean', o.masterWeights);
     check(o.stochasticRounding === undefined || typeof o.stochasticRounding === 'boolean', 'stochasticRounding', 'a boolean', o.stochasticRounding);
+    check(o.gradDtype === undefined || o.gradDtype === 'f32' || o.gradDtype === 'bf16', 'gradDtype', "'f32' or 'bf16'", o.gradDtype);
+    check(o.gradDtype !== 'bf16' || model.dtype === 'bf16', 'gradDtype', "'f32' for an f32 model (bf16 gradients need bf16 weights)", o.gradDtype);
     check(o.resume === undefined || (o.resume !== null && typeof o.resume === 'object' && o.resume.m instanceof Map && o.resume.v instanceof Map &&
       Number.isSafeInteger(o.resume.step)), 'resume', 'a TrainState (from train or loadTrainState)', o.resume);
     this.#o = o;
@@ -188,6 +196,8 @@ export class Trainer {
     this.#params = model.trainableParams();
     this.state = o.resume ?? { step: 0, m: new Map(), v: new Map() };
     prepareState(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true, this.state.step);
+    for (const p of this.#params)
+      p.gradDtype = o.gradDtype === 'bf16' && p.value.dtype === 'bf16' && p.value.shape.length >= 2 && p !== model.embed ? 'bf16' : 'f32';
     model.zeroGrad();
   }
 

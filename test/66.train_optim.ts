@@ -100,6 +100,21 @@ t.test('bf16 weights in place: no master copy; stochastic rounding draws differ 
   }
 });
 
+t.test('bf16 gradients: linear and expert weights accumulate bf16 gradients, the rest f32; training follows the f32-gradient run', async (t) => {
+  const opts: TrainOptions = { lr: 1e-2, batchSize: 8, microBatch: 4, steps: 5, seed: 3, optimizer: 'adafactor', masterWeights: false };
+  const a = moe(8, 'bf16'), b = moe(8, 'bf16');
+  const ra = train(a, rows, opts), rb = train(b, rows, { ...opts, gradDtype: 'bf16' });
+  const kinds = b.trainableParams().map((p) => `${p.name.includes('embed') ? 'embed' : p.value.shape.length >= 2 ? 'matrix' : 'vector'}:${p.grad!.dtype}`);
+  t.same([...new Set(kinds)].sort(), ['embed:f32', 'matrix:bf16', 'vector:f32'], 'bf16 gradients for the GEMM weights, f32 for the embedding and vectors');
+  t.ok(a.trainableParams().every((p) => p.grad!.dtype === 'f32'), 'the default: f32 gradients');
+  const gap = Math.max(...rb.losses.map((l, i) => Math.abs(l - ra.losses[i])));
+  t.ok(rb.losses.at(-1)! < rb.losses[0] - 0.2 && gap < 0.05, `the loss falls (${rb.losses[0].toFixed(3)} -> ${rb.losses.at(-1)!.toFixed(3)}), within ${gap.toFixed(4)} of f32 gradients`);
+  const c = moe(8);
+  throwsCode(t, () => train(c, rows, { ...opts, gradDtype: 'bf16' }), 'XFT_VALUE', /gradDtype/, 'bf16 gradients of an f32 model');
+  [a, b, c].forEach((m) => m.dispose());
+  [ra.state, rb.state].forEach(disposeState);
+});
+
 t.test('a state resumed with another optimizer or precision is refused (XFT_VALUE); bad options and files too', async (t) => {
   const m = dense(6, 'bf16');
   const af = train(m, rows, { lr: 1e-3, batchSize: 8, steps: 1, optimizer: 'adafactor', masterWeights: true });

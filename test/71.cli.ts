@@ -84,7 +84,7 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
 });
 
 t.test('the reference recipe: --optim adafactor --precision bf16 (--stochastic-rounding) --clip 0; bad combinations exit 2', async (t) => {
-  const r = xft('train', 'dense', ...DATA, '--out', 'recipe', '--batch-size', '8', '--steps', '2', '--optim', 'adafactor', '--precision', 'bf16', '--stochastic-rounding', '--clip', '0');
+  const r = xft('train', 'dense', ...DATA, '--out', 'recipe', '--batch-size', '8', '--steps', '2', '--optim', 'adafactor', '--precision', 'bf16', '--stochastic-rounding', '--clip', '0', '--grad-dtype', 'bf16');
   t.equal(r.code, 0, `train: ${r.err}`);
   t.match(r.out, /precision bf16 \(stochastic rounding\), adafactor, clip off/);
   const log = JSON.parse(fs.readFileSync(at('recipe/xft_train.json'), 'utf8'));
@@ -95,6 +95,7 @@ t.test('the reference recipe: --optim adafactor --precision bf16 (--stochastic-r
     [['--optim', 'sgd'], /--optim.*adamw, adafactor/],
     [['--precision', 'fp16'], /--precision.*mixed, bf16, f32/],
     [['--clip', '-1'], /--clip/],
+    [['--grad-dtype', 'bf16', '--precision', 'f32'], /--grad-dtype bf16 needs bf16 weights/],
   ];
   for (const [extra, msg] of cases) {
     const b = xft('train', 'dense', ...DATA, '--out', 'bad', '--steps', '1', ...extra);
