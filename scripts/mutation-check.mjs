@@ -52,6 +52,11 @@ const MUTANTS = [
     edits: [['for (int h = kvh * G; h < (kvh + 1) * G; h++)', 'for (int h = kvh; h < H; h += Hkv)', 2]], tests: ['test/45.attention.ts', 'test/65.references.ts'] },
   { name: 'merge-rate-swapped', why: 'mixing coefficients with λ and 1 − λ swapped (on-disk merge)', file: 'lib/checkpoint.ts',
     edits: [['[sharedRate, ...s.map((v) => (1 - sharedRate) * v)]', '[1 - sharedRate, ...s.map((v) => sharedRate * v)]']], tests: ['test/52.checkpoint.ts'] },
+  // the optimizers (issue 11)
+  { name: 'adafactor-rms-whole-stack', why: "Adafactor clips an expert stack's update by the RMS of the whole stack, not per expert", file: 'binding/cpu/adafactor.cc', native: true,
+    edits: [['const size_t groups = t.clip_per_slice ? S : 1,', 'const size_t groups = 1,']], tests: ['test/47.adafactor.ts'] },
+  { name: 'stochastic-rounding-truncates', why: 'stochastic rounding without the random bits (always toward zero)', file: 'cuda/optim.h', native: true,
+    edits: [['u += r & 0xffffu;', 'u += 0;']], tests: ['test/47.adafactor.ts'] },
 ];
 
 const only = process.argv.slice(2);
