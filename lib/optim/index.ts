@@ -71,7 +71,9 @@ export function optimizerOf(state: OptimizerState): OptimizerKind {
  * this run reads them as.
  */
 export function prepareState(kind: OptimizerKind, params: readonly OptimParam[], state: OptimizerState, device: Device, masterWeights: boolean, step: number): void {
-  if (state.optimizer !== undefined && state.optimizer !== kind || state.optimizer === undefined && step > 0 && kind !== 'adamw')
+  // a state without the field (saved before Adafactor existed) is AdamW's once it has taken steps
+  const saved = state.optimizer ?? (step > 0 ? 'adamw' : undefined);
+  if (saved !== undefined && saved !== kind)
     throw new XftError(`train: the state to resume was saved by a '${optimizerOf(state)}' run; this run uses '${kind}' (resume with the same optimizer, or start a new run)`, 'XFT_VALUE');
   state.optimizer = kind;
   state.row ??= new Map();
