@@ -9,7 +9,7 @@
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
 import { FLOAT, expectBool, expectInt, expectTensor, sameDevice } from './ops';
-import { DType, Tensor, dtypeCode, formatShape, seedOf } from './tensor';
+import { Tensor, dtypeCode, formatShape, seedOf } from './tensor';
 import { expectNumber, expectRequiredOptions as expectOptions } from './validate';
 
 type S = NativeStorage;
