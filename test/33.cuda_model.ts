@@ -87,7 +87,7 @@ t.test('three training steps of the MoE, f32 and bf16: CUDA vs CPU losses', { sk
   }
 });
 
-t.test('three Adafactor steps of the MoE: bf16 weights in place (stochastic rounding, bf16 gradients) and mixed, CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+t.test('two Adafactor steps of the MoE: bf16 weights in place (stochastic rounding, bf16 gradients) and mixed, CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   const R = rng(seed() % 100000);
   const rows = Array.from({ length: 8 }, () => {
     const ids = Array.from({ length: 17 }, () => R.int(0, config.vocab_size));
@@ -97,7 +97,7 @@ t.test('three Adafactor steps of the MoE: bf16 weights in place (stochastic roun
     const run = (device: 'cpu' | 'cuda') => {
       const m = build('moe', 'bf16', device, 4);
       const r = train(m, rows, {
-        lr: 1e-3, batchSize: 4, microBatch: 2, steps: 3, seed: 1, optimizer: 'adafactor', clip: 0,
+        lr: 1e-3, batchSize: 4, microBatch: 2, steps: 2, seed: 1, optimizer: 'adafactor', clip: 0,
         masterWeights: mode === 'mixed', stochasticRounding: mode === 'bf16', gradDtype: mode === 'bf16' ? 'bf16' : 'f32',
       });
       const w = m.params().flatMap((p) => Array.from(p.value.toArray()));
@@ -107,6 +107,6 @@ t.test('three Adafactor steps of the MoE: bf16 weights in place (stochastic roun
     };
     const a = run('cuda'), b = run('cpu');
     close(t, a.losses, b.losses, MODEL_TOL.bf16, `${mode}: losses`);
-    close(t, a.w, b.w, MODEL_TOL.bf16, `${mode}: weights after three steps`);
+    close(t, a.w, b.w, MODEL_TOL.bf16, `${mode}: weights after two steps`);
   }
 });
