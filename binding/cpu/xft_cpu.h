@@ -71,7 +71,7 @@ int xft_cpu_router_noise_backward(const void* z, const void* dnoisy, void* dclea
 int xft_cpu_sum_squares(const void* const* tensors, const size_t* numel, const int* dtypes, int count, float* out);
 // ---- [/layers] ----
 
-// ---- [train] (binding/cpu/{attention,cross_entropy,adamw,moe_permute}.cc) ----
+// ---- [train] (binding/cpu/{attention,cross_entropy,adamw,adafactor,moe_permute}.cc) ----
 // attention.cc
 int xft_cpu_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
                               int dtype, int B, int T, int H, int Hkv, int hd);
