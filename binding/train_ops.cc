@@ -1,9 +1,11 @@
 // Bindings of the train op families (see cuda/xft_cuda.h, section [train]): attention,
-// cross-entropy, AdamW, MoE permutation, balance loss. lib/ops_train.ts validates shapes and dtypes
+// cross-entropy, AdamW, Adafactor, MoE permutation, balance loss. lib/ops_train.ts validates shapes and dtypes
 // and allocates outputs; this layer re-checks sizes and devices (a second line of defence against
 // out-of-bounds access) and dispatches to the CPU or CUDA twin.
 #include "common.h"
 #include "../cuda/load_estimate.h"
+
+#include <vector>
 
 namespace xft {
 
@@ -142,37 +144,126 @@ Napi::Value CrossEntropyBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// ---- AdamW ----
+// ---- optimizers: AdamW, Adafactor ----
 
-// adamw(p, g, m, v, n, lr, beta1, beta2, eps, weightDecay, step, gradScale, pCopy|null, copyDtype)
+// adamw(p, pDtype, g, gDtype, m, v, n, lr, beta1, beta2, eps, weightDecay, step, gradScale, pCopy|null, copyDtype,
+//       stochastic, seed, tensorIndex)
 Napi::Value AdamW(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "adamw";
   Storage* p = ArgStorage(info, 0, op, "params");
-  Storage* g = ArgStorage(info, 1, op, "grads");
-  Storage* m = ArgStorage(info, 2, op, "m");
-  Storage* v = ArgStorage(info, 3, op, "v");
-  int64_t n = ArgInt(info, 4, op, "n");
-  double lr = ArgNumber(info, 5, op, "lr"), beta1 = ArgNumber(info, 6, op, "beta1"), beta2 = ArgNumber(info, 7, op, "beta2"),
-         eps = ArgNumber(info, 8, op, "eps"), wd = ArgNumber(info, 9, op, "weightDecay");
-  int64_t step = ArgInt(info, 10, op, "step");
-  double gscale = ArgNumber(info, 11, op, "gradScale");
-  Storage* copy = ArgStorageOrNull(info, 12, op, "copyTo");
-  int copy_dtype = ArgDtype(info, 13, op, "copyDtype");
+  int p_dtype = ArgDtype(info, 1, op, "paramsDtype");
+  Storage* g = ArgStorage(info, 2, op, "grads");
+  int g_dtype = ArgDtype(info, 3, op, "gradsDtype");
+  Storage* m = ArgStorage(info, 4, op, "m");
+  Storage* v = ArgStorage(info, 5, op, "v");
+  int64_t n = ArgInt(info, 6, op, "n");
+  double lr = ArgNumber(info, 7, op, "lr"), beta1 = ArgNumber(info, 8, op, "beta1"), beta2 = ArgNumber(info, 9, op, "beta2"),
+         eps = ArgNumber(info, 10, op, "eps"), wd = ArgNumber(info, 11, op, "weightDecay");
+  int64_t step = ArgInt(info, 12, op, "step");
+  double gscale = ArgNumber(info, 13, op, "gradScale");
+  Storage* copy = ArgStorageOrNull(info, 14, op, "copyTo");
+  int copy_dtype = ArgDtype(info, 15, op, "copyDtype");
+  int64_t stochastic = ArgInt(info, 16, op, "stochastic");
+  uint64_t seed = (uint64_t)ArgInt(info, 17, op, "seed");
+  int64_t index = ArgInt(info, 18, op, "tensorIndex");
   if (n < 0) Throw(env, "XFT_SHAPE", std::string(op) + ": invalid size n=" + std::to_string(n));
   if (step < 1 || step > INT32_MAX) Throw(env, "XFT_VALUE", std::string(op) + ": step must be an integer >= 1, got " + std::to_string(step));
   if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1))
     Throw(env, "XFT_VALUE", std::string(op) + ": beta1 and beta2 must be in [0, 1)");
+  RequireFloat(env, op, p_dtype, "params");
+  RequireFloat(env, op, g_dtype, "grads");
   if (copy) RequireFloat(env, op, copy_dtype, "copyTo");
-  RequireBytes(env, p, n, XFT_F32, op, "params");
-  RequireBytes(env, g, n, XFT_F32, op, "grads");
+  RequireBytes(env, p, n, p_dtype, op, "params");
+  RequireBytes(env, g, n, g_dtype, op, "grads");
   RequireBytes(env, m, n, XFT_F32, op, "m");
   RequireBytes(env, v, n, XFT_F32, op, "v");
   RequireBytes(env, copy, n, copy_dtype, op, "copyTo");
   int device = CommonDevice(env, op, {p, g, m, v, copy});
-  XFT_DISPATCH(env, op, device, adamw, (float*)p->data, (const float*)g->data, (float*)m->data, (float*)v->data, (size_t)n,
+  XFT_DISPATCH(env, op, device, adamw, p->data, p_dtype, g->data, g_dtype, (float*)m->data, (float*)v->data, (size_t)n,
                (float)lr, (float)beta1, (float)beta2, (float)eps, (float)wd, (int)step, (float)gscale,
-               copy ? copy->data : nullptr, copy_dtype);
+               copy ? copy->data : nullptr, copy_dtype, stochastic != 0, xft_sr_stream(seed, (uint64_t)step, (uint64_t)index));
+  return env.Undefined();
+}
+
+// adafactor(entries, lr, eps1, clipThreshold, decayRate, step, gradScale, stochastic, seed); entries: an array of
+// [p, pDtype, g, gDtype, row|null, col|null, v|null, pCopy|null, copyDtype, slices, rows, cols, clipPerSlice, tensorIndex]
+Napi::Value Adafactor(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "adafactor";
+  if (!info[0].IsArray()) Throw(env, "XFT_TYPE", std::string(op) + ": entries must be an array");
+  Napi::Array list = info[0].As<Napi::Array>();
+  double lr = ArgNumber(info, 1, op, "lr"), eps1 = ArgNumber(info, 2, op, "eps1"), clip = ArgNumber(info, 3, op, "clipThreshold"),
+         decay = ArgNumber(info, 4, op, "decayRate");
+  int64_t step = ArgInt(info, 5, op, "step");
+  double gscale = ArgNumber(info, 6, op, "gradScale");
+  int64_t stochastic = ArgInt(info, 7, op, "stochastic");
+  uint64_t seed = (uint64_t)ArgInt(info, 8, op, "seed");
+  if (step < 1 || step > INT32_MAX) Throw(env, "XFT_VALUE", std::string(op) + ": step must be an integer >= 1, got " + std::to_string(step));
+  if (!(clip > 0) || !(decay < 0) || !(eps1 >= 0) || !(lr >= 0))
+    Throw(env, "XFT_VALUE", std::string(op) + ": need lr >= 0, eps1 >= 0, clipThreshold > 0 and decayRate < 0");
+  std::vector<xft_adafactor_tensor> tensors;
+  int device = -1;
+  for (uint32_t k = 0; k < list.Length(); k++) {
+    Napi::Value ev = list.Get(k);
+    if (!ev.IsArray() || ev.As<Napi::Array>().Length() != 14) Throw(env, "XFT_TYPE", std::string(op) + ": each entry must be an array of 14 fields");
+    Napi::Array e = ev.As<Napi::Array>();
+    auto storage = [&](uint32_t i, const char* name, bool nullable) -> Storage* {
+      Napi::Value x = e.Get(i);
+      if (nullable && (x.IsNull() || x.IsUndefined())) return nullptr;
+      return ValueStorage(env, x, op, name);
+    };
+    auto integer = [&](uint32_t i, const char* name) -> int64_t {
+      Napi::Value x = e.Get(i);
+      if (!x.IsNumber()) Throw(env, "XFT_TYPE", std::string(op) + ": " + name + " must be an integer");
+      double d = x.As<Napi::Number>().DoubleValue();
+      if (d != (double)(int64_t)d) Throw(env, "XFT_TYPE", std::string(op) + ": " + name + " must be an integer");
+      return (int64_t)d;
+    };
+    xft_adafactor_tensor t = {};
+    Storage* p = storage(0, "params", false);
+    t.p_dtype = (int)integer(1, "paramsDtype");
+    Storage* g = storage(2, "grads", false);
+    t.g_dtype = (int)integer(3, "gradsDtype");
+    Storage* row = storage(4, "row", true);
+    Storage* col = storage(5, "col", true);
+    Storage* v = storage(6, "v", true);
+    Storage* copy = storage(7, "copyTo", true);
+    t.copy_dtype = (int)integer(8, "copyDtype");
+    t.slices = integer(9, "slices"), t.rows = integer(10, "rows"), t.cols = integer(11, "cols");
+    t.clip_per_slice = integer(12, "clipPerSlice") != 0;
+    const int64_t index = integer(13, "tensorIndex");
+    RequireFloat(env, op, t.p_dtype, "params");
+    RequireFloat(env, op, t.g_dtype, "grads");
+    if (copy) RequireFloat(env, op, t.copy_dtype, "copyTo");
+    const int64_t S = t.slices, R = t.rows, C = t.cols;
+    if (S < 0 || R < 0 || C < 0 || S > ((int64_t)1 << 40) || R > ((int64_t)1 << 40) || C > ((int64_t)1 << 40) ||
+        (double)S * (double)R * (double)C > (double)((int64_t)1 << 50))
+      Throw(env, "XFT_SHAPE", std::string(op) + ": invalid sizes " + Sizes({{"slices", S}, {"rows", R}, {"cols", C}}));
+    const bool factored = row != nullptr;
+    if (factored ? (col == nullptr || v != nullptr) : (col != nullptr || v == nullptr || S != 1 || R != 1))
+      Throw(env, "XFT_VALUE", std::string(op) + ": an entry is factored (row and col, no v) or a vector (v only, slices = rows = 1)");
+    const size_t n = (size_t)(S * R * C);
+    RequireBytes(env, p, n, t.p_dtype, op, "params");
+    RequireBytes(env, g, n, t.g_dtype, op, "grads");
+    RequireBytes(env, copy, n, t.copy_dtype, op, "copyTo");
+    if (factored) {
+      RequireBytes(env, row, (size_t)(S * R), XFT_F32, op, "row");
+      RequireBytes(env, col, (size_t)(S * C), XFT_F32, op, "col");
+    } else RequireBytes(env, v, (size_t)C, XFT_F32, op, "v");
+    const int d = CommonDevice(env, op, {p, g, row, col, v, copy});
+    if (device >= 0 && d != device) Throw(env, "XFT_DEVICE", std::string(op) + ": all tensors must be on one device");
+    device = d;
+    t.p = p->data, t.g = g->data, t.p_copy = copy ? copy->data : nullptr;
+    t.row = row ? (float*)row->data : nullptr, t.col = col ? (float*)col->data : nullptr, t.v = v ? (float*)v->data : nullptr;
+    t.sr_stream = xft_sr_stream(seed, (uint64_t)step, (uint64_t)index);
+    tensors.push_back(t);
+  }
+  if (tensors.empty()) return env.Undefined();
+  xft_adafactor_options o;
+  o.lr = (float)lr, o.eps1 = (float)eps1, o.clip_threshold = (float)clip, o.decay_rate = (float)decay, o.grad_scale = (float)gscale;
+  o.step = (int)step, o.stochastic = stochastic != 0;
+  XFT_DISPATCH(env, op, device, adafactor, tensors.data(), (int)tensors.size(), &o);
   return env.Undefined();
 }
 
@@ -391,6 +482,7 @@ void RegisterTrainOps(Napi::Env env, Napi::Object exports) {
   exports.Set("crossEntropyForward", Napi::Function::New(env, CrossEntropyForward, "crossEntropyForward"));
   exports.Set("crossEntropyBackward", Napi::Function::New(env, CrossEntropyBackward, "crossEntropyBackward"));
   exports.Set("adamw", Napi::Function::New(env, AdamW, "adamw"));
+  exports.Set("adafactor", Napi::Function::New(env, Adafactor, "adafactor"));
   exports.Set("invertPermutation", Napi::Function::New(env, InvertPermutation, "invertPermutation"));
   exports.Set("permuteForward", Napi::Function::New(env, PermuteForward, "permuteForward"));
   exports.Set("permuteBackward", Napi::Function::New(env, PermuteBackward, "permuteBackward"));

@@ -17,6 +17,8 @@ semantics, with the prefix xft_cpu_ instead of xft_cuda_.
 #include <stddef.h>
 #include <stdint.h>
 
+#include "optim.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -202,7 +204,7 @@ int xft_cuda_router_noise_backward(const void* z, const void* dnoisy, void* dcle
 int xft_cuda_sum_squares(const void* const* tensors, const size_t* numel, const int* dtypes, int count, float* out);
 // ---- [/layers] ----
 
-// ---- [train] attention, cross-entropy, AdamW, MoE permutation, balance loss ----
+// ---- [train] attention, cross-entropy, AdamW, Adafactor, MoE permutation, balance loss ----
 // attention (cuda/attention.cu): causal multi-head self-attention with grouped-query heads.
 // q, out [B*T, H*hd]; k, v [B*T, Hkv*hd] (row b*T + t, head h at columns h*hd..); H % Hkv == 0,
 // query head h reads kv head h / (H / Hkv); 1 <= hd <= 128, B, H <= 65535; q, k, v, out, dout, dq, dk, dv share
@@ -226,11 +228,17 @@ int xft_cuda_cross_entropy_forward(const void* logits, int dtype, const int* tar
 int xft_cuda_cross_entropy_backward(const void* logits, int dtype, const int* targets, const float* dloss,
                                     int R, int V, void* dlogits);
 
-// AdamW (cuda/adamw.cu), all f32 [n], in place: with gs = g * grad_scale,
+// AdamW (cuda/adamw.cu), in place: with gs = g * grad_scale,
 // m = b1 m + (1 - b1) gs, v = b2 v + (1 - b2) gs^2, p -= lr (m/(1 - b1^t) / (sqrt(v/(1 - b2^t)) + eps) + wd p).
-// step t >= 1. p_copy (NULL: none) receives the updated p in copy_dtype (f32 or bf16).
-int xft_cuda_adamw(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                   float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype);
+// step t >= 1; m, v f32 [n]; p f32 or bf16 (bf16: rounded to nearest even, or stochastically from
+// sr_stream when stochastic != 0, cuda/optim.h); g f32 or bf16. p_copy (NULL: none) receives the
+// updated p in copy_dtype (f32 or bf16, nearest even).
+int xft_cuda_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
+                   float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
+                   int stochastic, uint64_t sr_stream);
+// Adafactor (cuda/adafactor.cu): one step over `count` tensors (host table, cuda/optim.h) in a fixed
+// number of launches; semantics in cuda/adafactor.cu. Deterministic (fixed reduction order).
+int xft_cuda_adafactor(const xft_adafactor_tensor* tensors, int count, const xft_adafactor_options* o);
 
 // MoE permutation (cuda/moe_permute.cu), around the grouped GEMMs. order i32 [T*K] from routing
 // (pairs t*K + s sorted by expert); position i32 [T*K] its inverse. x, dx, out, dout [T, d];

@@ -28,6 +28,7 @@ import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInf
 import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
 import type { Model } from './model';
 import { planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions } from './plan';
+import { OPTIMIZERS, PRECISIONS, type OptimizerKind, type Precision } from './optim';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -41,6 +42,16 @@ export const RECIPE: Record<CheckpointKind, { lr: number; epochs: number; what: 
 };
 /** 500 / 6952, 625 / 8690, 125 / 1738 steps on evol-codealpaca-v1 (111k examples, batch 64) */
 const WARMUP_FRACTION = 0.072;
+/**
+ * How a run optimizes, by device. On a GPU, the reference scripts' Trainer flags (`--optim adafactor
+ * --max_grad_norm -1 --bf16 True`, weights loaded in bf16): Adafactor, no gradient clipping, bf16
+ * weights updated in place. On the CPU (small models, f32 compute), AdamW with clipping at 1 on f32
+ * weights, as before: it converges in the few hundred steps a CPU run affords.
+ */
+export const RUN_DEFAULTS: Record<Device, { optim: OptimizerKind; precision: Precision; clip: number }> = {
+  cuda: { optim: 'adafactor', precision: 'bf16', clip: 0 },
+  cpu: { optim: 'adamw', precision: 'f32', clip: 1 },
+};
 
 /** A command line that cannot run as given (exit code 2). */
 class UsageError extends Error {}
@@ -260,18 +271,18 @@ program
   .option('--seq-len <n>', 'tokens per sequence', int(1), PLAN_DEFAULTS.seqLen)
   .addOption(new Option('--optim <name>', 'optimizer').choices(['adafactor', 'adamw']).default(PLAN_DEFAULTS.optimizer))
   .addOption(new Option('--precision <mode>', "'mixed' (bf16 weights, f32 master weights and gradients), 'bf16' (bf16 weights updated in place) or 'f32'").choices(['mixed', 'bf16', 'f32']).default(PLAN_DEFAULTS.precision))
-  .addOption(new Option('--gradients <dtype>', "gradient dtype of --precision bf16").choices(['bf16', 'f32']))
+  .addOption(new Option('--grad-dtype <dtype>', "gradients of the linear and expert weights with --precision bf16 or mixed, as xft train (default f32)").choices(['bf16', 'f32']))
   .option('--recompute', 'activation recomputation (as xft train --recompute)')
   .option('--gpu-memory <GB>', 'GPU memory in GB (default: the GPU present, else 80)', num(1e-9))
   .option('--json', 'print JSON')
   .action((dir: string, o: { stage?: PlanOptions['stage']; experts?: number; topK?: number; microBatch: number; seqLen: number; optim: PlanOptions['optimizer']; precision: PlanOptions['precision'];
-    gradients?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean }) => {
-    if (o.gradients && o.precision !== 'bf16') throw new UsageError(`plan: --gradients applies to --precision bf16 (${o.precision} keeps f32 gradients)`);
+    gradDtype?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean }) => {
+    if (o.gradDtype === 'bf16' && o.precision === 'f32') throw new UsageError('plan: --grad-dtype bf16 needs bf16 weights (--precision bf16 or mixed)');
     const b = backend();
     const gpuMemory = o.gpuMemory !== undefined ? o.gpuMemory * 1e9 : b.kind === 'cuda' && b.totalMemory ? b.totalMemory : PLAN_DEFAULTS.gpuMemoryGB * 1e9;
     const plan = planMemory(dir, {
       stage: o.stage, experts: o.experts, topK: o.topK, microBatch: o.microBatch, seqLen: o.seqLen, optimizer: o.optim, precision: o.precision,
-      gradients: o.gradients, recompute: o.recompute ?? false, gpuMemory,
+      gradients: o.gradDtype, recompute: o.recompute ?? false, gpuMemory,
     });
     console.log(o.json ? JSON.stringify(plan, null, 2) : formatPlan(plan, { gpu: o.gpuMemory !== undefined ? 'given' : b.kind === 'cuda' ? b.name ?? 'the GPU' : 'no GPU here: 80 GB assumed' }));
   });
@@ -332,7 +343,10 @@ program
   .option('--lr <lr>', 'peak learning rate (default: the recipe: 5e-5, merge 1e-5)', num(0))
   .option('--warmup <steps>', `linear warmup steps (default: ${(WARMUP_FRACTION * 100).toFixed(1)}% of the steps, as the recipe)`, int(0))
   .option('--weight-decay <w>', 'AdamW weight decay', num(0), 0)
-  .option('--clip <norm>', 'gradient norm clipping (0: off)', num(0), 1)
+  .option('--clip <norm>', 'gradient norm clipping (0: off; default: GPU 0 as the reference, CPU 1)', num(0))
+  .addOption(new Option('--optim <name>', "optimizer: 'adafactor' (transformers' Adafactor, as the reference) or 'adamw' (default: GPU adafactor, CPU adamw)").choices([...OPTIMIZERS]))
+  .option('--stochastic-rounding', 'with --precision bf16: round the bf16 weight updates stochastically (updates below a bf16 ulp are kept on average)')
+  .addOption(new Option('--grad-dtype <dtype>', "gradients of the linear and expert weights with --precision bf16 or mixed: 'f32' or 'bf16' (half the memory)").choices(['f32', 'bf16']).default('f32'))
   .option('--held-out <n>', 'examples (or a fraction < 1) held out for evaluation at the end', num(0), 0)
   .option('--seed <n>', 'seed of the data order and router noise', int(0), 0)
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
@@ -341,7 +355,7 @@ program
   .option('--recompute', 'activation recomputation: keep only each block\'s input, recompute it in the backward (less memory, ~1/3 more compute, identical gradients)')
   .option('--skip-nonfinite <n>', 'skip up to N steps whose loss or gradient norm is NaN/Inf (no update) before stopping with exit 1 (default 0: stop at the first)', int(0), 0)
   .addOption(deviceOption())
-  .addOption(precisionOption())
+  .addOption(new Option('--precision <mode>', "'bf16' (bf16 weights updated in place, f32 optimizer math, as the reference), 'mixed' (bf16 compute weights + f32 master weights) or 'f32' (default: GPU bf16, CPU f32)").choices([...PRECISIONS]))
   .addOption(dtypeOption())
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
@@ -349,24 +363,44 @@ program
 
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
-  warmup?: number; weightDecay: number; clip: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
-  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; recompute?: boolean;
+  warmup?: number; weightDecay: number; clip?: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
+  dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; optim?: OptimizerKind; stochasticRounding?: boolean; gradDtype?: 'f32' | 'bf16'; recompute?: boolean;
 }
 
-async function trainCommand(modelDir: string, cli: TrainCliOptions): Promise<void> {
+/** The options that decide how the saved state reads: given again with --resume, they must match the run's. */
+const RESUME_FIXED = ['optim', 'precision', 'stochasticRounding'] as const;
+
+/**
+ * The run's optimizer, precision and clipping: the flags, else the device's defaults (RUN_DEFAULTS).
+ * Options saved before --optim existed (no `optim`): AdamW, and their 'bf16' precision was mixed.
+ */
+function runSettings(o: TrainCliOptions, device: Device): { optim: OptimizerKind; precision: Precision; clip: number } {
+  const d = RUN_DEFAULTS[device];
+  if (o.resume && o.optim === undefined)
+    return { optim: 'adamw', precision: o.precision === 'bf16' || (o.precision === undefined && device === 'cuda') ? 'mixed' : 'f32', clip: o.clip ?? 1 };
+  const precision = (o.precision as Precision | undefined) ?? d.precision;
+  if (o.stochasticRounding && precision !== 'bf16')
+    throw new UsageError(`train: --stochastic-rounding rounds bf16 weights updated in place; it needs --precision bf16 (this run: ${precision})`);
+  if (o.gradDtype === 'bf16' && precision === 'f32') throw new UsageError('train: --grad-dtype bf16 needs bf16 weights (--precision bf16 or mixed)');
+  return { optim: o.optim ?? d.optim, precision, clip: o.clip ?? d.clip };
+}
+
+async function trainCommand(modelDir: string, cli: TrainCliOptions, command: Command): Promise<void> {
+  if (cli.resume)
+    for (const k of RESUME_FIXED) if (command.getOptionValueSource(k) !== 'cli') delete cli[k];
   const resumeDir = `${cli.out.replace(/[/\\]+$/, '')}.resume`;
   checkOut(cli.out);
   // claim <out> and <out>.resume for the whole run: a second run with this --out fails now, not after training
   const claims: FolderLock[] = [];
   try {
     claims.push(lockFolder(cli.out), lockFolder(resumeDir));
-    await trainRun(modelDir, cli, resumeDir);
+    await trainRun(modelDir, cli, resumeDir, command);
   } finally {
     claims.forEach((c) => c.release());
   }
 }
 
-async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: string): Promise<void> {
+async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: string, command: Command): Promise<void> {
   let o = cli;
   const saved = cli.resume ? readTrainStateInfo(resumeDir) : null;
   if (saved) {
@@ -375,6 +409,13 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
     if (path.resolve(args.model) !== path.resolve(modelDir))
       throw new XftError(`${resumeDir} continues a run of ${args.model}, not ${modelDir}`, 'XFT_VALUE');
     o = { ...args.options, device: cli.device ?? args.options.device, resume: true };
+    const savedOptim = (saved.optimizer as string | undefined) ?? 'adamw';
+    for (const k of RESUME_FIXED) {
+      const was = k === 'optim' ? o.optim ?? savedOptim : k === 'stochasticRounding' ? o[k] ?? false : o[k];
+      if (command.getOptionValueSource(k) === 'cli' && cli[k] !== was)
+        throw new XftError(`--resume: ${resumeDir} holds a run with --${k === 'stochasticRounding' ? 'stochastic-rounding' : k} ${was ?? '(default)'}; ` +
+          `it continues only with the same setting (given: ${cli[k]}); start a new run (another --out) to change it`, 'XFT_VALUE');
+    }
     console.log(`resuming at step ${saved.step} with the saved options`);
   } else if (!o.data) throw new UsageError("train: required option '--data <file>' not specified");
   checkOutputFolder(o.out, o.overwrite);
@@ -393,8 +434,9 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const micro = o.microBatch ?? Math.min(8, batch);
   if (batch % micro !== 0) throw new XftError(`--micro-batch ${micro} must divide the batch size ${batch}`, 'XFT_VALUE');
 
-  const precision = precisionOf(o.precision, device);
-  let model = loadModel(modelDir, { device, dtype: precision });
+  const run = runSettings(o, device);
+  o = { ...o, ...run };
+  let model = loadModel(modelDir, { device, dtype: run.precision === 'f32' ? 'f32' : 'bf16' });
   if (o.merge) {
     const moe = model;
     model = mergeable(moe, { sharedRate: o.sharedRate });
@@ -404,7 +446,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const stepsPerEpoch = Math.floor(rows.length / batch);
   const total = o.steps ?? Math.max(1, Math.round(stepsPerEpoch * (o.epochs ?? recipe.epochs)));
   const lr = o.lr ?? recipe.lr, warmup = o.warmup ?? Math.round(WARMUP_FRACTION * total);
-  console.log(`${recipe.what}: ${describe(model)}, ${precision}${o.recompute ? ', activation recomputation' : ''}`);
+  console.log(`${recipe.what}: ${describe(model)}, precision ${run.precision}${o.stochasticRounding ? ' (stochastic rounding)' : ''}, ${run.optim}, clip ${run.clip || 'off'}${o.recompute ? ', activation recomputation' : ''}`);
   console.log(`data: ${rows.length} sequences of ${o.seqLen} tokens (${tok.name} tokenizer), ${evalRows.length} held out; ${total} steps of ${batch} (micro-batch ${micro}), lr ${lr}, warmup ${warmup}`);
 
   // the run's state object: the trainer fills and advances it, so --save-every can save it between steps
@@ -423,7 +465,8 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   b.start(total, state.step, { loss: '-', lr: '-', tps: '-' });
   let savedStep = saved?.step ?? null;
   const r = await trainAsync(model, rows, {
-    lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: o.clip, seed: o.seed,
+    lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: run.clip, seed: o.seed,
+    optimizer: run.optim, masterWeights: run.precision === 'mixed', stochasticRounding: o.stochasticRounding ?? false, gradDtype: o.gradDtype ?? 'f32',
     resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0, recompute: o.recompute ?? false,
     onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {
@@ -456,7 +499,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
     process.exitCode = EXIT.interrupted;
     return;
   }
-  const metrics: Record<string, unknown> = { kind: model.kind, steps: total, losses, evals, lr, warmup, batch, seqLen: o.seqLen };
+  const metrics: Record<string, unknown> = { kind: model.kind, steps: total, losses, evals, lr, warmup, batch, seqLen: o.seqLen, ...run };
   if (evalRows.length) {
     const ev = evaluate(model, evalRows, { batchSize: micro });
     metrics.eval = ev;

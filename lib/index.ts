@@ -7,15 +7,20 @@ export {
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
+import { adamw, adafactor } from './optim';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOps, ...layerOps, ...trainOps };
+export const ops = { ...xftOps, ...layerOps, ...trainOps, adamw, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
 export type {
-  AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, AdamWOptions, PermutationOptions, LoadEstimateOptions,
+  AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, PermutationOptions, LoadEstimateOptions,
 } from './ops_train';
 export type { NativeBackend, NativeMemoryStats, NativeStorage } from './native';
 export * from './checkpoint';
+export {
+  type OptimizerKind, type OptimizerState, type Precision, OPTIMIZERS, PRECISIONS, bytesPerParameter, adafactorState, adafactorStateShapes,
+  adafactorStateElements, isFactored, type AdamWOptions, type AdafactorOptions, type AdafactorEntry, type AdafactorState,
+} from './optim';
 export { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
 export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type Context } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type RouterInitKind, type MergeableOptions, type InitOptions } from './xft';

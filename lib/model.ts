@@ -32,11 +32,20 @@ const NOISE_EPS = 0.01;
 /** A trainable (or frozen) tensor with its gradient. */
 export class Param {
   grad: Tensor | null = null;
+  /**
+   * dtype of the gradient buffer: f32, or bf16 for a bf16 weight whose gradient the grouped GEMM
+   * accumulates (linear and expert weights; not the embedding, norms or α, whose kernels add into f32).
+   */
+  gradDtype: 'f32' | 'bf16' = 'f32';
   constructor(readonly name: string, public value: Tensor, public trainable = true) {}
 
-  /** The gradient buffer (f32, zeros on first use). */
+  /** The gradient buffer (gradDtype, zeros on first use). */
   gradBuffer(): Tensor {
-    if (!this.grad) this.grad = Tensor.zeros(this.value.shape, { dtype: 'f32', device: this.value.device });
+    if (this.grad && this.grad.dtype !== this.gradDtype) {
+      this.grad.dispose();
+      this.grad = null;
+    }
+    if (!this.grad) this.grad = Tensor.zeros(this.value.shape, { dtype: this.gradDtype, device: this.value.device });
     return this.grad;
   }
 

@@ -1,9 +1,10 @@
 /**
  * Typed wrappers of the train op families (see cuda/xft_cuda.h, section [train]): causal GQA
- * attention, masked cross-entropy, AdamW, the MoE permutation around the grouped GEMMs, and the
+ * attention, masked cross-entropy, the MoE permutation around the grouped GEMMs, and the
  * router's balance loss. Each wrapper checks shapes, dtypes and devices (XftErrors that name the
  * argument), allocates the outputs and dispatches to the CPU or CUDA twin.
- * Kernels: cuda/{attention,cross_entropy,adamw,moe_permute}.cu; CPU twins: binding/cpu/*.cc.
+ * Kernels: cuda/{attention,cross_entropy,moe_permute}.cu; CPU twins: binding/cpu/*.cc. The optimizers
+ * (AdamW, Adafactor) are in lib/optim/.
  */
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
@@ -21,8 +22,6 @@ export interface TrainNative {
     B: number, T: number, H: number, Hkv: number, hd: number): void;
   crossEntropyForward(logits: S, dtype: number, targets: S, R: number, V: number, losses: S, predictions: S): void;
   crossEntropyBackward(logits: S, dtype: number, targets: S, dLoss: S, R: number, V: number, dLogits: S): void;
-  adamw(params: S, grads: S, m: S, v: S, n: number, lr: number, beta1: number, beta2: number, eps: number,
-    weightDecay: number, step: number, gradScale: number, copyTo: S | null, copyDtype: number): void;
   invertPermutation(order: S, position: S, n: number): void;
   permuteForward(x: S, order: S, xp: S, dtype: number, T: number, K: number, d: number): void;
   permuteBackward(dxp: S, position: S, dx: S, dtype: number, T: number, K: number, d: number): void;
@@ -174,59 +173,6 @@ export function crossEntropyBackward(logits: Tensor, targets: Tensor, dLoss: Ten
   const dLogits = inPlace ? logits : Tensor.empty(logits.shape, { dtype: logits.dtype, device: logits.device });
   train.crossEntropyBackward(logits.storage, dtypeCode(logits.dtype), targets.storage, dLoss.storage, a.R, a.V, dLogits.storage);
   return dLogits;
-}
-
-// ---------------------------------------------------------------------------------------------
-// 3. AdamW
-
-export interface AdamWOptions {
-  /** learning rate (>= 0) */
-  lr: number;
-  /** step t >= 1 (the bias corrections use it) */
-  step: number;
-  /** default 0.9 */
-  beta1?: number;
-  /** default 0.999 */
-  beta2?: number;
-  /** default 1e-8 */
-  eps?: number;
-  /** decoupled weight decay (torch.optim.AdamW), default 0 */
-  weightDecay?: number;
-  /** multiplies the gradients first: a clipping factor and/or 1 / accumulation steps. Default 1. */
-  gradScale?: number;
-  /** also write the updated parameters here (f32 or bf16, params' element count): the compute copy */
-  copyTo?: Tensor;
-}
-
-/**
- * One AdamW step, in place on fp32 master parameters and moments (all f32, one shape):
- * m = β1 m + (1-β1) g', v = β2 v + (1-β2) g'², p -= lr (m̂ / (√v̂ + eps) + weightDecay p), g' = g gradScale.
- */
-export function adamw(params: Tensor, grads: Tensor, m: Tensor, v: Tensor, options: AdamWOptions): void {
-  const op = 'adamw';
-  const o = expectOptions<AdamWOptions>(op, options, 'an object with lr and step');
-  const p = expectTensor(op, 'params', params, { dtype: ['f32'] });
-  const like = { dtype: ['f32'] as DType[], shape: p.shape, shapeName: formatShape(p.shape) };
-  expectTensor(op, 'grads', grads, like);
-  expectTensor(op, 'm', m, like);
-  expectTensor(op, 'v', v, like);
-  const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
-  const step = expectInt(op, 'step', o.step, 1, 2147483647);
-  const unit = (x: number) => x >= 0 && x < 1;
-  const beta1 = o.beta1 === undefined ? 0.9 : expectNumber(op, 'beta1', o.beta1, 'a number in [0, 1)', unit);
-  const beta2 = o.beta2 === undefined ? 0.999 : expectNumber(op, 'beta2', o.beta2, 'a number in [0, 1)', unit);
-  const eps = o.eps === undefined ? 1e-8 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
-  const wd = o.weightDecay === undefined ? 0 : expectNumber(op, 'weightDecay', o.weightDecay, 'a finite number >= 0', (x) => x >= 0);
-  const gradScale = o.gradScale === undefined ? 1 : expectNumber(op, 'gradScale', o.gradScale, 'a finite number', () => true);
-  let copy: Tensor | null = null;
-  if (o.copyTo !== undefined) {
-    copy = expectTensor(op, 'copyTo', o.copyTo, { dtype: FLOAT });
-    if (copy.numel !== p.numel)
-      throw new XftError(`${op}: copyTo ${copy.describe()} must have as many elements as params ${p.describe()}`, 'XFT_SHAPE');
-  }
-  sameDevice(op, { params, grads, m, v, copyTo: copy });
-  train.adamw(p.storage, grads.storage, m.storage, v.storage, p.numel, lr, beta1, beta2, eps, wd, step, gradScale,
-    copy ? copy.storage : null, dtypeCode(copy ? copy.dtype : 'f32'));
 }
 
 // ---------------------------------------------------------------------------------------------

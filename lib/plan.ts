@@ -30,15 +30,15 @@ export type PlanStage = 'sft' | 'moe' | 'merge';
 export type PlanOptimizer = 'adafactor' | 'adamw';
 /**
  * mixed  bf16 weights and activations, f32 master weights in the optimizer, f32 gradients
- * bf16   bf16 weights updated in place (no master copy), bf16 activations, gradients in `gradients`
+ * bf16   bf16 weights updated in place (no master copy), bf16 activations, gradients in `gradients` (default f32)
  * f32    f32 weights, activations and gradients
  */
 export type PlanPrecision = 'mixed' | 'bf16' | 'f32';
 
 /** The recipe's defaults (the reference: Adafactor on bf16 weights). */
 export const PLAN_DEFAULTS = { optimizer: 'adafactor', precision: 'bf16', microBatch: 8, seqLen: 1024, gpuMemoryGB: 80 } as const;
-/** Gradient dtype of the bf16 precision unless `gradients` says otherwise (the reference: bf16, as its weights). */
-export const BF16_GRADIENTS_DEFAULT: 'bf16' | 'f32' = 'bf16';
+/** Gradient dtype of bf16 weights unless `gradients` says otherwise: f32, as `xft train --grad-dtype` (the reference's bf16 parameters have bf16 gradients: `--grad-dtype bf16`). */
+export const BF16_GRADIENTS_DEFAULT: 'bf16' | 'f32' = 'f32';
 
 export interface PlanOptions {
   /** default: from the checkpoint's kind (dense: sft, moe: moe, merged: merge) */
@@ -52,7 +52,7 @@ export interface PlanOptions {
   seqLen?: number;
   optimizer?: PlanOptimizer;
   precision?: PlanPrecision;
-  /** the gradients' dtype under precision 'bf16' (mixed and f32 keep f32 gradients) */
+  /** the dtype of the linear and expert weights' gradients under precision 'bf16' or 'mixed' (f32 keeps f32 gradients), as TrainOptions.gradDtype */
   gradients?: 'bf16' | 'f32';
   /** activation recomputation (Model.forward / train `recompute`) */
   recompute?: boolean;
@@ -231,7 +231,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
   const pool = new Pool();
   const act = o.precision === 'f32' ? 4 : 2; // activations in the weights' dtype
   const wBytes = o.precision === 'f32' ? 4 : 2;
-  const gBytes = o.precision === 'bf16' ? BYTES[o.gradients] : 4;
+  const gBytes = o.precision !== 'f32' ? BYTES[o.gradients] : 4;
   // persistent: weights, gradients of the trainable parameters, optimizer state (+ f32 masters of mixed precision)
   for (const p of s.params) {
     const n = numel(p.shape), wb = p.f32 ? 4 : wBytes;
@@ -452,7 +452,7 @@ export function planMemory(source: string | PlanSource, options: PlanOptions = {
   const settings: Settings = {
     optimizer: oneOf('optimizer', options.optimizer, ['adafactor', 'adamw'] as const, PLAN_DEFAULTS.optimizer),
     precision,
-    gradients: precision === 'bf16' ? oneOf('gradients', options.gradients, ['bf16', 'f32'] as const, BF16_GRADIENTS_DEFAULT) : 'f32',
+    gradients: precision !== 'f32' ? oneOf('gradients', options.gradients, ['bf16', 'f32'] as const, BF16_GRADIENTS_DEFAULT) : 'f32',
     recompute: options.recompute === undefined ? false : typeof options.recompute === 'boolean' ? options.recompute : fail('recompute', 'a boolean', options.recompute),
     B: positiveInt('microBatch', options.microBatch, PLAN_DEFAULTS.microBatch),
     T: positiveInt('seqLen', options.seqLen, PLAN_DEFAULTS.seqLen),

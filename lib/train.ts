@@ -1,11 +1,12 @@
 /**
- * The training loop: AdamW on fp32 master weights, linear warmup then linear decay, global
+ * The training loop: AdamW or Adafactor (lib/optim/) on f32 weights, bf16 weights with f32 master
+ * copies (mixed precision) or bf16 weights updated in place; linear warmup then linear decay, global
  * gradient-norm clipping, gradient accumulation to a target batch, an onStep callback, and
  * deterministic runs for a fixed seed. A run saved with `saveTrainState` and resumed continues
  * with exactly the losses of an unbroken run.
  *
  * Each step reads top to bottom: next micro-batches -> forward -> backward (gradients accumulate)
- * -> grad norm -> clip -> AdamW update -> zero gradients.
+ * -> grad norm -> clip -> optimizer update -> zero gradients.
  *
  * Divergence: a step whose loss or gradient norm is NaN or infinite is caught before the update,
  * from the values the step reads back anyway (no extra device sync): the run stops with
@@ -18,7 +19,7 @@ import * as path from 'node:path';
 import { XftError, describe } from './errors';
 import { Tensor, disposeAll } from './tensor';
 import * as lops from './ops_layers';
-import * as tops from './ops_train';
+import { type OptimizerKind, type OptimizerState, OPTIMIZERS, disposeOptimizerState, optimizerOf, optimizerStep, prepareState, setStateTensor, stateTensors } from './optim';
 import { type Model, type Param, expectModel } from './model';
 import { type Sample, concatRows, countTargets, expectSamples, shuffle } from './data';
 import { SafetensorsReader, writeSafetensors } from './safetensors';
@@ -43,6 +44,18 @@ export interface TrainOptions {
   eps?: number;
   /** clip the global gradient norm to this (default 1.0; 0 disables) */
   clip?: number;
+  /** 'adamw' (default; beta1, beta2, eps, weightDecay apply) or 'adafactor' (transformers' Adafactor as the HF Trainer's --optim adafactor) */
+  optimizer?: OptimizerKind;
+  /** a bf16 model: keep f32 master weights (mixed precision, default true) or update the bf16 weights in place (false: the reference's bf16) */
+  masterWeights?: boolean;
+  /** bf16 weights updated in place: stochastic rounding of the write (default false: nearest even), seeded by seed, step and tensor */
+  stochasticRounding?: boolean;
+  /**
+   * dtype of the gradients of a bf16 model's linear and expert weights (default 'f32'; 'bf16' halves
+   * their memory, accumulating micro-batches in bf16 as PyTorch does for bf16 parameters). The
+   * embedding, norms and α keep f32 gradients.
+   */
+  gradDtype?: 'f32' | 'bf16';
   /** seed of the data order and router noise (default 0) */
   seed?: number;
   /** activation recomputation: blocks keep only their input, backward recomputes them (identical gradients, less memory, ~1/3 more compute) */
@@ -77,14 +90,9 @@ export interface StepInfo {
   skipped: boolean;
 }
 
-/** Optimizer moments and progress, for resuming. */
-export interface TrainState {
+/** Optimizer state (lib/optim: moments or statistics, master weights) and progress, for resuming. */
+export interface TrainState extends OptimizerState {
   step: number;
-  /** moments per trainable parameter name */
-  m: Map<string, Tensor>;
-  v: Map<string, Tensor>;
-  /** f32 master weights of the trainable parameters that are not f32 (a bf16 model) */
-  master?: Map<string, Tensor>;
 }
 
 export interface TrainResult {
@@ -173,6 +181,11 @@ export class Trainer {
     num('beta1', 'a number in [0, 1)', (x) => x >= 0 && x < 1), num('beta2', 'a number in [0, 1)', (x) => x >= 0 && x < 1);
     check(o.onStep === undefined || typeof o.onStep === 'function', 'onStep', 'a function', o.onStep);
     check(o.recompute === undefined || typeof o.recompute === 'boolean', 'recompute', 'a boolean', o.recompute);
+    check(o.optimizer === undefined || OPTIMIZERS.includes(o.optimizer), 'optimizer', `one of ${OPTIMIZERS.map((x) => `'${x}'`).join(', ')}`, o.optimizer);
+    check(o.masterWeights === undefined || typeof o.masterWeights === 'boolean', 'masterWeights', 'a boolean', o.masterWeights);
+    check(o.stochasticRounding === undefined || typeof o.stochasticRounding === 'boolean', 'stochasticRounding', 'a boolean', o.stochasticRounding);
+    check(o.gradDtype === undefined || o.gradDtype === 'f32' || o.gradDtype === 'bf16', 'gradDtype', "'f32' or 'bf16'", o.gradDtype);
+    check(o.gradDtype !== 'bf16' || model.dtype === 'bf16', 'gradDtype', "'f32' for an f32 model (bf16 gradients need bf16 weights)", o.gradDtype);
     check(o.resume === undefined || (o.resume !== null && typeof o.resume === 'object' && o.resume.m instanceof Map && o.resume.v instanceof Map &&
       Number.isSafeInteger(o.resume.step)), 'resume', 'a TrainState (from train or loadTrainState)', o.resume);
     this.#o = o;
@@ -185,12 +198,9 @@ export class Trainer {
     this.#last = Math.min(this.total, o.stopAfter ?? this.total);
     this.#params = model.trainableParams();
     this.state = o.resume ?? { step: 0, m: new Map(), v: new Map() };
-    this.state.master ??= new Map();
-    for (const p of this.#params) {
-      if (!this.state.m.has(p.name)) this.state.m.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
-      if (!this.state.v.has(p.name)) this.state.v.set(p.name, Tensor.zeros(p.value.shape, { device: model.device }));
-      if (p.value.dtype !== 'f32' && !this.state.master.has(p.name)) this.state.master.set(p.name, p.value.cast('f32'));
-    }
+    prepareState(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true, this.state.step);
+    for (const p of this.#params)
+      p.gradDtype = o.gradDtype === 'bf16' && p.value.dtype === 'bf16' && p.value.shape.length >= 2 && p !== model.embed ? 'bf16' : 'f32';
     model.zeroGrad();
   }
 
@@ -243,14 +253,11 @@ export class Trainer {
       o.onWarning?.(`step ${step + 1}: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite; step skipped (${this.skipped} of at most ${o.skipNonFinite})`);
     } else {
       const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
-      for (const p of withGrad) {
-        // a bf16 parameter: AdamW updates its f32 master and writes the rounded result into the parameter
-        const master = this.state.master!.get(p.name);
-        tops.adamw(master ?? p.value, p.grad!, this.state.m.get(p.name)!, this.state.v.get(p.name)!, {
-          lr, step: step + 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0, gradScale: scale,
-          copyTo: master ? p.value : undefined,
-        });
-      }
+      // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter
+      optimizerStep(optimizerOf(this.state), this.#params, this.state, {
+        lr, step: step + 1, gradScale: scale, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
+        stochasticRounding: o.stochasticRounding, seed,
+      });
       model.zeroGrad();
       this.#watchStuck(loss);
     }
@@ -352,8 +359,8 @@ export function saveTrainState(dir: string, model: Model, state: TrainState, ext
     list.map(([name, t]) => ({ name: `${prefix}${name}`, dtype: 'F32' as const, shape: t.shape, tensor: () => t }));
   writeFolderAtomic(dir, (tmp) => {
     writeSafetensors(path.join(tmp, 'params.safetensors'), entries('', model.params().map((p: Param) => [p.name, p.value])));
-    writeSafetensors(path.join(tmp, 'optimizer.safetensors'), [...entries('m.', [...state.m]), ...entries('v.', [...state.v]), ...entries('master.', [...(state.master ?? [])])]);
-    writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify({ ...extra, step: state.step }, null, 2));
+    writeSafetensors(path.join(tmp, 'optimizer.safetensors'), entries('', stateTensors(state)));
+    writeFileAtomic(path.join(tmp, 'trainer_state.json'), JSON.stringify({ ...extra, step: state.step, optimizer: optimizerOf(state) }, null, 2));
   });
 }
 
@@ -376,7 +383,10 @@ export function readTrainStateInfo(dir: string): { step: number } & Record<strin
 
 /** Loads what saveTrainState wrote: parameters into `model` (same architecture), and the optimizer state. */
 export function loadTrainState(dir: string, model: Model): TrainState {
-  const { step } = readTrainStateInfo(dir);
+  const info = readTrainStateInfo(dir), step = info.step;
+  const optimizer = info.optimizer ?? 'adamw';
+  if (!OPTIMIZERS.includes(optimizer as OptimizerKind))
+    throw new XftError(`${path.join(dir, 'trainer_state.json')}: unknown optimizer ${describe(optimizer)} (expected one of ${OPTIMIZERS.join(', ')})`, 'XFT_FORMAT');
   const params = new SafetensorsReader(path.join(dir, 'params.safetensors'));
   for (const p of model.params()) {
     const t = params.read(p.name, { device: model.device, shape: p.value.shape, dtype: p.value.dtype, finite: true });
@@ -384,18 +394,16 @@ export function loadTrainState(dir: string, model: Model): TrainState {
     t.dispose();
   }
   const opt = new SafetensorsReader(path.join(dir, 'optimizer.safetensors'));
-  const m = new Map<string, Tensor>(), v = new Map<string, Tensor>(), master = new Map<string, Tensor>();
+  const state: TrainState = { step, optimizer: optimizer as OptimizerKind, m: new Map(), v: new Map(), row: new Map(), col: new Map(), master: new Map() };
   for (const name of opt.names()) {
     const t = opt.read(name, { device: model.device, finite: true });
-    if (name.startsWith('m.')) m.set(name.slice(2), t);
-    else if (name.startsWith('v.')) v.set(name.slice(2), t);
-    else if (name.startsWith('master.')) master.set(name.slice(7), t);
-    else {
+    if (!setStateTensor(state, name, t) || (optimizer === 'adafactor' && name.startsWith('m.'))) {
       t.dispose();
-      throw new XftError(`${dir}: unexpected tensor ${name} in optimizer.safetensors`, 'XFT_FORMAT');
+      disposeOptimizerState(state);
+      throw new XftError(`${dir}: unexpected tensor ${name} in optimizer.safetensors (an ${optimizer} state)`, 'XFT_FORMAT');
     }
   }
-  return { step, m, v, master };
+  return state;
 }
 
 /**
@@ -412,7 +420,5 @@ export function useMasterWeights(model: Model, state: TrainState): void {
 }
 
 export function disposeState(state: TrainState): void {
-  state.m.forEach((t) => t.dispose());
-  state.v.forEach((t) => t.dispose());
-  state.master?.forEach((t) => t.dispose());
+  disposeOptimizerState(state);
 }

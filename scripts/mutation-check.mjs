@@ -62,6 +62,11 @@ const MUTANTS = [
     edits: [['importance[sel[j]] += shared ? p[sel[j]] : g[j];', 'importance[sel[j]] += p[sel[j]];']], tests: ['test/20.routing.ts'] },
   { name: 'config-json-lossy', why: 'config.json written with JSON.stringify (4.0 becomes 4, the source key order lost)', file: 'lib/checkpoint.ts',
     edits: [["configJsonText(config));", "JSON.stringify(config, null, 2) + '\\n');"]], tests: ['test/52.config_json.ts'] },
+  // the optimizers (issue 11)
+  { name: 'adafactor-rms-whole-stack', why: "Adafactor clips an expert stack's update by the RMS of the whole stack, not per expert", file: 'binding/cpu/adafactor.cc', native: true,
+    edits: [['const size_t groups = t.clip_per_slice ? S : 1,', 'const size_t groups = 1,']], tests: ['test/47.adafactor.ts'] },
+  { name: 'stochastic-rounding-truncates', why: 'stochastic rounding without the random bits (always toward zero)', file: 'cuda/optim.h', native: true,
+    edits: [['u += r & 0xffffu;', 'u += 0;']], tests: ['test/47.adafactor.ts'] },
 ];
 
 const only = process.argv.slice(2);

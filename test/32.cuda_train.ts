@@ -1,9 +1,9 @@
-// The train kernels (attention, cross-entropy, AdamW, MoE permutation, balance loss, load estimate) on CUDA
+// The train kernels (attention, cross-entropy, AdamW, Adafactor, MoE permutation, balance loss, load estimate) on CUDA
 // against their CPU twins, on fresh random inputs (the seed is printed), with every new device
 // allocation poisoned (NaN / -1) so that an output element left unwritten fails.
 // Tolerances: fp32 1e-5, bf16 1e-2 relative (‖cuda − cpu‖ / ‖cpu‖); integer outputs exact.
 import t from 'tap';
-import { Tensor, ops, type DType } from '../lib/index';
+import { Tensor, ops, adafactorState, type DType } from '../lib/index';
 import { native } from '../lib/native';
 import { SKIP_NO_CUDA, rng } from './helpers/ref';
 import { close, exact } from './helpers/check';
@@ -103,6 +103,29 @@ t.test('adamw: CUDA vs CPU over three steps', { skip: SKIP_NO_CUDA }, async (t) 
       if (copy) close(t, copy.cuda.toArray(), copy.cpu.toArray(), TOL[copyDtype!], `${what}: copy`);
       for (const x of [p, m, v, copy]) if (x) x.cpu.dispose(), x.cuda.dispose();
     }
+});
+
+t.test('adafactor: CUDA vs CPU over two steps, many tensors per call (f32 and bf16 weights, stochastic rounding)', { skip: SKIP_NO_CUDA }, async (t) => {
+  // a large expert stack and a long vector (many blocks per launch) beside small and odd shapes
+  const shapes = fastCases(t, [[4, 257, 513], [100003], [3, 1000], [1, 7], [5]], (s) => s.reduce((a, b) => a * b, 1), 5000);
+  for (const dtype of ['f32', 'bf16'] as const) {
+    const what = (s: number[]) => `${dtype} [${s}]`;
+    const p = shapes.map((s) => pair(s, dtype)), st = shapes.map((s) => ({ cpu: adafactorState(s, 'cpu'), cuda: adafactorState(s, 'cuda') }));
+    for (let step = 1; step <= 2; step++) {
+      const g = shapes.map((s) => pair(s, 'f32', { std: step }));
+      const o = { lr: 1e-2, step, gradScale: 0.5, stochasticRounding: dtype === 'bf16', seed: 9 };
+      for (const dev of ['cpu', 'cuda'] as const)
+        ops.adafactor(shapes.map((s, i) => ({ params: p[i][dev], grads: g[i][dev], state: st[i][dev], clipPerSlice: s.length >= 3 })), o);
+      g.forEach((x) => (x.cpu.dispose(), x.cuda.dispose()));
+    }
+    shapes.forEach((s, i) => {
+      close(t, p[i].cuda.toArray(), p[i].cpu.toArray(), TOL[dtype], `${what(s)}: params`);
+      for (const k of ['row', 'col', 'v'] as const)
+        if (st[i].cpu[k]) close(t, st[i].cuda[k]!.toArray(), st[i].cpu[k]!.toArray(), TOL.f32, `${what(s)}: ${k}`);
+    });
+    p.forEach((x) => (x.cpu.dispose(), x.cuda.dispose()));
+    st.forEach((x) => [x.cpu, x.cuda].forEach((y) => [y.row, y.col, y.v].forEach((z) => z?.dispose())));
+  }
 });
 
 t.test('MoE permutation: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {

@@ -1,6 +1,6 @@
 // Whole models on CUDA against the same models on the CPU (the counter-based initialisation gives
 // the same weights on both devices): dense, MoE and merge models, f32 and bf16 (mixed precision);
-// logits, the loss, every parameter gradient, and three training steps.
+// logits, the loss, every parameter gradient, and three training steps (AdamW; Adafactor on bf16 weights).
 // Tolerances are those of compositions of kernels: f32 1e-4, bf16 3e-2 relative (‖cuda − cpu‖ / ‖cpu‖);
 // each kernel alone is held to 1e-5 / 1e-2 by test/30-32.
 import t from 'tap';
@@ -124,5 +124,29 @@ t.test('three training steps of the MoE, f32 and bf16: CUDA vs CPU losses', { sk
       return r.losses;
     };
     close(t, losses('cuda'), losses('cpu'), MODEL_TOL[dtype], `${dtype} losses`);
+  }
+});
+
+t.test('two Adafactor steps of the MoE: bf16 weights in place (stochastic rounding, bf16 gradients) and mixed, CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  const R = rng(seed() % 100000);
+  const rows = Array.from({ length: 8 }, () => {
+    const ids = Array.from({ length: 17 }, () => R.int(0, config.vocab_size));
+    return { ids: ids.slice(0, -1), targets: ids.slice(1) };
+  });
+  for (const mode of ['bf16', 'mixed'] as const) {
+    const run = (device: 'cpu' | 'cuda') => {
+      const m = build('moe', 'bf16', device, 4);
+      const r = train(m, rows, {
+        lr: 1e-3, batchSize: 4, microBatch: 2, steps: 2, seed: 1, optimizer: 'adafactor', clip: 0,
+        masterWeights: mode === 'mixed', stochasticRounding: mode === 'bf16', gradDtype: mode === 'bf16' ? 'bf16' : 'f32',
+      });
+      const w = m.params().flatMap((p) => Array.from(p.value.toArray()));
+      m.dispose();
+      disposeState(r.state);
+      return { losses: r.losses, w };
+    };
+    const a = run('cuda'), b = run('cpu');
+    close(t, a.losses, b.losses, MODEL_TOL.bf16, `${mode}: losses`);
+    close(t, a.w, b.w, MODEL_TOL.bf16, `${mode}: weights after two steps`);
   }
 });

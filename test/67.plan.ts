@@ -171,5 +171,5 @@ t.test('xft plan', async (t) => {
     { encoding: 'utf8', env: { ...process.env, XFT_DEVICE: 'cpu' } });
   t.equal(j.status, 0, j.stderr);
   t.match(JSON.parse(j.stdout), { stage: 'sft', optimizer: 'adamw', precision: 'mixed', recompute: true, gpuMemory: 40e9, microBatch: 8, seqLen: 1024 });
-  t.equal(xft('--gradients', 'f32', '--precision', 'mixed').status, 2, '--gradients without --precision bf16 is a usage error');
+  t.equal(xft('--grad-dtype', 'bf16', '--precision', 'f32').status, 2, '--grad-dtype bf16 with f32 weights is a usage error');
 });

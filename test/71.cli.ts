@@ -69,10 +69,13 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   t.equal(r.code, 0, `merge: ${r.err}`);
   t.equal(readCheckpointInfo(at('final')).kind, 'dense');
   t.same(JSON.parse(fs.readFileSync(at('final/config.json'), 'utf8')).architectures, ['LlamaForCausalLM']);
-  r = xft('train', 'final', ...DATA, '--out', 'sft-bf16', '--batch-size', '8', '--steps', '2', '--precision', 'bf16');
-  t.equal(r.code, 0, `train --precision bf16: ${r.err}`);
-  t.match(r.out, /SFT of the dense model: .*, bf16/);
-  t.equal(new SafetensorsReader(at('sft-bf16')).info('lm_head.weight').dtype, 'F32', 'an f32 source is written back as f32 (from the f32 master weights)');
+  r = xft('train', 'final', ...DATA, '--out', 'sft-bf16', '--batch-size', '8', '--steps', '2', '--precision', 'mixed');
+  t.equal(r.code, 0, `train --precision mixed: ${r.err}`);
+  t.match(r.out, /SFT of the dense model: .*, precision mixed/);
+  // on the CPU the chain stays f32; on a GPU its default bf16 runs (no master) wrote 'final' as bf16
+  const sourceDtype = new SafetensorsReader(at('final')).info('lm_head.weight').dtype;
+  t.equal(new SafetensorsReader(at('sft-bf16')).info('lm_head.weight').dtype, sourceDtype, `written back in the source's dtype (${sourceDtype}; f32 rounded from the f32 master weights)`);
+  if (process.env.XFT_TEST_CLI_DEVICE !== 'auto') t.equal(sourceDtype, 'F32', 'the CPU run wrote f32 all along');
   const g = xft('generate', 'final', 'Add 2 and 3.', '--max-new-tokens', '5');
   t.equal(g.code, 0, `generate: ${g.err}`);
   t.match(g.err, /xft: \d+ tokens, stopped at/, 'generate reports its tokens');
@@ -81,6 +84,28 @@ t.test('the pipeline: upcycle -> MoE fine-tune -> merge learning -> merge -> eva
   const ea = JSON.parse(a.out), eb = JSON.parse(b.out);
   t.ok(ea.tokens > 0 && ea.tokens === eb.tokens, `${ea.tokens} response tokens`);
   t.ok(Math.abs(ea.loss - eb.loss) <= 1e-4 * eb.loss, `the merged dense model scores as the merge model (${ea.loss} vs ${eb.loss})`);
+});
+
+t.test('the reference recipe: --optim adafactor --precision bf16 (--stochastic-rounding) --clip 0; bad combinations exit 2', async (t) => {
+  const r = xft('train', 'dense', ...DATA, '--out', 'recipe', '--batch-size', '8', '--steps', '2', '--optim', 'adafactor', '--precision', 'bf16', '--stochastic-rounding', '--clip', '0', '--grad-dtype', 'bf16');
+  t.equal(r.code, 0, `train: ${r.err}`);
+  t.match(r.out, /precision bf16 \(stochastic rounding\), adafactor, clip off/);
+  const log = JSON.parse(fs.readFileSync(at('recipe/xft_train.json'), 'utf8'));
+  t.same([log.optim, log.precision, log.clip], ['adafactor', 'bf16', 0], 'the run settings are logged');
+  t.equal(new SafetensorsReader(at('recipe')).info('lm_head.weight').dtype, 'BF16', 'bf16 weights (no master) are written as they are, bf16');
+  const cases: [string[], RegExp][] = [
+    [['--stochastic-rounding', '--precision', 'mixed'], /--stochastic-rounding .* needs --precision bf16 \(this run: mixed\)/],
+    [['--optim', 'sgd'], /--optim.*adamw, adafactor/],
+    [['--precision', 'fp16'], /--precision.*mixed, bf16, f32/],
+    [['--clip', '-1'], /--clip/],
+    [['--grad-dtype', 'bf16', '--precision', 'f32'], /--grad-dtype bf16 needs bf16 weights/],
+  ];
+  for (const [extra, msg] of cases) {
+    const b = xft('train', 'dense', ...DATA, '--out', 'bad', '--steps', '1', ...extra);
+    t.equal(b.code, 2, `${extra.join(' ')} exits 2`);
+    t.match(b.err, msg, `and says why: ${b.err.trim().split('\n').at(-1)}`);
+  }
+  t.notOk(fs.existsSync(at('bad')), 'nothing written');
 });
 
 t.test('exit codes: 2 usage, 3 unusable input, 1 runtime failure', async (t) => {
@@ -109,7 +134,7 @@ t.test('exit codes: 2 usage, 3 unusable input, 1 runtime failure', async (t) => 
 });
 
 t.test('Ctrl-C saves a resumable state (exit 130); --resume ends where an unbroken run ends', async (t) => {
-  const args = ['train', 'dense', ...DATA, '--batch-size', '4', '--steps', '120', '--lr', '1e-3', '--save-every', '3'];
+  const args = ['train', 'dense', ...DATA, '--batch-size', '4', '--steps', '120', '--lr', '1e-3', '--save-every', '3', '--optim', 'adamw'];
   const full = xft(...args, '--out', 'full');
   t.equal(full.code, 0, full.err);
   const child = spawn(process.execPath, [...process.execArgv, CLI, ...args, '--out', 'part'], { cwd: tmp, env });
@@ -125,7 +150,10 @@ t.test('Ctrl-C saves a resumable state (exit 130); --resume ends where an unbrok
   t.equal(code, 130, 'exit code 130');
   t.match(err, /saved the state at step \d+\/120 in .*part\.resume; continue with: xft train dense --out .*part --resume/);
   t.notOk(fs.existsSync(at('part')), 'no output checkpoint yet');
-  const resumed = xft('train', 'dense', '--out', 'part', '--resume');
+  const other = xft('train', 'dense', '--out', 'part', '--resume', '--optim', 'adafactor');
+  t.equal(other.code, 3, 'resuming with another optimizer exits 3');
+  t.match(other.err, /part\.resume holds a run with --optim adamw; it continues only with the same setting \(given: adafactor\)/, 'and says why');
+  const resumed = xft('train', 'dense', '--out', 'part', '--resume', '--optim', 'adamw');
   t.equal(resumed.code, 0, resumed.err);
   t.match(resumed.out, /resuming at step \d+/);
   t.notOk(fs.existsSync(at('part.resume')), 'the resume state is removed once the run completes');

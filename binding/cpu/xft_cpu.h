@@ -12,6 +12,7 @@ Functions return 0; the binding validates arguments before calling them.
 #include <functional>
 
 #include "../../cuda/xft_math.h"
+#include "../../cuda/optim.h"
 
 // fill.cc
 int xft_cpu_fill_random(void* out, int dtype, size_t n, int kind, uint64_t seed, float a, float b);
@@ -70,7 +71,7 @@ int xft_cpu_router_noise_backward(const void* z, const void* dnoisy, void* dclea
 int xft_cpu_sum_squares(const void* const* tensors, const size_t* numel, const int* dtypes, int count, float* out);
 // ---- [/layers] ----
 
-// ---- [train] (binding/cpu/{attention,cross_entropy,adamw,moe_permute}.cc) ----
+// ---- [train] (binding/cpu/{attention,cross_entropy,adamw,adafactor,moe_permute}.cc) ----
 // attention.cc
 int xft_cpu_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
                               int dtype, int B, int T, int H, int Hkv, int hd);
@@ -84,9 +85,11 @@ int xft_cpu_cross_entropy_forward(const void* logits, int dtype, const int* targ
 int xft_cpu_cross_entropy_backward(const void* logits, int dtype, const int* targets, const float* dloss,
                                    int R, int V, void* dlogits);
 
-// adamw.cc
-int xft_cpu_adamw(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                  float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype);
+// adamw.cc, adafactor.cc (the table and options: cuda/optim.h)
+int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
+                  int stochastic, uint64_t sr_stream);
+int xft_cpu_adafactor(const xft_adafactor_tensor* tensors, int count, const xft_adafactor_options* o);
 
 // moe_permute.cc
 int xft_cpu_invert_permutation(const int* order, int* position, int n);

@@ -14,7 +14,7 @@ import {
   Tensor, XftError, ops, manualSeed, setDefaultDevice, disposeAll, memoryStats, synchronize, resetPeakMemory, backend,
   createDense, upcycle, mergeable, toDense, copyDense, countParameters, tinyConfig, llamaConfig, moeConfig, parameterCount,
   parseJsonl, formatPrompt, ByteTokenizer, countTargets, concatRows, encodeExample, shuffle, split, toRows, batches,
-  pickToken, generate, train, evaluate, learningRate,
+  pickToken, generate, train, evaluate, learningRate, adafactorState,
 } from '../../lib/index';
 
 const [seedArg, batchArg, firstArg, countArg, mode] = process.argv.slice(2);
@@ -234,6 +234,15 @@ const entries: Entry[] = [
   op('crossEntropy', (r) => [f32([4, 10], r), i32([1, -100, 9, 0]), { validate: true }]),
   op('crossEntropyBackward', (r) => [f32([4, 10], r), i32([1, -100, 9, 0]), f32([4], r), { inPlace: false }]),
   op('adamw', (r) => [f32([6], r), f32([6], r), f32([6], r), keep(Tensor.ones([6])), { lr: 1e-3, step: 1, weightDecay: 0.1, copyTo: f32([6], r) }]),
+  op('adafactor', (r) => {
+    const st = (shape: number[]) => {
+      const s = adafactorState(shape, 'cpu');
+      [s.row, s.col, s.v].forEach((x) => x && keep(x));
+      return s;
+    };
+    return [[{ params: f32([3, 4], r), grads: f32([3, 4], r), state: st([3, 4]) }, { params: f32([2, 3, 2], r), grads: f32([2, 3, 2], r), state: st([2, 3, 2]), clipPerSlice: true },
+      { params: f32([5], r), grads: f32([5], r), state: st([5]), copyTo: f32([5], r) }], { lr: 1e-3, step: 2, stochasticRounding: r.chance(0.5), seed: 3 }];
+  }),
   op('invertPermutation', (r) => [i32(perm(6, r)), { validate: true }]),
   op('permute', (r) => [f32([3, 4], r), i32(perm(6, r)), 2, {}]),
   op('permuteBackward', (r) => [f32([6, 4], r), i32(perm(6, r)), 2, {}]),

@@ -1,0 +1,81 @@
+/*
+What the optimizer kernels (cuda/adamw.cu, cuda/adafactor.cu) share with their CPU twins
+(binding/cpu/adamw.cc, binding/cpu/adafactor.cc): the per-tensor table of the multi-tensor
+Adafactor, and the write of an updated parameter, round to nearest or stochastic.
+
+Stochastic rounding of fp32 -> bf16: add 16 random bits to the 16 bits that bf16 drops, then
+truncate. The magnitude rounds up with probability (dropped bits) / 2^16, so the expected stored
+value is the fp32 value: an update smaller than half a bf16 ulp moves the weight on average
+instead of being lost. The bits are a counter-based hash of (seed, optimizer step, tensor index,
+element index): a run is reproducible, and resuming at step t draws what the unbroken run drew.
+*/
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "xft_math.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// One tensor of a multi-tensor Adafactor step. Factored (row != NULL): p and g are [slices, rows, cols],
+// row f32 [slices, rows], col f32 [slices, cols], v NULL. Unfactored (a vector): slices = rows = 1,
+// p and g [cols], v f32 [cols], row and col NULL. p f32 or bf16 (updated in place); g f32 or bf16.
+// p_copy (NULL: none) receives the updated p in copy_dtype (the bf16 compute copy of an f32 master).
+// clip_per_slice: the RMS clipping runs over each slice (the reference's experts are separate
+// parameters) instead of over the whole tensor. sr_stream: xft_sr_stream(seed, step, tensor index).
+typedef struct xft_adafactor_tensor {
+  void* p;
+  const void* g;
+  float* row;
+  float* col;
+  float* v;
+  void* p_copy;
+  int64_t slices, rows, cols;
+  int p_dtype, g_dtype, copy_dtype;
+  int clip_per_slice;
+  uint64_t sr_stream;
+} xft_adafactor_tensor;
+
+// The scalars of one Adafactor step (transformers' Adafactor with relative_step = scale_parameter =
+// warmup_init = False, beta1 = None, weight_decay = 0).
+typedef struct xft_adafactor_options {
+  float lr;              // the step's learning rate
+  float eps1;            // 1e-30: added to g^2
+  float clip_threshold;  // 1.0: the update's RMS is clipped to it
+  float decay_rate;      // -0.8: beta2t = 1 - step^decay_rate
+  float grad_scale;      // multiplies g first (gradient clipping factor, 1 / accumulation)
+  int step;              // t >= 1
+  int stochastic;        // bf16 p: stochastic rounding of the write
+} xft_adafactor_options;
+
+#ifdef __cplusplus
+}
+#endif
+
+// the per-tensor stream of stochastic-rounding bits at an optimizer step
+XFT_HD uint64_t xft_sr_stream(uint64_t seed, uint64_t step, uint64_t tensor) {
+  return xft_hash64(seed ^ 0x5352a5a5c3c3e1e1ull, (step << 24) ^ tensor);
+}
+
+// fp32 -> bf16 bits, stochastic rounding with 16 random bits r (NaN and Inf as round to nearest)
+XFT_HD uint16_t xft_f32_to_bf16_sr(float f, uint32_t r) {
+  uint32_t u = xft_f32_bits(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) return xft_f32_to_bf16(f);
+  u += r & 0xffffu;  // a carry moves to the next bf16 value (the next binade, or Inf past the largest)
+  return (uint16_t)(u >> 16);
+}
+
+// the updated parameter v into element i of p (f32, or bf16: nearest even, or stochastic from the stream)
+XFT_HD void xft_store_param(void* p, int dtype, size_t i, float v, int stochastic, uint64_t stream) {
+  if (dtype == XFT_BF16)
+    ((uint16_t*)p)[i] = stochastic ? xft_f32_to_bf16_sr(v, (uint32_t)(xft_hash64(stream, i) >> 48)) : xft_f32_to_bf16(v);
+  else
+    ((float*)p)[i] = v;
+}
+
+// beta2t = 1 - t^decay_rate, in double on the host as transformers computes it (math.pow)
+inline float xft_adafactor_beta2t(int step, float decay_rate) {
+  return (float)(1.0 - pow((double)step, (double)decay_rate));
+}
