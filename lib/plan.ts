@@ -166,6 +166,8 @@ interface ParamShape {
   trainable: boolean;
   /** stays f32 whatever the precision (the merge coefficients α) */
   f32: boolean;
+  /** the token embedding (f32 gradients under --grad-dtype bf16, as train() keeps them) */
+  embed?: boolean;
 }
 
 interface Shapes {
@@ -180,7 +182,7 @@ function shapesOf(c: LlamaConfig, stage: PlanStage, moe: MoeConfig | null): Shap
   const trainBody = stage !== 'merge';
   const params: ParamShape[] = [];
   const add = (shape: number[], trainable = trainBody, f32 = false) => params.push({ shape, trainable, f32 });
-  add([V, d]);
+  params.push({ shape: [V, d], trainable: trainBody, f32: false, embed: true });
   for (let i = 0; i < c.num_hidden_layers; i++) {
     add([d]), add([d, d]), add([kv, d]), add([kv, d]), add([d, d]), add([d]);
     if (stage === 'sft') add([f, d]), add([f, d]), add([d, f]);
@@ -237,7 +239,8 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     const n = numel(p.shape), wb = p.f32 ? 4 : wBytes;
     pool.alloc('weights', n * wb);
     if (!p.trainable) continue;
-    pool.alloc('gradients', n * (p.f32 ? 4 : gBytes));
+    // train(): bf16 gradients (--grad-dtype bf16) only for bf16 matrices and expert stacks; the embedding and vectors keep f32
+    pool.alloc('gradients', n * (!p.f32 && !p.embed && p.shape.length >= 2 ? gBytes : 4));
     pool.alloc('optimizer', 4 * optimizerElements(p.shape, o.optimizer));
     if (o.precision === 'mixed' && wb !== 4) pool.alloc('optimizer', 4 * n);
   }

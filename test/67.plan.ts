@@ -28,11 +28,19 @@ const config = tinyConfig({ hidden_size: 32, intermediate_size: 64, num_attentio
 const B = 4, T = 32;
 const MOE = { experts: 4, topK: 3 };
 
-/** One row per setting train() has; adafactor and the bf16 precision are a line each when they exist. */
-const SETTINGS: { stage: 'sft' | 'moe' | 'merge'; optimizer: PlanOptimizer; precision: PlanPrecision; recompute: boolean }[] = [];
-for (const stage of ['sft', 'moe', 'merge'] as const)
+/** One row per setting train() has: stage, optimizer, precision (and the gradients' dtype of bf16 weights), recomputation. */
+type Setting = { stage: 'sft' | 'moe' | 'merge'; optimizer: PlanOptimizer; precision: PlanPrecision; recompute: boolean; gradients?: 'bf16' | 'f32' };
+const SETTINGS: Setting[] = [];
+for (const stage of ['sft', 'moe', 'merge'] as const) {
   for (const precision of ['f32', 'mixed'] as const)
     for (const recompute of [false, true]) SETTINGS.push({ stage, optimizer: 'adamw', precision, recompute });
+  // the reference recipe (Adafactor, bf16 weights in place) with and without recomputation, its bf16 gradients, and the other pairs once
+  for (const recompute of [false, true]) SETTINGS.push({ stage, optimizer: 'adafactor', precision: 'bf16', recompute });
+  SETTINGS.push({ stage, optimizer: 'adafactor', precision: 'bf16', recompute: false, gradients: 'bf16' });
+  SETTINGS.push({ stage, optimizer: 'adafactor', precision: 'mixed', recompute: false });
+  SETTINGS.push({ stage, optimizer: 'adafactor', precision: 'f32', recompute: false });
+  SETTINGS.push({ stage, optimizer: 'adamw', precision: 'bf16', recompute: false });
+}
 
 function build(stage: 'sft' | 'moe' | 'merge', precision: PlanPrecision): Model {
   const dense = createDense(config, { seed: 1, std: 0.1, device: DEVICE, dtype: precision === 'f32' ? 'f32' : 'bf16' });
@@ -60,11 +68,13 @@ const used = () => {
 };
 
 /** Peak and persistent bytes of a step in the steady state (the gradients allocated, as by an earlier step). */
-function measure(stage: 'sft' | 'moe' | 'merge', precision: PlanPrecision, recompute: boolean) {
+function measure({ stage, precision, recompute, optimizer, gradients }: Setting) {
   synchronize();
   const base = used();
   const model = build(stage, precision);
-  const run = new Trainer(model, rows, { lr: 1e-3, batchSize: B, steps: 1, recompute });
+  const run = new Trainer(model, rows, {
+    lr: 1e-3, batchSize: B, steps: 1, recompute, optimizer, masterWeights: precision === 'mixed', gradDtype: precision === 'f32' ? 'f32' : (gradients ?? 'f32'),
+  });
   model.trainableParams().forEach((p) => p.gradBuffer());
   synchronize();
   if (POOL) native.trimPool();
@@ -81,9 +91,9 @@ function measure(stage: 'sft' | 'moe' | 'merge', precision: PlanPrecision, recom
 
 t.comment(`measured on ${POOL ? 'the emulated CUDA backend (pool high-water mark, kernel scratch included)' : `the ${DEVICE} backend (tensor high-water mark)`}`);
 for (const s of SETTINGS)
-  t.test(`${s.stage}, ${s.optimizer}, ${s.precision}${s.recompute ? ', recompute' : ''}: the estimate is within 10% of the measured peak`, async (t) => {
+  t.test(`${s.stage}, ${s.optimizer}, ${s.precision}${s.gradients ? `, ${s.gradients} gradients` : ''}${s.recompute ? ', recompute' : ''}: the estimate is within 10% of the measured peak`, async (t) => {
     const plan = planMemory({ config, kind: 'dense' }, { ...s, ...(s.stage === 'sft' ? {} : MOE), microBatch: B, seqLen: T });
-    const got = measure(s.stage, s.precision, s.recompute);
+    const got = measure(s);
     const est = plan.peak.total, transient = est - plan.persistent, gotTransient = got.peak - got.persistent;
     const rel = (a: number, b: number) => Math.abs(a - b) / b;
     t.comment(`estimate ${est} (persistent ${plan.persistent}, activations ${plan.peak.activations}, workspace ${plan.peak.workspace}); measured ${got.peak} (persistent ${got.persistent})`);
