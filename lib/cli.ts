@@ -568,14 +568,18 @@ program
     if (!o.json) b.start(rows.length, 0, { tps: '-' });
     const t0 = Date.now();
     let positions = 0;
-    const r = evaluate(model, rows, {
-      batchSize: o.batchSize,
-      onBatch: (done, _total, n) => {
-        positions += n;
-        if (!o.json) b.update(done, { tps: Math.round(positions / Math.max(1e-3, (Date.now() - t0) / 1000)) });
-      },
-    });
-    if (!o.json) b.stop();
+    let r: ReturnType<typeof evaluate>;
+    try {
+      r = evaluate(model, rows, {
+        batchSize: o.batchSize,
+        onBatch: (done, _total, n) => {
+          positions += n;
+          if (!o.json) b.update(done, { tps: Math.round(positions / Math.max(1e-3, (Date.now() - t0) / 1000)) });
+        },
+      });
+    } finally {
+      if (!o.json) b.stop();
+    }
     if (!Number.isFinite(r.loss))
       throw new XftError(`${modelDir}: the loss is ${r.loss}: the model's weights overflow in the forward pass (the checkpoint is unusable)`, 'XFT_FORMAT');
     const result = { model: modelDir, kind: model.kind, precision: model.dtype, loss: r.loss, accuracy: r.accuracy, tokens: r.tokens, sequences: rows.length };
@@ -624,19 +628,23 @@ program
     deviceOf(opts.device);
     const bars = new MultiBar({ format: ' {stage} |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | ETA {eta_formatted}', hideCursor: true, clearOnComplete: false, noTTYOutput: true, notTTYSchedule: 10000 }, Presets.shades_classic);
     const open = new Map<string, SingleBar>();
-    const r = runDemo({
-      out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined,
-      log: (line) => bars.log(line + '\n'),
-      progress: (stage, s) => {
-        let one = open.get(stage);
-        if (!one) {
-          one = bars.create(s.steps, 0, { stage: stage.padEnd(8), loss: '-', tps: '-' });
-          open.set(stage, one);
-        }
-        one.update(s.step, { loss: s.loss.toFixed(3), tps: Math.round(s.tokensPerSecond) });
-      },
-    });
-    bars.stop();
+    let r: ReturnType<typeof runDemo>;
+    try {
+      r = runDemo({
+        out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined,
+        log: (line) => bars.log(line + '\n'),
+        progress: (stage, s) => {
+          let one = open.get(stage);
+          if (!one) {
+            one = bars.create(s.steps, 0, { stage: stage.padEnd(8), loss: '-', tps: '-' });
+            open.set(stage, one);
+          }
+          one.update(s.step, { loss: s.loss.toFixed(3), tps: Math.round(s.tokensPerSecond) });
+        },
+      });
+    } finally {
+      bars.stop(); // its timer would keep the process alive after an error
+    }
     console.log('\n' + markdownTable(r));
     console.log(`wrote ${r.files.map((f) => path.join(opts.out, f)).join(', ')}`);
   });
@@ -687,6 +695,8 @@ async function main(): Promise<void> {
     }
     console.error(`xft: ${cliMessage((err as Error).message)}`);
     process.exitCode = exitCodeOf(err);
+    // an error is final: a progress bar's timer or a worker left behind must not keep the process alive
+    setTimeout(() => process.exit(), 2000).unref();
   }
 }
 

@@ -12,6 +12,7 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { XftError } from './errors';
 import { backend, type Device } from './tensor';
 import { llamaConfig, type LlamaConfig } from './config';
 import { ByteTokenizer, type Example, type Sample, encodeExample, split, toRows, shuffle } from './data';
@@ -176,17 +177,19 @@ export function runDemo(options: DemoOptions): DemoResult {
   const trainRows = encode(trainEx), evalRows = encode(evalEx);
   const ids = tok.encode(data.pretrainText);
   const pretrainRows: Sample[] = toRows([{ ids: ids.slice(0, -1), targets: ids.slice(1) }], 128, 'pack', tok.pad);
+  if (trainRows.length === 0) throw new XftError(`--scale ${scale} leaves no training sequences: expected a larger scale`, 'XFT_VALUE');
   const progress = (stage: string) => (info: StepInfo) => options.progress?.(stage, info);
   const curves: Record<string, number[]> = {};
 
   // 1. pretraining
   const base = createDense(DEMO_CONFIG, { seed, device });
-  const pre = train(base, pretrainRows, { lr: 3e-3, batchSize: 16, steps: Math.round(100 * scale), warmupSteps: 10, seed, onStep: progress('pretrain') });
+  const pre = train(base, pretrainRows, { lr: 3e-3, batchSize: Math.min(16, pretrainRows.length), steps: Math.max(1, Math.round(100 * scale)), warmupSteps: 10, seed, onStep: progress('pretrain') });
   disposeState(pre.state);
   curves.pretrain = pre.losses;
   log(`pretrained: loss ${pre.losses[0].toFixed(3)} -> ${pre.losses[pre.losses.length - 1].toFixed(3)}`);
 
-  const batchSize = 8, lr = 1e-3;
+  // a small --scale leaves fewer sequences than the batch: the batch is then all of them
+  const batchSize = Math.min(8, trainRows.length), lr = 1e-3;
   const stepsPerEpoch = Math.floor(trainRows.length / batchSize);
   // 2. SFT baseline: 5 epochs (the paper's equal budget)
   const sft = copyDense(base);

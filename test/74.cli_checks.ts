@@ -84,3 +84,13 @@ t.test('a folder that is not a Llama checkpoint says so (exit 3)', async (t) => 
     t.match(r.err, /gpt2\/config\.json: not a Llama checkpoint \(model_type "gpt2", architectures GPT2LMHeadModel\)/);
   }
 });
+
+t.test('a demo scale too small for one batch is refused at once, and an error ends the process (no progress bar keeps it alive)', async (t) => {
+  const t0 = Date.now();
+  const r = xft('demo', '--out', at('demo-tiny'), '--scale', '0.001');
+  t.equal(r.code, 3, 'exit 3');
+  t.match(r.err, /--scale 0\.001 leaves no training sequences/);
+  t.notMatch(r.err, /batchSize|runDemo/, 'said in CLI words');
+  t.ok(Date.now() - t0 < 60_000, 'the process ended');
+  t.notOk(fs.existsSync(at('demo-tiny/results.md')), 'nothing written');
+});
