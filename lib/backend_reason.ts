@@ -96,5 +96,5 @@ export function cudaFlavourFor(driverRelease: string, flavours: readonly number[
   const branch = Number(driverRelease.split('.')[0]);
   if (!driverRelease || !Number.isFinite(branch)) return undefined;
   const runs = flavours.filter((v) => DRIVER_FLOOR[v] !== undefined && branch >= Number(DRIVER_FLOOR[v].split('.')[0]));
-  return runs.length ? Math.max(...runs) : undefined;
+  return runs.length ? runs.reduce((a, b) => Math.max(a, b)) : undefined;
 }

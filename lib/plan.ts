@@ -142,8 +142,8 @@ class Pool {
     return id;
   }
 
-  free(...ids: (number | null | undefined)[]): void {
-    for (const id of ids) {
+  free(...items: (number | null | undefined | readonly (number | null | undefined)[])[]): void {
+    for (const item of items) for (const id of Array.isArray(item) ? item : [item]) {
       if (id === null || id === undefined) continue;
       const a = this.#live.get(id);
       if (!a) throw new XftError(`planMemory: internal error: allocation ${id} freed twice`, 'XFT_NATIVE');
@@ -310,7 +310,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     pool.free(ffn.y);
     const saved = [n1, rstd1, q, k, v, att, lse, h, n2, rstd2, ...ffn.saved];
     if (!keep) {
-      pool.free(...saved);
+      pool.free(saved);
       return { saved: [], y };
     }
     return { saved, y };
@@ -338,7 +338,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
       const da = temp(N * f), dg = temp(N * f), du = temp(N * f);
       const dxf = temp(N * d);
       pool.free(temp(N * d));
-      pool.free(da, dg, du, ...saved);
+      pool.free(da, dg, du, saved);
       return dxf;
     }
     if (stage === 'merge') {
@@ -346,10 +346,10 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
       const da = temp(N * f), dDown = temp(d * f, wBytes);
       const dg = temp(N * f), du = temp(N * f);
       const dxf = temp(N * d), dGate = temp(f * d, wBytes), dxu = temp(N * d), dUp = temp(f * d, wBytes);
-      pool.free(dxu, da, dg, du, ...saved.slice(3)); // and the dense FFN's g, u, a
+      pool.free(dxu, da, dg, du, saved.slice(3)); // and the dense FFN's g, u, a
       const parts = 3 * Math.min(MERGE_BACKWARD_MAX_GRID, Math.max(1, Math.ceil((f * d) / (16 / wBytes) / MERGE_BLOCK)));
       pool.scratch(E * parts * 8);
-      pool.free(dGate, dUp, dDown, ...saved.slice(0, 3)); // and the merged weights
+      pool.free(dGate, dUp, dDown, saved.slice(0, 3)); // and the merged weights
       return dxf;
     }
     // MoE: unpermute -> down -> SwiGLU -> gate/up -> permute, then the router
@@ -373,7 +373,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     if (noisy) {
       dClean = temp(N * En);
       const dz = temp(N * En);
-      pool.free(...via);
+      pool.free(via);
       pool.free(temp(N * d)); // dx of the noise layer, added into dx
       pool.free(dz, dLogits);
     }
@@ -382,7 +382,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
       pool.free(temp(N * d));
       pool.free(dt, dr1);
     } else pool.free(temp(N * d));
-    pool.free(dClean, ...saved);
+    pool.free(dClean, saved);
     return dxf;
   };
 
@@ -415,7 +415,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     const arr = Math.ceil((N * 4) / 256) * 256;
     pool.scratch(4 * arr + 2 * arr);
   }
-  pool.free(dx, xs[0], ...batch);
+  pool.free(dx, xs[0], batch);
   // the update: the gradient norm's partial sums (AdamW and Adafactor update in place)
   const trainable = s.params.filter((p) => p.trainable).length;
   pool.scratch(Math.ceil(trainable / 64) * SUM_BLOCKS * 8);
@@ -499,7 +499,7 @@ export function formatPlan(p: MemoryPlan, options: { gpu?: string } = {}): strin
     ['weights', p.peak.weights], ['gradients', p.peak.gradients], ['optimizer state', p.peak.optimizer],
     ['activations', p.peak.activations], ['workspace', p.peak.workspace],
   ];
-  const width = Math.max(...rows.map(([name]) => name.length), 'peak'.length);
+  const width = rows.reduce((w, [name]) => Math.max(w, name.length), 'peak'.length);
   return [
     `${p.stage} stage${moe}: ${(p.parameters / 1e9).toFixed(2)}B parameters (${(p.trainable / 1e9).toFixed(p.trainable < 1e7 ? 6 : 2)}B trained)`,
     `${p.optimizer}, ${p.precision} precision${grads}${p.recompute ? ', activation recomputation' : ''}; micro-batch ${p.microBatch} × ${p.seqLen} tokens`,

@@ -30,8 +30,8 @@ const files = packed.files.map((f) => f.path);
 
 const ALLOWED = [
   /^(package\.json|README\.md|LICENSE|CMakeLists\.txt|scripts\/install\.js)$/,
-  /^dist\/lib\/\w+\.(js|mjs|d\.ts|d\.mts|js\.map|mjs\.map)$/, // the build, its types and source maps
-  /^lib\/\w+\.m?ts$/, // the sources the maps point to
+  /^dist\/lib\/(\w+\/)?\w+\.(js|mjs|d\.ts|d\.mts|js\.map|mjs\.map)$/, // the build, its types and source maps (lib/optim/ …)
+  /^lib\/(\w+\/)?\w+\.m?ts$/, // the sources the maps point to
   /^binding\/(cpu\/|portable\/)?\w+\.(cc|h)$/, // what a source build compiles
   /^cuda\/\w+\.(cu|cuh|h)$/,
   /^prebuilds\/linux-(x64|x64-cpu|arm64)\/node\.napi\.node$/,
