@@ -25,7 +25,7 @@ fs.writeFileSync(at('data.jsonl'), JSON.stringify({ instruction: 'a', response: 
 
 t.test('upcycle refuses a garbage tokenizer.json and writes nothing', async (t) => {
   fs.writeFileSync(at('dense/tokenizer.json'), '{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": [');
-  const r = xft('upcycle', 'dense', 'moe', '--experts', '2', '--top-k', '1');
+  const r = xft('upcycle', 'dense', 'moe', '--experts', '2', '--top-k', '2');
   t.equal(r.code, 3, 'exit 3');
   t.match(r.err, `${path.join('dense', 'tokenizer.json')}: the tokenizer is not valid JSON`, 'names the file');
   t.notOk(fs.existsSync(at('moe')), 'no output folder');
@@ -38,7 +38,7 @@ t.test('eval: tokenizer.json {} and a garbage tokenizer_config.json', async (t) 
   t.match(r.err, /dense\/tokenizer\.json: not a Hugging Face tokenizer\.json/);
   fs.rmSync(at('dense/tokenizer.json'));
   fs.writeFileSync(at('dense/tokenizer_config.json'), '\u0000garbage');
-  r = xft('upcycle', 'dense', 'moe', '--experts', '2', '--top-k', '1');
+  r = xft('upcycle', 'dense', 'moe', '--experts', '2', '--top-k', '2');
   t.equal(r.code, 3, 'garbage tokenizer_config.json: exit 3');
   t.match(r.err, /dense\/tokenizer_config\.json: the tokenizer config is not valid JSON/, 'names tokenizer_config.json');
   t.notOk(fs.existsSync(at('moe')));
