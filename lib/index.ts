@@ -16,6 +16,7 @@ export type {
   AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, PermutationOptions, LoadEstimateOptions,
 } from './ops_train';
 export type { NativeBackend, NativeMemoryStats, NativeStorage } from './native';
+export type { NativeCudaProbe } from './backend_reason';
 export * from './checkpoint';
 export {
   type OptimizerKind, type OptimizerState, type Precision, OPTIMIZERS, PRECISIONS, bytesPerParameter, adafactorState, adafactorStateShapes,
