@@ -57,7 +57,8 @@ for (let i = 0; i < iterations; i++) {
 }
 console.log(JSON.stringify({ bytesPerTensor: slope(points), leftAlive: memoryStats().hostTensors - live0, tensors: iterations * perIteration }));`, V8_FLAGS);
   t.equal(r.leftAlive, 0, 'every tensor was released');
-  t.ok(r.bytesPerTensor < 16, `RSS grows ${r.bytesPerTensor.toFixed(1)} B per tensor created and disposed (${r.tensors} tensors; was ~250 B)`);
+  // the slope is noisy on a loaded 2-core machine (5-22 B measured with the fix in place); the leak it guards against was ~250 B
+  t.ok(r.bytesPerTensor < 64, `RSS grows ${r.bytesPerTensor.toFixed(1)} B per tensor created and disposed (${r.tensors} tensors; was ~250 B)`);
 });
 
 t.test('a long synchronous MoE train() keeps RSS flat', async (t) => {
