@@ -19,37 +19,14 @@ layer. OUT.json gets:
 """
 import json
 import os
-import struct
 import sys
 
 import numpy as np
 
+# the safetensors reader of the float64 reference forward (every tensor of a folder, single file or shards, as float64)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from hf_reference import read_safetensors  # noqa: E402
 
-def read_safetensors(folder):
-    """Every tensor of a checkpoint folder (single file or shards) as float64, from the raw safetensors bytes."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    tensors = {}
-    for name in files:
-        with open(os.path.join(folder, name), "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-            data = f.read()
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            begin, end = meta["data_offsets"]
-            raw = data[begin:end]
-            if meta["dtype"] == "F32":
-                a = np.frombuffer(raw, dtype="<f4")
-            elif meta["dtype"] == "F16":
-                a = np.frombuffer(raw, dtype="<f2")
-            elif meta["dtype"] == "BF16":
-                a = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-            else:
-                raise SystemExit(f"{key}: dtype {meta['dtype']} not handled")
-            tensors[key] = a.astype(np.float64).reshape(meta["shape"])
-    return tensors
 
 # LlamaMoEUpscalingConfig.__init__ defaults (the keys that matter to a loaded model)
 CONFIG_DEFAULTS = {
