@@ -15,15 +15,9 @@ import { createDense, upcycle, mergeable, toDense } from '../lib/xft';
 import { saveModel, mergeCheckpoint, loadModel } from '../lib/checkpoint';
 import { MergedFFN, type Model } from '../lib/model';
 import { relErr, rng } from './helpers/ref';
+import { PYTHON, numpyOrSkip } from './helpers/python';
 
-// XFT_PYTHON picks the interpreter (CI: Debian's /usr/bin/python3 with python3-numpy); with
-// XFT_REQUIRE_REFERENCES=1 (CI) a missing numpy fails the file instead of skipping it
-const PYTHON = process.env.XFT_PYTHON ?? 'python3';
-const REQUIRED = process.env.XFT_REQUIRE_REFERENCES === '1';
-const probe = spawnSync(PYTHON, ['-c', 'import numpy'], { encoding: 'utf8' });
-const missing = probe.status === 0 ? null : `${PYTHON} with numpy is not available (${(probe.stderr ?? String(probe.error)).trim().split('\n').at(-1)})`;
-const skip = missing && !REQUIRED ? missing : false;
-if (missing && REQUIRED) t.fail(`XFT_REQUIRE_REFERENCES=1: ${missing}`);
+const skip = numpyOrSkip(t);
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-hf-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 

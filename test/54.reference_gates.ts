@@ -16,14 +16,9 @@ import type { MoeFFN } from '../lib/model';
 import type { UpcycleOptions } from '../lib/xft';
 import { close } from './helpers/check';
 import { rng } from './helpers/ref';
+import { PYTHON, numpyOrSkip } from './helpers/python';
 
-// as test/54.hf_reference: XFT_PYTHON picks the interpreter; XFT_REQUIRE_REFERENCES=1 (CI) fails instead of skipping
-const PYTHON = process.env.XFT_PYTHON ?? 'python3';
-const REQUIRED = process.env.XFT_REQUIRE_REFERENCES === '1';
-const probe = spawnSync(PYTHON, ['-c', 'import numpy'], { encoding: 'utf8' });
-const missing = probe.status === 0 ? null : `${PYTHON} with numpy is not available (${(probe.stderr ?? String(probe.error)).trim().split('\n').at(-1)})`;
-const skip = missing && !REQUIRED ? missing : false;
-if (missing && REQUIRED) t.fail(`XFT_REQUIRE_REFERENCES=1: ${missing}`);
+const skip = numpyOrSkip(t);
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-gates-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
