@@ -33,6 +33,7 @@ All sums are fp64 in a fixed order: the result does not depend on scheduling (de
 
 #include "xft_cuda.h"
 #include "xft_math.h"
+#include "xft_reduce.cuh"
 #include "optim.h"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
@@ -72,22 +73,6 @@ __device__ __forceinline__ int find_tensor(const int64_t* first, int count, int6
     else hi = mid - 1;
   }
   return lo;
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// the block's total in thread 0 (fixed order)
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double red[kThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  return warp == 0 ? warp_sum(lane < kThreads / 32 ? red[lane] : 0.0) : 0.0;
 }
 
 __device__ __forceinline__ float grad_of(const xft_adafactor_tensor& t, size_t i, float grad_scale) {

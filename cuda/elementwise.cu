@@ -20,6 +20,7 @@ Layout: a grid-stride loop over 16-byte vectors when every pointer allows, the t
 
 #include "xft_cuda.h"
 #include "xft_math.h"
+#include "xft_reduce.cuh"
 #include "xft_vec.cuh"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
@@ -130,22 +131,6 @@ struct SumChunk {
   int dtype[kSumChunk];
   int count;
 };
-
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// the block's total in thread 0 (fixed order)
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double red[32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_sum(v);
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  return warp == 0 ? warp_sum(lane < (int)(blockDim.x / 32) ? red[lane] : 0.0) : 0.0;
-}
 
 template <typename T, int W>
 __device__ __forceinline__ double sum_squares_of(const T* p, size_t n, size_t start, size_t stride) {
