@@ -2,38 +2,9 @@
 #include <math.h>
 #include <stdlib.h>
 
-#include <thread>
-#include <vector>
-
 #include "xft_cpu.h"
 
 namespace xft_cpu {
-
-int threads() {
-  static int n = [] {
-    const char* env = getenv("XFT_CPU_THREADS");
-    int t = env ? atoi(env) : (int)std::thread::hardware_concurrency();
-    return t < 1 ? 1 : t > 16 ? 16 : t;
-  }();
-  return n;
-}
-
-void parallel_for(size_t n, double work, const std::function<void(size_t, size_t)>& fn) {
-  const double kWorkPerThread = 2e6;  // below this, a thread costs more than it saves
-  size_t t = (size_t)threads();
-  if (work < 2 * kWorkPerThread) t = 1;
-  else if ((double)t * kWorkPerThread > work) t = (size_t)(work / kWorkPerThread);
-  if (t > n) t = n;
-  if (t <= 1) {
-    if (n) fn(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  size_t chunk = (n + t - 1) / t;
-  for (size_t b = chunk; b < n; b += chunk) pool.emplace_back(fn, b, b + chunk < n ? b + chunk : n);
-  fn(0, chunk < n ? chunk : n);
-  for (auto& th : pool) th.join();
-}
 
 void to_f32(float* dst, const void* src, int dtype, size_t n) {
   if (dtype == XFT_BF16) {

@@ -9,12 +9,24 @@ bf16 operands are widened to fp32, accumulated in fp32, and results rounded once
 false) are memory safe and give fully defined outputs, as the CUDA kernels: each is clamped to
 [0, M] and raised to the running maximum, o'_e = max(o'_{e-1}, clamp(o_e)); group e is rows
 o'_e .. o'_{e+1}; rows outside [o'_0, o'_E) of y and dx are zero.
+
+Two implementations, the same semantics:
+- the fast path (default): blocked GEMMs over packed panels (gemm_kernels.h), the instruction set
+  chosen at run time from the CPU (AVX-512F, else AVX2 + FMA, else portable C++; XFT_CPU_ISA=avx2 or
+  portable caps it). Each output element is one fused multiply-add chain in k order, whatever the
+  blocking and the thread count (2-D blocks of the output are the tasks), so its bits do not depend on
+  XFT_NUM_THREADS. Inputs are read in place (bf16 widened while packing, f32 never copied whole).
+- the reference path (XFT_CPU_REFERENCE=1, read at each call): the plain loops below, separate
+  multiply and add, each sum in k (forward), n (dx) or row (dw) order. test/21.gemm_fast.ts holds the
+  two together: fp32 outputs within 1e-5 relative (norm), bf16 outputs within one bf16 ulp.
 */
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "gemm_kernels.h"
 #include "xft_cpu.h"
 
 namespace {
@@ -75,9 +87,7 @@ void from_f32(void* dst, int dtype, const float* src, size_t n) {
   for (size_t i = 0; i < n; i++) xft_cpu::store(dst, dtype, i, src[i]);
 }
 
-}  // namespace
-
-int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
+int reference_forward(const void* x, const void* w, const int* offsets, void* y,
                                  int dtype, int M, int n, int k, int E) {
   const size_t es = elem_size(dtype);
   std::vector<float> xe, we((size_t)n * k), ye;
@@ -99,7 +109,7 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
   return 0;
 }
 
-int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
+int reference_backward(const void* x, const void* w, const int* offsets, const void* dy,
                                   void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
                                   int accumulate) {
   const size_t es = elem_size(dtype);
@@ -145,6 +155,184 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
       if (accumulate)
         for (size_t i = 0; i < (size_t)n * k; i++) dwe[i] += xft_cpu::load(out, dw_dtype, i);
       from_f32(out, dw_dtype, dwe.data(), (size_t)n * k);
+    }
+  }
+  return 0;
+}
+
+// ---- the fast path ----
+
+static_assert(XFT_BF16 == 1 && XFT_F32 == 0, "gemm_kernel_impl.h hard-codes the dtype codes");
+
+// the largest slice of C one round of packing covers: bounds the packed panels ((kChunkM + kChunkN) *
+// kc floats) and the fp32 scratch of a bf16 or accumulated output (kChunkM * kChunkN floats)
+constexpr int kChunkM = 1536, kChunkN = 2048;
+
+// C [M, N] of out (row stride ld elements): overwritten, or with accumulate out = out + sum (the sum
+// rounded to fp32 first, then added, then rounded to the dtype once)
+struct GemmOut {
+  void* data;
+  int dtype;
+  size_t ld;
+  bool accumulate;
+};
+
+// buffers of the calling thread, kept across calls (the pool's threads work on the caller's)
+float* scratch(std::vector<float>& v, size_t n) {
+  if (v.size() < n + 16) v.resize(n + 16);
+  uintptr_t p = (uintptr_t)v.data();
+  return (float*)((p + 63) & ~(uintptr_t)63);
+}
+thread_local std::vector<float> t_packed, t_sums;
+
+// out[i, j] for i < m, j < n from the fp32 sums c (row stride ldc)
+void write_out(const GemmOut& out, size_t i0, size_t j0, int m, int n, const float* c, size_t ldc) {
+  for (int i = 0; i < m; i++) {
+    const float* ci = c + (size_t)i * ldc;
+    const size_t row = (i0 + i) * out.ld + j0;
+    if (out.dtype == XFT_F32) {
+      float* o = (float*)out.data + row;
+      if (out.accumulate)
+        for (int j = 0; j < n; j++) o[j] = ci[j] + o[j];
+      else
+        memcpy(o, ci, sizeof(float) * n);
+    } else {
+      uint16_t* o = (uint16_t*)out.data + row;
+      if (out.accumulate)
+        for (int j = 0; j < n; j++) o[j] = xft_f32_to_bf16(ci[j] + xft_bf16_to_f32(o[j]));
+      else
+        for (int j = 0; j < n; j++) o[j] = xft_f32_to_bf16(ci[j]);
+    }
+  }
+}
+
+// blocks of at most `most` (a multiple of `unit`) covering `total`, as even as the unit allows
+int even_block(int total, int most, int unit) {
+  int blocks = (total + most - 1) / most;
+  int b = (total + blocks - 1) / blocks;
+  return (b + unit - 1) / unit * unit;
+}
+
+// out (+)= A B^T: A [M, K], B [N, K] (operands of gemm_kernels.h)
+void gemm(const xft_gemm_kernel& kr, const xft_gemm_operand& A, const xft_gemm_operand& B, int M, int N, int K,
+          const GemmOut& out) {
+  if (M <= 0 || N <= 0) return;
+  const bool direct = out.dtype == XFT_F32 && !out.accumulate;  // sums straight into the output
+  for (int m0 = 0; m0 < M; m0 += kChunkM)
+    for (int n0 = 0; n0 < N; n0 += kChunkN) {
+      const int mb = std::min(kChunkM, M - m0), nb = std::min(kChunkN, N - n0);
+      float* c = direct ? (float*)out.data + (size_t)m0 * out.ld + n0 : scratch(t_sums, (size_t)mb * nb);
+      const size_t ldc = direct ? out.ld : (size_t)nb;
+      const int pa = (mb + kr.mr - 1) / kr.mr, pb = (nb + kr.nr - 1) / kr.nr;  // packed panels
+      const int mc = even_block(mb, kr.mc, kr.mr), nc = even_block(nb, kr.nc, kr.nr);
+      const int tm = (mb + mc - 1) / mc, tn = (nb + nc - 1) / nc;
+      if (K == 0) {
+        if (!direct) memset(c, 0, sizeof(float) * (size_t)mb * nb);
+        else
+          for (int i = 0; i < mb; i++) memset(c + (size_t)i * ldc, 0, sizeof(float) * nb);
+      }
+      for (int p0 = 0; p0 < K; p0 += kr.kc) {
+        const int kc = std::min(kr.kc, K - p0);
+        const double flops = 2.0 * mb * nb * kc;
+        float* a = scratch(t_packed, (size_t)(pa * kr.mr + pb * kr.nr) * kc);
+        float* b = a + (size_t)pa * kr.mr * kc;
+        // pack this depth block of A's and B's rows, a panel per index
+        xft_cpu::parallel_for((size_t)(pa + pb), flops, [&](size_t q0, size_t q1) {
+          for (size_t q = q0; q < q1; q++) {
+            if ((int)q < pa) {
+              const int i = (int)q * kr.mr;
+              kr.pack_a(a + (size_t)i * kc, A, (size_t)(m0 + i), std::min(kr.mr, mb - i), (size_t)p0, kc);
+            } else {
+              const int j = ((int)q - pa) * kr.nr;
+              kr.pack_b(b + (size_t)j * kc, B, (size_t)(n0 + j), std::min(kr.nr, nb - j), (size_t)p0, kc);
+            }
+          }
+        });
+        const bool last = p0 + kc >= K;
+        xft_cpu::parallel_tasks((size_t)tm * tn, flops, [&](size_t task) {
+          const int i = (int)(task / tn) * mc, j = (int)(task % tn) * nc;
+          const int m = std::min(mc, mb - i), n = std::min(nc, nb - j);
+          float* ct = c + (size_t)i * ldc + j;
+          kr.block(a + (size_t)i * kc, b + (size_t)j * kc, m, n, kc, ct, ldc, p0 > 0);
+          if (last && !direct) write_out(out, (size_t)(m0 + i), (size_t)(n0 + j), m, n, ct, ldc);
+        });
+      }
+      if (K == 0 && !direct) write_out(out, (size_t)m0, (size_t)n0, mb, nb, c, ldc);
+    }
+}
+
+bool env_is(const char* name, const char* value) {
+  const char* v = getenv(name);
+  return v && strcmp(v, value) == 0;
+}
+
+// the kernel for this CPU (XFT_CPU_ISA may ask for a lesser one), or null for the reference path
+const xft_gemm_kernel* fast_kernel() {
+  if (env_is("XFT_CPU_REFERENCE", "1")) return nullptr;
+#if defined(__x86_64__) || defined(_M_X64)
+  static const int best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+  }();
+  int want = env_is("XFT_CPU_ISA", "portable") ? 0 : env_is("XFT_CPU_ISA", "avx2") ? 1 : 2;
+  switch (std::min(best, want)) {
+    case 2: return &xft_gemm_avx512;
+    case 1: return &xft_gemm_avx2;
+    default: return &xft_gemm_portable;
+  }
+#else
+  return &xft_gemm_portable;
+#endif
+}
+
+}  // namespace
+
+const char* xft_cpu_gemm_kernel_name() {
+  const xft_gemm_kernel* k = fast_kernel();
+  return k ? k->name : "reference";
+}
+
+int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
+                                 int dtype, int M, int n, int k, int E) {
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (!kr) return reference_forward(x, w, offsets, y, dtype, M, n, k, E);
+  const size_t es = elem_size(dtype);
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  zero_uncovered_rows(y, o, M, n, es);
+  for (int e = 0; e < E; e++) {
+    const int r0 = o[e], rows = o[e + 1] - o[e];
+    if (rows == 0) continue;
+    // y[r, j] = sum_i x[r, i] w[e, j, i]
+    const xft_gemm_operand A{(const char*)x + (size_t)r0 * k * es, dtype, (size_t)k, 1};
+    const xft_gemm_operand B{(const char*)w + (size_t)e * n * k * es, dtype, (size_t)k, 1};
+    gemm(*kr, A, B, rows, n, k, GemmOut{(char*)y + (size_t)r0 * n * es, dtype, (size_t)n, false});
+  }
+  return 0;
+}
+
+int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
+                                  void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
+                                  int accumulate) {
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (!kr) return reference_backward(x, w, offsets, dy, dx, dw, dtype, dw_dtype, M, n, k, E, accumulate);
+  const size_t es = elem_size(dtype), dw_es = elem_size(dw_dtype);
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  if (dx) zero_uncovered_rows(dx, o, M, k, es);
+  for (int e = 0; e < E; e++) {
+    const int r0 = o[e], rows = o[e + 1] - o[e];
+    const char* dye = (const char*)dy + (size_t)r0 * n * es;
+    const char* we = (const char*)w + (size_t)e * n * k * es;
+    if (dx && rows > 0) {
+      // dx[r, i] = sum_j dy[r, j] w[e, j, i]
+      const xft_gemm_operand A{dye, dtype, (size_t)n, 1}, B{we, dtype, 1, (size_t)k};
+      gemm(*kr, A, B, rows, k, n, GemmOut{(char*)dx + (size_t)r0 * k * es, dtype, (size_t)k, false});
+    }
+    if (dw) {
+      // dw[e, j, i] (+)= sum_r dy[r, j] x[r, i]; no rows: 0 (+ dw)
+      const xft_gemm_operand A{dye, dtype, 1, (size_t)n}, B{(const char*)x + (size_t)r0 * k * es, dtype, 1, (size_t)k};
+      gemm(*kr, A, B, n, k, rows, GemmOut{(char*)dw + (size_t)e * n * k * dw_es, dw_dtype, (size_t)k, accumulate != 0});
     }
   }
   return 0;

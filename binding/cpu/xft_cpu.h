@@ -34,6 +34,9 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
                                   void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
                                   int accumulate);
 
+// the fast GEMM's kernel in use ("avx512", "avx2", "portable") or "reference" (XFT_CPU_REFERENCE=1)
+const char* xft_cpu_gemm_kernel_name();
+
 // merge.cc
 int xft_cpu_merge_forward(const void* const* weights, void* const* merged, const size_t* numel,
                           int count, int dtype, int E, const float* alpha, float shared_rate);
@@ -117,10 +120,14 @@ inline float load(const void* p, int dtype, size_t i) { return xft_load_value(p,
 inline void store(void* p, int dtype, size_t i, float v) { xft_store_value(p, dtype, i, v); }
 // widen n values of a f32 or bf16 buffer into dst
 void to_f32(float* dst, const void* src, int dtype, size_t n);
-// fn(begin, end) over [0, n) split into contiguous chunks on up to xft_cpu::threads() threads when
-// `work` (a flop count) makes it worth a thread; each index is handled by exactly one call, so a
-// kernel that writes disjoint outputs per index gives the same bits on any number of threads.
+// threads.cc: a persistent pool. fn(begin, end) over [0, n) split into contiguous chunks on up to
+// xft_cpu::threads() threads when `work` (a flop count) makes it worth a thread, inline otherwise; each
+// index is handled by exactly one call, so a kernel that writes disjoint outputs per index gives the
+// same bits on any number of threads.
 void parallel_for(size_t n, double work, const std::function<void(size_t, size_t)>& fn);
-// threads for the CPU backend: XFT_CPU_THREADS, else the hardware's, at most 16
+// fn(i) for each task i < tasks, handed out one at a time to the pool's threads (uneven tasks balance)
+void parallel_tasks(size_t tasks, double work, const std::function<void(size_t)>& fn);
+// threads for the CPU backend: XFT_NUM_THREADS (alias XFT_CPU_THREADS, read at each call), else the
+// cores this process may run on; at most 64
 int threads();
 }  // namespace xft_cpu

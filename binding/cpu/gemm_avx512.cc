@@ -1,0 +1,47 @@
+// The fast CPU GEMM's AVX-512F kernel (gemm_kernels.h): a 12 x 32 register tile, 24 zmm accumulators.
+// CMakeLists.txt compiles this file alone with -mavx512f -mfma; grouped_gemm.cc calls it only where
+// the CPU has AVX-512F.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include "gemm_kernel_impl.h"
+
+namespace {
+
+constexpr int MR = 12, NR = 32;
+
+inline __attribute__((always_inline)) void micro_12x32(int kc, const float* a, const float* b, float* c, size_t ldc,
+                                                       bool load) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; i++) {
+    acc[i][0] = load ? _mm512_loadu_ps(c + i * ldc) : _mm512_setzero_ps();
+    acc[i][1] = load ? _mm512_loadu_ps(c + i * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int p = 0; p < kc; p++) {
+    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+    _mm_prefetch((const char*)(b + 8 * NR), _MM_HINT_T0);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; i++) {
+      const __m512 ai = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(ai, b1, acc[i][1]);
+    }
+    a += MR;
+    b += NR;
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; i++) {
+    _mm512_storeu_ps(c + i * ldc, acc[i][0]);
+    _mm512_storeu_ps(c + i * ldc + 16, acc[i][1]);
+  }
+}
+
+void block(const float* a, const float* b, int m, int n, int kc, float* c, size_t ldc, bool load) {
+  gemm_block<MR, NR>(a, b, m, n, kc, c, ldc, load, micro_12x32);
+}
+
+}  // namespace
+
+extern const xft_gemm_kernel xft_gemm_avx512 = {"avx512", MR, NR, 256, 144, 256, gemm_pack<MR>, gemm_pack<NR>, block};
+#endif

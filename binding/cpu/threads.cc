@@ -1,0 +1,190 @@
+/*
+The CPU backend's threads: one persistent pool, created at the first parallel call, sized to the
+cores this process may run on (sched_getaffinity), or XFT_NUM_THREADS (alias XFT_CPU_THREADS) read
+at every call, so a process (a test) can change it between calls; a larger value grows the pool.
+
+A job is `chunks` contiguous ranges of [0, n) that the caller and the workers take in turn from an
+atomic counter: which thread runs a range varies, what each range computes does not, so a kernel that
+writes disjoint outputs per index gives the same bits on any number of threads.
+
+Lifetime: the pool is allocated once and never freed (its workers sleep on it until the process ends,
+so exit and static destructors never wait for or free under a worker); native threads do not keep the
+Node event loop alive. A job submitted while the pool is busy (another thread of the process, e.g. a
+worker_thread, or a nested parallel call from inside a job) runs inline on the caller: never a
+deadlock, the same results. After fork() the child has none of the workers: a pthread_atfork handler
+makes it start a fresh pool (the parent's is abandoned in the child).
+*/
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xft_cpu.h"
+
+namespace {
+
+constexpr int kMaxThreads = 64;
+// below this many flops per thread, waking a worker costs more than it saves
+constexpr double kWorkPerThread = 2e6;
+
+int env_threads() {
+  for (const char* name : {"XFT_NUM_THREADS", "XFT_CPU_THREADS"})
+    if (const char* v = getenv(name))
+      if (*v) return atoi(v);
+  return 0;
+}
+
+int hardware_threads() {
+  static const int n = [] {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    unsigned h = std::thread::hardware_concurrency();
+    return h ? (int)h : 1;
+  }();
+  return n;
+}
+
+class Pool {
+ public:
+  // runs fn over `chunks` ranges of [0, n) on up to `threads` threads (the caller is one of them)
+  void run(size_t n, size_t chunks, int threads, const std::function<void(size_t, size_t)>& fn) {
+    std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
+    if (!busy.owns_lock()) {
+      fn(0, n);
+      return;
+    }
+    grow(threads - 1);
+    Job job{&fn, n, chunks};
+    {
+      std::lock_guard<std::mutex> g(m_);
+      job_ = job;
+      next_.store(0, std::memory_order_relaxed);
+      pending_.store(chunks, std::memory_order_relaxed);
+      helpers_ = threads - 1;
+      generation_++;
+    }
+    wake_.notify_all();
+    work(job);
+    std::unique_lock<std::mutex> g(m_);
+    done_.wait(g, [&] { return pending_.load(std::memory_order_acquire) == 0 && active_ == 0; });
+    job_ = Job{};
+  }
+
+ private:
+  struct Job {
+    const std::function<void(size_t, size_t)>* fn = nullptr;
+    size_t n = 0, chunks = 0;
+  };
+
+  // take ranges of the job until none is left
+  void work(const Job& job) {
+    for (;;) {
+      size_t c = next_.fetch_add(1, std::memory_order_relaxed);
+      if (c >= job.chunks) return;
+      size_t b = job.n * c / job.chunks, e = job.n * (c + 1) / job.chunks;
+      if (b < e) (*job.fn)(b, e);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> g(m_);
+        done_.notify_all();
+      }
+    }
+  }
+
+  void worker(int index) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> g(m_);
+    for (;;) {
+      wake_.wait(g, [&] { return generation_ != seen; });
+      seen = generation_;
+      // a job that wants fewer threads, or one already finished (its submitter waits for active_ == 0
+      // before it returns, so a job seen here under the lock is the current one)
+      if (index >= helpers_ || !job_.fn) continue;
+      const Job job = job_;
+      active_++;
+      g.unlock();
+      work(job);
+      g.lock();
+      if (--active_ == 0) done_.notify_all();
+    }
+  }
+
+  void grow(int workers) {
+    while ((int)workers_.size() < workers) {
+      int index = (int)workers_.size();
+      workers_.emplace_back([this, index] { worker(index); });
+      workers_.back().detach();
+    }
+  }
+
+  std::mutex submit_;  // one job at a time
+  std::mutex m_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  Job job_;
+  std::atomic<size_t> next_{0}, pending_{0};
+  int helpers_ = 0, active_ = 0;
+  uint64_t generation_ = 0;
+};
+
+std::atomic<Pool*> g_pool{nullptr};
+std::once_flag g_atfork_once;
+
+Pool& pool() {
+  std::call_once(g_atfork_once, [] {
+    // the child of a fork has none of the workers: it starts a new pool (the old one is abandoned)
+    pthread_atfork(nullptr, nullptr, [] { g_pool.store(nullptr); });
+  });
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    Pool* fresh = new Pool();  // never freed: see the comment at the top
+    if (g_pool.compare_exchange_strong(p, fresh)) p = fresh;
+    else delete fresh;
+  }
+  return *p;
+}
+
+}  // namespace
+
+namespace xft_cpu {
+
+int threads() {
+  int t = env_threads();
+  if (t <= 0) t = hardware_threads();
+  return t > kMaxThreads ? kMaxThreads : t;
+}
+
+void parallel_for(size_t n, double work, const std::function<void(size_t, size_t)>& fn) {
+  size_t t = (size_t)threads();
+  if (work < 2 * kWorkPerThread) t = 1;
+  else if ((double)t * kWorkPerThread > work) t = (size_t)(work / kWorkPerThread);
+  if (t > n) t = n;
+  if (t <= 1) {
+    if (n) fn(0, n);
+    return;
+  }
+  pool().run(n, t, (int)t, fn);
+}
+
+void parallel_tasks(size_t tasks, double work, const std::function<void(size_t)>& fn) {
+  size_t t = (size_t)threads();
+  if (work < 2 * kWorkPerThread) t = 1;
+  else if ((double)t * kWorkPerThread > work) t = (size_t)(work / kWorkPerThread);
+  if (t > tasks) t = tasks;
+  if (t <= 1) {
+    for (size_t i = 0; i < tasks; i++) fn(i);
+    return;
+  }
+  pool().run(tasks, tasks, (int)t, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; i++) fn(i);
+  });
+}
+
+}  // namespace xft_cpu
