@@ -239,6 +239,15 @@ Napi::Value MergeBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cpuGemm() -> { kernel, threads }: the CPU GEMM's kernel in use (XFT_CPU_REFERENCE, XFT_CPU_ISA) and
+// the CPU backend's thread count (XFT_NUM_THREADS), as they stand now
+Napi::Value CpuGemm(const Napi::CallbackInfo& info) {
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("kernel", xft_cpu_gemm_kernel_name());
+  o.Set("threads", xft_cpu::threads());
+  return o;
+}
+
 }  // namespace
 
 void RegisterXftOps(Napi::Env env, Napi::Object exports) {
@@ -248,6 +257,7 @@ void RegisterXftOps(Napi::Env env, Napi::Object exports) {
   exports.Set("groupedGemmBackward", Napi::Function::New(env, GroupedGemmBackward, "groupedGemmBackward"));
   exports.Set("mergeForward", Napi::Function::New(env, MergeForward, "mergeForward"));
   exports.Set("mergeBackward", Napi::Function::New(env, MergeBackward, "mergeBackward"));
+  exports.Set("cpuGemm", Napi::Function::New(env, CpuGemm, "cpuGemm"));
 }
 
 }  // namespace xft

@@ -80,6 +80,8 @@ export interface NativeAddon {
   mergeForward(stacks: S[], merged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number): void;
   mergeBackward(stacks: S[], dMerged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number,
     dAlpha: S, accumulate: boolean): void;
+  /** the CPU GEMM's kernel ('avx512' | 'avx2' | 'portable' | 'reference') and thread count, as they stand now */
+  cpuGemm(): { kernel: string; threads: number };
 }
 
 /** The package root: the nearest folder above this file with xft's package.json. */

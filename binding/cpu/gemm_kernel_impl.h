@@ -80,6 +80,11 @@ void gemm_block(const float* a, const float* b, int m, int n, int kc, float* c, 
       const float* ap = a + (size_t)i * kc;
       const int mm = m - i < MR ? m - i : MR;
       float* cp = c + (size_t)i * ldc + j;
+      if (load && i + MR < m)  // the next tile's partial sums, while this one computes
+        for (int r = 0; r < MR && i + MR + r < m; r++) {
+          __builtin_prefetch(cp + (size_t)(MR + r) * ldc);
+          __builtin_prefetch(cp + (size_t)(MR + r) * ldc + NR - 1);
+        }
       if (mm == MR && nn == NR) {
         micro(kc, ap, bp, cp, ldc, load);
         continue;

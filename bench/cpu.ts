@@ -1,0 +1,172 @@
+/**
+ * bench/cpu: xft's CPU GEMMs beside numpy (with the BLAS it loads, e.g. OpenBLAS), measured in one run.
+ *   dense GEMM (E = 1) and grouped GEMM (E experts of equal rows): forward y = x w^T, dx = dy w,
+ *   dw = dy^T x, f32, GFLOP/s at 1 and 2 threads (XFT_NUM_THREADS beside OPENBLAS_NUM_THREADS)
+ * Both sides write into preallocated outputs (xft: the native op on existing tensors; numpy: out=),
+ * so the figures are the GEMMs' own. The numpy side is bench/numpy_gemm.py, run for each shape and
+ * thread count right after xft's (the machine's load changes; a ratio compares figures measured
+ * seconds apart); it says which BLAS it mapped. If it fails, this script stops with its error and exit
+ * status 1 (--no-numpy runs without it). The reference kernel (XFT_CPU_REFERENCE=1) is measured too
+ * on the smaller shapes (--no-reference skips it).
+ */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Tensor } from '../lib/index';
+import { native, packageRoot } from '../lib/native';
+import { printTable } from './table';
+
+/** the numpy side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
+const PYTHON = process.env.XFT_PYTHON ?? 'python3';
+
+const USAGE = `Usage: node dist/bench/cpu.js [--threads 1,2] [--quick] [--out file.json] [--no-numpy] [--no-reference] [--help]
+  --threads       thread counts to measure (default 1,2): XFT_NUM_THREADS and OPENBLAS_NUM_THREADS
+  --quick         small shapes only (seconds; what the tests run)
+  --out           the JSON results (default bench/out/cpu.json)
+  --no-numpy      skip numpy (bench/numpy_gemm.py); otherwise a failing numpy stops the run with exit
+                  status 1
+  --no-reference  skip the reference kernel (XFT_CPU_REFERENCE=1)`;
+
+/** x [M, k] in E equal groups of rows, w [E, n, k] */
+interface Shape { name: string; M: number; n: number; k: number; E: number }
+const SHAPES: Shape[] = [
+  { name: 'square 512', M: 512, n: 512, k: 512, E: 1 },
+  { name: 'square 1024', M: 1024, n: 1024, k: 1024, E: 1 },
+  { name: 'square 2048', M: 2048, n: 2048, k: 2048, E: 1 },
+  { name: 'demo linear', M: 2048, n: 176, k: 64, E: 1 },
+  { name: 'demo experts', M: 12288, n: 176, k: 64, E: 8 },
+  { name: '10M-model experts', M: 12288, n: 688, k: 256, E: 8 },
+  { name: 'grouped 8x512', M: 4096, n: 1024, k: 1024, E: 8 },
+];
+const QUICK: Shape[] = [
+  { name: 'square 96', M: 96, n: 96, k: 96, E: 1 },
+  { name: 'grouped 4x40', M: 160, n: 72, k: 48, E: 4 },
+];
+const OPS = ['fwd', 'dx', 'dw'] as const;
+type Op = (typeof OPS)[number];
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(name);
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+/** Best milliseconds of `fn` over repetitions filling about `budgetMs` (at least 3). */
+function bestMs(fn: () => void, budgetMs = 600): number {
+  fn();
+  let best = Infinity, spent = 0, reps = 0;
+  while (reps < 3 || (spent < budgetMs && reps < 50)) {
+    const t0 = process.hrtime.bigint();
+    fn();
+    const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+    best = Math.min(best, ms);
+    spent += ms;
+    reps++;
+  }
+  return best;
+}
+
+type NumpyResult = Record<Op, number> & { blas: string; numpy: string; threads: string };
+
+/** bench/numpy_gemm.py for one shape on `threads` threads; throws (with its stderr) when it fails. */
+function numpyTimes(s: Shape, threads: number): NumpyResult {
+  const script = path.join(packageRoot(), 'bench', 'numpy_gemm.py');
+  const args = [script, '--shape', `${s.M},${s.n},${s.k},${s.E}`];
+  const env = { ...process.env, OPENBLAS_NUM_THREADS: `${threads}`, OMP_NUM_THREADS: `${threads}`, MKL_NUM_THREADS: `${threads}` };
+  const r = spawnSync(PYTHON, args, { encoding: 'utf8', env, maxBuffer: 1 << 24 });
+  const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
+  if (r.status !== 0 || !last.startsWith('{'))
+    throw new Error(`the numpy reference (${PYTHON} ${args.join(' ')}) failed with ${r.error?.message ?? `exit status ${r.status}`}:\n` +
+      `${(r.stderr || '').slice(-1500)}\n(run with --no-numpy to measure xft alone)`);
+  const j = JSON.parse(last) as NumpyResult;
+  for (const op of OPS) if (typeof j[op] !== 'number') throw new Error(`the numpy reference printed no ${op} (${last.slice(0, 400)})`);
+  return j;
+}
+
+/** xft's milliseconds for the three products of shape s, on the thread count and kernel of the environment */
+function xftTimes(s: Shape): Record<Op, number> {
+  const x = Tensor.randn([s.M, s.k], { seed: 1 }), w = Tensor.randn([s.E, s.n, s.k], { seed: 2 }), dy = Tensor.randn([s.M, s.n], { seed: 3 });
+  const y = Tensor.zeros([s.M, s.n]), dx = Tensor.zeros([s.M, s.k]), dw = Tensor.zeros([s.E, s.n, s.k]);
+  const offsets = Tensor.from(Array.from({ length: s.E + 1 }, (_, e) => (e * s.M) / s.E), [s.E + 1], { dtype: 'i32' });
+  const args = [s.M, s.n, s.k, s.E] as const;
+  const r = {
+    fwd: bestMs(() => native.groupedGemmForward(x.storage, w.storage, offsets.storage, y.storage, 0, ...args)),
+    dx: bestMs(() => native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx.storage, null, 0, ...args, false, 0)),
+    dw: bestMs(() => native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, null, dw.storage, 0, ...args, false, 0)),
+  };
+  for (const t of [x, w, dy, y, dx, dw, offsets]) t.dispose();
+  return r;
+}
+
+/** run fn with these environment variables set, restoring them after */
+function withEnv<T>(vars: Record<string, string | undefined>, fn: () => T): T {
+  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, process.env[k]]));
+  const set = (v: Record<string, string | undefined>) => {
+    for (const [k, val] of Object.entries(v)) if (val === undefined) delete process.env[k]; else process.env[k] = val;
+  };
+  set(vars);
+  try {
+    return fn();
+  } finally {
+    set(saved);
+  }
+}
+
+interface Row { shape: string; op: Op; threads: string; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
+
+function main() {
+  if (process.argv.includes('--help') || process.argv.includes('-h')) {
+    console.log(USAGE);
+    return;
+  }
+  const threads = (arg('--threads') ?? '1,2').split(',').map(Number);
+  if (threads.some((t) => !Number.isInteger(t) || t < 1)) throw new Error(`--threads expects positive integers, e.g. 1,2\n${USAGE}`);
+  const shapes = process.argv.includes('--quick') ? QUICK : SHAPES;
+  const withNumpy = !process.argv.includes('--no-numpy'), withReference = !process.argv.includes('--no-reference');
+  const kernel = withEnv({ XFT_CPU_REFERENCE: undefined }, () => native.cpuGemm().kernel);
+  const rows: Row[] = [];
+  let blas: string | null = null, numpyVersion: string | null = null;
+  const gflops = (s: Shape, ms: number) => (2 * s.M * s.n * s.k) / (ms * 1e6);
+  for (const t of threads)
+    for (const s of shapes) {
+      const xft = withEnv({ XFT_NUM_THREADS: `${t}`, XFT_CPU_REFERENCE: undefined }, () => xftTimes(s));
+      const np = withNumpy ? numpyTimes(s, t) : null;
+      // the reference kernel is slow: on the shapes of at most 2^28 multiply-adds, one thread
+      const ref = withReference && t === 1 && s.M * s.n * s.k <= 2 ** 28 ? withEnv({ XFT_NUM_THREADS: '1', XFT_CPU_REFERENCE: '1' }, () => xftTimes(s)) : null;
+      if (np) [blas, numpyVersion] = [np.blas, np.numpy];
+      for (const op of OPS) {
+        const square = s.E === 1 && s.M === s.n && s.n === s.k && s.M >= 512;
+        rows.push({
+          shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, xft: gflops(s, xft[op]),
+          numpy: np ? gflops(s, np[op]) : null, ratio: np ? `${(np[op] / xft[op]).toFixed(2)}x` : '-',
+          reference: ref ? gflops(s, ref[op]) : null, speedup: ref ? `${(ref[op] / xft[op]).toFixed(1)}x` : '-',
+          target: square && t === 1 ? '>= 0.6x numpy' : '',
+        });
+      }
+    }
+  // thread scaling: GFLOP/s at t threads over 1 thread, xft and numpy, per shape and op
+  const scaling = rows.filter((r) => r.threads !== '1').map((r) => {
+    const one = rows.find((q) => q.threads === '1' && q.shape === r.shape && q.op === r.op);
+    return { shape: r.shape, op: r.op, threads: r.threads, xft: one ? `${(r.xft / one.xft).toFixed(2)}x` : '-',
+      numpy: one && r.numpy && one.numpy ? `${(r.numpy / one.numpy).toFixed(2)}x` : '-', target: one?.target && r.threads === '2' ? '>= 1.7x' : '' };
+  });
+  const load = os.loadavg().map((l) => l.toFixed(1)).join(' ');
+  const numpyLabel = withNumpy ? `numpy ${numpyVersion} with ${blas}` : 'numpy skipped';
+  printTable(`CPU GEMM f32, GFLOP/s: xft (${kernel} kernel) beside ${numpyLabel}; reference = xft's reference kernel (1 thread); ` +
+    `${os.cpus()[0]?.model ?? 'CPU'} x${os.cpus().length}, load average ${load}`,
+  ['shape', 'op', 'threads', 'xft', 'numpy', 'ratio', 'reference', 'speedup', 'target'], rows, (v) => v.toFixed(1));
+  if (scaling.length) printTable('thread scaling (GFLOP/s over 1 thread)', ['shape', 'op', 'threads', 'xft', 'numpy', 'target'], scaling, (v) => v.toFixed(2));
+  console.log('ratio = xft / numpy GFLOP/s (higher is better for xft); speedup = xft over its reference kernel');
+  const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'cpu.json');
+  fs.mkdirSync(path.dirname(out), { recursive: true });
+  fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), kernel, blas, numpy: numpyVersion, loadavg: os.loadavg(),
+    cpu: os.cpus()[0]?.model, results: rows, scaling }, null, 2));
+  console.log(`\nwrote ${out}`);
+}
+
+try {
+  main();
+} catch (err) {
+  console.error(`bench/cpu: ${(err as Error).message}`);
+  process.exitCode = 1;
+}
