@@ -1,0 +1,11 @@
+import { Tensor, ops } from '../lib/index';
+const [M, n, k] = (process.argv[2] ?? '1024,1024,1024').split(',').map(Number);
+const dtype = (process.argv[3] ?? 'f32') as 'f32';
+const x = Tensor.randn([M, k], { seed: 1, dtype }), w = Tensor.randn([1, n, k], { seed: 2, dtype }), dy = Tensor.randn([M, n], { seed: 3, dtype });
+const off = Tensor.from([0, M], [2], { dtype: 'i32' });
+const best = (f: () => void) => { let b = 1e9; for (let i = 0; i < 5; i++) { const t0 = performance.now(); f(); b = Math.min(b, performance.now() - t0); } return b; };
+const fl = 2 * M * n * k / 1e6;
+const tf = best(() => ops.groupedGemm(x, w, off, { validate: false }).dispose());
+const tdx = best(() => ops.groupedGemmBackward(x, w, off, dy, { dw: false, validate: false }).dx!.dispose());
+const tdw = best(() => ops.groupedGemmBackward(x, w, off, dy, { dx: false, validate: false }).dw!.dispose());
+console.log(`${M},${n},${k} ${dtype} GFLOP/s fwd ${(fl / tf).toFixed(1)} dx ${(fl / tdx).toFixed(1)} dw ${(fl / tdw).toFixed(1)}`);
