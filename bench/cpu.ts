@@ -84,18 +84,22 @@ function numpyTimes(s: Shape, threads: number): NumpyResult {
 }
 
 /** xft's milliseconds for the three products of shape s, on the thread count and kernel of the environment */
-function xftTimes(s: Shape): Record<Op, number> {
+function xftTimes(s: Shape): Record<Op, number> & { cores: number } {
   const x = Tensor.randn([s.M, s.k], { seed: 1 }), w = Tensor.randn([s.E, s.n, s.k], { seed: 2 }), dy = Tensor.randn([s.M, s.n], { seed: 3 });
   const y = Tensor.zeros([s.M, s.n]), dx = Tensor.zeros([s.M, s.k]), dw = Tensor.zeros([s.E, s.n, s.k]);
   const offsets = Tensor.from(Array.from({ length: s.E + 1 }, (_, e) => (e * s.M) / s.E), [s.E + 1], { dtype: 'i32' });
   const args = [s.M, s.n, s.k, s.E] as const;
+  const cpu0 = process.cpuUsage(), t0 = process.hrtime.bigint();
   const r = {
     fwd: bestMs(() => native.groupedGemmForward(x.storage, w.storage, offsets.storage, y.storage, 0, ...args)),
     dx: bestMs(() => native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx.storage, null, 0, ...args, false, 0)),
     dw: bestMs(() => native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, null, dw.storage, 0, ...args, false, 0)),
   };
+  // the cores the process kept busy while it measured (CPU time over wall time): on a loaded machine,
+  // what the threads could get
+  const cpu = process.cpuUsage(cpu0), wallUs = Number(process.hrtime.bigint() - t0) / 1e3;
   for (const t of [x, w, dy, y, dx, dw, offsets]) t.dispose();
-  return r;
+  return { ...r, cores: (cpu.user + cpu.system) / wallUs };
 }
 
 /** run fn with these environment variables set, restoring them after */
@@ -112,7 +116,7 @@ function withEnv<T>(vars: Record<string, string | undefined>, fn: () => T): T {
   }
 }
 
-interface Row { shape: string; op: Op; threads: string; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
+interface Row { shape: string; op: Op; threads: string; cores: number; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
 
 function main() {
   if (process.argv.includes('--help') || process.argv.includes('-h')) {
@@ -137,7 +141,7 @@ function main() {
       for (const op of OPS) {
         const square = s.E === 1 && s.M === s.n && s.n === s.k && s.M >= 512;
         rows.push({
-          shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, xft: gflops(s, xft[op]),
+          shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, cores: xft.cores, xft: gflops(s, xft[op]),
           numpy: np ? gflops(s, np[op]) : null, ratio: np ? `${(np[op] / xft[op]).toFixed(2)}x` : '-',
           reference: ref ? gflops(s, ref[op]) : null, speedup: ref ? `${(ref[op] / xft[op]).toFixed(1)}x` : '-',
           target: square && t === 1 ? '>= 0.6x numpy' : '',
@@ -154,9 +158,9 @@ function main() {
   const numpyLabel = withNumpy ? `numpy ${numpyVersion} with ${blas}` : 'numpy skipped';
   printTable(`CPU GEMM f32, GFLOP/s: xft (${kernel} kernel) beside ${numpyLabel}; reference = xft's reference kernel (1 thread); ` +
     `${os.cpus()[0]?.model ?? 'CPU'} x${os.cpus().length}, load average ${load}`,
-  ['shape', 'op', 'threads', 'xft', 'numpy', 'ratio', 'reference', 'speedup', 'target'], rows, (v) => v.toFixed(1));
+  ['shape', 'op', 'threads', 'cores', 'xft', 'numpy', 'ratio', 'reference', 'speedup', 'target'], rows, (v) => v.toFixed(1));
   if (scaling.length) printTable('thread scaling (GFLOP/s over 1 thread)', ['shape', 'op', 'threads', 'xft', 'numpy', 'target'], scaling, (v) => v.toFixed(2));
-  console.log('ratio = xft / numpy GFLOP/s (higher is better for xft); speedup = xft over its reference kernel');
+  console.log('ratio = xft / numpy GFLOP/s (higher is better for xft); speedup = xft over its reference kernel; cores = CPU time over wall time while xft measured the shape (what its threads got on this machine)');
   const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'cpu.json');
   fs.mkdirSync(path.dirname(out), { recursive: true });
   fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), kernel, blas, numpy: numpyVersion, loadavg: os.loadavg(),

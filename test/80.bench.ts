@@ -1,4 +1,4 @@
-// The benchmarks run end to end on the CPU (their tiny shapes) and write their JSON: they do not rot
+// The benchmarks (kernels, train, cpu) run end to end on the CPU (their tiny shapes) and write their JSON: they do not rot
 // between GPU sessions. Speed is not checked here (bench/ prints the figures). A failing PyTorch
 // reference stops a benchmark with exit status 1 (here: a python3 that fails), and --help answers.
 import t from 'tap';
@@ -39,4 +39,25 @@ t.test('bench/kernels fails loudly when the PyTorch reference fails', async (t) 
   t.equal(r.status, 1, 'exit status 1');
   t.match(r.stderr, /PyTorch reference .*torch_kernels\.py.* failed with exit status 3:\s+no torch here[\s\S]*--no-torch/, 'says which reference failed, its error and the way out');
   t.notOk(fs.existsSync(path.join(tmp, 'failed.json')), 'writes no results');
+});
+
+t.test('bench/cpu --quick: xft GEMMs at 1 and 2 threads beside its reference kernel', async (t) => {
+  const out = path.join(tmp, 'cpu.json');
+  const r = bench('cpu', ['--quick', '--no-numpy', '--threads', '1,2', '--out', out]);
+  t.equal(r.status, 0, r.stderr);
+  t.match(r.stdout, /CPU GEMM f32, GFLOP\/s: xft \((avx512|avx2|portable) kernel\)/, 'prints its table with the kernel');
+  const j = JSON.parse(fs.readFileSync(out, 'utf8'));
+  t.equal(j.results.length, 2 * 2 * 3, 'two shapes, two thread counts, three products');
+  t.ok(j.results.every((x: { xft: number }) => x.xft > 0), 'GFLOP/s for each');
+  t.ok(j.results.some((x: { reference: number | null }) => x.reference! > 0), 'and the reference kernel beside them');
+  t.match(bench('cpu', ['--help']).stdout, /^Usage: .*--no-numpy/, '--help prints the usage');
+});
+
+t.test('bench/cpu fails loudly when numpy fails', async (t) => {
+  const bin = fs.mkdtempSync(path.join(tmp, 'bin-'));
+  fs.writeFileSync(path.join(bin, 'python3'), '#!/bin/sh\necho "no numpy here" >&2\nexit 3\n', { mode: 0o755 });
+  const r = bench('cpu', ['--quick', '--no-reference', '--out', path.join(tmp, 'cpu-failed.json')], { XFT_PYTHON: path.join(bin, 'python3') });
+  t.equal(r.status, 1, 'exit status 1');
+  t.match(r.stderr, /numpy reference .*numpy_gemm\.py.* failed with exit status 3:\s+no numpy here[\s\S]*--no-numpy/, 'says which reference failed, its error and the way out');
+  t.notOk(fs.existsSync(path.join(tmp, 'cpu-failed.json')), 'writes no results');
 });

@@ -52,10 +52,16 @@ int hardware_threads() {
   return n;
 }
 
+thread_local bool t_in_job = false;  // this thread is running a range of a job
+
 class Pool {
  public:
   // runs fn over `chunks` ranges of [0, n) on up to `threads` threads (the caller is one of them)
   void run(size_t n, size_t chunks, int threads, const std::function<void(size_t, size_t)>& fn) {
+    if (t_in_job) {  // a parallel call from inside a job: inline
+      fn(0, n);
+      return;
+    }
     std::unique_lock<std::mutex> busy(submit_, std::try_to_lock);
     if (!busy.owns_lock()) {
       fn(0, n);
@@ -86,6 +92,10 @@ class Pool {
 
   // take ranges of the job until none is left
   void work(const Job& job) {
+    t_in_job = true;
+    struct Leave {
+      ~Leave() { t_in_job = false; }
+    } leave;
     for (;;) {
       size_t c = next_.fetch_add(1, std::memory_order_relaxed);
       if (c >= job.chunks) return;
