@@ -4,8 +4,9 @@
 // balance loss) against the float64 forward of helpers/ref_model.ts.
 import t from 'tap';
 
-// several CPU threads whatever the machine: above 4e6 flops per group the GEMM splits its output into
-// blocks for the threads (dW [192, 160] into two row blocks here); read by the addon at each call
+// several CPU threads whatever the machine (read by the addon at each call): the GEMM computes its
+// output in 2-D blocks whatever the thread count (dW [192, 160] in two row blocks here), handed to
+// several threads above a work threshold
 process.env.XFT_CPU_THREADS ??= '3';
 
 import { Tensor, ops } from '../lib/index';
@@ -18,7 +19,7 @@ import { close } from './helpers/check';
 
 t.test('CPU grouped GEMM above the multi-thread threshold, forward and backward, against float64', async (t) => {
   const n = 192, k = 160;
-  // groups of 0, 70 (4.3e6 flops: 2 threads), 131 (8.0e6: 3 threads) and 7 (one thread) rows
+  // groups of 0, 70 (4.3e6 flops), 131 (8.0e6) and 7 rows
   const offsets = [0, 0, 70, 201, 208], M = 208, E = 4;
   const R = rng(65);
   const x = Array.from(R.array(M * k)), w = Array.from(R.array(E * n * k, 0.1)), dy = Array.from(R.array(M * n));

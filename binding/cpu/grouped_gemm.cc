@@ -18,7 +18,12 @@ Two implementations, the same semantics:
   XFT_NUM_THREADS. Inputs are read in place (bf16 widened while packing, f32 never copied whole).
 - the reference path (XFT_CPU_REFERENCE=1, read at each call): the plain loops below, separate
   multiply and add, each sum in k (forward), n (dx) or row (dw) order. test/21.gemm_fast.ts holds the
-  two together: fp32 outputs within 1e-5 relative (norm), bf16 outputs within one bf16 ulp.
+  two together: with f32 inputs within 1e-5 relative (norm; fused vs separately rounded products),
+  with bf16 inputs bit for bit (a product of two bf16 values is exact in fp32: the same sums in the
+  same order). The cuda/grouped_gemm.cu kernels sum in their own order: test/30 compares them to
+  this file within tolerances, never bit for bit.
+Scratch (per calling thread, kept across calls): the packed panels of one depth block of one chunk
+of C, and with bf16 or accumulated outputs the fp32 sums of that chunk (kChunkM x kChunkN at most).
 */
 #include <stdlib.h>
 #include <string.h>
@@ -167,6 +172,9 @@ static_assert(XFT_BF16 == 1 && XFT_F32 == 0, "gemm_kernel_impl.h hard-codes the 
 // the largest slice of C one round of packing covers: bounds the packed panels ((kChunkM + kChunkN) *
 // kc floats) and the fp32 scratch of a bf16 or accumulated output (kChunkM * kChunkN floats)
 constexpr int kChunkM = 1536, kChunkN = 2048;
+// parallel_for's threshold counts work at the scalar kernels' rate; the packed kernels do about this
+// many flops in that time, so a GEMM below ~32 Mflop (~0.2 ms) stays on one thread
+constexpr double kFastFlopsPerWork = 8;
 
 // C [M, N] of out (row stride ld elements): overwritten, or with accumulate out = out + sum (the sum
 // rounded to fp32 first, then added, then rounded to the dtype once)
@@ -233,11 +241,11 @@ void gemm(const xft_gemm_kernel& kr, const xft_gemm_operand& A, const xft_gemm_o
       }
       for (int p0 = 0; p0 < K; p0 += kr.kc) {
         const int kc = std::min(kr.kc, K - p0);
-        const double flops = 2.0 * mb * nb * kc;
+        const double work = 2.0 * mb * nb * kc / kFastFlopsPerWork;
         float* a = scratch(t_packed, (size_t)(pa * kr.mr + pb * kr.nr) * kc);
         float* b = a + (size_t)pa * kr.mr * kc;
         // pack this depth block of A's and B's rows, a panel per index
-        xft_cpu::parallel_for((size_t)(pa + pb), flops, [&](size_t q0, size_t q1) {
+        xft_cpu::parallel_for((size_t)(pa + pb), work, [&](size_t q0, size_t q1) {
           for (size_t q = q0; q < q1; q++) {
             if ((int)q < pa) {
               const int i = (int)q * kr.mr;
@@ -249,7 +257,7 @@ void gemm(const xft_gemm_kernel& kr, const xft_gemm_operand& A, const xft_gemm_o
           }
         });
         const bool last = p0 + kc >= K;
-        xft_cpu::parallel_tasks((size_t)tm * tn, flops, [&](size_t task) {
+        xft_cpu::parallel_tasks((size_t)tm * tn, work, [&](size_t task) {
           const int i = (int)(task / tn) * mc, j = (int)(task % tn) * nc;
           const int m = std::min(mc, mb - i), n = std::min(nc, nb - j);
           float* ct = c + (size_t)i * ldc + j;
