@@ -45,7 +45,7 @@ const cases: Case[] = [
   { M: 37, n: 33, k: 23, E: 8, what: 'random groups, some empty' },
   { M: 10, n: 8, k: 8, E: 4, offsets: [0, 0, 10, 10, 10], what: 'empty groups around a full one' },
   { M: 37, n: 19, k: 29, E: 4, offsets: [5, 3, 40, 20, -7], what: 'bad offsets (clamped, made non-decreasing)' },
-  { M: 600, n: 300, k: 270, E: 2, what: 'depths over one packed block (k, n and rows > 256)' },
+  { M: 300, n: 280, k: 270, E: 1, what: 'depths over one packed block (k, n and rows > 256)' },
   { M: 1601, n: 5, k: 3, E: 1, what: 'M over one packing chunk' },
   { M: 3, n: 2053, k: 5, E: 1, what: 'n over one packing chunk' },
   { M: 300, n: 45, k: 530, E: 3, offsets: [0, 1, 299, 300], what: 'a group of one row, depth 530' },
@@ -93,13 +93,12 @@ t.test(`fast kernels (${kernels.join(', ')}) against the reference path`, async 
 t.test('bits do not depend on the thread count or on AVX2 vs AVX-512', async (t) => {
   // large enough for 3 threads on every product (above 32 Mflop per packed depth block)
   const c: Case = { M: 900, n: 400, k: 300, E: 2, offsets: [0, 890, 900], what: 'threads' };
-  for (const kernel of kernels) {
-    const runs = [1, 2, 3].map((threads) => withEnv({ XFT_NUM_THREADS: `${threads}`, XFT_CPU_ISA: kernel, XFT_CPU_REFERENCE: undefined },
-      () => outputs(c, 'f32', 7)));
-    for (const key of ['y', 'dx', 'dw', 'acc'] as const) {
-      exact(t, runs[1][key][0], runs[0][key][0], `${kernel} ${key}: 2 threads = 1 thread`);
-      exact(t, runs[2][key][0], runs[0][key][0], `${kernel} ${key}: 3 threads = 1 thread`);
-    }
+  const kernel = kernels[0];  // the one this CPU runs by default (the partition code is shared by all)
+  const runs = [1, 2, 3].map((threads) => withEnv({ XFT_NUM_THREADS: `${threads}`, XFT_CPU_ISA: kernel, XFT_CPU_REFERENCE: undefined },
+    () => outputs(c, 'f32', 7)));
+  for (const key of ['y', 'dx', 'dw', 'acc'] as const) {
+    exact(t, runs[1][key][0], runs[0][key][0], `${kernel} ${key}: 2 threads = 1 thread`);
+    exact(t, runs[2][key][0], runs[0][key][0], `${kernel} ${key}: 3 threads = 1 thread`);
   }
   if (kernels.includes('avx512') && kernels.includes('avx2')) {
     const [a, b] = ['avx512', 'avx2'].map((kernel) => withEnv({ XFT_CPU_ISA: kernel, XFT_CPU_REFERENCE: undefined }, () => outputs(c, 'f32', 8)));
