@@ -19,9 +19,11 @@ makes it start a fresh pool (the parent's is abandoned in the child).
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -67,14 +69,14 @@ class Pool {
       fn(0, n);
       return;
     }
-    grow(threads - 1);
+    const int helpers = grow(threads - 1);
     Job job{&fn, n, chunks};
     {
       std::lock_guard<std::mutex> g(m_);
       job_ = job;
       next_.store(0, std::memory_order_relaxed);
       pending_.store(chunks, std::memory_order_relaxed);
-      helpers_ = threads - 1;
+      helpers_ = helpers;
       generation_++;
     }
     wake_.notify_all();
@@ -126,18 +128,25 @@ class Pool {
     }
   }
 
-  void grow(int workers) {
+  // up to `workers` workers; returns how many there are (a thread the system refuses is done without)
+  int grow(int workers) {
     while ((int)workers_.size() < workers) {
       int index = (int)workers_.size();
-      workers_.emplace_back([this, index] { worker(index); });
-      workers_.back().detach();
+      try {
+        std::thread th([this, index] { worker(index); });
+        th.detach();
+      } catch (const std::system_error&) {
+        break;
+      }
+      workers_.push_back(index);
     }
+    return std::min(workers, (int)workers_.size());
   }
 
   std::mutex submit_;  // one job at a time
   std::mutex m_;
   std::condition_variable wake_, done_;
-  std::vector<std::thread> workers_;
+  std::vector<int> workers_;  // the started workers' indices (detached threads)
   Job job_;
   std::atomic<size_t> next_{0}, pending_{0};
   int helpers_ = 0, active_ = 0;
