@@ -18,10 +18,38 @@ const USAGE = `Usage: node dist/bench/cpu_train.js [--threads 1,2] [--steps N] [
   --models   demo (d=64, L=2, batch 8x256) and/or 10m (d=320, L=4, V=8192, batch 4x128)
   --kinds    dense and/or moe (default both)
   --base     a second addon measured in the same run (e.g. /work/addon-base/xft.node); the table shows the speed-up
+  --profile  also meter the CPU time of every native call of the timed steps (the share of each op family)
   --out      the JSON results (default bench/out/cpu_train.json)
 The addon measured is XFT_ADDON_PATH (else the package's own build).`;
 
-interface Measure { model: string; kind: string; params: number; tokens: number; ms: number; tokensPerSecond: number; loss: number }
+interface Measure {
+  model: string; kind: string; params: number; tokens: number; ms: number; tokensPerSecond: number; loss: number;
+  /** CPU time of the process per step (all threads; the steadier figure on a loaded machine) */
+  cpuMs: number;
+  /** with --profile: ms per step in each native function, largest first */
+  profile?: [string, number][];
+}
+
+/** Wraps every function of the native addon with a CPU-time meter; returns the totals (ms) by name. */
+function instrument(): Map<string, number> {
+  const { native } = require('../lib/native') as typeof import('../lib/native');
+  const totals = new Map<string, number>();
+  const addon = native as unknown as Record<string, unknown>;
+  for (const name of Object.keys(addon)) {
+    const fn = addon[name];
+    if (typeof fn !== 'function' || name === 'setErrorClass') continue;
+    addon[name] = (...a: unknown[]) => {
+      const c0 = process.cpuUsage();
+      try {
+        return (fn as (...x: unknown[]) => unknown)(...a);
+      } finally {
+        const c = process.cpuUsage(c0);
+        totals.set(name, (totals.get(name) ?? 0) + (c.user + c.system) / 1e3);
+      }
+    };
+  }
+  return totals;
+}
 
 function arg(name: string): string | undefined {
   const i = process.argv.indexOf(name);
@@ -29,7 +57,8 @@ function arg(name: string): string | undefined {
 }
 
 /** The child: measures the requested models on the addon and thread count it was started with. */
-function child(models: string[], kinds: string[], steps: number): void {
+function child(models: string[], kinds: string[], steps: number, profile: boolean): void {
+  const totals = profile ? instrument() : null;
   // imported here so that the parent never loads an addon
   /* eslint-disable @typescript-eslint/no-var-requires */
   const { llamaConfig } = require('../lib/config') as typeof import('../lib/config');
@@ -58,16 +87,20 @@ function child(models: string[], kinds: string[], steps: number): void {
         return { ids: ids.slice(0, -1), targets: ids.slice(1) };
       });
       const run = new Trainer(model, rows, { lr: 1e-4, batchSize: s.batch, steps: steps + 1, seed: 1 });
-      const ms: number[] = [];
+      const ms: number[] = [], cpu: number[] = [];
       let loss = 0;
       for (let i = 0; i < steps + 1; i++) {
-        const t0 = process.hrtime.bigint();
+        if (i === 1) totals?.clear();
+        const t0 = process.hrtime.bigint(), c0 = process.cpuUsage();
         loss = run.step().loss;
-        if (i >= 1) ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
+        const c = process.cpuUsage(c0);
+        if (i >= 1) ms.push(Number(process.hrtime.bigint() - t0) / 1e6), cpu.push((c.user + c.system) / 1e3);
       }
       ms.sort((a, b) => a - b);
-      const med = ms[Math.floor(ms.length / 2)], tokens = s.batch * s.seqLen;
-      out.push({ model: name, kind, params: countParameters(model), tokens, ms: med, tokensPerSecond: tokens / (med / 1e3), loss });
+      cpu.sort((a, b) => a - b);
+      const med = ms[Math.floor(ms.length / 2)], cpuMs = cpu[Math.floor(cpu.length / 2)], tokens = s.batch * s.seqLen;
+      const prof = totals ? [...totals.entries()].map(([k, v]): [string, number] => [k, v / steps]).sort((a, b) => b[1] - a[1]) : undefined;
+      out.push({ model: name, kind, params: countParameters(model), tokens, ms: med, tokensPerSecond: tokens / (med / 1e3), cpuMs, loss, profile: prof });
       disposeState(run.state);
       model.dispose();
     }
@@ -75,10 +108,10 @@ function child(models: string[], kinds: string[], steps: number): void {
   console.log(JSON.stringify(out));
 }
 
-function spawnChild(addon: string | undefined, threads: number, models: string[], kinds: string[], steps: number): Measure[] {
+function spawnChild(addon: string | undefined, threads: number, models: string[], kinds: string[], steps: number, profile: boolean): Measure[] {
   const env: NodeJS.ProcessEnv = { ...process.env, XFT_DEVICE: 'cpu', XFT_NUM_THREADS: String(threads), XFT_CPU_THREADS: String(threads) };
   if (addon) env.XFT_ADDON_PATH = addon;
-  const args = [...process.execArgv, __filename, '--child', '--models', models.join(','), '--kinds', kinds.join(','), '--steps', String(steps)];
+  const args = [...process.execArgv, __filename, '--child', '--models', models.join(','), '--kinds', kinds.join(','), '--steps', String(steps), ...(profile ? ['--profile'] : [])];
   const r = spawnSync(process.execPath, args, { env, encoding: 'utf8', maxBuffer: 1 << 24 });
   const last = (r.stdout ?? '').trim().split('\n').pop() ?? '';
   if (r.status !== 0 || !last.startsWith('[')) throw new Error(`the measuring process (${addon ?? 'own addon'}, ${threads} threads) failed: ${r.error?.message ?? `exit status ${r.status}`}\n${(r.stderr ?? '').slice(-1500)}`);
@@ -93,30 +126,40 @@ function main(): void {
   const models = (arg('--models') ?? 'demo,10m').split(',');
   const kinds = (arg('--kinds') ?? 'dense,moe').split(',');
   const steps = Number(arg('--steps') ?? 3);
-  if (process.argv.includes('--child')) return child(models, kinds, steps);
+  const profile = process.argv.includes('--profile');
+  if (process.argv.includes('--child')) return child(models, kinds, steps, profile);
   const threads = (arg('--threads') ?? '1,2').split(',').map(Number);
   const base = arg('--base');
   const addon = process.env.XFT_ADDON_PATH;
   const results: { addon: string; threads: number; measures: Measure[] }[] = [];
   for (const t of threads) {
-    results.push({ addon: addon ?? 'package', threads: t, measures: spawnChild(addon, t, models, kinds, steps) });
-    if (base) results.push({ addon: base, threads: t, measures: spawnChild(base, t, models, kinds, steps) });
+    results.push({ addon: addon ?? 'package', threads: t, measures: spawnChild(addon, t, models, kinds, steps, profile) });
+    if (base) results.push({ addon: base, threads: t, measures: spawnChild(base, t, models, kinds, steps, profile) });
   }
-  type Row = { model: string; kind: string; params: string; threads: number; ms: number; tok_s: number; base_ms: number | null; base_tok_s: number | null; speedup: string };
+  type Row = { model: string; kind: string; params: string; threads: number; ms: number; cpu_ms: number; tok_s: number; base_ms: number | null; base_cpu_ms: number | null; base_tok_s: number | null; speedup: string; cpu_speedup: string };
   const rows: Row[] = [];
   for (const r of results.filter((x) => x.addon === (addon ?? 'package'))) {
     const b = base ? results.find((x) => x.addon === base && x.threads === r.threads) : undefined;
     for (const m of r.measures) {
       const bm = b?.measures.find((x) => x.model === m.model && x.kind === m.kind);
       rows.push({
-        model: m.model, kind: m.kind, params: `${(m.params / 1e6).toFixed(2)}M`, threads: r.threads, ms: m.ms, tok_s: Math.round(m.tokensPerSecond),
-        base_ms: bm?.ms ?? null, base_tok_s: bm ? Math.round(bm.tokensPerSecond) : null, speedup: bm ? `${(bm.ms / m.ms).toFixed(2)}x` : '-',
+        model: m.model, kind: m.kind, params: `${(m.params / 1e6).toFixed(2)}M`, threads: r.threads, ms: m.ms, cpu_ms: m.cpuMs, tok_s: Math.round(m.tokensPerSecond),
+        base_ms: bm?.ms ?? null, base_cpu_ms: bm?.cpuMs ?? null, base_tok_s: bm ? Math.round(bm.tokensPerSecond) : null,
+        speedup: bm ? `${(bm.ms / m.ms).toFixed(2)}x` : '-', cpu_speedup: bm ? `${(bm.cpuMs / m.cpuMs).toFixed(2)}x` : '-',
       });
     }
   }
-  printTable(`CPU training step (f32, AdamW; median of ${steps} steps after 1 warm-up${base ? `; base = ${base}` : ''})`,
-    ['model', 'kind', 'params', 'threads', 'ms', 'tok_s', 'base_ms', 'base_tok_s', 'speedup'], rows,
+  printTable(`CPU training step (f32, AdamW; median of ${steps} steps after 1 warm-up; cpu_ms = process CPU time per step${base ? `; base = ${base}` : ''})`,
+    ['model', 'kind', 'params', 'threads', 'ms', 'cpu_ms', 'tok_s', 'base_ms', 'base_cpu_ms', 'base_tok_s', 'speedup', 'cpu_speedup'], rows,
     (v, col) => (Number.isInteger(v) ? String(v) : v.toFixed(col.endsWith('ms') ? 1 : 0)));
+  if (profile)
+    for (const r of results)
+      for (const m of r.measures) {
+        const total = m.profile!.reduce((a, p) => a + p[1], 0);
+        const prows = m.profile!.slice(0, 14).map(([fn, ms]) => ({ fn, ms, share: `${((100 * ms) / m.cpuMs).toFixed(1)}%` }));
+        prows.push({ fn: '(outside native calls)', ms: m.cpuMs - total, share: `${((100 * (m.cpuMs - total)) / m.cpuMs).toFixed(1)}%` });
+        printTable(`where a step goes: ${m.model} ${m.kind}, ${r.threads} thread(s), ${r.addon} (CPU ms per step, mean)`, ['fn', 'ms', 'share'], prows, (v) => v.toFixed(2));
+      }
   const out = arg('--out') ?? path.resolve('bench', 'out', 'cpu_train.json');
   fs.mkdirSync(path.dirname(out), { recursive: true });
   fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), steps, results }, null, 2));
