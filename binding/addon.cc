@@ -3,7 +3,13 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <atomic>
+#include <deque>
+#include <map>
+#include <mutex>
 #include <unordered_map>
 
 #include "common.h"
@@ -155,21 +161,146 @@ void RequireCuda(Napi::Env env, const char* op) {
 // ---- Storage ----
 
 // Host memory: 64-byte aligned and never null (a zero-byte tensor still owns a distinct pointer).
-// Large blocks come straight from mmap so that freeing returns them to the system at once
-// (malloc's heap would keep them, and a training loop's process memory would creep).
-static const size_t kHostMmapBytes = 64 * 1024;
+// Small blocks come from malloc. Large blocks (>= kHostCacheMinBytes) come from mmap through a cache
+// of freed blocks by size class (2^k, 1.25 2^k, 1.5 2^k, 1.75 2^k: at most 25% slack), the host twin
+// of the CUDA stream-ordered pool: a training step frees and allocates the same sizes every step,
+// and reusing them makes no mmap/munmap (page faults, zeroing in the kernel) after the first step.
+// A freed block goes back to the cache at once; while the cache would hold more than its cap
+// (XFT_HOST_CACHE_BYTES, default min(2 GiB, RAM / 8)), the least recently freed blocks are unmapped;
+// emptyHostCache() unmaps all of them. Fresh and reused blocks alike are uninitialised (alloc()
+// promises nothing; Tensor.zeros fills explicitly). A mutex guards the cache: storages are freed
+// from dispose() and from finalizers, and a worker thread could free one.
+static const size_t kHostCacheMinBytes = 64 * 1024;
+
+namespace {
+
+struct HostCache {
+  std::mutex mu;
+  // freed blocks by class size; the list of each class is in freeing order (most recent at the back)
+  std::map<size_t, std::deque<std::pair<void*, uint64_t>>> free_blocks;
+  // every cached block by its freeing tick, for least-recently-freed eviction: tick -> (class, ptr)
+  std::map<uint64_t, std::pair<size_t, void*>> by_age;
+  uint64_t tick = 0;
+  size_t cached_bytes = 0, cap = 0;
+  int64_t hits = 0, misses = 0, maps = 0, unmaps = 0;
+  size_t reserved_bytes = 0;  // mapped large blocks: live plus cached
+
+  HostCache() {
+    const char* env = getenv("XFT_HOST_CACHE_BYTES");
+    if (env && *env) {
+      char* end = nullptr;
+      double v = strtod(env, &end);
+      cap = v > 0 ? (size_t)v : 0;
+    } else {
+      long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+      size_t ram = pages > 0 && page > 0 ? (size_t)pages * (size_t)page : ((size_t)16 << 30);
+      cap = std::min((size_t)2 << 30, ram / 8);
+    }
+  }
+
+  // the class of a large block: bytes rounded up to a quarter step of its power of two, then to pages
+  static size_t ClassOf(size_t bytes) {
+    int top = 63 - __builtin_clzll((unsigned long long)bytes);  // 2^top <= bytes
+    size_t step = (size_t)1 << (top >= 2 ? top - 2 : 0);
+    size_t c = (bytes + step - 1) / step * step;
+    return (c + 4095) / 4096 * 4096;
+  }
+
+  void Unmap(void* p, size_t c) {
+    munmap(p, c);
+    unmaps++;
+    reserved_bytes -= c;
+  }
+
+  // drops the least recently freed blocks until at most `limit` bytes stay cached (lock held)
+  void TrimTo(size_t limit) {
+    while (cached_bytes > limit && !by_age.empty()) {
+      auto oldest = by_age.begin();
+      size_t c = oldest->second.first;
+      void* p = oldest->second.second;
+      auto& list = free_blocks[c];
+      for (auto it = list.begin(); it != list.end(); ++it)
+        if (it->first == p) {
+          list.erase(it);
+          break;
+        }
+      if (list.empty()) free_blocks.erase(c);
+      by_age.erase(oldest);
+      cached_bytes -= c;
+      Unmap(p, c);
+    }
+  }
+
+  void* Take(size_t bytes) {
+    const size_t c = ClassOf(bytes);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = free_blocks.find(c);
+      if (it != free_blocks.end() && !it->second.empty()) {
+        auto block = it->second.back();  // the most recently freed: likeliest still in cache
+        it->second.pop_back();
+        if (it->second.empty()) free_blocks.erase(it);
+        by_age.erase(block.second);
+        cached_bytes -= c;
+        hits++;
+        return block.first;
+      }
+      misses++;
+    }
+    void* p = mmap(nullptr, c, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      // the cache may hold what the system lacks: give it back and try once more
+      Empty();
+      p = mmap(nullptr, c, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) return nullptr;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    maps++;
+    reserved_bytes += c;
+    return p;
+  }
+
+  void Give(void* p, size_t bytes) {
+    const size_t c = ClassOf(bytes);
+    std::lock_guard<std::mutex> lock(mu);
+    if (c > cap) {
+      Unmap(p, c);
+      return;
+    }
+    const uint64_t t = ++tick;
+    free_blocks[c].emplace_back(p, t);
+    by_age.emplace(t, std::make_pair(c, p));
+    cached_bytes += c;
+    TrimTo(cap);
+  }
+
+  void Empty() {
+    std::lock_guard<std::mutex> lock(mu);
+    TrimTo(0);
+  }
+
+  void SetCap(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    cap = bytes;
+    TrimTo(cap);
+  }
+};
+
+HostCache& Cache() {
+  static HostCache* cache = new HostCache();  // never destroyed: a finalizer may run during exit
+  return *cache;
+}
+
+}  // namespace
 
 static void* HostAlloc(size_t bytes) {
-  if (bytes >= kHostMmapBytes) {
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? nullptr : p;
-  }
+  if (bytes >= kHostCacheMinBytes) return Cache().Take(bytes);
   size_t rounded = ((bytes + 63) / 64) * 64;
   return aligned_alloc(64, rounded ? rounded : 64);
 }
 
 static void HostFree(void* p, size_t bytes) {
-  if (bytes >= kHostMmapBytes) munmap(p, bytes);
+  if (bytes >= kHostCacheMinBytes) Cache().Give(p, bytes);
   else free(p);
 }
 
@@ -414,6 +545,17 @@ static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
   out.Set("cudaTensors", (double)g_counters.cuda_count);
   out.Set("hostPeakBytes", (double)g_counters.host_peak);
   out.Set("cudaPeakBytes", (double)g_counters.cuda_peak);
+  {
+    HostCache& c = Cache();
+    std::lock_guard<std::mutex> lock(c.mu);
+    out.Set("hostCachedBytes", (double)c.cached_bytes);
+    out.Set("hostReservedBytes", (double)c.reserved_bytes);
+    out.Set("hostCacheLimitBytes", (double)c.cap);
+    out.Set("hostCacheHits", (double)c.hits);
+    out.Set("hostCacheMisses", (double)c.misses);
+    out.Set("hostMaps", (double)c.maps);
+    out.Set("hostUnmaps", (double)c.unmaps);
+  }
 #ifdef XFT_WITH_CUDA
   if (g_cuda_state == 1) {
     size_t used = 0, reserved = 0;
@@ -451,6 +593,21 @@ static Napi::Value TrimPool(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// emptyHostCache(): unmaps every cached host block (live tensors keep theirs).
+static Napi::Value EmptyHostCache(const Napi::CallbackInfo& info) {
+  Cache().Empty();
+  return info.Env().Undefined();
+}
+
+// setHostCacheLimit(bytes): the most bytes of freed host blocks kept for reuse (0: none); trims at once.
+static Napi::Value SetHostCacheLimit(const Napi::CallbackInfo& info) {
+  double v = ArgNumber(info, 0, "setHostCacheLimit", "bytes");
+  if (!(v >= 0) || v > 9007199254740991.0)
+    Throw(info.Env(), "XFT_VALUE", "setHostCacheLimit: bytes must be a number >= 0, got " + std::to_string(v));
+  Cache().SetCap((size_t)v);
+  return info.Env().Undefined();
+}
+
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InstanceData* d = new InstanceData();
   env.SetInstanceData(d);
@@ -465,6 +622,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("synchronize", Napi::Function::New(env, Synchronize, "synchronize"));
   exports.Set("setPoison", Napi::Function::New(env, SetPoison, "setPoison"));
   exports.Set("trimPool", Napi::Function::New(env, TrimPool, "trimPool"));
+  exports.Set("emptyHostCache", Napi::Function::New(env, EmptyHostCache, "emptyHostCache"));
+  exports.Set("setHostCacheLimit", Napi::Function::New(env, SetHostCacheLimit, "setHostCacheLimit"));
 #ifdef XFT_WITH_CUDA
   exports.Set("compiledWithCuda", Napi::Boolean::New(env, true));
 #else

@@ -2,7 +2,7 @@
 export { XftError, type XftErrorCode } from './errors';
 export {
   Tensor, type DType, type Device, type Shape, type TensorOptions, type RandomOptions,
-  backend, cudaAvailable, memoryStats, resetPeakMemory, synchronize, manualSeed, defaultDevice, setDefaultDevice, disposeAll,
+  backend, cudaAvailable, memoryStats, resetPeakMemory, emptyCache, setHostCacheLimit, synchronize, manualSeed, defaultDevice, setDefaultDevice, disposeAll,
 } from './tensor';
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';

@@ -43,6 +43,18 @@ export interface NativeMemoryStats {
   cudaPeakBytes: number;
   poolUsedBytes?: number;
   poolReservedBytes?: number;
+  /** freed host blocks (>= 64 KiB) kept for reuse by later allocations of their size class */
+  hostCachedBytes: number;
+  /** host blocks (>= 64 KiB) mapped from the system: live ones plus the cached */
+  hostReservedBytes: number;
+  /** the most bytes the host cache keeps (XFT_HOST_CACHE_BYTES, setHostCacheLimit) */
+  hostCacheLimitBytes: number;
+  /** large host allocations served from the cache / that had to map new memory */
+  hostCacheHits: number;
+  hostCacheMisses: number;
+  /** mmap and munmap calls of the host cache since the start (a warm training step adds none) */
+  hostMaps: number;
+  hostUnmaps: number;
 }
 
 type S = NativeStorage;
@@ -60,6 +72,10 @@ export interface NativeAddon {
   resetPeakMemory(): void;
   synchronize(): void;
   trimPool(): void;
+  /** Unmaps every cached (freed) host block. */
+  emptyHostCache(): void;
+  /** The most bytes of freed host blocks kept for reuse (0 disables the cache); trims at once. */
+  setHostCacheLimit(bytes: number): void;
   /** Testing aid: fill every new storage with 0xFF bytes (NaN floats, -1 ints) to expose unwritten outputs. */
   setPoison(on: boolean): void;
   upload(s: S, dtype: number, data: Float32Array | Int32Array, offset: number): void;

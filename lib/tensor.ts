@@ -82,6 +82,27 @@ export function memoryStats() {
   return native.memoryStats();
 }
 
+/**
+ * Returns cached memory that no tensor uses to the system: the freed host blocks kept for reuse
+ * (memoryStats().hostCachedBytes) and, on CUDA, the pool's unused reserve. Live tensors are untouched;
+ * the next allocations map fresh memory again. Useful before measuring process memory, or between
+ * phases that allocate very different sizes.
+ */
+export function emptyCache(): void {
+  native.emptyHostCache();
+  native.trimPool();
+}
+
+/**
+ * The most bytes of freed host blocks the allocator keeps for reuse (default XFT_HOST_CACHE_BYTES, else
+ * min(2 GiB, RAM / 8)); 0 turns the cache off (every large block is unmapped when freed). Trims at once.
+ */
+export function setHostCacheLimit(bytes: number): void {
+  if (typeof bytes !== 'number' || !Number.isFinite(bytes) || bytes < 0 || !Number.isSafeInteger(Math.floor(bytes)))
+    throw invalidArgument('setHostCacheLimit', 'bytes', 'a finite number >= 0', bytes);
+  native.setHostCacheLimit(Math.floor(bytes));
+}
+
 /** Restarts the high-water marks of memoryStats() (hostPeakBytes, cudaPeakBytes) from the bytes live now. */
 export function resetPeakMemory(): void {
   native.resetPeakMemory();

@@ -26,6 +26,16 @@ const bench = (name: string, args: string[], env: NodeJS.ProcessEnv = {}) =>
   spawnSync(process.execPath, [...process.execArgv, path.join(__dirname, '..', 'bench', `${name}.ts`), ...args],
     { encoding: 'utf8', env: { ...process.env, XFT_DEVICE: 'cpu', ...env } });
 
+t.test('bench/cpu_train: tokens/s per thread count, in child processes', async (t) => {
+  const out = path.join(tmp, 'cpu_train.json');
+  const r = bench('cpu_train', ['--models', 'demo', '--kinds', 'dense', '--threads', '1', '--steps', '1', '--profile', '--out', out]);
+  t.equal(r.status, 0, r.stderr);
+  t.match(r.stdout, /demo +\| dense +\| [\d.]+M +\| 1 /, 'prints its table');
+  t.match(r.stdout, /where a step goes: demo dense[\s\S]*groupedGemm/, 'and where the time goes');
+  const j = JSON.parse(fs.readFileSync(out, 'utf8'));
+  t.ok(j.results.length === 1 && j.results[0].measures[0].tokensPerSecond > 0, 'writes its results');
+});
+
 t.test('--help prints the usage (bench/kernels; bench/train shares the code)', async (t) => {
   const r = bench('kernels', ['--help']);
   t.equal(r.status, 0, 'exit status 0');

@@ -8,11 +8,70 @@ even, or stochastically from sr_stream, see cuda/optim.h); g f32 or bf16:
   mhat = m / (1 - beta1^t),       vhat = v / (1 - beta2^t)          (step t >= 1)
   p = p - lr (mhat / (sqrt(vhat) + eps) + weight_decay p)
 p_copy (NULL: none) receives the updated p as f32 or bf16 (nearest even): the compute copy.
+Vectorized over elements with the same operations in the same order as the scalar loop (the same
+bits, on any number of threads and with or without the AVX2 clone; sqrt and division are exactly
+rounded); stochastic rounding takes the generic path.
 */
 #include <math.h>
 
+#include "vec.h"
 #include "xft_cpu.h"
 #include "../../cuda/optim.h"
+
+namespace {
+
+struct AdamwArgs {
+  void* p;
+  const void* g;
+  float *m, *v;
+  void* p_copy;
+  float lr, beta1, beta2, eps, weight_decay, grad_scale, bc1, bc2;
+};
+
+// kCopy: 0 no copy, 1 f32 copy, 2 bf16 copy
+template <class TP, class TG, int kCopy>
+XFT_INLINE void adamw_body(const AdamwArgs& A, size_t a, size_t b) {
+  TP* __restrict p = (TP*)A.p;
+  const TG* __restrict g = (const TG*)A.g;
+  float* __restrict m = A.m;
+  float* __restrict v = A.v;
+  const float lr = A.lr, beta1 = A.beta1, beta2 = A.beta2, eps = A.eps, wd = A.weight_decay, scale = A.grad_scale;
+  const float bc1 = A.bc1, bc2 = A.bc2;
+  for (size_t i = a; i < b; i++) {
+    float gs = xft_cpu::ld(g, i) * scale;
+    float mi = beta1 * m[i] + (1.f - beta1) * gs;
+    float vi = beta2 * v[i] + (1.f - beta2) * gs * gs;
+    m[i] = mi;
+    v[i] = vi;
+    float pi = xft_cpu::ld(p, i);
+    pi -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + wd * pi);
+    xft_cpu::st(p, i, pi);
+    if (kCopy == 1) ((float*)A.p_copy)[i] = pi;
+    if (kCopy == 2) xft_cpu::st((uint16_t*)A.p_copy, i, pi);
+  }
+}
+
+// the round-to-nearest cases: p f32 or bf16, g f32 or bf16, copy none / f32 / bf16
+XFT_VEC void adamw_range(const AdamwArgs& A, int pb, int gb, int copy, size_t a, size_t b) {
+  typedef uint16_t H;
+  const int key = pb * 6 + gb * 3 + copy;
+  switch (key) {
+    case 0: adamw_body<float, float, 0>(A, a, b); break;
+    case 1: adamw_body<float, float, 1>(A, a, b); break;
+    case 2: adamw_body<float, float, 2>(A, a, b); break;
+    case 3: adamw_body<float, H, 0>(A, a, b); break;
+    case 4: adamw_body<float, H, 1>(A, a, b); break;
+    case 5: adamw_body<float, H, 2>(A, a, b); break;
+    case 6: adamw_body<H, float, 0>(A, a, b); break;
+    case 7: adamw_body<H, float, 1>(A, a, b); break;
+    case 8: adamw_body<H, float, 2>(A, a, b); break;
+    case 9: adamw_body<H, H, 0>(A, a, b); break;
+    case 10: adamw_body<H, H, 1>(A, a, b); break;
+    default: adamw_body<H, H, 2>(A, a, b); break;
+  }
+}
+
+}  // namespace
 
 int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
@@ -20,6 +79,14 @@ int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, fl
   // bias corrections in double on the host, as the CUDA launcher computes them
   const float bc1 = (float)(1.0 - pow((double)beta1, (double)step));
   const float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
+  if (!(stochastic && p_dtype == XFT_BF16)) {
+    const AdamwArgs A{p, g, m, v, p_copy, lr, beta1, beta2, eps, weight_decay, grad_scale, bc1, bc2};
+    const int copy = p_copy ? (copy_dtype == XFT_BF16 ? 2 : 1) : 0;
+    xft_cpu::parallel_for(n, 12.0 * (double)n, [&](size_t a, size_t b) {
+      adamw_range(A, p_dtype == XFT_BF16, g_dtype == XFT_BF16, copy, a, b);
+    });
+    return 0;
+  }
   xft_cpu::parallel_for(n, 12.0 * (double)n, [&](size_t a, size_t b) {
     for (size_t i = a; i < b; i++) {
       float gs = xft_load_value(g, g_dtype, i) * grad_scale;

@@ -26,6 +26,7 @@ var unbiased (N - 1, as torch.var), cv2 = 0 when N == 1. With mu = mean, S = var
 
 #include <vector>
 
+#include "vec.h"
 #include "xft_cpu.h"
 
 int xft_cpu_invert_permutation(const int* order, int* position, int n) {
@@ -40,69 +41,145 @@ int xft_cpu_invert_permutation(const int* order, int* position, int n) {
 int xft_cpu_permute_forward(const void* x, const int* order, void* xp, int dtype, int T, int K, int d) {
   const int n = T * K;
   const size_t es = dtype == XFT_BF16 ? 2 : 4, row = (size_t)d * es;
-  for (int i = 0; i < n; i++) {
-    int o = order[i];
-    char* dst = (char*)xp + (size_t)i * row;
-    if (o >= 0 && o < n) memcpy(dst, (const char*)x + (size_t)(o / K) * row, row);
-    else memset(dst, 0, row);
-  }
+  xft_cpu::parallel_for((size_t)n, 2.0 * (double)n * d, [&](size_t a, size_t b) {
+    for (size_t i = a; i < b; i++) {
+      int o = order[i];
+      char* dst = (char*)xp + i * row;
+      if (o >= 0 && o < n) memcpy(dst, (const char*)x + (size_t)(o / K) * row, row);
+      else memset(dst, 0, row);
+    }
+  });
   return 0;
 }
 
-int xft_cpu_permute_backward(const void* dxp, const int* position, void* dx, int dtype, int T, int K, int d) {
-  const int n = T * K;
-  std::vector<float> acc(d);
-  for (int t = 0; t < T; t++) {
+// Rows of tokens run on threads; within a row the sums over slots run in slot order as before and
+// the loops over d vectorize (the same bits as the plain loops).
+namespace {
+
+typedef uint16_t H;
+
+template <class T>
+XFT_INLINE void permute_backward_rows(const T* dxp, const int* position, T* dx, int n, int K, int d, float* acc, size_t t0,
+                                      size_t t1) {
+  for (size_t t = t0; t < t1; t++) {
     for (int c = 0; c < d; c++) acc[c] = 0.f;
     for (int s = 0; s < K; s++) {
-      int p = position[(size_t)t * K + s];
+      int p = position[t * K + s];
       if (p < 0 || p >= n) continue;
-      for (int c = 0; c < d; c++) acc[c] += xft_cpu::load(dxp, dtype, (size_t)p * d + c);
+      const T* __restrict src = dxp + (size_t)p * d;
+      float* __restrict a = acc;
+      for (int c = 0; c < d; c++) a[c] += xft_cpu::ld(src, (size_t)c);
     }
-    for (int c = 0; c < d; c++) xft_cpu::store(dx, dtype, (size_t)t * d + c, acc[c]);
+    T* __restrict dst = dx + t * d;
+    for (int c = 0; c < d; c++) xft_cpu::st(dst, (size_t)c, acc[c]);
   }
+}
+
+template <class T>
+XFT_INLINE void unpermute_forward_rows(const T* y, const int* position, const float* g, T* out, int n, int K, int d, float* acc,
+                                       size_t t0, size_t t1) {
+  for (size_t t = t0; t < t1; t++) {
+    for (int c = 0; c < d; c++) acc[c] = 0.f;
+    for (int s = 0; s < K; s++) {
+      int p = position[t * K + s];
+      if (p < 0 || p >= n) continue;
+      const float w = g[t * K + s];
+      const T* __restrict src = y + (size_t)p * d;
+      float* __restrict a = acc;
+      for (int c = 0; c < d; c++) a[c] += w * xft_cpu::ld(src, (size_t)c);
+    }
+    T* __restrict dst = out + t * d;
+    for (int c = 0; c < d; c++) xft_cpu::st(dst, (size_t)c, acc[c]);
+  }
+}
+
+template <class T>
+XFT_INLINE void unpermute_dg_rows(const T* dout, const T* y, const int* position, float* dg, int n, int K, int d, size_t t0,
+                                  size_t t1) {
+  for (size_t t = t0; t < t1; t++) {
+    const T* go = dout + t * d;
+    for (int s = 0; s < K; s++) {
+      int p = position[t * K + s];
+      float acc = 0.f;
+      if (p >= 0 && p < n) {
+        const T* yp = y + (size_t)p * d;
+        for (int c = 0; c < d; c++) acc += xft_cpu::ld(go, (size_t)c) * xft_cpu::ld(yp, (size_t)c);
+      }
+      dg[t * K + s] = acc;
+    }
+  }
+}
+
+template <class T>
+XFT_INLINE void unpermute_dy_rows(const T* dout, const int* inverse, const float* g, T* dy, int K, int d, size_t i0, size_t i1) {
+  for (size_t i = i0; i < i1; i++) {
+    const int q = inverse[i];
+    T* __restrict dst = dy + i * d;
+    if (q < 0) {
+      for (int c = 0; c < d; c++) xft_cpu::st(dst, (size_t)c, 0.f);
+      continue;
+    }
+    const float w = g[q];
+    const T* __restrict src = dout + (size_t)(q / K) * d;
+    for (int c = 0; c < d; c++) xft_cpu::st(dst, (size_t)c, w * xft_cpu::ld(src, (size_t)c));
+  }
+}
+
+XFT_VEC void permute_backward_range(const void* dxp, const int* position, void* dx, int bf, int n, int K, int d, float* acc,
+                                    size_t a, size_t b) {
+  if (bf) permute_backward_rows<H>((const H*)dxp, position, (H*)dx, n, K, d, acc, a, b);
+  else permute_backward_rows<float>((const float*)dxp, position, (float*)dx, n, K, d, acc, a, b);
+}
+
+XFT_VEC void unpermute_forward_range(const void* y, const int* position, const float* g, void* out, int bf, int n, int K, int d,
+                                     float* acc, size_t a, size_t b) {
+  if (bf) unpermute_forward_rows<H>((const H*)y, position, g, (H*)out, n, K, d, acc, a, b);
+  else unpermute_forward_rows<float>((const float*)y, position, g, (float*)out, n, K, d, acc, a, b);
+}
+
+XFT_VEC void unpermute_backward_range(const void* dout, const void* y, const int* position, const int* inverse, const float* g,
+                                      void* dy, float* dg, int bf, int n, int K, int d, size_t a, size_t b) {
+  // tokens [a, b) give dg; pair rows [a K, b K) give dy
+  if (bf) {
+    unpermute_dg_rows<H>((const H*)dout, (const H*)y, position, dg, n, K, d, a, b);
+    unpermute_dy_rows<H>((const H*)dout, inverse, g, (H*)dy, K, d, a * K, b * K);
+  } else {
+    unpermute_dg_rows<float>((const float*)dout, (const float*)y, position, dg, n, K, d, a, b);
+    unpermute_dy_rows<float>((const float*)dout, inverse, g, (float*)dy, K, d, a * K, b * K);
+  }
+}
+
+}  // namespace
+
+int xft_cpu_permute_backward(const void* dxp, const int* position, void* dx, int dtype, int T, int K, int d) {
+  const int n = T * K;
+  xft_cpu::parallel_for((size_t)T, 2.0 * (double)n * d, [&](size_t a, size_t b) {
+    std::vector<float> acc(d);
+    permute_backward_range(dxp, position, dx, dtype == XFT_BF16, n, K, d, acc.data(), a, b);
+  });
   return 0;
 }
 
 int xft_cpu_unpermute_forward(const void* y, const int* position, const float* g, void* out, int dtype,
                               int T, int K, int d) {
   const int n = T * K;
-  std::vector<float> acc(d);
-  for (int t = 0; t < T; t++) {
-    for (int c = 0; c < d; c++) acc[c] = 0.f;
-    for (int s = 0; s < K; s++) {
-      int p = position[(size_t)t * K + s];
-      if (p < 0 || p >= n) continue;
-      float w = g[(size_t)t * K + s];
-      for (int c = 0; c < d; c++) acc[c] += w * xft_cpu::load(y, dtype, (size_t)p * d + c);
-    }
-    for (int c = 0; c < d; c++) xft_cpu::store(out, dtype, (size_t)t * d + c, acc[c]);
-  }
+  xft_cpu::parallel_for((size_t)T, 3.0 * (double)n * d, [&](size_t a, size_t b) {
+    std::vector<float> acc(d);
+    unpermute_forward_range(y, position, g, out, dtype == XFT_BF16, n, K, d, acc.data(), a, b);
+  });
   return 0;
 }
 
 int xft_cpu_unpermute_backward(const void* dout, const void* y, const int* position, const float* g,
                                void* dy, float* dg, int dtype, int T, int K, int d) {
   const int n = T * K;
-  std::vector<float> go(d);
-  for (int t = 0; t < T; t++) {
-    xft_cpu::to_f32(go.data(), (const char*)dout + (size_t)t * d * (dtype == XFT_BF16 ? 2 : 4), dtype, d);
-    for (int s = 0; s < K; s++) {
-      int p = position[(size_t)t * K + s];
-      float acc = 0.f;
-      if (p >= 0 && p < n)
-        for (int c = 0; c < d; c++) acc += go[c] * xft_cpu::load(y, dtype, (size_t)p * d + c);
-      dg[(size_t)t * K + s] = acc;
-    }
-  }
   std::vector<int> inverse(n);
   xft_cpu_invert_permutation(position, inverse.data(), n);
-  for (int i = 0; i < n; i++) {
-    const int q = inverse[i];
-    const float w = q >= 0 ? g[q] : 0.f;
-    for (int c = 0; c < d; c++)
-      xft_cpu::store(dy, dtype, (size_t)i * d + c, q >= 0 ? w * xft_cpu::load(dout, dtype, (size_t)(q / K) * d + c) : 0.f);
-  }
+  // dy rows of the pairs of tokens [a, b) are rows [a K, b K) of the grouped layout only through
+  // `inverse`; every pair row i is written exactly once as i runs over [0, n)
+  xft_cpu::parallel_for((size_t)T, 5.0 * (double)n * d, [&](size_t a, size_t b) {
+    unpermute_backward_range(dout, y, position, inverse.data(), g, dy, dg, dtype == XFT_BF16, n, K, d, a, b);
+  });
   return 0;
 }
 
