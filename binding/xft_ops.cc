@@ -220,6 +220,36 @@ Napi::Value SwigluDownBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// qkvForward(x, wq, wk, wv, offsets, q, k, v, dtype, M, nq, nk, d)
+Napi::Value QkvForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "qkv";
+  Storage* x = ArgStorage(info, 0, op, "x");
+  Storage* wq = ArgStorage(info, 1, op, "wq");
+  Storage* wk = ArgStorage(info, 2, op, "wk");
+  Storage* wv = ArgStorage(info, 3, op, "wv");
+  Storage* offsets = ArgStorage(info, 4, op, "offsets");
+  Storage* q = ArgStorage(info, 5, op, "q");
+  Storage* k = ArgStorage(info, 6, op, "k");
+  Storage* v = ArgStorage(info, 7, op, "v");
+  int dtype = ArgDtype(info, 8, op, "dtype");
+  int64_t M = ArgInt(info, 9, op, "M"), nq = ArgInt(info, 10, op, "nq"), nk = ArgInt(info, 11, op, "nk"), d = ArgInt(info, 12, op, "d");
+  CheckGemmShape(env, op, M, nq + 2 * nk, d, 1, dtype);
+  if (nq < 1 || nk < 1) Throw(env, "XFT_SHAPE", std::string(op) + ": expected nq, nk >= 1");
+  RequireBytes(env, x, M * d, dtype, op, "x");
+  RequireBytes(env, wq, nq * d, dtype, op, "wq");
+  RequireBytes(env, wk, nk * d, dtype, op, "wk");
+  RequireBytes(env, wv, nk * d, dtype, op, "wv");
+  RequireBytes(env, offsets, 2, XFT_I32, op, "offsets");
+  RequireBytes(env, q, M * nq, dtype, op, "q");
+  RequireBytes(env, k, M * nk, dtype, op, "k");
+  RequireBytes(env, v, M * nk, dtype, op, "v");
+  int device = CommonDevice(env, op, {x, wq, wk, wv, offsets, q, k, v});
+  XFT_DISPATCH(env, op, device, qkv_forward, x->data, wq->data, wk->data, wv->data, (const int*)offsets->data, q->data,
+               k->data, v->data, dtype, (int)M, (int)nq, (int)nk, (int)d);
+  return env.Undefined();
+}
+
 // gateupBackward(x, gather|null, gatherDiv, S, wGate, wUp, offsets, dgu, dx|null, dwGate|null, dwUp|null, dtype,
 //                dwDtype, M, f, d, E, accumulate, dxAccumulate)
 Napi::Value GateupBackward(const Napi::CallbackInfo& info) {
@@ -353,6 +383,7 @@ void RegisterXftOps(Napi::Env env, Napi::Object exports) {
   exports.Set("gateupForward", Napi::Function::New(env, GateupForward, "gateupForward"));
   exports.Set("swigluDownBackward", Napi::Function::New(env, SwigluDownBackward, "swigluDownBackward"));
   exports.Set("gateupBackward", Napi::Function::New(env, GateupBackward, "gateupBackward"));
+  exports.Set("qkvForward", Napi::Function::New(env, QkvForward, "qkvForward"));
   exports.Set("mergeForward", Napi::Function::New(env, MergeForward, "mergeForward"));
   exports.Set("mergeBackward", Napi::Function::New(env, MergeBackward, "mergeBackward"));
 }

@@ -43,6 +43,31 @@ The VEC variant (all rows 16-byte aligned: n, k multiples of 8 and aligned point
 kernel fills shared memory with guarded scalar loads (any shape, any alignment).
 fp32: plain FFMA (no TF32), block tile 64 x 64 x 16, 256 threads with 4 x 4 outputs each (rows
 ty + 16 i, columns tx + 16 j), the next tile prefetched into registers during the math.
+
+The fused SwiGLU FFN (the same main loops; operands through a row map, RowMap below):
+  gate/up     gu [M, 2f] = [g | u], h = silu(g) u: one GEMM whose B tile interleaves W_gate and W_up
+              by 32 rows for the same 128 (fp32: 32) output columns, so each warp holds g and u of the
+              same elements in its accumulators and the epilogue writes g, u and h (two accumulators in
+              effect, without a second register set: 128 outputs per block instead of 256). W_gate and
+              W_up stay separate tensors in the Hugging Face layout. The MoE reads x through the routing
+              order inside the A loads (row i: x[order[i] / K]), so the permuted copy xp is never made.
+  down bwd    dh = dy @ W_down[e] with the SwiGLU backward in the epilogue: dh is never stored; g, u are
+              read from gu, dg, du written into dgu [M, 2f], and h = silu(g) u recomputed for dW_down.
+  gate/up bwd dx = [dg | du] @ [W_gate; W_up]: one GEMM over the 2f reduction (kConcat), rounded once;
+              dW_gate, dW_up = dg^T x, du^T x in one launch (blockIdx.z: expert and half), x read
+              through the gather again. The MoE's dx rows are summed per token by permuteBackward
+              (scattering them from the epilogue would need atomics: not deterministic).
+What backward keeps: gu = [g | u] in the activation dtype, not h: at 1.3B MoE shapes (d = 2048,
+f = 5504, 8 x 2048 tokens, top-6: M = 98,304 routed rows, bf16) each [M, f] tensor is 1.08 GB and
+each [M, d] one 0.40 GB. Before: xp, g, u, a kept = 3.65 GB per layer; now gu = 2.16 GB (-1.49 GB).
+Keeping h too would save rewriting it in backward (1.08 GB of writes, ~0.25 ms at H200 bandwidth)
+for 1.08 GB more memory per layer; keeping h instead of g, u would need the gate/up GEMM again.
+Activation traffic per layer and step (estimate, reads + writes): forward 8.1 -> 4.7 GB (no xp
+write/read, no separate SwiGLU pass), backward 15.5 -> 12.8 GB (no dh round trip, no dx add, one dx
+GEMM); launches 5 -> 2 forward, 7 -> 4 backward.
+The dx of q, k, v (and any grouped GEMM dx) can be added into an existing tensor in the epilogue
+(dx_accumulate: C = round(C + acc), as a separate add of the rounded GEMM output would give), and
+q, k, v run as one GEMM over [W_q; W_k; W_v] (kQkv) writing each where attention reads it.
 */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -88,7 +113,9 @@ template <> struct Elem<XFT_BF16> { typedef uint16_t T; };
 //                are 32 gate and 32 up columns and the SwiGLU epilogue finds g and u in one thread
 //   kConcat      rows R < split from p, the others from p2 + (R - split) ld ([W_gate; W_up] stacked
 //                along the reduction of dx = [dg | du] @ [W_gate; W_up])
-enum RowMap { kPlain, kGather, kInterleave, kConcat };
+//   kConcat3     row R0 = row0 + R of [W_q; W_k; W_v] stacked along the output columns: from p below
+//                split, p2 below split2, else p3 (the fused q/k/v projection)
+enum RowMap { kPlain, kGather, kInterleave, kConcat, kConcat3 };
 
 // An operand tile source: element (mn, kk) is row(mn)[kk] (K-major) or row(kk)[mn] (MN-major),
 // valid for mn < mn_rem and kk < k_rem; everything else reads as zero. For kInterleave mn_rem
@@ -101,6 +128,8 @@ struct TileSrc {
   int k_rem;
   const T* p2 = nullptr;
   int split = 0;
+  const T* p3 = nullptr;
+  int split2 = 0, row0 = 0;
   const int* rows = nullptr;
   int rows_div = 1, src_rows = 0;
 };
@@ -121,6 +150,10 @@ __device__ __forceinline__ const T* src_row(const TileSrc<T>& s, int R, int boun
       return src >= 0 && src < s.src_rows ? s.p + (size_t)src * s.ld : nullptr;
     } else if constexpr (MAP == kConcat) {
       return R < s.split ? s.p + (size_t)R * s.ld : s.p2 + (size_t)(R - s.split) * s.ld;
+    } else if constexpr (MAP == kConcat3) {
+      const int r = s.row0 + R;
+      return r < s.split ? s.p + (size_t)r * s.ld
+                         : r < s.split2 ? s.p2 + (size_t)(r - s.split) * s.ld : s.p3 + (size_t)(r - s.split2) * s.ld;
     } else {
       return s.p + (size_t)R * s.ld;
     }
@@ -555,12 +588,18 @@ template <> struct Tiles<XFT_BF16> { static const int BM = kBM, BN = kBN, kMinBl
 //   kSwigluDown dgu [M, 2f] = swiglu'(gu, dh), h [M, f] = silu(g) u with dh = dy @ W_down[e] (B MN-major,
 //               N = f, K = d) never stored
 //   kGateUpDx   dx [M, d] (+)= dgu @ [W_gate; W_up] (B MN-major, kConcat at split = f, K = 2f)
-enum Mode { kLinear, kGateUp, kSwigluDown, kGateUpDx };
+//   kQkv        [q | k | v] = x @ [W_q; W_k; W_v]^T (B K-major, kConcat3; N = nq + 2 nk output columns),
+//               column c written to q [M, nq], k [M, nk] or v [M, nk] where attention reads them
+enum Mode { kLinear, kGateUp, kSwigluDown, kGateUpDx, kQkv };
 
 struct RowsArgs {
   const void* A;
   const void* B;
-  const void* B2;        // kGateUp, kGateUpDx: W_up [E, f, d] (B is W_gate)
+  const void* B2;        // kGateUp, kGateUpDx: W_up [E, f, d] (B is W_gate); kQkv: W_k
+  const void* B3;        // kQkv: W_v (B is W_q)
+  void* C2;              // kQkv: k [M, nk] (C is q [M, nq])
+  void* C3;              // kQkv: v [M, nk]
+  int nk;                // kQkv: columns of k and v (nq = N - 2 nk)
   const int* offsets;    // [E + 1]
   void* C;               // kLinear, kGateUpDx: [M, N]; kGateUp: gu [M, 2N]; kSwigluDown: dgu [M, 2N]
   int M, N, K, E;
@@ -572,6 +611,24 @@ struct RowsArgs {
   int accumulate;        // kLinear, kGateUpDx: C += (rows outside the groups unchanged)
 };
 
+// kQkv: output column c of row r in q, k or v
+template <typename T>
+__device__ __forceinline__ T* qkv_dst(const RowsArgs& a, int r, int c, int nq) {
+  const int nk = a.nk;
+  return c < nq ? (T*)a.C + (size_t)r * nq + c
+                : c < nq + nk ? (T*)a.C2 + (size_t)r * nk + (c - nq) : (T*)a.C3 + (size_t)r * nk + (c - nq - nk);
+}
+// columns c, c + 1 (pair) of row r; VEC: nq and nk even, so a pair never straddles two of q, k, v
+template <bool VEC, typename T>
+__device__ __forceinline__ void qkv_pair(const RowsArgs& a, int r, int c, int nq, float v0, float v1, bool pair) {
+  if (VEC && pair) {
+    store_pair<true>(qkv_dst<T>(a, r, c, nq), v0, v1, true, false);
+    return;
+  }
+  store_pair<false>(qkv_dst<T>(a, r, c, nq), v0, 0.f, false, false);
+  if (pair) store_pair<false>(qkv_dst<T>(a, r, c + 1, nq), v1, 0.f, false, false);
+}
+
 template <int DT, bool B_KMAJOR, bool VEC, int S, int MODE>
 __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks) grouped_rows_kernel(const RowsArgs args) {
   typedef typename Elem<DT>::T T;
@@ -579,9 +636,10 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks) grouped_rows_
   constexpr int BM = Tiles<DT>::BM, BN = MODE == kGateUp ? Tiles<DT>::BN / 2 : Tiles<DT>::BN;
   constexpr bool kSwiglu = MODE == kGateUp || MODE == kSwigluDown;
   constexpr int MAPA = MODE == kGateUp ? kGather : kPlain;
-  constexpr int MAPB = MODE == kGateUp ? kInterleave : MODE == kGateUpDx ? kConcat : kPlain;
+  constexpr int MAPB = MODE == kGateUp ? kInterleave : MODE == kGateUpDx ? kConcat : MODE == kQkv ? kConcat3 : kPlain;
   const int M = args.M, N = args.N, K = args.K, E = args.E;
   const size_t ldc = kSwiglu ? 2 * (size_t)N : (size_t)N;
+  const int nq = N - 2 * args.nk;  // kQkv
   const int n0 = blockIdx.x * BN, cols = min(BN, N - n0);
   T* C = (T*)args.C;
   T* H = (T*)args.H;
@@ -589,6 +647,14 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks) grouped_rows_
     zero_uncovered_rows<T>(args.offsets, E, M, C + n0, ldc, cols);
     zero_uncovered_rows<T>(args.offsets, E, M, C + N + n0, ldc, cols);
     zero_uncovered_rows<T>(args.offsets, E, M, H + n0, (size_t)N, cols);
+  } else if (MODE == kQkv) {
+    // the tile's columns [n0, n0 + cols) of [q | k | v], each part with its own row stride
+    const int nk = args.nk;
+    if (n0 < nq) zero_uncovered_rows<T>(args.offsets, E, M, C + n0, (size_t)nq, min(cols, nq - n0));
+    const int k0 = max(n0, nq), k1 = min(n0 + cols, nq + nk);
+    if (k0 < k1) zero_uncovered_rows<T>(args.offsets, E, M, (T*)args.C2 + (k0 - nq), (size_t)nk, k1 - k0);
+    const int v0 = max(n0, nq + nk), v1 = n0 + cols;
+    if (v0 < v1) zero_uncovered_rows<T>(args.offsets, E, M, (T*)args.C3 + (v0 - nq - nk), (size_t)nk, v1 - v0);
   } else if (!args.accumulate) {
     zero_uncovered_rows<T>(args.offsets, E, M, C + n0, ldc, cols);
   }
@@ -611,6 +677,14 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks) grouped_rows_
       b.p2 = (const T*)args.B2 + e * b_stride + n0;
       b.split = args.split;
     }
+    if (MODE == kQkv) {  // one weight each (E = 1): rows n0.. of [W_q; W_k; W_v]
+      b = TileSrc<T>{(const T*)args.B, (size_t)K, N - n0, K};
+      b.p2 = (const T*)args.B2;
+      b.p3 = (const T*)args.B3;
+      b.split = nq;
+      b.split2 = nq + args.nk;
+      b.row0 = n0;
+    }
     const int row_rem = row1 - row0;
     T* Ct = C + (size_t)row0 * ldc + n0;
     T* Ht = kSwiglu ? H + (size_t)row0 * N + n0 : nullptr;
@@ -618,7 +692,23 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks) grouped_rows_
     if constexpr (DT == XFT_BF16) {
       float acc[kMT][kNT][4];
       mma_mainloop<true, B_KMAJOR, VEC, S, MAPA, MAPB>(a, b, K, acc, (uint16_t*)smem);
-      if constexpr (!kSwiglu) {
+      if constexpr (MODE == kQkv) {
+        const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+        const int wm = warp / kWarpsN, wn = warp % kWarpsN, g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int mt = 0; mt < kMT; mt++)
+#pragma unroll
+          for (int hh = 0; hh < 2; hh++) {
+            const int r = wm * kWM + mt * 16 + hh * 8 + g;
+            if (r >= row_rem) continue;
+#pragma unroll
+            for (int nt = 0; nt < kNT; nt++) {
+              const int c = wn * kWN + nt * 8 + 2 * t;
+              if (c >= cols) continue;
+              qkv_pair<VEC, T>(args, row0 + r, n0 + c, nq, acc[mt][nt][2 * hh], acc[mt][nt][2 * hh + 1], c + 1 < cols);
+            }
+          }
+      } else if constexpr (!kSwiglu) {
         mma_store<VEC>(Ct, ldc, row_rem, cols, acc, args.accumulate != 0);
       } else {
         // mma C fragment: c0, c1 at (g, 2t), (g, 2t + 1); c2, c3 at row g + 8 (as mma_store)
@@ -654,7 +744,19 @@ __global__ void __launch_bounds__(kThreads, Tiles<DT>::kMinBlocks) grouped_rows_
     } else {
       float acc[4][4];
       ffma_mainloop<true, B_KMAJOR, MAPA, MAPB>(a, b, K, acc, (float*)smem);
-      if constexpr (!kSwiglu) {
+      if constexpr (MODE == kQkv) {
+        const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int r = ty + 16 * i;
+          if (r >= row_rem) continue;
+#pragma unroll
+          for (int j = 0; j < 4; j++) {
+            const int c = tx + 16 * j;
+            if (c < cols) qkv_pair<false, T>(args, row0 + r, n0 + c, nq, acc[i][j], 0.f, false);
+          }
+        }
+      } else if constexpr (!kSwiglu) {
         ffma_store(Ct, ldc, row_rem, cols, acc, args.accumulate != 0);
       } else {
         // outputs (ty + 16 i, tx + 16 j); kGateUp: the 64 B rows are 32 gate then 32 up columns (j = 0, 1 and 2, 3)
@@ -935,4 +1037,21 @@ extern "C" int xft_cuda_gateup_backward(const void* x, const int* gather, int ga
     err = gather ? dispatch_dw<true>(a, dtype, dw_dtype, rows16) : dispatch_dw<false>(a, dtype, dw_dtype, rows16);
   }
   return err;
+}
+
+extern "C" int xft_cuda_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets,
+                                    void* q, void* k, void* v, int dtype, int M, int nq, int nk, int d) {
+  if (!valid_args(dtype, M, nq + 2 * nk, d, 1) || nq < 1 || nk < 1) return cudaErrorInvalidValue;
+  if (M == 0) return 0;
+  RowsArgs a = rows_args(x, wq, offsets, q, M, nq + 2 * nk, d, 1);
+  a.B2 = wk;
+  a.B3 = wv;
+  a.C2 = k;
+  a.C3 = v;
+  a.nk = nk;
+  if (dtype == XFT_F32) return launch_rows<XFT_F32, true, false, kQkv>(a);
+  // 16-byte rows for x and the weights (d % 8), 4-byte column pairs in q, k, v (nq, nk even)
+  const bool vec = d % 8 == 0 && nq % 2 == 0 && nk % 2 == 0 && aligned(x, 16) && aligned(wq, 16) && aligned(wk, 16) &&
+                   aligned(wv, 16) && aligned(q, 4) && aligned(k, 4) && aligned(v, 4);
+  return vec ? launch_rows<XFT_BF16, true, true, kQkv>(a) : launch_rows<XFT_BF16, true, false, kQkv>(a);
 }

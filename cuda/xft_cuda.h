@@ -152,6 +152,11 @@ int xft_cuda_swiglu_down_backward(const void* dy, const void* w_down, const int*
 // dx [M, d] = dg @ w_gate[e] + du @ w_up[e], one reduction over the 2f columns of dgu (overwrite, or add with
 // dx_accumulate as the grouped GEMM; skipped when NULL); dw_gate, dw_up [E, f, d] (accumulate, dw_dtype as the
 // grouped GEMM; both or neither) = dg_e^T @ x_e, du_e^T @ x_e with x read through gather as in the forward.
+// q, k, v projections as one GEMM (cuda/grouped_gemm.cu kQkv): x [M, d], wq [nq, d], wk, wv [nk, d] (HF
+// layout); offsets i32 [2] (rows o_0 .. o_1 computed, the others zero, as a one-group grouped GEMM);
+// q [M, nq] = x wq^T, k, v [M, nk] = x wk^T, x wv^T, each exactly the grouped GEMM's output.
+int xft_cuda_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets,
+                         void* q, void* k, void* v, int dtype, int M, int nq, int nk, int d);
 int xft_cuda_gateup_backward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
                              const void* w_up, const int* offsets, const void* dgu, void* dx, void* dw_gate,
                              void* dw_up, int dtype, int dw_dtype, int M, int f, int d, int E, int accumulate,

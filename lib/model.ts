@@ -466,7 +466,8 @@ export class Block {
     const c = this.config;
     const eps = c.rms_norm_eps;
     const { y: n1, rstd: rstd1 } = lops.rmsnorm(x, this.inputNorm.value, { eps });
-    const q = linear(ctx, n1, this.q.value), k = linear(ctx, n1, this.k.value), v = linear(ctx, n1, this.v.value);
+    // q, k, v in one GEMM launch (the checkpoint keeps q_proj, k_proj, v_proj)
+    const { q, k, v } = xops.qkv(n1, this.q.value, this.k.value, this.v.value, ctx.denseOffsets(n1.shape[0]), { validate: false });
     const ropeOpts = this.#ropeOptions(ctx);
     lops.rope(q, { ...ropeOpts, out: q });
     lops.rope(k, { ...ropeOpts, out: k });

@@ -79,6 +79,7 @@ export interface NativeAddon {
     M: number, n: number, k: number, E: number, accumulate: boolean, dwDtype: number, dxAccumulate?: boolean): void;
   gateupForward(x: S, gather: S | null, gatherDiv: number, S: number, wGate: S, wUp: S, offsets: S, gu: S, h: S, dtype: number,
     M: number, f: number, d: number, E: number): void;
+  qkvForward(x: S, wq: S, wk: S, wv: S, offsets: S, q: S, k: S, v: S, dtype: number, M: number, nq: number, nk: number, d: number): void;
   swigluDownBackward(dy: S, wDown: S, offsets: S, gu: S, dgu: S, h: S, dtype: number, M: number, f: number, d: number, E: number): void;
   gateupBackward(x: S, gather: S | null, gatherDiv: number, S: number, wGate: S, wUp: S, offsets: S, dgu: S, dx: S | null,
     dwGate: S | null, dwUp: S | null, dtype: number, dwDtype: number, M: number, f: number, d: number, E: number,

@@ -272,6 +272,33 @@ export function swigluDownBackward(dy: Tensor, wDown: Tensor, offsets: Tensor, g
   return { dgu, h };
 }
 
+/**
+ * q, k, v = x wq^T, x wk^T, x wv^T as one GEMM over the concatenated output columns (one launch; each
+ * output exactly groupedGemm's). x [M, d], wq [nq, d], wk and wv [nk, d] (HF q_proj, k_proj, v_proj);
+ * offsets i32 [2], the one-group offsets [0, M] (rows outside them are zeros).
+ */
+export function qkv(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): { q: Tensor; k: Tensor; v: Tensor } {
+  const op = 'qkv';
+  const o = expectOptions<GroupedGemmOptions>(op, options, 'an options object { validate? }');
+  const xt = expectTensor(op, 'x', x, { dtype: FLOAT, rank: 2, shapeName: '[M, d]' });
+  const [M, d] = xt.shape;
+  const q = expectTensor(op, 'wq', wq, { dtype: [xt.dtype], rank: 2, shapeName: '[nq, d]' });
+  const nq = q.shape[0];
+  const k = expectTensor(op, 'wk', wk, { dtype: [xt.dtype], rank: 2, shapeName: '[nk, d]' });
+  const nk = k.shape[0];
+  expectTensor(op, 'wv', wv, { dtype: [xt.dtype], shape: k.shape, shapeName: `wk's ${formatShape(k.shape)}` });
+  if (q.shape[1] !== d || k.shape[1] !== d || nq < 1 || nk < 1 || d < 1)
+    throw new XftError(`${op}: expected wq [nq, d] and wk, wv [nk, d] with d = ${d} (x is ${xt.describe()}), got ${q.describe()} and ${k.describe()}`, 'XFT_SHAPE');
+  expectTensor(op, 'offsets', offsets, { dtype: ['i32'], shape: [2], shapeName: '[2] (one group)' });
+  const validate = expectBool(op, 'options.validate', o.validate, true);
+  sameDevice(op, { x, wq, wk, wv, offsets });
+  if (validate) checkOffsets(op, offsets, M);
+  const out = (n: number) => Tensor.empty([M, n], { dtype: x.dtype, device: x.device });
+  const r = { q: out(nq), k: out(nk), v: out(nk) };
+  native.qkvForward(x.storage, wq.storage, wk.storage, wv.storage, offsets.storage, r.q.storage, r.k.storage, r.v.storage, dtypeCode(x.dtype), M, nq, nk, d);
+  return r;
+}
+
 export interface GateUpBackwardOptions extends GateUpOptions {
   /** Compute dx [M, d] (default true), or add it into this tensor of x's dtype in the GEMM's epilogue. */
   dx?: boolean | Tensor;

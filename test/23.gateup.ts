@@ -160,6 +160,28 @@ t.test('the fused FFN: finite differences of a float64 reference', async (t) => 
   for (const v of [offsets, gather, x.t, wg.t, wu.t, wd.t, R.t, gu, h, sd.dgu, sd.h, dWd, b.dx, b.dwGate, b.dwUp]) v?.dispose();
 });
 
+t.test('qkv: one GEMM for q, k, v, exactly the three grouped GEMMs', async (t) => {
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [M, nq, nk, d] of [[13, 24, 8, 16], [5, 7, 3, 9], [1, 1, 1, 1]]) {
+      const x = randomTensor([M, d], 1, { dtype }), wq = randomTensor([nq, d], 2, { dtype }), wk = randomTensor([nk, d], 3, { dtype }), wv = randomTensor([nk, d], 4, { dtype });
+      const offsets = Tensor.from([0, M], [2], { dtype: 'i32' });
+      const r = ops.qkv(x.t, wq.t, wk.t, wv.t, offsets);
+      for (const [name, out, w] of [['q', r.q, wq.t], ['k', r.k, wk.t], ['v', r.v, wv.t]] as const) {
+        const ref = ops.groupedGemm(x.t, w.reshape([1, ...w.shape]), offsets);
+        t.same(out.shape, ref.shape, `${dtype} ${name}: shape`);
+        exact(t, out.toArray(), ref.toArray(), `${dtype} M=${M} nq=${nq} nk=${nk} d=${d}: ${name}`);
+        ref.dispose();
+      }
+      for (const v of [x.t, wq.t, wk.t, wv.t, offsets, r.q, r.k, r.v]) v.dispose();
+    }
+  const x = Tensor.zeros([4, 8]), offsets = Tensor.from([0, 4], [2], { dtype: 'i32' });
+  throwsCode(t, () => ops.qkv(x, Tensor.zeros([8, 8]), Tensor.zeros([4, 8]), Tensor.zeros([2, 8]), offsets), 'XFT_SHAPE', /wv/, 'wv of another shape');
+  throwsCode(t, () => ops.qkv(x, Tensor.zeros([8, 7]), Tensor.zeros([4, 8]), Tensor.zeros([4, 8]), offsets), 'XFT_SHAPE', /wq/, 'wq of another width');
+  throwsCode(t, () => ops.qkv(x, Tensor.zeros([8, 8]), Tensor.zeros([4, 8]), Tensor.zeros([4, 8]), Tensor.from([0, 3], [2], { dtype: 'i32' })), 'XFT_VALUE', /offsets/, 'offsets not [0, M]');
+  x.dispose();
+  offsets.dispose();
+});
+
 t.test('the fused FFN ops: errors', async (t) => {
   const x = Tensor.zeros([4, 8]), w = Tensor.zeros([2, 6, 8]), wd = Tensor.zeros([2, 8, 6]);
   const offsets = Tensor.from([0, 2, 4], [3], { dtype: 'i32' });

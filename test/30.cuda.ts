@@ -147,6 +147,24 @@ t.test('grouped GEMM: fused SwiGLU gate/up (gather, down backward, dx of both), 
     }
 });
 
+t.test('grouped GEMM: fused q/k/v projection, CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  // [M, nq, nk, d]: odd sizes (scalar path, pairs straddling q/k/v), GQA shapes, a column tile boundary inside k
+  const cases: [number, number, number, number][] = [[37, 19, 5, 23], [70, 64, 16, 32], [33, 200, 40, 16], [300, 256, 128, 128]];
+  const run = fastCases(t, cases, ([M, nq, nk, d]) => M * (nq + 2 * nk) * d, 2e6);
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [M, nq, nk, d] of run) {
+      const what = `${dtype} M=${M} nq=${nq} nk=${nk} d=${d}`;
+      const x = pair([M, d], dtype), wq = pair([nq, d], dtype, { std: 0.2 }), wk = pair([nk, d], dtype, { std: 0.2 }), wv = pair([nk, d], dtype, { std: 0.2 });
+      for (const offs of [[0, M], [2, M - 3]]) {
+        const offsets = Tensor.from(offs, [2], { dtype: 'i32' }), og = offsets.to('cuda');
+        const a = ops.qkv(x.cpu, wq.cpu, wk.cpu, wv.cpu, offsets, { validate: false }), b = ops.qkv(x.cuda, wq.cuda, wk.cuda, wv.cuda, og, { validate: false });
+        for (const n of ['q', 'k', 'v'] as const) close(t, b[n].toArray(), a[n].toArray(), TOL[dtype], `${what} rows ${offs}: ${n}`);
+        for (const v of [offsets, og, a.q, a.k, a.v, b.q, b.k, b.v]) v.dispose();
+      }
+      for (const v of [x, wq, wk, wv]) for (const u of [v.cpu, v.cuda]) u.dispose();
+    }
+});
+
 t.test('merge: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   for (const dtype of ['f32', 'bf16'] as const)
     for (const rate of [0.75, 0, 1, null])

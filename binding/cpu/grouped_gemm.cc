@@ -281,3 +281,12 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
   }
   return 0;
 }
+
+// q, k, v as one GEMM (cuda/grouped_gemm.cu kQkv): each exactly the one-group grouped GEMM's output
+int xft_cpu_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets, void* q,
+                        void* k, void* v, int dtype, int M, int nq, int nk, int d) {
+  xft_cpu_grouped_gemm_forward(x, wq, offsets, q, dtype, M, nq, d, 1);
+  xft_cpu_grouped_gemm_forward(x, wk, offsets, k, dtype, M, nk, d, 1);
+  xft_cpu_grouped_gemm_forward(x, wv, offsets, v, dtype, M, nk, d, 1);
+  return 0;
+}
