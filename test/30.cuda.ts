@@ -92,7 +92,7 @@ t.test('grouped GEMM: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
 t.test('grouped GEMM: fused SwiGLU gate/up (gather, down backward, dx of both), CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   // [S source rows, K (gather divisor; 0: no gather), f, d, E, uncovered rows at both ends]
   const cases: [number, number, number, number, number, boolean][] = [
-    [37, 0, 19, 23, 1, false], [50, 3, 136, 64, 4, false], [20, 2, 24, 40, 3, true], [9, 3, 8, 16, 2, true], [512, 2, 384, 256, 8, false],
+    [37, 0, 19, 23, 1, false], [50, 3, 136, 64, 4, false], [20, 2, 24, 40, 3, true], [9, 3, 8, 16, 2, true], [256, 2, 264, 128, 8, false],
   ];
   const run = fastCases(t, cases, ([S, K, f, d]) => S * Math.max(K, 1) * f * d, 2e6);
   for (const dtype of ['f32', 'bf16'] as const)
@@ -149,7 +149,7 @@ t.test('grouped GEMM: fused SwiGLU gate/up (gather, down backward, dx of both), 
 
 t.test('grouped GEMM: fused q/k/v projection, CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   // [M, nq, nk, d]: odd sizes (scalar path, pairs straddling q/k/v), GQA shapes, a column tile boundary inside k
-  const cases: [number, number, number, number][] = [[37, 19, 5, 23], [70, 64, 16, 32], [33, 200, 40, 16], [300, 256, 128, 128]];
+  const cases: [number, number, number, number][] = [[37, 19, 5, 23], [70, 64, 16, 32], [33, 200, 40, 16], [200, 256, 64, 64]];
   const run = fastCases(t, cases, ([M, nq, nk, d]) => M * (nq + 2 * nk) * d, 2e6);
   for (const dtype of ['f32', 'bf16'] as const)
     for (const [M, nq, nk, d] of run) {
