@@ -4,6 +4,9 @@
  *   routing                         time beside the PyTorch eager reference and the HBM floor
  *   merge forward / backward        time beside the HBM floor and PyTorch
  *   attention (causal, fwd, bwd)    TFLOP/s beside F.scaled_dot_product_attention (flash backend on the GPU)
+ *   fused SwiGLU FFN (MoE rows)     gate/up as one GEMM reading x through the routing order, SwiGLU in the
+ *                                   epilogue, beside XFT's unfused ops and PyTorch eager (x[order], two
+ *                                   matmuls, silu * mul; the whole FFN forward + backward through autograd)
  * The PyTorch side is bench/torch_kernels.py, run on the same device by this script (on the CPU only
  * its attention). If it fails, this script stops with its error and exit status 1 (--no-torch runs
  * without it).
@@ -116,6 +119,64 @@ function runShape(s: Shape, device: Device, withTorch: boolean) {
       ratio: ref(grouped) ? `${(ref(grouped)! / ms).toFixed(2)}x` : na('grouped_mm') });
   }
   for (const v of [x, dy]) v.dispose();
+
+  // the expert FFN over the routed rows: fused (gateUp, swigluDownBackward, gateUpBackward) beside the
+  // unfused composition (permute, two GEMMs, swiglu, ...; what the layers ran before) and PyTorch eager
+  const xt = Tensor.randn([s.T, s.d], { seed: 20, device, dtype });
+  const wu = Tensor.randn([s.E, s.f, s.d], { seed: 21, device, dtype, std: 0.02 });
+  const wd = Tensor.randn([s.E, s.d, s.f], { seed: 22, device, dtype, std: 0.02 });
+  const dye = Tensor.randn([M, s.d], { seed: 23, device, dtype });
+  const off = routing.offsets, gather = { gather: routing.order, gatherDiv: s.K, validate: false };
+  const nv = { validate: false };
+  const fusedFwd = () => {
+    const { gu, h } = ops.gateUp(xt, w, wu, off, gather);
+    const y = ops.groupedGemm(h, wd, off, nv);
+    h.dispose();
+    return { gu, y };
+  };
+  const fusedStep = () => {
+    const { gu, y } = fusedFwd();
+    const { dgu, h } = ops.swigluDownBackward(dye, wd, off, gu, nv);
+    const dDown = ops.groupedGemmBackward(h, wd, off, dye, { dx: false, validate: false }).dw!;
+    const b = ops.gateUpBackward(xt, w, wu, off, dgu, gather);
+    for (const v of [gu, y, dgu, h, dDown, b.dx, b.dwGate, b.dwUp]) v!.dispose();
+  };
+  const unfusedFwd = () => {
+    const xp = ops.permute(xt, routing.order, s.K, nv);
+    const g = ops.groupedGemm(xp, w, off, nv), u = ops.groupedGemm(xp, wu, off, nv), a = ops.swiglu(g, u);
+    const y = ops.groupedGemm(a, wd, off, nv);
+    return { xp, g, u, a, y };
+  };
+  const unfusedStep = () => {
+    const { xp, g, u, a, y } = unfusedFwd();
+    const down = ops.groupedGemmBackward(a, wd, off, dye, nv);
+    const { dg, du } = ops.swigluBackward(g, u, down.dx!);
+    const bg = ops.groupedGemmBackward(xp, w, off, dg, nv), bu = ops.groupedGemmBackward(xp, wu, off, du, nv);
+    const dxp = ops.add(bg.dx!, bu.dx!, { out: bg.dx! });
+    for (const v of [xp, g, u, a, y, down.dx, down.dw, dg, du, dxp, bu.dx, bg.dw, bu.dw]) v!.dispose();
+  };
+  const gateUpOnly = () => {
+    const { gu, h } = ops.gateUp(xt, w, wu, off, gather);
+    gu.dispose();
+    h.dispose();
+  };
+  const gateUpUnfused = () => {
+    const xp = ops.permute(xt, routing.order, s.K, nv);
+    const g = ops.groupedGemm(xp, w, off, nv), u = ops.groupedGemm(xp, wu, off, nv), a = ops.swiglu(g, u);
+    for (const v of [xp, g, u, a]) v.dispose();
+  };
+  const ffnFlop = 2 * M * s.f * s.d;
+  const guMs = time(gateUpOnly, reps), guUnfusedMs = time(gateUpUnfused, reps);
+  const stepMs = time(fusedStep, reps), stepUnfusedMs = time(unfusedStep, reps);
+  rows.push({ op: 'FFN gate/up fwd (fused)', xft_ms: guMs, xft_rate: tflops(2 * ffnFlop, guMs), reference: 'XFT unfused (permute, 2 GEMMs, swiglu)',
+    ref_ms: guUnfusedMs, ratio: `${(guUnfusedMs / guMs).toFixed(2)}x` });
+  rows.push({ op: 'FFN gate/up fwd (fused)', xft_ms: guMs, xft_rate: '', reference: 'PyTorch x[order], 2 matmuls, silu*mul', ref_ms: ref('ffn_gateup_fwd'),
+    ratio: ref('ffn_gateup_fwd') ? `${(ref('ffn_gateup_fwd')! / guMs).toFixed(2)}x` : '-', target: '>= 1x' });
+  rows.push({ op: 'FFN fwd+bwd (fused)', xft_ms: stepMs, xft_rate: tflops(9 * ffnFlop, stepMs), reference: 'XFT unfused', ref_ms: stepUnfusedMs,
+    ratio: `${(stepUnfusedMs / stepMs).toFixed(2)}x` });
+  rows.push({ op: 'FFN fwd+bwd (fused)', xft_ms: stepMs, xft_rate: '', reference: 'PyTorch eager + autograd', ref_ms: ref('ffn_fwdbwd'),
+    ratio: ref('ffn_fwdbwd') ? `${(ref('ffn_fwdbwd')! / stepMs).toFixed(2)}x` : '-', target: '>= 1x' });
+  for (const v of [xt, wu, wd, dye]) v.dispose();
 
   // merge: gate, up [E, f, d], down [E, d, f]
   const stacks = [w, Tensor.randn([s.E, s.f, s.d], { seed: 5, device, dtype }), Tensor.randn([s.E, s.d, s.f], { seed: 6, device, dtype })];

@@ -7,6 +7,9 @@ Prints one JSON object {name: median milliseconds} for the shape given on the co
   route_eager             the XFT reference gate (softmax, top-k, normalization) + permutation metadata
   merge_fwd, merge_bwd    the mixing-coefficient merge written plainly
   copy_gbps               device-to-device copy bandwidth (for the HBM floors)
+  ffn_gateup_fwd          the MoE FFN's gate/up half eagerly: x[order // K], two matmuls, silu * mul
+                          (dense cuBLAS GEMMs of the routed rows' FLOPs)
+  ffn_fwdbwd              the whole SwiGLU FFN (with down) forward + backward through autograd
   attention_fwd, attention_fwdbwd   causal attention of --attention B,T,H,Hkv,hd (bf16 [B, H, T, hd]):
                           F.scaled_dot_product_attention with the flash backend forced (GQA by
                           enable_gqa, or repeat_interleave inside the timing on an older torch);
@@ -207,6 +210,25 @@ def gemm_routing_merge(out, errors, a, dev):
     else:
         out["missing"]["grouped_mm"] = f"torch {torch.__version__} has no torch._grouped_mm"
     del x, dy, ws
+
+    # the SwiGLU FFN over the routed rows (dense weights: equal FLOPs), eager and through autograd
+    xt = torch.randn(T, d, device=dev, dtype=bf, requires_grad=True)
+    order = torch.randperm(M, device=dev)
+    wg, wu = ((torch.randn(f, d, device=dev, dtype=bf) * 0.02).requires_grad_() for _ in range(2))
+    wd = (torch.randn(d, f, device=dev, dtype=bf) * 0.02).requires_grad_()
+    dye = torch.randn(M, d, device=dev, dtype=bf)
+
+    def gate_up():
+        xp = xt[order // K]
+        return F.silu(xp @ wg.t()) * (xp @ wu.t())
+
+    def gate_up_fwd():
+        with torch.no_grad():
+            gate_up()
+
+    out["ffn_gateup_fwd"] = bench(gate_up_fwd)
+    out["ffn_fwdbwd"] = bench(lambda: torch.autograd.grad(gate_up() @ wd.t(), (xt, wg, wu, wd), dye))
+    del xt, order, wg, wu, wd, dye
 
     # routing
     out["route_eager"] = bench(lambda: route_reference(logits, K), warmup=10, reps=50)

@@ -122,7 +122,7 @@ Napi::Value GroupedGemmForward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// groupedGemmBackward(x, w, offsets, dy, dx|null, dw|null, dtype, M, n, k, E, accumulate, dwDtype)
+// groupedGemmBackward(x, w, offsets, dy, dx|null, dw|null, dtype, M, n, k, E, accumulate, dwDtype, dxAccumulate?)
 Napi::Value GroupedGemmBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "groupedGemmBackward";
@@ -137,6 +137,7 @@ Napi::Value GroupedGemmBackward(const Napi::CallbackInfo& info) {
           E = ArgInt(info, 10, op, "E");
   bool accumulate = info[11].ToBoolean();
   int dw_dtype = ArgDtype(info, 12, op, "dwDtype");
+  bool dx_accumulate = info.Length() > 13 && info[13].ToBoolean();
   if (dw_dtype != dtype && dw_dtype != XFT_F32)
     Throw(env, "XFT_DTYPE", std::string(op) + ": dw must have the inputs' dtype or f32");
   CheckGemmShape(env, op, M, n, k, E, dtype);
@@ -149,7 +150,140 @@ Napi::Value GroupedGemmBackward(const Napi::CallbackInfo& info) {
   int device = CommonDevice(env, op, {x, w, offsets, dy, dx, dw});
   XFT_DISPATCH(env, op, device, grouped_gemm_backward, x->data, w->data, (const int*)offsets->data, dy->data,
                dx ? dx->data : nullptr, dw ? dw->data : nullptr, dtype, dw_dtype, (int)M, (int)n, (int)k, (int)E,
-               accumulate);
+               accumulate, dx_accumulate);
+  return env.Undefined();
+}
+
+// The gather of the fused gate/up GEMMs: null (x has M rows) or i32 [M] with a divisor >= 1 (x has S rows).
+struct Gather {
+  Storage* index;
+  int64_t div, S;
+};
+Gather ArgGather(const Napi::CallbackInfo& info, size_t i, const char* op, int64_t M) {
+  Napi::Env env = info.Env();
+  Gather g = {ArgStorageOrNull(info, i, op, "gather"), ArgInt(info, i + 1, op, "gatherDiv"), ArgInt(info, i + 2, op, "S")};
+  if (g.div < 1 || g.S < 0 || g.S > INT32_MAX) Throw(env, "XFT_SHAPE", std::string(op) + ": expected gatherDiv >= 1 and 0 <= S");
+  if (!g.index && g.S != M) Throw(env, "XFT_SHAPE", std::string(op) + ": without a gather x must have M = " + std::to_string(M) + " rows");
+  RequireBytes(env, g.index, M, XFT_I32, op, "gather");
+  return g;
+}
+
+// gateupForward(x, gather|null, gatherDiv, S, wGate, wUp, offsets, gu, h, dtype, M, f, d, E)
+Napi::Value GateupForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "gateUp";
+  Storage* x = ArgStorage(info, 0, op, "x");
+  int64_t M = ArgInt(info, 10, op, "M"), f = ArgInt(info, 11, op, "f"), d = ArgInt(info, 12, op, "d"), E = ArgInt(info, 13, op, "E");
+  int dtype = ArgDtype(info, 9, op, "dtype");
+  CheckGemmShape(env, op, M, f, d, E, dtype);
+  Gather g = ArgGather(info, 1, op, M);
+  Storage* wg = ArgStorage(info, 4, op, "wGate");
+  Storage* wu = ArgStorage(info, 5, op, "wUp");
+  Storage* offsets = ArgStorage(info, 6, op, "offsets");
+  Storage* gu = ArgStorage(info, 7, op, "gu");
+  Storage* h = ArgStorage(info, 8, op, "h");
+  RequireBytes(env, x, g.S * d, dtype, op, "x");
+  RequireBytes(env, wg, E * f * d, dtype, op, "wGate");
+  RequireBytes(env, wu, E * f * d, dtype, op, "wUp");
+  RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
+  RequireBytes(env, gu, M * 2 * f, dtype, op, "gu");
+  RequireBytes(env, h, M * f, dtype, op, "h");
+  int device = CommonDevice(env, op, {x, g.index, wg, wu, offsets, gu, h});
+  XFT_DISPATCH(env, op, device, gateup_forward, x->data, g.index ? (const int*)g.index->data : nullptr, (int)g.div,
+               (int)g.S, wg->data, wu->data, (const int*)offsets->data, gu->data, h->data, dtype, (int)M, (int)f, (int)d,
+               (int)E);
+  return env.Undefined();
+}
+
+// swigluDownBackward(dy, wDown, offsets, gu, dgu, h, dtype, M, f, d, E)
+Napi::Value SwigluDownBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "swigluDownBackward";
+  Storage* dy = ArgStorage(info, 0, op, "dy");
+  Storage* wd = ArgStorage(info, 1, op, "wDown");
+  Storage* offsets = ArgStorage(info, 2, op, "offsets");
+  Storage* gu = ArgStorage(info, 3, op, "gu");
+  Storage* dgu = ArgStorage(info, 4, op, "dgu");
+  Storage* h = ArgStorage(info, 5, op, "h");
+  int dtype = ArgDtype(info, 6, op, "dtype");
+  int64_t M = ArgInt(info, 7, op, "M"), f = ArgInt(info, 8, op, "f"), d = ArgInt(info, 9, op, "d"), E = ArgInt(info, 10, op, "E");
+  CheckGemmShape(env, op, M, f, d, E, dtype);
+  RequireBytes(env, dy, M * d, dtype, op, "dy");
+  RequireBytes(env, wd, E * d * f, dtype, op, "wDown");
+  RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
+  RequireBytes(env, gu, M * 2 * f, dtype, op, "gu");
+  RequireBytes(env, dgu, M * 2 * f, dtype, op, "dgu");
+  RequireBytes(env, h, M * f, dtype, op, "h");
+  int device = CommonDevice(env, op, {dy, wd, offsets, gu, dgu, h});
+  XFT_DISPATCH(env, op, device, swiglu_down_backward, dy->data, wd->data, (const int*)offsets->data, gu->data, dgu->data,
+               h->data, dtype, (int)M, (int)f, (int)d, (int)E);
+  return env.Undefined();
+}
+
+// qkvForward(x, wq, wk, wv, offsets, q, k, v, dtype, M, nq, nk, d)
+Napi::Value QkvForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "qkv";
+  Storage* x = ArgStorage(info, 0, op, "x");
+  Storage* wq = ArgStorage(info, 1, op, "wq");
+  Storage* wk = ArgStorage(info, 2, op, "wk");
+  Storage* wv = ArgStorage(info, 3, op, "wv");
+  Storage* offsets = ArgStorage(info, 4, op, "offsets");
+  Storage* q = ArgStorage(info, 5, op, "q");
+  Storage* k = ArgStorage(info, 6, op, "k");
+  Storage* v = ArgStorage(info, 7, op, "v");
+  int dtype = ArgDtype(info, 8, op, "dtype");
+  int64_t M = ArgInt(info, 9, op, "M"), nq = ArgInt(info, 10, op, "nq"), nk = ArgInt(info, 11, op, "nk"), d = ArgInt(info, 12, op, "d");
+  CheckGemmShape(env, op, M, nq + 2 * nk, d, 1, dtype);
+  if (nq < 1 || nk < 1) Throw(env, "XFT_SHAPE", std::string(op) + ": expected nq, nk >= 1");
+  RequireBytes(env, x, M * d, dtype, op, "x");
+  RequireBytes(env, wq, nq * d, dtype, op, "wq");
+  RequireBytes(env, wk, nk * d, dtype, op, "wk");
+  RequireBytes(env, wv, nk * d, dtype, op, "wv");
+  RequireBytes(env, offsets, 2, XFT_I32, op, "offsets");
+  RequireBytes(env, q, M * nq, dtype, op, "q");
+  RequireBytes(env, k, M * nk, dtype, op, "k");
+  RequireBytes(env, v, M * nk, dtype, op, "v");
+  int device = CommonDevice(env, op, {x, wq, wk, wv, offsets, q, k, v});
+  XFT_DISPATCH(env, op, device, qkv_forward, x->data, wq->data, wk->data, wv->data, (const int*)offsets->data, q->data,
+               k->data, v->data, dtype, (int)M, (int)nq, (int)nk, (int)d);
+  return env.Undefined();
+}
+
+// gateupBackward(x, gather|null, gatherDiv, S, wGate, wUp, offsets, dgu, dx|null, dwGate|null, dwUp|null, dtype,
+//                dwDtype, M, f, d, E, accumulate, dxAccumulate)
+Napi::Value GateupBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "gateUpBackward";
+  Storage* x = ArgStorage(info, 0, op, "x");
+  int dtype = ArgDtype(info, 11, op, "dtype"), dw_dtype = ArgDtype(info, 12, op, "dwDtype");
+  int64_t M = ArgInt(info, 13, op, "M"), f = ArgInt(info, 14, op, "f"), d = ArgInt(info, 15, op, "d"), E = ArgInt(info, 16, op, "E");
+  bool accumulate = info[17].ToBoolean(), dx_accumulate = info[18].ToBoolean();
+  if (dw_dtype != dtype && dw_dtype != XFT_F32)
+    Throw(env, "XFT_DTYPE", std::string(op) + ": dw must have the inputs' dtype or f32");
+  CheckGemmShape(env, op, M, f, d, E, dtype);
+  Gather g = ArgGather(info, 1, op, M);
+  Storage* wg = ArgStorage(info, 4, op, "wGate");
+  Storage* wu = ArgStorage(info, 5, op, "wUp");
+  Storage* offsets = ArgStorage(info, 6, op, "offsets");
+  Storage* dgu = ArgStorage(info, 7, op, "dgu");
+  Storage* dx = ArgStorageOrNull(info, 8, op, "dx");
+  Storage* dwg = ArgStorageOrNull(info, 9, op, "dwGate");
+  Storage* dwu = ArgStorageOrNull(info, 10, op, "dwUp");
+  if (!dwg != !dwu) Throw(env, "XFT_TYPE", std::string(op) + ": dwGate and dwUp are both given or both null");
+  RequireBytes(env, x, g.S * d, dtype, op, "x");
+  RequireBytes(env, wg, E * f * d, dtype, op, "wGate");
+  RequireBytes(env, wu, E * f * d, dtype, op, "wUp");
+  RequireBytes(env, offsets, E + 1, XFT_I32, op, "offsets");
+  RequireBytes(env, dgu, M * 2 * f, dtype, op, "dgu");
+  RequireBytes(env, dx, M * d, dtype, op, "dx");
+  RequireBytes(env, dwg, E * f * d, dw_dtype, op, "dwGate");
+  RequireBytes(env, dwu, E * f * d, dw_dtype, op, "dwUp");
+  int device = CommonDevice(env, op, {x, g.index, wg, wu, offsets, dgu, dx, dwg, dwu});
+  XFT_DISPATCH(env, op, device, gateup_backward, x->data, g.index ? (const int*)g.index->data : nullptr, (int)g.div,
+               (int)g.S, wg->data, wu->data, (const int*)offsets->data, dgu->data, dx ? dx->data : nullptr,
+               dwg ? dwg->data : nullptr, dwu ? dwu->data : nullptr, dtype, dw_dtype, (int)M, (int)f, (int)d, (int)E,
+               accumulate, dx_accumulate);
   return env.Undefined();
 }
 
@@ -255,6 +389,10 @@ void RegisterXftOps(Napi::Env env, Napi::Object exports) {
   exports.Set("routeBackward", Napi::Function::New(env, RouteBackward, "routeBackward"));
   exports.Set("groupedGemmForward", Napi::Function::New(env, GroupedGemmForward, "groupedGemmForward"));
   exports.Set("groupedGemmBackward", Napi::Function::New(env, GroupedGemmBackward, "groupedGemmBackward"));
+  exports.Set("gateupForward", Napi::Function::New(env, GateupForward, "gateupForward"));
+  exports.Set("swigluDownBackward", Napi::Function::New(env, SwigluDownBackward, "swigluDownBackward"));
+  exports.Set("gateupBackward", Napi::Function::New(env, GateupBackward, "gateupBackward"));
+  exports.Set("qkvForward", Napi::Function::New(env, QkvForward, "qkvForward"));
   exports.Set("mergeForward", Napi::Function::New(env, MergeForward, "mergeForward"));
   exports.Set("mergeBackward", Napi::Function::New(env, MergeBackward, "mergeBackward"));
   exports.Set("cpuGemm", Napi::Function::New(env, CpuGemm, "cpuGemm"));

@@ -126,12 +126,41 @@ int xft_cuda_route_backward(const void* logits, int dtype, int T, int N, int K, 
 // outside [o'_0, o'_E) of y and dx are zero.
 int xft_cuda_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,
                                   int dtype, int M, int n, int k, int E);
-// dx [M, k] = dy @ w[e] per group (overwrite; skipped when dx is NULL);
+// dx [M, k] = dy @ w[e] per group (overwrite, or with dx_accumulate dx = round(dx + dy @ w[e]) and rows
+// outside the groups unchanged: the dx of q, k, v summed in the GEMM epilogue; skipped when dx is NULL);
 // dw [E, n, k] = dy_e^T @ x_e (accumulate; zero for empty groups; skipped when dw is NULL), stored in
 // dw_dtype: dtype, or F32 with bf16 inputs (the fp32 accumulators unrounded: f32 gradients of bf16 weights).
 int xft_cuda_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
                                    void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
-                                   int accumulate);
+                                   int accumulate, int dx_accumulate);
+
+// ---- the fused SwiGLU FFN GEMMs (cuda/grouped_gemm.cu): gate and up as one grouped GEMM ----
+// Rows, offsets and groups as the grouped GEMM. w_gate, w_up [E, f, d], w_down [E, d, f] (HF layout, one
+// matrix per expert); gu [M, 2f] holds g = gu[:, :f] and u = gu[:, f:]; all of one dtype (f32 or bf16).
+// gather: NULL (GEMM row i reads x[i], x [M, d], S = M) or i32 [M] (row i reads x[gather[i] / gather_div],
+// x [S, d]: the MoE reads x through the routing order with gather_div = K; a zero row where the index
+// is negative or the row is outside [0, S)).
+// g = x_i @ w_gate[e]^T, u = x_i @ w_up[e]^T (fp32 accumulation, rounded to dtype),
+// h [M, f] = silu(g) * u from the rounded g, u (exactly swiglu_forward of them). Rows outside the groups: zeros.
+int xft_cuda_gateup_forward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
+                            const void* w_up, const int* offsets, void* gu, void* h, int dtype, int M, int f, int d,
+                            int E);
+// dh = dy @ w_down[e] ([M, d] @ [d, f], rounded to dtype, never stored), then exactly swiglu_backward:
+// dgu[:, :f] = dg, dgu[:, f:] = du from g, u = gu, and h [M, f] = silu(g) * u recomputed (dW_down's input).
+int xft_cuda_swiglu_down_backward(const void* dy, const void* w_down, const int* offsets, const void* gu,
+                                  void* dgu, void* h, int dtype, int M, int f, int d, int E);
+// dx [M, d] = dg @ w_gate[e] + du @ w_up[e], one reduction over the 2f columns of dgu (overwrite, or add with
+// dx_accumulate as the grouped GEMM; skipped when NULL); dw_gate, dw_up [E, f, d] (accumulate, dw_dtype as the
+// grouped GEMM; both or neither) = dg_e^T @ x_e, du_e^T @ x_e with x read through gather as in the forward.
+// q, k, v projections as one GEMM (cuda/grouped_gemm.cu kQkv): x [M, d], wq [nq, d], wk, wv [nk, d] (HF
+// layout); offsets i32 [2] (rows o_0 .. o_1 computed, the others zero, as a one-group grouped GEMM);
+// q [M, nq] = x wq^T, k, v [M, nk] = x wk^T, x wv^T, each exactly the grouped GEMM's output.
+int xft_cuda_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets,
+                         void* q, void* k, void* v, int dtype, int M, int nq, int nk, int d);
+int xft_cuda_gateup_backward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
+                             const void* w_up, const int* offsets, const void* dgu, void* dx, void* dw_gate,
+                             void* dw_up, int dtype, int dw_dtype, int M, int f, int d, int E, int accumulate,
+                             int dx_accumulate);
 
 // ---- mixing-coefficient merge (cuda/merge.cu) ----
 // count tensors, tensor t an expert stack weights[t] of shape [E, numel[t]] (all of one dtype),

@@ -88,18 +88,44 @@ function linear(ctx: Context, x: Tensor, w: Tensor): Tensor {
 
 /**
  * Grouped GEMM backward whose dW is added into the parameter's f32 gradient when it is trainable
- * (bf16 weights too: the GEMM's fp32 accumulators go into the f32 gradient unrounded).
+ * (bf16 weights too: the GEMM's fp32 accumulators go into the f32 gradient unrounded). dx: a new
+ * tensor (true), none (false), or added into the given tensor in the GEMM's epilogue.
  */
-function gemmBackward(x: Tensor, w: Param, w3: Tensor, offsets: Tensor, dy: Tensor, needDx = true): Tensor | null {
+function gemmBackward(x: Tensor, w: Param, w3: Tensor, offsets: Tensor, dy: Tensor, dx: boolean | Tensor = true): Tensor | null {
+  if (dx === false && !w.trainable) return null;
   const dw = w.trainable ? w.gradBuffer().reshape(w3.shape) : false;
-  return xops.groupedGemmBackward(x, w3, offsets, dy, { dx: needDx, dw, validate: false }).dx;
+  return xops.groupedGemmBackward(x, w3, offsets, dy, { dx, dw, validate: false }).dx;
 }
 
-/** dx (or null) and dW accumulated into the parameter's gradient when trainable. */
-function linearBackward(ctx: Context, x: Tensor, w: Param, dy: Tensor, needDx = true): Tensor | null {
-  const w3 = w.value.reshape([1, w.value.shape[0], w.value.shape[1]]);
-  if (!needDx && !w.trainable) return null;
-  return gemmBackward(x, w, w3, ctx.denseOffsets(x.shape[0]), dy, needDx);
+/** dx (or null, or added into a given tensor) and dW accumulated into the parameter's gradient when trainable. */
+function linearBackward(ctx: Context, x: Tensor, w: Param, dy: Tensor, dx: boolean | Tensor = true): Tensor | null {
+  return gemmBackward(x, w, as3d(w.value), ctx.denseOffsets(x.shape[0]), dy, dx);
+}
+
+/** a weight [n, k] as the one-expert stack [1, n, k] of the grouped GEMMs */
+function as3d(w: Tensor): Tensor {
+  return w.rank === 3 ? w : w.reshape([1, w.shape[0], w.shape[1]]);
+}
+
+/**
+ * The gate/up half of a SwiGLU FFN's backward from dgu = [dg | du] (gateUpBackward: dx of both as one
+ * GEMM, x read through `gather`): dW_gate and dW_up added into the trainable parameters' gradients.
+ */
+function gateUpBackward(x: Tensor, gate: Param, up: Param, offsets: Tensor, dgu: Tensor, gather?: { order: Tensor; K: number }): Tensor {
+  const wg = as3d(gate.value), wu = as3d(up.value);
+  const g = gather ? { gather: gather.order, gatherDiv: gather.K } : {};
+  if (!gate.trainable && !up.trainable) return xops.gateUpBackward(x, wg, wu, offsets, dgu, { ...g, dw: false, validate: false }).dx!;
+  if (gate.trainable && up.trainable && gate.gradDtype === up.gradDtype) {
+    const into: [Tensor, Tensor] = [gate.gradBuffer().reshape(wg.shape), up.gradBuffer().reshape(wu.shape)];
+    return xops.gateUpBackward(x, wg, wu, offsets, dgu, { ...g, dw: into, validate: false }).dx!;
+  }
+  // one of the two frozen (or their gradient dtypes differ): fresh dW, added where trainable
+  const r = xops.gateUpBackward(x, wg, wu, offsets, dgu, { ...g, validate: false });
+  for (const [p, dw] of [[gate, r.dwGate!], [up, r.dwUp!]] as const) {
+    if (p.trainable) lops.axpby(1, dw.reshape(p.value.shape), 1, p.gradBuffer());
+    dw.dispose();
+  }
+  return r.dx!;
 }
 
 /** a += b, disposing b */
@@ -124,10 +150,14 @@ export interface FFN {
   dispose(): void;
 }
 
-/** SwiGLU FFN: W_down (silu(W_gate x) * (W_up x)). Weights [f, d], [f, d], [d, f]. */
+/**
+ * SwiGLU FFN: W_down (silu(W_gate x) * (W_up x)). Weights [f, d], [f, d], [d, f].
+ * Gate and up run as one GEMM with the SwiGLU in its epilogue (xops.gateUp); backward keeps x and
+ * gu = [g | u] only and recomputes h = silu(g) u in the down projection's fused backward.
+ */
 export class DenseFFN implements FFN {
   readonly kind = 'dense';
-  #saved: { x: Tensor; g: Tensor; u: Tensor; a: Tensor } | null = null;
+  #saved: { x: Tensor; gu: Tensor } | null = null;
   constructor(readonly gate: Param, readonly up: Param, readonly down: Param) {}
 
   params(): Param[] {
@@ -135,22 +165,23 @@ export class DenseFFN implements FFN {
   }
 
   forward(ctx: Context, x: Tensor): Tensor {
-    const g = linear(ctx, x, this.gate.value), u = linear(ctx, x, this.up.value);
-    const a = lops.swiglu(g, u);
-    const y = linear(ctx, a, this.down.value);
+    const { gu, h } = xops.gateUp(x, as3d(this.gate.value), as3d(this.up.value), ctx.denseOffsets(x.shape[0]), { validate: false });
+    const y = linear(ctx, h, this.down.value);
+    h.dispose();
     this.release();
-    this.#saved = { x, g, u, a };
+    this.#saved = { x, gu };
     return y;
   }
 
   backward(ctx: Context, dy: Tensor): Tensor {
     const s = this.#saved;
     if (!s) throw new XftError('DenseFFN.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
-    const da = linearBackward(ctx, s.a, this.down, dy)!;
-    const { dg, du } = lops.swigluBackward(s.g, s.u, da);
-    const dx = linearBackward(ctx, s.x, this.gate, dg)!;
-    accumulate(dx, linearBackward(ctx, s.x, this.up, du)!);
-    disposeAll(da, dg, du);
+    const off = ctx.denseOffsets(s.x.shape[0]);
+    const { dgu, h } = xops.swigluDownBackward(dy, as3d(this.down.value), off, s.gu, { validate: false });
+    linearBackward(ctx, h, this.down, dy, false);
+    h.dispose();
+    const dx = gateUpBackward(s.x, this.gate, this.up, off, dgu);
+    dgu.dispose();
     this.release();
     return dx;
   }
@@ -159,16 +190,13 @@ export class DenseFFN implements FFN {
   backwardWeights(ctx: Context, dy: Tensor): { dx: Tensor; dGate: Tensor; dUp: Tensor; dDown: Tensor } {
     const s = this.#saved;
     if (!s) throw new XftError('DenseFFN.backward: no forward activations', 'XFT_VALUE');
-    const off = (x: Tensor) => ctx.denseOffsets(x.shape[0]);
-    const w3 = (p: Param) => p.value.reshape([1, ...p.value.shape]);
-    const down = xops.groupedGemmBackward(s.a, w3(this.down), off(s.a), dy, { validate: false });
-    const { dg, du } = lops.swigluBackward(s.g, s.u, down.dx!);
-    const gate = xops.groupedGemmBackward(s.x, w3(this.gate), off(s.x), dg, { validate: false });
-    const up = xops.groupedGemmBackward(s.x, w3(this.up), off(s.x), du, { validate: false });
-    accumulate(gate.dx!, up.dx!);
-    disposeAll(down.dx, dg, du);
+    const off = ctx.denseOffsets(s.x.shape[0]);
+    const { dgu, h } = xops.swigluDownBackward(dy, as3d(this.down.value), off, s.gu, { validate: false });
+    const down = xops.groupedGemmBackward(h, as3d(this.down.value), off, dy, { dx: false, validate: false });
+    const gu = xops.gateUpBackward(s.x, as3d(this.gate.value), as3d(this.up.value), off, dgu, { validate: false });
+    disposeAll(h, dgu);
     this.release();
-    return { dx: gate.dx!, dGate: gate.dw!.reshape(this.gate.value.shape), dUp: up.dw!.reshape(this.up.value.shape), dDown: down.dw!.reshape(this.down.value.shape) };
+    return { dx: gu.dx!, dGate: gu.dwGate!.reshape(this.gate.value.shape), dUp: gu.dwUp!.reshape(this.up.value.shape), dDown: down.dw!.reshape(this.down.value.shape) };
   }
 
   auxLoss(): number {
@@ -177,8 +205,7 @@ export class DenseFFN implements FFN {
 
   release(): void {
     if (this.#saved) {
-      const { g, u, a } = this.#saved;
-      disposeAll(g, u, a);
+      this.#saved.gu.dispose();
       this.#saved = null;
     }
   }
@@ -199,7 +226,8 @@ export class MoeFFN implements FFN {
   readonly kind = 'moe';
   #saved: {
     x: Tensor; r1: Tensor | null; t: Tensor | null; clean: Tensor; z: Tensor | null; logits: Tensor;
-    routing: xops.Routing; position: Tensor; xp: Tensor; g: Tensor; u: Tensor; a: Tensor; ye: Tensor; seed: bigint;
+    /** gu = [g | u] of the routed rows (gate and up in one GEMM reading x through routing.order: no permuted copy of x) */
+    routing: xops.Routing; position: Tensor; gu: Tensor; ye: Tensor; seed: bigint;
     /** the load estimate the balance loss used (null: counts) */
     estimate: Tensor | null;
   } | null = null;
@@ -251,11 +279,9 @@ export class MoeFFN implements FFN {
     }
     const routing = xops.routeShared(logits, { topK: K, normalize: this.moe.normalize_weights, shared: this.moe.shared_expert });
     const position = tops.invertPermutation(routing.order, { validate: false });
-    const xp = tops.permute(x, routing.order, K, { validate: false });
-    const g = xops.groupedGemm(xp, this.gate.value, routing.offsets, { validate: false });
-    const u = xops.groupedGemm(xp, this.up.value, routing.offsets, { validate: false });
-    const a = lops.swiglu(g, u);
-    const ye = xops.groupedGemm(a, this.down.value, routing.offsets, { validate: false });
+    const { gu, h } = xops.gateUp(x, this.gate.value, this.up.value, routing.offsets, { gather: routing.order, gatherDiv: K, validate: false });
+    const ye = xops.groupedGemm(h, this.down.value, routing.offsets, { validate: false });
+    h.dispose();
     const y = tops.unpermute(ye, position, routing.weights, { validate: false });
     // the balance loss: importance, and the load as counts, or under router noise its differentiable
     // noisy top-k estimate (as the reference when k < N); kept on the device, read by auxLoss()
@@ -270,7 +296,7 @@ export class MoeFFN implements FFN {
       }
       this.#aux = tops.balanceLoss(routing.importance, estimate ?? routing.load, { weight: this.moe.balance_loss_weight });
     } else this.#aux = null;
-    this.#saved = { x, r1, t, clean, z, logits, routing, position, xp, g, u, a, ye, seed: ctx.seed, estimate };
+    this.#saved = { x, r1, t, clean, z, logits, routing, position, gu, ye, seed: ctx.seed, estimate };
     return y;
   }
 
@@ -279,12 +305,13 @@ export class MoeFFN implements FFN {
     if (!s) throw new XftError('MoeFFN.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
     const K = this.moe.num_selects, off = s.routing.offsets;
     const { dy: dye, dg: dWeights } = tops.unpermuteBackward(dy, s.ye, s.position, s.routing.weights, { validate: false });
-    const da = gemmBackward(s.a, this.down, this.down.value, off, dye)!;
-    const { dg, du } = lops.swigluBackward(s.g, s.u, da);
-    const dxp = gemmBackward(s.xp, this.gate, this.gate.value, off, dg)!;
-    accumulate(dxp, gemmBackward(s.xp, this.up, this.up.value, off, du)!);
+    const { dgu, h } = xops.swigluDownBackward(dye, this.down.value, off, s.gu, { validate: false });
+    gemmBackward(h, this.down, this.down.value, off, dye, false);
+    h.dispose();
+    // dx of the routed rows (gate and up in one GEMM), summed per token by the permutation's backward
+    const dxp = gateUpBackward(s.x, this.gate, this.up, off, dgu, { order: s.routing.order, K });
     const dx = tops.permuteBackward(dxp, s.position, K, { validate: false });
-    disposeAll(dye, da, dg, du, dxp);
+    disposeAll(dye, dgu, dxp);
     // router: balance loss through importance, routing weights through normalization and softmax
     let dImportance: Tensor | undefined, viaLoad: { dClean: Tensor; dz: Tensor } | null = null;
     if (this.moe.balance_loss_weight > 0) {
@@ -325,7 +352,7 @@ export class MoeFFN implements FFN {
   release(): void {
     const s = this.#saved;
     if (!s) return;
-    disposeAll(s.r1, s.t, s.z, s.position, s.xp, s.g, s.u, s.a, s.ye, s.estimate);
+    disposeAll(s.r1, s.t, s.z, s.position, s.gu, s.ye, s.estimate);
     if (s.logits !== s.clean) s.logits.dispose();
     s.clean.dispose();
     s.routing.dispose();
@@ -439,7 +466,8 @@ export class Block {
     const c = this.config;
     const eps = c.rms_norm_eps;
     const { y: n1, rstd: rstd1 } = lops.rmsnorm(x, this.inputNorm.value, { eps });
-    const q = linear(ctx, n1, this.q.value), k = linear(ctx, n1, this.k.value), v = linear(ctx, n1, this.v.value);
+    // q, k, v in one GEMM launch (the checkpoint keeps q_proj, k_proj, v_proj)
+    const { q, k, v } = xops.qkv(n1, this.q.value, this.k.value, this.v.value, ctx.denseOffsets(n1.shape[0]), { validate: false });
     const ropeOpts = this.#ropeOptions(ctx);
     lops.rope(q, { ...ropeOpts, out: q });
     lops.rope(k, { ...ropeOpts, out: k });
@@ -482,9 +510,10 @@ export class Block {
     const ropeOpts = this.#ropeOptions(ctx);
     lops.ropeBackward(g.dq, { ...ropeOpts, out: g.dq });
     lops.ropeBackward(g.dk, { ...ropeOpts, out: g.dk });
+    // dn1 = dq Wq + dk Wk + dv Wv: k's and v's added in their GEMMs' epilogues
     const dn1 = linearBackward(ctx, s.n1, this.q, g.dq)!;
-    accumulate(dn1, linearBackward(ctx, s.n1, this.k, g.dk)!);
-    accumulate(dn1, linearBackward(ctx, s.n1, this.v, g.dv)!);
+    linearBackward(ctx, s.n1, this.k, g.dk, dn1);
+    linearBackward(ctx, s.n1, this.v, g.dv, dn1);
     const r1 = lops.rmsnormBackward(s.x, this.inputNorm.value, s.rstd1, dn1, { dw: this.inputNorm.trainable ? this.inputNorm.gradBuffer() : false });
     accumulate(r1.dx, dh);
     disposeAll(datt, g, dn1, s.n1, s.rstd1, s.q, s.k, s.v, s.att, s.lse, s.h, s.n2, s.rstd2);

@@ -92,7 +92,14 @@ export interface NativeAddon {
     experts: S, dWeights: S, dImportance: S | null, dLogits: S): void;
   groupedGemmForward(x: S, w: S, offsets: S, y: S, dtype: number, M: number, n: number, k: number, E: number): void;
   groupedGemmBackward(x: S, w: S, offsets: S, dy: S, dx: S | null, dw: S | null, dtype: number,
-    M: number, n: number, k: number, E: number, accumulate: boolean, dwDtype: number): void;
+    M: number, n: number, k: number, E: number, accumulate: boolean, dwDtype: number, dxAccumulate?: boolean): void;
+  gateupForward(x: S, gather: S | null, gatherDiv: number, S: number, wGate: S, wUp: S, offsets: S, gu: S, h: S, dtype: number,
+    M: number, f: number, d: number, E: number): void;
+  qkvForward(x: S, wq: S, wk: S, wv: S, offsets: S, q: S, k: S, v: S, dtype: number, M: number, nq: number, nk: number, d: number): void;
+  swigluDownBackward(dy: S, wDown: S, offsets: S, gu: S, dgu: S, h: S, dtype: number, M: number, f: number, d: number, E: number): void;
+  gateupBackward(x: S, gather: S | null, gatherDiv: number, S: number, wGate: S, wUp: S, offsets: S, dgu: S, dx: S | null,
+    dwGate: S | null, dwUp: S | null, dtype: number, dwDtype: number, M: number, f: number, d: number, E: number,
+    accumulate: boolean, dxAccumulate: boolean): void;
   mergeForward(stacks: S[], merged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number): void;
   mergeBackward(stacks: S[], dMerged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number,
     dAlpha: S, accumulate: boolean): void;

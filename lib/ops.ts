@@ -164,8 +164,9 @@ export function groupedGemm(x: Tensor, w: Tensor, offsets: Tensor, options: Grou
 }
 
 export interface GroupedGemmBackwardOptions extends GroupedGemmOptions {
-  /** Compute dx (default true). */
-  dx?: boolean;
+  /** Compute dx (default true), or add it into this tensor [M, k] of x's dtype in the GEMM's epilogue
+   * (dx = round(dx + dy @ w[e]); rows outside the groups unchanged): the dx of q, k and v without add kernels. */
+  dx?: boolean | Tensor;
   /**
    * Compute dw (default true), or add it into this tensor [E, n, k] (gradient accumulation): of w's
    * dtype, or f32 with bf16 inputs (f32 gradients of bf16 weights, from the unrounded fp32 accumulators).
@@ -180,19 +181,165 @@ export function groupedGemmBackward(x: Tensor, w: Tensor, offsets: Tensor, dy: T
   expectTensor(op, 'dy', dy, { dtype: [x.dtype], shape: [a.M, a.n], shapeName: `[M, n] = [${a.M}, ${a.n}]` });
   const o = expectOptions<GroupedGemmBackwardOptions>(op, options, 'an options object { validate?, dx?, dw? }');
   const validate = expectBool(op, 'options.validate', o.validate, true);
-  const wantDx = expectBool(op, 'options.dx', o.dx, true);
+  const dxInto = Tensor.isTensor(o.dx) ? expectTensor(op, 'options.dx', o.dx, { dtype: [x.dtype], shape: [a.M, a.k], shapeName: `[M, k] = [${a.M}, ${a.k}]` }) : null;
+  const wantDx = dxInto !== null || expectBool(op, 'options.dx', o.dx, true);
   if (o.dw !== undefined && typeof o.dw !== 'boolean' && !Tensor.isTensor(o.dw))
     throw invalidArgument(op, 'options.dw', 'a boolean or a Tensor [E, n, k] to accumulate into', o.dw, 'XFT_TYPE');
   const into = Tensor.isTensor(o.dw)
     ? expectTensor(op, 'options.dw', o.dw, { dtype: w.dtype === 'bf16' ? ['bf16', 'f32'] : [w.dtype], shape: w.shape, shapeName: `[E, n, k] = ${formatShape(w.shape)}` })
     : null;
-  sameDevice(op, { x, w, offsets, dy, dw: into });
+  sameDevice(op, { x, w, offsets, dy, dw: into, dx: dxInto });
   if (validate) checkOffsets(op, offsets, a.M);
-  const dx = wantDx ? Tensor.empty([a.M, a.k], { dtype: x.dtype, device: x.device }) : null;
+  const dx = dxInto ?? (wantDx ? Tensor.empty([a.M, a.k], { dtype: x.dtype, device: x.device }) : null);
   const dw = into ?? (o.dw === false ? null : Tensor.empty(w.shape, { dtype: w.dtype, device: w.device }));
   native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx ? dx.storage : null, dw ? dw.storage : null,
-    dtypeCode(x.dtype), a.M, a.n, a.k, a.E, into !== null, dtypeCode(dw ? dw.dtype : x.dtype));
+    dtypeCode(x.dtype), a.M, a.n, a.k, a.E, into !== null, dtypeCode(dw ? dw.dtype : x.dtype), dxInto !== null);
   return { dx, dw };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2b. The SwiGLU FFN's gate and up as one grouped GEMM (cuda/grouped_gemm.cu kGateUp, kSwigluDown, kGateUpDx)
+
+export interface GateUpOptions extends GroupedGemmOptions {
+  /**
+   * i32 [M]: row i of the GEMM reads x[floor(gather[i] / gatherDiv)] (a zero row where gather[i] is
+   * negative or the row is past x's), e.g. routing.order with gatherDiv = K: the MoE's permuted copy of
+   * x is never made. Default: row i reads x[i] (M = rows of x).
+   */
+  gather?: Tensor;
+  /** the divisor of gather's entries (default 1) */
+  gatherDiv?: number;
+}
+
+function gateUpArgs(op: string, x: unknown, wGate: unknown, wUp: unknown, offsets: unknown, o: GateUpOptions) {
+  const xt = expectTensor(op, 'x', x, { dtype: FLOAT, rank: 2, shapeName: '[S, d]' });
+  const [S, d] = xt.shape;
+  const wg = expectTensor(op, 'wGate', wGate, { dtype: [xt.dtype], rank: 3, shapeName: '[E, f, d]' });
+  const [E, f, dw] = wg.shape;
+  if (dw !== d) throw new XftError(`${op}: wGate is [E, f, d] = ${formatShape(wg.shape)} but x is [S, d] = ${formatShape(xt.shape)}: d differs`, 'XFT_SHAPE');
+  if (E < 1 || f < 1 || d < 1) throw new XftError(`${op}: empty weight ${wg.describe()} (need E, f, d >= 1)`, 'XFT_SHAPE');
+  const wu = expectTensor(op, 'wUp', wUp, { dtype: [xt.dtype], shape: wg.shape, shapeName: `wGate's ${formatShape(wg.shape)}` });
+  const gather = o.gather === undefined ? null : expectTensor(op, 'options.gather', o.gather, { dtype: ['i32'], rank: 1, shapeName: '[M]' });
+  const gatherDiv = o.gatherDiv === undefined ? 1 : expectInt(op, 'options.gatherDiv', o.gatherDiv, 1, 2147483647);
+  if (!gather && o.gatherDiv !== undefined) throw invalidArgument(op, 'options.gatherDiv', 'nothing without options.gather', o.gatherDiv);
+  const M = gather ? gather.shape[0] : S;
+  const ot = expectTensor(op, 'offsets', offsets, { dtype: ['i32'], shape: [E + 1], shapeName: `[E + 1] = [${E + 1}]` });
+  return { x: xt, wGate: wg, wUp: wu, gather, gatherDiv, offsets: ot, S, M, f, d, E };
+}
+
+/**
+ * gu [M, 2f] = [g | u] with g = x_i @ wGate[e]^T, u = x_i @ wUp[e]^T (rows grouped by offsets as
+ * groupedGemm), and h [M, f] = silu(g) * u, in one grouped GEMM: exactly swiglu(groupedGemm(x, wGate),
+ * groupedGemm(x, wUp)) (g and u rounded to the dtype first). wGate, wUp [E, f, d] keep the Hugging Face
+ * layout; x [S, d] read through options.gather when given.
+ */
+export function gateUp(x: Tensor, wGate: Tensor, wUp: Tensor, offsets: Tensor, options: GateUpOptions = {}): { gu: Tensor; h: Tensor } {
+  const op = 'gateUp';
+  const o = expectOptions<GateUpOptions>(op, options, 'an options object { validate?, gather?, gatherDiv? }');
+  const a = gateUpArgs(op, x, wGate, wUp, offsets, o);
+  const validate = expectBool(op, 'options.validate', o.validate, true);
+  sameDevice(op, { x, wGate, wUp, offsets, gather: a.gather });
+  if (validate) checkOffsets(op, a.offsets, a.M);
+  const gu = Tensor.empty([a.M, 2 * a.f], { dtype: x.dtype, device: x.device });
+  const h = Tensor.empty([a.M, a.f], { dtype: x.dtype, device: x.device });
+  native.gateupForward(x.storage, a.gather ? a.gather.storage : null, a.gatherDiv, a.S, wGate.storage, wUp.storage, offsets.storage,
+    gu.storage, h.storage, dtypeCode(x.dtype), a.M, a.f, a.d, a.E);
+  return { gu, h };
+}
+
+/**
+ * The down projection's dx fused with the SwiGLU backward: dh = dy @ wDown[e] (never stored), then
+ * dgu [M, 2f] = [dg | du] = swigluBackward(g, u, dh) from gu = [g | u], and h [M, f] = silu(g) * u
+ * recomputed (the input of dW_down, which groupedGemmBackward(h, wDown, offsets, dy, { dx: false }) gives).
+ */
+export function swigluDownBackward(dy: Tensor, wDown: Tensor, offsets: Tensor, gu: Tensor, options: GroupedGemmOptions = {}): { dgu: Tensor; h: Tensor } {
+  const op = 'swigluDownBackward';
+  const o = expectOptions<GroupedGemmOptions>(op, options, 'an options object { validate? }');
+  const dyt = expectTensor(op, 'dy', dy, { dtype: FLOAT, rank: 2, shapeName: '[M, d]' });
+  const [M, d] = dyt.shape;
+  const wd = expectTensor(op, 'wDown', wDown, { dtype: [dyt.dtype], rank: 3, shapeName: '[E, d, f]' });
+  const [E, dw, f] = wd.shape;
+  if (dw !== d || E < 1 || f < 1 || d < 1)
+    throw new XftError(`${op}: wDown is [E, d, f] = ${formatShape(wd.shape)} but dy is [M, d] = ${formatShape(dyt.shape)} (need matching d, E, f >= 1)`, 'XFT_SHAPE');
+  expectTensor(op, 'gu', gu, { dtype: [dyt.dtype], shape: [M, 2 * f], shapeName: `[M, 2f] = [${M}, ${2 * f}]` });
+  expectTensor(op, 'offsets', offsets, { dtype: ['i32'], shape: [E + 1], shapeName: `[E + 1] = [${E + 1}]` });
+  const validate = expectBool(op, 'options.validate', o.validate, true);
+  sameDevice(op, { dy, wDown, offsets, gu });
+  if (validate) checkOffsets(op, offsets, M);
+  const dgu = Tensor.empty([M, 2 * f], { dtype: dy.dtype, device: dy.device });
+  const h = Tensor.empty([M, f], { dtype: dy.dtype, device: dy.device });
+  native.swigluDownBackward(dy.storage, wDown.storage, offsets.storage, gu.storage, dgu.storage, h.storage, dtypeCode(dy.dtype), M, f, d, E);
+  return { dgu, h };
+}
+
+/**
+ * q, k, v = x wq^T, x wk^T, x wv^T as one GEMM over the concatenated output columns (one launch; each
+ * output exactly groupedGemm's). x [M, d], wq [nq, d], wk and wv [nk, d] (HF q_proj, k_proj, v_proj);
+ * offsets i32 [2], the one-group offsets [0, M] (rows outside them are zeros).
+ */
+export function qkv(x: Tensor, wq: Tensor, wk: Tensor, wv: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): { q: Tensor; k: Tensor; v: Tensor } {
+  const op = 'qkv';
+  const o = expectOptions<GroupedGemmOptions>(op, options, 'an options object { validate? }');
+  const xt = expectTensor(op, 'x', x, { dtype: FLOAT, rank: 2, shapeName: '[M, d]' });
+  const [M, d] = xt.shape;
+  const q = expectTensor(op, 'wq', wq, { dtype: [xt.dtype], rank: 2, shapeName: '[nq, d]' });
+  const nq = q.shape[0];
+  const k = expectTensor(op, 'wk', wk, { dtype: [xt.dtype], rank: 2, shapeName: '[nk, d]' });
+  const nk = k.shape[0];
+  expectTensor(op, 'wv', wv, { dtype: [xt.dtype], shape: k.shape, shapeName: `wk's ${formatShape(k.shape)}` });
+  if (q.shape[1] !== d || k.shape[1] !== d || nq < 1 || nk < 1 || d < 1)
+    throw new XftError(`${op}: expected wq [nq, d] and wk, wv [nk, d] with d = ${d} (x is ${xt.describe()}), got ${q.describe()} and ${k.describe()}`, 'XFT_SHAPE');
+  expectTensor(op, 'offsets', offsets, { dtype: ['i32'], shape: [2], shapeName: '[2] (one group)' });
+  const validate = expectBool(op, 'options.validate', o.validate, true);
+  sameDevice(op, { x, wq, wk, wv, offsets });
+  if (validate) checkOffsets(op, offsets, M);
+  const out = (n: number) => Tensor.empty([M, n], { dtype: x.dtype, device: x.device });
+  const r = { q: out(nq), k: out(nk), v: out(nk) };
+  native.qkvForward(x.storage, wq.storage, wk.storage, wv.storage, offsets.storage, r.q.storage, r.k.storage, r.v.storage, dtypeCode(x.dtype), M, nq, nk, d);
+  return r;
+}
+
+export interface GateUpBackwardOptions extends GateUpOptions {
+  /** Compute dx [M, d] (default true), or add it into this tensor of x's dtype in the GEMM's epilogue. */
+  dx?: boolean | Tensor;
+  /**
+   * Compute dW_gate and dW_up (default true), or add them into these two tensors [E, f, d] (of the
+   * weights' dtype, or f32 with bf16 inputs, as groupedGemmBackward).
+   */
+  dw?: boolean | [Tensor, Tensor];
+}
+
+/**
+ * The backward of gateUp from dgu = [dg | du]: dx [M, d] = dg @ wGate[e] + du @ wUp[e] as one GEMM over
+ * the 2f columns (rounded once), dwGate, dwUp [E, f, d] = dg_e^T @ x_e, du_e^T @ x_e with x read
+ * through the same gather (no permuted copy). dx rows are the GEMM's rows (the MoE sums them per token
+ * with permuteBackward).
+ */
+export function gateUpBackward(x: Tensor, wGate: Tensor, wUp: Tensor, offsets: Tensor, dgu: Tensor, options: GateUpBackwardOptions = {}):
+  { dx: Tensor | null; dwGate: Tensor | null; dwUp: Tensor | null } {
+  const op = 'gateUpBackward';
+  const o = expectOptions<GateUpBackwardOptions>(op, options, 'an options object { validate?, gather?, gatherDiv?, dx?, dw? }');
+  const a = gateUpArgs(op, x, wGate, wUp, offsets, o);
+  expectTensor(op, 'dgu', dgu, { dtype: [x.dtype], shape: [a.M, 2 * a.f], shapeName: `[M, 2f] = [${a.M}, ${2 * a.f}]` });
+  const validate = expectBool(op, 'options.validate', o.validate, true);
+  const dxInto = Tensor.isTensor(o.dx) ? expectTensor(op, 'options.dx', o.dx, { dtype: [x.dtype], shape: [a.M, a.d], shapeName: `[M, d] = [${a.M}, ${a.d}]` }) : null;
+  const wantDx = dxInto !== null || expectBool(op, 'options.dx', o.dx, true);
+  let into: [Tensor, Tensor] | null = null;
+  if (Array.isArray(o.dw)) {
+    if (o.dw.length !== 2) throw invalidArgument(op, 'options.dw', 'a boolean or two tensors [dwGate, dwUp]', o.dw, 'XFT_TYPE');
+    const like = { dtype: (wGate.dtype === 'bf16' ? ['bf16', 'f32'] : [wGate.dtype]) as DType[], shape: wGate.shape, shapeName: `[E, f, d] = ${formatShape(wGate.shape)}` };
+    into = [expectTensor(op, 'options.dw[0]', o.dw[0], like), expectTensor(op, 'options.dw[1]', o.dw[1], like)];
+    if (into[0].dtype !== into[1].dtype) throw new XftError(`${op}: options.dw[0] is ${into[0].dtype} but options.dw[1] is ${into[1].dtype} (expected one dtype)`, 'XFT_DTYPE');
+  } else if (o.dw !== undefined && typeof o.dw !== 'boolean') throw invalidArgument(op, 'options.dw', 'a boolean or two tensors [dwGate, dwUp]', o.dw, 'XFT_TYPE');
+  sameDevice(op, { x, wGate, wUp, offsets, dgu, gather: a.gather, dx: dxInto, dwGate: into?.[0], dwUp: into?.[1] });
+  if (validate) checkOffsets(op, a.offsets, a.M);
+  const dx = dxInto ?? (wantDx ? Tensor.empty([a.M, a.d], { dtype: x.dtype, device: x.device }) : null);
+  const wantDw = into !== null || o.dw !== false;
+  const [dwGate, dwUp] = into ?? (wantDw ? [Tensor.empty(wGate.shape, { dtype: wGate.dtype, device: x.device }), Tensor.empty(wGate.shape, { dtype: wGate.dtype, device: x.device })] : [null, null]);
+  native.gateupBackward(x.storage, a.gather ? a.gather.storage : null, a.gatherDiv, a.S, wGate.storage, wUp.storage, offsets.storage, dgu.storage,
+    dx ? dx.storage : null, dwGate ? dwGate.storage : null, dwUp ? dwUp.storage : null, dtypeCode(x.dtype), dtypeCode(dwGate ? dwGate.dtype : x.dtype),
+    a.M, a.f, a.d, a.E, into !== null, dxInto !== null);
+  return { dx, dwGate, dwUp };
 }
 
 // ---------------------------------------------------------------------------------------------

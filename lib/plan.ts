@@ -273,8 +273,12 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
         pool.scratch(E * 4); // mergeExperts: coefficients
         saved.push(kept(f * d), kept(f * d), kept(d * f)); // the merged weights gate, up, down
       }
-      saved.push(kept(N * f), kept(N * f), kept(N * f)); // g, u, a
-      return { saved, y: temp(N * d) };
+      // gateUp: gu = [g | u] kept, h until the down projection has read it
+      const gu = kept(2 * N * f), h = temp(N * f);
+      saved.push(gu);
+      const y = temp(N * d);
+      pool.free(h);
+      return { saved, y };
     }
     const saved: number[] = [];
     if (moe!.gate_type === 'mlp') saved.push(kept(N * En), kept(N * En)); // r1, t
@@ -284,7 +288,10 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     saved.push(kept(NK, 4), kept(NK, 4), kept(E, 4), kept(E + 1, 4), kept(NK, 4), kept(En, 4), kept(En, 4));
     pool.scratch(4 * ((E + En) * Math.min(N, 1024) + NK));
     saved.push(kept(NK, 4)); // position
-    saved.push(kept(NK * d), kept(NK * f), kept(NK * f), kept(NK * f), kept(NK * d)); // xp, g, u, a, ye
+    // gateUp through the routing order (no permuted copy of x): gu kept, h until the down projection has read it
+    const gu = kept(2 * NK * f), h = temp(NK * f), ye = kept(NK * d);
+    pool.free(h);
+    saved.push(gu, ye);
     const y = temp(N * d);
     if (moe!.balance_loss_weight > 0) {
       if (estimate) {
@@ -335,18 +342,18 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
 
   const ffnBackward = (saved: number[]): number => {
     if (stage === 'sft') {
-      const da = temp(N * f), dg = temp(N * f), du = temp(N * f);
+      // swigluDownBackward: dgu and h (dW_down's input); gateUpBackward: dx of gate and up in one GEMM
+      const dgu = temp(2 * N * f), h = temp(N * f);
+      pool.free(h);
       const dxf = temp(N * d);
-      pool.free(temp(N * d));
-      pool.free(da, dg, du, saved);
+      pool.free(dgu, saved);
       return dxf;
     }
     if (stage === 'merge') {
-      // backwardWeights: dx and dW (weight dtype) of each GEMM; then α's gradient from the three dW
-      const da = temp(N * f), dDown = temp(d * f, wBytes);
-      const dg = temp(N * f), du = temp(N * f);
-      const dxf = temp(N * d), dGate = temp(f * d, wBytes), dxu = temp(N * d), dUp = temp(f * d, wBytes);
-      pool.free(dxu, da, dg, du, saved.slice(3)); // and the dense FFN's g, u, a
+      // backwardWeights: dgu and h, dW_down, then dx and dW of gate and up (weight dtype); then α's gradient from the three dW
+      const dgu = temp(2 * N * f), h = temp(N * f), dDown = temp(d * f, wBytes);
+      const dxf = temp(N * d), dGate = temp(f * d, wBytes), dUp = temp(f * d, wBytes);
+      pool.free(h, dgu, saved.slice(3)); // and the dense FFN's gu
       const parts = 3 * Math.min(MERGE_BACKWARD_MAX_GRID, Math.max(1, Math.ceil((f * d) / (16 / wBytes) / MERGE_BLOCK)));
       pool.scratch(E * parts * 8);
       pool.free(dGate, dUp, dDown, saved.slice(0, 3)); // and the merged weights
@@ -355,11 +362,11 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     // MoE: unpermute -> down -> SwiGLU -> gate/up -> permute, then the router
     const dye = temp(NK * d), dWeights = temp(NK, 4);
     pool.scratch(NK * 4);
-    const da = temp(NK * f), dg = temp(NK * f), du = temp(NK * f);
-    const dxp = temp(NK * d);
-    pool.free(temp(NK * d));
+    const dgu = temp(2 * NK * f), h = temp(NK * f); // swigluDownBackward
+    pool.free(h);
+    const dxp = temp(NK * d); // gateUpBackward: the routed rows' dx, one GEMM for gate and up
     const dxf = temp(N * d);
-    pool.free(dye, da, dg, du, dxp);
+    pool.free(dye, dgu, dxp);
     let dImp: number | null = null, via: number[] = [];
     if (moe!.balance_loss_weight > 0) {
       dImp = temp(En, 4);
@@ -401,9 +408,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     const datt = temp(N * d);
     const dq = temp(N * d), dk = temp(N * kv), dv = temp(N * kv);
     pool.scratch(N * H * 4); // attention backward: D [B, H, T]
-    const dn1 = temp(N * d);
-    pool.free(temp(N * d));
-    pool.free(temp(N * d));
+    const dn1 = temp(N * d); // dx of q, with k's and v's added in their GEMMs' epilogues
     const dxb = temp(N * d);
     if (trainBody) rmsnormDwScratch(N);
     pool.free(dh, datt, dq, dk, dv, dn1, n1, rstd1, q, k, v, att, lse, h, n2, rstd2);

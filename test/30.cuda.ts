@@ -89,6 +89,82 @@ t.test('grouped GEMM: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
     }
 });
 
+t.test('grouped GEMM: fused SwiGLU gate/up (gather, down backward, dx of both), CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  // [S source rows, K (gather divisor; 0: no gather), f, d, E, uncovered rows at both ends]
+  const cases: [number, number, number, number, number, boolean][] = [
+    [37, 0, 19, 23, 1, false], [50, 3, 136, 64, 4, false], [20, 2, 24, 40, 3, true], [9, 3, 8, 16, 2, true], [256, 2, 264, 128, 8, false],
+  ];
+  const run = fastCases(t, cases, ([S, K, f, d]) => S * Math.max(K, 1) * f * d, 2e6);
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [S, K, f, d, E, uncovered] of run) {
+      const M = S * Math.max(K, 1);
+      const what = `${dtype} S=${S} K=${K} f=${f} d=${d} E=${E}${uncovered ? ' uncovered rows' : ''}`;
+      const offs = randomOffsets(M, E, seed(), true);
+      if (uncovered) {
+        offs[0] = 2;
+        offs[E] = M - 3;
+      }
+      const offsets = Tensor.from(offs, [E + 1], { dtype: 'i32' }), og = offsets.to('cuda');
+      const x = pair([S, d], dtype), wg = pair([E, f, d], dtype, { std: 0.2 }), wu = pair([E, f, d], dtype, { std: 0.2 });
+      const wd = pair([E, d, f], dtype, { std: 0.2 }), dy = pair([M, d], dtype), dx0 = pair([M, d], dtype);
+      const gv = Array.from({ length: M }, (_, i) => (i * 7919) % M);
+      if (K > 0 && M > 4) [gv[1], gv[3]] = [-1, S * K + 2]; // out of range: zero rows on both devices
+      const gather = K > 0 ? Tensor.from(gv, [M], { dtype: 'i32' }) : null;
+      const ga = gather ? { gather, gatherDiv: K, validate: false } : { validate: false };
+      const gb = gather ? { gather: gather.to('cuda'), gatherDiv: K, validate: false } : { validate: false };
+      const fa = ops.gateUp(x.cpu, wg.cpu, wu.cpu, offsets, ga), fb = ops.gateUp(x.cuda, wg.cuda, wu.cuda, og, gb);
+      close(t, fb.gu.toArray(), fa.gu.toArray(), TOL[dtype], `${what}: gu`);
+      close(t, fb.h.toArray(), fa.h.toArray(), TOL[dtype], `${what}: h`);
+      // the backward from the CPU's gu on both devices (the same inputs)
+      const guB = fa.gu.to('cuda');
+      const sa = ops.swigluDownBackward(dy.cpu, wd.cpu, offsets, fa.gu, { validate: false });
+      const sb = ops.swigluDownBackward(dy.cuda, wd.cuda, og, guB, { validate: false });
+      close(t, sb.dgu.toArray(), sa.dgu.toArray(), TOL[dtype], `${what}: dgu`);
+      close(t, sb.h.toArray(), sa.h.toArray(), TOL[dtype], `${what}: h recomputed`);
+      const dguB = sa.dgu.to('cuda');
+      const ba = ops.gateUpBackward(x.cpu, wg.cpu, wu.cpu, offsets, sa.dgu, ga), bb = ops.gateUpBackward(x.cuda, wg.cuda, wu.cuda, og, dguB, gb);
+      close(t, bb.dx!.toArray(), ba.dx!.toArray(), TOL[dtype], `${what}: dx`);
+      close(t, bb.dwGate!.toArray(), ba.dwGate!.toArray(), TOL[dtype], `${what}: dW_gate`);
+      close(t, bb.dwUp!.toArray(), ba.dwUp!.toArray(), TOL[dtype], `${what}: dW_up`);
+      // accumulation: dx in the epilogue, dW into f32 gradients (of bf16 weights too)
+      const acc = [dx0.cpu.clone(), dx0.cuda.clone()];
+      const g32 = [Tensor.randn([E, f, d], { seed: 5 }), Tensor.randn([E, f, d], { seed: 6 })];
+      const g32b = g32.map((v) => v.to('cuda'));
+      ops.gateUpBackward(x.cpu, wg.cpu, wu.cpu, offsets, sa.dgu, { ...ga, dx: acc[0], dw: [g32[0], g32[1]] });
+      ops.gateUpBackward(x.cuda, wg.cuda, wu.cuda, og, dguB, { ...gb, dx: acc[1], dw: [g32b[0], g32b[1]] });
+      close(t, acc[1].toArray(), acc[0].toArray(), TOL[dtype], `${what}: dx accumulated`);
+      close(t, g32b[0].toArray(), g32[0].toArray(), TOL.f32 * (dtype === 'bf16' ? 10 : 1), `${what}: dW_gate into f32`);
+      close(t, g32b[1].toArray(), g32[1].toArray(), TOL.f32 * (dtype === 'bf16' ? 10 : 1), `${what}: dW_up into f32`);
+      // the plain grouped GEMM's dx accumulated in its epilogue (q, k, v)
+      const acc2 = [dx0.cpu.clone(), dx0.cuda.clone()];
+      const dh = pair([M, f], dtype);
+      ops.groupedGemmBackward(dy.cpu, wg.cpu, offsets, dh.cpu, { dx: acc2[0], dw: false, validate: false });
+      ops.groupedGemmBackward(dy.cuda, wg.cuda, og, dh.cuda, { dx: acc2[1], dw: false, validate: false });
+      close(t, acc2[1].toArray(), acc2[0].toArray(), TOL[dtype], `${what}: groupedGemmBackward dx accumulated`);
+      for (const v of [offsets, og, x.cpu, x.cuda, wg.cpu, wg.cuda, wu.cpu, wu.cuda, wd.cpu, wd.cuda, dy.cpu, dy.cuda, dx0.cpu, dx0.cuda,
+        gather, gb.gather, fa.gu, fa.h, fb.gu, fb.h, guB, sa.dgu, sa.h, sb.dgu, sb.h, dguB, ba.dx, ba.dwGate, ba.dwUp, bb.dx, bb.dwGate, bb.dwUp,
+        ...acc, ...g32, ...g32b, ...acc2, dh.cpu, dh.cuda]) v?.dispose();
+    }
+});
+
+t.test('grouped GEMM: fused q/k/v projection, CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
+  // [M, nq, nk, d]: odd sizes (scalar path, pairs straddling q/k/v), GQA shapes, a column tile boundary inside k
+  const cases: [number, number, number, number][] = [[37, 19, 5, 23], [70, 64, 16, 32], [33, 200, 40, 16], [200, 256, 64, 64]];
+  const run = fastCases(t, cases, ([M, nq, nk, d]) => M * (nq + 2 * nk) * d, 2e6);
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [M, nq, nk, d] of run) {
+      const what = `${dtype} M=${M} nq=${nq} nk=${nk} d=${d}`;
+      const x = pair([M, d], dtype), wq = pair([nq, d], dtype, { std: 0.2 }), wk = pair([nk, d], dtype, { std: 0.2 }), wv = pair([nk, d], dtype, { std: 0.2 });
+      for (const offs of [[0, M], [2, M - 3]]) {
+        const offsets = Tensor.from(offs, [2], { dtype: 'i32' }), og = offsets.to('cuda');
+        const a = ops.qkv(x.cpu, wq.cpu, wk.cpu, wv.cpu, offsets, { validate: false }), b = ops.qkv(x.cuda, wq.cuda, wk.cuda, wv.cuda, og, { validate: false });
+        for (const n of ['q', 'k', 'v'] as const) close(t, b[n].toArray(), a[n].toArray(), TOL[dtype], `${what} rows ${offs}: ${n}`);
+        for (const v of [offsets, og, a.q, a.k, a.v, b.q, b.k, b.v]) v.dispose();
+      }
+      for (const v of [x, wq, wk, wv]) for (const u of [v.cpu, v.cuda]) u.dispose();
+    }
+});
+
 t.test('merge: CUDA vs CPU', { skip: SKIP_NO_CUDA }, async (t) => {
   for (const dtype of ['f32', 'bf16'] as const)
     for (const rate of [0.75, 0, 1, null])

@@ -2,7 +2,7 @@
 CPU twin of cuda/grouped_gemm.cu: one GEMM per expert over a contiguous group of rows.
   x [M, k] (rows grouped by expert), w [E, n, k] (nn.Linear layout), offsets [E + 1]
   forward:  y[r]  = w[e] @ x[r]                  for r in [o_e, o_{e+1})     y  [M, n]
-  backward: dx[r] = w[e]^T @ dy[r]                                            dx [M, k]
+  backward: dx[r] = w[e]^T @ dy[r]                                            dx [M, k] (or += with dx_accumulate)
             dw[e] (+)= sum_r dy[r] outer x[r]                                 dw [E, n, k]
 bf16 operands are widened to fp32, accumulated in fp32, and results rounded once to bf16
 (with accumulate, dw = round(dw + sum)). Any offsets (lib/ops.ts checks them unless validate is
@@ -25,6 +25,7 @@ Two implementations, the same semantics:
 Scratch (per calling thread, kept across calls): the packed panels of one depth block of one chunk
 of C, and with bf16 or accumulated outputs the fp32 sums of that chunk (kChunkM x kChunkN at most).
 */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -116,11 +117,11 @@ int reference_forward(const void* x, const void* w, const int* offsets, void* y,
 
 int reference_backward(const void* x, const void* w, const int* offsets, const void* dy,
                                   void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
-                                  int accumulate) {
+                                  int accumulate, int dx_accumulate) {
   const size_t es = elem_size(dtype);
   std::vector<float> xe, dye, we((size_t)n * k), dwe((size_t)n * k);
   const std::vector<int> o = effective_offsets(offsets, E, M);
-  if (dx) zero_uncovered_rows(dx, o, M, k, es);
+  if (dx && !dx_accumulate) zero_uncovered_rows(dx, o, M, k, es);
   for (int e = 0; e < E; e++) {
     int r0 = o[e], r1 = o[e + 1];
     int rows = r1 - r0;
@@ -138,7 +139,10 @@ int reference_backward(const void* x, const void* w, const int* offsets, const v
             const float* wj = we.data() + (size_t)j * k;
             for (int i = 0; i < k; i++) acc[i] += g * wj[i];
           }
-          from_f32((char*)dx + (size_t)(r0 + r) * k * es, dtype, acc.data(), k);
+          char* out = (char*)dx + (size_t)(r0 + r) * k * es;
+          if (dx_accumulate)
+            for (int i = 0; i < k; i++) acc[i] += xft_cpu::load(out, dtype, (size_t)i);
+          from_f32(out, dtype, acc.data(), k);
         }
       });
     }
@@ -322,12 +326,12 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
 
 int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
                                   void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
-                                  int accumulate) {
+                                  int accumulate, int dx_accumulate) {
   const xft_gemm_kernel* kr = fast_kernel();
-  if (!kr) return reference_backward(x, w, offsets, dy, dx, dw, dtype, dw_dtype, M, n, k, E, accumulate);
+  if (!kr) return reference_backward(x, w, offsets, dy, dx, dw, dtype, dw_dtype, M, n, k, E, accumulate, dx_accumulate);
   const size_t es = elem_size(dtype), dw_es = elem_size(dw_dtype);
   const std::vector<int> o = effective_offsets(offsets, E, M);
-  if (dx) zero_uncovered_rows(dx, o, M, k, es);
+  if (dx && !dx_accumulate) zero_uncovered_rows(dx, o, M, k, es);
   for (int e = 0; e < E; e++) {
     const int r0 = o[e], rows = o[e + 1] - o[e];
     const char* dye = (const char*)dy + (size_t)r0 * n * es;
@@ -335,7 +339,7 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
     if (dx && rows > 0) {
       // dx[r, i] = sum_j dy[r, j] w[e, j, i]
       const xft_gemm_operand A{dye, dtype, (size_t)n, 1}, B{we, dtype, 1, (size_t)k};
-      gemm(*kr, A, B, rows, k, n, GemmOut{(char*)dx + (size_t)r0 * k * es, dtype, (size_t)k, false});
+      gemm(*kr, A, B, rows, k, n, GemmOut{(char*)dx + (size_t)r0 * k * es, dtype, (size_t)k, dx_accumulate != 0});
     }
     if (dw) {
       // dw[e, j, i] (+)= sum_r dy[r, j] x[r, i]; no rows: 0 (+ dw)
@@ -343,5 +347,142 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
       gemm(*kr, A, B, n, k, rows, GemmOut{(char*)dw + (size_t)e * n * k * dw_es, dw_dtype, (size_t)k, accumulate != 0});
     }
   }
+  return 0;
+}
+
+// ---- the fused SwiGLU FFN GEMMs (cuda/grouped_gemm.cu kGateUp, kSwigluDown, kGateUpDx) ----
+// gate/up forward: g = x_i W_gate[e]^T, u = x_i W_up[e]^T rounded to dtype, gu [M, 2f] = [g | u],
+// h [M, f] = silu(g) u from the rounded values (swiglu.cc, element for element). Row i of the GEMM
+// reads x[gather[i] / gather_div] (a zero row where negative or outside [0, S)), or x[i] without gather.
+// down backward: dh = dy W_down[e] rounded to dtype, then swiglu.cc's backward into dgu = [dg | du]
+// and h recomputed. gate/up backward: dx = dg W_gate[e] + du W_up[e] summed over both halves in fp32
+// and rounded once (or added into dx), dW_gate, dW_up (+)= dg^T x, du^T x (the grouped GEMM's dw).
+// Rows outside the groups: zeros in gu, h, dgu (and dx unless accumulating), as the kernels.
+
+namespace {
+
+float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
+
+// x gathered into xe [M, d] (dtype), row i = x[gather[i] / div] or zeros; without gather nothing to do
+std::vector<char> gather_rows(const void* x, const int* gather, int div, int S, int M, int d, size_t es) {
+  std::vector<char> xe;
+  if (!gather) return xe;
+  const size_t row = (size_t)d * es;
+  xe.assign((size_t)M * row, 0);
+  for (int i = 0; i < M; i++) {
+    const int src = gather[i] >= 0 ? gather[i] / div : -1;
+    if (src >= 0 && src < S) memcpy(xe.data() + (size_t)i * row, (const char*)x + (size_t)src * row, row);
+  }
+  return xe;
+}
+
+// columns [c0, c0 + f) of the rows of m [M, 2f] into / out of a contiguous [M, f]
+void split_half(const void* m, void* half, int M, int f, int c0, size_t es) {
+  for (int i = 0; i < M; i++) memcpy((char*)half + (size_t)i * f * es, (const char*)m + ((size_t)i * 2 * f + c0) * es, (size_t)f * es);
+}
+void join_half(void* m, const void* half, int M, int f, int c0, size_t es) {
+  for (int i = 0; i < M; i++) memcpy((char*)m + ((size_t)i * 2 * f + c0) * es, (const char*)half + (size_t)i * f * es, (size_t)f * es);
+}
+
+}  // namespace
+
+int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
+                           const void* w_up, const int* offsets, void* gu, void* h, int dtype, int M, int f, int d,
+                           int E) {
+  const size_t es = elem_size(dtype);
+  const std::vector<char> xe = gather_rows(x, gather, gather_div, S, M, d, es);
+  const void* xs = gather ? (const void*)xe.data() : x;
+  std::vector<char> g((size_t)M * f * es), u((size_t)M * f * es);
+  xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g.data(), dtype, M, f, d, E);
+  xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u.data(), dtype, M, f, d, E);
+  join_half(gu, g.data(), M, f, 0, es);
+  join_half(gu, u.data(), M, f, f, es);
+  // uncovered rows: g = u = 0 from the GEMMs, h = 0 * sigmoid(0) * 0 = 0
+  for (size_t i = 0; i < (size_t)M * f; i++) {
+    const float gv = xft_cpu::load(g.data(), dtype, i), uv = xft_cpu::load(u.data(), dtype, i);
+    const float s = sigmoid(gv);
+    xft_cpu::store(h, dtype, i, gv * s * uv);
+  }
+  return 0;
+}
+
+int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* offsets, const void* gu, void* dgu,
+                                 void* h, int dtype, int M, int f, int d, int E) {
+  const size_t es = elem_size(dtype);
+  std::vector<char> dh((size_t)M * f * es);
+  // dh [M, f] = dy [M, d] @ w_down[e] [d, f]: the grouped GEMM's dx with n = d, k = f (x unused without dw)
+  xft_cpu_grouped_gemm_backward(dy, w_down, offsets, dy, dh.data(), nullptr, dtype, dtype, M, d, f, E, 0, 0);
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  for (int i = 0; i < M; i++) {
+    const bool covered = i >= o.front() && i < o.back();
+    for (int j = 0; j < f; j++) {
+      const size_t gi = (size_t)i * 2 * f + j, ui = gi + f, hi = (size_t)i * f + j;
+      if (!covered) {
+        xft_cpu::store(dgu, dtype, gi, 0.f);
+        xft_cpu::store(dgu, dtype, ui, 0.f);
+        xft_cpu::store(h, dtype, hi, 0.f);
+        continue;
+      }
+      const float gv = xft_cpu::load(gu, dtype, gi), uv = xft_cpu::load(gu, dtype, ui), dhv = xft_cpu::load(dh.data(), dtype, hi);
+      const float s = sigmoid(gv);
+      xft_cpu::store(dgu, dtype, gi, dhv * uv * s * (1.0f + gv * (1.0f - s)));
+      xft_cpu::store(dgu, dtype, ui, dhv * gv * s);
+      xft_cpu::store(h, dtype, hi, gv * s * uv);
+    }
+  }
+  return 0;
+}
+
+int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
+                            const void* w_up, const int* offsets, const void* dgu, void* dx, void* dw_gate,
+                            void* dw_up, int dtype, int dw_dtype, int M, int f, int d, int E, int accumulate,
+                            int dx_accumulate) {
+  const size_t es = elem_size(dtype);
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  if (dx) {
+    if (!dx_accumulate) zero_uncovered_rows(dx, o, M, d, es);
+    std::vector<float> wg((size_t)f * d), wu((size_t)f * d);
+    for (int e = 0; e < E; e++) {
+      const int r0 = o[e], rows = o[e + 1] - o[e];
+      if (rows == 0) continue;
+      xft_cpu::to_f32(wg.data(), (const char*)w_gate + (size_t)e * f * d * es, dtype, (size_t)f * d);
+      xft_cpu::to_f32(wu.data(), (const char*)w_up + (size_t)e * f * d * es, dtype, (size_t)f * d);
+      xft_cpu::parallel_for((size_t)rows, 4.0 * rows * f * d, [&](size_t ra, size_t rb) {
+        std::vector<float> acc(d), grow(2 * (size_t)f);
+        for (size_t r = ra; r < rb; r++) {
+          const size_t row = (size_t)r0 + r;
+          xft_cpu::to_f32(grow.data(), (const char*)dgu + row * 2 * f * es, dtype, 2 * (size_t)f);
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int j = 0; j < 2 * f; j++) {  // [dg | du] @ [W_gate; W_up]: one sum over 2f
+            const float gj = grow[j];
+            const float* wj = (j < f ? wg.data() + (size_t)j * d : wu.data() + (size_t)(j - f) * d);
+            for (int i = 0; i < d; i++) acc[i] += gj * wj[i];
+          }
+          char* out = (char*)dx + row * d * es;
+          if (dx_accumulate)
+            for (int i = 0; i < d; i++) acc[i] += xft_cpu::load(out, dtype, (size_t)i);
+          from_f32(out, dtype, acc.data(), d);
+        }
+      });
+    }
+  }
+  if (dw_gate && dw_up) {
+    const std::vector<char> xe = gather_rows(x, gather, gather_div, S, M, d, es);
+    const void* xs = gather ? (const void*)xe.data() : x;
+    std::vector<char> half((size_t)M * f * es);
+    split_half(dgu, half.data(), M, f, 0, es);
+    xft_cpu_grouped_gemm_backward(xs, w_gate, offsets, half.data(), nullptr, dw_gate, dtype, dw_dtype, M, f, d, E, accumulate, 0);
+    split_half(dgu, half.data(), M, f, f, es);
+    xft_cpu_grouped_gemm_backward(xs, w_up, offsets, half.data(), nullptr, dw_up, dtype, dw_dtype, M, f, d, E, accumulate, 0);
+  }
+  return 0;
+}
+
+// q, k, v as one GEMM (cuda/grouped_gemm.cu kQkv): each exactly the one-group grouped GEMM's output
+int xft_cpu_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets, void* q,
+                        void* k, void* v, int dtype, int M, int nq, int nk, int d) {
+  xft_cpu_grouped_gemm_forward(x, wq, offsets, q, dtype, M, nq, d, 1);
+  xft_cpu_grouped_gemm_forward(x, wk, offsets, k, dtype, M, nk, d, 1);
+  xft_cpu_grouped_gemm_forward(x, wv, offsets, v, dtype, M, nk, d, 1);
   return 0;
 }

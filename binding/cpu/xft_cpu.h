@@ -32,7 +32,18 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
                                  int dtype, int M, int n, int k, int E);
 int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offsets, const void* dy,
                                   void* dx, void* dw, int dtype, int dw_dtype, int M, int n, int k, int E,
-                                  int accumulate);
+                                  int accumulate, int dx_accumulate);
+int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
+                           const void* w_up, const int* offsets, void* gu, void* h, int dtype, int M, int f, int d,
+                           int E);
+int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* offsets, const void* gu, void* dgu,
+                                 void* h, int dtype, int M, int f, int d, int E);
+int xft_cpu_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets, void* q,
+                        void* k, void* v, int dtype, int M, int nq, int nk, int d);
+int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, int S, const void* w_gate,
+                            const void* w_up, const int* offsets, const void* dgu, void* dx, void* dw_gate,
+                            void* dw_up, int dtype, int dw_dtype, int M, int f, int d, int E, int accumulate,
+                            int dx_accumulate);
 
 // the fast GEMM's kernel in use ("avx512", "avx2", "portable") or "reference" (XFT_CPU_REFERENCE=1)
 const char* xft_cpu_gemm_kernel_name();
