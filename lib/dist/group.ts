@@ -33,8 +33,10 @@ export interface ProcessGroupOptions {
   env?: DistEnv | Record<string, string | undefined>;
   /** 'cpu' (Gloo) or 'cuda' (NCCL); default 'cpu'. */
   device?: 'cpu' | 'cuda';
-  /** How long rendezvous and each collective wait for the other ranks (ms); default 300000. */
+  /** How long each collective waits for the other ranks (ms); default 300000. */
   timeoutMs?: number;
+  /** How long `init` waits for every rank to start and connect (ms); default `timeoutMs`. */
+  initTimeoutMs?: number;
 }
 
 /** An asynchronous collective: `wait()` returns when it is done (on NCCL: when later work on the
@@ -116,12 +118,13 @@ export class ProcessGroup {
    */
   static async init(options: ProcessGroupOptions = {}): Promise<ProcessGroup> {
     const op = 'ProcessGroup.init';
-    const o = expectOptions<ProcessGroupOptions>(op, options, 'an options object { env?, device?, timeoutMs? }');
+    const o = expectOptions<ProcessGroupOptions>(op, options, 'an options object { env?, device?, timeoutMs?, initTimeoutMs? }');
     const env = o.env !== undefined && typeof o.env === 'object' && typeof (o.env as DistEnv).source === 'string' && typeof (o.env as DistEnv).rank === 'number'
       ? checkDistEnv(op, o.env as DistEnv)
       : distEnv((o.env ?? process.env) as Record<string, string | undefined>);
     const device = expectOneOf(op, 'device', o.device ?? 'cpu', ['cpu', 'cuda'] as const, 'XFT_DEVICE');
     const timeoutMs = expectInt(op, 'timeoutMs', o.timeoutMs ?? DEFAULT_DIST_TIMEOUT_MS, 1, 2 ** 31 - 1);
+    const initTimeoutMs = expectInt(op, 'initTimeoutMs', o.initTimeoutMs ?? timeoutMs, 1, 2 ** 31 - 1);
     const prefix = `g${groupsMade++}/`;
     if (env.worldSize === 1) return new ProcessGroup(env, device, timeoutMs, undefined, undefined);
     const Group = distNative.DistGroup;
@@ -138,7 +141,7 @@ export class ProcessGroup {
       const bindHost = process.env.XFT_GLOO_HOST || (await localAddressToward(env.masterAddr, env.masterPort));
       const native = new Group!({
         backend: device === 'cuda' ? 1 : 0, rank: env.rank, size: env.worldSize, storeHost: env.masterAddr, storePort: env.masterPort,
-        prefix, timeoutMs, bindHost, device: env.localRank,
+        prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank,
       });
       return new ProcessGroup(env, device, timeoutMs, native, store);
     } catch (err) {
