@@ -371,10 +371,17 @@ export class ProcessGroup {
     }
   }
 
-  /** Names the rank that failed and why, from the store's view of the ranks; `raw` is the backend's message. */
+  /**
+   * Names the rank that failed and why, from the store's view of the ranks; `raw` is the backend's
+   * message. A rank whose connection to the store closed without BYE died; else, after a timeout, the
+   * ranks that never entered this collective hang (or left the group early). A connection error may
+   * reach this rank before the store saw the peer's socket close, so the store is asked again for up
+   * to 1.5 s.
+   */
   #diagnose(seq: number, raw: string): string {
     const native = this.#native!;
-    const deadline = Date.now() + 1500;
+    const timedOut = /timed out|timeout/i.test(raw);
+    const deadline = Date.now() + (timedOut ? 0 : 1500);
     let status: StoreStatus | undefined;
     for (;;) {
       try {
@@ -382,25 +389,22 @@ export class ProcessGroup {
       } catch {
         if (this.rank !== 0)
           return `rank 0 is gone: its rendezvous store at ${this.env.masterAddr}:${this.env.masterPort} cannot be reached (rank 0 exited, crashed or was killed); ${raw}`;
-        status = undefined;
+        return raw;
       }
-      const lost = status?.ranks.filter((r) => r.state === 'lost' || r.state === 'left') ?? [];
-      if (lost.length > 0) {
-        const words = lost.map((r) =>
-          r.state === 'lost'
-            ? `rank ${r.rank} is gone (its connection to the rendezvous store closed: the process exited, crashed or was killed)`
-            : `rank ${r.rank} left the group (dispose()) while this rank still ran collectives`,
-        );
-        return `${words.join('; ')}; ${raw}`;
-      }
-      if (Date.now() >= deadline || !status) break;
+      const lost = status.ranks.filter((r) => r.state === 'lost');
+      if (lost.length > 0)
+        return `${lost.map((r) => `rank ${r.rank} is gone (its connection to the rendezvous store closed: the process exited, crashed or was killed)`).join('; ')}; ${raw}`;
+      if (Date.now() >= deadline) break;
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100);
     }
-    const behind = status?.ranks.filter((r) => r.rank !== this.rank && r.seq < seq) ?? [];
-    if (behind.length > 0 && /time|timed out/i.test(raw)) {
+    const behind = status.ranks.filter((r) => r.rank !== this.rank && r.seq < seq);
+    if (behind.length > 0) {
       const words = behind.map((r) => {
         const last = r.seq > 0 ? `its last was #${r.seq} (${KIND_NAMES[r.kind] ?? 'collective'}) ${((status!.now - r.since) / 1000).toFixed(1)} s ago` : 'it entered none';
-        return `rank ${r.rank} did not arrive within ${this.timeoutMs} ms (${last}): it hangs, is too slow, or runs different collectives`;
+        if (r.state === 'left') return `rank ${r.rank} left the group (dispose()) before collective #${seq} (${last}): the ranks ran different collectives`;
+        return timedOut
+          ? `rank ${r.rank} did not arrive within ${this.timeoutMs} ms (${last}): it hangs, is too slow, or runs different collectives`
+          : `rank ${r.rank} had not arrived (${last})`;
       });
       return `${words.join('; ')}; ${raw}`;
     }
