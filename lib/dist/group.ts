@@ -12,10 +12,13 @@
  * store, which watches every rank's connection and the last collective each entered); the group is
  * unusable afterwards.
  */
+import { spawnSync } from 'node:child_process';
 import * as dgram from 'node:dgram';
+import * as fs from 'node:fs';
 import * as os from 'node:os';
+import * as path from 'node:path';
 import { XftError, invalidArgument } from '../errors';
-import { Tensor, dtypeCode } from '../tensor';
+import { Tensor, backend, dtypeCode } from '../tensor';
 import { expectArray, expectInt, expectOneOf, expectOptions } from '../validate';
 import { distEnv, type DistEnv } from './env';
 import { DistKind, distNative, type NativeDistGroup } from './native';
@@ -69,6 +72,33 @@ async function localAddressToward(host: string, port: number): Promise<string> {
   } finally {
     socket.close();
   }
+}
+
+/**
+ * Where NCCL may be, in the order tried: XFT_NCCL_LIBRARY; libnccl.so.2 from the loader's search path
+ * (the system's libnccl2, LD_LIBRARY_PATH); the nvidia-nccl-cu12/-cu13 wheels (nvidia/nccl/lib) in
+ * python3's site-packages (the active virtual environment or conda first).
+ */
+export function ncclCandidates(env: Record<string, string | undefined> = process.env): string[] {
+  const out: string[] = [];
+  if (env.XFT_NCCL_LIBRARY) out.push(env.XFT_NCCL_LIBRARY);
+  out.push('libnccl.so.2');
+  const sites: string[] = [];
+  for (const prefix of [env.VIRTUAL_ENV, env.CONDA_PREFIX]) {
+    if (!prefix) continue;
+    try {
+      for (const d of fs.readdirSync(path.join(prefix, 'lib'))) if (/^python3/.test(d)) sites.push(path.join(prefix, 'lib', d, 'site-packages'));
+    } catch {
+      /* not a virtual environment */
+    }
+  }
+  const py = spawnSync('python3', ['-c', 'import site, sys; print(chr(10).join(site.getsitepackages() + [site.getusersitepackages()]))'], { encoding: 'utf8', timeout: 10_000 });
+  if (py.status === 0) sites.push(...py.stdout.split('\n').map((s) => s.trim()).filter(Boolean));
+  for (const site of sites) {
+    const file = path.join(site, 'nvidia', 'nccl', 'lib', 'libnccl.so.2');
+    if (!out.includes(file) && fs.existsSync(file)) out.push(file);
+  }
+  return out;
 }
 
 type Entry = { storage: ReturnType<typeof storageOf>['storage']; offset: number; numel: number };
@@ -136,12 +166,26 @@ export class ProcessGroup {
       );
     if (device === 'cuda' && (!distNative.distNccl || !Group))
       throw new XftError(`${op}: this build of xft has no CUDA backend, so no NCCL process groups (device 'cuda'); use device 'cpu'`, 'XFT_NATIVE');
+    let ncclPaths: string | undefined;
+    if (device === 'cuda') {
+      // one GPU per local rank: XFT_CUDA_DEVICE picks it when the CUDA backend starts (it has not, if this runs first)
+      if (process.env.XFT_CUDA_DEVICE === undefined) process.env.XFT_CUDA_DEVICE = String(env.localRank);
+      const b = backend();
+      if (b.kind !== 'cuda') throw new XftError(`${op}: device 'cuda' is not available: ${b.reason}`, 'XFT_DEVICE');
+      if (b.ordinal !== Number(process.env.XFT_CUDA_DEVICE))
+        throw new XftError(
+          `${op}: the CUDA backend already runs on device ${b.ordinal}, not XFT_CUDA_DEVICE=${process.env.XFT_CUDA_DEVICE}: ` +
+            'create the process group before the first CUDA tensor, or set XFT_CUDA_DEVICE to the local rank',
+          'XFT_DEVICE',
+        );
+      ncclPaths = ncclCandidates().join('\n');
+    }
     const store = env.rank === 0 ? await startStore(env.masterPort, env.worldSize) : undefined;
     try {
       const bindHost = process.env.XFT_GLOO_HOST || (await localAddressToward(env.masterAddr, env.masterPort));
       const native = new Group!({
         backend: device === 'cuda' ? 1 : 0, rank: env.rank, size: env.worldSize, storeHost: env.masterAddr, storePort: env.masterPort,
-        prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank,
+        prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank, ncclPaths,
       });
       return new ProcessGroup(env, device, timeoutMs, native, store);
     } catch (err) {
