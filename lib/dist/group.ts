@@ -18,6 +18,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { XftError, invalidArgument } from '../errors';
+import type { NativeStorage } from '../native';
 import { Tensor, backend, dtypeCode } from '../tensor';
 import { expectArray, expectInt, expectOneOf, expectOptions } from '../validate';
 import { distEnv, type DistEnv } from './env';
@@ -101,11 +102,8 @@ export function ncclCandidates(env: Record<string, string | undefined> = process
   return out;
 }
 
-type Entry = { storage: ReturnType<typeof storageOf>['storage']; offset: number; numel: number };
-
-function storageOf(t: Tensor) {
-  return t.storageView;
-}
+/** A tensor as the native side takes it: its storage, its element offset there (views), its element count. */
+type Entry = { storage: NativeStorage; offset: number; numel: number };
 
 /**
  * A group of `worldSize` processes that run collectives together. Make one with `ProcessGroup.init`
@@ -209,7 +207,7 @@ export class ProcessGroup {
     const name = 'allReduce';
     const list = this.#tensors(name, 'tensors', tensors);
     const code = OP_CODE[expectOneOf(`ProcessGroup.${name}`, 'op', op, OPS)];
-    if (!this.#native) return this.#local(list, () => undefined);
+    if (!this.#native) return { wait: () => undefined, done: true }; // a world of one: the sum is the tensor
     const dtype = list[0]?.dtype ?? 'f32';
     const e = list.map((t) => this.#entry(t));
     return this.#submit(name, list, () =>
@@ -228,7 +226,7 @@ export class ProcessGroup {
     if (inp.numel !== out.numel * this.worldSize)
       throw new XftError(`ProcessGroup.${name}: input has ${inp.numel} elements, expected worldSize ${this.worldSize} × output's ${out.numel}`, 'XFT_SHAPE');
     if (!this.#native) {
-      out.copy_(inp.numel === out.numel ? inp.reshape(out.shape) : inp);
+      out.copy_(inp.reshape(out.shape)); // a world of one: its own chunk is the whole input
       return;
     }
     const a = this.#entry(inp);
@@ -362,14 +360,8 @@ export class ProcessGroup {
   }
 
   #entry(t: Tensor): Entry {
-    const { storage, offset } = storageOf(t);
+    const { storage, offset } = t.storageView;
     return { storage, offset, numel: t.numel };
-  }
-
-  /** A finished Work (world size 1). */
-  #local(_tensors: Tensor[], fn: () => void): Work {
-    fn();
-    return { wait: () => undefined, done: true };
   }
 
   /** Submits native work and returns its Work; errors come back with the cause named. */
