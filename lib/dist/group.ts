@@ -167,8 +167,10 @@ export class ProcessGroup {
       throw new XftError(`${op}: this build of xft has no CUDA backend, so no NCCL process groups (device 'cuda'); use device 'cpu'`, 'XFT_NATIVE');
     let ncclPaths: string | undefined;
     if (device === 'cuda') {
-      // one GPU per local rank: XFT_CUDA_DEVICE picks it when the CUDA backend starts (it has not, if this runs first)
-      if (process.env.XFT_CUDA_DEVICE === undefined) process.env.XFT_CUDA_DEVICE = String(env.localRank);
+      // one GPU per local rank: XFT_CUDA_DEVICE picks it when the CUDA backend starts (it has not, if this runs first);
+      // with CUDA_VISIBLE_DEVICES naming fewer GPUs (e.g. one per Slurm task) the local rank wraps around them
+      const visible = (process.env.CUDA_VISIBLE_DEVICES ?? '').split(',').filter((d) => d.trim() !== '').length;
+      if (process.env.XFT_CUDA_DEVICE === undefined) process.env.XFT_CUDA_DEVICE = String(visible > 0 ? env.localRank % visible : env.localRank);
       const b = backend();
       if (b.kind !== 'cuda') throw new XftError(`${op}: device 'cuda' is not available: ${b.reason}`, 'XFT_DEVICE');
       if (b.ordinal !== Number(process.env.XFT_CUDA_DEVICE))
