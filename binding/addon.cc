@@ -475,6 +475,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterLayerOps(env, exports);
   RegisterTrainOps(env, exports);
   RegisterRouterOps(env, exports);
+  RegisterTimerOps(env, exports);
   return exports;
 }
 

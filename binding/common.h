@@ -77,6 +77,7 @@ void RegisterXftOps(Napi::Env env, Napi::Object exports);
 void RegisterLayerOps(Napi::Env env, Napi::Object exports);  // binding/layer_ops.cc
 void RegisterTrainOps(Napi::Env env, Napi::Object exports);  // binding/train_ops.cc
 void RegisterRouterOps(Napi::Env env, Napi::Object exports);  // binding/router_ops.cc
+void RegisterTimerOps(Napi::Env env, Napi::Object exports);   // binding/timer_ops.cc
 
 }  // namespace xft
 

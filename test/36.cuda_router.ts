@@ -19,7 +19,8 @@ const CASES: { T: number; N: number; d: number; what: string }[] = [
   { T: 17, N: 3, d: 36, what: 'N = 3, d a multiple of 4 only' },
   { T: 33, N: 32, d: 40, what: 'N = 32' },
   { T: 20, N: 7, d: 7, what: 'the mlp router second layer (d = N = 7)' },
-  { T: 300, N: 9, d: 24, what: 'two dW token slices (T > 256)' },
+  { T: 300, N: 4, d: 16, what: 'two dW token slices (T > 256)' },
+  { T: 600, N: 3, d: 8, what: 'three dW token slices, N = 3, bf16 vector path' },
   { T: 1100, N: 7, d: 136, what: 'five dW slices, vector path' },
   { T: 0, N: 7, d: 16, what: 'no tokens' },
 ];
