@@ -210,10 +210,10 @@ function main() {
     const c = s.config;
     printTable(`${s.name}: d=${c.hidden_size} f=${c.intermediate_size} L=${c.num_hidden_layers} H=${c.num_attention_heads} V=${c.vocab_size}, batch ${s.batch}x${s.seqLen}, ${dtype} on ${device === 'cuda' ? b.name : 'CPU'} (ratio = xft speed / PyTorch eager speed)`,
       ['model', 'params', 'xft_ms', 'xft_tok_s', 'xft_tflops', 'mfu', 'torch_ms', 'torch_tok_s', 'torch_mfu', 'ratio', 'xft_peak_mib', 'torch_peak_mib', 'target'], rows,
-      (v, col) => (Number.isInteger(v) ? String(v) : v.toFixed(col.endsWith('ms') || col.endsWith('tflops') ? 2 : 0)));
+      (v, col) => (col.endsWith('tflops') ? v.toPrecision(3) : Number.isInteger(v) ? String(v) : v.toFixed(col.endsWith('ms') ? 2 : 0)));
     console.log(`MFU = model FLOPs per token x tokens/s / ${peak ? peak.what : 'peak (unknown here: --peak-tflops X sets it)'}; model FLOPs per token = ` +
       `6 per trained + 4 per frozen weight a token multiplies + causal attention 6·L·H·hd·T: ` +
-      KINDS.map((k) => `${k} ${(modelFlopsPerToken(k, c, s.seqLen) / 1e9).toFixed(3)} GFLOP`).join(', '));
+      KINDS.map((k) => `${k} ${(modelFlopsPerToken(k, c, s.seqLen) / 1e6).toPrecision(4)} MFLOP`).join(', '));
     if (profile)
       for (const r of results.filter((r) => r.size === s.name && r.xft.profile)) {
         const p = r.xft.profile!;

@@ -19,7 +19,7 @@ int TimerDevice(const Napi::CallbackInfo& info, const char* op) {
 #ifdef XFT_WITH_CUDA
 #define XFT_TIMER(device, fn, ...) ((device) == DEV_CUDA ? xft_cuda_timer_##fn(__VA_ARGS__) : xft_cpu_timer_##fn(__VA_ARGS__))
 #else
-#define XFT_TIMER(device, fn, ...) xft_cpu_timer_##fn(__VA_ARGS__)
+#define XFT_TIMER(device, fn, ...) ((void)(device), xft_cpu_timer_##fn(__VA_ARGS__))
 #endif
 
 // timerReset(device, count)
