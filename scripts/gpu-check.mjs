@@ -7,10 +7,11 @@
 //
 //   step           limit  what
 //   info             15 s  nvidia-smi, xft info (the backend must be CUDA)
-//   gpu-tests       110 s  the GPU test files (test/3x, 13.index_safety) with XFT_SYNC=1
+//   gpu-tests       100 s  the GPU test files (test/3x, 13.index_safety) with XFT_SYNC=1
 //   bench-kernels   100 s  bench/kernels at the 1.3B-layer shape (xft-1.3b) beside PyTorch
-//   bench-train     110 s  bench/train at the ~100M model (dense, MoE 8x top-6, merge) beside PyTorch,
+//   bench-train     105 s  bench/train at the ~100M model (dense, MoE 8x top-6, merge) beside PyTorch,
 //                          with --profile (MFU and the per-kernel time breakdown, CUDA events)
+//   bench-router     25 s  bench/router: the small-N router linears beside the grouped GEMM they replace
 //   memcheck         60 s  compute-sanitizer memcheck over bench/kernel_families (every kernel family,
 //                          small shapes, checked against the CPU)
 //   racecheck        60 s  compute-sanitizer racecheck over the same
@@ -59,12 +60,14 @@ const STEPS = [
   { name: 'info', limit: 15, cmd: DRY ? [NODE, 'dist/lib/cli.js', 'info']
     : ['bash', '-c', 'nvidia-smi; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; "$0" dist/lib/cli.js info && "$0" -e "$1"', NODE,
       "const b = require('./dist/lib/index.js').backend(); if (b.kind !== 'cuda') { console.error('the backend is not CUDA: ' + b.reason); process.exit(1); }"] },
-  { name: 'gpu-tests', limit: 110, cmd: tapCommand(['--disable-coverage', '--timeout', '100', ...(DRY ? ['test/36.cuda_router.ts'] : GPU_TESTS)]),
+  { name: 'gpu-tests', limit: 100, cmd: tapCommand(['--disable-coverage', '--timeout', '100', ...(DRY ? ['test/36.cuda_router.ts'] : GPU_TESTS)]),
     env: DRY ? { XFT_TEST_FAST: '1' } : { XFT_SYNC: '1' } },
   { name: 'bench-kernels', limit: 100, json: 'kernels.json',
     cmd: [NODE, 'dist/bench/kernels.js', '--shape', DRY ? 'tiny' : 'xft-1.3b', ...(DRY ? ['--no-torch'] : []), '--out', path.join(work, 'kernels.json')] },
-  { name: 'bench-train', limit: 110, json: 'train.json',
+  { name: 'bench-train', limit: 105, json: 'train.json',
     cmd: [NODE, 'dist/bench/train.js', '--size', DRY ? 'tiny' : '100m', '--steps', DRY ? '1' : '5', '--profile', ...(DRY ? ['--no-torch'] : []), '--out', path.join(work, 'train.json')] },
+  { name: 'bench-router', limit: 25, json: 'router.json',
+    cmd: [NODE, 'dist/bench/router.js', ...(DRY ? ['--tokens', '64', '--hidden', '32'] : []), '--out', path.join(work, 'router.json')] },
   { name: 'memcheck', limit: 60, cmd: sanitizer('memcheck') },
   { name: 'racecheck', limit: 60, cmd: sanitizer('racecheck') },
 ];
