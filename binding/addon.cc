@@ -634,6 +634,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterLayerOps(env, exports);
   RegisterTrainOps(env, exports);
   RegisterDist(env, exports);
+  RegisterRouterOps(env, exports);
+  RegisterTimerOps(env, exports);
   return exports;
 }
 

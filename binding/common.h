@@ -77,6 +77,8 @@ void RegisterXftOps(Napi::Env env, Napi::Object exports);
 void RegisterLayerOps(Napi::Env env, Napi::Object exports);  // binding/layer_ops.cc
 void RegisterTrainOps(Napi::Env env, Napi::Object exports);  // binding/train_ops.cc
 void RegisterDist(Napi::Env env, Napi::Object exports);      // binding/dist/group.cc
+void RegisterRouterOps(Napi::Env env, Napi::Object exports);  // binding/router_ops.cc
+void RegisterTimerOps(Napi::Env env, Napi::Object exports);   // binding/timer_ops.cc
 
 }  // namespace xft
 

@@ -162,6 +162,15 @@ int xft_cuda_gateup_backward(const void* x, const int* gather, int gather_div, i
                              void* dw_up, int dtype, int dw_dtype, int M, int f, int d, int E, int accumulate,
                              int dx_accumulate);
 
+// ---- small-N linear layers of the router (cuda/router_linear.cu) ----
+// x [T, d], w [N, d] with 1 <= N <= 32, y [T, N] = x @ w^T (x, w, y, dy, dx one dtype, fp32 sums).
+// The grouped GEMM's contract with E = 1: dx [T, d] = dy @ w (overwrite; skipped when NULL),
+// dw [N, d] = dy^T @ x (accumulate; skipped when NULL) in dw_dtype (dtype, or F32 with bf16 inputs).
+// Deterministic: fixed summation orders, dw by token slices that depend on T only.
+int xft_cuda_router_linear_forward(const void* x, const void* w, void* y, int dtype, int T, int N, int d);
+int xft_cuda_router_linear_backward(const void* x, const void* w, const void* dy, void* dx, void* dw, int dtype,
+                                    int dw_dtype, int T, int N, int d, int accumulate);
+
 // ---- mixing-coefficient merge (cuda/merge.cu) ----
 // count tensors, tensor t an expert stack weights[t] of shape [E, numel[t]] (all of one dtype),
 // merged[t] [numel[t]] = sum_e c_e * weights[t][e]. alpha f32 device [E - 1] (shared_rate in [0, 1]:

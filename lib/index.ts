@@ -7,11 +7,13 @@ export {
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
+import * as routerOps from './ops_router';
 import { adamw, adafactor } from './optim';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOps, ...layerOps, ...trainOps, adamw, adafactor };
+export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
+export type { RouterLinearBackwardOptions } from './ops_router';
 export type {
   AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, PermutationOptions, LoadEstimateOptions,
 } from './ops_train';

@@ -24,6 +24,7 @@ import { expectTensor } from './ops_check';
 import * as xops from './ops';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
+import * as rops from './ops_router';
 import { type LlamaConfig, type MoeConfig, ropeScaling } from './config';
 
 /** The floor of the router noise scale: softplus(x W_noise) + 0.01 (the reference's noise_epsilon). */
@@ -126,6 +127,21 @@ function gateUpBackward(x: Tensor, gate: Param, up: Param, offsets: Tensor, dgu:
     dw.dispose();
   }
   return r.dx!;
+}
+
+/**
+ * The router, mlp-router and noise linears (N = E-1 outputs, 7 for 8 experts): the small-N kernels
+ * (lib/ops_router.ts) up to ROUTER_LINEAR_MAX_N outputs, the grouped GEMM beyond.
+ */
+function routerLinear(ctx: Context, x: Tensor, w: Tensor): Tensor {
+  return w.shape[0] <= rops.ROUTER_LINEAR_MAX_N ? rops.routerLinear(x, w) : linear(ctx, x, w);
+}
+
+/** linearBackward of a router linear: dx (or null), dW accumulated into the parameter's gradient when trainable. */
+function routerLinearBackward(ctx: Context, x: Tensor, w: Param, dy: Tensor, needDx = true): Tensor | null {
+  if (w.value.shape[0] > rops.ROUTER_LINEAR_MAX_N) return linearBackward(ctx, x, w, dy, needDx);
+  if (!needDx && !w.trainable) return null;
+  return rops.routerLinearBackward(x, w.value, dy, { dx: needDx, dw: w.trainable ? w.gradBuffer() : false }).dx;
 }
 
 /** a += b, disposing b */
@@ -267,14 +283,14 @@ export class MoeFFN implements FFN {
     const K = this.moe.num_selects;
     let r1: Tensor | null = null, t: Tensor | null = null, clean: Tensor;
     if (this.router.length === 2) {
-      r1 = linear(ctx, x, this.router[0].value);
+      r1 = routerLinear(ctx, x, this.router[0].value);
       t = lops.tanh(r1);
-      clean = linear(ctx, t, this.router[1].value);
-    } else clean = linear(ctx, x, this.router[0].value);
+      clean = routerLinear(ctx, t, this.router[1].value);
+    } else clean = routerLinear(ctx, x, this.router[0].value);
     let z: Tensor | null = null, logits = clean;
     const noisy = ctx.training && this.noise !== null && this.moe.gate_noise;
     if (noisy) {
-      z = linear(ctx, x, this.noise!.value);
+      z = routerLinear(ctx, x, this.noise!.value);
       logits = lops.routerNoise(clean, z, { seed: ctx.seed, eps: NOISE_EPS });
     }
     const routing = xops.routeShared(logits, { topK: K, normalize: this.moe.normalize_weights, shared: this.moe.shared_expert });
@@ -331,15 +347,15 @@ export class MoeFFN implements FFN {
         accumulate(dClean, viaLoad.dClean);
         accumulate(n.dz, viaLoad.dz);
       }
-      accumulate(dx, linearBackward(ctx, s.x, this.noise!, n.dz)!);
+      accumulate(dx, routerLinearBackward(ctx, s.x, this.noise!, n.dz)!);
       disposeAll(n.dz, dLogits);
     }
     if (this.router.length === 2) {
-      const dt = linearBackward(ctx, s.t!, this.router[1], dClean)!;
+      const dt = routerLinearBackward(ctx, s.t!, this.router[1], dClean)!;
       const dr1 = lops.tanhBackward(s.t!, dt);
-      accumulate(dx, linearBackward(ctx, s.x, this.router[0], dr1)!);
+      accumulate(dx, routerLinearBackward(ctx, s.x, this.router[0], dr1)!);
       disposeAll(dt, dr1);
-    } else accumulate(dx, linearBackward(ctx, s.x, this.router[0], dClean)!);
+    } else accumulate(dx, routerLinearBackward(ctx, s.x, this.router[0], dClean)!);
     dClean.dispose();
     this.release();
     return dx;

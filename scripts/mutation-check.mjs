@@ -70,6 +70,9 @@ const MUTANTS = [
     edits: [['const size_t groups = t.clip_per_slice ? S : 1,', 'const size_t groups = 1,']], tests: ['test/47.adafactor.ts'] },
   { name: 'stochastic-rounding-truncates', why: 'stochastic rounding without the random bits (always toward zero)', file: 'cuda/optim.h', native: true,
     edits: [['u += r & 0xffffu;', 'u += 0;']], tests: ['test/47.adafactor.ts'] },
+  // the small-N router linears (issue 13)
+  { name: 'router-linear-dw-last-token', why: "the CPU router linear's dW leaves out the last token", file: 'binding/cpu/router_linear.cc', native: true,
+    edits: [['for (int t = 0; t < T; t++) {', 'for (int t = 0; t < T - 1; t++) {']], tests: ['test/23.router_linear.ts'] },
 ];
 
 const only = process.argv.slice(2);

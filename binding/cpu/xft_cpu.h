@@ -48,6 +48,11 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
 // the fast GEMM's kernel in use ("avx512", "avx2", "portable") or "reference" (XFT_CPU_REFERENCE=1)
 const char* xft_cpu_gemm_kernel_name();
 
+// router_linear.cc (the small-N router and noise linears: N <= 32)
+int xft_cpu_router_linear_forward(const void* x, const void* w, void* y, int dtype, int T, int N, int d);
+int xft_cpu_router_linear_backward(const void* x, const void* w, const void* dy, void* dx, void* dw, int dtype,
+                                   int dw_dtype, int T, int N, int d, int accumulate);
+
 // merge.cc
 int xft_cpu_merge_forward(const void* const* weights, void* const* merged, const size_t* numel,
                           int count, int dtype, int E, const float* alpha, float shared_rate);
