@@ -361,8 +361,6 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
 
 namespace {
 
-float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
-
 // x gathered into xe [M, d] (dtype), row i = x[gather[i] / div] or zeros; without gather nothing to do
 std::vector<char> gather_rows(const void* x, const int* gather, int div, int S, int M, int d, size_t es) {
   std::vector<char> xe;
@@ -397,12 +395,8 @@ int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int
   xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u.data(), dtype, M, f, d, E);
   join_half(gu, g.data(), M, f, 0, es);
   join_half(gu, u.data(), M, f, f, es);
-  // uncovered rows: g = u = 0 from the GEMMs, h = 0 * sigmoid(0) * 0 = 0
-  for (size_t i = 0; i < (size_t)M * f; i++) {
-    const float gv = xft_cpu::load(g.data(), dtype, i), uv = xft_cpu::load(u.data(), dtype, i);
-    const float s = sigmoid(gv);
-    xft_cpu::store(h, dtype, i, gv * s * uv);
-  }
+  // h = silu(g) u by swiglu.cc itself (uncovered rows: g = u = 0 from the GEMMs, so h = 0)
+  xft_cpu_swiglu_forward(g.data(), u.data(), h, dtype, (size_t)M * f);
   return 0;
 }
 
@@ -412,24 +406,23 @@ int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* 
   std::vector<char> dh((size_t)M * f * es);
   // dh [M, f] = dy [M, d] @ w_down[e] [d, f]: the grouped GEMM's dx with n = d, k = f (x unused without dw)
   xft_cpu_grouped_gemm_backward(dy, w_down, offsets, dy, dh.data(), nullptr, dtype, dtype, M, d, f, E, 0, 0);
+  // swiglu.cc's backward and forward on the halves of gu (rows outside the groups: dh = 0 there, and
+  // g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
+  const size_t n = (size_t)M * f;
+  std::vector<char> g(n * es), u(n * es), dg(n * es), du(n * es);
+  split_half(gu, g.data(), M, f, 0, es);
+  split_half(gu, u.data(), M, f, f, es);
+  xft_cpu_swiglu_backward(g.data(), u.data(), dh.data(), dg.data(), du.data(), dtype, n);
+  xft_cpu_swiglu_forward(g.data(), u.data(), h, dtype, n);
+  join_half(dgu, dg.data(), M, f, 0, es);
+  join_half(dgu, du.data(), M, f, f, es);
   const std::vector<int> o = effective_offsets(offsets, E, M);
-  for (int i = 0; i < M; i++) {
-    const bool covered = i >= o.front() && i < o.back();
-    for (int j = 0; j < f; j++) {
-      const size_t gi = (size_t)i * 2 * f + j, ui = gi + f, hi = (size_t)i * f + j;
-      if (!covered) {
-        xft_cpu::store(dgu, dtype, gi, 0.f);
-        xft_cpu::store(dgu, dtype, ui, 0.f);
-        xft_cpu::store(h, dtype, hi, 0.f);
-        continue;
-      }
-      const float gv = xft_cpu::load(gu, dtype, gi), uv = xft_cpu::load(gu, dtype, ui), dhv = xft_cpu::load(dh.data(), dtype, hi);
-      const float s = sigmoid(gv);
-      xft_cpu::store(dgu, dtype, gi, dhv * uv * s * (1.0f + gv * (1.0f - s)));
-      xft_cpu::store(dgu, dtype, ui, dhv * gv * s);
-      xft_cpu::store(h, dtype, hi, gv * s * uv);
+  const size_t grow = (size_t)2 * f * es, hrow = (size_t)f * es;
+  for (int i = 0; i < M; i++)
+    if (i < o.front() || i >= o.back()) {
+      memset((char*)dgu + (size_t)i * grow, 0, grow);
+      memset((char*)h + (size_t)i * hrow, 0, hrow);
     }
-  }
   return 0;
 }
 
