@@ -23,9 +23,9 @@ t.test('rankBatch: the same micro-batches of a step, split contiguously over ran
     const seen = Array.from({ length: W }, (_, r) => rankBatch(12, 2, W, r)).flatMap((b) => Array.from({ length: b.localMicroBatches }, (_, k) => b.firstMicroBatch + k));
     t.same(seen, [0, 1, 2, 3, 4, 5], `world ${W}`);
   }
-  throwsCode(t, () => rankBatch(12, 4, 2, 0), 'XFT_VALUE', /batch size 12 must be micro-batch × accumulation steps × world size: 3 micro-batches of 4 do not split over 2 ranks/);
-  throwsCode(t, () => rankBatch(12, 5, 1, 0), 'XFT_VALUE', /micro-batch 5 must divide the batch size 12/);
-  throwsCode(t, () => rankBatch(12, 2, 2, 2), 'XFT_VALUE', /rank 2 is out of range for a world of 2/);
+  throwsCode(t, () => rankBatch(12, 4, 2, 0), 'XFT_VALUE', /batch size 12 must be micro-batch × accumulation steps × world size: 3 micro-batches of 4 do not split over 2 ranks/, '4 micro-batches of 3 over 2 ranks');
+  throwsCode(t, () => rankBatch(12, 5, 1, 0), 'XFT_VALUE', /micro-batch 5 must divide the batch size 12/, 'a micro-batch that does not divide');
+  throwsCode(t, () => rankBatch(12, 2, 2, 2), 'XFT_VALUE', /rank 2 is out of range for a world of 2/, 'rank 2 of 2');
 });
 
 t.test('buckets follow the given order, cap their bytes, split dtypes; flat pieces tile each bucket; whole tensors balance', async (t) => {
