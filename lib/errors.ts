@@ -13,6 +13,7 @@ export type XftErrorCode =
   | 'XFT_FORMAT' // a file or record is malformed
   | 'XFT_NONFINITE' // a loss, gradient or tensor to be written is NaN or infinite (training diverged)
   | 'XFT_BUSY' // another writer holds the output folder (or another run trains the model)
+  | 'XFT_DIST' // a distributed run failed: a peer rank died, hung or could not be reached, or a collective failed
   | 'XFT_NATIVE'; // the native addon could not be loaded
 
 /** The one error class of xft: `code` says what went wrong, the message names the argument. */

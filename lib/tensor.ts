@@ -357,6 +357,13 @@ export class Tensor {
     return block.handle;
   }
 
+  /** The native storage handle and this tensor's element offset in it (views included), for lib/dist. */
+  get storageView(): { storage: NativeStorage; offset: number } {
+    const block = Tensor.#self(this, 'storageView').#block;
+    if (block.disposed) throw new XftError(`a ${this.describe()} tensor was used after dispose()`, 'XFT_DISPOSED');
+    return { storage: block.handle, offset: this.offset };
+  }
+
   /** e.g. "f32[2, 3]@cpu". Never throws (error messages use it). */
   describe(): string {
     if (!Tensor.isTensor(this)) return 'an object that is not a Tensor made by xft';
