@@ -11,7 +11,7 @@ import { train, disposeState, type TrainOptions } from '../lib/train';
 import { stateTensors } from '../lib/optim';
 import { rankBatch, buckets, flatPieces, shardSize, assignWhole } from '../lib/dist/shard';
 import { DataParallel } from '../lib/dist/ddp';
-import { SoloGroup } from '../lib/dist/group';
+import { SoloGroup } from '../lib/dist/collectives';
 import { throwsCode } from './helpers/check';
 import type { Model } from '../lib/model';
 

@@ -17,7 +17,7 @@ import type { Param } from '../model';
 import type { TrainParallel, TrainState } from '../train';
 import { type Bucket, DEFAULT_BUCKET_BYTES, buckets } from './shard';
 import { ZeroStage1 } from './zero';
-import type { Collectives } from './group';
+import type { Collectives } from './collectives';
 
 export interface DataParallelOptions {
   /** gradient bytes per bucket (default 25 MiB, as DDP) */

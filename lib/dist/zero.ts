@@ -19,7 +19,7 @@ import * as lops from '../ops_layers';
 import { type OptimizerKind, type OptimizerState, type OptimParam, type StepHyper, adafactorStateElements, adafactorStateShapes, optimizerStep } from '../optim';
 import type { Param } from '../model';
 import { type Bucket, type Piece, assignWhole, flatPieces, shardSize } from './shard';
-import type { Collectives } from './group';
+import type { Collectives } from './collectives';
 
 type StateMaps = Required<Omit<OptimizerState, 'optimizer'>>;
 const MAPS = ['m', 'v', 'row', 'col', 'master'] as const;
