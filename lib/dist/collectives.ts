@@ -1,9 +1,10 @@
 /**
- * The collectives data-parallel training uses, as one small interface (`Collectives`) over a process
- * group of lib/dist (Gloo on the CPU, NCCL on GPUs), plus `SoloGroup`, the world of one process
- * (every collective the identity), and `sumOverRanks`: host numbers summed over ranks in f64 order.
+ * The collectives data-parallel training uses, as one small interface (`Collectives`): over a
+ * ProcessGroup of lib/dist/group.ts (Gloo on the CPU, NCCL on GPUs) with `collectivesOf`, or
+ * `SoloGroup`, the world of one process (every collective the identity).
  */
 import { Tensor } from '../tensor';
+import type { ProcessGroup } from './group';
 
 /** In-place collectives over the ranks of a run; every rank calls each one in the same order. */
 export interface Collectives {
@@ -25,28 +26,26 @@ export interface Collectives {
 }
 
 /**
- * Each rank's numbers (f64) as f32 pairs (hi = fround(x), lo = fround(x - hi)), all-gathered and
- * summed on the host in rank order: the sum keeps ~48 bits, whatever the world size, and is the same
- * on every rank. Logged losses and token counts are summed this way.
+ * The collectives of a process group. Sums of host numbers go through its f64 reduction; a
+ * non-finite number (a diverged loss) is carried as a flag, so that every rank sees the NaN.
  */
-export function sumOverRanks(g: Pick<Collectives, 'rank' | 'worldSize' | 'allGather'>, values: readonly number[], device: 'cpu' | 'cuda'): number[] {
-  const k = values.length, W = g.worldSize;
-  if (W === 1 || k === 0) return [...values];
-  const pairs = new Float32Array(2 * k);
-  values.forEach((x, i) => {
-    const hi = Math.fround(x);
-    pairs[2 * i] = hi;
-    pairs[2 * i + 1] = Number.isFinite(hi) ? Math.fround(x - hi) : 0;
-  });
-  const mine = Tensor.from(pairs, [2 * k], { device }), all = Tensor.empty([W * 2 * k], { device });
-  try {
-    g.allGather(mine, all);
-    const a = all.toArray(), out = new Array<number>(k).fill(0);
-    for (let r = 0; r < W; r++) for (let i = 0; i < k; i++) out[i] += a[r * 2 * k + 2 * i] + a[r * 2 * k + 2 * i + 1];
-    return out;
-  } finally {
-    mine.dispose(), all.dispose();
-  }
+export function collectivesOf(pg: ProcessGroup): Collectives {
+  return {
+    rank: pg.rank,
+    worldSize: pg.worldSize,
+    allReduce: (t) => pg.allReduce(t, 'sum'),
+    allReduceAsync: (t) => pg.allReduceAsync(t, 'sum'),
+    reduceScatter: (input, output) => pg.reduceScatter(input, output, 'sum'),
+    allGather: (input, output) => pg.allGather(input, output),
+    broadcast: (t, root) => pg.broadcast(t, root),
+    barrier: () => pg.barrier(),
+    sum: (values) => {
+      const finite = values.map((x) => (Number.isFinite(x) ? x : 0));
+      const bad = values.map((x) => (Number.isFinite(x) ? 0 : 1));
+      const r = pg.allReduceNumbers([...finite, ...bad], 'sum');
+      return values.map((_, i) => (r[values.length + i] > 0 ? NaN : r[i]));
+    },
+  };
 }
 
 const done = { wait: () => {} };
