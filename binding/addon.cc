@@ -474,6 +474,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterXftOps(env, exports);
   RegisterLayerOps(env, exports);
   RegisterTrainOps(env, exports);
+  RegisterDist(env, exports);
   return exports;
 }
 
