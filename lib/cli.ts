@@ -440,7 +440,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions, command: Com
  */
 async function launchRanks(nproc: number, timeoutSeconds: number): Promise<void> {
   const argv = [process.execPath, ...process.execArgv, process.argv[1], ...process.argv.slice(2)];
-  const r = await launch({ nproc, argv, timeoutMs: Math.max(10_000, Math.round(timeoutSeconds * 1000)) });
+  const r = await launch({ nproc, argv, timeoutMs: Math.min(10_000, Math.round(timeoutSeconds * 1000)) });
   if (r.exitCode !== 0) {
     console.error(`xft: train --nproc ${nproc}: ${r.message ?? 'failed'}`);
     process.exitCode = r.exitCode;
