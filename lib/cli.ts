@@ -570,7 +570,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
       if (o.saveEvery && s.step % o.saveEvery === 0 && s.step < s.steps) {
         saveState(state);
         savedStep = s.step;
-        console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
+        if (lead) console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
       }
     },
   }).catch((err: unknown) => {
