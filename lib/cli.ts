@@ -278,15 +278,17 @@ program
   .addOption(new Option('--grad-dtype <dtype>', "gradients of the linear and expert weights with --precision bf16 or mixed, as xft train (default f32)").choices(['bf16', 'f32']))
   .option('--recompute', 'activation recomputation (as xft train --recompute)')
   .option('--gpu-memory <GB>', 'GPU memory in GB (default: the GPU present, else 80)', num(1e-9))
+  .option('--nproc <n>', 'data-parallel ranks (as xft train --nproc, or torchrun\'s world size): the plan is one rank\'s', int(1), 1)
+  .addOption(new Option('--zero <stage>', 'ZeRO stage as xft train --zero (1: optimizer state sharded over the ranks)').choices(['0', '1']).default('0'))
   .option('--json', 'print JSON')
   .action((dir: string, o: { stage?: PlanOptions['stage']; experts?: number; topK?: number; microBatch: number; seqLen: number; optim: PlanOptions['optimizer']; precision: PlanOptions['precision'];
-    gradDtype?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean }) => {
+    gradDtype?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean; nproc: number; zero: '0' | '1' }) => {
     if (o.gradDtype === 'bf16' && o.precision === 'f32') throw new UsageError('plan: --grad-dtype bf16 needs bf16 weights (--precision bf16 or mixed)');
     const b = backend();
     const gpuMemory = o.gpuMemory !== undefined ? o.gpuMemory * 1e9 : b.kind === 'cuda' && b.totalMemory ? b.totalMemory : PLAN_DEFAULTS.gpuMemoryGB * 1e9;
     const plan = planMemory(dir, {
       stage: o.stage, experts: o.experts, topK: o.topK, microBatch: o.microBatch, seqLen: o.seqLen, optimizer: o.optim, precision: o.precision,
-      gradients: o.gradDtype, recompute: o.recompute ?? false, gpuMemory,
+      gradients: o.gradDtype, recompute: o.recompute ?? false, gpuMemory, worldSize: o.nproc, zero: o.zero === '1' ? 1 : 0,
     });
     console.log(o.json ? JSON.stringify(plan, null, 2) : formatPlan(plan, { gpu: o.gpuMemory !== undefined ? 'given' : b.kind === 'cuda' ? b.name ?? 'the GPU' : 'no GPU here: 80 GB assumed' }));
   });

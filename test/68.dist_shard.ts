@@ -13,6 +13,7 @@ import { rankBatch, buckets, flatPieces, shardSize, assignWhole } from '../lib/d
 import { DataParallel } from '../lib/dist/ddp';
 import { SoloGroup } from '../lib/dist/collectives';
 import { throwsCode } from './helpers/check';
+import { planMemory } from '../lib/plan';
 import type { Model } from '../lib/model';
 
 t.test('rankBatch: the same micro-batches of a step, split contiguously over ranks; sizes that do not split are refused', async (t) => {
@@ -83,3 +84,21 @@ for (const optimizer of ['adamw', 'adafactor'] as const)
       t.ok([...plain.state].every(([n, w]) => Buffer.compare(Buffer.from(w.buffer), Buffer.from(d.state.get(n)!.buffer)) === 0), `zero ${zero}: and the same values`);
     }
   });
+
+t.test('xft plan per rank: ZeRO stage 1 divides the optimizer state (AdamW by 1/W, Adafactor by whole tensors)', async (t) => {
+  const src = { config: tinyConfig({ hidden_size: 64, intermediate_size: 128, num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 4 }), kind: 'dense' as const };
+  for (const optimizer of ['adamw', 'adafactor'] as const)
+    for (const precision of ['mixed', 'f32'] as const) {
+      const one = planMemory(src, { optimizer, precision });
+      const replicated = planMemory(src, { optimizer, precision, worldSize: 4 });
+      const sharded = planMemory(src, { optimizer, precision, worldSize: 4, zero: 1 });
+      t.same(replicated.peak, one.peak, `${optimizer} ${precision}: a replicated rank holds what one process does`);
+      t.equal(sharded.worldSize, 4);
+      const o1 = one.peak.optimizer, o4 = sharded.peak.optimizer;
+      if (optimizer === 'adamw') {
+        t.ok(Math.abs(o4 - o1 / 4) <= 4, `${optimizer} ${precision}: optimizer state ${o1} -> ${o4} bytes (1/4)`);
+        t.ok(Math.abs(sharded.peak.gradients - one.peak.gradients * 1.25) <= 4, 'plus the reduce-scattered gradient shard');
+      } else t.ok(o4 < o1 && o4 >= o1 / 4, `${optimizer} ${precision}: optimizer state ${o1} -> ${o4} bytes (the most loaded rank's whole tensors)`);
+    }
+  throwsCode(t, () => planMemory(src, { worldSize: 0 }), 'XFT_VALUE', /worldSize/, 'world size 0');
+});

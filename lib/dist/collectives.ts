@@ -10,10 +10,10 @@ import type { ProcessGroup } from './group';
 export interface Collectives {
   readonly rank: number;
   readonly worldSize: number;
-  /** `t` = the sum of every rank's `t` */
-  allReduce(t: Tensor): void;
-  /** allReduce started now (on GPUs on a second stream); `wait()` before reading or writing `t` */
-  allReduceAsync(t: Tensor): { wait(): void };
+  /** each tensor = the sum of every rank's (tensors of one dtype) */
+  allReduce(t: Tensor | Tensor[]): void;
+  /** allReduce started now (Gloo: on its communication thread; NCCL: on a second stream); `wait()` before reading or writing the tensors */
+  allReduceAsync(t: Tensor | Tensor[]): { wait(): void };
   /** output [n] of rank r = the sum over ranks of input[r·n, (r+1)·n) */
   reduceScatter(input: Tensor, output: Tensor): void;
   /** output [W·n]: rank r's input [n] at r·n */

@@ -1,8 +1,9 @@
 /**
  * Data-parallel training (PyTorch DDP's design over lib/dist's collectives): every rank holds the
  * whole model, runs its share of each step's micro-batches (lib/dist/shard.ts), and the gradients are
- * summed over ranks in buckets as the backward produces them (allReduceAsync: the reduction of the
- * last layers' bucket runs while the backward computes the earlier layers). Optionally ZeRO stage 1
+ * summed over ranks in place, in buckets as the backward produces them (allReduceAsync: the
+ * reduction of the last layers' bucket runs while the backward computes the earlier layers; no
+ * copy of the gradients is made). Optionally ZeRO stage 1
  * (lib/dist/zero.ts): the optimizer state sharded over ranks.
  *
  * Scaling: every rank's backward divides by the token count of the whole step (all ranks read the
@@ -10,7 +11,7 @@
  * process's (the mean over the step's response tokens), whatever the world size. (accelerate's DDP
  * averages per-rank means instead, which weights tokens unequally when ranks see different counts.)
  */
-import { Tensor, type Device } from '../tensor';
+import type { Device } from '../tensor';
 import * as lops from '../ops_layers';
 import { type OptimizerKind, type StepHyper, optimizerStep, prepareState, disposeOptimizerState } from '../optim';
 import type { Param } from '../model';
@@ -33,10 +34,6 @@ export class DataParallel implements TrainParallel {
   readonly #g: Collectives;
   readonly #bucketBytes: number;
   #buckets: Bucket<Param>[] = [];
-  /** packed gradients of each bucket (padded to a multiple of the world size; zeros past the end) */
-  #flats: Tensor[] = [];
-  /** ZeRO: scratch for the all-gathered weights of each bucket */
-  #valueFlats: Tensor[] = [];
   #pending: ({ wait(): void } | null)[] = [];
   #ready = new Set<Param>();
   #zero: ZeroStage1 | null = null;
@@ -65,10 +62,6 @@ export class DataParallel implements TrainParallel {
     for (const p of params) this.#g.broadcast(p.value, 0);
     // the backward finishes gradients from the last layer to the first: buckets in that order
     this.#buckets = buckets([...params].reverse(), (p) => ({ numel: p.value.numel, gradDtype: p.gradDtype, valueDtype: p.value.dtype }), this.#bucketBytes, this.worldSize);
-    for (const b of this.#buckets) {
-      this.#flats.push(Tensor.zeros([b.padded], { dtype: b.gradDtype, device }));
-      if (this.zero === 1 && kind === 'adamw') this.#valueFlats.push(Tensor.zeros([b.padded], { dtype: b.valueDtype, device }));
-    }
     this.#pending = this.#buckets.map(() => null);
     if (this.zero === 1) {
       this.#zero = new ZeroStage1(this.#g, kind, params, this.#buckets, device);
@@ -85,14 +78,9 @@ export class DataParallel implements TrainParallel {
     });
   }
 
-  #pack(i: number): void {
-    const b = this.#buckets[i], flat = this.#flats[i];
-    b.params.forEach((p, k) => flat.narrow(b.offsets[k], p.value.numel).copy_(p.gradBuffer().reshape([-1])));
-  }
-
+  /** The bucket's gradients summed over ranks in place (one collective over its tensors: no copy). */
   #launch(i: number): void {
-    this.#pack(i);
-    this.#pending[i] = this.#g.allReduceAsync(this.#flats[i]);
+    this.#pending[i] = this.#g.allReduceAsync(this.#buckets[i].params.map((p) => p.gradBuffer()));
   }
 
   sum(values: readonly number[]): number[] {
@@ -105,15 +93,11 @@ export class DataParallel implements TrainParallel {
    */
   reduceGradients(): number {
     this.#ready.clear();
-    if (this.#zero && !this.#zero.allReduces) {
-      this.#buckets.forEach((_, i) => this.#pack(i));
-      return this.#g.sum([this.#zero.reduceScatter(this.#flats)])[0];
-    }
-    this.#buckets.forEach((b, i) => {
+    if (this.#zero && !this.#zero.allReduces) return this.#g.sum([this.#zero.reduceScatter()])[0];
+    this.#buckets.forEach((_, i) => {
       if (this.#pending[i] === null) this.#launch(i);
       this.#pending[i]!.wait();
       this.#pending[i] = null;
-      b.params.forEach((p, k) => p.grad!.reshape([-1]).copy_(this.#flats[i].narrow(b.offsets[k], p.value.numel)));
     });
     // every rank holds the same sums: the norm is computed locally, identically
     const sq = lops.sumSquares(this.#params.map((p) => p.grad!));
@@ -123,7 +107,7 @@ export class DataParallel implements TrainParallel {
   }
 
   update(kind: OptimizerKind, params: Param[], state: TrainState, h: StepHyper): void {
-    if (this.#zero) this.#zero.step(h, this.#valueFlats);
+    if (this.#zero) this.#zero.step(h);
     else optimizerStep(kind, params, state, h);
   }
 
@@ -156,9 +140,7 @@ export class DataParallel implements TrainParallel {
 
   dispose(): void {
     for (const w of this.#pending) w?.wait();
-    this.#flats.forEach((t) => t.dispose());
-    this.#valueFlats.forEach((t) => t.dispose());
-    this.#flats = [], this.#valueFlats = [], this.#pending = [];
+    this.#pending = [];
     this.#zero?.dispose();
     this.#zero = null;
     this.#ready.clear();

@@ -130,16 +130,20 @@ export class ZeroStage1 {
   }
 
   /**
-   * AdamW: reduce-scatters (sums) the packed gradient buckets (`flats[i]`, padded) into this rank's
-   * shards; returns this rank's share of the gradients' sum of squares.
+   * AdamW: reduce-scatters (sums) the gradients, bucket by bucket (packed into a flat buffer padded
+   * to a multiple of the world size, one bucket at a time), into this rank's shards; returns this
+   * rank's share of the gradients' sum of squares.
    */
-  reduceScatter(flats: readonly Tensor[]): number {
+  reduceScatter(): number {
     this.#disposeShards();
     const W = this.#g.worldSize;
     let sq = 0;
-    this.#buckets.forEach((b, i) => {
+    this.#buckets.forEach((b) => {
+      const flat = Tensor.zeros([b.padded], { dtype: b.gradDtype, device: this.#device });
+      b.params.forEach((p, k) => flat.narrow(b.offsets[k], p.value.numel).copy_(p.gradBuffer().reshape([-1])));
       const shard = Tensor.empty([shardSize(b, W)], { dtype: b.gradDtype, device: this.#device });
-      this.#g.reduceScatter(flats[i], shard);
+      this.#g.reduceScatter(flat, shard);
+      flat.dispose();
       this.#gradShards.push(shard);
       const s = lops.sumSquares([shard]);
       sq += s.item();
@@ -150,10 +154,9 @@ export class ZeroStage1 {
 
   /**
    * The optimizer step on this rank's shard, then the weights to every rank: AdamW all-gathers each
-   * bucket's updated ranges (into `valueFlats[i]`, scratch of the bucket's padded size and weight
-   * dtype); Adafactor broadcasts each tensor from its owner.
+   * bucket's updated ranges; Adafactor broadcasts each tensor from its owner.
    */
-  step(h: StepHyper, valueFlats: readonly Tensor[]): void {
+  step(h: StepHyper): void {
     const g = this.#g, L = this.#local;
     if (this.#kind === 'adafactor') {
       const mine: OptimParam[] = this.#params.map((p) => ({ name: p.name, value: p.value, grad: this.#owner.get(p.name) === g.rank ? p.grad : null }));
@@ -180,10 +183,11 @@ export class ZeroStage1 {
         const { start, end, shardOffset } = this.#pieces[bi][i];
         if (end > start) valueShard.narrow(shardOffset, end - start).copy_(list[index.get(p.name)!].value);
       });
-      g.allGather(valueShard, valueFlats[bi]);
-      b.params.forEach((p, i) => p.value.reshape([-1]).copy_(valueFlats[bi].narrow(b.offsets[i], p.value.numel)));
+      const gathered = Tensor.empty([b.padded], { dtype: b.valueDtype, device: this.#device });
+      g.allGather(valueShard, gathered);
+      b.params.forEach((p, i) => p.value.reshape([-1]).copy_(gathered.narrow(b.offsets[i], p.value.numel)));
       made.forEach((t) => t.dispose());
-      valueShard.dispose();
+      valueShard.dispose(), gathered.dispose();
     });
     this.#disposeShards();
   }
