@@ -40,3 +40,7 @@ export {
   type TensorInfo, type WriteEntry, type WriteOptions, type FileDType,
 } from './safetensors';
 export { lockFolder, recoverFolder, type FolderLock } from './folder';
+export {
+  ProcessGroup, distEnv, expandNodelist, launch, DEFAULT_MASTER_PORT, DEFAULT_DIST_TIMEOUT_MS,
+  type DistEnv, type DistSource, type ProcessGroupOptions, type ReduceOp, type DistBackend, type Work, type LaunchOptions, type LaunchResult,
+} from './dist';

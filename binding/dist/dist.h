@@ -86,7 +86,8 @@ class Comm {
 
 struct CommOptions {
   int rank = 0, size = 1;
-  int64_t timeout_ms = 300000;
+  int64_t timeout_ms = 300000;       // each collective
+  int64_t init_timeout_ms = 300000;  // rendezvous: all ranks started and connected
   std::string prefix;     // key prefix of this group in the store
   std::string bind_host;  // gloo: where this rank's pairs listen
   int device = 0;         // nccl: CUDA device ordinal

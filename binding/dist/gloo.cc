@@ -69,9 +69,10 @@ class GlooComm : public Comm {
       attr.hostname = o.bind_host;
       device_ = gloo::transport::tcp::CreateDevice(attr);
       ctx_ = std::make_shared<gloo::rendezvous::Context>(o.rank, o.size);
-      ctx_->setTimeout(timeout_);
-      GlooStore gs(store_, o.prefix, o.timeout_ms);
+      ctx_->setTimeout(std::chrono::milliseconds(o.init_timeout_ms));
+      GlooStore gs(store_, o.prefix, o.init_timeout_ms);
       ctx_->connectFullMesh(gs, device_);
+      ctx_->setTimeout(timeout_);
     } catch (const DistError&) {
       throw;
     } catch (const std::exception& e) {

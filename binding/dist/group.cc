@@ -44,6 +44,7 @@ class DistGroup : public Napi::ObjectWrap<DistGroup> {
     c.rank = (int)num("rank");
     c.size = (int)num("size");
     c.timeout_ms = num("timeoutMs");
+    c.init_timeout_ms = num("initTimeoutMs");
     c.prefix = str("prefix");
     c.bind_host = str("bindHost");
     c.device = (int)num("device");
@@ -57,7 +58,7 @@ class DistGroup : public Napi::ObjectWrap<DistGroup> {
     rank_ = c.rank;
     size_ = c.size;
     try {
-      store_ = std::make_shared<StoreClient>(host, port, c.rank, c.timeout_ms);
+      store_ = std::make_shared<StoreClient>(host, port, c.rank, c.init_timeout_ms);
       comm_ = backend_ == 0 ? MakeGlooComm(c, store_) : MakeNcclComm(c, store_);
     } catch (const MissingLibrary& e) {
       if (store_) store_->bye();

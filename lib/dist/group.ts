@@ -33,8 +33,10 @@ export interface ProcessGroupOptions {
   env?: DistEnv | Record<string, string | undefined>;
   /** 'cpu' (Gloo) or 'cuda' (NCCL); default 'cpu'. */
   device?: 'cpu' | 'cuda';
-  /** How long rendezvous and each collective wait for the other ranks (ms); default 300000. */
+  /** How long each collective waits for the other ranks (ms); default 300000. */
   timeoutMs?: number;
+  /** How long `init` waits for every rank to start and connect (ms); default `timeoutMs`. */
+  initTimeoutMs?: number;
 }
 
 /** An asynchronous collective: `wait()` returns when it is done (on NCCL: when later work on the
@@ -116,12 +118,13 @@ export class ProcessGroup {
    */
   static async init(options: ProcessGroupOptions = {}): Promise<ProcessGroup> {
     const op = 'ProcessGroup.init';
-    const o = expectOptions<ProcessGroupOptions>(op, options, 'an options object { env?, device?, timeoutMs? }');
+    const o = expectOptions<ProcessGroupOptions>(op, options, 'an options object { env?, device?, timeoutMs?, initTimeoutMs? }');
     const env = o.env !== undefined && typeof o.env === 'object' && typeof (o.env as DistEnv).source === 'string' && typeof (o.env as DistEnv).rank === 'number'
       ? checkDistEnv(op, o.env as DistEnv)
       : distEnv((o.env ?? process.env) as Record<string, string | undefined>);
     const device = expectOneOf(op, 'device', o.device ?? 'cpu', ['cpu', 'cuda'] as const, 'XFT_DEVICE');
     const timeoutMs = expectInt(op, 'timeoutMs', o.timeoutMs ?? DEFAULT_DIST_TIMEOUT_MS, 1, 2 ** 31 - 1);
+    const initTimeoutMs = expectInt(op, 'initTimeoutMs', o.initTimeoutMs ?? timeoutMs, 1, 2 ** 31 - 1);
     const prefix = `g${groupsMade++}/`;
     if (env.worldSize === 1) return new ProcessGroup(env, device, timeoutMs, undefined, undefined);
     const Group = distNative.DistGroup;
@@ -138,7 +141,7 @@ export class ProcessGroup {
       const bindHost = process.env.XFT_GLOO_HOST || (await localAddressToward(env.masterAddr, env.masterPort));
       const native = new Group!({
         backend: device === 'cuda' ? 1 : 0, rank: env.rank, size: env.worldSize, storeHost: env.masterAddr, storePort: env.masterPort,
-        prefix, timeoutMs, bindHost, device: env.localRank,
+        prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank,
       });
       return new ProcessGroup(env, device, timeoutMs, native, store);
     } catch (err) {
@@ -368,10 +371,17 @@ export class ProcessGroup {
     }
   }
 
-  /** Names the rank that failed and why, from the store's view of the ranks; `raw` is the backend's message. */
+  /**
+   * Names the rank that failed and why, from the store's view of the ranks; `raw` is the backend's
+   * message. A rank whose connection to the store closed without BYE died; else, after a timeout, the
+   * ranks that never entered this collective hang (or left the group early). A connection error may
+   * reach this rank before the store saw the peer's socket close, so the store is asked again for up
+   * to 1.5 s.
+   */
   #diagnose(seq: number, raw: string): string {
     const native = this.#native!;
-    const deadline = Date.now() + 1500;
+    const timedOut = /timed out|timeout/i.test(raw);
+    const deadline = Date.now() + (timedOut ? 0 : 1500);
     let status: StoreStatus | undefined;
     for (;;) {
       try {
@@ -379,25 +389,22 @@ export class ProcessGroup {
       } catch {
         if (this.rank !== 0)
           return `rank 0 is gone: its rendezvous store at ${this.env.masterAddr}:${this.env.masterPort} cannot be reached (rank 0 exited, crashed or was killed); ${raw}`;
-        status = undefined;
+        return raw;
       }
-      const lost = status?.ranks.filter((r) => r.state === 'lost' || r.state === 'left') ?? [];
-      if (lost.length > 0) {
-        const words = lost.map((r) =>
-          r.state === 'lost'
-            ? `rank ${r.rank} is gone (its connection to the rendezvous store closed: the process exited, crashed or was killed)`
-            : `rank ${r.rank} left the group (dispose()) while this rank still ran collectives`,
-        );
-        return `${words.join('; ')}; ${raw}`;
-      }
-      if (Date.now() >= deadline || !status) break;
+      const lost = status.ranks.filter((r) => r.state === 'lost');
+      if (lost.length > 0)
+        return `${lost.map((r) => `rank ${r.rank} is gone (its connection to the rendezvous store closed: the process exited, crashed or was killed)`).join('; ')}; ${raw}`;
+      if (Date.now() >= deadline) break;
       Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100);
     }
-    const behind = status?.ranks.filter((r) => r.rank !== this.rank && r.seq < seq) ?? [];
-    if (behind.length > 0 && /time|timed out/i.test(raw)) {
+    const behind = status.ranks.filter((r) => r.rank !== this.rank && r.seq < seq);
+    if (behind.length > 0) {
       const words = behind.map((r) => {
         const last = r.seq > 0 ? `its last was #${r.seq} (${KIND_NAMES[r.kind] ?? 'collective'}) ${((status!.now - r.since) / 1000).toFixed(1)} s ago` : 'it entered none';
-        return `rank ${r.rank} did not arrive within ${this.timeoutMs} ms (${last}): it hangs, is too slow, or runs different collectives`;
+        if (r.state === 'left') return `rank ${r.rank} left the group (dispose()) before collective #${seq} (${last}): the ranks ran different collectives`;
+        return timedOut
+          ? `rank ${r.rank} did not arrive within ${this.timeoutMs} ms (${last}): it hangs, is too slow, or runs different collectives`
+          : `rank ${r.rank} had not arrived (${last})`;
       });
       return `${words.join('; ')}; ${raw}`;
     }

@@ -20,7 +20,10 @@ export interface NativeDistGroupOptions {
   storePort: number;
   /** key prefix of this group in the store (groups made one after another do not mix) */
   prefix: string;
+  /** each collective */
   timeoutMs: number;
+  /** rendezvous: every rank started and connected */
+  initTimeoutMs: number;
   /** gloo: the address this rank's pairs listen on (reachable by the others) */
   bindHost: string;
   /** nccl: the CUDA device ordinal this rank uses (only the one the runtime selected is supported) */
