@@ -418,6 +418,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions, command: Com
   const env = distEnv();
   if (cli.nproc !== undefined && cli.nproc > 1 && env.source === 'single') return launchRanks(cli.nproc, cli.distTimeout);
   const rank: Rank = { env, group: null, lead: env.rank === 0 };
+  if (env.worldSize > 1) pickLocalGpu(env);
   if (!rank.lead) quietRank();
   if (rank.lead) checkOut(cli.out);
   const claims: FolderLock[] = [];
@@ -447,6 +448,16 @@ async function launchRanks(nproc: number, timeoutSeconds: number): Promise<void>
     console.error(`xft: train --nproc ${nproc}: ${r.message ?? 'failed'}`);
     process.exitCode = r.exitCode;
   }
+}
+
+/**
+ * One GPU per local rank: XFT_CUDA_DEVICE = LOCAL_RANK before the CUDA backend starts, unless it is
+ * set, or CUDA_VISIBLE_DEVICES shows this process a single GPU (srun --gpus-per-task=1: device 0).
+ */
+function pickLocalGpu(env: DistEnv): void {
+  if (process.env.XFT_CUDA_DEVICE !== undefined) return;
+  const visible = process.env.CUDA_VISIBLE_DEVICES;
+  process.env.XFT_CUDA_DEVICE = visible !== undefined && visible.trim() !== '' && !visible.includes(',') ? '0' : String(env.localRank);
 }
 
 /** Ranks other than 0 print only warnings and errors. */
