@@ -1,7 +1,6 @@
 // Multi-process `xft train` runs for the data-parallel tests: a workspace with a tiny MoE checkpoint
-// and data, and the CLI started as compiled JavaScript (dist/lib/cli.js) when it is at least as new
-// as every lib/ source (CI builds it in `npm install`), else through the test's TypeScript loader
-// (correct, but each of the N processes then compiles lib/ again: several seconds per process).
+// and data, and the CLI run from its TypeScript through a cached transpile hook (tap's loader would
+// compile lib/ again in each of the N processes: several seconds each).
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -12,24 +11,8 @@ import { saveModel } from '../../lib/checkpoint';
 
 const ROOT = path.join(__dirname, '..', '..');
 
-/** Whether dist/lib holds a compiled file at least as new as each lib/ source. */
-function compiledIsFresh(): boolean {
-  const walk = (dir: string): string[] =>
-    fs.readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(path.join(dir, e.name)) : e.name.endsWith('.ts') ? [path.join(dir, e.name)] : []));
-  try {
-    return walk(path.join(ROOT, 'lib')).every((src) => {
-      const js = path.join(ROOT, 'dist', path.relative(ROOT, src)).replace(/\.m?ts$/, (x) => (x === '.mts' ? '.mjs' : '.js'));
-      return fs.statSync(js).mtimeMs >= fs.statSync(src).mtimeMs;
-    });
-  } catch {
-    return false;
-  }
-}
-
-/** The command that runs the CLI: [node, ...args]. */
-export const CLI_COMMAND: string[] = compiledIsFresh()
-  ? [process.execPath, path.join(ROOT, 'dist', 'lib', 'cli.js')]
-  : [process.execPath, ...process.execArgv, path.join(ROOT, 'lib', 'cli.ts')];
+/** The command that runs the CLI: [node, ...args], TypeScript through the cached transpile hook (test/helpers/ts_require.js) that the launched ranks inherit. */
+export const CLI_COMMAND: string[] = [process.execPath, '-r', path.join(__dirname, 'ts_require.js'), path.join(ROOT, 'lib', 'cli.ts')];
 
 export interface Run {
   code: number | null;
