@@ -9,10 +9,9 @@ import { tinyConfig } from '../../lib/config';
 import { createDense, upcycle } from '../../lib/xft';
 import { saveModel } from '../../lib/checkpoint';
 
-const ROOT = path.join(__dirname, '..', '..');
 
-/** The command that runs the CLI: [node, ...args], TypeScript through the cached transpile hook (test/helpers/ts_require.js) that the launched ranks inherit. */
-export const CLI_COMMAND: string[] = [process.execPath, '-r', path.join(__dirname, 'ts_require.js'), path.join(ROOT, 'lib', 'cli.ts')];
+/** The command that runs the CLI: [node, ...args] (test/helpers/cli_entry.js: lib/cli.ts through the cached transpile hook; the launched ranks run the same). */
+export const CLI_COMMAND: string[] = [process.execPath, path.join(__dirname, 'cli_entry.js')];
 
 export interface Run {
   code: number | null;
