@@ -6,7 +6,7 @@ import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import * as path from 'node:path';
 import { XftError } from '../lib/errors';
-import { Tensor } from '../lib/tensor';
+import { Tensor, backend } from '../lib/tensor';
 import { ProcessGroup, distEnv, expandNodelist, launch } from '../lib/dist';
 import { freePort } from '../lib/dist/launch';
 import { distNative } from '../lib/dist/native';
@@ -229,6 +229,24 @@ t.test('a rank that hangs: the others time out naming it; rank 0 gone: named too
   const dead0 = await runRanks(2, ['die', '0', '4000']);
   t.equal(dead0[0].code, 7);
   t.match(dead0[1].out.error?.message, /rank 0 is gone: its rendezvous store at 127\.0\.0\.1:\d+ cannot be reached/, 'rank 0 named');
+});
+
+// NCCL is loaded at run time: without it, a CUDA group says what to install (the emulated CUDA backend
+// plays a GPU host without NCCL: bash cuda/dev/emu/check.sh quick test/68.dist.ts)
+const b = backend();
+const emulated = b.kind === 'cuda' && /host emulation/.test(b.name ?? '');
+t.test('a CUDA process group without NCCL: XFT_NATIVE naming libnccl.so.2 and what to install', { skip: emulated ? false : 'needs the emulated CUDA backend' }, async (t) => {
+  process.env.XFT_NCCL_LIBRARY = '/nonexistent/libnccl.so.2';
+  try {
+    const env = { RANK: '0', WORLD_SIZE: '2', LOCAL_RANK: '0', LOCAL_WORLD_SIZE: '2', MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(await freePort()) };
+    await t.rejects(ProcessGroup.init({ env, device: 'cuda', timeoutMs: 5000 }), {
+      name: 'XftError', code: 'XFT_NATIVE',
+      message: /cannot load NCCL \(libnccl\.so\.2\); tried:\n {2}\/nonexistent\/libnccl\.so\.2: [^\n]+\n {2}libnccl\.so\.2: [\s\S]*pip install nvidia-nccl-cu12/,
+    });
+  } finally {
+    delete process.env.XFT_NCCL_LIBRARY;
+  }
+  t.ok(distNative.distNccl, 'the NCCL loader is compiled in');
 });
 
 t.test('launch: N ranks with the torchrun variables, output prefixed; one failure stops all and names the rank', async (t) => {

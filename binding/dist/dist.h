@@ -91,6 +91,7 @@ struct CommOptions {
   std::string prefix;     // key prefix of this group in the store
   std::string bind_host;  // gloo: where this rank's pairs listen
   int device = 0;         // nccl: CUDA device ordinal
+  std::string nccl_paths; // nccl: the files to dlopen, one per line (lib/dist/group.ts ncclCandidates)
 };
 
 // Both throw DistError (peers) or std::runtime_error (XFT_NATIVE: no library) on failure.

@@ -48,6 +48,7 @@ class DistGroup : public Napi::ObjectWrap<DistGroup> {
     c.prefix = str("prefix");
     c.bind_host = str("bindHost");
     c.device = (int)num("device");
+    if (o.Get("ncclPaths").IsString()) c.nccl_paths = str("ncclPaths");
     const std::string host = str("storeHost");
     const int port = (int)num("storePort");
     if (c.size < 1 || c.rank < 0 || c.rank >= c.size) Throw(env, "XFT_VALUE", "DistGroup: rank must be in [0, size)");

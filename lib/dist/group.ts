@@ -12,10 +12,14 @@
  * store, which watches every rank's connection and the last collective each entered); the group is
  * unusable afterwards.
  */
+import { spawnSync } from 'node:child_process';
 import * as dgram from 'node:dgram';
+import * as fs from 'node:fs';
 import * as os from 'node:os';
+import * as path from 'node:path';
 import { XftError, invalidArgument } from '../errors';
-import { Tensor, dtypeCode } from '../tensor';
+import type { NativeStorage } from '../native';
+import { Tensor, backend, dtypeCode } from '../tensor';
 import { expectArray, expectInt, expectOneOf, expectOptions } from '../validate';
 import { distEnv, type DistEnv } from './env';
 import { DistKind, distNative, type NativeDistGroup } from './native';
@@ -71,11 +75,35 @@ async function localAddressToward(host: string, port: number): Promise<string> {
   }
 }
 
-type Entry = { storage: ReturnType<typeof storageOf>['storage']; offset: number; numel: number };
-
-function storageOf(t: Tensor) {
-  return t.storageView;
+/**
+ * Where NCCL may be, in the order tried: XFT_NCCL_LIBRARY; libnccl.so.2 from the loader's search path
+ * (the system's libnccl2, LD_LIBRARY_PATH); the nvidia-nccl-cu12/-cu13 wheels (nvidia/nccl/lib) in
+ * python3's site-packages (the active virtual environment or conda first).
+ */
+export function ncclCandidates(env: Record<string, string | undefined> = process.env): string[] {
+  const out: string[] = [];
+  if (env.XFT_NCCL_LIBRARY) out.push(env.XFT_NCCL_LIBRARY);
+  out.push('libnccl.so.2');
+  const sites: string[] = [];
+  for (const prefix of [env.VIRTUAL_ENV, env.CONDA_PREFIX]) {
+    if (!prefix) continue;
+    try {
+      for (const d of fs.readdirSync(path.join(prefix, 'lib'))) if (/^python3/.test(d)) sites.push(path.join(prefix, 'lib', d, 'site-packages'));
+    } catch {
+      /* not a virtual environment */
+    }
+  }
+  const py = spawnSync('python3', ['-c', 'import site, sys; print(chr(10).join(site.getsitepackages() + [site.getusersitepackages()]))'], { encoding: 'utf8', timeout: 10_000 });
+  if (py.status === 0) sites.push(...py.stdout.split('\n').map((s) => s.trim()).filter(Boolean));
+  for (const site of sites) {
+    const file = path.join(site, 'nvidia', 'nccl', 'lib', 'libnccl.so.2');
+    if (!out.includes(file) && fs.existsSync(file)) out.push(file);
+  }
+  return out;
 }
+
+/** A tensor as the native side takes it: its storage, its element offset there (views), its element count. */
+type Entry = { storage: NativeStorage; offset: number; numel: number };
 
 /**
  * A group of `worldSize` processes that run collectives together. Make one with `ProcessGroup.init`
@@ -136,12 +164,26 @@ export class ProcessGroup {
       );
     if (device === 'cuda' && (!distNative.distNccl || !Group))
       throw new XftError(`${op}: this build of xft has no CUDA backend, so no NCCL process groups (device 'cuda'); use device 'cpu'`, 'XFT_NATIVE');
+    let ncclPaths: string | undefined;
+    if (device === 'cuda') {
+      // one GPU per local rank: XFT_CUDA_DEVICE picks it when the CUDA backend starts (it has not, if this runs first)
+      if (process.env.XFT_CUDA_DEVICE === undefined) process.env.XFT_CUDA_DEVICE = String(env.localRank);
+      const b = backend();
+      if (b.kind !== 'cuda') throw new XftError(`${op}: device 'cuda' is not available: ${b.reason}`, 'XFT_DEVICE');
+      if (b.ordinal !== Number(process.env.XFT_CUDA_DEVICE))
+        throw new XftError(
+          `${op}: the CUDA backend already runs on device ${b.ordinal}, not XFT_CUDA_DEVICE=${process.env.XFT_CUDA_DEVICE}: ` +
+            'create the process group before the first CUDA tensor, or set XFT_CUDA_DEVICE to the local rank',
+          'XFT_DEVICE',
+        );
+      ncclPaths = ncclCandidates().join('\n');
+    }
     const store = env.rank === 0 ? await startStore(env.masterPort, env.worldSize) : undefined;
     try {
       const bindHost = process.env.XFT_GLOO_HOST || (await localAddressToward(env.masterAddr, env.masterPort));
       const native = new Group!({
         backend: device === 'cuda' ? 1 : 0, rank: env.rank, size: env.worldSize, storeHost: env.masterAddr, storePort: env.masterPort,
-        prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank,
+        prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank, ncclPaths,
       });
       return new ProcessGroup(env, device, timeoutMs, native, store);
     } catch (err) {
@@ -165,7 +207,7 @@ export class ProcessGroup {
     const name = 'allReduce';
     const list = this.#tensors(name, 'tensors', tensors);
     const code = OP_CODE[expectOneOf(`ProcessGroup.${name}`, 'op', op, OPS)];
-    if (!this.#native) return this.#local(list, () => undefined);
+    if (!this.#native) return { wait: () => undefined, done: true }; // a world of one: the sum is the tensor
     const dtype = list[0]?.dtype ?? 'f32';
     const e = list.map((t) => this.#entry(t));
     return this.#submit(name, list, () =>
@@ -184,7 +226,7 @@ export class ProcessGroup {
     if (inp.numel !== out.numel * this.worldSize)
       throw new XftError(`ProcessGroup.${name}: input has ${inp.numel} elements, expected worldSize ${this.worldSize} × output's ${out.numel}`, 'XFT_SHAPE');
     if (!this.#native) {
-      out.copy_(inp.numel === out.numel ? inp.reshape(out.shape) : inp);
+      out.copy_(inp.reshape(out.shape)); // a world of one: its own chunk is the whole input
       return;
     }
     const a = this.#entry(inp);
@@ -318,14 +360,8 @@ export class ProcessGroup {
   }
 
   #entry(t: Tensor): Entry {
-    const { storage, offset } = storageOf(t);
+    const { storage, offset } = t.storageView;
     return { storage, offset, numel: t.numel };
-  }
-
-  /** A finished Work (world size 1). */
-  #local(_tensors: Tensor[], fn: () => void): Work {
-    fn();
-    return { wait: () => undefined, done: true };
   }
 
   /** Submits native work and returns its Work; errors come back with the cause named. */

@@ -26,8 +26,10 @@ export interface NativeDistGroupOptions {
   initTimeoutMs: number;
   /** gloo: the address this rank's pairs listen on (reachable by the others) */
   bindHost: string;
-  /** nccl: the CUDA device ordinal this rank uses (only the one the runtime selected is supported) */
+  /** nccl: the CUDA device ordinal this rank uses */
   device: number;
+  /** nccl: the files to try to dlopen, one per line (ncclCandidates in lib/dist/group.ts) */
+  ncclPaths?: string;
 }
 
 /** A native process group. Collectives run in submission order on one communication thread (gloo)
