@@ -451,13 +451,11 @@ async function launchRanks(nproc: number, timeoutSeconds: number): Promise<void>
 }
 
 /**
- * One GPU per local rank: XFT_CUDA_DEVICE = LOCAL_RANK before the CUDA backend starts, unless it is
- * set, or CUDA_VISIBLE_DEVICES shows this process a single GPU (srun --gpus-per-task=1: device 0).
+ * One GPU per local rank: XFT_CUDA_DEVICE = LOCAL_RANK (unless set) before the CUDA backend starts,
+ * as ProcessGroup.init expects (deviceOf starts the backend before the group is made).
  */
 function pickLocalGpu(env: DistEnv): void {
-  if (process.env.XFT_CUDA_DEVICE !== undefined) return;
-  const visible = process.env.CUDA_VISIBLE_DEVICES;
-  process.env.XFT_CUDA_DEVICE = visible !== undefined && visible.trim() !== '' && !visible.includes(',') ? '0' : String(env.localRank);
+  process.env.XFT_CUDA_DEVICE ??= String(env.localRank);
 }
 
 /** Ranks other than 0 print only warnings and errors. */
