@@ -597,7 +597,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   });
   if (r.interrupted) {
     saveState(r.state);
-    console.error(`xft: saved the state at step ${r.state.step}/${total} in ${resumeDir}; continue with: xft train ${modelDir} --out ${o.out} --resume`);
+    if (lead) console.error(`xft: saved the state at step ${r.state.step}/${total} in ${resumeDir}; continue with: xft train ${modelDir} --out ${o.out} --resume`);
     process.exitCode = EXIT.interrupted;
     return;
   }
