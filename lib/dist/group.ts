@@ -23,7 +23,7 @@ import { Tensor, backend, dtypeCode } from '../tensor';
 import { expectArray, expectInt, expectOneOf, expectOptions } from '../validate';
 import { distEnv, type DistEnv } from './env';
 import { DistKind, distNative, type NativeDistGroup } from './native';
-import { startStore, type StoreServer, type StoreStatus } from './store';
+import { acquireStore, releaseStore, type StoreStatus } from './store';
 
 /** How values from the ranks combine: the sum, or the mean (the sum divided by the world size). */
 export type ReduceOp = 'sum' | 'avg';
@@ -119,14 +119,15 @@ export class ProcessGroup {
   readonly timeoutMs: number;
   readonly env: DistEnv;
   #native: NativeDistGroup | undefined;
-  #store: StoreServer | undefined;
+  /** rank 0: the port of the store it serves */
+  #storePort: number | undefined;
   #seq = 0;
   #failure: XftError | undefined;
   #disposed = false;
   /** work in flight and the tensors it uses (kept referenced so that they are not collected) */
   #pending = new Map<number, Tensor[]>();
 
-  private constructor(env: DistEnv, device: 'cpu' | 'cuda', timeoutMs: number, native: NativeDistGroup | undefined, store: StoreServer | undefined) {
+  private constructor(env: DistEnv, device: 'cpu' | 'cuda', timeoutMs: number, native: NativeDistGroup | undefined, storePort: number | undefined) {
     this.env = env;
     this.rank = env.rank;
     this.worldSize = env.worldSize;
@@ -134,7 +135,7 @@ export class ProcessGroup {
     this.backend = device === 'cuda' ? 'nccl' : 'gloo';
     this.timeoutMs = timeoutMs;
     this.#native = native;
-    this.#store = store;
+    this.#storePort = storePort;
   }
 
   /**
@@ -166,8 +167,10 @@ export class ProcessGroup {
       throw new XftError(`${op}: this build of xft has no CUDA backend, so no NCCL process groups (device 'cuda'); use device 'cpu'`, 'XFT_NATIVE');
     let ncclPaths: string | undefined;
     if (device === 'cuda') {
-      // one GPU per local rank: XFT_CUDA_DEVICE picks it when the CUDA backend starts (it has not, if this runs first)
-      if (process.env.XFT_CUDA_DEVICE === undefined) process.env.XFT_CUDA_DEVICE = String(env.localRank);
+      // one GPU per local rank: XFT_CUDA_DEVICE picks it when the CUDA backend starts (it has not, if this runs first);
+      // with CUDA_VISIBLE_DEVICES naming fewer GPUs (e.g. one per Slurm task) the local rank wraps around them
+      const visible = (process.env.CUDA_VISIBLE_DEVICES ?? '').split(',').filter((d) => d.trim() !== '').length;
+      if (process.env.XFT_CUDA_DEVICE === undefined) process.env.XFT_CUDA_DEVICE = String(visible > 0 ? env.localRank % visible : env.localRank);
       const b = backend();
       if (b.kind !== 'cuda') throw new XftError(`${op}: device 'cuda' is not available: ${b.reason}`, 'XFT_DEVICE');
       if (b.ordinal !== Number(process.env.XFT_CUDA_DEVICE))
@@ -178,16 +181,16 @@ export class ProcessGroup {
         );
       ncclPaths = ncclCandidates().join('\n');
     }
-    const store = env.rank === 0 ? await startStore(env.masterPort, env.worldSize) : undefined;
+    const store = env.rank === 0 ? await acquireStore(env.masterPort, env.worldSize) : undefined;
     try {
       const bindHost = process.env.XFT_GLOO_HOST || (await localAddressToward(env.masterAddr, env.masterPort));
       const native = new Group!({
         backend: device === 'cuda' ? 1 : 0, rank: env.rank, size: env.worldSize, storeHost: env.masterAddr, storePort: env.masterPort,
         prefix, timeoutMs, initTimeoutMs, bindHost, device: env.localRank, ncclPaths,
       });
-      return new ProcessGroup(env, device, timeoutMs, native, store);
+      return new ProcessGroup(env, device, timeoutMs, native, store?.port);
     } catch (err) {
-      await store?.close();
+      if (store) releaseStore(store.port, 0);
       throw err;
     }
   }
@@ -324,10 +327,9 @@ export class ProcessGroup {
       this.#pending.clear();
       native.dispose();
     }
-    // rank 0's store: stopped after this turn of the event loop, once the others had a moment to say BYE
-    const store = this.#store;
-    this.#store = undefined;
-    if (store) setTimeout(() => void store.close(), 200).unref();
+    // rank 0's store: stopped a moment later, once the others said BYE (a group made meanwhile takes it over)
+    if (this.#storePort !== undefined) releaseStore(this.#storePort);
+    this.#storePort = undefined;
   }
 
   get disposed(): boolean {

@@ -77,7 +77,7 @@ function serve(): void {
           const r = Number(key);
           if (Number.isInteger(r) && r >= 0 && r < size) {
             rank = r;
-            Object.assign(ranks[r], { state: 'connected', since: Date.now() });
+            Object.assign(ranks[r], { state: 'connected', seq: 0, kind: -1, since: Date.now() }); // a new group counts from 0
             reply(socket, 0, Buffer.alloc(0));
           } else reply(socket, 1, Buffer.from(`rank ${key} is not in [0, ${size})`));
         } else if (op === 4) {
@@ -111,6 +111,36 @@ function serve(): void {
 export interface StoreServer {
   readonly port: number;
   close(): Promise<void>;
+}
+
+/** The servers this process runs, by port: a group made right after another one's dispose() takes over its
+ * server (still open for the others' BYE) instead of failing with the port in use. */
+const running = new Map<number, { server: Promise<StoreServer>; users: number; size: number; timer?: NodeJS.Timeout }>();
+
+/** The store server of this process on `port`, started (or taken over) for one more group of `size` ranks. */
+export async function acquireStore(port: number, size: number): Promise<StoreServer> {
+  const open = running.get(port);
+  if (open && open.size === size) {
+    if (open.timer) clearTimeout(open.timer);
+    open.timer = undefined;
+    open.users++;
+    return open.server;
+  }
+  const entry = { server: startStore(port, size), users: 1, size, timer: undefined as NodeJS.Timeout | undefined };
+  running.set(port, entry);
+  entry.server.catch(() => running.delete(port));
+  return entry.server;
+}
+
+/** One group is done with the server: the last one closes it after `delayMs` (the other ranks' BYE still arrive). */
+export function releaseStore(port: number, delayMs = 200): void {
+  const open = running.get(port);
+  if (!open || --open.users > 0) return;
+  open.timer = setTimeout(() => {
+    running.delete(port);
+    void open.server.then((s) => s.close());
+  }, delayMs);
+  open.timer.unref();
 }
 
 /** Starts the store server on `port` (all interfaces) for a group of `size` ranks, in a worker thread. */

@@ -107,6 +107,14 @@ async function main() {
     result.busGBps = (((n * 4) / s / 1e9) * 2 * (g.worldSize - 1)) / g.worldSize;
   }
   g.dispose();
+  if (scenario === 'collectives') {
+    // a second group right after: rank 0's store is taken over, not reopened on a port still in use
+    const g2 = await ProcessGroup.init({ timeoutMs, initTimeoutMs: 60_000 });
+    const t = Tensor.ones([3]);
+    g2.allReduce(t);
+    result.second = values(t);
+    g2.dispose();
+  }
   console.log(JSON.stringify(result));
 }
 
