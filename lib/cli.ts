@@ -451,11 +451,13 @@ async function launchRanks(nproc: number, timeoutSeconds: number): Promise<void>
 }
 
 /**
- * One GPU per local rank: XFT_CUDA_DEVICE = LOCAL_RANK (unless set) before the CUDA backend starts,
- * as ProcessGroup.init expects (deviceOf starts the backend before the group is made).
+ * One GPU per local rank, chosen as ProcessGroup.init chooses it (XFT_CUDA_DEVICE unless set: the
+ * local rank, wrapped around the GPUs CUDA_VISIBLE_DEVICES names), but before deviceOf starts the
+ * CUDA backend, which happens before the group is made.
  */
 function pickLocalGpu(env: DistEnv): void {
-  process.env.XFT_CUDA_DEVICE ??= String(env.localRank);
+  const visible = (process.env.CUDA_VISIBLE_DEVICES ?? '').split(',').filter((d) => d.trim() !== '').length;
+  process.env.XFT_CUDA_DEVICE ??= String(visible > 0 ? env.localRank % visible : env.localRank);
 }
 
 /** Ranks other than 0 print only warnings and errors. */
