@@ -48,3 +48,4 @@ export { DataParallel, type DataParallelOptions } from './dist/ddp';
 export { ZeroStage1 } from './dist/zero';
 export { type Collectives, collectivesOf, SoloGroup } from './dist/collectives';
 export { rankBatch, buckets, flatPieces, shardSize, assignWhole, DEFAULT_BUCKET_BYTES, type RankBatch, type Bucket, type BucketParam, type Piece } from './dist/shard';
+export type { Env as DistEnvVariables } from './dist/env';
