@@ -29,6 +29,10 @@ import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer,
 import type { Model } from './model';
 import { planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions } from './plan';
 import { OPTIMIZERS, PRECISIONS, type OptimizerKind, type Precision } from './optim';
+import { distEnv, launch, ProcessGroup, type DistEnv } from './dist/index';
+import { DataParallel } from './dist/ddp';
+import { collectivesOf } from './dist/collectives';
+import { evaluateParallel, defaultMicroBatch, testFaultHook } from './dist/run';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -274,15 +278,17 @@ program
   .addOption(new Option('--grad-dtype <dtype>', "gradients of the linear and expert weights with --precision bf16 or mixed, as xft train (default f32)").choices(['bf16', 'f32']))
   .option('--recompute', 'activation recomputation (as xft train --recompute)')
   .option('--gpu-memory <GB>', 'GPU memory in GB (default: the GPU present, else 80)', num(1e-9))
+  .option('--nproc <n>', 'data-parallel ranks (as xft train --nproc, or torchrun\'s world size): the plan is one rank\'s', int(1), 1)
+  .addOption(new Option('--zero <stage>', 'ZeRO stage as xft train --zero (1: optimizer state sharded over the ranks)').choices(['0', '1']).default('0'))
   .option('--json', 'print JSON')
   .action((dir: string, o: { stage?: PlanOptions['stage']; experts?: number; topK?: number; microBatch: number; seqLen: number; optim: PlanOptions['optimizer']; precision: PlanOptions['precision'];
-    gradDtype?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean }) => {
+    gradDtype?: 'bf16' | 'f32'; recompute?: boolean; gpuMemory?: number; json?: boolean; nproc: number; zero: '0' | '1' }) => {
     if (o.gradDtype === 'bf16' && o.precision === 'f32') throw new UsageError('plan: --grad-dtype bf16 needs bf16 weights (--precision bf16 or mixed)');
     const b = backend();
     const gpuMemory = o.gpuMemory !== undefined ? o.gpuMemory * 1e9 : b.kind === 'cuda' && b.totalMemory ? b.totalMemory : PLAN_DEFAULTS.gpuMemoryGB * 1e9;
     const plan = planMemory(dir, {
       stage: o.stage, experts: o.experts, topK: o.topK, microBatch: o.microBatch, seqLen: o.seqLen, optimizer: o.optim, precision: o.precision,
-      gradients: o.gradDtype, recompute: o.recompute ?? false, gpuMemory,
+      gradients: o.gradDtype, recompute: o.recompute ?? false, gpuMemory, worldSize: o.nproc, zero: o.zero === '1' ? 1 : 0,
     });
     console.log(o.json ? JSON.stringify(plan, null, 2) : formatPlan(plan, { gpu: o.gpuMemory !== undefined ? 'given' : b.kind === 'cuda' ? b.name ?? 'the GPU' : 'no GPU here: 80 GB assumed' }));
   });
@@ -354,6 +360,9 @@ program
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
   .option('--recompute', 'activation recomputation: keep only each block\'s input, recompute it in the backward (less memory, ~1/3 more compute, identical gradients)')
   .option('--skip-nonfinite <n>', 'skip up to N steps whose loss or gradient norm is NaN/Inf (no update) before stopping with exit 1 (default 0: stop at the first)', int(0), 0)
+  .option('--nproc <n>', 'data-parallel processes on this machine (one per GPU, or CPU processes); the global batch stays --batch-size. Under torchrun or srun, omit it: each process is one rank', int(1))
+  .addOption(new Option('--zero <stage>', 'ZeRO stage: 0 replicates the optimizer state on every rank, 1 shards it over the ranks').choices(['0', '1']).default('0'))
+  .option('--dist-timeout <seconds>', 'how long a rank waits for the others (rendezvous, each collective) before the run stops with an error', num(1), 300)
   .addOption(deviceOption())
   .addOption(new Option('--precision <mode>', "'bf16' (bf16 weights updated in place, f32 optimizer math, as the reference), 'mixed' (bf16 compute weights + f32 master weights) or 'f32' (default: GPU bf16, CPU f32)").choices([...PRECISIONS]))
   .addOption(dtypeOption())
@@ -365,6 +374,23 @@ interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
   warmup?: number; weightDecay: number; clip?: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
   dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; optim?: OptimizerKind; stochasticRounding?: boolean; gradDtype?: 'f32' | 'bf16'; recompute?: boolean;
+  nproc?: number; zero: '0' | '1'; distTimeout: number;
+}
+
+/** This process's place in a distributed run and its process group (world size 1: a plain run). */
+interface Rank {
+  env: DistEnv;
+  group: ProcessGroup | null;
+  /** rank 0: writes files, prints progress */
+  lead: boolean;
+}
+
+/** XFT_DDP_BUCKET_BYTES (tests: small buckets), else DDP's 25 MiB. */
+function bucketBytesOf(v: string | undefined): number | undefined {
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < 1) throw new UsageError(`XFT_DDP_BUCKET_BYTES: expected a positive integer but received ${JSON.stringify(v)}`);
+  return n;
 }
 
 /** The options that decide how the saved state reads: given again with --resume, they must match the run's. */
@@ -389,26 +415,80 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions, command: Com
   if (cli.resume)
     for (const k of RESUME_FIXED) if (command.getOptionValueSource(k) !== 'cli') delete cli[k];
   const resumeDir = `${cli.out.replace(/[/\\]+$/, '')}.resume`;
-  checkOut(cli.out);
-  // claim <out> and <out>.resume for the whole run: a second run with this --out fails now, not after training
+  const env = distEnv();
+  if (cli.nproc !== undefined && cli.nproc > 1 && env.source === 'single') return launchRanks(cli.nproc, cli.distTimeout);
+  const rank: Rank = { env, group: null, lead: env.rank === 0 };
+  if (env.worldSize > 1) pickLocalGpu(env);
+  if (!rank.lead) quietRank();
+  if (rank.lead) checkOut(cli.out);
   const claims: FolderLock[] = [];
   try {
-    claims.push(lockFolder(cli.out), lockFolder(resumeDir));
-    await trainRun(modelDir, cli, resumeDir, command);
+    if (env.worldSize > 1) {
+      rank.group = await ProcessGroup.init({ env, device: deviceOf(cli.device ?? savedDevice(resumeDir, cli.resume)), timeoutMs: Math.round(cli.distTimeout * 1000) });
+      if (rank.lead) console.error(`xft: rank 0 of ${env.worldSize} (${env.source}), ${rank.group.backend}, timeout ${cli.distTimeout} s`);
+    }
+    // claim <out> and <out>.resume for the whole run (rank 0 writes them): a second run with this --out fails now, not after training
+    if (rank.lead) claims.push(lockFolder(cli.out), lockFolder(resumeDir));
+    await trainRun(modelDir, cli, resumeDir, command, rank);
   } finally {
     claims.forEach((c) => c.release());
+    rank.group?.dispose();
   }
 }
 
-async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: string, command: Command): Promise<void> {
+/**
+ * `--nproc N` outside a launcher: this process starts N ranks of the same command line (torchrun's
+ * variables set) and supervises them; when one fails, the others are stopped and the exit code and
+ * message are the failed rank's.
+ */
+async function launchRanks(nproc: number, timeoutSeconds: number): Promise<void> {
+  const argv = [process.execPath, ...process.execArgv, process.argv[1], ...process.argv.slice(2)];
+  const r = await launch({ nproc, argv, timeoutMs: Math.min(10_000, Math.round(timeoutSeconds * 1000)) });
+  if (r.exitCode !== 0) {
+    console.error(`xft: train --nproc ${nproc}: ${r.message ?? 'failed'}`);
+    process.exitCode = r.exitCode;
+  }
+}
+
+/**
+ * One GPU per local rank, chosen as ProcessGroup.init chooses it (XFT_CUDA_DEVICE unless set: the
+ * local rank, wrapped around the GPUs CUDA_VISIBLE_DEVICES names), but before deviceOf starts the
+ * CUDA backend, which happens before the group is made.
+ */
+function pickLocalGpu(env: DistEnv): void {
+  const visible = (process.env.CUDA_VISIBLE_DEVICES ?? '').split(',').filter((d) => d.trim() !== '').length;
+  process.env.XFT_CUDA_DEVICE ??= String(visible > 0 ? env.localRank % visible : env.localRank);
+}
+
+/** Ranks other than 0 print only warnings and errors. */
+function quietRank(): void {
+  console.log = () => {};
+}
+
+/** The device a saved run used, for the process group made before its options are read (a plain JSON read: rank 0 recovers the folder later). */
+function savedDevice(resumeDir: string, resume?: boolean): string | undefined {
+  if (!resume) return undefined;
+  try {
+    return (JSON.parse(fs.readFileSync(path.join(resumeDir, 'trainer_state.json'), 'utf8')) as { args?: { options?: { device?: string } } }).args?.options?.device;
+  } catch {
+    return undefined;
+  }
+}
+
+async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: string, command: Command, rank: Rank): Promise<void> {
   let o = cli;
+  const group = rank.group, lead = rank.lead, world = rank.env.worldSize;
+  // rank 0 restores an interrupted replacement of <out>.resume before the others read it
+  if (lead && cli.resume) readTrainStateInfo(resumeDir);
+  group?.barrier();
   const saved = cli.resume ? readTrainStateInfo(resumeDir) : null;
   if (saved) {
     const args = saved.args as { model: string; options: TrainCliOptions } | undefined;
     if (!args) throw new XftError(`${resumeDir}: no run options in trainer_state.json`, 'XFT_FORMAT');
     if (path.resolve(args.model) !== path.resolve(modelDir))
       throw new XftError(`${resumeDir} continues a run of ${args.model}, not ${modelDir}`, 'XFT_VALUE');
-    o = { ...args.options, device: cli.device ?? args.options.device, resume: true };
+    // the world size, sharding and timeout are the caller's: a run resumes at any world size
+    o = { ...args.options, device: cli.device ?? args.options.device, resume: true, nproc: cli.nproc, zero: cli.zero, distTimeout: cli.distTimeout };
     const savedOptim = (saved.optimizer as string | undefined) ?? 'adamw';
     for (const k of RESUME_FIXED) {
       const was = k === 'optim' ? o.optim ?? savedOptim : k === 'stochasticRounding' ? o[k] ?? false : o[k];
@@ -416,23 +496,28 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
         throw new XftError(`--resume: ${resumeDir} holds a run with --${k === 'stochasticRounding' ? 'stochastic-rounding' : k} ${was ?? '(default)'}; ` +
           `it continues only with the same setting (given: ${cli[k]}); start a new run (another --out) to change it`, 'XFT_VALUE');
     }
-    console.log(`resuming at step ${saved.step} with the saved options`);
+    console.log(`resuming at step ${saved.step} with the saved options${world > 1 ? ` on ${world} ranks` : ''}`);
   } else if (!o.data) throw new UsageError("train: required option '--data <file>' not specified");
-  checkOutputFolder(o.out, o.overwrite);
+  if (lead) checkOutputFolder(o.out, o.overwrite);
   const info = readCheckpointInfo(modelDir);
   if (o.merge && info.kind !== 'moe') throw new XftError(`--merge starts merge learning from an MoE checkpoint; ${modelDir} is a ${info.kind} checkpoint`, 'XFT_VALUE');
   const device = deviceOf(o.device);
   const seqLen = seqLenFor(o, info.config, modelDir);
   o = { ...o, seqLen };
   const tok = tokenizerFor(modelDir, o.tokenizer, info.config.vocab_size, true);
-  const samples = await loadData(o.data, tok);
+  const samples = await loadData(o.data, tok, !lead);
   const parts = o.heldOut > 0 ? split(samples, o.heldOut, o.seed) : { train: samples, eval: [] };
   if (parts.train.length === 0) throw new XftError(`${o.data}: no training examples left after holding out ${o.heldOut}`, 'XFT_VALUE');
   const rows = rowsOf(parts.train, { ...o, seqLen }, tok), evalRows = rowsOf(parts.eval, { ...o, seqLen }, tok);
   if (o.evalEvery && evalRows.length === 0) throw new UsageError('train: --eval-every needs held-out examples (--held-out)');
   const batch = Math.min(o.batchSize, rows.length);
-  const micro = o.microBatch ?? Math.min(8, batch);
+  const micro = o.microBatch ?? defaultMicroBatch(batch, world);
   if (batch % micro !== 0) throw new XftError(`--micro-batch ${micro} must divide the batch size ${batch}`, 'XFT_VALUE');
+  if ((batch / micro) % world !== 0)
+    throw new XftError(`--batch-size ${batch} must be --micro-batch ${micro} × accumulation steps × world size ${world}: ${batch / micro} micro-batches do not split over ${world} ranks ` +
+      `(use a batch size that is a multiple of ${micro * world}, or a --micro-batch that divides ${batch / world})`, 'XFT_VALUE');
+  // saved with the run, so that a resume at another world size runs the same micro-batches
+  o = { ...o, microBatch: micro };
 
   const run = runSettings(o, device);
   o = { ...o, ...run };
@@ -461,26 +546,44 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
     process.once('SIGINT', () => process.exit(EXIT.interrupted));
   };
   process.once('SIGINT', onSigint);
+  // a launcher stops its ranks with SIGTERM (Ctrl-C of xft --nproc, torchrun): the same graceful stop
+  if (group) process.once('SIGTERM', onSigint);
+  const dp = group ? new DataParallel(collectivesOf(group), { zero: o.zero === '1' ? 1 : 0, bucketBytes: bucketBytesOf(process.env.XFT_DDP_BUCKET_BYTES) }) : null;
+  const evalOn = (what: Sample[]) => (dp ? evaluateParallel(model, what, micro, dp.group) : evaluate(model, what, { batchSize: micro }));
+  /** The full state to rank 0's folder (a collective under ZeRO); the other ranks wait until it is written. */
+  const saveState = (at: TrainState) => {
+    const full = dp ? dp.fullState(at) : at;
+    try {
+      if (lead) saveTrainState(resumeDir, model, full, runArgs());
+    } finally {
+      dp?.release(full, at);
+    }
+    dp?.barrier();
+  };
+  const fault = testFaultHook(rank.env.rank);
   const b = bar(' train |{bar}| {value}/{total} steps | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_formatted}');
-  b.start(total, state.step, { loss: '-', lr: '-', tps: '-' });
+  if (lead) b.start(total, state.step, { loss: '-', lr: '-', tps: '-' });
+  if (world > 1) console.log(`data parallel: ${world} ranks × ${batch / micro / world} micro-batches of ${micro} per step${o.zero === '1' ? ', ZeRO stage 1 (optimizer state sharded)' : ''}`);
   let savedStep = saved?.step ?? null;
   const r = await trainAsync(model, rows, {
+    parallel: dp ?? undefined,
     lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: run.clip, seed: o.seed,
     optimizer: run.optim, masterWeights: run.precision === 'mixed', stochasticRounding: o.stochasticRounding ?? false, gradDtype: o.gradDtype ?? 'f32',
     resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0, recompute: o.recompute ?? false,
     onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {
       losses.push(s.loss);
-      b.update(s.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSecond) });
+      fault?.(s.step);
+      if (lead) b.update(s.step, { loss: s.loss.toFixed(4), lr: s.lr.toExponential(2), tps: Math.round(s.tokensPerSecond) });
       if (o.evalEvery && s.step % o.evalEvery === 0 && s.step < s.steps) {
-        const ev = evaluate(model, evalRows, { batchSize: micro });
+        const ev = evalOn(evalRows);
         evals.push({ step: s.step, loss: ev.loss, accuracy: ev.accuracy });
         console.log(`step ${s.step}: held-out loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}%`);
       }
       if (o.saveEvery && s.step % o.saveEvery === 0 && s.step < s.steps) {
-        saveTrainState(resumeDir, model, state, runArgs());
+        saveState(state);
         savedStep = s.step;
-        console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
+        if (lead) console.error(`xft: saved a resumable state at step ${s.step} in ${resumeDir}`);
       }
     },
   }).catch((err: unknown) => {
@@ -492,31 +595,40 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   }).finally(() => {
     b.stop();
     process.removeListener('SIGINT', onSigint);
+    process.removeListener('SIGTERM', onSigint);
   });
   if (r.interrupted) {
-    saveTrainState(resumeDir, model, r.state, runArgs());
-    console.error(`xft: saved the state at step ${r.state.step}/${total} in ${resumeDir}; continue with: xft train ${modelDir} --out ${o.out} --resume`);
+    saveState(r.state);
+    if (lead) console.error(`xft: saved the state at step ${r.state.step}/${total} in ${resumeDir}; continue with: xft train ${modelDir} --out ${o.out} --resume`);
     process.exitCode = EXIT.interrupted;
     return;
   }
   const metrics: Record<string, unknown> = { kind: model.kind, steps: total, losses, evals, lr, warmup, batch, seqLen: o.seqLen, ...run };
+  if (world > 1) metrics.worldSize = world;
   if (evalRows.length) {
-    const ev = evaluate(model, evalRows, { batchSize: micro });
+    const ev = evalOn(evalRows);
     metrics.eval = ev;
     console.log(`held-out: loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}% (${ev.tokens} tokens)`);
   }
   const files = { 'xft_train.json': JSON.stringify(metrics, null, 2) + '\n' };
-  if (model.kind === 'merged') {
-    // the frozen experts are copied from the source checkpoint as they are there; only α comes from the run
-    saveMergeCheckpoint(model, modelDir, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, files });
-  } else {
-    // a bf16 run: the written weights are rounded from the f32 master weights, not from the bf16 copies
-    useMasterWeights(model, r.state);
-    saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files });
+  // the full state (gathered under ZeRO) for the master weights; rank 0 writes, the others wait for it
+  const full = dp ? dp.fullState(r.state) : r.state;
+  if (lead) {
+    if (model.kind === 'merged') {
+      // the frozen experts are copied from the source checkpoint as they are there; only α comes from the run
+      saveMergeCheckpoint(model, modelDir, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, files });
+    } else {
+      // a bf16 run: the written weights are rounded from the f32 master weights, not from the bf16 copies
+      useMasterWeights(model, full);
+      saveModel(model, o.out, { dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, copyFrom: modelDir, files });
+    }
   }
-  fs.rmSync(resumeDir, { recursive: true, force: true });
+  dp?.release(full, r.state);
+  dp?.barrier();
+  if (lead) fs.rmSync(resumeDir, { recursive: true, force: true });
   console.log(`wrote ${o.out} (${model.kind} checkpoint); final training loss ${losses.at(-1)?.toFixed(4) ?? '-'}`);
   disposeState(r.state);
+  dp?.dispose();
   model.dispose();
 }
 

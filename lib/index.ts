@@ -22,12 +22,12 @@ export type { NativeCudaProbe } from './backend_reason';
 export * from './checkpoint';
 export {
   type OptimizerKind, type OptimizerState, type Precision, OPTIMIZERS, PRECISIONS, bytesPerParameter, adafactorState, adafactorStateShapes,
-  adafactorStateElements, isFactored, type AdamWOptions, type AdafactorOptions, type AdafactorEntry, type AdafactorState,
+  adafactorStateElements, isFactored, type AdamWOptions, type AdafactorOptions, type AdafactorEntry, type AdafactorState, type StepHyper,
 } from './optim';
 export { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
-export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type Context } from './model';
+export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type Context, type BackwardOptions } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type RouterInitKind, type MergeableOptions, type InitOptions } from './xft';
-export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult } from './train';
+export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult, type TrainParallel } from './train';
 export {
   type Example, type Sample, type Batch, type Tokenizer, ByteTokenizer, HfTokenizer, loadTokenizer, parseJsonl, readJsonl,
   encodeExample, formatPrompt, toRows, concatRows, countTargets, type TokenArray, batches, split, shuffle, MAGICODER_PROMPT,
@@ -46,3 +46,8 @@ export {
   ProcessGroup, distEnv, expandNodelist, launch, DEFAULT_MASTER_PORT, DEFAULT_DIST_TIMEOUT_MS,
   type DistEnv, type DistSource, type ProcessGroupOptions, type ReduceOp, type DistBackend, type Work, type LaunchOptions, type LaunchResult,
 } from './dist';
+export { DataParallel, type DataParallelOptions } from './dist/ddp';
+export { ZeroStage1 } from './dist/zero';
+export { type Collectives, collectivesOf, SoloGroup } from './dist/collectives';
+export { rankBatch, buckets, flatPieces, shardSize, assignWhole, DEFAULT_BUCKET_BYTES, type RankBatch, type Bucket, type BucketParam, type Piece } from './dist/shard';
+export type { Env as DistEnvVariables } from './dist/env';

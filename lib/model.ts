@@ -30,6 +30,21 @@ import { type LlamaConfig, type MoeConfig, ropeScaling } from './config';
 /** The floor of the router noise scale: softplus(x W_noise) + 0.01 (the reference's noise_epsilon). */
 const NOISE_EPS = 0.01;
 
+export interface BackwardOptions {
+  /** gradients of the mean loss are multiplied by this (default 1) */
+  scale?: number;
+  /** the loss is the mean over this many counted tokens (default: the forward's) */
+  tokens?: number;
+  /** multiplies the balance loss gradient (default `scale`) */
+  auxScale?: number;
+  /**
+   * Called as the backward finishes the gradients of a group of parameters (the trainable ones of
+   * lm_head + final norm, then each block from the last, then the embedding), so that a data-parallel
+   * run can start reducing them while the rest of the backward runs (lib/dist/ddp.ts).
+   */
+  onGradients?: (params: Param[]) => void;
+}
+
 /** A trainable (or frozen) tensor with its gradient. */
 export class Param {
   grad: Tensor | null = null;
@@ -688,13 +703,15 @@ export class Model {
    * counted tokens (default: the forward's), scaled by `scale`; the balance loss gradient is scaled by
    * `auxScale` (default `scale`; e.g. 1 / accumulation steps).
    */
-  backward(options: { scale?: number; tokens?: number; auxScale?: number } = {}): void {
+  backward(options: BackwardOptions = {}): void {
     const op = 'Model.backward';
-    const o = expectOptions<{ scale?: number; tokens?: number; auxScale?: number }>(op, options, 'an options object { scale?, tokens?, auxScale? }');
+    const o = expectOptions<BackwardOptions>(op, options, 'an options object { scale?, tokens?, auxScale?, onGradients? }');
     if (o.scale !== undefined) expectNumber(op, 'options.scale', o.scale);
     if (o.tokens !== undefined) expectInt(op, 'options.tokens', o.tokens, 0);
     if (o.auxScale !== undefined) expectNumber(op, 'options.auxScale', o.auxScale);
+    if (o.onGradients !== undefined && typeof o.onGradients !== 'function') throw invalidArgument(op, 'options.onGradients', 'a function', o.onGradients, 'XFT_TYPE');
     options = o;
+    const ready = (params: Param[]) => o.onGradients?.(params.filter((p) => p.trainable));
     const s = this.#saved;
     if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
     const tokens = options.tokens ?? s.tokens;
@@ -707,11 +724,14 @@ export class Model {
     const xLast = s.xs[s.xs.length - 1];
     let dx = lops.rmsnormBackward(xLast, this.norm.value, s.rstdf, dnf, { dw: this.norm.trainable ? this.norm.gradBuffer() : false }).dx;
     disposeAll(dnf, s.nf, s.rstdf, s.logits, xLast);
+    ready([this.lmHead, this.norm]);
     for (let i = this.blocks.length - 1; i >= 0; i--) {
       dx = this.blocks[i].backward(c2, dx);
       if (i > 0) s.xs[i].dispose();
+      ready(this.blocks[i].params());
     }
     if (this.embed.trainable) lops.embeddingBackward(s.ids, dx, this.config.vocab_size, { into: this.embed.gradBuffer() });
+    ready([this.embed]);
     disposeAll(dx, s.xs[0]);
     this.#saved = null;
   }

@@ -25,6 +25,7 @@ import { type LlamaConfig, type MoeConfig, llamaConfig, moeConfig } from './conf
 import { readCheckpointInfo, type CheckpointKind } from './checkpoint';
 import { upcycleMoeConfig } from './xft';
 import { MAX_TENSOR_ELEMENTS } from './tensor';
+import { DEFAULT_BUCKET_BYTES, assignWhole } from './dist/shard';
 
 export type PlanStage = 'sft' | 'moe' | 'merge';
 export type PlanOptimizer = 'adafactor' | 'adamw';
@@ -58,6 +59,14 @@ export interface PlanOptions {
   recompute?: boolean;
   /** bytes of the GPU (default: 80 GB) */
   gpuMemory?: number;
+  /** data-parallel ranks (default 1): the plan is one rank's */
+  worldSize?: number;
+  /**
+   * ZeRO stage (default 0: each rank holds the whole optimizer state). 1: the optimizer state (and
+   * f32 master weights) sharded: AdamW by flat ranges (1/W each, plus a reduce-scattered gradient
+   * shard and one bucket of packed gradients), Adafactor by whole tensors (the most loaded rank)
+   */
+  zero?: 0 | 1;
 }
 
 export interface MemoryBreakdown {
@@ -78,6 +87,8 @@ export interface MemoryPlan {
   recompute: boolean;
   microBatch: number;
   seqLen: number;
+  worldSize: number;
+  zero: 0 | 1;
   /** parameters of the model trained, and how many of them are trained */
   parameters: number;
   trainable: number;
@@ -212,6 +223,8 @@ function optimizerElements(shape: number[], optimizer: PlanOptimizer): number {
 }
 
 interface Settings {
+  worldSize: number;
+  zero: 0 | 1;
   optimizer: PlanOptimizer;
   precision: PlanPrecision;
   gradients: 'bf16' | 'f32';
@@ -235,16 +248,33 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
   const wBytes = o.precision === 'f32' ? 4 : 2;
   const gBytes = o.precision !== 'f32' ? BYTES[o.gradients] : 4;
   // persistent: weights, gradients of the trainable parameters, optimizer state (+ f32 masters of mixed precision)
+  const stateBytes: number[] = [];
+  let gradBytes = 0;
   for (const p of s.params) {
     const n = numel(p.shape), wb = p.f32 ? 4 : wBytes;
     pool.alloc('weights', n * wb);
     if (!p.trainable) continue;
     // train(): bf16 gradients (--grad-dtype bf16) only for bf16 matrices and expert stacks; the embedding and vectors keep f32
-    pool.alloc('gradients', n * (!p.f32 && !p.embed && p.shape.length >= 2 ? gBytes : 4));
-    pool.alloc('optimizer', 4 * optimizerElements(p.shape, o.optimizer));
-    if (o.precision === 'mixed' && wb !== 4) pool.alloc('optimizer', 4 * n);
+    const gb = n * (!p.f32 && !p.embed && p.shape.length >= 2 ? gBytes : 4);
+    pool.alloc('gradients', gb);
+    gradBytes += gb;
+    stateBytes.push(4 * optimizerElements(p.shape, o.optimizer) + (o.precision === 'mixed' && wb !== 4 ? 4 * n : 0));
+  }
+  const W = o.worldSize;
+  if (o.zero === 0 || W === 1) stateBytes.forEach((b) => pool.alloc('optimizer', b));
+  else if (o.optimizer === 'adamw') {
+    // lib/dist/zero.ts: 1/W of each bucket's state, and the reduce-scattered gradient shard
+    pool.alloc('optimizer', Math.ceil(stateBytes.reduce((a, b) => a + b, 0) / W));
+    pool.alloc('gradients', Math.ceil(gradBytes / W));
+  } else {
+    // whole tensors to ranks, largest first to the least loaded: the most loaded rank's share
+    const owner = assignWhole(stateBytes, W), load = new Array<number>(W).fill(0);
+    stateBytes.forEach((b, i) => (load[owner[i]] += b));
+    pool.alloc('optimizer', Math.max(...load));
   }
   const persistent = pool.now.total;
+  // ZeRO with AdamW packs one gradient bucket at a time for the reduce-scatter (after the backward)
+  if (o.zero === 1 && W > 1 && o.optimizer === 'adamw') pool.scratch(Math.min(DEFAULT_BUCKET_BYTES, gradBytes));
 
   const B = o.B, T = o.T, N = B * T, d = c.hidden_size, f = c.intermediate_size, H = c.num_attention_heads;
   const kv = c.num_key_value_heads * (d / H), V = c.vocab_size, L = c.num_hidden_layers;
@@ -457,7 +487,10 @@ export function planMemory(source: string | PlanSource, options: PlanOptions = {
   if (src.kind === 'dense' && stage !== 'sft')
     moe = upcycleMoeConfig({ experts: positiveInt('experts', options.experts, 8), topK: positiveInt('topK', options.topK, 6) }, 'planMemory');
   const precision = oneOf('precision', options.precision, ['mixed', 'bf16', 'f32'] as const, PLAN_DEFAULTS.precision);
+  const worldSize = positiveInt('worldSize', options.worldSize, 1);
+  const zero = options.zero === undefined ? 0 : options.zero === 0 || options.zero === 1 ? options.zero : fail('zero', '0 or 1', options.zero);
   const settings: Settings = {
+    worldSize, zero,
     optimizer: oneOf('optimizer', options.optimizer, ['adafactor', 'adamw'] as const, PLAN_DEFAULTS.optimizer),
     precision,
     gradients: precision !== 'f32' ? oneOf('gradients', options.gradients, ['bf16', 'f32'] as const, BF16_GRADIENTS_DEFAULT) : 'f32',
@@ -487,7 +520,7 @@ export function planMemory(source: string | PlanSource, options: PlanOptions = {
   const parameters = shapes.params.reduce((a, p) => a + numel(p.shape), 0);
   const trainable = shapes.params.filter((p) => p.trainable).reduce((a, p) => a + numel(p.shape), 0);
   return {
-    stage, optimizer: settings.optimizer, precision, gradients: settings.gradients, recompute: settings.recompute, microBatch: settings.B, seqLen: settings.T,
+    stage, optimizer: settings.optimizer, precision, gradients: settings.gradients, recompute: settings.recompute, microBatch: settings.B, seqLen: settings.T, worldSize, zero,
     parameters, trainable, moe: moe && stage !== 'sft' ? { experts: moe.num_experts, topK: moe.num_selects } : null,
     peak, persistent, gpuMemory, fits: fitsIn({ peak, largest }), tooLarge: largest > MAX_TENSOR_ELEMENTS, maxMicroBatch,
   };
@@ -507,7 +540,8 @@ export function formatPlan(p: MemoryPlan, options: { gpu?: string } = {}): strin
   const width = rows.reduce((w, [name]) => Math.max(w, name.length), 'peak'.length);
   return [
     `${p.stage} stage${moe}: ${(p.parameters / 1e9).toFixed(2)}B parameters (${(p.trainable / 1e9).toFixed(p.trainable < 1e7 ? 6 : 2)}B trained)`,
-    `${p.optimizer}, ${p.precision} precision${grads}${p.recompute ? ', activation recomputation' : ''}; micro-batch ${p.microBatch} × ${p.seqLen} tokens`,
+    `${p.optimizer}, ${p.precision} precision${grads}${p.recompute ? ', activation recomputation' : ''}; micro-batch ${p.microBatch} × ${p.seqLen} tokens` +
+      (p.worldSize > 1 ? `; per rank of ${p.worldSize}${p.zero ? ', ZeRO stage 1 (optimizer state sharded)' : ' (optimizer state replicated)'}` : ''),
     '',
     ...rows.map(([name, v]) => `  ${name.padEnd(width)}  ${gb(v).padStart(10)}`),
     `  ${'peak'.padEnd(width)}  ${gb(p.peak.total).padStart(10)}`,

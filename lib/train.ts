@@ -19,7 +19,8 @@ import * as path from 'node:path';
 import { XftError, describe } from './errors';
 import { Tensor, disposeAll } from './tensor';
 import * as lops from './ops_layers';
-import { type OptimizerKind, type OptimizerState, OPTIMIZERS, disposeOptimizerState, optimizerOf, optimizerStep, prepareState, setStateTensor, stateTensors } from './optim';
+import { type OptimizerKind, type OptimizerState, type StepHyper, OPTIMIZERS, disposeOptimizerState, optimizerOf, optimizerStep, prepareState, setStateTensor, stateTensors } from './optim';
+import type { Device } from './tensor';
 import { type Model, type Param, expectModel } from './model';
 import { type Sample, concatRows, countTargets, expectSamples, shuffle } from './data';
 import { SafetensorsReader, writeSafetensors } from './safetensors';
@@ -70,6 +71,33 @@ export interface TrainOptions {
   skipNonFinite?: number;
   /** called with a warning about the run (e.g. a loss stuck at ln(vocab)); default: none */
   onWarning?: (message: string) => void;
+  /**
+   * data parallelism over several processes (lib/dist/ddp.ts DataParallel): each runs its share of
+   * every step's micro-batches (batchSize = microBatch × accumulation steps × world size), gradients
+   * and logged losses are summed over ranks; the losses are the single process's
+   */
+  parallel?: TrainParallel;
+}
+
+/**
+ * What the trainer asks of a data-parallel run (lib/dist/ddp.ts implements it); every rank calls
+ * these in the same order.
+ */
+export interface TrainParallel {
+  readonly rank: number;
+  readonly worldSize: number;
+  /** weights made equal on every rank, the optimizer state completed (or sharded) */
+  prepare(kind: OptimizerKind, params: Param[], state: TrainState, device: Device, masterWeights: boolean): void;
+  /** the last micro-batch's backward has finished these parameters' gradients */
+  gradientsReady(params: readonly Param[]): void;
+  /** numbers summed over ranks, the same on every rank */
+  sum(values: readonly number[]): number[];
+  /** finishes the gradient reduction; the squared norm of the whole reduced gradient */
+  reduceGradients(): number;
+  /** the optimizer step; the weights are equal on every rank afterwards */
+  update(kind: OptimizerKind, params: Param[], state: TrainState, hyper: StepHyper): void;
+  /** a skipped step's reduced gradients are dropped */
+  discard(): void;
 }
 
 export interface StepInfo {
@@ -147,6 +175,10 @@ export class Trainer {
   readonly #seqLen: number;
   readonly #micro: number;
   readonly #accum: number;
+  /** micro-batches of a step this rank runs, and the first one's index in the step */
+  readonly #localAccum: number;
+  readonly #firstMicro: number;
+  readonly #par: TrainParallel | undefined;
   readonly #stepsPerEpoch: number;
   readonly #last: number;
   #order: Sample[] = [];
@@ -188,6 +220,15 @@ export class Trainer {
     check(o.gradDtype !== 'bf16' || model.dtype === 'bf16', 'gradDtype', "'f32' for an f32 model (bf16 gradients need bf16 weights)", o.gradDtype);
     check(o.resume === undefined || (o.resume !== null && typeof o.resume === 'object' && o.resume.m instanceof Map && o.resume.v instanceof Map &&
       Number.isSafeInteger(o.resume.step)), 'resume', 'a TrainState (from train or loadTrainState)', o.resume);
+    const par = o.parallel;
+    check(par === undefined || (par !== null && typeof par === 'object' && typeof par.reduceGradients === 'function'), 'parallel', 'a TrainParallel (lib/dist DataParallel)', par);
+    const world = par?.worldSize ?? 1, rank = par?.rank ?? 0, accum = o.batchSize / micro;
+    if (accum % world !== 0)
+      throw new XftError(`train: the batch size ${o.batchSize} must be micro-batch × accumulation steps × world size: ${accum} micro-batches of ${micro} do not split over ${world} ranks ` +
+        `(use a batch size that is a multiple of ${micro * world}, or a micro-batch that divides ${o.batchSize / world})`, 'XFT_VALUE');
+    this.#par = par;
+    this.#localAccum = accum / world;
+    this.#firstMicro = rank * this.#localAccum;
     this.#o = o;
     this.#rows = rows;
     this.#seqLen = seqLen;
@@ -198,9 +239,10 @@ export class Trainer {
     this.#last = Math.min(this.total, o.stopAfter ?? this.total);
     this.#params = model.trainableParams();
     this.state = o.resume ?? { step: 0, m: new Map(), v: new Map() };
-    prepareState(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true, this.state.step);
     for (const p of this.#params)
       p.gradDtype = o.gradDtype === 'bf16' && p.value.dtype === 'bf16' && p.value.shape.length >= 2 && p !== model.embed ? 'bf16' : 'f32';
+    if (par) par.prepare(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true);
+    else prepareState(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true, this.state.step);
     model.zeroGrad();
   }
 
@@ -223,26 +265,36 @@ export class Trainer {
     const chunk = this.#order.slice(first, first + o.batchSize);
     const stepTokens = chunk.reduce((a, r) => a + countTargets(r.targets), 0);
     let lossSum = 0, aux = 0;
-    for (let mb = 0; mb < accum; mb++) {
+    // this rank's micro-batches of the step (all of them in a single process); the backward divides by
+    // the whole step's token count, so that summing over ranks gives the single process's gradient
+    const par = this.#par, last = this.#firstMicro + this.#localAccum - 1;
+    for (let mb = this.#firstMicro; mb <= last; mb++) {
       const part = chunk.slice(mb * micro, (mb + 1) * micro);
       const ids = Tensor.from(concatRows(part, 'ids'), [part.length * seqLen], { dtype: 'i32', device: model.device });
       const targets = Tensor.from(concatRows(part, 'targets'), [part.length * seqLen], { dtype: 'i32', device: model.device });
       const f = model.forward(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false });
-      model.backward({ tokens: stepTokens, scale: 1, auxScale: 1 / accum });
+      model.backward({ tokens: stepTokens, scale: 1, auxScale: 1 / accum, onGradients: par && mb === last ? (ps) => par.gradientsReady(ps) : undefined });
       lossSum += f.loss * f.tokens;
       aux += f.auxLoss / accum;
       disposeAll(ids, targets);
     }
-    const withGrad = this.#params.filter((p) => p.grad !== null);
-    const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
-    const gradNorm = Math.sqrt(sq.item());
-    sq.dispose();
+    let gradNorm: number;
+    if (par) {
+      [lossSum, aux] = par.sum([lossSum, aux]);
+      gradNorm = Math.sqrt(par.reduceGradients());
+    } else {
+      const withGrad = this.#params.filter((p) => p.grad !== null);
+      const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
+      gradNorm = Math.sqrt(sq.item());
+      sq.dispose();
+    }
     const loss = stepTokens ? lossSum / stepTokens : 0;
     const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
     // the one divergence check: loss and norm are already on the host (no extra sync)
     const finite = Number.isFinite(loss) && Number.isFinite(aux) && Number.isFinite(gradNorm);
     if (!finite) {
       model.zeroGrad();
+      par?.discard();
       if (this.skipped >= (o.skipNonFinite ?? 0)) {
         const skipped = o.skipNonFinite ? ` (${this.skipped} step(s) skipped already, --skip-nonfinite ${o.skipNonFinite})` : '';
         throw new XftError(
@@ -254,10 +306,12 @@ export class Trainer {
     } else {
       const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
       // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter
-      optimizerStep(optimizerOf(this.state), this.#params, this.state, {
+      const hyper: StepHyper = {
         lr, step: step + 1, gradScale: scale, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
         stochasticRounding: o.stochasticRounding, seed,
-      });
+      };
+      if (par) par.update(optimizerOf(this.state), this.#params, this.state, hyper);
+      else optimizerStep(optimizerOf(this.state), this.#params, this.state, hyper);
       model.zeroGrad();
       this.#watchStuck(loss);
     }
@@ -316,7 +370,9 @@ export async function trainAsync(model: Model, rows: readonly Sample[], options:
     const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
     while (!run.done) {
       await tick();
-      if (options.signal?.aborted) return { ...run.result(), interrupted: true };
+      // ranks stop together: a Ctrl-C seen by any rank stops all of them after the same step
+      const aborted = options.signal?.aborted ?? false;
+      if (options.parallel ? options.parallel.sum([aborted ? 1 : 0])[0] > 0 : aborted) return { ...run.result(), interrupted: true };
       run.step();
     }
     return { ...run.result(), interrupted: false };

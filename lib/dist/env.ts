@@ -28,7 +28,8 @@ export interface DistEnv {
   source: DistSource;
 }
 
-type Env = Record<string, string | undefined>;
+/** Environment variables as distEnv reads them (process.env by default). */
+export type Env = Record<string, string | undefined>;
 
 function bad(name: string, expected: string, value: unknown): XftError {
   return new XftError(`distEnv: expected ${expected} for the environment variable ${name} but received ${describe(value)}`, 'XFT_VALUE');
