@@ -11,7 +11,7 @@ import * as routerOps from './ops_router';
 import { adamw, adafactor } from './optim';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
 export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adafactor };
-export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
+export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions, GateUpOptions, GateUpBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
 export type { RouterLinearBackwardOptions } from './ops_router';
 export type {
