@@ -270,7 +270,7 @@ function simulate(s: Shapes, o: Settings): { peak: MemoryBreakdown; persistent: 
     // whole tensors to ranks, largest first to the least loaded: the most loaded rank's share
     const owner = assignWhole(stateBytes, W), load = new Array<number>(W).fill(0);
     stateBytes.forEach((b, i) => (load[owner[i]] += b));
-    pool.alloc('optimizer', Math.max(...load));
+    pool.alloc('optimizer', load.reduce((a, b) => Math.max(a, b), 0));
   }
   const persistent = pool.now.total;
   // ZeRO with AdamW packs one gradient bucket at a time for the reduce-scatter (after the backward)

@@ -32,7 +32,7 @@ const ALLOWED = [
   /^(package\.json|README\.md|LICENSE|CMakeLists\.txt|scripts\/install\.js)$/,
   /^dist\/lib\/(\w+\/)?\w+\.(js|mjs|d\.ts|d\.mts|js\.map|mjs\.map)$/, // the build, its types and source maps (lib/optim/ …)
   /^lib\/(\w+\/)?\w+\.m?ts$/, // the sources the maps point to
-  /^binding\/(cpu\/|portable\/)?\w+\.(cc|h)$/, // what a source build compiles
+  /^binding\/(cpu\/|portable\/|dist\/)?\w+\.(cc|h)$/, // what a source build compiles
   /^cuda\/\w+\.(cu|cuh|h)$/,
   /^prebuilds\/linux-(x64|x64-cpu|arm64)\/node\.napi\.node$/,
 ];

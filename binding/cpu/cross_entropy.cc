@@ -58,7 +58,7 @@ template <class T, bool kFast>
 XFT_INLINE void forward_rows(const T* logits, const int* targets, int V, float* losses, int* predictions, float* e,
                              size_t r0, size_t r1) {
   for (size_t r = r0; r < r1; r++) {
-    const T* z = logits + r * (size_t)V;
+    const T* z = logits + (size_t)r * V;
     const float m = row_max(z, V);
     // argmax: the lowest index holding the max (a NaN first value wins, as a sequential scan with > does)
     int best = 0;
@@ -79,8 +79,8 @@ template <class T, bool kFast>
 XFT_INLINE void backward_rows(const T* logits, const int* targets, const float* dloss, int V, T* dlogits, float* e,
                               size_t r0, size_t r1) {
   for (size_t r = r0; r < r1; r++) {
-    const T* z = logits + r * (size_t)V;
-    T* dz = dlogits + r * (size_t)V;
+    const T* z = logits + (size_t)r * V;
+    T* dz = dlogits + (size_t)r * V;
     const int target = targets[r];
     if (target < 0 || target >= V) {
       for (int j = 0; j < V; j++) xft_cpu::st(dz, (size_t)j, 0.f);

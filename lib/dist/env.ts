@@ -110,7 +110,7 @@ export function expandNodelist(list: string, name = 'SLURM_NODELIST'): string[] 
       }
     }
     if (consumed !== part.length) throw fail();
-    hosts.push(...expansions);
+    for (const h of expansions) hosts.push(h);
   }
   return hosts;
 }

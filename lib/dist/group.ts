@@ -94,7 +94,7 @@ export function ncclCandidates(env: Record<string, string | undefined> = process
     }
   }
   const py = spawnSync('python3', ['-c', 'import site, sys; print(chr(10).join(site.getsitepackages() + [site.getusersitepackages()]))'], { encoding: 'utf8', timeout: 10_000 });
-  if (py.status === 0) sites.push(...py.stdout.split('\n').map((s) => s.trim()).filter(Boolean));
+  if (py.status === 0) for (const s of py.stdout.split('\n')) if (s.trim()) sites.push(s.trim());
   for (const site of sites) {
     const file = path.join(site, 'nvidia', 'nccl', 'lib', 'libnccl.so.2');
     if (!out.includes(file) && fs.existsSync(file)) out.push(file);
