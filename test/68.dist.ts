@@ -10,6 +10,7 @@ import { Tensor, backend } from '../lib/tensor';
 import { ProcessGroup, distEnv, expandNodelist, launch } from '../lib/dist';
 import { freePort } from '../lib/dist/launch';
 import { distNative } from '../lib/dist/native';
+import { noGloo } from './helpers/dist';
 import { distInput } from './helpers/dist_inputs';
 
 const CHILD = path.join(__dirname, 'helpers', 'dist_child.ts');
@@ -17,7 +18,7 @@ const CHILD = path.join(__dirname, 'helpers', 'dist_child.ts');
 const TS_REQUIRE = path.join(__dirname, 'helpers', 'ts_require.js');
 /** The children's environment without tap's NODE_OPTIONS (its loaders would take the .ts files and cost seconds each). */
 const CHILD_ENV = { ...process.env, NODE_OPTIONS: '' };
-const skipGloo = distNative.distGloo ? false : 'this build has no Gloo (apt-get install libgloo-dev, then rebuild)';
+const skipGloo = noGloo;
 
 interface RankRun {
   code: number | null;

@@ -4,14 +4,14 @@
 // the one-process curve; a rank that hangs stops the run within --dist-timeout.
 import t from 'tap';
 import * as fs from 'node:fs';
-import { distWorkspace, maxDiff, ok } from './helpers/dist';
+import { distWorkspace, maxDiff, noGloo, ok } from './helpers/dist';
 import { SafetensorsReader } from '../lib/safetensors';
 
 const { at, xft, losses } = distWorkspace('xft-dist-faults-', (fn) => t.teardown(fn));
 const RUN = ['train', 'moe', '--data', 'data.jsonl', '--seq-len', '200', '--batch-size', '6', '--micro-batch', '1', '--steps', '5', '--lr', '3e-3', '--warmup', '1'];
 const TOLERANCE = 1e-5;
 
-t.test('a killed rank ends the run; the .resume it leaves continues the curve with 1 and with 3 processes', async (t) => {
+t.test('a killed rank ends the run; the .resume it leaves continues the curve with 1 and with 3 processes', { skip: noGloo }, async (t) => {
   const unbroken = await xft([...RUN, '--out', 'whole']);
   ok(t, unbroken);
   const curve = losses('whole');
@@ -47,7 +47,7 @@ t.test('a killed rank ends the run; the .resume it leaves continues the curve wi
   }
 });
 
-t.test('a rank that hangs stops every rank within --dist-timeout, naming it', async (t) => {
+t.test('a rank that hangs stops every rank within --dist-timeout, naming it', { skip: noGloo }, async (t) => {
   const r = await xft([...RUN, '--out', 'hang', '--nproc', '2', '--dist-timeout', '3'], { XFT_TEST_HANG_AT_STEP: '1:1' });
   t.not(r.code, 0, `exit ${r.code}`);
   t.match(r.err, /rank 1 did not arrive within 3000 ms/, 'rank 0 names the rank that hangs');

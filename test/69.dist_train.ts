@@ -2,14 +2,14 @@
 // per-step losses of one process (f32, within 1e-5), with the optimizer state replicated or sharded
 // (--zero 1: AdamW by flat ranges, Adafactor by whole tensors); a batch that does not split is refused.
 import t from 'tap';
-import { distWorkspace, maxDiff, ok } from './helpers/dist';
+import { distWorkspace, maxDiff, noGloo, ok } from './helpers/dist';
 
 const { xft, losses } = distWorkspace('xft-dist-train-', (fn) => t.teardown(fn));
 // an MoE: the balance loss and router noise must follow the micro-batch, not the rank
 const RUN = ['train', 'moe', '--data', 'data.jsonl', '--seq-len', '200', '--batch-size', '6', '--micro-batch', '1', '--steps', '3', '--lr', '3e-3', '--warmup', '1'];
 const TOLERANCE = 1e-5;
 
-t.test('--nproc 2 and 3, with and without --zero 1, give the losses of one process (AdamW)', async (t) => {
+t.test('--nproc 2 and 3, with and without --zero 1, give the losses of one process (AdamW)', { skip: noGloo }, async (t) => {
   const one = await xft([...RUN, '--out', 'one']);
   ok(t, one);
   const base = losses('one');
@@ -24,7 +24,7 @@ t.test('--nproc 2 and 3, with and without --zero 1, give the losses of one proce
   }
 });
 
-t.test('Adafactor sharded by whole tensors (--zero 1) gives the losses of one process', async (t) => {
+t.test('Adafactor sharded by whole tensors (--zero 1) gives the losses of one process', { skip: noGloo }, async (t) => {
   const one = await xft([...RUN, '--optim', 'adafactor', '--out', 'af1']);
   ok(t, one);
   const r = await xft([...RUN, '--optim', 'adafactor', '--out', 'af2', '--nproc', '2', '--zero', '1']);
@@ -33,7 +33,7 @@ t.test('Adafactor sharded by whole tensors (--zero 1) gives the losses of one pr
   t.ok(d <= TOLERANCE, `max |loss - one process's| = ${d.toExponential(2)}`);
 });
 
-t.test('a batch that does not split over the ranks is refused before training', async (t) => {
+t.test('a batch that does not split over the ranks is refused before training', { skip: noGloo }, async (t) => {
   const r = await xft([...RUN, '--micro-batch', '2', '--out', 'bad', '--nproc', '2']);
   t.equal(r.code, 3, 'exit 3 (a value that does not fit)');
   t.match(r.err, /--batch-size 6 must be --micro-batch 2 × accumulation steps × world size 2: 3 micro-batches do not split over 2 ranks/);

@@ -8,6 +8,7 @@ import { spawn } from 'node:child_process';
 import { tinyConfig } from '../../lib/config';
 import { createDense, upcycle } from '../../lib/xft';
 import { saveModel } from '../../lib/checkpoint';
+import { distNative } from '../../lib/dist/native';
 
 
 /** The command that runs the CLI: [node, ...args] (test/helpers/cli_entry.js: lib/cli.ts through the cached transpile hook; the launched ranks run the same). */
@@ -55,4 +56,17 @@ export function ok(t: { equal: (a: unknown, b: unknown, m: string) => unknown },
 export function maxDiff(a: readonly number[], b: readonly number[]): number {
   if (a.length !== b.length) return Infinity;
   return a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0);
+}
+
+/**
+ * Why the multi-process tests cannot run here (false: they can): the build has no Gloo. With
+ * XFT_REQUIRE_GLOO set (CI) a missing Gloo is an error, not a skip.
+ */
+export const noGloo: string | false = distNative.distGloo
+  ? false
+  : process.env.XFT_REQUIRE_GLOO
+    ? glooRequired()
+    : 'this build has no Gloo (apt-get install libgloo-dev, then rebuild)';
+function glooRequired(): never {
+  throw new Error('XFT_REQUIRE_GLOO is set but this addon was built without Gloo (apt-get install libgloo-dev, then rebuild)');
 }
