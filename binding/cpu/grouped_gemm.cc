@@ -361,15 +361,31 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
 
 namespace {
 
-// x gathered into xe [M, d] (dtype), row i = x[gather[i] / div] or zeros; without gather nothing to do
-std::vector<char> gather_rows(const void* x, const int* gather, int div, int S, int M, int d, size_t es) {
-  std::vector<char> xe;
-  if (!gather) return xe;
+// Temporaries of the fused twins: buffers of the calling thread kept across calls (a fresh
+// multi-megabyte buffer per call costs its page faults every step, more than the GEMMs at demo sizes).
+// Every byte handed out is written before it is read.
+char* scratch_bytes(std::vector<char>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+thread_local std::vector<char> t_x, t_g, t_u, t_dh, t_dg, t_du;
+// buffers over 256 MiB are not kept past the call that needed them (memory held between steps stays
+// bounded at large shapes, where a page fault per 4 KiB is small beside the GEMMs anyway)
+void trim_scratch() {
+  for (std::vector<char>* v : {&t_x, &t_g, &t_u, &t_dh, &t_dg, &t_du})
+    if (v->capacity() > ((size_t)256 << 20)) std::vector<char>().swap(*v);
+}
+
+// x gathered into xe [M, d] (dtype, the calling thread's t_x), row i = x[gather[i] / div] or zeros;
+// without gather: x itself
+const void* gather_rows(const void* x, const int* gather, int div, int S, int M, int d, size_t es) {
+  if (!gather) return x;
   const size_t row = (size_t)d * es;
-  xe.assign((size_t)M * row, 0);
+  char* xe = scratch_bytes(t_x, (size_t)M * row);
   for (int i = 0; i < M; i++) {
     const int src = gather[i] >= 0 ? gather[i] / div : -1;
-    if (src >= 0 && src < S) memcpy(xe.data() + (size_t)i * row, (const char*)x + (size_t)src * row, row);
+    if (src >= 0 && src < S) memcpy(xe + (size_t)i * row, (const char*)x + (size_t)src * row, row);
+    else memset(xe + (size_t)i * row, 0, row);
   }
   return xe;
 }
@@ -388,34 +404,38 @@ int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int
                            const void* w_up, const int* offsets, void* gu, void* h, int dtype, int M, int f, int d,
                            int E) {
   const size_t es = elem_size(dtype);
-  const std::vector<char> xe = gather_rows(x, gather, gather_div, S, M, d, es);
-  const void* xs = gather ? (const void*)xe.data() : x;
-  std::vector<char> g((size_t)M * f * es), u((size_t)M * f * es);
-  xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g.data(), dtype, M, f, d, E);
-  xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u.data(), dtype, M, f, d, E);
-  join_half(gu, g.data(), M, f, 0, es);
-  join_half(gu, u.data(), M, f, f, es);
+  const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
+  char* g = scratch_bytes(t_g, (size_t)M * f * es);
+  char* u = scratch_bytes(t_u, (size_t)M * f * es);
+  xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g, dtype, M, f, d, E);
+  xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u, dtype, M, f, d, E);
+  join_half(gu, g, M, f, 0, es);
+  join_half(gu, u, M, f, f, es);
   // h = silu(g) u by swiglu.cc itself (uncovered rows: g = u = 0 from the GEMMs, so h = 0)
-  xft_cpu_swiglu_forward(g.data(), u.data(), h, dtype, (size_t)M * f);
+  xft_cpu_swiglu_forward(g, u, h, dtype, (size_t)M * f);
+  trim_scratch();
   return 0;
 }
 
 int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* offsets, const void* gu, void* dgu,
                                  void* h, int dtype, int M, int f, int d, int E) {
   const size_t es = elem_size(dtype);
-  std::vector<char> dh((size_t)M * f * es);
+  char* dh = scratch_bytes(t_dh, (size_t)M * f * es);
   // dh [M, f] = dy [M, d] @ w_down[e] [d, f]: the grouped GEMM's dx with n = d, k = f (x unused without dw)
-  xft_cpu_grouped_gemm_backward(dy, w_down, offsets, dy, dh.data(), nullptr, dtype, dtype, M, d, f, E, 0, 0);
+  xft_cpu_grouped_gemm_backward(dy, w_down, offsets, dy, dh, nullptr, dtype, dtype, M, d, f, E, 0, 0);
   // swiglu.cc's backward and forward on the halves of gu (rows outside the groups: dh = 0 there, and
   // g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
   const size_t n = (size_t)M * f;
-  std::vector<char> g(n * es), u(n * es), dg(n * es), du(n * es);
-  split_half(gu, g.data(), M, f, 0, es);
-  split_half(gu, u.data(), M, f, f, es);
-  xft_cpu_swiglu_backward(g.data(), u.data(), dh.data(), dg.data(), du.data(), dtype, n);
-  xft_cpu_swiglu_forward(g.data(), u.data(), h, dtype, n);
-  join_half(dgu, dg.data(), M, f, 0, es);
-  join_half(dgu, du.data(), M, f, f, es);
+  char* g = scratch_bytes(t_g, n * es);
+  char* u = scratch_bytes(t_u, n * es);
+  char* dg = scratch_bytes(t_dg, n * es);
+  char* du = scratch_bytes(t_du, n * es);
+  split_half(gu, g, M, f, 0, es);
+  split_half(gu, u, M, f, f, es);
+  xft_cpu_swiglu_backward(g, u, dh, dg, du, dtype, n);
+  xft_cpu_swiglu_forward(g, u, h, dtype, n);
+  join_half(dgu, dg, M, f, 0, es);
+  join_half(dgu, du, M, f, f, es);
   const std::vector<int> o = effective_offsets(offsets, E, M);
   const size_t grow = (size_t)2 * f * es, hrow = (size_t)f * es;
   for (int i = 0; i < M; i++)
@@ -423,6 +443,7 @@ int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* 
       memset((char*)dgu + (size_t)i * grow, 0, grow);
       memset((char*)h + (size_t)i * hrow, 0, hrow);
     }
+  trim_scratch();
   return 0;
 }
 
@@ -432,7 +453,29 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
                             int dx_accumulate) {
   const size_t es = elem_size(dtype);
   const std::vector<int> o = effective_offsets(offsets, E, M);
-  if (dx) {
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (dx && kr) {
+    // the fast path: both halves' products summed into fp32 sums (the gate half, then the up half added
+    // to them), rounded to the dtype once (added to dx first with dx_accumulate)
+    if (!dx_accumulate) zero_uncovered_rows(dx, o, M, d, es);
+    for (int e = 0; e < E; e++) {
+      const int r0 = o[e], rows = o[e + 1] - o[e];
+      if (rows == 0) continue;
+      float* acc = (float*)scratch_bytes(t_dh, (size_t)rows * d * sizeof(float));
+      const char* dgr = (const char*)dgu + (size_t)r0 * 2 * f * es;
+      // acc[r, i] = sum_j dg[r, j] w_gate[e, j, i] (+ sum_j du[r, j] w_up[e, j, i])
+      const xft_gemm_operand Ag{dgr, dtype, (size_t)2 * f, 1}, Au{dgr + (size_t)f * es, dtype, (size_t)2 * f, 1};
+      const xft_gemm_operand Bg{(const char*)w_gate + (size_t)e * f * d * es, dtype, 1, (size_t)d};
+      const xft_gemm_operand Bu{(const char*)w_up + (size_t)e * f * d * es, dtype, 1, (size_t)d};
+      gemm(*kr, Ag, Bg, rows, d, f, GemmOut{acc, XFT_F32, (size_t)d, false});
+      gemm(*kr, Au, Bu, rows, d, f, GemmOut{acc, XFT_F32, (size_t)d, true});
+      char* out = (char*)dx + (size_t)r0 * d * es;
+      const size_t n = (size_t)rows * d;
+      if (dx_accumulate)
+        for (size_t i = 0; i < n; i++) acc[i] += xft_cpu::load(out, dtype, i);
+      from_f32(out, dtype, acc, n);
+    }
+  } else if (dx) {
     if (!dx_accumulate) zero_uncovered_rows(dx, o, M, d, es);
     std::vector<float> wg((size_t)f * d), wu((size_t)f * d);
     for (int e = 0; e < E; e++) {
@@ -460,14 +503,14 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
     }
   }
   if (dw_gate && dw_up) {
-    const std::vector<char> xe = gather_rows(x, gather, gather_div, S, M, d, es);
-    const void* xs = gather ? (const void*)xe.data() : x;
-    std::vector<char> half((size_t)M * f * es);
-    split_half(dgu, half.data(), M, f, 0, es);
-    xft_cpu_grouped_gemm_backward(xs, w_gate, offsets, half.data(), nullptr, dw_gate, dtype, dw_dtype, M, f, d, E, accumulate, 0);
-    split_half(dgu, half.data(), M, f, f, es);
-    xft_cpu_grouped_gemm_backward(xs, w_up, offsets, half.data(), nullptr, dw_up, dtype, dw_dtype, M, f, d, E, accumulate, 0);
+    const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
+    char* half = scratch_bytes(t_g, (size_t)M * f * es);
+    split_half(dgu, half, M, f, 0, es);
+    xft_cpu_grouped_gemm_backward(xs, w_gate, offsets, half, nullptr, dw_gate, dtype, dw_dtype, M, f, d, E, accumulate, 0);
+    split_half(dgu, half, M, f, f, es);
+    xft_cpu_grouped_gemm_backward(xs, w_up, offsets, half, nullptr, dw_up, dtype, dw_dtype, M, f, d, E, accumulate, 0);
   }
+  trim_scratch();
   return 0;
 }
 
