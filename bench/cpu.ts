@@ -15,7 +15,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { Tensor } from '../lib/index';
 import { native, packageRoot } from '../lib/native';
-import { printTable } from './table';
+import { arg, printTable } from './table';
 
 /** the numpy side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
 const PYTHON = process.env.XFT_PYTHON ?? 'python3';
@@ -46,10 +46,6 @@ const QUICK: Shape[] = [
 const OPS = ['fwd', 'dx', 'dw'] as const;
 type Op = (typeof OPS)[number];
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
 
 /** Best milliseconds of `fn` over repetitions filling about `budgetMs` (at least 3). */
 function bestMs(fn: () => void, budgetMs = 600): number {

@@ -10,7 +10,7 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { printTable } from './table';
+import { arg, printTable } from './table';
 
 const USAGE = `Usage: node dist/bench/cpu_train.js [--threads 1,2] [--steps N] [--models demo,10m] [--kinds dense,moe] [--base addon.node] [--out file.json]
   --threads  thread counts, each in its own process (default 1,2)
@@ -51,10 +51,6 @@ function instrument(): Map<string, number> {
   return totals;
 }
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
 
 /** The child: measures the requested models on the addon and thread count it was started with. */
 function child(models: string[], kinds: string[], steps: number, profile: boolean): void {

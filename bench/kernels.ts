@@ -14,9 +14,9 @@
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Tensor, backend, ops, synchronize, type Device } from '../lib/index';
+import { Tensor, backend, ops, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
-import { printTable } from './table';
+import { arg, time, printTable } from './table';
 
 /** the PyTorch side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
 const PYTHON = process.env.XFT_PYTHON ?? 'python3';
@@ -35,25 +35,7 @@ const SHAPES: Shape[] = [
   { name: 'tiny', T: 256, d: 64, f: 176, E: 8, K: 6, attn: { B: 2, seq: 128, H: 4, Hkv: 2, hd: 16 } },
 ];
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
 
-/** Median milliseconds of `fn` (synchronized around each repetition). */
-function time(fn: () => void, reps: number, warmup = 3): number {
-  for (let i = 0; i < warmup; i++) fn();
-  synchronize();
-  const ms: number[] = [];
-  for (let i = 0; i < reps; i++) {
-    const t0 = process.hrtime.bigint();
-    fn();
-    synchronize();
-    ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
-  }
-  ms.sort((a, b) => a - b);
-  return ms[Math.floor(ms.length / 2)];
-}
 
 interface Row { op: string; xft_ms: number; xft_rate: string; reference: string; ref_ms: number | null; ratio: string; target?: string }
 

@@ -7,33 +7,16 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Tensor, backend, ops, synchronize } from '../lib/index';
+import { Tensor, backend, ops } from '../lib/index';
 import { packageRoot } from '../lib/native';
-import { printTable } from './table';
+import { arg, time, printTable } from './table';
 
 const USAGE = `Usage: node dist/bench/router.js [--tokens T] [--hidden d] [--dtype bf16|f32] [--out file.json] [--help]
   --tokens, --hidden  the shape (default 16384 x 2048 on the GPU, 512 x 256 on the CPU)
   --dtype             bf16 (default on the GPU) or f32
   --out               the JSON results (default bench/out/router.json)`;
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
 
-function time(fn: () => void, reps: number): number {
-  for (let i = 0; i < 3; i++) fn();
-  synchronize();
-  const ms: number[] = [];
-  for (let i = 0; i < reps; i++) {
-    const t0 = process.hrtime.bigint();
-    fn();
-    synchronize();
-    ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
-  }
-  ms.sort((a, b) => a - b);
-  return ms[Math.floor(ms.length / 2)];
-}
 
 function main() {
   if (process.argv.includes('--help') || process.argv.includes('-h')) {

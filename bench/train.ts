@@ -24,7 +24,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { backend, memoryStats, resetPeakMemory, synchronize, type Device } from '../lib/index';
 import { packageRoot } from '../lib/native';
-import { printTable } from './table';
+import { arg, printTable } from './table';
 import { OpProfiler, type Profile } from './profile';
 
 /** the PyTorch side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
@@ -55,10 +55,6 @@ const SIZES: Size[] = [
 const KINDS = ['dense', 'moe', 'merge'] as const;
 type Kind = (typeof KINDS)[number];
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(name);
-  return i >= 0 ? process.argv[i + 1] : undefined;
-}
 
 /** Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by GPU name, from the vendors' datasheets. */
 const BF16_PEAKS: [RegExp, number, string][] = [
