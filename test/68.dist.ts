@@ -32,19 +32,31 @@ async function runRanks(n: number, args: string[], stallers: number[] = []): Pro
   const port = await freePort();
   const runs: Promise<RankRun>[] = [];
   const kids: ReturnType<typeof spawn>[] = [];
+  // a failure scenario's survivors hold their group (and rank 0 its store) until every survivor has
+  // printed what it saw: else one that reports late blames rank 0, whose store left with it
+  const reported: boolean[] = [];
+  const report = (rank: number) => {
+    reported[rank] = true;
+    if (reported.length === n && reported.every((done, r) => done || stallers.includes(r))) for (const kid of kids) kid.stdin!.end();
+  };
   for (let rank = 0; rank < n; rank++) {
     const env = { ...CHILD_ENV, RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), LOCAL_WORLD_SIZE: String(n), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) };
     // the entry is JavaScript (-e) so that tap's process-info hooks, which it adds to every child, leave the .ts to the hook
-    const child = spawn(process.execPath, ['-r', TS_REQUIRE, '-e', `require(${JSON.stringify(CHILD)})`], { env: { ...env, XFT_TEST_DIST: args.join(' ') }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, ['-r', TS_REQUIRE, '-e', `require(${JSON.stringify(CHILD)})`], { env: { ...env, XFT_TEST_DIST: args.join(' ') }, stdio: ['pipe', 'pipe', 'pipe'] });
     kids.push(child);
+    reported.push(false);
     const guard = setTimeout(() => child.kill('SIGKILL'), 60_000);
     let stdout = '';
     let stderr = '';
-    child.stdout!.on('data', (d) => (stdout += d));
+    child.stdout!.on('data', (d) => {
+      stdout += d;
+      if (stdout.includes('\n')) report(rank);
+    });
     child.stderr!.on('data', (d) => (stderr += d));
     runs.push(
       new Promise((resolve) =>
         child.on('close', (code, signal) => {
+          report(rank);
           clearTimeout(guard);
           const line = stdout.trim().split('\n').pop() ?? '';
           let out = {};

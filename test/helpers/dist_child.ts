@@ -93,6 +93,14 @@ async function main() {
       }
     }
     result.ms = Date.now() - start;
+    // report, then hold the group (rank 0: the store) until the parent has every survivor's report
+    console.log(JSON.stringify(result));
+    await new Promise<void>((resolve) => {
+      process.stdin.on('end', resolve).on('error', resolve);
+      process.stdin.resume();
+    });
+    g.dispose();
+    return;
   } else if (scenario === 'bench') {
     const n = 16 << 20; // 64 MiB of f32
     const t = Tensor.ones([n]);
