@@ -19,7 +19,7 @@
  */
 import { XftError, invalidArgument } from './errors';
 import { Tensor, type Device, disposeAll } from './tensor';
-import { expectInt, expectNumber, expectOptions, expectRequiredOptions, expectBool, expectSeed } from './validate';
+import { expectInt, expectNumber, expectOptions, expectRequiredOptions, expectBool, expectSeed, expectFunction } from './validate';
 import { expectTensor } from './ops_check';
 import * as xops from './ops';
 import * as lops from './ops_layers';
@@ -92,6 +92,12 @@ export interface Context {
    * runs the block's forward again first (same kernels, same router noise seed: identical gradients)
    */
   recompute?: boolean;
+  /**
+   * Called by each block's forward with the FFN input x = post_attention_layernorm(h) [N, d], before
+   * the FFN runs (UpIT's routing-vector probe, lib/upit/route.ts). x is the block's: read it, never
+   * dispose or modify it. Not called again by a recomputing backward.
+   */
+  ffnInput?: (block: Block, x: Tensor) => void;
   /** offsets [0, M] for dense GEMMs of M rows, cached per M */
   denseOffsets(M: number): Tensor;
 }
@@ -507,6 +513,7 @@ export class Block {
     const h = lops.add(x, o);
     o.dispose();
     const { y: n2, rstd: rstd2 } = lops.rmsnorm(h, this.postNorm.value, { eps });
+    ctx.ffnInput?.(this, n2);
     const f = this.ffn.forward(ctx, n2);
     const y = lops.add(h, f);
     f.dispose();
@@ -573,6 +580,21 @@ export interface ForwardResult {
   /** counted tokens and how many the model predicted right (argmax) */
   tokens: number;
   correct: number;
+}
+
+export interface ForwardOptions {
+  /** keep activations for backward() and add router noise */
+  training: boolean;
+  /** router noise seed (default 0) */
+  seed?: bigint;
+  /** activation recomputation (training only) */
+  recompute?: boolean;
+  /**
+   * Called with each layer's FFN input x = post_attention_layernorm(h) [B*T, d] (layer index, x),
+   * in layer order, during this forward only. x belongs to the model: read it, never dispose or
+   * modify it. A probe's gradients do not flow back into x (UpIT's routing vectors, lib/upit/route.ts).
+   */
+  ffnInput?: (layer: number, x: Tensor) => void;
 }
 
 export class Model {
@@ -662,15 +684,17 @@ export class Model {
    * `recompute` (training only), each block keeps only its input and backward() recomputes the
    * block's activations (the same kernels with the same router noise: gradients are identical).
    */
-  forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint; recompute?: boolean }): ForwardResult {
+  forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: ForwardOptions): ForwardResult {
     const op = 'Model.forward';
     checkBatch(op, this, ids, targets, batch, seqLen);
-    const o = expectRequiredOptions<{ training: boolean; seed?: bigint; recompute?: boolean }>(op, options, 'an options object { training, seed?, recompute? }');
+    const o = expectRequiredOptions<ForwardOptions>(op, options, 'an options object { training, seed?, recompute?, ffnInput? }');
     const training = expectBool(op, 'options.training', o.training);
     const seed = o.seed === undefined ? 0n : expectSeed(op, o.seed, 'options.seed');
     const recompute = expectBool(op, 'options.recompute', o.recompute, false);
+    const probe = expectFunction<NonNullable<ForwardOptions['ffnInput']>>(op, 'options.ffnInput', o.ffnInput);
     this.release();
-    const ctx = { ...this.context(batch, seqLen, training, seed), recompute };
+    const ctx: Context = { ...this.context(batch, seqLen, training, seed), recompute };
+    if (probe) ctx.ffnInput = (block, x) => probe(this.blocks.indexOf(block), x);
     const xs: Tensor[] = [];
     let x = lops.embedding(ids, this.embed.value);
     for (const b of this.blocks) {
