@@ -176,7 +176,7 @@ function probeAll(model: Model, rows: readonly Sample[], vectors: readonly Param
   const total: ProbeStats = { lossSum: 0, sigmoidSum: 0, tokens: 0 };
   for (let i = 0; i < rows.length; i += micro) {
     const part = rows.slice(i, i + micro);
-    runMicroBatch(model, part, vectors, false, null, (s) => {
+    runMicroBatch(model, part, vectors, null, null, (s) => {
       total.lossSum += s.lossSum;
       total.sigmoidSum += s.sigmoidSum;
       total.tokens += s.tokens;
@@ -185,8 +185,11 @@ function probeAll(model: Model, rows: readonly Sample[], vectors: readonly Param
   return total;
 }
 
-/** One forward of `part` with the probe on every layer (gradients into r when `auxScale` is given); the LM loss sum and tokens. */
-function runMicroBatch(model: Model, part: readonly Sample[], vectors: readonly Param[], training: boolean, auxScale: number | null,
+/**
+ * One forward of `part` with the probe on every layer (gradients into r when `auxScale` is given), and
+ * with `backward` the model's backward of the LM loss; the LM loss sum and tokens.
+ */
+function runMicroBatch(model: Model, part: readonly Sample[], vectors: readonly Param[], backward: { tokens: number; scale: number } | null, auxScale: number | null,
   onProbe: (s: ProbeStats) => void): { lmSum: number; tokens: number } {
   const T = part[0].ids.length, B = part.length;
   const hostTargets = concatRows(part, 'targets');
@@ -195,9 +198,10 @@ function runMicroBatch(model: Model, part: readonly Sample[], vectors: readonly 
   const targets = Tensor.from(hostTargets, [B * T], { dtype: 'i32', device: model.device });
   try {
     const f = model.forward(ids, targets, B, T, {
-      training,
+      training: backward !== null,
       ffnInput: (l, x) => onProbe(routingProbe(x, vectors[l].value, mask, auxScale === null ? {} : { grad: vectors[l].gradBuffer(), scale: auxScale })),
     });
+    if (backward) model.backward(backward);
     return { lmSum: f.loss * f.tokens, tokens: f.tokens };
   } finally {
     disposeAll(ids, targets);
@@ -292,8 +296,8 @@ function trainVectors(model: Model, rows: readonly Sample[], vectors: Param[], f
     const auxScale = (1 - o.gamma) / (L * stepTokens);
     let lm = 0, aux = 0;
     for (let i = 0; i < chunk.length; i += o.microBatch) {
-      const f = runMicroBatch(model, chunk.slice(i, i + o.microBatch), vectors, o.trainFfn, auxScale, (s) => (aux += s.lossSum));
-      if (o.trainFfn) model.backward({ tokens: stepTokens, scale: o.gamma });
+      const backward = o.trainFfn ? { tokens: stepTokens, scale: o.gamma } : null;
+      const f = runMicroBatch(model, chunk.slice(i, i + o.microBatch), vectors, backward, auxScale, (s) => (aux += s.lossSum));
       lm += f.lmSum;
     }
     const loss = o.gamma * (lm / stepTokens) + (1 - o.gamma) * (aux / (L * stepTokens));

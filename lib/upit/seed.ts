@@ -120,7 +120,8 @@ export interface Buckets {
  */
 export function assignBuckets(experts: readonly string[], rows: readonly Sample[], options: BucketOptions = {}): Buckets {
   const op = 'assignBuckets';
-  const dirs = expectArray<unknown>(op, 'experts', experts, 'an array of dense checkpoint folders', 1).map((d, e) => expectString(op, `experts[${e}]`, d, 'a checkpoint folder path'));
+  const dirs = expectArray<unknown>(op, 'experts', experts, 'an array of dense checkpoint folders').map((d, e) => expectString(op, `experts[${e}]`, d, 'a checkpoint folder path'));
+  if (dirs.length === 0) throw invalidArgument(op, 'experts', 'at least one dense checkpoint folder', experts);
   const list = expectSamples(op, 'rows', rows);
   const o = expectOptions<BucketOptions>(op, options, 'an options object { mode?, seed?, microBatch?, device?, dtype?, onLog? }');
   const mode = o.mode === undefined ? 'ppl' : expectOneOf(op, 'options.mode', o.mode, BUCKET_MODES);
