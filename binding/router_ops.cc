@@ -1,6 +1,9 @@
-// Bindings of the small-N router linears (cuda/router_linear.cu, binding/cpu/router_linear.cc).
+// Bindings of the small-N router linears (cuda/router_linear.cu, binding/cpu/router_linear.cc) and of
+// UpIT's routing-vector loss (cuda/routing_probe.cu, binding/cpu/routing_probe.cc).
 // lib/ops_router.ts validates shapes, dtypes and devices and allocates outputs; this layer re-checks
 // sizes, dtypes and devices (a second line of defence against out-of-bounds access) and dispatches.
+#include <cmath>
+
 #include "common.h"
 
 namespace xft {
@@ -63,11 +66,37 @@ Napi::Value RouterLinearBackward(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// routingProbe(h, targets, dh|null, stats, dtype, N, scale)
+Napi::Value RoutingProbe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "routingProbeLoss";
+  Storage* h = ArgStorage(info, 0, op, "h");
+  Storage* targets = ArgStorage(info, 1, op, "targets");
+  Storage* dh = ArgStorageOrNull(info, 2, op, "dh");
+  Storage* stats = ArgStorage(info, 3, op, "stats");
+  int dtype = ArgDtype(info, 4, op, "dtype");
+  int64_t N = ArgInt(info, 5, op, "N");
+  double scale = ArgNumber(info, 6, op, "scale");
+  if (N < 0 || N > INT32_MAX) Throw(env, "XFT_SHAPE", std::string(op) + ": invalid N=" + std::to_string(N));
+  if (dtype != XFT_F32 && dtype != XFT_BF16)
+    Throw(env, "XFT_DTYPE", std::string(op) + ": expected f32 or bf16 logits, got " + DtypeName(dtype));
+  if (!std::isfinite(scale)) Throw(env, "XFT_VALUE", std::string(op) + ": scale must be finite");
+  RequireBytes(env, h, N, dtype, op, "h");
+  RequireBytes(env, targets, N, XFT_I32, op, "targets");
+  RequireBytes(env, dh, N, dtype, op, "dh");
+  RequireBytes(env, stats, 3, XFT_F32, op, "stats");
+  int device = CommonDevice(env, op, {h, targets, dh, stats});
+  XFT_DISPATCH(env, op, device, routing_probe, h->data, (const int*)targets->data, dh ? dh->data : nullptr,
+               (float*)stats->data, dtype, (int)N, (float)scale);
+  return env.Undefined();
+}
+
 }  // namespace
 
 void RegisterRouterOps(Napi::Env env, Napi::Object exports) {
   exports.Set("routerLinearForward", Napi::Function::New(env, RouterLinearForward, "routerLinearForward"));
   exports.Set("routerLinearBackward", Napi::Function::New(env, RouterLinearBackward, "routerLinearBackward"));
+  exports.Set("routingProbe", Napi::Function::New(env, RoutingProbe, "routingProbe"));
 }
 
 }  // namespace xft

@@ -171,6 +171,12 @@ int xft_cuda_router_linear_forward(const void* x, const void* w, void* y, int dt
 int xft_cuda_router_linear_backward(const void* x, const void* w, const void* dy, void* dx, void* dw, int dtype,
                                     int dw_dtype, int T, int N, int d, int accumulate);
 
+// ---- UpIT's routing-vector loss on a probe's logits (cuda/routing_probe.cu) ----
+// h [N] (dtype) = x r^T, targets i32 [N] (a token counts where targets >= 0); stats f32 [3] (accumulate) +=
+// (sum softplus(-h), sum sigmoid(h), count) over the counted tokens; dh [N] (dtype, overwrite; skipped when
+// NULL) = counted ? -sigmoid(-h) * scale : 0. Deterministic (one block, fixed reduction order).
+int xft_cuda_routing_probe(const void* h, const int* targets, void* dh, float* stats, int dtype, int N, float scale);
+
 // ---- mixing-coefficient merge (cuda/merge.cu) ----
 // count tensors, tensor t an expert stack weights[t] of shape [E, numel[t]] (all of one dtype),
 // merged[t] [numel[t]] = sum_e c_e * weights[t][e]. alpha f32 device [E - 1] (shared_rate in [0, 1]:

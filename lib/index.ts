@@ -13,7 +13,7 @@ import { adamw, adafactor } from './optim';
 export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions, GateUpOptions, GateUpBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
-export type { RouterLinearBackwardOptions } from './ops_router';
+export type { RouterLinearBackwardOptions, RoutingProbeLossOptions } from './ops_router';
 export type {
   AttentionOptions, AttentionResult, CrossEntropyOptions, CrossEntropyBackwardOptions, PermutationOptions, LoadEstimateOptions,
 } from './ops_train';
@@ -25,7 +25,7 @@ export {
   adafactorStateElements, isFactored, type AdamWOptions, type AdafactorOptions, type AdafactorEntry, type AdafactorState, type StepHyper,
 } from './optim';
 export { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
-export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type Context, type BackwardOptions } from './model';
+export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type ForwardOptions, type Context, type BackwardOptions } from './model';
 export { createDense, upcycle, mergeable, toDense, copyDense, countParameters, type UpcycleOptions, type RouterInitKind, type MergeableOptions, type InitOptions } from './xft';
 export { train, trainAsync, Trainer, evaluate, learningRate, saveTrainState, loadTrainState, readTrainStateInfo, useMasterWeights, disposeState, type TrainOptions, type StepInfo, type TrainState, type TrainResult, type TrainParallel } from './train';
 export {

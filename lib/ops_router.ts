@@ -5,12 +5,14 @@
  * waste the grouped GEMM's 128 x 256 tile. One warp per two token rows reads x once for all N
  * outputs; dW is a deterministic two-stage reduction over token slices. Same contract as
  * groupedGemm / groupedGemmBackward with one group: dx overwrites, dw accumulates into a given tensor.
+ * Also UpIT's routing-vector loss on a probe's logits (cuda/routing_probe.cu, CPU twin
+ * binding/cpu/routing_probe.cc), whose h = x rᵀ and dr = dhᵀ x are router linears with N = 1.
  */
 import { XftError, invalidArgument } from './errors';
 import { native, type NativeStorage } from './native';
 import { FLOAT, expectTensor, sameDevice } from './ops_check';
 import { Tensor, dtypeCode, formatShape } from './tensor';
-import { expectBool, expectOptions } from './validate';
+import { expectBool, expectNumber, expectOptions } from './validate';
 
 /** Largest N (outputs) the router linear kernels take (cuda/router_linear.cu: NB <= 32). */
 export const ROUTER_LINEAR_MAX_N = 32;
@@ -22,6 +24,7 @@ export interface RouterNative {
   routerLinearForward(x: S, w: S, y: S, dtype: number, T: number, N: number, d: number): void;
   routerLinearBackward(x: S, w: S, dy: S, dx: S | null, dw: S | null, dtype: number, dwDtype: number, T: number, N: number,
     d: number, accumulate: boolean): void;
+  routingProbe(h: S, targets: S, dh: S | null, stats: S, dtype: number, N: number, scale: number): void;
 }
 
 const routerNative = native as unknown as RouterNative;
@@ -73,4 +76,36 @@ export function routerLinearBackward(x: Tensor, w: Tensor, dy: Tensor, options: 
   routerNative.routerLinearBackward(a.x.storage, a.w.storage, dy.storage, dx ? dx.storage : null, dw ? dw.storage : null,
     dtypeCode(a.x.dtype), dtypeCode(dw ? dw.dtype : a.x.dtype), a.T, a.N, a.d, into !== null);
   return { dx, dw };
+}
+
+export interface RoutingProbeLossOptions {
+  /** f32 [3] on h's device: (Σ softplus(−h), Σ σ(h), count) over the counted tokens is added into it */
+  stats: Tensor;
+  /** multiplies dh (default 1) */
+  scale?: number;
+  /** compute dh (default true) */
+  dh?: boolean;
+}
+
+/**
+ * UpIT's routing-vector loss on one layer's probe logits h = x rᵀ ([N, 1] or [N], f32 or bf16), with
+ * targets i32 [N] (a token counts where targets >= 0): adds (Σ softplus(−h_t), Σ σ(h_t), count) over
+ * the counted tokens into options.stats, and returns dh (h's shape and dtype) = −σ(−h)·scale on the
+ * counted tokens, 0 elsewhere: the gradient of scale·Σ softplus(−h). Deterministic; no host sync.
+ */
+export function routingProbeLoss(h: Tensor, targets: Tensor, options: RoutingProbeLossOptions): Tensor | null {
+  const op = 'routingProbeLoss';
+  const ht = expectTensor(op, 'h', h, { dtype: FLOAT, shapeName: '[N, 1] or [N]' });
+  if (!(ht.rank === 1 || (ht.rank === 2 && ht.shape[1] === 1))) throw new XftError(`${op}: expected h [N, 1] or [N], got ${ht.describe()}`, 'XFT_SHAPE');
+  const N = ht.shape[0];
+  expectTensor(op, 'targets', targets, { dtype: ['i32'], shape: [N], shapeName: `[N] = [${N}]` });
+  const o = expectOptions<RoutingProbeLossOptions>(op, options, 'an options object { stats, scale?, dh? }');
+  if (o.stats === undefined) throw invalidArgument(op, 'options.stats', 'an f32 tensor [3] to accumulate into', o.stats, 'XFT_TYPE');
+  const stats = expectTensor(op, 'options.stats', o.stats, { dtype: ['f32'], shape: [3], shapeName: '[3]' });
+  const scale = o.scale === undefined ? 1 : expectNumber(op, 'options.scale', o.scale);
+  const wantDh = expectBool(op, 'options.dh', o.dh, true);
+  const device = sameDevice(op, { h, targets, stats });
+  const dh = wantDh ? Tensor.empty(ht.shape, { dtype: ht.dtype, device }) : null;
+  routerNative.routingProbe(ht.storage, targets.storage, dh ? dh.storage : null, stats.storage, dtypeCode(ht.dtype), N, scale);
+  return dh;
 }

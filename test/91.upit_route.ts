@@ -17,7 +17,8 @@ import { Tensor } from '../lib/tensor';
 import { SafetensorsReader, writeSafetensors } from '../lib/safetensors';
 import type { Model } from '../lib/model';
 import { seedIndices, rowLosses, assignBuckets, argminNaNLast } from '../lib/upit/seed';
-import { preoptimizeRouting, readRoutingVectors, routingProbe, routingVectorName, ROUTING_VECTORS_FILE } from '../lib/upit/route';
+import { preoptimizeRouting, readRoutingVectors, readProbeStats, routingProbe, routingVectorName, ROUTING_VECTORS_FILE } from '../lib/upit/route';
+import * as routerOps from '../lib/ops_router';
 import { throwsCode, close, exact } from './helpers/check';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-upit-route-'));
@@ -186,16 +187,42 @@ t.test('Model.forward ffnInput: each layer FFN input once, the forward unchanged
   m.dispose();
 });
 
-t.test('routingProbe: softplus(−x·r) and σ(x·r) over the mask; dr against finite differences', async (t) => {
+t.test('routingProbeLoss: stats accumulate, dh = −σ(−h)·scale on counted tokens, stable at large |h|', async (t) => {
+  const hv = [0.3, -1.2, 45, -45, 0, 2.5, -0.7, 88], tv = [1, -1, 2, 3, -100, 4, 5, 6];
+  const sp = (z: number) => Math.max(z, 0) + Math.log1p(Math.exp(-Math.abs(z))), sg = (z: number) => 1 / (1 + Math.exp(-z));
+  for (const dtype of ['f32', 'bf16'] as const) {
+    const h = Tensor.from(hv, [hv.length, 1], { dtype }), targets = Tensor.from(tv, [tv.length], { dtype: 'i32' }), stats = Tensor.full([3], 1);
+    const hr = Array.from(h.toArray());
+    const dh = routerOps.routingProbeLoss(h, targets, { stats, scale: 0.5 })!;
+    routerOps.routingProbeLoss(h, targets, { stats, dh: false });
+    const counted = hr.filter((_, i) => tv[i] >= 0);
+    const want = [1 + 2 * counted.reduce((a, z) => a + sp(-z), 0), 1 + 2 * counted.reduce((a, z) => a + sg(z), 0), 1 + 2 * counted.length];
+    close(t, stats.toArray(), want, 1e-6, `${dtype}: stats += (Σ softplus(−h), Σ σ(h), count), twice`);
+    t.ok(Array.from(stats.toArray()).every(Number.isFinite), `${dtype}: finite at h = ±45, 88`);
+    t.equal(dh.dtype, dtype);
+    close(t, dh.toArray(), hr.map((z, i) => (tv[i] >= 0 ? -sg(-z) * 0.5 : 0)), dtype === 'f32' ? 1e-6 : 1e-2, `${dtype}: dh`);
+    t.ok(tv.every((v, i) => v >= 0 || dh.toArray()[i] === 0), `${dtype}: dh is 0 on ignored tokens`);
+    for (const u of [h, targets, stats, dh]) u.dispose();
+  }
+  const h = Tensor.zeros([4, 1]), tg = Tensor.zeros([4], { dtype: 'i32' });
+  throwsCode(t, () => routerOps.routingProbeLoss(h, tg, {} as never), 'XFT_TYPE', /stats/, 'no stats');
+  throwsCode(t, () => routerOps.routingProbeLoss(h, tg, { stats: Tensor.zeros([2]) }), 'XFT_SHAPE', /stats/, 'stats of another shape');
+  throwsCode(t, () => routerOps.routingProbeLoss(h, Tensor.zeros([3], { dtype: 'i32' }), { stats: Tensor.zeros([3]) }), 'XFT_SHAPE', /targets/, 'targets of another length');
+  throwsCode(t, () => routerOps.routingProbeLoss(Tensor.zeros([4, 2]), tg, { stats: Tensor.zeros([3]) }), 'XFT_SHAPE', /h/, 'h of two columns');
+  throwsCode(t, () => routerOps.routingProbeLoss(h, tg, { stats: Tensor.zeros([3]), scale: NaN }), 'XFT_VALUE', /scale/, 'a NaN scale');
+});
+
+t.test('routingProbe: softplus(−x·r) and σ(x·r) over the counted tokens; dr against finite differences', async (t) => {
   const g = seededRandom(21), N = 12, d = 8;
   const xv = Float32Array.from({ length: N * d }, () => g() * 2 - 1), rv = Float32Array.from({ length: d }, () => g() - 0.5);
   const mask = Array.from({ length: N }, (_, i) => (i % 3 === 1 ? 0 : 1));
-  const x = Tensor.from(xv, [N, d]);
-  const lossAt = (r: Float32Array) => {
-    const rt = Tensor.from(r, [1, d]);
-    const s = routingProbe(x, rt, mask);
-    rt.dispose();
-    return s.lossSum;
+  const x = Tensor.from(xv, [N, d]), targets = Tensor.from(mask.map((m, i) => (m ? i + 1 : -1)), [N], { dtype: 'i32' });
+  const probe = (xx: Tensor, r: Float32Array, grad?: Tensor) => {
+    const rt = Tensor.from(r, [1, d]), stats = Tensor.zeros([3]);
+    routingProbe(xx, rt, targets, grad ? { stats, grad, scale: 0.5 } : { stats });
+    const s = readProbeStats(stats);
+    rt.dispose(), stats.dispose();
+    return s;
   };
   // host reference in double
   let refLoss = 0, refSig = 0;
@@ -208,26 +235,28 @@ t.test('routingProbe: softplus(−x·r) and σ(x·r) over the mask; dr against f
     refSig += 1 / (1 + Math.exp(-h));
     for (let k = 0; k < d; k++) refGrad[k] += (-1 / (1 + Math.exp(h))) * xv[n * d + k] * 0.5;
   }
-  const r = Tensor.from(rv, [1, d]), grad = Tensor.full([1, d], 0.25);
-  const s = routingProbe(x, r, mask, { grad, scale: 0.5 });
-  t.equal(s.tokens, 8, 'counts the masked-in tokens');
+  const grad = Tensor.full([1, d], 0.25);
+  const s = probe(x, rv, grad);
+  t.equal(s.tokens, 8, 'counts the tokens with targets >= 0');
   close(t, [s.lossSum, s.sigmoidSum], [refLoss, refSig], 1e-6, 'loss and σ sums vs float64');
-  close(t, Array.from(grad.toArray(), (v) => v - 0.25), refGrad, 1e-5, 'dr accumulates into grad (+=) vs float64');
+  const dr = Array.from(grad.toArray(), (v) => v - 0.25);
+  close(t, dr, refGrad, 1e-5, 'dr accumulates into grad (+=) vs float64');
   const eps = 1e-2, fd = Array.from({ length: d }, (_, k) => {
     const p = Float32Array.from(rv), q = Float32Array.from(rv);
     p[k] += eps, q[k] -= eps;
-    return (0.5 * (lossAt(p) - lossAt(q))) / (2 * eps);
+    return (0.5 * (probe(x, p).lossSum - probe(x, q).lossSum)) / (2 * eps);
   });
-  close(t, Array.from(grad.toArray(), (v) => v - 0.25), fd, 1e-3, 'dr vs central finite differences');
+  close(t, dr, fd, 1e-3, 'dr vs central finite differences');
   // bf16 x: r is rounded for the product, dr still accumulates in f32
   const xb = x.cast('bf16'), gb = Tensor.zeros([1, d]);
-  const sb = routingProbe(xb, r, mask, { grad: gb, scale: 0.5 });
+  const sb = probe(xb, rv, gb);
   close(t, [sb.lossSum], [refLoss], 2e-2, 'bf16 x: loss near the f32 one');
   close(t, gb.toArray(), refGrad, 3e-2, 'bf16 x: dr near the f32 one');
-  throwsCode(t, () => routingProbe(x, Tensor.zeros([1, d + 1]), mask), 'XFT_SHAPE', /r/, 'r of another width');
-  throwsCode(t, () => routingProbe(x, r, mask.slice(1)), 'XFT_SHAPE', /mask/, 'a mask of another length');
-  throwsCode(t, () => routingProbe(x, r, mask, { grad: Tensor.zeros([d]) }), 'XFT_SHAPE', /grad/, 'a grad of another shape');
-  for (const u of [x, r, grad, xb, gb]) u.dispose();
+  const stats = Tensor.zeros([3]);
+  throwsCode(t, () => routingProbe(x, Tensor.zeros([1, d + 1]), targets, { stats }), 'XFT_SHAPE', /r/, 'r of another width');
+  throwsCode(t, () => routingProbe(x, Tensor.zeros([1, d]), targets.narrow(0, N - 1).clone(), { stats }), 'XFT_SHAPE', /targets/, 'targets of another length');
+  throwsCode(t, () => routingProbe(x, Tensor.zeros([1, d]), targets, { stats, grad: Tensor.zeros([d]) }), 'XFT_SHAPE', /grad/, 'a grad of another shape');
+  for (const u of [x, targets, grad, xb, gb, stats]) u.dispose();
 });
 
 /** mean σ(r^(l)·x^(l)) over layers and response tokens of `rows`, from the saved folder, on the host. */

@@ -53,6 +53,9 @@ int xft_cpu_router_linear_forward(const void* x, const void* w, void* y, int dty
 int xft_cpu_router_linear_backward(const void* x, const void* w, const void* dy, void* dx, void* dw, int dtype,
                                    int dw_dtype, int T, int N, int d, int accumulate);
 
+// routing_probe.cc (UpIT's routing-vector loss on a probe's logits)
+int xft_cpu_routing_probe(const void* h, const int* targets, void* dh, float* stats, int dtype, int N, float scale);
+
 // merge.cc
 int xft_cpu_merge_forward(const void* const* weights, void* const* merged, const size_t* numel,
                           int count, int dtype, int E, const float* alpha, float shared_rate);

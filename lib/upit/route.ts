@@ -23,7 +23,7 @@ import * as path from 'node:path';
 import { XftError, invalidArgument } from '../errors';
 import { Tensor, DEVICES, type Device, disposeAll, formatShape } from '../tensor';
 import { expectBool, expectInt, expectNumber, expectOneOf, expectOptions, expectString, expectFunction } from '../validate';
-import { expectTensor } from '../ops_check';
+import { expectTensor, sameDevice } from '../ops_check';
 import * as lops from '../ops_layers';
 import * as rops from '../ops_router';
 import { Param, type Model } from '../model';
@@ -88,57 +88,57 @@ export interface RoutingResult {
   steps: number;
 }
 
-/** What the probe read from one layer's tokens. */
+/** What the probe read from a layer's tokens (sums over the counted tokens). */
 export interface ProbeStats {
-  /** Σ softplus(−h_t) over the counted tokens */
+  /** Σ softplus(−h_t) */
   lossSum: number;
-  /** Σ σ(h_t) over the counted tokens */
+  /** Σ σ(h_t) */
   sigmoidSum: number;
   /** counted tokens */
   tokens: number;
 }
 
-const softplus = (z: number) => Math.max(z, 0) + Math.log1p(Math.exp(-Math.abs(z)));
-const sigmoid = (z: number) => (z >= 0 ? 1 / (1 + Math.exp(-z)) : Math.exp(z) / (1 + Math.exp(z)));
+/** A stats tensor of routingProbe (f32 [3] on `device`, zeros) and its reading. */
+export function probeStats(device: Device): Tensor {
+  return Tensor.zeros([3], { device });
+}
+
+export function readProbeStats(stats: Tensor): ProbeStats {
+  const [lossSum, sigmoidSum, tokens] = stats.toArray();
+  return { lossSum, sigmoidSum, tokens };
+}
+
+export interface RoutingProbeOptions {
+  /** f32 [3] on x's device: (Σ softplus(−h), Σ σ(h), count) over the counted tokens is added into it */
+  stats: Tensor;
+  /** f32 [1, d]: scale · Σ_t −σ(−h_t)·x_t is added into it (none: no gradient) */
+  grad?: Tensor;
+  /** multiplies the gradient (default 1) */
+  scale?: number;
+}
 
 /**
- * The routing-vector probe on one layer: h = x·rᵀ [N] for x [N, d] (f32 or bf16) and r f32 [1, d],
- * and over the tokens with mask[t] != 0 the sums of softplus(−h) and σ(h). With `grad` (f32 [1, d]):
- * grad += scale · Σ_t −σ(−h_t)·x_t, the gradient of scale·Σ softplus(−h) with x held constant.
+ * The routing-vector probe on one layer: h = x·rᵀ [N, 1] for x [N, d] (f32 or bf16) and r f32 [1, d],
+ * the tokens counted where targets i32 [N] >= 0. Adds the sums of softplus(−h) and σ(h) into
+ * options.stats; with options.grad, adds the gradient of scale·Σ softplus(−h) with x held constant
+ * (stop-gradient): scale · Σ_t −σ(−h_t)·x_t. On the device throughout: no host sync.
  */
-export function routingProbe(x: Tensor, r: Tensor, mask: ArrayLike<number>, options: { grad?: Tensor; scale?: number } = {}): ProbeStats {
+export function routingProbe(x: Tensor, r: Tensor, targets: Tensor, options: RoutingProbeOptions): void {
   const op = 'routingProbe';
   const xt = expectTensor(op, 'x', x, { dtype: ['f32', 'bf16'], rank: 2, shapeName: '[N, d]' });
   const [N, d] = xt.shape;
   const rt = expectTensor(op, 'r', r, { dtype: ['f32'], shape: [1, d], shapeName: `[1, d] = [1, ${d}]` });
-  if (mask === null || typeof mask !== 'object' || typeof mask.length !== 'number') throw invalidArgument(op, 'mask', `an array of ${N} flags`, mask, 'XFT_TYPE');
-  if (mask.length !== N) throw new XftError(`${op}: mask has ${mask.length} entries, x has ${N} rows`, 'XFT_SHAPE');
-  const o = expectOptions<{ grad?: Tensor; scale?: number }>(op, options, 'an options object { grad?, scale? }');
+  const o = expectOptions<RoutingProbeOptions>(op, options, 'an options object { stats, grad?, scale? }');
   const grad = o.grad === undefined ? null : expectTensor(op, 'options.grad', o.grad, { dtype: ['f32'], shape: [1, d], shapeName: `[1, d] = [1, ${d}]` });
-  const scale = o.scale === undefined ? 1 : expectNumber(op, 'options.scale', o.scale);
-  for (const [name, t] of [['r', rt], ['options.grad', grad]] as const)
-    if (t && t.device !== xt.device) throw new XftError(`${op}: ${name} is on ${t.device} but x is on ${xt.device}`, 'XFT_DEVICE');
+  sameDevice(op, { x, r, targets, grad });
   const w = xt.dtype === 'f32' ? rt : rt.cast(xt.dtype);
+  let h: Tensor | null = null, dh: Tensor | null = null;
   try {
-    const hT = rops.routerLinear(xt, w);
-    const h = hT.toArray();
-    hT.dispose();
-    const stats: ProbeStats = { lossSum: 0, sigmoidSum: 0, tokens: 0 };
-    const dh = grad ? new Float32Array(N) : null;
-    for (let t = 0; t < N; t++) {
-      if (!mask[t]) continue;
-      stats.lossSum += softplus(-h[t]);
-      stats.sigmoidSum += sigmoid(h[t]);
-      stats.tokens++;
-      if (dh) dh[t] = -sigmoid(-h[t]) * scale;
-    }
-    if (grad && dh && stats.tokens > 0) {
-      const dy = Tensor.from(dh, [N, 1], { dtype: xt.dtype, device: xt.device });
-      rops.routerLinearBackward(xt, w, dy, { dx: false, dw: grad });
-      dy.dispose();
-    }
-    return stats;
+    h = rops.routerLinear(xt, w);
+    dh = rops.routingProbeLoss(h, targets, { stats: o.stats, scale: o.scale, dh: grad !== null });
+    if (grad && dh && N > 0) rops.routerLinearBackward(xt, w, dh, { dx: false, dw: grad });
   } finally {
+    disposeAll(h, dh);
     if (w !== rt) w.dispose();
   }
 }
@@ -173,33 +173,29 @@ function checkOptions(op: string, options: unknown, rows: number): Checked {
 
 /** Σ over layers of the probe on `rows` (eval forwards, nothing trained). */
 function probeAll(model: Model, rows: readonly Sample[], vectors: readonly Param[], micro: number): ProbeStats {
-  const total: ProbeStats = { lossSum: 0, sigmoidSum: 0, tokens: 0 };
-  for (let i = 0; i < rows.length; i += micro) {
-    const part = rows.slice(i, i + micro);
-    runMicroBatch(model, part, vectors, null, null, (s) => {
-      total.lossSum += s.lossSum;
-      total.sigmoidSum += s.sigmoidSum;
-      total.tokens += s.tokens;
-    });
+  const stats = probeStats(model.device);
+  try {
+    for (let i = 0; i < rows.length; i += micro) runMicroBatch(model, rows.slice(i, i + micro), vectors, null, stats, null);
+    return readProbeStats(stats);
+  } finally {
+    stats.dispose();
   }
-  return total;
 }
 
 /**
- * One forward of `part` with the probe on every layer (gradients into r when `auxScale` is given), and
- * with `backward` the model's backward of the LM loss; the LM loss sum and tokens.
+ * One forward of `part` with the probe on every layer, its sums added into `stats` (and its gradient
+ * into each r when `auxScale` is given), and with `backward` the model's backward of the LM loss; the
+ * LM loss sum and tokens.
  */
-function runMicroBatch(model: Model, part: readonly Sample[], vectors: readonly Param[], backward: { tokens: number; scale: number } | null, auxScale: number | null,
-  onProbe: (s: ProbeStats) => void): { lmSum: number; tokens: number } {
+function runMicroBatch(model: Model, part: readonly Sample[], vectors: readonly Param[], backward: { tokens: number; scale: number } | null,
+  stats: Tensor, auxScale: number | null): { lmSum: number; tokens: number } {
   const T = part[0].ids.length, B = part.length;
-  const hostTargets = concatRows(part, 'targets');
-  const mask = hostTargets.map((t) => (t >= 0 ? 1 : 0));
   const ids = Tensor.from(concatRows(part, 'ids'), [B * T], { dtype: 'i32', device: model.device });
-  const targets = Tensor.from(hostTargets, [B * T], { dtype: 'i32', device: model.device });
+  const targets = Tensor.from(concatRows(part, 'targets'), [B * T], { dtype: 'i32', device: model.device });
   try {
     const f = model.forward(ids, targets, B, T, {
       training: backward !== null,
-      ffnInput: (l, x) => onProbe(routingProbe(x, vectors[l].value, mask, auxScale === null ? {} : { grad: vectors[l].gradBuffer(), scale: auxScale })),
+      ffnInput: (l, x) => routingProbe(x, vectors[l].value, targets, auxScale === null ? { stats } : { stats, grad: vectors[l].gradBuffer(), scale: auxScale }),
     });
     if (backward) model.backward(backward);
     return { lmSum: f.loss * f.tokens, tokens: f.tokens };
@@ -295,10 +291,15 @@ function trainVectors(model: Model, rows: readonly Sample[], vectors: Param[], f
     const stepTokens = chunk.reduce((a, r) => a + countTargets(r.targets), 0);
     const auxScale = (1 - o.gamma) / (L * stepTokens);
     let lm = 0, aux = 0;
-    for (let i = 0; i < chunk.length; i += o.microBatch) {
-      const backward = o.trainFfn ? { tokens: stepTokens, scale: o.gamma } : null;
-      const f = runMicroBatch(model, chunk.slice(i, i + o.microBatch), vectors, backward, auxScale, (s) => (aux += s.lossSum));
-      lm += f.lmSum;
+    const stats = probeStats(model.device);
+    try {
+      for (let i = 0; i < chunk.length; i += o.microBatch) {
+        const backward = o.trainFfn ? { tokens: stepTokens, scale: o.gamma } : null;
+        lm += runMicroBatch(model, chunk.slice(i, i + o.microBatch), vectors, backward, stats, auxScale).lmSum;
+      }
+      aux = readProbeStats(stats).lossSum;
+    } finally {
+      stats.dispose();
     }
     const loss = o.gamma * (lm / stepTokens) + (1 - o.gamma) * (aux / (L * stepTokens));
     const withGrad = [...ffnParams, ...vectors].filter((p) => p.grad !== null);
