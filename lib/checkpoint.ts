@@ -322,6 +322,8 @@ export interface SaveOptions {
   copyFrom?: string;
   /** more files to write into the folder: name -> content */
   files?: Record<string, string>;
+  /** writes more files into the folder's temporary copy (e.g. a second safetensors file) before it is renamed into place */
+  fill?: (tmpDir: string) => void;
 }
 
 function targetDtype(config: LlamaConfig, dtype?: SaveDtype, modelDtype = 'f32'): FileDType {
@@ -345,12 +347,13 @@ function copySideFiles(from: string | undefined, to: string): void {
  * config.json, the tokenizer files of `copyFrom`, and `files` (name -> content).
  */
 function writeCheckpoint(dir: string, entries: WriteEntry[], config: Record<string, unknown>,
-  options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string>; overwrite?: boolean }): void {
+  options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string>; overwrite?: boolean; fill?: (tmpDir: string) => void }): void {
   writeFolderAtomic(dir, (tmp) => {
     writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
     writeFileAtomic(path.join(tmp, 'config.json'), configJsonText(config));
     copySideFiles(options.copyFrom, tmp);
     for (const [name, content] of Object.entries(options.files ?? {})) writeFileAtomic(path.join(tmp, name), content);
+    options.fill?.(tmp);
   }, { overwrite: options.overwrite ?? false });
 }
 

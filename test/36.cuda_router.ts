@@ -4,6 +4,8 @@
 // bf16 1e-2 relative. Shapes cover every padded N (4, 8, 16, 32), the 16-byte vector and scalar paths
 // (d a multiple of the vector width or not), partial warps and blocks (T not a multiple of 16), dW over
 // one and several token slices (T > 256), and no tokens; dW is checked bit for bit run to run.
+// Then UpIT's routing-vector loss (cuda/routing_probe.cu) against its twin: dh, the accumulated stats,
+// and the stats bit for bit run to run.
 import t from 'tap';
 import { Tensor, ops } from '../lib/index';
 import { SKIP_NO_CUDA } from './helpers/ref';
@@ -56,3 +58,30 @@ t.test('router linear: inputs on two devices are an XFT_DEVICE error', { skip: S
   x.dispose();
   w.dispose();
 });
+
+// UpIT's routing-vector loss (cuda/routing_probe.cu vs binding/cpu/routing_probe.cc): one block strides
+// over N (N > 512: several tokens per thread), fp64 partials in a fixed order; stats accumulate (+=).
+const PROBE_CASES: { N: number; what: string }[] = [
+  { N: 0, what: 'no tokens' },
+  { N: 1, what: 'one token' },
+  { N: 37, what: 'a partial warp' },
+  { N: 1500, what: 'N > 512: several tokens per thread' },
+];
+
+for (const dtype of ['f32', 'bf16'] as const)
+  t.test(`routing probe loss: CUDA vs CPU, ${dtype}`, { skip: SKIP_NO_CUDA }, async (t) => {
+    for (const c of PROBE_CASES) {
+      const h = pair([c.N, 1], dtype, { std: 4 });
+      const tv = Array.from({ length: c.N }, (_, i) => (i % 5 === 2 ? -100 : i % 7));
+      const tc = Tensor.from(tv, [c.N], { dtype: 'i32' }), tg = tc.to('cuda');
+      const sc = Tensor.full([3], 0.5), sg = Tensor.full([3], 0.5, { device: 'cuda' });
+      const dc = ops.routingProbeLoss(h.cpu, tc, { stats: sc, scale: 0.3 })!, dg = ops.routingProbeLoss(h.cuda, tg, { stats: sg, scale: 0.3 })!;
+      close(t, dg.toArray(), dc.toArray(), TOL[dtype], `${c.what}: dh`);
+      t.ok(tv.every((v, i) => v >= 0 || dg.toArray()[i] === 0), `${c.what}: dh is 0 on ignored tokens (every element written)`);
+      close(t, sg.toArray(), sc.toArray(), 1e-6, `${c.what}: stats`);
+      const again = Tensor.full([3], 0.5, { device: 'cuda' });
+      ops.routingProbeLoss(h.cuda, tg, { stats: again, dh: false });
+      exact(t, again.toArray(), sg.toArray(), `${c.what}: stats bit for bit run to run, without dh`);
+      [h.cpu, h.cuda, tc, tg, sc, sg, dc, dg, again].forEach((v) => v.dispose());
+    }
+  });

@@ -20,6 +20,7 @@ import { seedIndices, rowLosses, assignBuckets, argminNaNLast } from '../lib/upi
 import { preoptimizeRouting, readRoutingVectors, readProbeStats, routingProbe, routingVectorName, ROUTING_VECTORS_FILE } from '../lib/upit/route';
 import * as routerOps from '../lib/ops_router';
 import { throwsCode, close, exact } from './helpers/check';
+import { SKIP_NO_CUDA } from './helpers/ref';
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-upit-route-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
@@ -360,4 +361,19 @@ t.test('preoptimizeRouting and readRoutingVectors: typed errors', async (t) => {
   throwsCode(t, () => readRoutingVectors(variant('shape', [ok(0), { ...ok(1), shape: [d + 1] }])), 'XFT_SHAPE', /layers\.1\.routing_vector.*\[33\]/, 'a vector of another width');
   throwsCode(t, () => readRoutingVectors(variant('dtype', [ok(0), { ...ok(1), dtype: 'BF16' }])), 'XFT_DTYPE', /BF16/, 'a BF16 vector');
   exact(t, readRoutingVectors(base)[0], new Float32Array(d), 'zeros read back exactly');
+});
+
+t.test('stage 3 on CUDA agrees with the CPU: per-row NLL, buckets, routing vectors', { skip: SKIP_NO_CUDA }, async (t) => {
+  const expert = path.join(tmp, 'route-expert'), rows = makeRows(4, 29);
+  const mc = loadModel(expert), mg = loadModel(expert, { device: 'cuda' });
+  close(t, rowLosses(mg, rows, { microBatch: 2 }), rowLosses(mc, rows, { microBatch: 2 }), 1e-5, 'rowLosses');
+  mc.dispose(), mg.dispose();
+  const bc = assignBuckets([expert, path.join(tmp, 'e0')], rows), bg = assignBuckets([expert, path.join(tmp, 'e0')], rows, { device: 'cuda' });
+  t.same(bg.bucket, bc.bucket, 'the same buckets');
+  const opts = { lr: 5e-3, epochs: 1, batchSize: 4, microBatch: 2 };
+  const rc = preoptimizeRouting(expert, rows, path.join(tmp, 'cuda-ref'), opts);
+  const rg = preoptimizeRouting(expert, rows, path.join(tmp, 'cuda-run'), { ...opts, device: 'cuda' });
+  close(t, rg.vectors.flatMap((v) => Array.from(v)), rc.vectors.flatMap((v) => Array.from(v)), 1e-4, 'routing vectors after one step');
+  close(t, [rg.meanSigmoid], [rc.meanSigmoid], 1e-5, 'mean σ');
+  t.same(compareFolders(path.join(tmp, 'cuda-ref'), path.join(tmp, 'cuda-run'), () => false).differ.filter((n) => !/\.mlp\./.test(n)), [], 'the same trunk');
 });

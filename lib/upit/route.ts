@@ -16,7 +16,7 @@
  *
  * The output folder: the expert as a dense checkpoint (its trained FFNs; unchanged tensors for
  * 'router' or an empty bucket) plus routing_vectors.safetensors with model.layers.<l>.routing_vector
- * (F32 [d]), written as one atomic, claimed folder.
+ * (F32 [d]), written as one atomic, claimed folder (saveModel's writer).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -31,7 +31,7 @@ import { type Sample, concatRows, countTargets, expectSamples, shuffle } from '.
 import { disposeOptimizerState, optimizerStep, prepareState } from '../optim';
 import { learningRate, useMasterWeights, type TrainState } from '../train';
 import { SafetensorsReader, firstNonFinite, writeSafetensors } from '../safetensors';
-import { checkOutputFolder, checkWritable, recoverFolder, writeFolderAtomic } from '../folder';
+import { checkOutputFolder, checkWritable, recoverFolder } from '../folder';
 import { loadModel, readCheckpointInfo, saveModel } from '../checkpoint';
 
 /** The file of the routing vectors inside a preoptimizeRouting output folder. */
@@ -262,10 +262,10 @@ export function preoptimizeRouting(expert: string, rows: readonly Sample[], out:
         const byName = new Map(saved.params().map((p) => [p.name, p]));
         for (const p of model.blocks.flatMap((b) => b.ffn.params())) byName.get(p.name)!.value.copy_(p.value);
       }
-      writeFolderAtomic(out, (tmp) => {
-        saveModel(saved, tmp, { copyFrom: expert });
-        writeSafetensors(path.join(tmp, ROUTING_VECTORS_FILE), vectors.map((v) => ({ name: v.name, dtype: 'F32' as const, shape: [d], tensor: () => v.value.reshape([d]) })), metadata);
-      }, { overwrite: o.overwrite });
+      saveModel(saved, out, {
+        copyFrom: expert, overwrite: o.overwrite,
+        fill: (tmp) => writeSafetensors(path.join(tmp, ROUTING_VECTORS_FILE), vectors.map((v) => ({ name: v.name, dtype: 'F32' as const, shape: [d], tensor: () => v.value.reshape([d]) })), metadata),
+      });
     } finally {
       if (saved !== model) saved.dispose();
     }
