@@ -260,6 +260,12 @@ t.test('routingProbe: softplus(−x·r) and σ(x·r) over the counted tokens; dr
   for (const u of [x, targets, grad, xb, gb, stats]) u.dispose();
 });
 
+/** The expert of the routing tests (made once, by whichever test runs first: each runs alone under --grep). */
+function routeExpert(): string {
+  const dir = path.join(tmp, 'route-expert');
+  return fs.existsSync(dir) ? dir : saveExpert('route-expert', 9, 0.1, 0.3);
+}
+
 /** mean σ(r^(l)·x^(l)) over layers and response tokens of `rows`, from the saved folder, on the host. */
 function meanSigmoidOf(m: Model, rows: readonly Sample[], vectors: Float32Array[]): number {
   let sum = 0, n = 0;
@@ -284,7 +290,7 @@ function meanSigmoidOf(m: Model, rows: readonly Sample[], vectors: Float32Array[
 }
 
 t.test('preoptimizeRouting: σ(r·x) >= 0.9 over the bucket, trunk frozen, vectors saved (§7.6)', async (t) => {
-  const expert = saveExpert('route-expert', 9, 0.1, 0.3);
+  const expert = routeExpert();
   const rows = makeRows(16, 17);
   const out = path.join(tmp, 'route-out'), lines: string[] = [];
   const t0 = Date.now();
@@ -320,7 +326,7 @@ t.test('preoptimizeRouting: σ(r·x) >= 0.9 over the bucket, trunk frozen, vecto
 });
 
 t.test('preoptimizeRouting: an empty bucket leaves r at 0 and warns', async (t) => {
-  const expert = path.join(tmp, 'route-expert');
+  const expert = routeExpert();
   for (const [name, rows] of [['empty', []], ['no-targets', [{ ids: new Int32Array(SEQ).fill(3), targets: new Int32Array(SEQ).fill(-1) }]]] as const) {
     const out = path.join(tmp, `route-${name}`), lines: string[] = [];
     const res = preoptimizeRouting(expert, rows, out, { lr: 5e-3, onLog: (l) => lines.push(l) });
@@ -333,7 +339,7 @@ t.test('preoptimizeRouting: an empty bucket leaves r at 0 and warns', async (t) 
 });
 
 t.test('preoptimizeRouting and readRoutingVectors: typed errors', async (t) => {
-  const expert = path.join(tmp, 'route-expert'), rows = makeRows(2, 1);
+  const expert = routeExpert(), rows = makeRows(2, 1);
   throwsCode(t, () => preoptimizeRouting(expert, rows, path.join(tmp, 'x1'), {} as never), 'XFT_TYPE', /lr/, 'no lr');
   throwsCode(t, () => preoptimizeRouting(expert, rows, path.join(tmp, 'x2'), { lr: 1e-3, gamma: 2 }), 'XFT_VALUE', /gamma/, 'gamma > 1');
   throwsCode(t, () => preoptimizeRouting(expert, rows, path.join(tmp, 'x3'), { lr: 1e-3, train: 'all' as never }), 'XFT_VALUE', /train/, 'an unknown train set');
@@ -343,7 +349,8 @@ t.test('preoptimizeRouting and readRoutingVectors: typed errors', async (t) => {
   t.notOk(fs.existsSync(path.join(tmp, 'x1')), 'nothing written on a bad call');
 
   // a folder whose routing file is missing, incomplete, misshaped or of another dtype
-  const base = path.join(tmp, 'route-empty');
+  const base = path.join(tmp, 'rv-base');
+  preoptimizeRouting(expert, [], base, { lr: 1e-3 });
   const variant = (name: string, entries: { name: string; dtype: 'F32' | 'BF16'; shape: number[]; value: number }[]) => {
     const dir = path.join(tmp, `rv-${name}`);
     fs.cpSync(base, dir, { recursive: true });
@@ -364,11 +371,12 @@ t.test('preoptimizeRouting and readRoutingVectors: typed errors', async (t) => {
 });
 
 t.test('stage 3 on CUDA agrees with the CPU: per-row NLL, buckets, routing vectors', { skip: SKIP_NO_CUDA }, async (t) => {
-  const expert = path.join(tmp, 'route-expert'), rows = makeRows(4, 29);
+  const expert = routeExpert(), rows = makeRows(4, 29);
   const mc = loadModel(expert), mg = loadModel(expert, { device: 'cuda' });
   close(t, rowLosses(mg, rows, { microBatch: 2 }), rowLosses(mc, rows, { microBatch: 2 }), 1e-5, 'rowLosses');
   mc.dispose(), mg.dispose();
-  const bc = assignBuckets([expert, path.join(tmp, 'e0')], rows), bg = assignBuckets([expert, path.join(tmp, 'e0')], rows, { device: 'cuda' });
+  const other = saveExpert('cuda-other', 2);
+  const bc = assignBuckets([expert, other], rows), bg = assignBuckets([expert, other], rows, { device: 'cuda' });
   t.same(bg.bucket, bc.bucket, 'the same buckets');
   const opts = { lr: 5e-3, epochs: 1, batchSize: 4, microBatch: 2 };
   const rc = preoptimizeRouting(expert, rows, path.join(tmp, 'cuda-ref'), opts);
