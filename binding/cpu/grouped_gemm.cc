@@ -30,6 +30,7 @@ of C, and with bf16 or accumulated outputs the fp32 sums of that chunk (kChunkM 
 #include <string.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "gemm_kernels.h"
@@ -504,11 +505,13 @@ const void* gather_rows(const void* x, const int* gather, int div, int S, int M,
   if (!gather) return x;
   const size_t row = (size_t)d * es;
   char* xe = scratch_bytes(t_x, (size_t)M * row);
-  for (int i = 0; i < M; i++) {
-    const int src = gather[i] >= 0 ? gather[i] / div : -1;
-    if (src >= 0 && src < S) memcpy(xe + (size_t)i * row, (const char*)x + (size_t)src * row, row);
-    else memset(xe + (size_t)i * row, 0, row);
-  }
+  xft_cpu::parallel_for((size_t)M, 2.0 * M * d, [&](size_t a, size_t b) {
+    for (size_t i = a; i < b; i++) {
+      const int src = gather[i] >= 0 ? gather[i] / div : -1;
+      if (src >= 0 && src < S) memcpy(xe + i * row, (const char*)x + (size_t)src * row, row);
+      else memset(xe + i * row, 0, row);
+    }
+  });
   return xe;
 }
 
@@ -527,14 +530,40 @@ int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int
                            int E) {
   const size_t es = elem_size(dtype);
   const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
-  char* g = scratch_bytes(t_g, (size_t)M * f * es);
-  char* u = scratch_bytes(t_u, (size_t)M * f * es);
-  xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g, dtype, M, f, d, E);
-  xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u, dtype, M, f, d, E);
-  join_half(gu, g, M, f, 0, es);
-  join_half(gu, u, M, f, f, es);
-  // h = silu(g) u by swiglu.cc itself (uncovered rows: g = u = 0 from the GEMMs, so h = 0)
-  xft_cpu_swiglu_forward(g, u, h, dtype, (size_t)M * f);
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (!kr) {  // the reference path: the grouped GEMM twice, then swiglu.cc over the whole of g and u
+    char* g = scratch_bytes(t_g, (size_t)M * f * es);
+    char* u = scratch_bytes(t_u, (size_t)M * f * es);
+    xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g, dtype, M, f, d, E);
+    xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u, dtype, M, f, d, E);
+    join_half(gu, g, M, f, 0, es);
+    join_half(gu, u, M, f, f, es);
+    // h = silu(g) u by swiglu.cc itself (uncovered rows: g = u = 0 from the GEMMs, so h = 0)
+    xft_cpu_swiglu_forward(g, u, h, dtype, (size_t)M * f);
+    trim_scratch();
+    return 0;
+  }
+  // the fast path: g and u straight into the halves of gu (row stride 2f), both in one call; then
+  // swiglu.cc row by row (elementwise: the same values as over the whole)
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  zero_uncovered_rows(gu, o, M, 2 * f, es);
+  std::vector<Gemm> gs;
+  for (int e = 0; e < E; e++) {
+    const int r0 = o[e], rows = o[e + 1] - o[e];
+    const xft_gemm_operand A{(const char*)xs + (size_t)r0 * d * es, dtype, (size_t)d, 1};
+    char* out = (char*)gu + (size_t)r0 * 2 * f * es;
+    for (int half = 0; half < 2; half++) {
+      const xft_gemm_operand B{(const char*)(half ? w_up : w_gate) + (size_t)e * f * d * es, dtype, (size_t)d, 1};
+      gs.push_back(Gemm{A, B, rows, f, d, GemmOut{out + (size_t)half * f * es, dtype, (size_t)2 * f, false}});
+    }
+  }
+  gemm(*kr, gs.data(), (int)gs.size());
+  xft_cpu::parallel_for((size_t)M, 20.0 * M * f, [&](size_t a, size_t b) {
+    for (size_t i = a; i < b; i++) {
+      const char* gi = (const char*)gu + i * 2 * f * es;
+      xft_cpu_swiglu_forward(gi, gi + (size_t)f * es, (char*)h + i * f * es, dtype, (size_t)f);
+    }
+  });
   trim_scratch();
   return 0;
 }
@@ -545,26 +574,24 @@ int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* 
   char* dh = scratch_bytes(t_dh, (size_t)M * f * es);
   // dh [M, f] = dy [M, d] @ w_down[e] [d, f]: the grouped GEMM's dx with n = d, k = f (x unused without dw)
   xft_cpu_grouped_gemm_backward(dy, w_down, offsets, dy, dh, nullptr, dtype, dtype, M, d, f, E, 0, 0);
-  // swiglu.cc's backward and forward on the halves of gu (rows outside the groups: dh = 0 there, and
-  // g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
-  const size_t n = (size_t)M * f;
-  char* g = scratch_bytes(t_g, n * es);
-  char* u = scratch_bytes(t_u, n * es);
-  char* dg = scratch_bytes(t_dg, n * es);
-  char* du = scratch_bytes(t_du, n * es);
-  split_half(gu, g, M, f, 0, es);
-  split_half(gu, u, M, f, f, es);
-  xft_cpu_swiglu_backward(g, u, dh, dg, du, dtype, n);
-  xft_cpu_swiglu_forward(g, u, h, dtype, n);
-  join_half(dgu, dg, M, f, 0, es);
-  join_half(dgu, du, M, f, f, es);
+  // swiglu.cc's backward and forward on the halves of each row of gu (rows outside the groups: dh = 0
+  // there, and g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
   const std::vector<int> o = effective_offsets(offsets, E, M);
   const size_t grow = (size_t)2 * f * es, hrow = (size_t)f * es;
-  for (int i = 0; i < M; i++)
-    if (i < o.front() || i >= o.back()) {
-      memset((char*)dgu + (size_t)i * grow, 0, grow);
-      memset((char*)h + (size_t)i * hrow, 0, hrow);
+  xft_cpu::parallel_for((size_t)M, 50.0 * M * f, [&](size_t a, size_t b) {
+    for (size_t i = a; i < b; i++) {
+      char* dgi = (char*)dgu + i * grow;
+      char* hi = (char*)h + i * hrow;
+      if ((int)i < o.front() || (int)i >= o.back()) {
+        memset(dgi, 0, grow);
+        memset(hi, 0, hrow);
+        continue;
+      }
+      const char* gi = (const char*)gu + i * grow;
+      xft_cpu_swiglu_backward(gi, gi + hrow, dh + i * hrow, dgi, dgi + hrow, dtype, (size_t)f);
+      xft_cpu_swiglu_forward(gi, gi + hrow, hi, dtype, (size_t)f);
     }
+  });
   trim_scratch();
   return 0;
 }
@@ -596,10 +623,11 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
     gemm(*kr, gate.data(), E);
     gemm(*kr, up.data(), E);  // after the gate half: the same sums
     char* out = (char*)dx + (size_t)first * d * es;
-    const size_t n = (size_t)covered * d;
-    if (dx_accumulate)
-      for (size_t i = 0; i < n; i++) acc[i] += xft_cpu::load(out, dtype, i);
-    from_f32(out, dtype, acc, n);
+    xft_cpu::parallel_for((size_t)covered * d, 3.0 * covered * d, [&](size_t a, size_t b) {
+      if (dx_accumulate)
+        for (size_t i = a; i < b; i++) acc[i] += xft_cpu::load(out, dtype, i);
+      from_f32(out + a * es, dtype, acc + a, b - a);
+    });
   } else if (dx) {
     if (!dx_accumulate) zero_uncovered_rows(dx, o, M, d, es);
     std::vector<float> wg((size_t)f * d), wu((size_t)f * d);
@@ -627,7 +655,22 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
       });
     }
   }
-  if (dw_gate && dw_up) {
+  if (dw_gate && dw_up && kr) {
+    // the fast path: dW_gate[e], dW_up[e] (+)= dg^T x, du^T x read in place from dgu (row stride 2f), all
+    // in one call: the grouped GEMM's dw for each half
+    const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
+    const size_t dw_es = elem_size(dw_dtype);
+    std::vector<Gemm> gs;
+    for (int half = 0; half < 2; half++)
+      for (int e = 0; e < E; e++) {
+        const int r0 = o[e], rows = o[e + 1] - o[e];
+        const xft_gemm_operand A{(const char*)dgu + ((size_t)r0 * 2 * f + (size_t)half * f) * es, dtype, 1, (size_t)2 * f};
+        const xft_gemm_operand B{(const char*)xs + (size_t)r0 * d * es, dtype, 1, (size_t)d};
+        void* dw = (char*)(half ? dw_up : dw_gate) + (size_t)e * f * d * dw_es;
+        gs.push_back(Gemm{A, B, f, d, rows, GemmOut{dw, dw_dtype, (size_t)d, accumulate != 0}});
+      }
+    gemm(*kr, gs.data(), (int)gs.size());
+  } else if (dw_gate && dw_up) {
     const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
     char* half = scratch_bytes(t_g, (size_t)M * f * es);
     split_half(dgu, half, M, f, 0, es);
@@ -642,8 +685,24 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
 // q, k, v as one GEMM (cuda/grouped_gemm.cu kQkv): each exactly the one-group grouped GEMM's output
 int xft_cpu_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets, void* q,
                         void* k, void* v, int dtype, int M, int nq, int nk, int d) {
-  xft_cpu_grouped_gemm_forward(x, wq, offsets, q, dtype, M, nq, d, 1);
-  xft_cpu_grouped_gemm_forward(x, wk, offsets, k, dtype, M, nk, d, 1);
-  xft_cpu_grouped_gemm_forward(x, wv, offsets, v, dtype, M, nk, d, 1);
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (!kr) {
+    xft_cpu_grouped_gemm_forward(x, wq, offsets, q, dtype, M, nq, d, 1);
+    xft_cpu_grouped_gemm_forward(x, wk, offsets, k, dtype, M, nk, d, 1);
+    xft_cpu_grouped_gemm_forward(x, wv, offsets, v, dtype, M, nk, d, 1);
+    return 0;
+  }
+  // the fast path: the three in one call
+  const size_t es = elem_size(dtype);
+  const std::vector<int> o = effective_offsets(offsets, 1, M);
+  const int r0 = o[0], rows = o[1] - o[0];
+  const xft_gemm_operand A{(const char*)x + (size_t)r0 * d * es, dtype, (size_t)d, 1};
+  Gemm gs[3];
+  int count = 0;
+  for (auto [w, y, n] : {std::make_tuple(wq, q, nq), std::make_tuple(wk, k, nk), std::make_tuple(wv, v, nk)}) {
+    zero_uncovered_rows(y, o, M, n, es);
+    gs[count++] = Gemm{A, xft_gemm_operand{w, dtype, (size_t)d, 1}, rows, n, d, GemmOut{(char*)y + (size_t)r0 * n * es, dtype, (size_t)n, false}};
+  }
+  gemm(*kr, gs, count);
   return 0;
 }
