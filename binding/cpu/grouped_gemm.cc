@@ -15,15 +15,17 @@ Two implementations, the same semantics:
   chosen at run time from the CPU (AVX-512F, else AVX2 + FMA, else portable C++; XFT_CPU_ISA=avx2 or
   portable caps it). Each output element is one fused multiply-add chain in k order, whatever the
   blocking and the thread count (2-D blocks of the output are the tasks), so its bits do not depend on
-  XFT_NUM_THREADS. Inputs are read in place (bf16 widened while packing, f32 never copied whole).
+  XFT_NUM_THREADS. Inputs are read in place by the packing (bf16 widened there), 8 MiB of panels at a
+  time at most; the experts of one call are batched (see kChunkM below for the partition and threads).
 - the reference path (XFT_CPU_REFERENCE=1, read at each call): the plain loops below, separate
   multiply and add, each sum in k (forward), n (dx) or row (dw) order. test/21.gemm_fast.ts holds the
   two together: with f32 inputs within 1e-5 relative (norm; fused vs separately rounded products),
   with bf16 inputs bit for bit (a product of two bf16 values is exact in fp32: the same sums in the
   same order). The cuda/grouped_gemm.cu kernels sum in their own order: test/30 compares them to
   this file within tolerances, never bit for bit.
-Scratch (per calling thread, kept across calls): the packed panels of one depth block of one chunk
-of C, and with bf16 or accumulated outputs the fp32 sums of that chunk (kChunkM x kChunkN at most).
+Scratch (per calling thread, kept across calls): the packed panels of one batch (kPackFloats), with
+bf16 or accumulated outputs one task's fp32 sums per thread, and for a slice cut along its depth its
+fp32 sums (kChunkM x kChunkN at most).
 */
 #include <math.h>
 #include <stdlib.h>
@@ -178,11 +180,13 @@ static_assert(XFT_BF16 == 1 && XFT_F32 == 0, "gemm_kernel_impl.h hard-codes the 
 // kChunkM x kChunkN, and its depth into super-blocks whose packed panels fit kPackFloats; a batch is
 // consecutive slices whose packed panels fit kPackFloats together (several small experts share one).
 // Per batch, two jobs on the pool: (1) pack every panel of A and B of the batch's slices, in parallel
-// units of about kPackUnit values (each panel packed once, by one thread); (2) the tasks: 2-D blocks of
-// C, each over the slice's whole depth (its C block stays in cache across the depth blocks), as even
-// as the panels allow and, per slice, a multiple of the thread count where the panels allow it. A
-// slice whose depth is cut into several super-blocks is a batch of its own, the later ones continuing
-// the sums of the earlier (in the output when it is f32 and overwritten, else in fp32 scratch).
+// units of about kPackUnit values (each value packed once, by one thread; an operand whose rows are
+// contiguous in memory is cut along the depth too, so that a unit reads whole cache lines); (2) the
+// tasks: 2-D blocks of C, each over the slice's whole depth (its C block stays in cache across the
+// depth blocks), as even as the panels allow and, per slice, a multiple of the thread count where the
+// panels allow it. A slice whose depth is cut into several super-blocks is a batch of its own, the
+// later ones continuing the sums of the earlier (in the output when it is f32 and overwritten, else in
+// fp32 scratch).
 constexpr int kChunkM = 2048, kChunkN = 2048;
 constexpr size_t kPackFloats = (size_t)2 << 20;  // 8 MiB of packed panels per batch
 constexpr size_t kPackUnit = (size_t)32 << 10;   // values per packing unit (a few per thread)
@@ -216,11 +220,12 @@ struct Slice {
   size_t packed;  // where its panels start in the batch's packed buffer: A (pa * mr * kn), then B
 };
 
-// a unit of packing: rows [r0, r0 + rows) of a slice's A (or B) over its whole depth
+// a unit of packing: rows [r0, r0 + rows) of a slice's A (or B) over depth [d0, d1)
 struct PackUnit {
   int slice;
   bool b;
   int r0, rows;
+  int d0, d1;  // depth [d0, d1) of the slice's, multiples of kc (the last may end at kn)
 };
 
 // buffers of the calling thread, kept across calls (the pool's threads work on the caller's)
@@ -309,15 +314,26 @@ void run_batch(const xft_gemm_kernel& kr, Slice* sl, int count, float* sums) {
   for (int s = 0; s < count; s++)
     for (int b = 0; b < 2; b++) {
       const int r = b ? nr : mr, total = b ? sl[s].nb : sl[s].mb;
-      const int step = std::max(r, (int)(kPackUnit / (size_t)sl[s].kn) / r * r);
-      for (int r0 = 0; r0 < total; r0 += step) units.push_back(PackUnit{s, b != 0, r0, std::min(step, total - r0)});
+      const xft_gemm_operand& op = b ? sl[s].g->B : sl[s].g->A;
+      const int kn = sl[s].kn;
+      int step, depth;
+      if (op.rs == 1) {  // rows contiguous: many of them (whole cache lines), a slice of the depth
+        step = std::max(r, std::min((total + r - 1) / r * r, (int)(kPackUnit / (size_t)kr.kc) / r * r));
+        depth = std::min(kn, std::max(kr.kc, (int)(kPackUnit / (size_t)step) / kr.kc * kr.kc));
+      } else {  // the depth contiguous: a few panels of rows, the whole depth
+        step = std::max(r, (int)(kPackUnit / (size_t)kn) / r * r);
+        depth = kn;
+      }
+      for (int r0 = 0; r0 < total; r0 += step)
+        for (int d0 = 0; d0 < kn; d0 += depth)
+          units.push_back(PackUnit{s, b != 0, r0, std::min(step, total - r0), d0, std::min(kn, d0 + depth)});
     }
   xft_cpu::parallel_tasks(units.size(), T > 1 ? work : 0, [&](size_t u) {
     const PackUnit& p = units[u];
     const Slice& x = sl[p.slice];
     const int r = p.b ? nr : mr, panels = p.b ? x.pb : x.pa;
     float* base = packed + x.packed + (p.b ? (size_t)x.pa * mr * x.kn : 0);
-    for (int d = 0; d < x.kn; d += kr.kc) {
+    for (int d = p.d0; d < p.d1; d += kr.kc) {
       const int kc = std::min(kr.kc, x.kn - d);
       float* dst = base + (size_t)d * panels * r + (size_t)p.r0 * kc;
       if (p.b) kr.pack_b(dst, x.g->B, (size_t)(x.n0 + p.r0), p.rows, (size_t)(x.k0 + d), kc);
