@@ -575,10 +575,7 @@ int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int
   }
   gemm(*kr, gs.data(), (int)gs.size());
   xft_cpu::parallel_for((size_t)M, 20.0 * M * f, [&](size_t a, size_t b) {
-    for (size_t i = a; i < b; i++) {
-      const char* gi = (const char*)gu + i * 2 * f * es;
-      xft_cpu_swiglu_forward(gi, gi + (size_t)f * es, (char*)h + i * f * es, dtype, (size_t)f);
-    }
+    xft_cpu_swiglu_forward_rows((const char*)gu + a * 2 * f * es, (char*)h + a * f * es, dtype, b - a, (size_t)f);
   });
   trim_scratch();
   return 0;
@@ -594,18 +591,17 @@ int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* 
   // there, and g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
   const std::vector<int> o = effective_offsets(offsets, E, M);
   const size_t grow = (size_t)2 * f * es, hrow = (size_t)f * es;
+  const size_t r0 = (size_t)o.front(), r1 = (size_t)o.back();
   xft_cpu::parallel_for((size_t)M, 50.0 * M * f, [&](size_t a, size_t b) {
-    for (size_t i = a; i < b; i++) {
-      char* dgi = (char*)dgu + i * grow;
-      char* hi = (char*)h + i * hrow;
-      if ((int)i < o.front() || (int)i >= o.back()) {
-        memset(dgi, 0, grow);
-        memset(hi, 0, hrow);
-        continue;
+    const size_t ca = std::min(std::max(a, r0), r1), cb = std::max(std::min(b, r1), r0);  // [ca, cb): covered
+    for (size_t i = a; i < b; i++)
+      if (i < r0 || i >= r1) {
+        memset((char*)dgu + i * grow, 0, grow);
+        memset((char*)h + i * hrow, 0, hrow);
       }
-      const char* gi = (const char*)gu + i * grow;
-      xft_cpu_swiglu_backward(gi, gi + hrow, dh + i * hrow, dgi, dgi + hrow, dtype, (size_t)f);
-      xft_cpu_swiglu_forward(gi, gi + hrow, hi, dtype, (size_t)f);
+    if (ca < cb) {
+      xft_cpu_swiglu_backward_rows((const char*)gu + ca * grow, dh + ca * hrow, (char*)dgu + ca * grow, dtype, cb - ca, (size_t)f);
+      xft_cpu_swiglu_forward_rows((const char*)gu + ca * grow, (char*)h + ca * hrow, dtype, cb - ca, (size_t)f);
     }
   });
   trim_scratch();

@@ -78,6 +78,9 @@ int xft_cpu_rope_backward(const void* dout, void* dx, int dtype, int rows, int T
 // swiglu.cc
 int xft_cpu_swiglu_forward(const void* g, const void* u, void* h, int dtype, size_t n);
 int xft_cpu_swiglu_backward(const void* g, const void* u, const void* dh, void* dg, void* du, int dtype, size_t n);
+// the same over rows of gu [rows, 2f] = [g | u] (dgu [rows, 2f] = [dg | du]), on the calling thread
+void xft_cpu_swiglu_forward_rows(const void* gu, void* h, int dtype, size_t rows, size_t f);
+void xft_cpu_swiglu_backward_rows(const void* gu, const void* dh, void* dgu, int dtype, size_t rows, size_t f);
 // elementwise.cc
 int xft_cpu_add(const void* a, const void* b, void* y, int dtype, size_t n);
 int xft_cpu_axpby(const void* x, int x_dtype, void* y, int y_dtype, size_t n, float alpha, float beta);
