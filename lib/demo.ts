@@ -148,7 +148,7 @@ export function findDemoData(maxPretrainBytes = 400_000): DemoData {
 // ---- the run ----
 
 /** the demo's dense model: 0.8M parameters (a MoE of 4.6M after upcycling), sized with DEMO_SIZES so that the
- * whole run takes about 4 minutes on 2 CPU cores (the fast CPU backend) */
+ * whole run takes 3-4 minutes on 2 CPU cores (the fast CPU backend) */
 export const DEMO_CONFIG: LlamaConfig = llamaConfig({
   hidden_size: 128, intermediate_size: 352, num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2,
   vocab_size: 259, rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 512,
