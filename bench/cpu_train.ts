@@ -15,7 +15,7 @@ import { arg, printTable } from './table';
 const USAGE = `Usage: node dist/bench/cpu_train.js [--threads 1,2] [--steps N] [--models demo,10m] [--kinds dense,moe] [--base addon.node] [--out file.json]
   --threads  thread counts, each in its own process (default 1,2)
   --steps    timed steps after one warm-up step (default 3); the median is reported
-  --models   demo (d=64, L=2, batch 8x256) and/or 10m (d=320, L=4, V=8192, batch 4x128)
+  --models   demo (d=128, L=4, batch 8x256) and/or 10m (d=320, L=4, V=8192, batch 4x128)
   --kinds    dense and/or moe (default both)
   --base     a second addon measured in the same run (e.g. /work/addon-base/xft.node); the table shows the speed-up
   --profile  also meter the CPU time of every native call of the timed steps (the share of each op family)

@@ -733,7 +733,7 @@ program
   .description('the main job: pretrain a tiny Llama on code found on this machine, then SFT versus XFT (upcycle -> MoE -> learned merge) with equal budgets; writes a results table and loss curves')
   .option('-o, --out <dir>', 'output folder', 'xft-demo')
   .addOption(deviceOption())
-  .option('--scale <x>', 'scale of the training budgets (1 = about 2 minutes on 2 CPU cores)', num(1e-3), 1)
+  .option('--scale <x>', 'scale of the training budgets (1 = about 4 minutes on 2 CPU cores)', num(1e-3), 1)
   .option('--seed <n>', 'seed', int(0), 0)
   .action((opts: { out: string; device?: string; scale: number; seed: number }) => {
     checkOut(opts.out);

@@ -24,7 +24,7 @@ import { writeFileAtomic } from './safetensors';
 export interface DemoOptions {
   out: string;
   device?: Device;
-  /** scale of the step budgets (1 = default, about 2 minutes on 2 CPU cores) */
+  /** scale of the step budgets (1 = default, about 4 minutes on 2 CPU cores) */
   scale?: number;
   seed?: number;
   /** progress reporting: one call per step of each stage */
@@ -147,10 +147,15 @@ export function findDemoData(maxPretrainBytes = 400_000): DemoData {
 
 // ---- the run ----
 
+/** the demo's dense model: 0.8M parameters (a MoE of 4.6M after upcycling), sized with DEMO_SIZES so that the
+ * whole run takes 3-4 minutes on 2 CPU cores (the fast CPU backend) */
 export const DEMO_CONFIG: LlamaConfig = llamaConfig({
-  hidden_size: 64, intermediate_size: 176, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2,
+  hidden_size: 128, intermediate_size: 352, num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2,
   vocab_size: 259, rms_norm_eps: 1e-6, rope_theta: 10000, max_position_embeddings: 512,
 });
+
+/** the demo's data and pretraining budget at --scale 1 (training examples and pretraining steps scale with it) */
+export const DEMO_SIZES = { trainExamples: 320, heldOutExamples: 100, pretrainSteps: 200 };
 
 export interface DemoResult {
   rows: { model: string; parameters: number; loss: number; accuracy: number }[];
@@ -170,8 +175,8 @@ export function runDemo(options: DemoOptions): DemoResult {
   const tok = new ByteTokenizer();
   const data = findDemoData();
   log(`data: ${data.examples.length} ${data.language} instruction pairs from ${data.source}`);
-  const examples = shuffle(data.examples, seed).slice(0, Math.round(160 * scale) + 60);
-  const { train: trainEx, eval: evalEx } = split(examples, 60, seed);
+  const examples = shuffle(data.examples, seed).slice(0, Math.round(DEMO_SIZES.trainExamples * scale) + DEMO_SIZES.heldOutExamples);
+  const { train: trainEx, eval: evalEx } = split(examples, DEMO_SIZES.heldOutExamples, seed);
   const seqLen = 256;
   const encode = (ex: Example[]) => toRows(ex.map((e) => encodeExample(tok, e)), seqLen, 'pack', tok.pad);
   const trainRows = encode(trainEx), evalRows = encode(evalEx);
@@ -183,7 +188,7 @@ export function runDemo(options: DemoOptions): DemoResult {
 
   // 1. pretraining
   const base = createDense(DEMO_CONFIG, { seed, device });
-  const pre = train(base, pretrainRows, { lr: 3e-3, batchSize: Math.min(16, pretrainRows.length), steps: Math.max(1, Math.round(100 * scale)), warmupSteps: 10, seed, onStep: progress('pretrain') });
+  const pre = train(base, pretrainRows, { lr: 3e-3, batchSize: Math.min(16, pretrainRows.length), steps: Math.max(1, Math.round(DEMO_SIZES.pretrainSteps * scale)), warmupSteps: 10, seed, onStep: progress('pretrain') });
   disposeState(pre.state);
   curves.pretrain = pre.losses;
   log(`pretrained: loss ${pre.losses[0].toFixed(3)} -> ${pre.losses[pre.losses.length - 1].toFixed(3)}`);

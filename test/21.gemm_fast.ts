@@ -46,9 +46,13 @@ const cases: Case[] = [
   { M: 10, n: 8, k: 8, E: 4, offsets: [0, 0, 10, 10, 10], what: 'empty groups around a full one' },
   { M: 37, n: 19, k: 29, E: 4, offsets: [5, 3, 40, 20, -7], what: 'bad offsets (clamped, made non-decreasing)' },
   { M: 300, n: 280, k: 270, E: 1, what: 'depths over one packed block (k, n and rows > 256)' },
-  { M: 1601, n: 5, k: 3, E: 1, what: 'M over one packing chunk' },
+  { M: 2100, n: 5, k: 3, E: 1, what: 'M over one packing chunk' },
   { M: 3, n: 2053, k: 5, E: 1, what: 'n over one packing chunk' },
   { M: 300, n: 45, k: 530, E: 3, offsets: [0, 1, 299, 300], what: 'a group of one row, depth 530' },
+  // dw's depth is the rows: past the packed panels' budget, it is cut into super-blocks that continue
+  // the sums (in fp32 scratch for bf16 and accumulated outputs); two such experts do not share a batch
+  { M: 30000, n: 45, k: 29, E: 1, what: "dw's depth over one batch of packed panels" },
+  { M: 30000, n: 45, k: 29, E: 2, offsets: [0, 14000, 30000], what: 'two experts over one batch of packed panels' },
 ];
 
 interface Outputs { y: number[][]; dx: number[][]; dw: number[][]; acc: number[][]; acc32: number[][] }

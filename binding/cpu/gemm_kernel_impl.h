@@ -9,6 +9,9 @@ no copy built for one instruction set can stand in for another at link time. See
 #include <string.h>
 
 #include "gemm_kernels.h"
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -19,6 +22,60 @@ inline float gemm_widen_bf16(uint16_t h) {
   float f;
   memcpy(&f, &u, 4);
   return f;
+}
+
+#if defined(__AVX__)
+// 8 p of 8 rows (row i at s + i * rs) into d: element (i, p) at p * R + i (an 8 x 8 transpose in registers)
+inline void gemm_transpose_8x8(const float* s, size_t rs, float* d, int R) {
+  __m256 r[8], t[8], u[8];
+  for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(s + i * rs);
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));      // p 0 and 4 of rows i .. i+3
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));  // p 1 and 5
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));  // p 2 and 6
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));  // p 3 and 7
+  }
+  for (int q = 0; q < 4; q++) {
+    _mm256_storeu_ps(d + (size_t)q * R, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+    _mm256_storeu_ps(d + (size_t)(q + 4) * R, _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+  }
+}
+
+// the same for 4 rows
+inline void gemm_transpose_4x8(const float* s, size_t rs, float* d, int R) {
+  const __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + rs), r2 = _mm256_loadu_ps(s + 2 * rs),
+               r3 = _mm256_loadu_ps(s + 3 * rs);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+               t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+                       _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2))};
+  for (int q = 0; q < 4; q++) {
+    _mm_storeu_ps(d + (size_t)q * R, _mm256_castps256_ps128(u[q]));
+    _mm_storeu_ps(d + (size_t)(q + 4) * R, _mm256_extractf128_ps(u[q], 1));
+  }
+}
+#endif
+
+// a full panel of R f32 rows along p (cs == 1) with in-register transposes: element (i, p) at p * R + i
+template <int R>
+bool gemm_pack_rows_f32(float* d, const float* s, size_t rs, int kc) {
+#if defined(__AVX__)
+  int p = 0;
+  for (; p + 8 <= kc; p += 8) {
+    int i = 0;
+    for (; i + 8 <= R; i += 8) gemm_transpose_8x8(s + (size_t)i * rs + p, rs, d + (size_t)p * R + i, R);
+    for (; i + 4 <= R; i += 4) gemm_transpose_4x8(s + (size_t)i * rs + p, rs, d + (size_t)p * R + i, R);
+    for (; i < R; i++)
+      for (int q = 0; q < 8; q++) d[(size_t)(p + q) * R + i] = s[(size_t)i * rs + p + q];
+  }
+  for (; p < kc; p++)
+    for (int i = 0; i < R; i++) d[(size_t)p * R + i] = s[(size_t)i * rs + p];
+  return true;
+#else
+  (void)d, (void)s, (void)rs, (void)kc;
+  return false;
+#endif
 }
 
 // panels of R rows by kc, element (i, p) at p * R + i; rows past m are zero
@@ -40,6 +97,8 @@ void gemm_pack_typed(float* dst, const T* src, size_t rs, size_t cs, size_t i0, 
         }
       }
     } else {  // along p within a row (cs == 1 in every use): a transpose, R rows at a time
+      if constexpr (sizeof(T) == 4)
+        if (cs == 1 && rows == R && gemm_pack_rows_f32<R>(d, (const float*)s, rs, kc)) continue;
       constexpr int P = 8;
       int p = 0;
       if (rows == R)

@@ -15,21 +15,24 @@ Two implementations, the same semantics:
   chosen at run time from the CPU (AVX-512F, else AVX2 + FMA, else portable C++; XFT_CPU_ISA=avx2 or
   portable caps it). Each output element is one fused multiply-add chain in k order, whatever the
   blocking and the thread count (2-D blocks of the output are the tasks), so its bits do not depend on
-  XFT_NUM_THREADS. Inputs are read in place (bf16 widened while packing, f32 never copied whole).
+  XFT_NUM_THREADS. Inputs are read in place by the packing (bf16 widened there), 8 MiB of panels at a
+  time at most; the experts of one call are batched (see kChunkM below for the partition and threads).
 - the reference path (XFT_CPU_REFERENCE=1, read at each call): the plain loops below, separate
   multiply and add, each sum in k (forward), n (dx) or row (dw) order. test/21.gemm_fast.ts holds the
   two together: with f32 inputs within 1e-5 relative (norm; fused vs separately rounded products),
   with bf16 inputs bit for bit (a product of two bf16 values is exact in fp32: the same sums in the
   same order). The cuda/grouped_gemm.cu kernels sum in their own order: test/30 compares them to
   this file within tolerances, never bit for bit.
-Scratch (per calling thread, kept across calls): the packed panels of one depth block of one chunk
-of C, and with bf16 or accumulated outputs the fp32 sums of that chunk (kChunkM x kChunkN at most).
+Scratch (per calling thread, kept across calls): the packed panels of one batch (kPackFloats), with
+bf16 or accumulated outputs one task's fp32 sums per thread, and for a slice cut along its depth its
+fp32 sums (kChunkM x kChunkN at most).
 */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "gemm_kernels.h"
@@ -173,12 +176,24 @@ int reference_backward(const void* x, const void* w, const int* offsets, const v
 
 static_assert(XFT_BF16 == 1 && XFT_F32 == 0, "gemm_kernel_impl.h hard-codes the dtype codes");
 
-// the largest slice of C one round of packing covers: bounds the packed panels ((kChunkM + kChunkN) *
-// kc floats) and the fp32 scratch of a bf16 or accumulated output (kChunkM * kChunkN floats)
-constexpr int kChunkM = 1536, kChunkN = 2048;
-// parallel_for's threshold counts work at the scalar kernels' rate; the packed kernels do about this
-// many flops in that time, so a GEMM below ~32 Mflop (~0.2 ms) stays on one thread
-constexpr double kFastFlopsPerWork = 8;
+// The driver runs a list of GEMMs (one per expert) in batches. A GEMM's C is cut into slices of at most
+// kChunkM x kChunkN, and its depth into super-blocks whose packed panels fit kPackFloats; a batch is
+// consecutive slices whose packed panels fit kPackFloats together (several small experts share one).
+// Per batch, two jobs on the pool: (1) pack every panel of A and B of the batch's slices, in parallel
+// units of about kPackUnit values (each value packed once, by one thread; an operand whose rows are
+// contiguous in memory is cut along the depth too, so that a unit reads whole cache lines); (2) the
+// tasks: 2-D blocks of C, each over the slice's whole depth (its C block stays in cache across the
+// depth blocks), as even as the panels allow and, per slice, a multiple of the thread count where the
+// panels allow it. A slice whose depth is cut into several super-blocks is a batch of its own, the
+// later ones continuing the sums of the earlier (in the output when it is f32 and overwritten, else in
+// fp32 scratch).
+constexpr int kChunkM = 2048, kChunkN = 2048;
+constexpr size_t kPackFloats = (size_t)2 << 20;  // 8 MiB of packed panels per batch
+constexpr size_t kPackUnit = (size_t)32 << 10;   // values per packing unit (a few per thread)
+// parallel_tasks' threshold counts work at the scalar kernels' rate (2 Mflop a thread); the packed
+// kernels are ~20x faster, but a job on the pool costs microseconds, so a batch below ~8 Mflop (~50 us
+// on one thread) stays on the calling thread
+constexpr double kFastFlopsPerWork = 2;
 
 // C [M, N] of out (row stride ld elements): overwritten, or with accumulate out = out + sum (the sum
 // rounded to fp32 first, then added, then rounded to the dtype once)
@@ -189,6 +204,30 @@ struct GemmOut {
   bool accumulate;
 };
 
+// out (+)= A B^T: A [M, K], B [N, K] (operands of gemm_kernels.h)
+struct Gemm {
+  xft_gemm_operand A, B;
+  int M, N, K;
+  GemmOut out;
+};
+
+// rows [m0, m0 + mb) x columns [n0, n0 + nb) of one GEMM's C over depth [k0, k0 + kn)
+struct Slice {
+  const Gemm* g;
+  int m0, mb, n0, nb, k0, kn;
+  int pa, pb;     // packed panels: ceil(mb / mr) of A, ceil(nb / nr) of B
+  int tm, tn;     // task blocks along M and N
+  size_t packed;  // where its panels start in the batch's packed buffer: A (pa * mr * kn), then B
+};
+
+// a unit of packing: rows [r0, r0 + rows) of a slice's A (or B) over depth [d0, d1)
+struct PackUnit {
+  int slice;
+  bool b;
+  int r0, rows;
+  int d0, d1;  // depth [d0, d1) of the slice's, multiples of kc (the last may end at kn)
+};
+
 // buffers of the calling thread, kept across calls (the pool's threads work on the caller's)
 float* scratch(std::vector<float>& v, size_t n) {
   if (v.size() < n + 16) v.resize(n + 16);
@@ -196,6 +235,11 @@ float* scratch(std::vector<float>& v, size_t n) {
   return (float*)((p + 63) & ~(uintptr_t)63);
 }
 thread_local std::vector<float> t_packed, t_sums;
+thread_local std::vector<float> t_tile;  // each thread's own: one task's fp32 sums
+thread_local std::vector<Slice> t_slices;
+thread_local std::vector<PackUnit> t_units;
+
+bool direct_out(const GemmOut& o) { return o.dtype == XFT_F32 && !o.accumulate; }  // sums straight into it
 
 // out[i, j] for i < m, j < n from the fp32 sums c (row stride ldc)
 void write_out(const GemmOut& out, size_t i0, size_t j0, int m, int n, const float* c, size_t ldc) {
@@ -225,52 +269,145 @@ int even_block(int total, int most, int unit) {
   return (b + unit - 1) / unit * unit;
 }
 
-// out (+)= A B^T: A [M, K], B [N, K] (operands of gemm_kernels.h)
-void gemm(const xft_gemm_kernel& kr, const xft_gemm_operand& A, const xft_gemm_operand& B, int M, int N, int K,
-          const GemmOut& out) {
-  if (M <= 0 || N <= 0) return;
-  const bool direct = out.dtype == XFT_F32 && !out.accumulate;  // sums straight into the output
-  for (int m0 = 0; m0 < M; m0 += kChunkM)
-    for (int n0 = 0; n0 < N; n0 += kChunkN) {
-      const int mb = std::min(kChunkM, M - m0), nb = std::min(kChunkN, N - n0);
-      float* c = direct ? (float*)out.data + (size_t)m0 * out.ld + n0 : scratch(t_sums, (size_t)mb * nb);
-      const size_t ldc = direct ? out.ld : (size_t)nb;
-      const int pa = (mb + kr.mr - 1) / kr.mr, pb = (nb + kr.nr - 1) / kr.nr;  // packed panels
-      const int mc = even_block(mb, kr.mc, kr.mr), nc = even_block(nb, kr.nc, kr.nr);
-      const int tm = (mb + mc - 1) / mc, tn = (nb + nc - 1) / nc;
-      if (K == 0) {
-        if (!direct) memset(c, 0, sizeof(float) * (size_t)mb * nb);
-        else
-          for (int i = 0; i < mb; i++) memset(c + (size_t)i * ldc, 0, sizeof(float) * nb);
-      }
-      for (int p0 = 0; p0 < K; p0 += kr.kc) {
-        const int kc = std::min(kr.kc, K - p0);
-        const double work = 2.0 * mb * nb * kc / kFastFlopsPerWork;
-        float* a = scratch(t_packed, (size_t)(pa * kr.mr + pb * kr.nr) * kc);
-        float* b = a + (size_t)pa * kr.mr * kc;
-        // pack this depth block of A's and B's rows, a panel per index
-        xft_cpu::parallel_for((size_t)(pa + pb), work, [&](size_t q0, size_t q1) {
-          for (size_t q = q0; q < q1; q++) {
-            if ((int)q < pa) {
-              const int i = (int)q * kr.mr;
-              kr.pack_a(a + (size_t)i * kc, A, (size_t)(m0 + i), std::min(kr.mr, mb - i), (size_t)p0, kc);
-            } else {
-              const int j = ((int)q - pa) * kr.nr;
-              kr.pack_b(b + (size_t)j * kc, B, (size_t)(n0 + j), std::min(kr.nr, nb - j), (size_t)p0, kc);
-            }
-          }
-        });
-        const bool last = p0 + kc >= K;
-        xft_cpu::parallel_tasks((size_t)tm * tn, work, [&](size_t task) {
-          const int i = (int)(task / tn) * mc, j = (int)(task % tn) * nc;
-          const int m = std::min(mc, mb - i), n = std::min(nc, nb - j);
-          float* ct = c + (size_t)i * ldc + j;
-          kr.block(a + (size_t)i * kc, b + (size_t)j * kc, m, n, kc, ct, ldc, p0 > 0);
-          if (last && !direct) write_out(out, (size_t)(m0 + i), (size_t)(n0 + j), m, n, ct, ldc);
-        });
-      }
-      if (K == 0 && !direct) write_out(out, (size_t)m0, (size_t)n0, mb, nb, c, ldc);
+// block `i` of `blocks` over `panels` panels of `r` rows covering `total` rows: [*r0, *r0 + *rows)
+void panel_block(int i, int blocks, int panels, int r, int total, int* r0, int* rows) {
+  const int p0 = (int)((long)panels * i / blocks), p1 = (int)((long)panels * (i + 1) / blocks);
+  *r0 = p0 * r;
+  *rows = std::min(p1 * r, total) - *r0;
+}
+
+// a GEMM with K = 0: out = 0, or out = out + 0 with accumulate
+void gemm_empty(const Gemm& g) {
+  const std::vector<float> zeros((size_t)g.N, 0.f);
+  for (int i = 0; i < g.M; i++) write_out(g.out, (size_t)i, 0, 1, g.N, zeros.data(), 0);
+}
+
+// one batch of slices: pack, then the tasks; `sums` holds the fp32 partial sums of a lone slice cut
+// along its depth whose output is not f32 overwritten (mb x nb)
+void run_batch(const xft_gemm_kernel& kr, Slice* sl, int count, float* sums) {
+  const int mr = kr.mr, nr = kr.nr;
+  double flops = 0;
+  size_t floats = 0;
+  for (int s = 0; s < count; s++) {
+    flops += 2.0 * sl[s].mb * sl[s].nb * sl[s].kn;
+    sl[s].packed = floats;
+    floats += ((size_t)sl[s].pa * mr + (size_t)sl[s].pb * nr) * sl[s].kn;
+  }
+  const double work = flops / kFastFlopsPerWork;
+  const int T = xft_cpu::threads_for(work);
+  float* packed = scratch(t_packed, floats);
+  // the tasks: blocks of at most kr.mc x kr.nc, a multiple of T per slice where the panels allow
+  size_t tasks = 0;
+  for (int s = 0; s < count; s++) {
+    Slice& x = sl[s];
+    x.tm = (x.pa + kr.mc / mr - 1) / (kr.mc / mr);
+    x.tn = (x.pb + kr.nc / nr - 1) / (kr.nc / nr);
+    while (T > 1 && (x.tm * x.tn) % T && (x.tm < x.pa || x.tn < x.pb)) {
+      if (x.tm < x.pa) x.tm++;
+      else x.tn++;
     }
+    tasks += (size_t)x.tm * x.tn;
+  }
+  // (1) packing, in units of about kPackUnit values
+  std::vector<PackUnit>& units = t_units;
+  units.clear();
+  for (int s = 0; s < count; s++)
+    for (int b = 0; b < 2; b++) {
+      const int r = b ? nr : mr, total = b ? sl[s].nb : sl[s].mb;
+      const xft_gemm_operand& op = b ? sl[s].g->B : sl[s].g->A;
+      const int kn = sl[s].kn;
+      int step, depth;
+      if (op.rs == 1) {  // rows contiguous: many of them (whole cache lines), a slice of the depth
+        step = std::max(r, std::min((total + r - 1) / r * r, (int)(kPackUnit / (size_t)kr.kc) / r * r));
+        depth = std::min(kn, std::max(kr.kc, (int)(kPackUnit / (size_t)step) / kr.kc * kr.kc));
+      } else {  // the depth contiguous: a few panels of rows, the whole depth
+        step = std::max(r, (int)(kPackUnit / (size_t)kn) / r * r);
+        depth = kn;
+      }
+      for (int r0 = 0; r0 < total; r0 += step)
+        for (int d0 = 0; d0 < kn; d0 += depth)
+          units.push_back(PackUnit{s, b != 0, r0, std::min(step, total - r0), d0, std::min(kn, d0 + depth)});
+    }
+  xft_cpu::parallel_tasks(units.size(), T > 1 ? work : 0, [&](size_t u) {
+    const PackUnit& p = units[u];
+    const Slice& x = sl[p.slice];
+    const int r = p.b ? nr : mr, panels = p.b ? x.pb : x.pa;
+    float* base = packed + x.packed + (p.b ? (size_t)x.pa * mr * x.kn : 0);
+    for (int d = p.d0; d < p.d1; d += kr.kc) {
+      const int kc = std::min(kr.kc, x.kn - d);
+      float* dst = base + (size_t)d * panels * r + (size_t)p.r0 * kc;
+      if (p.b) kr.pack_b(dst, x.g->B, (size_t)(x.n0 + p.r0), p.rows, (size_t)(x.k0 + d), kc);
+      else kr.pack_a(dst, x.g->A, (size_t)(x.m0 + p.r0), p.rows, (size_t)(x.k0 + d), kc);
+    }
+  });
+  // (2) the tasks
+  xft_cpu::parallel_tasks(tasks, T > 1 ? work : 0, [&](size_t task) {
+    int s = 0;
+    while (task >= (size_t)sl[s].tm * sl[s].tn) task -= (size_t)sl[s].tm * sl[s].tn, s++;
+    const Slice& x = sl[s];
+    const GemmOut& out = x.g->out;
+    int i0, m, j0, n;
+    panel_block((int)(task / x.tn), x.tm, x.pa, mr, x.mb, &i0, &m);
+    panel_block((int)(task % x.tn), x.tn, x.pb, nr, x.nb, &j0, &n);
+    const bool split = x.kn < x.g->K, last = x.k0 + x.kn == x.g->K;
+    float* c;
+    size_t ldc;
+    if (direct_out(out)) c = (float*)out.data + (size_t)(x.m0 + i0) * out.ld + x.n0 + j0, ldc = out.ld;
+    else if (split) c = sums + (size_t)i0 * x.nb + j0, ldc = (size_t)x.nb;
+    else c = scratch(t_tile, (size_t)m * n), ldc = (size_t)n;
+    const float* a = packed + x.packed;
+    const float* b = a + (size_t)x.pa * mr * x.kn;
+    for (int d = 0; d < x.kn; d += kr.kc) {
+      const int kc = std::min(kr.kc, x.kn - d);
+      kr.block(a + (size_t)d * x.pa * mr + (size_t)i0 * kc, b + (size_t)d * x.pb * nr + (size_t)j0 * kc, m, n, kc, c, ldc,
+               x.k0 + d > 0);
+    }
+    if (last && !direct_out(out)) write_out(out, (size_t)(x.m0 + i0), (size_t)(x.n0 + j0), m, n, c, ldc);
+  });
+}
+
+// the GEMMs g[0 .. count), in batches (see the comment at kChunkM); their outputs must not overlap
+void gemm(const xft_gemm_kernel& kr, const Gemm* g, int count) {
+  std::vector<Slice>& sl = t_slices;
+  sl.clear();
+  for (int q = 0; q < count; q++) {
+    if (g[q].M <= 0 || g[q].N <= 0) continue;
+    if (g[q].K <= 0) {
+      gemm_empty(g[q]);
+      continue;
+    }
+    const int mc = even_block(g[q].M, kChunkM, kr.mr), nc = even_block(g[q].N, kChunkN, kr.nr);
+    for (int m0 = 0; m0 < g[q].M; m0 += mc)
+      for (int n0 = 0; n0 < g[q].N; n0 += nc) {
+        Slice x{};
+        x.g = &g[q];
+        x.m0 = m0, x.mb = std::min(mc, g[q].M - m0), x.n0 = n0, x.nb = std::min(nc, g[q].N - n0);
+        x.pa = (x.mb + kr.mr - 1) / kr.mr, x.pb = (x.nb + kr.nr - 1) / kr.nr;
+        const size_t rows = (size_t)x.pa * kr.mr + (size_t)x.pb * kr.nr;
+        const int depth = std::max(kr.kc, (int)(kPackFloats / rows) / kr.kc * kr.kc);
+        for (int k0 = 0; k0 < g[q].K; k0 += depth) {
+          x.k0 = k0, x.kn = std::min(depth, g[q].K - k0);
+          sl.push_back(x);
+        }
+      }
+  }
+  for (size_t s = 0; s < sl.size();) {
+    const Slice& x = sl[s];
+    if (x.kn < x.g->K) {  // a slice cut along its depth: alone, its partial sums kept between batches
+      run_batch(kr, &sl[s], 1, direct_out(x.g->out) ? nullptr : scratch(t_sums, (size_t)x.mb * x.nb));
+      s++;
+      continue;
+    }
+    size_t e = s, floats = 0;
+    while (e < sl.size() && sl[e].kn == sl[e].g->K) {
+      const size_t f = ((size_t)sl[e].pa * kr.mr + (size_t)sl[e].pb * kr.nr) * sl[e].kn;
+      if (e > s && floats + f > kPackFloats) break;
+      floats += f;
+      e++;
+    }
+    run_batch(kr, &sl[s], (int)(e - s), nullptr);
+    s = e;
+  }
 }
 
 bool env_is(const char* name, const char* value) {
@@ -313,14 +450,15 @@ int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offset
   const size_t es = elem_size(dtype);
   const std::vector<int> o = effective_offsets(offsets, E, M);
   zero_uncovered_rows(y, o, M, n, es);
+  std::vector<Gemm> gs;
   for (int e = 0; e < E; e++) {
     const int r0 = o[e], rows = o[e + 1] - o[e];
-    if (rows == 0) continue;
     // y[r, j] = sum_i x[r, i] w[e, j, i]
     const xft_gemm_operand A{(const char*)x + (size_t)r0 * k * es, dtype, (size_t)k, 1};
     const xft_gemm_operand B{(const char*)w + (size_t)e * n * k * es, dtype, (size_t)k, 1};
-    gemm(*kr, A, B, rows, n, k, GemmOut{(char*)y + (size_t)r0 * n * es, dtype, (size_t)n, false});
+    gs.push_back(Gemm{A, B, rows, n, k, GemmOut{(char*)y + (size_t)r0 * n * es, dtype, (size_t)n, false}});
   }
+  gemm(*kr, gs.data(), (int)gs.size());
   return 0;
 }
 
@@ -332,21 +470,22 @@ int xft_cpu_grouped_gemm_backward(const void* x, const void* w, const int* offse
   const size_t es = elem_size(dtype), dw_es = elem_size(dw_dtype);
   const std::vector<int> o = effective_offsets(offsets, E, M);
   if (dx && !dx_accumulate) zero_uncovered_rows(dx, o, M, k, es);
-  for (int e = 0; e < E; e++) {
+  std::vector<Gemm> gs;  // every expert's dx, then every expert's dw (disjoint outputs: one call)
+  for (int e = 0; e < E && dx; e++) {
     const int r0 = o[e], rows = o[e + 1] - o[e];
-    const char* dye = (const char*)dy + (size_t)r0 * n * es;
-    const char* we = (const char*)w + (size_t)e * n * k * es;
-    if (dx && rows > 0) {
-      // dx[r, i] = sum_j dy[r, j] w[e, j, i]
-      const xft_gemm_operand A{dye, dtype, (size_t)n, 1}, B{we, dtype, 1, (size_t)k};
-      gemm(*kr, A, B, rows, k, n, GemmOut{(char*)dx + (size_t)r0 * k * es, dtype, (size_t)k, dx_accumulate != 0});
-    }
-    if (dw) {
-      // dw[e, j, i] (+)= sum_r dy[r, j] x[r, i]; no rows: 0 (+ dw)
-      const xft_gemm_operand A{dye, dtype, 1, (size_t)n}, B{(const char*)x + (size_t)r0 * k * es, dtype, 1, (size_t)k};
-      gemm(*kr, A, B, n, k, rows, GemmOut{(char*)dw + (size_t)e * n * k * dw_es, dw_dtype, (size_t)k, accumulate != 0});
-    }
+    // dx[r, i] = sum_j dy[r, j] w[e, j, i]
+    const xft_gemm_operand A{(const char*)dy + (size_t)r0 * n * es, dtype, (size_t)n, 1};
+    const xft_gemm_operand B{(const char*)w + (size_t)e * n * k * es, dtype, 1, (size_t)k};
+    gs.push_back(Gemm{A, B, rows, k, n, GemmOut{(char*)dx + (size_t)r0 * k * es, dtype, (size_t)k, dx_accumulate != 0}});
   }
+  for (int e = 0; e < E && dw; e++) {
+    const int r0 = o[e], rows = o[e + 1] - o[e];
+    // dw[e, j, i] (+)= sum_r dy[r, j] x[r, i]; no rows: 0 (+ dw)
+    const xft_gemm_operand A{(const char*)dy + (size_t)r0 * n * es, dtype, 1, (size_t)n};
+    const xft_gemm_operand B{(const char*)x + (size_t)r0 * k * es, dtype, 1, (size_t)k};
+    gs.push_back(Gemm{A, B, n, k, rows, GemmOut{(char*)dw + (size_t)e * n * k * dw_es, dw_dtype, (size_t)k, accumulate != 0}});
+  }
+  gemm(*kr, gs.data(), (int)gs.size());
   return 0;
 }
 
@@ -382,11 +521,13 @@ const void* gather_rows(const void* x, const int* gather, int div, int S, int M,
   if (!gather) return x;
   const size_t row = (size_t)d * es;
   char* xe = scratch_bytes(t_x, (size_t)M * row);
-  for (int i = 0; i < M; i++) {
-    const int src = gather[i] >= 0 ? gather[i] / div : -1;
-    if (src >= 0 && src < S) memcpy(xe + (size_t)i * row, (const char*)x + (size_t)src * row, row);
-    else memset(xe + (size_t)i * row, 0, row);
-  }
+  xft_cpu::parallel_for((size_t)M, 2.0 * M * d, [&](size_t a, size_t b) {
+    for (size_t i = a; i < b; i++) {
+      const int src = gather[i] >= 0 ? gather[i] / div : -1;
+      if (src >= 0 && src < S) memcpy(xe + i * row, (const char*)x + (size_t)src * row, row);
+      else memset(xe + i * row, 0, row);
+    }
+  });
   return xe;
 }
 
@@ -405,14 +546,37 @@ int xft_cpu_gateup_forward(const void* x, const int* gather, int gather_div, int
                            int E) {
   const size_t es = elem_size(dtype);
   const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
-  char* g = scratch_bytes(t_g, (size_t)M * f * es);
-  char* u = scratch_bytes(t_u, (size_t)M * f * es);
-  xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g, dtype, M, f, d, E);
-  xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u, dtype, M, f, d, E);
-  join_half(gu, g, M, f, 0, es);
-  join_half(gu, u, M, f, f, es);
-  // h = silu(g) u by swiglu.cc itself (uncovered rows: g = u = 0 from the GEMMs, so h = 0)
-  xft_cpu_swiglu_forward(g, u, h, dtype, (size_t)M * f);
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (!kr) {  // the reference path: the grouped GEMM twice, then swiglu.cc over the whole of g and u
+    char* g = scratch_bytes(t_g, (size_t)M * f * es);
+    char* u = scratch_bytes(t_u, (size_t)M * f * es);
+    xft_cpu_grouped_gemm_forward(xs, w_gate, offsets, g, dtype, M, f, d, E);
+    xft_cpu_grouped_gemm_forward(xs, w_up, offsets, u, dtype, M, f, d, E);
+    join_half(gu, g, M, f, 0, es);
+    join_half(gu, u, M, f, f, es);
+    // h = silu(g) u by swiglu.cc itself (uncovered rows: g = u = 0 from the GEMMs, so h = 0)
+    xft_cpu_swiglu_forward(g, u, h, dtype, (size_t)M * f);
+    trim_scratch();
+    return 0;
+  }
+  // the fast path: g and u straight into the halves of gu (row stride 2f), both in one call; then
+  // swiglu.cc row by row (elementwise: the same values as over the whole)
+  const std::vector<int> o = effective_offsets(offsets, E, M);
+  zero_uncovered_rows(gu, o, M, 2 * f, es);
+  std::vector<Gemm> gs;
+  for (int e = 0; e < E; e++) {
+    const int r0 = o[e], rows = o[e + 1] - o[e];
+    const xft_gemm_operand A{(const char*)xs + (size_t)r0 * d * es, dtype, (size_t)d, 1};
+    char* out = (char*)gu + (size_t)r0 * 2 * f * es;
+    for (int half = 0; half < 2; half++) {
+      const xft_gemm_operand B{(const char*)(half ? w_up : w_gate) + (size_t)e * f * d * es, dtype, (size_t)d, 1};
+      gs.push_back(Gemm{A, B, rows, f, d, GemmOut{out + (size_t)half * f * es, dtype, (size_t)2 * f, false}});
+    }
+  }
+  gemm(*kr, gs.data(), (int)gs.size());
+  xft_cpu::parallel_for((size_t)M, 20.0 * M * f, [&](size_t a, size_t b) {
+    xft_cpu_swiglu_forward_rows((const char*)gu + a * 2 * f * es, (char*)h + a * f * es, dtype, b - a, (size_t)f);
+  });
   trim_scratch();
   return 0;
 }
@@ -423,26 +587,23 @@ int xft_cpu_swiglu_down_backward(const void* dy, const void* w_down, const int* 
   char* dh = scratch_bytes(t_dh, (size_t)M * f * es);
   // dh [M, f] = dy [M, d] @ w_down[e] [d, f]: the grouped GEMM's dx with n = d, k = f (x unused without dw)
   xft_cpu_grouped_gemm_backward(dy, w_down, offsets, dy, dh, nullptr, dtype, dtype, M, d, f, E, 0, 0);
-  // swiglu.cc's backward and forward on the halves of gu (rows outside the groups: dh = 0 there, and
-  // g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
-  const size_t n = (size_t)M * f;
-  char* g = scratch_bytes(t_g, n * es);
-  char* u = scratch_bytes(t_u, n * es);
-  char* dg = scratch_bytes(t_dg, n * es);
-  char* du = scratch_bytes(t_du, n * es);
-  split_half(gu, g, M, f, 0, es);
-  split_half(gu, u, M, f, f, es);
-  xft_cpu_swiglu_backward(g, u, dh, dg, du, dtype, n);
-  xft_cpu_swiglu_forward(g, u, h, dtype, n);
-  join_half(dgu, dg, M, f, 0, es);
-  join_half(dgu, du, M, f, f, es);
+  // swiglu.cc's backward and forward on the halves of each row of gu (rows outside the groups: dh = 0
+  // there, and g = u = 0 from the forward, so dg = du = h = 0; zeroed explicitly all the same)
   const std::vector<int> o = effective_offsets(offsets, E, M);
   const size_t grow = (size_t)2 * f * es, hrow = (size_t)f * es;
-  for (int i = 0; i < M; i++)
-    if (i < o.front() || i >= o.back()) {
-      memset((char*)dgu + (size_t)i * grow, 0, grow);
-      memset((char*)h + (size_t)i * hrow, 0, hrow);
+  const size_t r0 = (size_t)o.front(), r1 = (size_t)o.back();
+  xft_cpu::parallel_for((size_t)M, 50.0 * M * f, [&](size_t a, size_t b) {
+    const size_t ca = std::min(std::max(a, r0), r1), cb = std::max(std::min(b, r1), r0);  // [ca, cb): covered
+    for (size_t i = a; i < b; i++)
+      if (i < r0 || i >= r1) {
+        memset((char*)dgu + i * grow, 0, grow);
+        memset((char*)h + i * hrow, 0, hrow);
+      }
+    if (ca < cb) {
+      xft_cpu_swiglu_backward_rows((const char*)gu + ca * grow, dh + ca * hrow, (char*)dgu + ca * grow, dtype, cb - ca, (size_t)f);
+      xft_cpu_swiglu_forward_rows((const char*)gu + ca * grow, (char*)h + ca * hrow, dtype, cb - ca, (size_t)f);
     }
+  });
   trim_scratch();
   return 0;
 }
@@ -458,23 +619,27 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
     // the fast path: both halves' products summed into fp32 sums (the gate half, then the up half added
     // to them), rounded to the dtype once (added to dx first with dx_accumulate)
     if (!dx_accumulate) zero_uncovered_rows(dx, o, M, d, es);
+    const int first = o.front(), covered = o.back() - o.front();
+    float* acc = (float*)scratch_bytes(t_dh, (size_t)covered * d * sizeof(float));
+    std::vector<Gemm> gate, up;  // acc[r, i] = sum_j dg[r, j] w_gate[e, j, i], then + sum_j du[r, j] w_up[e, j, i]
     for (int e = 0; e < E; e++) {
       const int r0 = o[e], rows = o[e + 1] - o[e];
-      if (rows == 0) continue;
-      float* acc = (float*)scratch_bytes(t_dh, (size_t)rows * d * sizeof(float));
       const char* dgr = (const char*)dgu + (size_t)r0 * 2 * f * es;
-      // acc[r, i] = sum_j dg[r, j] w_gate[e, j, i] (+ sum_j du[r, j] w_up[e, j, i])
       const xft_gemm_operand Ag{dgr, dtype, (size_t)2 * f, 1}, Au{dgr + (size_t)f * es, dtype, (size_t)2 * f, 1};
       const xft_gemm_operand Bg{(const char*)w_gate + (size_t)e * f * d * es, dtype, 1, (size_t)d};
       const xft_gemm_operand Bu{(const char*)w_up + (size_t)e * f * d * es, dtype, 1, (size_t)d};
-      gemm(*kr, Ag, Bg, rows, d, f, GemmOut{acc, XFT_F32, (size_t)d, false});
-      gemm(*kr, Au, Bu, rows, d, f, GemmOut{acc, XFT_F32, (size_t)d, true});
-      char* out = (char*)dx + (size_t)r0 * d * es;
-      const size_t n = (size_t)rows * d;
-      if (dx_accumulate)
-        for (size_t i = 0; i < n; i++) acc[i] += xft_cpu::load(out, dtype, i);
-      from_f32(out, dtype, acc, n);
+      float* acc_e = acc + (size_t)(r0 - first) * d;
+      gate.push_back(Gemm{Ag, Bg, rows, d, f, GemmOut{acc_e, XFT_F32, (size_t)d, false}});
+      up.push_back(Gemm{Au, Bu, rows, d, f, GemmOut{acc_e, XFT_F32, (size_t)d, true}});
     }
+    gemm(*kr, gate.data(), E);
+    gemm(*kr, up.data(), E);  // after the gate half: the same sums
+    char* out = (char*)dx + (size_t)first * d * es;
+    xft_cpu::parallel_for((size_t)covered * d, 3.0 * covered * d, [&](size_t a, size_t b) {
+      if (dx_accumulate)
+        for (size_t i = a; i < b; i++) acc[i] += xft_cpu::load(out, dtype, i);
+      from_f32(out + a * es, dtype, acc + a, b - a);
+    });
   } else if (dx) {
     if (!dx_accumulate) zero_uncovered_rows(dx, o, M, d, es);
     std::vector<float> wg((size_t)f * d), wu((size_t)f * d);
@@ -502,7 +667,22 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
       });
     }
   }
-  if (dw_gate && dw_up) {
+  if (dw_gate && dw_up && kr) {
+    // the fast path: dW_gate[e], dW_up[e] (+)= dg^T x, du^T x read in place from dgu (row stride 2f), all
+    // in one call: the grouped GEMM's dw for each half
+    const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
+    const size_t dw_es = elem_size(dw_dtype);
+    std::vector<Gemm> gs;
+    for (int half = 0; half < 2; half++)
+      for (int e = 0; e < E; e++) {
+        const int r0 = o[e], rows = o[e + 1] - o[e];
+        const xft_gemm_operand A{(const char*)dgu + ((size_t)r0 * 2 * f + (size_t)half * f) * es, dtype, 1, (size_t)2 * f};
+        const xft_gemm_operand B{(const char*)xs + (size_t)r0 * d * es, dtype, 1, (size_t)d};
+        void* dw = (char*)(half ? dw_up : dw_gate) + (size_t)e * f * d * dw_es;
+        gs.push_back(Gemm{A, B, f, d, rows, GemmOut{dw, dw_dtype, (size_t)d, accumulate != 0}});
+      }
+    gemm(*kr, gs.data(), (int)gs.size());
+  } else if (dw_gate && dw_up) {
     const void* xs = gather_rows(x, gather, gather_div, S, M, d, es);
     char* half = scratch_bytes(t_g, (size_t)M * f * es);
     split_half(dgu, half, M, f, 0, es);
@@ -517,8 +697,24 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
 // q, k, v as one GEMM (cuda/grouped_gemm.cu kQkv): each exactly the one-group grouped GEMM's output
 int xft_cpu_qkv_forward(const void* x, const void* wq, const void* wk, const void* wv, const int* offsets, void* q,
                         void* k, void* v, int dtype, int M, int nq, int nk, int d) {
-  xft_cpu_grouped_gemm_forward(x, wq, offsets, q, dtype, M, nq, d, 1);
-  xft_cpu_grouped_gemm_forward(x, wk, offsets, k, dtype, M, nk, d, 1);
-  xft_cpu_grouped_gemm_forward(x, wv, offsets, v, dtype, M, nk, d, 1);
+  const xft_gemm_kernel* kr = fast_kernel();
+  if (!kr) {
+    xft_cpu_grouped_gemm_forward(x, wq, offsets, q, dtype, M, nq, d, 1);
+    xft_cpu_grouped_gemm_forward(x, wk, offsets, k, dtype, M, nk, d, 1);
+    xft_cpu_grouped_gemm_forward(x, wv, offsets, v, dtype, M, nk, d, 1);
+    return 0;
+  }
+  // the fast path: the three in one call
+  const size_t es = elem_size(dtype);
+  const std::vector<int> o = effective_offsets(offsets, 1, M);
+  const int r0 = o[0], rows = o[1] - o[0];
+  const xft_gemm_operand A{(const char*)x + (size_t)r0 * d * es, dtype, (size_t)d, 1};
+  Gemm gs[3];
+  int count = 0;
+  for (auto [w, y, n] : {std::make_tuple(wq, q, nq), std::make_tuple(wk, k, nk), std::make_tuple(wv, v, nk)}) {
+    zero_uncovered_rows(y, o, M, n, es);
+    gs[count++] = Gemm{A, xft_gemm_operand{w, dtype, (size_t)d, 1}, rows, n, d, GemmOut{(char*)y + (size_t)r0 * n * es, dtype, (size_t)n, false}};
+  }
+  gemm(*kr, gs, count);
   return 0;
 }

@@ -74,3 +74,40 @@ int xft_cpu_swiglu_backward(const void* g, const void* u, const void* dh, void* 
   });
   return 0;
 }
+
+// rows of gu [rows, 2f] = [g | u] into h [rows, f] on the calling thread (the fused FFN's epilogue,
+// which splits the rows over threads itself): the same values as the whole-tensor op
+void xft_cpu_swiglu_forward_rows(const void* gu, void* h, int dtype, size_t rows, size_t f) {
+  const bool ref = xft_cpu::reference_mode(), bf = dtype == XFT_BF16;
+  for (size_t r = 0; r < rows; r++) {
+    if (bf) {
+      const uint16_t* g = (const uint16_t*)gu + r * 2 * f;
+      uint16_t* hr = (uint16_t*)h + r * f;
+      if (ref) forward_body<uint16_t, false>(g, g + f, hr, 0, f);
+      else forward_bf16(g, g + f, hr, 0, f);
+    } else {
+      const float* g = (const float*)gu + r * 2 * f;
+      float* hr = (float*)h + r * f;
+      if (ref) forward_body<float, false>(g, g + f, hr, 0, f);
+      else forward_f32(g, g + f, hr, 0, f);
+    }
+  }
+}
+
+// dgu [rows, 2f] = [dg | du] from gu [rows, 2f] and dh [rows, f], on the calling thread
+void xft_cpu_swiglu_backward_rows(const void* gu, const void* dh, void* dgu, int dtype, size_t rows, size_t f) {
+  const bool ref = xft_cpu::reference_mode(), bf = dtype == XFT_BF16;
+  for (size_t r = 0; r < rows; r++) {
+    if (bf) {
+      const uint16_t *g = (const uint16_t*)gu + r * 2 * f, *d = (const uint16_t*)dh + r * f;
+      uint16_t* dg = (uint16_t*)dgu + r * 2 * f;
+      if (ref) backward_body<uint16_t, false>(g, g + f, d, dg, dg + f, 0, f);
+      else backward_bf16(g, g + f, d, dg, dg + f, 0, f);
+    } else {
+      const float *g = (const float*)gu + r * 2 * f, *d = (const float*)dh + r * f;
+      float* dg = (float*)dgu + r * 2 * f;
+      if (ref) backward_body<float, false>(g, g + f, d, dg, dg + f, 0, f);
+      else backward_f32(g, g + f, d, dg, dg + f, 0, f);
+    }
+  }
+}

@@ -5,7 +5,13 @@ at every call, so a process (a test) can change it between calls; a larger value
 
 A job is `chunks` contiguous ranges of [0, n) that the caller and the workers take in turn from an
 atomic counter: which thread runs a range varies, what each range computes does not, so a kernel that
-writes disjoint outputs per index gives the same bits on any number of threads.
+writes disjoint outputs per index gives the same bits on any number of threads. The caller takes
+ranges too, and never waits for a worker that has not started: a late worker finds none left.
+
+Waiting: a worker that finished a job polls for the next one for kSpin (200 us) before it sleeps on a
+condition variable, and the caller polls for the workers' last ranges the same way; a job's hand-off
+then costs about a microsecond instead of a futex wake-up (tens of microseconds on a VM, as long as a
+small GEMM), at the price of up to kSpin of busy CPU per thread after the last job of a burst.
 
 Lifetime: the pool is allocated once and never freed (its workers sleep on it until the process ends,
 so exit and static destructors never wait for or free under a worker); native threads do not keep the
@@ -21,6 +27,7 @@ makes it start a fresh pool (the parent's is abandoned in the child).
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <system_error>
@@ -34,6 +41,8 @@ namespace {
 constexpr int kMaxThreads = 64;
 // below this many flops per thread, waking a worker costs more than it saves
 constexpr double kWorkPerThread = 2e6;
+// ranges per thread of a parallel_for
+constexpr size_t kChunksPerThread = 4;
 
 int env_threads() {
   for (const char* name : {"XFT_NUM_THREADS", "XFT_CPU_THREADS"})
@@ -56,6 +65,32 @@ int hardware_threads() {
 
 thread_local bool t_in_job = false;  // this thread is running a range of a job
 
+// How long a thread busy-waits before it sleeps: a worker for the next job after finishing one, the
+// caller for the workers' last ranges. Waking a sleeping thread costs a futex call and, on a VM, an
+// inter-processor interrupt: tens of microseconds, as long as a whole small GEMM. The GEMMs of a
+// training step follow each other within microseconds, so a worker that waits this long is usually
+// awake for the next one; an idle process stops spinning after it.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// true as soon as done() holds, false once kSpin has passed without it
+template <typename Done>
+bool spin_until(Done done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (unsigned i = 1;; i++) {
+    if (done()) return true;
+    cpu_relax();
+    if ((i & 63) == 0 && std::chrono::steady_clock::now() > until) return done();
+  }
+}
+
 class Pool {
  public:
   // runs fn over `chunks` ranges of [0, n) on up to `threads` threads (the caller is one of them)
@@ -77,12 +112,18 @@ class Pool {
       next_.store(0, std::memory_order_relaxed);
       pending_.store(chunks, std::memory_order_relaxed);
       helpers_ = helpers;
-      generation_++;
+      generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+      if (sleeping_) wake_.notify_all();  // spinning workers see the generation without a call
     }
-    wake_.notify_all();
     work(job);
+    // the workers' last ranges: spin, then sleep; a worker that has not started by now finds no range
+    // left (it never holds the caller back)
+    auto finished = [&] { return pending_.load(std::memory_order_acquire) == 0 && active_.load(std::memory_order_acquire) == 0; };
+    spin_until(finished);
     std::unique_lock<std::mutex> g(m_);
-    done_.wait(g, [&] { return pending_.load(std::memory_order_acquire) == 0 && active_ == 0; });
+    waiting_ = true;
+    done_.wait(g, finished);
+    waiting_ = false;
     job_ = Job{};
   }
 
@@ -103,28 +144,35 @@ class Pool {
       if (c >= job.chunks) return;
       size_t b = job.n * c / job.chunks, e = job.n * (c + 1) / job.chunks;
       if (b < e) (*job.fn)(b, e);
-      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> g(m_);
-        done_.notify_all();
-      }
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) notify_done();
     }
+  }
+
+  void notify_done() {
+    std::lock_guard<std::mutex> g(m_);
+    if (waiting_) done_.notify_all();
   }
 
   void worker(int index) {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> g(m_);
     for (;;) {
-      wake_.wait(g, [&] { return generation_ != seen; });
-      seen = generation_;
-      // a job that wants fewer threads, or one already finished (its submitter waits for active_ == 0
-      // before it returns, so a job seen here under the lock is the current one)
+      auto fresh = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!spin_until(fresh)) {
+        std::unique_lock<std::mutex> g(m_);
+        sleeping_++;
+        wake_.wait(g, fresh);
+        sleeping_--;
+      }
+      std::unique_lock<std::mutex> g(m_);
+      seen = generation_.load(std::memory_order_relaxed);
+      // a job that wants fewer threads, or one already finished (its submitter clears job_ under the
+      // lock once active_ is 0, so a job seen here under the lock is the current one)
       if (index >= helpers_ || !job_.fn) continue;
       const Job job = job_;
-      active_++;
+      active_.fetch_add(1, std::memory_order_relaxed);
       g.unlock();
       work(job);
-      g.lock();
-      if (--active_ == 0) done_.notify_all();
+      if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) notify_done();
     }
   }
 
@@ -144,13 +192,17 @@ class Pool {
   }
 
   std::mutex submit_;  // one job at a time
-  std::mutex m_;
+  std::mutex m_;       // guards job_, helpers_, sleeping_, waiting_ and the workers' entry into a job
   std::condition_variable wake_, done_;
   std::vector<int> workers_;  // the started workers' indices (detached threads)
   Job job_;
-  std::atomic<size_t> next_{0}, pending_{0};
-  int helpers_ = 0, active_ = 0;
-  uint64_t generation_ = 0;
+  // the counters the threads poll, each on its own cache line (no false sharing with the lock)
+  alignas(64) std::atomic<size_t> next_{0};
+  alignas(64) std::atomic<size_t> pending_{0};
+  alignas(64) std::atomic<int> active_{0};
+  alignas(64) std::atomic<uint64_t> generation_{0};
+  int helpers_ = 0, sleeping_ = 0;
+  bool waiting_ = false;
 };
 
 std::atomic<Pool*> g_pool{nullptr};
@@ -180,22 +232,26 @@ int threads() {
   return t > kMaxThreads ? kMaxThreads : t;
 }
 
+int threads_for(double work) {
+  const int t = threads();
+  if (work < 2 * kWorkPerThread) return 1;
+  return (double)t * kWorkPerThread > work ? (int)(work / kWorkPerThread) : t;
+}
+
 void parallel_for(size_t n, double work, const std::function<void(size_t, size_t)>& fn) {
-  size_t t = (size_t)threads();
-  if (work < 2 * kWorkPerThread) t = 1;
-  else if ((double)t * kWorkPerThread > work) t = (size_t)(work / kWorkPerThread);
+  size_t t = (size_t)threads_for(work);
   if (t > n) t = n;
   if (t <= 1) {
     if (n) fn(0, n);
     return;
   }
-  pool().run(n, t, (int)t, fn);
+  // a few ranges per thread: a thread that starts late (woken, or preempted on a busy machine) leaves
+  // its share to the others instead of holding the caller back
+  pool().run(n, std::min(n, t * kChunksPerThread), (int)t, fn);
 }
 
 void parallel_tasks(size_t tasks, double work, const std::function<void(size_t)>& fn) {
-  size_t t = (size_t)threads();
-  if (work < 2 * kWorkPerThread) t = 1;
-  else if ((double)t * kWorkPerThread > work) t = (size_t)(work / kWorkPerThread);
+  size_t t = (size_t)threads_for(work);
   if (t > tasks) t = tasks;
   if (t <= 1) {
     for (size_t i = 0; i < tasks; i++) fn(i);

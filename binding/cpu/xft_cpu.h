@@ -81,6 +81,9 @@ int xft_cpu_rope_backward(const void* dout, void* dx, int dtype, int rows, int T
 // swiglu.cc
 int xft_cpu_swiglu_forward(const void* g, const void* u, void* h, int dtype, size_t n);
 int xft_cpu_swiglu_backward(const void* g, const void* u, const void* dh, void* dg, void* du, int dtype, size_t n);
+// the same over rows of gu [rows, 2f] = [g | u] (dgu [rows, 2f] = [dg | du]), on the calling thread
+void xft_cpu_swiglu_forward_rows(const void* gu, void* h, int dtype, size_t rows, size_t f);
+void xft_cpu_swiglu_backward_rows(const void* gu, const void* dh, void* dgu, int dtype, size_t rows, size_t f);
 // elementwise.cc
 int xft_cpu_add(const void* a, const void* b, void* y, int dtype, size_t n);
 int xft_cpu_axpby(const void* x, int x_dtype, void* y, int y_dtype, size_t n, float alpha, float beta);
@@ -139,13 +142,15 @@ inline float load(const void* p, int dtype, size_t i) { return xft_load_value(p,
 inline void store(void* p, int dtype, size_t i, float v) { xft_store_value(p, dtype, i, v); }
 // widen n values of a f32 or bf16 buffer into dst
 void to_f32(float* dst, const void* src, int dtype, size_t n);
-// threads.cc: a persistent pool. fn(begin, end) over [0, n) split into contiguous chunks on up to
-// xft_cpu::threads() threads when `work` (a flop count) makes it worth a thread, inline otherwise; each
-// index is handled by exactly one call, so a kernel that writes disjoint outputs per index gives the
-// same bits on any number of threads.
+// threads.cc: a persistent pool. fn(begin, end) over [0, n) split into contiguous ranges (a few per
+// thread, taken in turn) on up to xft_cpu::threads() threads when `work` (a flop count) makes it worth a
+// thread, inline otherwise; each index is handled by exactly one call, so a kernel that writes
+// disjoint outputs per index gives the same bits on any number of threads.
 void parallel_for(size_t n, double work, const std::function<void(size_t, size_t)>& fn);
 // fn(i) for each task i < tasks, handed out one at a time to the pool's threads (uneven tasks balance)
 void parallel_tasks(size_t tasks, double work, const std::function<void(size_t)>& fn);
+// the threads parallel_for and parallel_tasks use for `work` (1 below the threshold of a thread's worth)
+int threads_for(double work);
 // threads for the CPU backend: XFT_NUM_THREADS (alias XFT_CPU_THREADS, read at each call), else the
 // cores this process may run on; at most 64
 int threads();
