@@ -79,7 +79,7 @@ function refDot(b0: ArrayLike<number>, a: ArrayLike<number>, o: ArrayLike<number
 }
 
 const vals = (x: Tensor) => Array.from(x.toArray());
-const randomT = (n: number, seed: number, dtype: 'f32' | 'bf16' = 'f32', scale = 1) => Tensor.from(rng(seed).array(n, scale), [n], { dtype });
+const randomT = (n: number, seed: number, dtype: 'f32' | 'bf16' = 'f32', scale = 1) => Tensor.randn([n], { seed, dtype, std: scale });
 
 // ---- the ops ----
 
