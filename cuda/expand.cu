@@ -6,12 +6,13 @@ Delta dots, per tensor of n elements (base θ0, a, others o_q; f32 or bf16, all 
   out[q] = Σ_i (a_i − θ0_i)(o_q,i − θ0_i)        (torch: ((a - θ0).double() * (o_q - θ0).double()).sum())
   Differences, products and sums in fp64 with each operation rounded (no FMA). A fixed reduction order,
   the same in the twin, so both give the same bits run after run:
-  - EXPAND_LANES = EXPAND_DOT_GRID × EXPAND_BLOCK lanes; lane ℓ (block ℓ / EXPAND_BLOCK, thread
-    ℓ % EXPAND_BLOCK) takes the groups of EXPAND_GROUP consecutive elements g ≡ ℓ (mod EXPAND_LANES) in
-    ascending order and adds their products one element at a time;
+  - G = expand_dot_grid(n) blocks (a function of n alone: up to EXPAND_DOT_GRID, fewer for small
+    tensors), L = G × EXPAND_BLOCK lanes; lane ℓ (block ℓ / EXPAND_BLOCK, thread ℓ % EXPAND_BLOCK) takes
+    the groups of EXPAND_GROUP consecutive elements g ≡ ℓ (mod L) in ascending order and adds their
+    products one element at a time;
   - each block combines its lanes with block_sum (xft_reduce.cuh: an xor butterfly per warp, then over
-    the warps' results) into one partial; one block per output combines the EXPAND_DOT_GRID partials
-    (one per thread) with block_sum again. No atomics.
+    the warps' results) into one partial; one block per output combines the G partials (thread t takes
+    partial t, 0 past G) with block_sum again. No atomics.
   Up to EXPAND_DOT_CHUNK others per pass (fp64 accumulators in registers); more take more passes.
 DARE crossover, per tensor (UPIT.md 2.3–2.4): keep = 1 − p,
   m_x,i = [u(stream(seed, tensor_id, x), i) >= p]      parent slot x = 0 (a = θj) or 1 (b = θk), expand.h
@@ -49,8 +50,8 @@ expand_dots_kernel(const T* __restrict__ base, const T* __restrict__ a, const Ex
   double acc[EXPAND_DOT_CHUNK];
 #pragma unroll
   for (int q = 0; q < EXPAND_DOT_CHUNK; q++) acc[q] = 0.0;
-  const size_t lane = (size_t)blockIdx.x * EXPAND_BLOCK + threadIdx.x;
-  for (size_t g = lane; g * EXPAND_GROUP < n; g += EXPAND_LANES) {
+  const size_t lane = (size_t)blockIdx.x * EXPAND_BLOCK + threadIdx.x, lanes = (size_t)gridDim.x * EXPAND_BLOCK;
+  for (size_t g = lane; g * EXPAND_GROUP < n; g += lanes) {
     for (size_t i = g * EXPAND_GROUP; i < (g + 1) * EXPAND_GROUP && i < n; i++) {
       const double b0 = (double)to_f32(base[i]);
       const double da = __dadd_rn((double)to_f32(a[i]), -b0);
@@ -71,10 +72,10 @@ expand_dots_kernel(const T* __restrict__ base, const T* __restrict__ a, const Ex
     }
 }
 
-// out[q0 + q] = the EXPAND_DOT_GRID partials of q combined (block q, one partial per thread)
+// out[q0 + q] = the nparts partials of q combined (block q, one partial per thread)
 __global__ void __launch_bounds__(EXPAND_BLOCK)
-expand_dots_final_kernel(const double* __restrict__ partial, double* __restrict__ out) {
-  const double s = block_sum(partial[(size_t)blockIdx.x * EXPAND_DOT_GRID + threadIdx.x]);
+expand_dots_final_kernel(const double* __restrict__ partial, int nparts, double* __restrict__ out) {
+  const double s = block_sum((int)threadIdx.x < nparts ? partial[(size_t)blockIdx.x * EXPAND_DOT_GRID + threadIdx.x] : 0.0);
   if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
@@ -106,19 +107,20 @@ extern "C" int xft_cuda_expand_delta_dots(const void* base, const void* a, const
   double* partial = nullptr;
   cudaError_t err = cudaMallocAsync((void**)&partial, sizeof(double) * EXPAND_DOT_CHUNK * EXPAND_DOT_GRID, stream);
   if (err != cudaSuccess) return err;
+  const int grid = expand_dot_grid(numel);
   for (int q0 = 0; q0 < count && err == cudaSuccess; q0 += EXPAND_DOT_CHUNK) {
     const int nq = count - q0 < EXPAND_DOT_CHUNK ? count - q0 : EXPAND_DOT_CHUNK;
     ExpandOthers ptrs = {};
     for (int q = 0; q < nq; q++) ptrs.p[q] = others[q0 + q];
     if (dtype == XFT_BF16)
-      expand_dots_kernel<uint16_t><<<EXPAND_DOT_GRID, EXPAND_BLOCK, 0, stream>>>(
+      expand_dots_kernel<uint16_t><<<grid, EXPAND_BLOCK, 0, stream>>>(
           (const uint16_t*)base, (const uint16_t*)a, ptrs, nq, numel, partial);
     else
-      expand_dots_kernel<float><<<EXPAND_DOT_GRID, EXPAND_BLOCK, 0, stream>>>(
+      expand_dots_kernel<float><<<grid, EXPAND_BLOCK, 0, stream>>>(
           (const float*)base, (const float*)a, ptrs, nq, numel, partial);
     err = cudaGetLastError();
     if (err != cudaSuccess) break;
-    expand_dots_final_kernel<<<nq, EXPAND_BLOCK, 0, stream>>>(partial, out + q0);
+    expand_dots_final_kernel<<<nq, EXPAND_BLOCK, 0, stream>>>(partial, grid, out + q0);
     err = cudaGetLastError();
   }
   const cudaError_t ferr = cudaFreeAsync(partial, stream);

@@ -35,11 +35,18 @@ int xft_cpu_expand_child(const void* base, const void* a, const void* b, int dty
 #endif
 
 // the reduction layout of expand_delta_dots, shared by the kernels and the twin
-#define EXPAND_BLOCK 256                              // threads per block (8 warps)
-#define EXPAND_DOT_GRID 256                           // blocks: one partial per thread of the final block
-#define EXPAND_LANES (EXPAND_BLOCK * EXPAND_DOT_GRID)  // lanes of the first pass
-#define EXPAND_GROUP 4                                // consecutive elements a lane takes at a time
-#define EXPAND_DOT_CHUNK 8                            // others per pass (fp64 accumulators per thread)
+#define EXPAND_BLOCK 256     // threads per block (8 warps)
+#define EXPAND_DOT_GRID 256  // the most blocks: at most one partial per thread of the final block
+#define EXPAND_GROUP 4       // consecutive elements a lane takes at a time
+#define EXPAND_DOT_CHUNK 8   // others per pass (fp64 accumulators per thread)
+
+// blocks of the first pass for n elements, a function of n alone (the twin uses it too): enough for one
+// group per lane, at most EXPAND_DOT_GRID; the lanes are its EXPAND_BLOCK threads each
+XFT_HD int expand_dot_grid(size_t n) {
+  const size_t groups = (n + EXPAND_GROUP - 1) / EXPAND_GROUP;
+  const size_t blocks = (groups + EXPAND_BLOCK - 1) / EXPAND_BLOCK;
+  return blocks < 1 ? 1 : blocks > EXPAND_DOT_GRID ? EXPAND_DOT_GRID : (int)blocks;
+}
 
 // the keep-mask stream of parent slot 0 (a) or 1 (b) of a tensor, and the keep decision of element i:
 // u = 53 random bits / 2^53 in [0, 1), kept when u >= p (p = 0 keeps every element)

@@ -2,8 +2,8 @@
 // twin (binding/cpu/expand.cc), bit for bit: the dots' reduction order and the counter-based keep masks are
 // the same on both, so any difference is a bug. Fresh random inputs (the seed is printed), every new device
 // allocation poisoned (NaN / -1) so that an output element left unwritten fails. Shapes cover the scalar
-// tails of a lane's group of 4, lane wrap-around (more than 65536 groups), several passes of 8 others, one and
-// many blocks; expandPool on CUDA writes the child the CPU writes.
+// tails of a lane's group of 4, one block, several, and the most (256, lanes wrapping around past 65536
+// groups), several passes of 8 others; expandPool on CUDA writes the child the CPU writes.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -24,7 +24,8 @@ setupGpuTest(t);
 const DOTS: { n: number; others: number; what: string }[] = [
   { n: 1, others: 1, what: 'one element' },
   { n: 7, others: 10, what: 'a partial group, two passes of others' },
-  { n: 1003, others: 3, what: 'a few blocks' },
+  { n: 1003, others: 3, what: 'one block' },
+  { n: 5003, others: 2, what: 'five blocks, the last partial' },
   { n: 4 * 65536 + 9, others: 2, what: 'lanes wrap around' },
 ];
 

@@ -52,9 +52,9 @@ function refChild(b0: ArrayLike<number>, a: ArrayLike<number>, b: ArrayLike<numb
     return dtype === 'bf16' ? refBf16(y) : Math.fround(y);
   });
 }
-/** The delta dots in the kernels' order: 65536 lanes over groups of 4, then xor butterflies per warp and block. */
+/** The delta dots in the kernels' order: G·256 lanes (G = ⌈⌈n/4⌉/256⌉ <= 256) over groups of 4, then xor butterflies per warp and block. */
 function refDot(b0: ArrayLike<number>, a: ArrayLike<number>, o: ArrayLike<number>): number {
-  const BLOCK = 256, GRID = 256, LANES = BLOCK * GRID, GROUP = 4, n = b0.length;
+  const BLOCK = 256, GROUP = 4, n = b0.length, GRID = Math.min(256, Math.max(1, Math.ceil(Math.ceil(n / GROUP) / BLOCK))), LANES = BLOCK * GRID;
   const lanes = new Float64Array(LANES);
   for (let i = 0; i < n; i++) {
     const lane = Math.floor(i / GROUP) % LANES;
@@ -74,7 +74,8 @@ function refDot(b0: ArrayLike<number>, a: ArrayLike<number>, o: ArrayLike<number
     for (let k = 0; k < BLOCK / 32; k++) red[k] = warp(v, at + k * 32);
     return warp(red, 0);
   };
-  const partial = Float64Array.from({ length: GRID }, (_, b) => block(lanes, b * BLOCK));
+  const partial = new Float64Array(BLOCK);
+  for (let b = 0; b < GRID; b++) partial[b] = block(lanes, b * BLOCK);
   return block(partial, 0);
 }
 
@@ -85,7 +86,7 @@ const randomT = (n: number, seed: number, dtype: 'f32' | 'bf16' = 'f32', scale =
 
 t.test('deltaDots: the documented reduction order bit for bit, f32 and bf16, tails and lane wrap-around, chunks of others', async (t) => {
   for (const dtype of ['f32', 'bf16'] as const)
-    for (const n of [1, 7, 1000, 4 * 65536 + 3]) {
+    for (const n of [1, 7, 1000, 1025, 5000, 4 * 65536 + 3]) {
       const b0 = randomT(n, 1, dtype), a = randomT(n, 2, dtype), others = Array.from({ length: n < 1000 ? 10 : 2 }, (_, q) => randomT(n, 10 + q, dtype));
       const got = deltaDots(b0, a, [a, ...others]);
       const B = vals(b0), A = vals(a);

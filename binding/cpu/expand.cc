@@ -1,10 +1,10 @@
 /*
 CPU twin of cuda/expand.cu: UpIT's delta dots (parent similarity) and fused DARE crossover, with the same
 bits as the kernels (interface and math: cuda/expand.h, cuda/expand.cu).
-  delta dots: out[q] = Σ_i (a_i − θ0_i)(o_q,i − θ0_i) in fp64, summed in the kernels' order: EXPAND_LANES
-              lane accumulators (lane ℓ takes the groups of EXPAND_GROUP elements g ≡ ℓ mod EXPAND_LANES,
-              ascending), then the GPU's block reductions replayed (an xor butterfly per warp of 32 lanes,
-              then over the block's warps; the same again over the blocks' partials).
+  delta dots: out[q] = Σ_i (a_i − θ0_i)(o_q,i − θ0_i) in fp64, summed in the kernels' order: L = G·EXPAND_BLOCK
+              lane accumulators, G = expand_dot_grid(n) (lane ℓ takes the groups of EXPAND_GROUP elements
+              g ≡ ℓ mod L, ascending), then the GPU's block reductions replayed (an xor butterfly per warp of
+              32 lanes, then over the block's warps; the same again over the G partials, zeros past G).
   child:      child_i = round(θ0_i + (α t_a,i + β t_b,i)), t_x,i = m_x,i (x_i − θ0_i) / (1 − p), fp64, the
               keep masks from expand.h (counter-based: the same bits on either device).
 Threads (threads.cc): the dots split the lanes, the child splits the elements; either way each output
@@ -48,23 +48,24 @@ inline double value<uint16_t>(const uint16_t* p, size_t i) { return (double)xft_
 
 template <typename T>
 void delta_dots(const T* base, const T* a, const T* const* others, int nq, size_t n, double* out) {
-  // acc[q * EXPAND_LANES + lane]
-  std::vector<double> acc((size_t)nq * EXPAND_LANES, 0.0);
-  const size_t groups = (n + EXPAND_GROUP - 1) / EXPAND_GROUP;
-  const size_t used = groups < (size_t)EXPAND_LANES ? groups : (size_t)EXPAND_LANES;
+  const int grid = expand_dot_grid(n);
+  const size_t lanes = (size_t)grid * EXPAND_BLOCK, groups = (n + EXPAND_GROUP - 1) / EXPAND_GROUP;
+  // acc[q * lanes + lane]
+  std::vector<double> acc((size_t)nq * lanes, 0.0);
+  const size_t used = groups < lanes ? groups : lanes;
   xft_cpu::parallel_for(used, 3.0 * n * (nq + 1), [&](size_t l0, size_t l1) {
-    for (size_t g0 = 0; g0 < groups; g0 += EXPAND_LANES)
+    for (size_t g0 = 0; g0 < groups; g0 += lanes)
       for (size_t lane = l0; lane < l1 && g0 + lane < groups; lane++) {
         const size_t g = g0 + lane;
         for (size_t i = g * EXPAND_GROUP; i < (g + 1) * EXPAND_GROUP && i < n; i++) {
           const double b0 = value(base, i), da = value(a, i) - b0;
-          for (int q = 0; q < nq; q++) acc[(size_t)q * EXPAND_LANES + lane] += da * (value(others[q], i) - b0);
+          for (int q = 0; q < nq; q++) acc[(size_t)q * lanes + lane] += da * (value(others[q], i) - b0);
         }
       }
   });
-  std::vector<double> partial(EXPAND_DOT_GRID);
+  std::vector<double> partial(EXPAND_BLOCK, 0.0);
   for (int q = 0; q < nq; q++) {
-    for (int b = 0; b < EXPAND_DOT_GRID; b++) partial[b] = block_sum(&acc[(size_t)q * EXPAND_LANES + (size_t)b * EXPAND_BLOCK]);
+    for (int b = 0; b < grid; b++) partial[b] = block_sum(&acc[(size_t)q * lanes + (size_t)b * EXPAND_BLOCK]);
     out[q] = block_sum(partial.data());
   }
 }
