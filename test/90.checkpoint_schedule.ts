@@ -30,7 +30,7 @@ t.test('xft train --save-checkpoints-every 0.25: 8 checkpoints over 2 epochs; ki
   const help = xft('train', '--help');
   t.match(help.out.replace(/\s+/g, ' '), /--save-checkpoints-every <epochs>.*<out>\.checkpoints\/checkpoint-<step>/, 'xft train --help documents it');
   // 40 examples, batch 4: S = 10 steps per epoch, 20 steps
-  const args = ['train', 'dense', ...DATA, '--seq-len', '64', '--batch-size', '4', '--micro-batch', '4', '--epochs', '2', '--lr', '1e-3', '--optim', 'adamw', '--save-checkpoints-every', '0.25'];
+  const args = ['train', 'dense', ...DATA, '--batch-size', '4', '--micro-batch', '4', '--epochs', '2', '--lr', '1e-3', '--optim', 'adamw', '--save-checkpoints-every', '0.25'];
   const full = xft(...args, '--out', 'full');
   t.equal(full.code, 0, full.err);
   t.match(full.out, /checkpoints every 0\.25 epoch: after steps 3, 5, 8, 10, 13, 15, 18, 20/);
