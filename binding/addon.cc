@@ -636,6 +636,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterDist(env, exports);
   RegisterRouterOps(env, exports);
   RegisterTimerOps(env, exports);
+  RegisterExpandOps(env, exports);
   return exports;
 }
 

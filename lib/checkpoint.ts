@@ -324,6 +324,8 @@ export interface SaveOptions {
   files?: Record<string, string>;
   /** writes more files into the folder's temporary copy (e.g. a second safetensors file) before it is renamed into place */
   fill?: (tmpDir: string) => void;
+  /** more config.json keys (e.g. a scheduled checkpoint's xft_epoch and xft_step) */
+  config?: Record<string, unknown>;
 }
 
 function targetDtype(config: LlamaConfig, dtype?: SaveDtype, modelDtype = 'f32'): FileDType {
@@ -346,7 +348,7 @@ function copySideFiles(from: string | undefined, to: string): void {
  * Writes a checkpoint folder atomically: the entries as safetensors (sharded above maxShardBytes),
  * config.json, the tokenizer files of `copyFrom`, and `files` (name -> content).
  */
-function writeCheckpoint(dir: string, entries: WriteEntry[], config: Record<string, unknown>,
+export function writeCheckpoint(dir: string, entries: WriteEntry[], config: Record<string, unknown>,
   options: { maxShardBytes?: number; onProgress?: StreamOptions['onProgress']; copyFrom?: string; files?: Record<string, string>; overwrite?: boolean; fill?: (tmpDir: string) => void }): void {
   writeFolderAtomic(dir, (tmp) => {
     writeShards(tmp, withProgress(entries, options.onProgress), { maxShardBytes: options.maxShardBytes });
@@ -380,7 +382,7 @@ export function saveModel(model: Model, dir: string, options: SaveOptions = {}):
     for (let e = 0; e < E; e++)
       entries.push({ name: `${p.name}.${e}.weight`, dtype: fileDtype, shape, tensor: () => p.value.narrow(e, 1).reshape(shape) });
   }
-  writeCheckpoint(dir, entries, configJson(model.kind, model.config, moe, rate, dtype), options);
+  writeCheckpoint(dir, entries, { ...configJson(model.kind, model.config, moe, rate, dtype), ...options.config }, options);
 }
 
 // ---- streaming on disk ----

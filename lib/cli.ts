@@ -15,7 +15,7 @@ import { Command, InvalidArgumentError, CommanderError, Option } from 'commander
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { MultiBar, Presets, SingleBar } from 'cli-progress';
-import { backend, cudaAvailable, memoryStats, type Device } from './tensor';
+import { backend, cudaAvailable, memoryStats, type Device, type Tensor } from './tensor';
 import { packageRoot } from './native';
 import { cudaVersionString } from './backend_reason';
 import { XftError } from './errors';
@@ -26,13 +26,14 @@ import { mergeable, countParameters } from './xft';
 import { generate } from './generate';
 import { trainAsync, evaluate, saveTrainState, loadTrainState, readTrainStateInfo, disposeState, useMasterWeights, type TrainState } from './train';
 import { checkTokenizerFolder, countTargets, encodeDataFileAsync, loadTokenizer, split, toRows, type Tokenizer, type Sample } from './data';
-import type { Model } from './model';
+import type { Model, Param } from './model';
 import { planMemory, formatPlan, PLAN_DEFAULTS, type PlanOptions } from './plan';
 import { OPTIMIZERS, PRECISIONS, type OptimizerKind, type Precision } from './optim';
 import { distEnv, launch, ProcessGroup, type DistEnv } from './dist/index';
 import { DataParallel } from './dist/ddp';
 import { collectivesOf } from './dist/collectives';
 import { evaluateParallel, defaultMicroBatch, testFaultHook } from './dist/run';
+import { checkpointDir, checkpointEpochs, checkpointSteps, checkpointsFolder } from './checkpoint_schedule';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -356,6 +357,9 @@ program
   .option('--held-out <n>', 'examples (or a fraction < 1) held out for evaluation at the end', num(0), 0)
   .option('--seed <n>', 'seed of the data order and router noise', int(0), 0)
   .option('--save-every <steps>', 'also save a resumable state every N steps', int(1))
+  .option('--save-checkpoints-every <epochs>', 'also save a loadable checkpoint every F epochs (e.g. 0.25: after step round(j·F·S), S steps per epoch, ' +
+    'the last at the final step) to <out>.checkpoints/checkpoint-<step>, its config.json recording xft_epoch and xft_step (UpIT\'s candidate experts); ' +
+    'a resumed run writes the same set; with --overwrite an earlier run\'s checkpoints there are removed first', num(Number.MIN_VALUE))
   .option('--eval-every <steps>', 'evaluate on the held-out examples every N steps (needs --held-out)', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
   .option('--recompute', 'activation recomputation: keep only each block\'s input, recompute it in the backward (less memory, ~1/3 more compute, identical gradients)')
@@ -372,7 +376,7 @@ program
 
 interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
-  warmup?: number; weightDecay: number; clip?: number; heldOut: number; seed: number; saveEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
+  warmup?: number; weightDecay: number; clip?: number; heldOut: number; seed: number; saveEvery?: number; saveCheckpointsEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
   dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; optim?: OptimizerKind; stochasticRounding?: boolean; gradDtype?: 'f32' | 'bf16'; recompute?: boolean;
   nproc?: number; zero: '0' | '1'; distTimeout: number;
 }
@@ -429,6 +433,7 @@ async function trainCommand(modelDir: string, cli: TrainCliOptions, command: Com
     }
     // claim <out> and <out>.resume for the whole run (rank 0 writes them): a second run with this --out fails now, not after training
     if (rank.lead) claims.push(lockFolder(cli.out), lockFolder(resumeDir));
+    if (rank.lead && (cli.saveCheckpointsEvery !== undefined || cli.resume)) claims.push(lockFolder(checkpointsFolder(cli.out)));
     await trainRun(modelDir, cli, resumeDir, command, rank);
   } finally {
     claims.forEach((c) => c.release());
@@ -496,6 +501,9 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
         throw new XftError(`--resume: ${resumeDir} holds a run with --${k === 'stochasticRounding' ? 'stochastic-rounding' : k} ${was ?? '(default)'}; ` +
           `it continues only with the same setting (given: ${cli[k]}); start a new run (another --out) to change it`, 'XFT_VALUE');
     }
+    if (command.getOptionValueSource('saveCheckpointsEvery') === 'cli' && cli.saveCheckpointsEvery !== o.saveCheckpointsEvery)
+      throw new XftError(`--resume: ${resumeDir} holds a run with --save-checkpoints-every ${o.saveCheckpointsEvery ?? '(none)'}; it continues only with the same schedule ` +
+        `(given: ${cli.saveCheckpointsEvery}); start a new run (another --out) to change it`, 'XFT_VALUE');
     console.log(`resuming at step ${saved.step} with the saved options${world > 1 ? ` on ${world} ranks` : ''}`);
   } else if (!o.data) throw new UsageError("train: required option '--data <file>' not specified");
   if (lead) checkOutputFolder(o.out, o.overwrite);
@@ -531,6 +539,23 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   const stepsPerEpoch = Math.floor(rows.length / batch);
   const total = o.steps ?? Math.max(1, Math.round(stepsPerEpoch * (o.epochs ?? recipe.epochs)));
   const lr = o.lr ?? recipe.lr, warmup = o.warmup ?? Math.round(WARMUP_FRACTION * total);
+  // --save-checkpoints-every: the steps that save a checkpoint, and their epochs
+  const schedule = new Map<number, number>();
+  if (o.saveCheckpointsEvery !== undefined) {
+    if (model.kind === 'merged')
+      throw new UsageError('train: --save-checkpoints-every saves dense or MoE checkpoints; merge learning (--merge or a merge checkpoint) does not support it');
+    const steps = checkpointSteps(stepsPerEpoch, o.saveCheckpointsEvery, o.steps !== undefined ? total / stepsPerEpoch : o.epochs ?? recipe.epochs);
+    const epochs = checkpointEpochs(o.saveCheckpointsEvery, steps.length);
+    steps.forEach((step, j) => {
+      if (step <= total) schedule.set(step, epochs[j]);
+    });
+    const root = checkpointsFolder(o.out);
+    if (lead && !o.resume && fs.existsSync(root) && fs.readdirSync(root).length > 0) {
+      if (!o.overwrite) throw new XftError(`${root} holds checkpoints of an earlier run (pass --overwrite to remove them, or use another --out)`, 'XFT_IO');
+      fs.rmSync(root, { recursive: true, force: true });
+    }
+    console.log(`checkpoints every ${o.saveCheckpointsEvery} epoch: after steps ${[...schedule.keys()].join(', ') || '(none)'} in ${root}`);
+  }
   console.log(`${recipe.what}: ${describe(model)}, precision ${run.precision}${o.stochasticRounding ? ' (stochastic rounding)' : ''}, ${run.optim}, clip ${run.clip || 'off'}${o.recompute ? ', activation recomputation' : ''}`);
   console.log(`data: ${rows.length} sequences of ${o.seqLen} tokens (${tok.name} tokenizer), ${evalRows.length} held out; ${total} steps of ${batch} (micro-batch ${micro}), lr ${lr}, warmup ${warmup}`);
 
@@ -560,6 +585,20 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
     }
     dp?.barrier();
   };
+  /** The scheduled checkpoint after `step`: the weights the final save would write now (master weights when kept); rank 0 writes. */
+  const saveScheduled = (step: number, epoch: number) => {
+    const full = dp ? dp.fullState(state) : state;
+    try {
+      if (lead)
+        withMasterWeights(model, full, () => saveModel(model, checkpointDir(o.out, step), {
+          dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: true, copyFrom: modelDir, config: { xft_epoch: epoch, xft_step: step },
+        }));
+    } finally {
+      dp?.release(full, state);
+    }
+    dp?.barrier();
+    if (lead) console.error(`\nxft: saved the checkpoint of epoch ${epoch} (step ${step}) in ${checkpointDir(o.out, step)}`);
+  };
   const fault = testFaultHook(rank.env.rank);
   const b = bar(' train |{bar}| {value}/{total} steps | loss {loss} | lr {lr} | {tps} tok/s | ETA {eta_formatted}');
   if (lead) b.start(total, state.step, { loss: '-', lr: '-', tps: '-' });
@@ -580,6 +619,8 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
         evals.push({ step: s.step, loss: ev.loss, accuracy: ev.accuracy });
         console.log(`step ${s.step}: held-out loss ${ev.loss.toFixed(4)}, token accuracy ${(ev.accuracy * 100).toFixed(2)}%`);
       }
+      const epoch = schedule.get(s.step);
+      if (epoch !== undefined) saveScheduled(s.step, epoch);
       if (o.saveEvery && s.step % o.saveEvery === 0 && s.step < s.steps) {
         saveState(state);
         savedStep = s.step;
@@ -630,6 +671,23 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   disposeState(r.state);
   dp?.dispose();
   model.dispose();
+}
+
+/** Runs `fn` with the model's weights replaced by the state's f32 master weights where it keeps them (mixed precision), then puts them back. */
+function withMasterWeights(model: Model, state: TrainState, fn: () => void): void {
+  const swapped: [Param, Tensor][] = [];
+  try {
+    for (const p of model.params()) {
+      const master = state.master?.get(p.name);
+      if (master) {
+        swapped.push([p, p.value]);
+        p.value = master;
+      }
+    }
+    fn();
+  } finally {
+    for (const [p, value] of swapped) p.value = value;
+  }
 }
 
 program

@@ -103,6 +103,11 @@ export interface NativeAddon {
   mergeForward(stacks: S[], merged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number): void;
   mergeBackward(stacks: S[], dMerged: S[], numel: number[], dtype: number, E: number, alpha: S, sharedRate: number,
     dAlpha: S, accumulate: boolean): void;
+  /** UpIT expansion (binding/expand_ops.cc): out (i32 [2·count]) receives count fp64 Σ(a − base)(others[q] − base). */
+  expandDeltaDots(base: S, a: S, others: S[], dtype: number, numel: number, out: S): void;
+  /** UpIT expansion: out = base + α·DARE_p(a − base) + β·DARE_p(b − base), masks from (seed, tensorId). */
+  expandChild(base: S, a: S, b: S, dtype: number, numel: number, out: S, outDtype: number, alpha: number, beta: number,
+    dropRate: number, seed: Seed, tensorId: number): void;
   /** the CPU GEMM's kernel ('avx512' | 'avx2' | 'portable' | 'reference') and thread count, as they stand now */
   cpuGemm(): { kernel: string; threads: number };
 }
