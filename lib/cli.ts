@@ -83,6 +83,11 @@ function rate(v: string): number | null {
   return num(0, 1)(v);
 }
 
+/** A --shared-rate value: commander stores a parser's null as '' (its "no value"), which means 'none' here. */
+function sharedRateOf(v: number | null | undefined | ''): number | null | undefined {
+  return v === '' ? null : v;
+}
+
 /** "5GB", "500MB", "2GiB" or bytes (as transformers' max_shard_size: GB = 10^9, GiB = 2^30). */
 function bytes(v: string): number {
   const m = /^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?$/i.exec(v.trim());
@@ -524,7 +529,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   let model = loadModel(modelDir, { device, dtype: run.precision === 'f32' ? 'f32' : 'bf16' });
   if (o.merge) {
     const moe = model;
-    model = mergeable(moe, { sharedRate: o.sharedRate });
+    model = mergeable(moe, { sharedRate: sharedRateOf(o.sharedRate) });
     moe.dispose();
   }
   const recipe = RECIPE[model.kind];
@@ -647,7 +652,7 @@ program
     const p = fileProgress('merge');
     const t0 = Date.now();
     try {
-      const r = sourceNonFinite(src, out, () => mergeCheckpoint(src, out, { sharedRate: o.sharedRate, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress }));
+      const r = sourceNonFinite(src, out, () => mergeCheckpoint(src, out, { sharedRate: sharedRateOf(o.sharedRate), dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress }));
       p.stop();
       const c = r.coefficients[0].map((v) => v.toFixed(3)).join(', ');
       console.log(`wrote ${out}: dense LlamaForCausalLM, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s (layer 0 coefficients: ${c})`);
@@ -783,7 +788,8 @@ function sourceNonFinite<T>(src: string, out: string, run: () => T): T {
  * (`Tensor.empty: `, `upcycleCheckpoint: `) and with API option names as the flags that set them.
  */
 export function cliMessage(message: string): string {
-  return message.replace(/^(?:[A-Z]\w*\.\w+|[a-z]+[A-Z]\w*): /, '').replace(/\bpass overwrite: true\b/g, 'pass --overwrite');
+  return message.replace(/^(?:[A-Z]\w*\.\w+|[a-z]+[A-Z]\w*): /, '').replace(/\bpass overwrite: true\b/g, 'pass --overwrite')
+    .replace(/\bpass sharedRate: null\b/g, 'pass --shared-rate none');
 }
 
 export function exitCodeOf(err: unknown): number {
