@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The `xft` command line: info, plan, upcycle, train, merge, eval, demo.
+ * The `xft` command line: info, plan, upcycle, train, merge, eval, generate, demo, upit.
  *
  * Exit codes (for scripts):
  *   0    success
@@ -33,6 +33,7 @@ import { distEnv, launch, ProcessGroup, type DistEnv } from './dist/index';
 import { DataParallel } from './dist/ddp';
 import { collectivesOf } from './dist/collectives';
 import { evaluateParallel, defaultMicroBatch, testFaultHook } from './dist/run';
+import { upit, UPIT_DEFAULTS, UPIT_STAGES, type UpitStage } from './upit/index';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -764,6 +765,74 @@ program
     }
     console.log('\n' + markdownTable(r));
     console.log(`wrote ${r.files.map((f) => path.join(opts.out, f)).join(', ')}`);
+  });
+
+const U = UPIT_DEFAULTS;
+const tag = (k: keyof typeof UPIT_DEFAULTS) => `[${U[k].source}: ${U[k].value}]`;
+program
+  .command('upit')
+  .description('UpIT (Hui et al. 2024): dense -> MoE from its own SFT checkpoints: prepare (SFT with epoch checkpoints), expand (genetic merging), seed + route (router init on lowest-PPL seed buckets), assemble, post-train; each stage writes a folder under --out and is skipped when complete')
+  .argument('<dense>', 'dense checkpoint folder (θ0)')
+  .requiredOption('--data <file>', 'JSONL instruction data')
+  .requiredOption('--out <dir>', 'output folder: prepare/, expand/, seed/, route/, assemble/, post-train/ (the final MoE)')
+  .option('--experts <E>', `experts of the MoE ${tag('experts')}`, int(2), U.experts.value)
+  .option('--top-k <k>', `experts per token ${tag('topK')}`, int(1), U.topK.value)
+  .addOption(new Option('--stage <name>', 'run only this stage (its inputs must be complete)').choices([...UPIT_STAGES]))
+  .option('--seed <n>', 'seed of the data order, expansion, seed rows and router draw', int(0), 0)
+  .option('--lr <lr>', `learning rate of the SFT and post-training ${tag('lr')}`, num(0), U.lr.value)
+  .option('--prepare-epochs <n>', `stage-1 SFT epochs ${tag('prepareEpochs')}`, num(0), U.prepareEpochs.value)
+  .option('--checkpoint-every <epochs>', `stage-1 checkpoint interval ${tag('checkpointEvery')}`, num(1e-6), U.checkpointEvery.value)
+  .addOption(new Option('--keep <which>', `with more checkpoints than experts ${tag('keep')}`).choices(['latest', 'first-half']).default(U.keep.value))
+  .option('--first-half', 'ablation: experts from the first-half checkpoints (--keep first-half)')
+  .option('--no-expand', 'ablation: no genetic expansion; stage 1 saves E checkpoints instead')
+  .addOption(new Option('--parents <rule>', `parent selection ${tag('parents')}`).choices(['least-similar', 'random']).default(U.parents.value))
+  .option('--random-parents', 'ablation: random parents (--parents random)')
+  .addOption(new Option('--similarity <metric>', `parent similarity ${tag('similarity')}`).choices(['cosine', 'l2']).default(U.similarity.value))
+  .option('--drop-rate <p>', `DARE drop rate ${tag('dropRate')}`, num(0, 0.999999), U.dropRate.value)
+  .option('--exclude-used-pairs', '[choice] never breed the same pair twice (default: pairs may recur)')
+  .option('--no-router-init', 'ablation: no routing-vector pre-optimization (the router is drawn at random; seed and route are skipped)')
+  .option('--seed-fraction <f>', `seed data fraction ${tag('seedFraction')}`, num(1e-9, 1), U.seedFraction.value)
+  .addOption(new Option('--buckets <mode>', `seed bucket assignment ${tag('buckets')}`).choices(['ppl', 'balanced', 'random']).default(U.buckets.value))
+  .option('--random-buckets', 'ablation: router init on random buckets (--buckets random)')
+  .option('--gamma <γ>', `γ·L_lm + (1-γ)·L_aux of the routing stage ${tag('gamma')}`, num(0, 1), U.gamma.value)
+  .option('--route-epochs <n>', `routing-vector training epochs ${tag('routeEpochs')}`, num(1e-9), U.routeEpochs.value)
+  .option('--router-lr-scale <x>', `routing vectors' lr multiple ${tag('routerLrScale')}`, num(1e-9), U.routerLrScale.value)
+  .addOption(new Option('--route-train <set>', `what trains with the routing vector ${tag('routeTrain')}`).choices(['ffn+router', 'router']).default(U.routeTrain.value))
+  .addOption(new Option('--trunk <source>', `the MoE's non-FFN weights ${tag('trunk')}`).choices(['average', 'last', 'theta0']).default(U.trunk.value))
+  .option('--post-epochs <n>', `post-training epochs ${tag('postEpochs')}`, num(1e-9), U.postEpochs.value)
+  .option('--balance-loss <w>', `weight of the Switch balance loss in post-training ${tag('balanceLossWeight')}`, num(0), U.balanceLossWeight.value)
+  .option('--batch-size <n>', `sequences per optimizer step ${tag('batchSize')}`, int(1), U.batchSize.value)
+  .option('--micro-batch <n>', 'sequences per forward pass', int(1))
+  .option('--seq-len <n>', 'tokens per sequence (default: 1024, or max_position_embeddings when smaller)', int(2))
+  .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
+  .addOption(deviceOption())
+  .addOption(new Option('--precision <dtype>', 'compute dtype (default: bf16 on the GPU, f32 on the CPU)').choices(['bf16', 'f32']))
+  .addHelpText('after', `
+Defaults: [paper] from the UpIT sources (arXiv 2410.01610 and its reviews and summaries), [choice] ours where
+they are silent (../shared/UPIT.md; no official code exists). Ablations of the paper's Table 2:
+--no-expand, --random-parents, --no-router-init, --random-buckets, --first-half.
+${Object.entries(U).map(([k, v]) => `  ${k.padEnd(18)} ${String(v.value).padEnd(14)} [${v.source}] ${v.note}`).join('\n')}`)
+  .action(async (dense: string, o: {
+    data: string; out: string; experts: number; topK: number; stage?: UpitStage; seed: number; lr: number; prepareEpochs: number; checkpointEvery: number;
+    keep: 'latest' | 'first-half'; firstHalf?: boolean; expand: boolean; parents: 'least-similar' | 'random'; randomParents?: boolean; similarity: 'cosine' | 'l2';
+    dropRate: number; excludeUsedPairs?: boolean; routerInit: boolean; seedFraction: number; buckets: 'ppl' | 'balanced' | 'random'; randomBuckets?: boolean;
+    gamma: number; routeEpochs: number; routerLrScale: number; routeTrain: 'ffn+router' | 'router'; trunk: 'average' | 'last' | 'theta0'; postEpochs: number;
+    balanceLoss: number; batchSize: number; microBatch?: number; seqLen?: number; tokenizer?: string; device?: string; precision?: 'f32' | 'bf16';
+  }) => {
+    checkOut(o.out);
+    if (o.topK > o.experts) throw new UsageError(`upit: --top-k ${o.topK} is out of range: expected 1 to --experts ${o.experts}`);
+    const t0 = Date.now();
+    const r = await upit({
+      dense, data: o.data, out: o.out, experts: o.experts, topK: o.topK, stage: o.stage, seed: o.seed, lr: o.lr, prepareEpochs: o.prepareEpochs,
+      checkpointEvery: o.checkpointEvery, keep: o.firstHalf ? 'first-half' : o.keep, expand: o.expand, parents: o.randomParents ? 'random' : o.parents,
+      similarity: o.similarity, dropRate: o.dropRate, excludeUsedPairs: o.excludeUsedPairs ?? false, routerInit: o.routerInit, seedFraction: o.seedFraction,
+      buckets: o.randomBuckets ? 'random' : o.buckets, gamma: o.gamma, routeEpochs: o.routeEpochs, routerLrScale: o.routerLrScale, routeTrain: o.routeTrain,
+      trunk: o.trunk, postEpochs: o.postEpochs, balanceLossWeight: o.balanceLoss, batchSize: o.batchSize, microBatch: o.microBatch, seqLen: o.seqLen,
+      tokenizer: o.tokenizer, device: o.device === undefined ? undefined : deviceOf(o.device), precision: o.precision,
+      onLog: (line) => console.error(`xft upit: ${line}`),
+    });
+    if (r.skipped.length) console.log(`complete already, skipped: ${r.skipped.join(', ')}`);
+    console.log(`ran ${r.ran.length ? r.ran.join(', ') : 'nothing'} in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${o.stage ? `stage ${o.stage}: ${r.moe}` : `the UpIT MoE: ${r.moe}`}`);
   });
 
 /** The exit code for an error. */
