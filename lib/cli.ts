@@ -741,7 +741,8 @@ program
   .addOption(deviceOption())
   .option('--scale <x>', 'scale of the training budgets (1 = about 2 minutes on 2 CPU cores)', num(1e-3), 1)
   .option('--seed <n>', 'seed', int(0), 0)
-  .action((opts: { out: string; device?: string; scale: number; seed: number }) => {
+  .addOption(new Option('--method <name>', "'xft': SFT versus XFT; 'upit': UpIT beside them (its rows in the table, its curve in the plot)").choices(['xft', 'upit']).default('xft'))
+  .action((opts: { out: string; device?: string; scale: number; seed: number; method: 'xft' | 'upit' }) => {
     checkOut(opts.out);
     deviceOf(opts.device);
     const bars = new MultiBar({ format: ' {stage} |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | ETA {eta_formatted}', hideCursor: true, clearOnComplete: false, noTTYOutput: true, notTTYSchedule: 10000 }, Presets.shades_classic);
@@ -749,7 +750,7 @@ program
     let r: ReturnType<typeof runDemo>;
     try {
       r = runDemo({
-        out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined,
+        out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined, method: opts.method,
         log: (line) => bars.log(line + '\n'),
         progress: (stage, s) => {
           let one = open.get(stage);
