@@ -311,12 +311,13 @@ program
   .option('--no-shared-expert', 'ablation: vanilla sparse upcycling (no shared expert)')
   .option('--no-noise', 'no router noise in training')
   .option('--balance-loss <w>', 'weight of the balance loss (0 disables it)', num(0), 0.01)
+  .addOption(new Option('--balance-kind <kind>', "balance loss: 'cv2' (the XFT reference's cv²(importance) + cv²(load)) or 'switch' (E·Σ f_i P_i, as Switch Transformer, Mixtral and UpIT)").choices(['cv2', 'switch']).default('cv2'))
   .option('--seed <n>', 'seed of the router initialisation', int(0), 0)
   .addOption(new Option('--router-init <kind>', "router and noise weights: 'uniform' as torch.nn.Linear (U(±1/√in), noise weights 0), or 'reference' as the XFT reference's upcycle draws them (N(0, 0.02))").choices(['uniform', 'reference']).default('uniform'))
   .addOption(dtypeOption())
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
-  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; routerInit: 'uniform' | 'reference'; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; balanceKind: 'cv2' | 'switch'; seed: number; routerInit: 'uniform' | 'reference'; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
     checkOut(out);
     const minK = o.sharedExpert ? 2 : 1;
     if (o.topK < minK || o.topK > o.experts)
@@ -327,7 +328,7 @@ program
     try {
       const r = sourceNonFinite(src, out, () => upcycleCheckpoint(src, out, {
         experts: o.experts, topK: o.topK, router: o.router, normalize: o.normalize, sharedExpert: o.sharedExpert, noise: o.noise,
-        balanceLossWeight: o.balanceLoss, seed: o.seed, routerInit: o.routerInit, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
+        balanceLossWeight: o.balanceLoss, ...(o.balanceKind === 'switch' ? { balanceLoss: 'switch' as const } : {}), seed: o.seed, routerInit: o.routerInit, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
       }));
       p.stop();
       console.log(`wrote ${out}: MoE with ${r.moe!.num_experts} experts (top-${r.moe!.num_selects}, ${r.moe!.gate_type} router) per layer, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s`);

@@ -319,4 +319,8 @@ t.test('an UpIT MoE in xft eval, generate, train and the learned merge', async (
   t.equal(r.code, 3, 'train --merge with the default λ on an MoE without a shared expert: exit 3');
   t.match(r.err, /no shared expert; pass --shared-rate none/, 'the message names the flag to pass');
   t.notOk(fs.existsSync(at('merge-bad')), 'nothing written');
+  // the Switch loss for any upcycled MoE
+  r = xft('upcycle', path.basename(experts[0]), 'moe-switch', '--experts', '4', '--top-k', '2', '--balance-kind', 'switch');
+  t.equal(r.code, 0, `upcycle --balance-kind switch: ${r.err}`);
+  t.equal(readCheckpointInfo(at('moe-switch')).moe!.balance_loss, 'switch', 'xft upcycle --balance-kind switch: the MoE config carries it');
 });
