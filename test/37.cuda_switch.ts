@@ -45,7 +45,14 @@ for (const dtype of ['f32', 'bf16'] as const)
       const dW = pair([c.T, c.K], 'f32'), dI = pair([c.N], 'f32');
       const zeroC = Tensor.zeros([c.T, c.K]), zeroG = Tensor.zeros([c.T, c.K], { device: 'cuda' });
       const onlyC = ops.routeSharedBackward(z.cpu, rc, zeroC, { dProbs: dpc }), onlyG = ops.routeSharedBackward(z.cuda, rg, zeroG, { dProbs: dpg });
-      if (c.T > 0) close(t, onlyG.toArray(), onlyC.toArray(), TOL[dtype], `${c.what}: dlogits from dProbs`);
+      // dz_j = p_j (dP_j - <p, dP>) cancels where the load is near uniform: its rounding error is on the
+      // scale of dP (|dz_j| <= 2 max|dP|), so it is bounded against that scale, not against |dz|
+      if (c.T > 0) {
+        const got = onlyG.toArray(), want = onlyC.toArray(), scale = Math.max(...Array.from(dpc.toArray(), Math.abs));
+        let worst = 0;
+        for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i] - want[i]));
+        t.ok(worst <= TOL[dtype] * scale, `${c.what}: dlogits from dProbs: max |cuda - cpu| ${worst.toExponential(2)} <= ${TOL[dtype]} max|dP| (${scale.toExponential(2)})`);
+      }
       const allC = ops.routeSharedBackward(z.cpu, rc, dW.cpu, { dProbs: dpc, dImportance: dI.cpu });
       const allG = ops.routeSharedBackward(z.cuda, rg, dW.cuda, { dProbs: dpg, dImportance: dI.cuda });
       if (c.T > 0) close(t, allG.toArray(), allC.toArray(), TOL[dtype], `${c.what}: dlogits from dWeights, dImportance and dProbs`);

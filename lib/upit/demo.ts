@@ -67,7 +67,8 @@ export function runUpitDemo(base: Model, rows: readonly Sample[], o: UpitDemoOpt
   o.log(`upit: seed buckets ${b.sizes.join(', ')} of ${seedRows.length} rows`);
   const routed = experts.map((dir, e) => {
     const out = at(`route-${e}`);
-    preoptimizeRouting(dir, seedRows.filter((_, j) => b.bucket[j] === e), out, { lr: o.lr, epochs: D.routeEpochs, batchSize: o.batchSize, seed: o.seed, device: o.device, onLog: o.log });
+    const mine = seedRows.filter((_, j) => b.bucket[j] === e);
+    preoptimizeRouting(dir, mine, out, { lr: o.lr, epochs: D.routeEpochs, batchSize: Math.max(1, Math.min(o.batchSize, mine.length)), seed: o.seed, device: o.device, onLog: o.log });
     return out;
   });
   // 4. assemble, post-train

@@ -313,9 +313,11 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
         if (fs.existsSync(path.join(dir, 'routing_vectors.safetensors'))) continue;
         const mine = m.indices.filter((_, j) => m.bucket[j] === e).map((i) => rows![i]);
         s.log(`route: expert ${e}, ${mine.length} seed rows`);
+        // a bucket holds a share of the 1% seed rows: the batch is at most the bucket (the micro-batch kept where it divides it)
+        const batch = Math.max(1, Math.min(s.batchSize, mine.length));
         preoptimizeRouting(experts[e], mine, dir, {
           lr: s.lr, gamma: s.gamma, epochs: s.routeEpochs, routerLrScale: s.routerLrScale, train: s.routeTrain,
-          batchSize: s.batchSize, microBatch: s.microBatch, seed: s.seed, device: s.device, dtype: s.precision, onLog: s.log,
+          batchSize: batch, microBatch: s.microBatch !== undefined && batch % s.microBatch === 0 ? s.microBatch : undefined, seed: s.seed, device: s.device, dtype: s.precision, onLog: s.log,
         });
       }
       writeMark(dirs.route, { experts: experts.map((_, e) => dirs.routeExpert(e)) });
