@@ -33,7 +33,7 @@ void CheckRouteExperts(Napi::Env env, const char* op, const int* experts, int64_
     }
 }
 
-// routeForward(logits, dtype, T, N, K, normalize, shared, experts, weights, counts, offsets, order, importance, load)
+// routeForward(logits, dtype, T, N, K, normalize, shared, experts, weights, counts, offsets, order, importance, load, probs?)
 Napi::Value RouteForward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "routeShared";
@@ -50,6 +50,7 @@ Napi::Value RouteForward(const Napi::CallbackInfo& info) {
   Storage* order = ArgStorage(info, 11, op, "order");
   Storage* importance = ArgStorage(info, 12, op, "importance");
   Storage* load = ArgStorage(info, 13, op, "load");
+  Storage* probs = ArgStorageOrNull(info, 14, op, "probs");
   RequireBytes(env, logits, T * N, dtype, op, "logits");
   RequireBytes(env, experts, T * K, XFT_I32, op, "experts");
   RequireBytes(env, weights, T * K, XFT_F32, op, "weights");
@@ -58,14 +59,16 @@ Napi::Value RouteForward(const Napi::CallbackInfo& info) {
   RequireBytes(env, order, T * K, XFT_I32, op, "order");
   RequireBytes(env, importance, N, XFT_F32, op, "importance");
   RequireBytes(env, load, N, XFT_F32, op, "load");
-  int device = CommonDevice(env, op, {logits, experts, weights, counts, offsets, order, importance, load});
+  RequireBytes(env, probs, N, XFT_F32, op, "probs");
+  int device = CommonDevice(env, op, {logits, experts, weights, counts, offsets, order, importance, load, probs});
   XFT_DISPATCH(env, op, device, route_forward, logits->data, dtype, (int)T, (int)N, (int)K, normalize, shared,
                (int*)experts->data, (float*)weights->data, (int*)counts->data, (int*)offsets->data,
-               (int*)order->data, (float*)importance->data, (float*)load->data);
+               (int*)order->data, (float*)importance->data, (float*)load->data,
+               probs ? (float*)probs->data : nullptr);
   return env.Undefined();
 }
 
-// routeBackward(logits, dtype, T, N, K, normalize, shared, experts, dweights, dimportance|null, dlogits)
+// routeBackward(logits, dtype, T, N, K, normalize, shared, experts, dweights, dimportance|null, dlogits, dprobs?)
 Napi::Value RouteBackward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "routeSharedBackward";
@@ -78,18 +81,63 @@ Napi::Value RouteBackward(const Napi::CallbackInfo& info) {
   Storage* dweights = ArgStorage(info, 8, op, "dWeights");
   Storage* dimportance = ArgStorageOrNull(info, 9, op, "dImportance");
   Storage* dlogits = ArgStorage(info, 10, op, "dLogits");
+  Storage* dprobs = ArgStorageOrNull(info, 11, op, "dProbs");
   RequireBytes(env, logits, T * N, dtype, op, "logits");
   RequireBytes(env, experts, T * K, XFT_I32, op, "experts");
   RequireBytes(env, dweights, T * K, XFT_F32, op, "dWeights");
   RequireBytes(env, dimportance, N, XFT_F32, op, "dImportance");
   RequireBytes(env, dlogits, T * N, dtype, op, "dLogits");
-  int device = CommonDevice(env, op, {logits, experts, dweights, dimportance, dlogits});
+  RequireBytes(env, dprobs, N, XFT_F32, op, "dProbs");
+  int device = CommonDevice(env, op, {logits, experts, dweights, dimportance, dlogits, dprobs});
   // the experts come from the caller: on the CPU check them here (one pass, before anything is
   // written); the CUDA kernel clamps them and reports an index fault at the next synchronisation
   if (device == DEV_CPU) CheckRouteExperts(env, op, (const int*)experts->data, T, K, N, shared);
   XFT_DISPATCH(env, op, device, route_backward, logits->data, dtype, (int)T, (int)N, (int)K, normalize, shared,
                (const int*)experts->data, (const float*)dweights->data,
-               dimportance ? (const float*)dimportance->data : nullptr, dlogits->data);
+               dimportance ? (const float*)dimportance->data : nullptr, dlogits->data,
+               dprobs ? (const float*)dprobs->data : nullptr);
+  return env.Undefined();
+}
+
+void CheckSwitchShape(Napi::Env env, const char* op, int64_t N, int64_t T, int64_t S) {
+  if (N < 1 || N > kMaxRouteColumns || T < 0 || T > INT32_MAX || S < 1 || S > N)
+    Throw(env, "XFT_SHAPE", std::string(op) + ": expected 1 <= N <= " + std::to_string(kMaxRouteColumns) +
+                                " experts, T >= 0 tokens and 1 <= selected <= N");
+}
+
+// switchLossForward(probs, load, N, T, S, weight, loss)
+Napi::Value SwitchLossForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "switchLoss";
+  Storage* probs = ArgStorage(info, 0, op, "probs");
+  Storage* load = ArgStorage(info, 1, op, "load");
+  int64_t N = ArgInt(info, 2, op, "N"), T = ArgInt(info, 3, op, "tokens"), S = ArgInt(info, 4, op, "selected");
+  double weight = ArgNumber(info, 5, op, "weight");
+  Storage* loss = ArgStorage(info, 6, op, "loss");
+  CheckSwitchShape(env, op, N, T, S);
+  RequireBytes(env, probs, N, XFT_F32, op, "probs");
+  RequireBytes(env, load, N, XFT_F32, op, "load");
+  RequireBytes(env, loss, 1, XFT_F32, op, "loss");
+  int device = CommonDevice(env, op, {probs, load, loss});
+  XFT_DISPATCH(env, op, device, switch_loss_forward, (const float*)probs->data, (const float*)load->data, (int)N, (int)T,
+               (int)S, (float)weight, (float*)loss->data);
+  return env.Undefined();
+}
+
+// switchLossBackward(load, N, T, S, weight, dloss, dProbs)
+Napi::Value SwitchLossBackward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* op = "switchLossBackward";
+  Storage* load = ArgStorage(info, 0, op, "load");
+  int64_t N = ArgInt(info, 1, op, "N"), T = ArgInt(info, 2, op, "tokens"), S = ArgInt(info, 3, op, "selected");
+  double weight = ArgNumber(info, 4, op, "weight"), dloss = ArgNumber(info, 5, op, "dLoss");
+  Storage* dprobs = ArgStorage(info, 6, op, "dProbs");
+  CheckSwitchShape(env, op, N, T, S);
+  RequireBytes(env, load, N, XFT_F32, op, "load");
+  RequireBytes(env, dprobs, N, XFT_F32, op, "dProbs");
+  int device = CommonDevice(env, op, {load, dprobs});
+  XFT_DISPATCH(env, op, device, switch_loss_backward, (const float*)load->data, (int)N, (int)T, (int)S, (float)weight,
+               (float)dloss, (float*)dprobs->data);
   return env.Undefined();
 }
 
@@ -387,6 +435,8 @@ Napi::Value CpuGemm(const Napi::CallbackInfo& info) {
 void RegisterXftOps(Napi::Env env, Napi::Object exports) {
   exports.Set("routeForward", Napi::Function::New(env, RouteForward, "routeForward"));
   exports.Set("routeBackward", Napi::Function::New(env, RouteBackward, "routeBackward"));
+  exports.Set("switchLossForward", Napi::Function::New(env, SwitchLossForward, "switchLossForward"));
+  exports.Set("switchLossBackward", Napi::Function::New(env, SwitchLossBackward, "switchLossBackward"));
   exports.Set("groupedGemmForward", Napi::Function::New(env, GroupedGemmForward, "groupedGemmForward"));
   exports.Set("groupedGemmBackward", Napi::Function::New(env, GroupedGemmBackward, "groupedGemmBackward"));
   exports.Set("gateupForward", Napi::Function::New(env, GateupForward, "gateupForward"));

@@ -20,6 +20,13 @@ Backward (dweights = dL/dg, dimportance = dL/dimportance or NULL), q = softmax(p
   !normalize: dp_{i_m} = dg_m,                             dp_{i_1} -= dg_0
   shared:     dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
   no shared:  dg'_m = dg_m + dimportance_{i_m},  dz_{i_m} = g_m (dg'_m - <g, dg'>)  (dp = 0)
+  probs (optional forward output) f32 [N] = sum over tokens of the full softmax p_j: the P_i of the
+  Switch balance loss; its gradient dprobs (optional) starts dp for every column: dp_j = dprobs_j + ...
+
+Switch balance loss (Fedus et al. 2021; UpIT's L_load; transformers' load_balancing_loss_func):
+  f_i = load_i / (T S), P_i = probs_i / T,  loss = weight N sum_i f_i P_i  (1 under uniform routing)
+  dprobs_i = dloss weight N f_i / T  (f is a constant: the gradient reaches the logits through P only).
+  One block, fixed-order double sums.
 
 Layout and launch
 - A group of G lanes (G = the power of two >= N, at most 32) owns one token at a time; lane l
@@ -28,6 +35,8 @@ Layout and launch
   N = 7 (E = 8): G = 8, four tokens per warp. N up to XFT_ROUTE_MAX_EXPERTS = 1024.
   Blocks of 256 threads (128 for VPL = 16, 64 for VPL = 32). Selection costs S rounds of a
   group argmax, O(S * N / 32) per token: cheap for top-k, slow only for S in the hundreds.
+  With probs, each group adds its tokens' p into a shared row (lane-owned columns, token order),
+  combined over groups in group order into prob_part [N, nb], reduced like importance.
   Softmax divisions use div_rn (IEEE x / y inline); sums run in a different order than the
   twin's, so weights and importance agree to rounding, selection and order exactly.
 - forward, 3 kernels, no float atomics (bit-reproducible):
@@ -170,12 +179,14 @@ template <int G, int VPL>
 __global__ void __launch_bounds__(RouteBlock<VPL>::value, ROUTE_MIN_BLOCKS)
 route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, int K, int normalize, int shared,
                      int tpg, int nb, int* __restrict__ experts, float* __restrict__ weights,
-                     int* __restrict__ rank, int* __restrict__ hist, float* __restrict__ imp_part) {
+                     int* __restrict__ rank, int* __restrict__ hist, float* __restrict__ imp_part,
+                     float* __restrict__ prob_part) {
   constexpr int BLOCK = RouteBlock<VPL>::value;
   constexpr int GROUPS = BLOCK / G;
   constexpr int COLS = G * VPL;
   __shared__ int cnt_sh[GROUPS][COLS + 1];  // per group: tokens per expert, then the group's base
   __shared__ float imp_sh[GROUPS][COLS];    // per group: importance per column
+  __shared__ float prob_sh[GROUPS][COLS];   // per group: sum of the full softmax per column (prob_part only)
 
   const int lg = threadIdx.x % G, g = threadIdx.x / G;
   const int E = N + shared, S = shared ? K - 1 : K;
@@ -190,6 +201,10 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
     imp[v] = 0.f;
   }
   int nlive = 0;
+  if (prob_part) {
+#pragma unroll
+    for (int v = 0; v < VPL; v++) prob_sh[g][lg + G * v] = 0.f;
+  }
 
   // trip counts are uniform over the warp (tpg, S), so the full-mask shuffles are safe;
   // tokens past T run with no valid column and write nothing
@@ -218,6 +233,11 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
     for (int v = 0; v < VPL; v++)
       if (avail >> v & 1u) sum += expf(z[v] - m);
     sum = group_sum<G>(sum);
+    if (prob_part) {
+#pragma unroll
+      for (int v = 0; v < VPL; v++)
+        if (avail >> v & 1u) prob_sh[g][lg + G * v] += div_rn(expf(z[v] - m), sum);
+    }
 
     float p1 = 0.f, xmax = -INFINITY;
     for (int s = 0; s < S; s++) {
@@ -341,6 +361,11 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
     float a = 0.f;
     for (int gg = 0; gg < GROUPS; gg++) a += imp_sh[gg][j];
     imp_part[(size_t)j * nb + blockIdx.x] = a;
+    if (prob_part) {
+      float b = 0.f;
+      for (int gg = 0; gg < GROUPS; gg++) b += prob_sh[gg][j];
+      prob_part[(size_t)j * nb + blockIdx.x] = b;
+    }
   }
   __syncthreads();
 
@@ -357,8 +382,9 @@ route_forward_kernel(const void* __restrict__ logits, int dtype, int T, int N, i
 // Kernel 2 of the forward: block e scans hist[e, :] over the forward blocks (exclusive, in
 // place), writes counts[e] and load; block j < N reduces imp_part[j, :] in a fixed order.
 __global__ void __launch_bounds__(ROUTE_SCAN_BLOCK)
-route_scan_kernel(int* __restrict__ hist, const float* __restrict__ imp_part, int nb, int N, int shared,
-                  int* __restrict__ counts, float* __restrict__ importance, float* __restrict__ load) {
+route_scan_kernel(int* __restrict__ hist, const float* __restrict__ imp_part, const float* __restrict__ prob_part,
+                  int nb, int N, int shared, int* __restrict__ counts, float* __restrict__ importance,
+                  float* __restrict__ load, float* __restrict__ probs) {
   __shared__ int scan_sh[32];
   __shared__ double sum_sh[32];
   const int e = blockIdx.x;
@@ -382,6 +408,13 @@ route_scan_kernel(int* __restrict__ hist, const float* __restrict__ imp_part, in
     for (int i = threadIdx.x; i < nb; i += ROUTE_SCAN_BLOCK) a += (double)ip[i];
     a = block_sum_double<ROUTE_SCAN_BLOCK>(a, sum_sh);
     if (threadIdx.x == 0) importance[e] = (float)a;
+    if (probs) {
+      const float* pp = prob_part + (size_t)e * nb;
+      double b = 0.0;
+      for (int i = threadIdx.x; i < nb; i += ROUTE_SCAN_BLOCK) b += (double)pp[i];
+      b = block_sum_double<ROUTE_SCAN_BLOCK>(b, sum_sh);
+      if (threadIdx.x == 0) probs[e] = (float)b;
+    }
   }
 }
 
@@ -421,7 +454,8 @@ template <int G, int VPL>
 __global__ void __launch_bounds__(RouteBlock<VPL>::value, ROUTE_MIN_BLOCKS)
 route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, int K, int normalize, int shared,
                       const int* __restrict__ experts, const float* __restrict__ dweights,
-                      const float* __restrict__ dimportance, void* __restrict__ dlogits, xft_cuda_fault_slot* fault) {
+                      const float* __restrict__ dimportance, const float* __restrict__ dprobs,
+                      void* __restrict__ dlogits, xft_cuda_fault_slot* fault) {
   constexpr int BLOCK = RouteBlock<VPL>::value;
   constexpr int GROUPS = BLOCK / G;
   constexpr int COLS = G * VPL;
@@ -466,7 +500,7 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
       if (have >> v & 1u) {
         const int j = lg + G * v;
         p[j] = div_rn(expf(z[v] - m), sum);
-        dp[j] = 0.f;
+        dp[j] = dprobs ? dprobs[j] : 0.f;
         dz[j] = 0.f;
       }
     __syncwarp();  // p, and the zeroed dp, dz rows, before other lanes read or scatter
@@ -528,7 +562,7 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
           dz[c] = __fmul_rn(q, dg - a);
         }
         if (dimportance && shared) d = __fadd_rn(d, dimportance[c]);
-        dp[c] = d;
+        dp[c] = __fadd_rn(dp[c], d);
       }
     __syncwarp();  // the scatter before the owners read
 
@@ -550,6 +584,26 @@ route_backward_kernel(const void* __restrict__ logits, int dtype, int T, int N, 
       }
     __syncwarp();  // every lane done with this token's p, dp, dz before the next token writes them
   }
+}
+
+// Switch balance loss: one block; fixed-order double sums (bit-reproducible)
+#define SWITCH_LOSS_BLOCK 256
+
+__global__ void __launch_bounds__(SWITCH_LOSS_BLOCK)
+switch_loss_forward_kernel(const float* __restrict__ probs, const float* __restrict__ load, int N, int T, int S,
+                           float weight, float* __restrict__ loss) {
+  __shared__ double sum_sh[32];
+  double a = 0.0;
+  for (int i = threadIdx.x; i < N; i += SWITCH_LOSS_BLOCK) a += (double)load[i] * (double)probs[i];
+  a = block_sum_double<SWITCH_LOSS_BLOCK>(a, sum_sh);
+  if (threadIdx.x == 0) loss[0] = T > 0 ? (float)((double)weight * N * a / ((double)T * S * (double)T)) : 0.f;
+}
+
+__global__ void __launch_bounds__(SWITCH_LOSS_BLOCK)
+switch_loss_backward_kernel(const float* __restrict__ load, int N, int T, int S, float weight, float dloss,
+                            float* __restrict__ dprobs) {
+  for (int i = threadIdx.x; i < N; i += SWITCH_LOSS_BLOCK)
+    dprobs[i] = T > 0 ? (float)((double)dloss * weight * N * (double)load[i] / ((double)T * S * (double)T)) : 0.f;
 }
 
 // kernel launchers
@@ -590,7 +644,7 @@ static bool route_args_ok(int T, int N, int K, int shared) {
 
 extern "C" int xft_cuda_route_forward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                                       int* experts, float* weights, int* counts, int* offsets, int* order,
-                                      float* importance, float* load) {
+                                      float* importance, float* load, float* probs) {
   shared = shared ? 1 : 0;
   if (!route_args_ok(T, N, K, shared)) return cudaErrorInvalidValue;
   cudaStream_t stream = xft_cuda_stream();
@@ -601,6 +655,7 @@ extern "C" int xft_cuda_route_forward(const void* logits, int dtype, int T, int 
     if ((err = cudaMemsetAsync(offsets, 0, sizeof(int) * (E + 1), stream)) != cudaSuccess) return err;
     if ((err = cudaMemsetAsync(importance, 0, sizeof(float) * N, stream)) != cudaSuccess) return err;
     if ((err = cudaMemsetAsync(load, 0, sizeof(float) * N, stream)) != cudaSuccess) return err;
+    if (probs && (err = cudaMemsetAsync(probs, 0, sizeof(float) * N, stream)) != cudaSuccess) return err;
     return cudaGetLastError();
   }
 
@@ -612,19 +667,21 @@ extern "C" int xft_cuda_route_forward(const void* logits, int dtype, int T, int 
   const int tpb = groups * tpg;  // tokens per forward block
   const int nb = CEIL_DIV(T, tpb);
 
-  // scratch: hist i32 [E, nb] | imp_part f32 [N, nb] | rank i32 [T*K]
-  const size_t hist_n = (size_t)E * nb, imp_n = (size_t)N * nb, rank_n = (size_t)T * K;
+  // scratch: hist i32 [E, nb] | imp_part f32 [N, nb] | rank i32 [T*K] | prob_part f32 [N, nb] (with probs)
+  const size_t hist_n = (size_t)E * nb, imp_n = (size_t)N * nb, rank_n = (size_t)T * K, prob_n = probs ? imp_n : 0;
   void* scratch = nullptr;
-  if ((err = cudaMallocAsync(&scratch, sizeof(int) * (hist_n + imp_n + rank_n), stream)) != cudaSuccess) return err;
+  if ((err = cudaMallocAsync(&scratch, sizeof(int) * (hist_n + imp_n + rank_n + prob_n), stream)) != cudaSuccess) return err;
   int* hist = (int*)scratch;
   float* imp_part = (float*)(hist + hist_n);
   int* rank = (int*)(imp_part + imp_n);
+  float* prob_part = probs ? (float*)(rank + rank_n) : nullptr;
 
   ROUTE_DISPATCH(G, VPL, route_forward_kernel, nb, logits, dtype, T, N, K, normalize, shared, tpg, nb, experts,
-                 weights, rank, hist, imp_part);
+                 weights, rank, hist, imp_part, prob_part);
   err = cudaGetLastError();
   if (err == cudaSuccess) {
-    route_scan_kernel<<<E, ROUTE_SCAN_BLOCK, 0, stream>>>(hist, imp_part, nb, N, shared, counts, importance, load);
+    route_scan_kernel<<<E, ROUTE_SCAN_BLOCK, 0, stream>>>(hist, imp_part, prob_part, nb, N, shared, counts, importance,
+                                                          load, probs);
     err = cudaGetLastError();
   }
   if (err == cudaSuccess) {
@@ -640,7 +697,7 @@ extern "C" int xft_cuda_route_forward(const void* logits, int dtype, int T, int 
 
 extern "C" int xft_cuda_route_backward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                                        const int* experts, const float* dweights, const float* dimportance,
-                                       void* dlogits) {
+                                       void* dlogits, const float* dprobs) {
   shared = shared ? 1 : 0;
   if (!route_args_ok(T, N, K, shared)) return cudaErrorInvalidValue;
   if (T == 0) return cudaGetLastError();
@@ -651,6 +708,20 @@ extern "C" int xft_cuda_route_backward(const void* logits, int dtype, int T, int
   int grid = CEIL_DIV(T, groups);
   grid = grid > ROUTE_BACKWARD_MAX_GRID ? ROUTE_BACKWARD_MAX_GRID : grid;
   ROUTE_DISPATCH(G, VPL, route_backward_kernel, grid, logits, dtype, T, N, K, normalize, shared, experts, dweights,
-                 dimportance, dlogits, xft_cuda_fault_record());
+                 dimportance, dprobs, dlogits, xft_cuda_fault_record());
+  return cudaGetLastError();
+}
+
+extern "C" int xft_cuda_switch_loss_forward(const float* probs, const float* load, int N, int T, int S, float weight,
+                                            float* loss) {
+  if (N < 1 || T < 0 || S < 1) return cudaErrorInvalidValue;
+  switch_loss_forward_kernel<<<1, SWITCH_LOSS_BLOCK, 0, xft_cuda_stream()>>>(probs, load, N, T, S, weight, loss);
+  return cudaGetLastError();
+}
+
+extern "C" int xft_cuda_switch_loss_backward(const float* load, int N, int T, int S, float weight, float dloss,
+                                             float* dprobs) {
+  if (N < 1 || T < 0 || S < 1) return cudaErrorInvalidValue;
+  switch_loss_backward_kernel<<<1, SWITCH_LOSS_BLOCK, 0, xft_cuda_stream()>>>(load, N, T, S, weight, dloss, dprobs);
   return cudaGetLastError();
 }

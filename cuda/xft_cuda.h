@@ -108,15 +108,21 @@ int xft_cuda_cast(void* out, int out_dtype, const void* in, int in_dtype, size_t
 // softmax over the selected logits (normalize ignored).
 // Outputs: experts i32 [T, K], weights f32 [T, K], counts i32 [E], offsets i32 [E + 1],
 // order i32 [T * K] (pairs t*K + s sorted by expert, then token), importance f32 [N], load f32 [N]
-// (importance[j] = sum over tokens selecting logit column j of p_j; load[j] = their count).
+// (importance[j] = sum over tokens selecting logit column j of p_j; load[j] = their count);
+// probs f32 [N] or NULL: sum over all tokens of the full softmax p_j (the Switch loss's P).
 // Ties in logits break toward the lower index.
 int xft_cuda_route_forward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                            int* experts, float* weights, int* counts, int* offsets, int* order,
-                           float* importance, float* load);
-// dweights f32 [T, K]; dimportance f32 [N] or NULL; dlogits [T, N] in the logits dtype (overwrite).
+                           float* importance, float* load, float* probs);
+// dweights f32 [T, K]; dimportance f32 [N] or NULL; dprobs f32 [N] or NULL (dL/dprobs);
+// dlogits [T, N] in the logits dtype (overwrite).
 int xft_cuda_route_backward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                             const int* experts, const float* dweights, const float* dimportance,
-                            void* dlogits);
+                            void* dlogits, const float* dprobs);
+// Switch balance loss (cuda/routing.cu): loss f32 [1] = weight N sum_i (load_i / (T S)) (probs_i / T),
+// S = experts selected per token; dprobs f32 [N] = dloss weight N load_i / (T S T) (load a constant).
+int xft_cuda_switch_loss_forward(const float* probs, const float* load, int N, int T, int S, float weight, float* loss);
+int xft_cuda_switch_loss_backward(const float* load, int N, int T, int S, float weight, float dloss, float* dprobs);
 
 // ---- grouped expert GEMM (cuda/grouped_gemm.cu) ----
 // x [M, k], w [E, n, k], offsets i32 [E + 1] (0 = o_0 <= ... <= o_E = M), y [M, n]:

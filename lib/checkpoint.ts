@@ -105,7 +105,8 @@ function moeJson(m: MoeConfig): Record<string, unknown> {
     gate_use_balance: m.balance_loss_weight > 0, gate_balance_loss_weight: m.balance_loss_weight,
     gate_add_noise: m.gate_noise, gate_noise_epsilon: 0.01,
     calculator_type: 'UniversalCalculator', multiply_gate_scores: true, score_scale_factor: 1.0, add_weight_norm: false,
-    xft: { normalize_weights: m.normalize_weights, shared_expert: m.shared_expert },
+    // the Switch loss (UpIT) is recorded only when chosen, so that XFT's config.json is as before
+    xft: { normalize_weights: m.normalize_weights, shared_expert: m.shared_expert, ...(m.balance_loss === 'switch' ? { balance_loss: 'switch' } : {}) },
   };
 }
 
@@ -171,6 +172,7 @@ export function readCheckpointInfo(dir: string): CheckpointInfo {
     num_experts: raw.num_experts as number, num_selects: raw.num_selects as number, gate_type: gateNetwork as MoeConfig['gate_type'],
     normalize_weights: variant.normalize_weights, shared_expert: variant.shared_expert, gate_noise: (raw.gate_add_noise as boolean) ?? true,
     balance_loss_weight: raw.gate_use_balance === false ? 0 : ((raw.gate_balance_loss_weight as number) ?? 0.01),
+    ...((raw.xft as { balance_loss?: unknown } | undefined)?.balance_loss !== undefined ? { balance_loss: (raw.xft as { balance_loss: MoeConfig['balance_loss'] }).balance_loss } : {}),
   }, file);
   const merged = x.merge === true || arch === 'LlamaWeightedForCausalLM';
   if (!merged) return { dir, kind: 'moe', config, moe, sharedRate: null, raw };
@@ -596,3 +598,15 @@ export function mergeCheckpoint(src: string, dst: string, options: MergeCheckpoi
   writeCheckpoint(dst, entries, raw, { ...options, copyFrom: src });
   return { dir: dst, kind: 'dense', config: c, moe: null, sharedRate: null, raw, coefficients };
 }
+
+// ---- building blocks of the streamed writers of lib/upit (assemble) ----
+
+/**
+ * @internal The pieces `upcycleCheckpoint` and `mergeCheckpoint` are built from, for the UpIT writers
+ * (lib/upit/assemble.ts): the tensor check of a checkpoint, the chunked copy entry, the atomic,
+ * claimed folder writer, the reference's names, and the shared scratch buffers of streamed tensors.
+ */
+export const checkpointStreaming = {
+  checkTensors, copyEntry, writeCheckpoint, expertName, layerCommon: LAYER_COMMON, projections: PROJ, fileDtypeOf, chunkOf,
+  scratchBytes, scratchF32, zeroedAccumulator,
+} as const;

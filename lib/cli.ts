@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * The `xft` command line: info, plan, upcycle, train, merge, eval, demo.
+ * The `xft` command line: info, plan, upcycle, train, merge, eval, generate, demo, upit.
  *
  * Exit codes (for scripts):
  *   0    success
@@ -34,6 +34,7 @@ import { DataParallel } from './dist/ddp';
 import { collectivesOf } from './dist/collectives';
 import { evaluateParallel, defaultMicroBatch, testFaultHook } from './dist/run';
 import { checkpointDir, checkpointEpochs, checkpointSteps, checkpointsFolder } from './checkpoint_schedule';
+import { upit, UPIT_DEFAULTS, UPIT_STAGES, type UpitStage } from './upit/index';
 
 const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
 
@@ -82,6 +83,11 @@ function num(min: number, max = Infinity) {
 function rate(v: string): number | null {
   if (v === 'none' || v === 'null') return null;
   return num(0, 1)(v);
+}
+
+/** A --shared-rate value: commander stores a parser's null as '' (its "no value"), which means 'none' here. */
+function sharedRateOf(v: number | null | undefined | ''): number | null | undefined {
+  return v === '' ? null : v;
 }
 
 /** "5GB", "500MB", "2GiB" or bytes (as transformers' max_shard_size: GB = 10^9, GiB = 2^30). */
@@ -306,12 +312,13 @@ program
   .option('--no-shared-expert', 'ablation: vanilla sparse upcycling (no shared expert)')
   .option('--no-noise', 'no router noise in training')
   .option('--balance-loss <w>', 'weight of the balance loss (0 disables it)', num(0), 0.01)
+  .addOption(new Option('--balance-kind <kind>', "balance loss: 'cv2' (the XFT reference's cv²(importance) + cv²(load)) or 'switch' (E·Σ f_i P_i, as Switch Transformer, Mixtral and UpIT)").choices(['cv2', 'switch']).default('cv2'))
   .option('--seed <n>', 'seed of the router initialisation', int(0), 0)
   .addOption(new Option('--router-init <kind>', "router and noise weights: 'uniform' as torch.nn.Linear (U(±1/√in), noise weights 0), or 'reference' as the XFT reference's upcycle draws them (N(0, 0.02))").choices(['uniform', 'reference']).default('uniform'))
   .addOption(dtypeOption())
   .addOption(shardOption())
   .option('--overwrite', 'replace a non-empty output folder')
-  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; seed: number; routerInit: 'uniform' | 'reference'; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
+  .action((src: string, out: string, o: { experts: number; topK: number; router: 'mlp' | 'linear'; normalize: boolean; sharedExpert: boolean; noise: boolean; balanceLoss: number; balanceKind: 'cv2' | 'switch'; seed: number; routerInit: 'uniform' | 'reference'; dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean }) => {
     checkOut(out);
     const minK = o.sharedExpert ? 2 : 1;
     if (o.topK < minK || o.topK > o.experts)
@@ -322,7 +329,7 @@ program
     try {
       const r = sourceNonFinite(src, out, () => upcycleCheckpoint(src, out, {
         experts: o.experts, topK: o.topK, router: o.router, normalize: o.normalize, sharedExpert: o.sharedExpert, noise: o.noise,
-        balanceLossWeight: o.balanceLoss, seed: o.seed, routerInit: o.routerInit, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
+        balanceLossWeight: o.balanceLoss, ...(o.balanceKind === 'switch' ? { balanceLoss: 'switch' as const } : {}), seed: o.seed, routerInit: o.routerInit, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress,
       }));
       p.stop();
       console.log(`wrote ${out}: MoE with ${r.moe!.num_experts} experts (top-${r.moe!.num_selects}, ${r.moe!.gate_type} router) per layer, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
@@ -532,7 +539,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
   let model = loadModel(modelDir, { device, dtype: run.precision === 'f32' ? 'f32' : 'bf16' });
   if (o.merge) {
     const moe = model;
-    model = mergeable(moe, { sharedRate: o.sharedRate });
+    model = mergeable(moe, { sharedRate: sharedRateOf(o.sharedRate) });
     moe.dispose();
   }
   const recipe = RECIPE[model.kind];
@@ -705,7 +712,7 @@ program
     const p = fileProgress('merge');
     const t0 = Date.now();
     try {
-      const r = sourceNonFinite(src, out, () => mergeCheckpoint(src, out, { sharedRate: o.sharedRate, dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress }));
+      const r = sourceNonFinite(src, out, () => mergeCheckpoint(src, out, { sharedRate: sharedRateOf(o.sharedRate), dtype: o.dtype, maxShardBytes: o.maxShardSize, overwrite: o.overwrite, onProgress: p.onProgress }));
       p.stop();
       const c = r.coefficients[0].map((v) => v.toFixed(3)).join(', ');
       console.log(`wrote ${out}: dense LlamaForCausalLM, ${r.config.num_hidden_layers} layers, in ${((Date.now() - t0) / 1000).toFixed(1)} s (layer 0 coefficients: ${c})`);
@@ -793,7 +800,8 @@ program
   .addOption(deviceOption())
   .option('--scale <x>', 'scale of the training budgets (1 = about 4 minutes on 2 CPU cores)', num(1e-3), 1)
   .option('--seed <n>', 'seed', int(0), 0)
-  .action((opts: { out: string; device?: string; scale: number; seed: number }) => {
+  .addOption(new Option('--method <name>', "'xft': SFT versus XFT; 'upit': UpIT beside them (its rows in the table, its curve in the plot)").choices(['xft', 'upit']).default('xft'))
+  .action((opts: { out: string; device?: string; scale: number; seed: number; method: 'xft' | 'upit' }) => {
     checkOut(opts.out);
     deviceOf(opts.device);
     const bars = new MultiBar({ format: ' {stage} |{bar}| {value}/{total} steps | loss {loss} | {tps} tok/s | ETA {eta_formatted}', hideCursor: true, clearOnComplete: false, noTTYOutput: true, notTTYSchedule: 10000 }, Presets.shades_classic);
@@ -801,7 +809,7 @@ program
     let r: ReturnType<typeof runDemo>;
     try {
       r = runDemo({
-        out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined,
+        out: opts.out, scale: opts.scale, seed: opts.seed, device: opts.device as Device | undefined, method: opts.method,
         log: (line) => bars.log(line + '\n'),
         progress: (stage, s) => {
           let one = open.get(stage);
@@ -817,6 +825,74 @@ program
     }
     console.log('\n' + markdownTable(r));
     console.log(`wrote ${r.files.map((f) => path.join(opts.out, f)).join(', ')}`);
+  });
+
+const U = UPIT_DEFAULTS;
+const tag = (k: keyof typeof UPIT_DEFAULTS) => `[${U[k].source}: ${U[k].value}]`;
+program
+  .command('upit')
+  .description('UpIT (Hui et al. 2024): dense -> MoE from its own SFT checkpoints: prepare (SFT with epoch checkpoints), expand (genetic merging), seed + route (router init on lowest-PPL seed buckets), assemble, post-train; each stage writes a folder under --out and is skipped when complete')
+  .argument('<dense>', 'dense checkpoint folder (θ0)')
+  .requiredOption('--data <file>', 'JSONL instruction data')
+  .requiredOption('--out <dir>', 'output folder: prepare/, expand/, seed/, route/, assemble/, post-train/ (the final MoE)')
+  .option('--experts <E>', `experts of the MoE ${tag('experts')}`, int(2), U.experts.value)
+  .option('--top-k <k>', `experts per token ${tag('topK')}`, int(1), U.topK.value)
+  .addOption(new Option('--stage <name>', 'run only this stage (its inputs must be complete)').choices([...UPIT_STAGES]))
+  .option('--seed <n>', 'seed of the data order, expansion, seed rows and router draw', int(0), 0)
+  .option('--lr <lr>', `learning rate of the SFT and post-training ${tag('lr')}`, num(0), U.lr.value)
+  .option('--prepare-epochs <n>', `stage-1 SFT epochs ${tag('prepareEpochs')}`, num(0), U.prepareEpochs.value)
+  .option('--checkpoint-every <epochs>', `stage-1 checkpoint interval ${tag('checkpointEvery')}`, num(1e-6), U.checkpointEvery.value)
+  .addOption(new Option('--keep <which>', `with more checkpoints than experts ${tag('keep')}`).choices(['latest', 'first-half']).default(U.keep.value))
+  .option('--first-half', 'ablation: experts from the first-half checkpoints (--keep first-half)')
+  .option('--no-expand', 'ablation: no genetic expansion; stage 1 saves E checkpoints instead')
+  .addOption(new Option('--parents <rule>', `parent selection ${tag('parents')}`).choices(['least-similar', 'random']).default(U.parents.value))
+  .option('--random-parents', 'ablation: random parents (--parents random)')
+  .addOption(new Option('--similarity <metric>', `parent similarity ${tag('similarity')}`).choices(['cosine', 'l2']).default(U.similarity.value))
+  .option('--drop-rate <p>', `DARE drop rate ${tag('dropRate')}`, num(0, 0.999999), U.dropRate.value)
+  .option('--exclude-used-pairs', '[choice] never breed the same pair twice (default: pairs may recur)')
+  .option('--no-router-init', 'ablation: no routing-vector pre-optimization (the router is drawn at random; seed and route are skipped)')
+  .option('--seed-fraction <f>', `seed data fraction ${tag('seedFraction')}`, num(1e-9, 1), U.seedFraction.value)
+  .addOption(new Option('--buckets <mode>', `seed bucket assignment ${tag('buckets')}`).choices(['ppl', 'balanced', 'random']).default(U.buckets.value))
+  .option('--random-buckets', 'ablation: router init on random buckets (--buckets random)')
+  .option('--gamma <γ>', `γ·L_lm + (1-γ)·L_aux of the routing stage ${tag('gamma')}`, num(0, 1), U.gamma.value)
+  .option('--route-epochs <n>', `routing-vector training epochs ${tag('routeEpochs')}`, num(1e-9), U.routeEpochs.value)
+  .option('--router-lr-scale <x>', `routing vectors' lr multiple ${tag('routerLrScale')}`, num(1e-9), U.routerLrScale.value)
+  .addOption(new Option('--route-train <set>', `what trains with the routing vector ${tag('routeTrain')}`).choices(['ffn+router', 'router']).default(U.routeTrain.value))
+  .addOption(new Option('--trunk <source>', `the MoE's non-FFN weights ${tag('trunk')}`).choices(['average', 'last', 'theta0']).default(U.trunk.value))
+  .option('--post-epochs <n>', `post-training epochs ${tag('postEpochs')}`, num(1e-9), U.postEpochs.value)
+  .option('--balance-loss <w>', `weight of the Switch balance loss in post-training ${tag('balanceLossWeight')}`, num(0), U.balanceLossWeight.value)
+  .option('--batch-size <n>', `sequences per optimizer step ${tag('batchSize')}`, int(1), U.batchSize.value)
+  .option('--micro-batch <n>', 'sequences per forward pass', int(1))
+  .option('--seq-len <n>', 'tokens per sequence (default: 1024, or max_position_embeddings when smaller)', int(2))
+  .option('--tokenizer <spec>', "'byte' or a tokenizer.json / folder (default: the model's tokenizer.json, else bytes)")
+  .addOption(deviceOption())
+  .addOption(new Option('--precision <dtype>', 'compute dtype (default: bf16 on the GPU, f32 on the CPU)').choices(['bf16', 'f32']))
+  .addHelpText('after', `
+Defaults: [paper] from the UpIT sources (arXiv 2410.01610 and its reviews and summaries), [choice] ours where
+they are silent (../shared/UPIT.md; no official code exists). Ablations of the paper's Table 2:
+--no-expand, --random-parents, --no-router-init, --random-buckets, --first-half.
+${Object.entries(U).map(([k, v]) => `  ${k.padEnd(18)} ${String(v.value).padEnd(14)} [${v.source}] ${v.note}`).join('\n')}`)
+  .action(async (dense: string, o: {
+    data: string; out: string; experts: number; topK: number; stage?: UpitStage; seed: number; lr: number; prepareEpochs: number; checkpointEvery: number;
+    keep: 'latest' | 'first-half'; firstHalf?: boolean; expand: boolean; parents: 'least-similar' | 'random'; randomParents?: boolean; similarity: 'cosine' | 'l2';
+    dropRate: number; excludeUsedPairs?: boolean; routerInit: boolean; seedFraction: number; buckets: 'ppl' | 'balanced' | 'random'; randomBuckets?: boolean;
+    gamma: number; routeEpochs: number; routerLrScale: number; routeTrain: 'ffn+router' | 'router'; trunk: 'average' | 'last' | 'theta0'; postEpochs: number;
+    balanceLoss: number; batchSize: number; microBatch?: number; seqLen?: number; tokenizer?: string; device?: string; precision?: 'f32' | 'bf16';
+  }) => {
+    checkOut(o.out);
+    if (o.topK > o.experts) throw new UsageError(`upit: --top-k ${o.topK} is out of range: expected 1 to --experts ${o.experts}`);
+    const t0 = Date.now();
+    const r = await upit({
+      dense, data: o.data, out: o.out, experts: o.experts, topK: o.topK, stage: o.stage, seed: o.seed, lr: o.lr, prepareEpochs: o.prepareEpochs,
+      checkpointEvery: o.checkpointEvery, keep: o.firstHalf ? 'first-half' : o.keep, expand: o.expand, parents: o.randomParents ? 'random' : o.parents,
+      similarity: o.similarity, dropRate: o.dropRate, excludeUsedPairs: o.excludeUsedPairs ?? false, routerInit: o.routerInit, seedFraction: o.seedFraction,
+      buckets: o.randomBuckets ? 'random' : o.buckets, gamma: o.gamma, routeEpochs: o.routeEpochs, routerLrScale: o.routerLrScale, routeTrain: o.routeTrain,
+      trunk: o.trunk, postEpochs: o.postEpochs, balanceLossWeight: o.balanceLoss, batchSize: o.batchSize, microBatch: o.microBatch, seqLen: o.seqLen,
+      tokenizer: o.tokenizer, device: o.device === undefined ? undefined : deviceOf(o.device), precision: o.precision,
+      onLog: (line) => console.error(`xft upit: ${line}`),
+    });
+    if (r.skipped.length) console.log(`complete already, skipped: ${r.skipped.join(', ')}`);
+    console.log(`ran ${r.ran.length ? r.ran.join(', ') : 'nothing'} in ${((Date.now() - t0) / 1000).toFixed(1)} s; ${o.stage ? `stage ${o.stage}: ${r.moe}` : `the UpIT MoE: ${r.moe}`}`);
   });
 
 /** The exit code for an error. */
@@ -841,7 +917,8 @@ function sourceNonFinite<T>(src: string, out: string, run: () => T): T {
  * (`Tensor.empty: `, `upcycleCheckpoint: `) and with API option names as the flags that set them.
  */
 export function cliMessage(message: string): string {
-  return message.replace(/^(?:[A-Z]\w*\.\w+|[a-z]+[A-Z]\w*): /, '').replace(/\bpass overwrite: true\b/g, 'pass --overwrite');
+  return message.replace(/^(?:[A-Z]\w*\.\w+|[a-z]+[A-Z]\w*): /, '').replace(/\bpass overwrite: true\b/g, 'pass --overwrite')
+    .replace(/\bpass sharedRate: null\b/g, 'pass --shared-rate none');
 }
 
 export function exitCodeOf(err: unknown): number {

@@ -45,7 +45,15 @@ export interface MoeConfig {
   gate_noise: boolean;
   /** weight of the balance loss (0 disables it); the reference uses 0.01 */
   balance_loss_weight: number;
+  /**
+   * which balance loss: 'cv2' (default, XFT's reference: cv²(importance) + cv²(load)) or 'switch'
+   * (Switch Transformer / Mixtral / UpIT: E·Σ f_i P_i over the full router softmax). Absent means 'cv2'.
+   */
+  balance_loss?: BalanceLossKind;
 }
+
+export type BalanceLossKind = 'cv2' | 'switch';
+export const BALANCE_LOSSES: readonly BalanceLossKind[] = ['cv2', 'switch'];
 
 export const DEFAULT_MOE: MoeConfig = {
   num_experts: 8,
@@ -111,6 +119,9 @@ export function moeConfig(raw: Partial<MoeConfig>, source = 'moe config'): MoeCo
   for (const f of ['normalize_weights', 'shared_expert', 'gate_noise'] as const)
     if (typeof m[f] !== 'boolean') throw new XftError(`${source}: expected true or false for ${f} but received ${describe(m[f])}`, 'XFT_VALUE');
   if (!(typeof m.balance_loss_weight === 'number' && m.balance_loss_weight >= 0 && Number.isFinite(m.balance_loss_weight))) throw new XftError(`${source}: expected balance_loss_weight >= 0 but received ${describe(m.balance_loss_weight)}`, 'XFT_VALUE');
+  if (m.balance_loss !== undefined && !BALANCE_LOSSES.includes(m.balance_loss))
+    throw new XftError(`${source}: expected 'cv2' or 'switch' for balance_loss but received ${describe(m.balance_loss)}`, 'XFT_VALUE');
+  if (m.balance_loss === undefined) delete m.balance_loss;
   return m;
 }
 

@@ -8,6 +8,7 @@
  *   4. a table of held-out loss and token accuracy (SFT, MoE, XFT with the initial coefficients,
  *      XFT learned) as markdown and JSON, and the loss curves as SVG (and PNG when the optional
  *      renderer @resvg/resvg-js is installed)
+ *   with method 'upit', UpIT as well (lib/upit/demo.ts): its rows in the table, its curve in the plot
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -20,6 +21,7 @@ import { createDense, copyDense, mergeable, toDense, upcycle, countParameters } 
 import { train, evaluate, disposeState, type StepInfo } from './train';
 import type { Model } from './model';
 import { writeFileAtomic } from './safetensors';
+import { runUpitDemo, UPIT_DEMO } from './upit/demo';
 
 export interface DemoOptions {
   out: string;
@@ -30,6 +32,8 @@ export interface DemoOptions {
   /** progress reporting: one call per step of each stage */
   progress?: (stage: string, info: StepInfo) => void;
   log?: (line: string) => void;
+  /** 'upit': UpIT too (lib/upit/demo.ts), its rows and curve beside SFT and XFT. Default 'xft'. */
+  method?: 'xft' | 'upit';
 }
 
 // ---- the data ----
@@ -213,6 +217,11 @@ export function runDemo(options: DemoOptions): DemoResult {
   disposeState(mergeRun.state);
   curves.xft = [...moeRun.losses, ...mergeRun.losses];
   const learned = toDense(merge);
+  // 4. UpIT (--method upit): SFT checkpoints -> experts -> MoE, post-trained
+  const upitRun = options.method === 'upit'
+    ? runUpitDemo(base, trainRows, { work: path.join(options.out, 'upit-work'), device, lr, batchSize, seed, progress, log })
+    : null;
+  if (upitRun) curves.upit = [...upitRun.curves.sft, ...upitRun.curves.post];
 
   const evalOf = (name: string, m: Model) => {
     const e = evaluate(m, evalRows);
@@ -224,8 +233,10 @@ export function runDemo(options: DemoOptions): DemoResult {
     evalOf('MoE (8 experts, top-6, 4 epochs)', moe),
     evalOf('XFT, initial coefficients (dense)', initial),
     evalOf('XFT, learned coefficients (dense)', learned),
+    ...(upitRun ? [evalOf(`UpIT, last SFT checkpoint (dense, ${UPIT_DEMO.prepareEpochs} epochs)`, upitRun.sft),
+      evalOf(`UpIT MoE (${UPIT_DEMO.experts} experts, top-${UPIT_DEMO.topK}, ${UPIT_DEMO.postEpochs} epochs post-training)`, upitRun.moe)] : []),
   ];
-  [base, sft, moe, initial, merge, learned].forEach((m) => m.dispose());
+  [base, sft, moe, initial, merge, learned, upitRun?.sft, upitRun?.moe].forEach((m) => m?.dispose());
   const result: DemoResult = {
     rows, curves, device: device === 'cuda' ? `${backend().name}` : 'CPU',
     data: { language: data.language, source: data.source, train: trainRows.length, heldOut: evalRows.length, pretrainTokens: ids.length },
@@ -255,6 +266,8 @@ export function markdownTable(r: DemoResult): string {
     ...lines,
     '',
     'Loss on the response tokens only (Magicoder template). SFT and XFT have equal budgets: 5 epochs of SFT versus 4 of MoE fine-tuning and 1 of merge learning.',
+    ...(r.curves.upit ? ['', `UpIT (Hui et al. 2024): ${UPIT_DEMO.prepareEpochs} epochs of SFT with a checkpoint every ${UPIT_DEMO.checkpointEvery} epoch, genetic expansion to ` +
+      `${UPIT_DEMO.experts} experts, routing vectors pre-optimized on lowest-loss seed buckets, then ${UPIT_DEMO.postEpochs} epochs of the MoE (4 epochs in all, the paper's budget); its output stays an MoE.`] : []),
     '',
   ].join('\n');
 }
@@ -293,7 +306,7 @@ function writeOutputs(out: string, r: DemoResult): void {
   fs.mkdirSync(out, { recursive: true });
   writeFileAtomic(path.join(out, 'results.md'), markdownTable(r));
   writeFileAtomic(path.join(out, 'results.json'), JSON.stringify(r, null, 2));
-  const svg = lossSvg({ 'SFT (dense)': r.curves.sft, 'XFT (MoE, then merge)': r.curves.xft });
+  const svg = lossSvg({ 'SFT (dense)': r.curves.sft, 'XFT (MoE, then merge)': r.curves.xft, ...(r.curves.upit ? { 'UpIT (SFT, then MoE)': r.curves.upit } : {}) });
   writeFileAtomic(path.join(out, 'loss.svg'), svg);
   const png = pngRenderer();
   if (png) writeFileAtomic(path.join(out, 'loss.png'), new png.Resvg(svg, { background: 'white', font: { loadSystemFonts: true } }).render().asPng());

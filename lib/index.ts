@@ -51,3 +51,11 @@ export { ZeroStage1 } from './dist/zero';
 export { type Collectives, collectivesOf, SoloGroup } from './dist/collectives';
 export { rankBatch, buckets, flatPieces, shardSize, assignWhole, DEFAULT_BUCKET_BYTES, type RankBatch, type Bucket, type BucketParam, type Piece } from './dist/shard';
 export type { Env as DistEnvVariables } from './dist/env';
+export {
+  upit, upitFolders, spawnTrain, UPIT_STAGES, UPIT_DEFAULTS, assembleMoe, expandPool, seedIndices, rowLosses, assignBuckets, preoptimizeRouting, readRoutingVectors,
+  checkpointSteps, listEpochCheckpoints,
+  type UpitOptions, type UpitResult, type UpitStage, type AssembleOptions, type ExpandOptions, type ExpandResult, type ExpandRound, type BucketOptions, type Buckets,
+  type RouteOptions as RoutingVectorOptions, type RoutingResult, type EpochCheckpoint,
+} from './upit/index';
+export { type BalanceLossKind } from './config';
+export type { SwitchLossOptions } from './ops_train';

@@ -314,7 +314,9 @@ export class MoeFFN implements FFN {
       z = routerLinear(ctx, x, this.noise!.value);
       logits = lops.routerNoise(clean, z, { seed: ctx.seed, eps: NOISE_EPS });
     }
-    const routing = xops.routeShared(logits, { topK: K, normalize: this.moe.normalize_weights, shared: this.moe.shared_expert });
+    const balance = this.moe.balance_loss_weight > 0 && ctx.training;
+    const switchLoss = this.moe.balance_loss === 'switch';
+    const routing = xops.routeShared(logits, { topK: K, normalize: this.moe.normalize_weights, shared: this.moe.shared_expert, probs: balance && switchLoss });
     const position = tops.invertPermutation(routing.order, { validate: false });
     const { gu, h } = xops.gateUp(x, this.gate.value, this.up.value, routing.offsets, { gather: routing.order, gatherDiv: K, validate: false });
     const ye = xops.groupedGemm(h, this.down.value, routing.offsets, { validate: false });
@@ -324,7 +326,10 @@ export class MoeFFN implements FFN {
     // noisy top-k estimate (as the reference when k < N); kept on the device, read by auxLoss()
     this.#aux?.dispose();
     let estimate: Tensor | null = null;
-    if (this.moe.balance_loss_weight > 0 && ctx.training) {
+    if (balance && switchLoss) {
+      // Switch: E·Σ f_i P_i, P over the full softmax of the logits routed from; f (counts) a constant
+      this.#aux = tops.switchLoss(routing.probs!, routing.load, { tokens: routing.tokens, selected: this.selected, weight: this.moe.balance_loss_weight });
+    } else if (balance) {
       const k = this.selected;
       if (z && k < clean.shape[1]) {
         const e = tops.loadEstimate(clean, z, logits, { k, eps: NOISE_EPS });
@@ -350,16 +355,18 @@ export class MoeFFN implements FFN {
     const dx = tops.permuteBackward(dxp, s.position, K, { validate: false });
     disposeAll(dye, dgu, dxp);
     // router: balance loss through importance, routing weights through normalization and softmax
-    let dImportance: Tensor | undefined, viaLoad: { dClean: Tensor; dz: Tensor } | null = null;
-    if (this.moe.balance_loss_weight > 0) {
+    let dImportance: Tensor | undefined, dProbs: Tensor | undefined, viaLoad: { dClean: Tensor; dz: Tensor } | null = null;
+    if (this.moe.balance_loss_weight > 0 && s.routing.probs) {
+      dProbs = tops.switchLossBackward(s.routing.load, { tokens: s.routing.tokens, selected: this.selected, weight: this.moe.balance_loss_weight, dLoss: ctx.auxScale });
+    } else if (this.moe.balance_loss_weight > 0) {
       const b = tops.balanceLossBackward(s.routing.importance, s.estimate ?? s.routing.load, { weight: this.moe.balance_loss_weight, dLoss: ctx.auxScale });
       dImportance = b.dImportance;
       // counts have no gradient; the estimate's flows to the clean logits and the noise scale
       if (s.estimate) viaLoad = tops.loadEstimateBackward(s.clean, s.z!, s.logits, b.dLoad, { k: this.selected, eps: NOISE_EPS, seed: s.seed });
       b.dLoad.dispose();
     }
-    const dLogits = xops.routeSharedBackward(s.logits, s.routing, dWeights, dImportance ? { dImportance } : {});
-    disposeAll(dWeights, dImportance);
+    const dLogits = xops.routeSharedBackward(s.logits, s.routing, dWeights, { ...(dImportance ? { dImportance } : {}), ...(dProbs ? { dProbs } : {}) });
+    disposeAll(dWeights, dImportance, dProbs);
     let dClean = dLogits;
     if (s.z) {
       const n = lops.routerNoiseBackward(s.z, dLogits, { seed: s.seed });

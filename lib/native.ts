@@ -87,9 +87,9 @@ export interface NativeAddon {
   fillValue(s: S, dtype: number, n: number, value: number): void;
   cast(dst: S, dstDtype: number, src: S, srcDtype: number, n: number): void;
   routeForward(logits: S, dtype: number, T: number, N: number, K: number, normalize: boolean, shared: boolean,
-    experts: S, weights: S, counts: S, offsets: S, order: S, importance: S, load: S): void;
+    experts: S, weights: S, counts: S, offsets: S, order: S, importance: S, load: S, probs?: S | null): void;
   routeBackward(logits: S, dtype: number, T: number, N: number, K: number, normalize: boolean, shared: boolean,
-    experts: S, dWeights: S, dImportance: S | null, dLogits: S): void;
+    experts: S, dWeights: S, dImportance: S | null, dLogits: S, dProbs?: S | null): void;
   groupedGemmForward(x: S, w: S, offsets: S, y: S, dtype: number, M: number, n: number, k: number, E: number): void;
   groupedGemmBackward(x: S, w: S, offsets: S, dy: S, dx: S | null, dw: S | null, dtype: number,
     M: number, n: number, k: number, E: number, accumulate: boolean, dwDtype: number, dxAccumulate?: boolean): void;

@@ -24,6 +24,8 @@ export interface RouteOptions {
   /** Expert 0 is a shared expert taken by every token (XFT). false is vanilla sparse upcycling:
    * logits are [T, E], top-K over all experts, weights softmax over the selected logits. Default true. */
   shared?: boolean;
+  /** Also sum the full softmax over the tokens (Routing.probs, the P of the Switch balance loss). Default false. */
+  probs?: boolean;
 }
 
 /** The output of routeShared, and what its backward needs. */
@@ -45,6 +47,8 @@ export interface Routing {
   importance: Tensor;
   /** f32 [N]: per normal expert, the number of tokens that selected it */
   load: Tensor;
+  /** f32 [N] with options.probs: per logit column, the sum over all tokens of its full-softmax probability; else null */
+  probs: Tensor | null;
   readonly tokens: number;
   readonly topK: number;
   readonly numExperts: number;
@@ -80,29 +84,31 @@ export function routeShared(logits: Tensor, options: RouteOptions): Routing {
   const experts = Tensor.empty([T, K], i32), weights = Tensor.empty([T, K], f32);
   const counts = Tensor.empty([E], i32), offsets = Tensor.empty([E + 1], i32), order = Tensor.empty([T * K], i32);
   const importance = Tensor.empty([N], f32), load = Tensor.empty([N], f32);
+  const probs = expectBool(op, 'probs', options.probs, false) ? Tensor.empty([N], f32) : null;
   native.routeForward(logits.storage, dtypeCode(logits.dtype), T, N, K, normalize, shared, experts.storage, weights.storage,
-    counts.storage, offsets.storage, order.storage, importance.storage, load.storage);
+    counts.storage, offsets.storage, order.storage, importance.storage, load.storage, probs ? probs.storage : null);
   return {
-    experts, weights, counts, offsets, order, importance, load,
+    experts, weights, counts, offsets, order, importance, load, probs,
     tokens: T, topK: K, numExperts: E, normalize, shared,
     dispose() {
-      for (const t of [experts, weights, counts, offsets, order, importance, load]) t.dispose();
+      for (const t of [experts, weights, counts, offsets, order, importance, load, probs]) t?.dispose();
     },
   };
 }
 
 /**
  * dL/dlogits [T, E-1] (logits dtype) from dL/dweights f32 [T, K], and optionally dL/dimportance
- * f32 [E-1] (the balance loss), through normalization, top-k and softmax. routing.experts must
+ * f32 [E-1] (the cv² balance loss) and dL/dprobs f32 [E-1] (the Switch balance loss: through the full
+ * softmax of every token), through normalization, top-k and softmax. routing.experts must
  * name logit columns (as routeShared wrote them): on the CPU any other entry throws XFT_INDEX before
  * anything is written; on CUDA it is skipped and XFT_INDEX is thrown at the next synchronisation.
  */
-export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: Tensor, options: { dImportance?: Tensor } = {}): Tensor {
+export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: Tensor, options: { dImportance?: Tensor; dProbs?: Tensor } = {}): Tensor {
   const op = 'routeSharedBackward';
   expectTensor(op, 'logits', logits, { dtype: FLOAT, rank: 2, shapeName: '[T, E-1]' });
   if (routing === null || typeof routing !== 'object' || !Tensor.isTensor(routing.experts))
     throw invalidArgument(op, 'routing', 'the result of routeShared', routing, 'XFT_TYPE');
-  const o = expectOptions<{ dImportance?: Tensor }>(op, options, 'an options object { dImportance? }');
+  const o = expectOptions<{ dImportance?: Tensor; dProbs?: Tensor }>(op, options, 'an options object { dImportance?, dProbs? }');
   const { normalize, shared, topK: K } = routing;
   const { N, T } = routeOptions(op, logits, { topK: K, normalize, shared });
   if (T !== routing.tokens) throw new XftError(`${op}: logits has ${T} tokens but routing was computed for ${routing.tokens}`, 'XFT_SHAPE');
@@ -110,10 +116,12 @@ export function routeSharedBackward(logits: Tensor, routing: Routing, dWeights: 
   expectTensor(op, 'dWeights', dWeights, { dtype: ['f32'], shape: [T, K], shapeName: `[T, K] = [${T}, ${K}]` });
   const dImportance = o.dImportance;
   if (dImportance !== undefined) expectTensor(op, 'dImportance', dImportance, { dtype: ['f32'], shape: [N], shapeName: `[E-1] = [${N}]` });
-  sameDevice(op, { logits, experts: routing.experts, dWeights, dImportance });
+  const dProbs = o.dProbs;
+  if (dProbs !== undefined) expectTensor(op, 'dProbs', dProbs, { dtype: ['f32'], shape: [N], shapeName: `[E-1] = [${N}]` });
+  sameDevice(op, { logits, experts: routing.experts, dWeights, dImportance, dProbs });
   const dLogits = Tensor.empty([T, N], { dtype: logits.dtype, device: logits.device });
   native.routeBackward(logits.storage, dtypeCode(logits.dtype), T, N, K, normalize, shared, routing.experts.storage,
-    dWeights.storage, dImportance ? dImportance.storage : null, dLogits.storage);
+    dWeights.storage, dImportance ? dImportance.storage : null, dLogits.storage, dProbs ? dProbs.storage : null);
   return dLogits;
 }
 

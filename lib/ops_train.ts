@@ -1,7 +1,7 @@
 /**
  * Typed wrappers of the train op families (see cuda/xft_cuda.h, section [train]): causal GQA
  * attention, masked cross-entropy, the MoE permutation around the grouped GEMMs, and the
- * router's balance loss. Each wrapper checks shapes, dtypes and devices (XftErrors that name the
+ * router's balance losses (cv² of XFT; Switch's E·Σ f_i P_i, whose kernels are in cuda/routing.cu). Each wrapper checks shapes, dtypes and devices (XftErrors that name the
  * argument), allocates the outputs and dispatches to the CPU or CUDA twin.
  * Kernels: cuda/{attention,cross_entropy,moe_permute}.cu; CPU twins: binding/cpu/*.cc. The optimizers
  * (AdamW, Adafactor) are in lib/optim/.
@@ -29,6 +29,8 @@ export interface TrainNative {
   unpermuteBackward(dOut: S, y: S, position: S, g: S, dy: S, dg: S, dtype: number, T: number, K: number, d: number): void;
   balanceLossForward(importance: S, load: S, N: number, weight: number, loss: S): void;
   balanceLossBackward(importance: S, load: S, N: number, weight: number, dLoss: number, dImportance: S, dLoad: S): void;
+  switchLossForward(probs: S, load: S, N: number, T: number, S: number, weight: number, loss: S): void;
+  switchLossBackward(load: S, N: number, T: number, S: number, weight: number, dLoss: number, dProbs: S): void;
   loadEstimateForward(clean: S, z: S, noisy: S, dtype: number, T: number, N: number, k: number, eps: number, prob: S, load: S): void;
   loadEstimateBackward(clean: S, z: S, noisy: S, dLoad: S, dtype: number, T: number, N: number, k: number, eps: number, seed: bigint, dClean: S, dz: S): void;
 }
@@ -328,6 +330,58 @@ export function balanceLossBackward(importance: Tensor, load: Tensor, options: {
   const dLoad = Tensor.empty([a.N], { dtype: 'f32', device: importance.device });
   train.balanceLossBackward(importance.storage, load.storage, a.N, a.weight, dLoss, dImportance.storage, dLoad.storage);
   return { dImportance, dLoad };
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5b. Switch balance loss (UpIT's L_load; Switch Transformer, Mixtral): kernels in cuda/routing.cu
+
+export interface SwitchLossOptions {
+  /** T: the tokens routed (probs and load are sums over them) */
+  tokens: number;
+  /** S: experts selected per token (top-k; K - 1 with a shared expert), so that Σ load = T·S */
+  selected: number;
+  /** weight w of the loss (default BALANCE_LOSS_WEIGHT) */
+  weight?: number;
+}
+
+function switchArgs(op: string, probs: unknown, load: unknown, options: unknown) {
+  const lt = expectTensor(op, 'load', load, { dtype: ['f32'], rank: 1, shapeName: '[N]' });
+  const N = lt.shape[0];
+  if (N < 1) throw new XftError(`${op}: expected load [N] with N >= 1 experts, got ${lt.describe()}`, 'XFT_SHAPE');
+  const pt = probs === undefined ? null : expectTensor(op, 'probs', probs, { dtype: ['f32'], shape: [N], shapeName: `[N] = [${N}]` });
+  const o = expectOptions<SwitchLossOptions>(op, options, 'an object { tokens, selected, weight? }');
+  const T = expectInt(op, 'tokens', o.tokens, 0, 2147483647);
+  const S = expectInt(op, 'selected', o.selected, 1, N);
+  const w = o.weight === undefined ? BALANCE_LOSS_WEIGHT : expectNumber(op, 'weight', o.weight, 'a finite number', () => true);
+  return { probs: pt, load: lt, N, T, S, weight: w };
+}
+
+/**
+ * The Switch-style balance loss f32 [1] = weight · N · Σ_i f_i P_i with f_i = load_i / (T·S), the fraction
+ * of the token→expert assignments that went to expert i, and P_i = probs_i / T, its mean full-softmax
+ * probability (probs and load from routeShared with { probs: true }). 1 (times weight) under uniform routing.
+ */
+export function switchLoss(probs: Tensor, load: Tensor, options: SwitchLossOptions): Tensor {
+  const op = 'switchLoss';
+  const a = switchArgs(op, probs, load, options);
+  sameDevice(op, { probs, load });
+  const loss = Tensor.empty([1], { dtype: 'f32', device: load.device });
+  train.switchLossForward(probs.storage, load.storage, a.N, a.T, a.S, a.weight, loss.storage);
+  return loss;
+}
+
+/**
+ * dL/dprobs f32 [N] = dLoss · weight · N · f_i / T for dL/dloss = dLoss (default 1): f is a constant (the
+ * counts have no gradient, as in Switch and Mixtral), so the gradient reaches the logits through P only
+ * (routeSharedBackward's dProbs).
+ */
+export function switchLossBackward(load: Tensor, options: SwitchLossOptions & { dLoss?: number }): Tensor {
+  const op = 'switchLossBackward';
+  const a = switchArgs(op, undefined, load, options);
+  const dLoss = options.dLoss === undefined ? 1 : expectNumber(op, 'dLoss', options.dLoss, 'a finite number', () => true);
+  const dProbs = Tensor.empty([a.N], { dtype: 'f32', device: load.device });
+  train.switchLossBackward(load.storage, a.N, a.T, a.S, a.weight, dLoss, dProbs.storage);
+  return dProbs;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
  */
 import { XftError } from './errors';
 import { Tensor, type Device } from './tensor';
-import { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig } from './config';
+import { type BalanceLossKind, type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig } from './config';
 import { Block, DenseFFN, MergedFFN, Model, MoeFFN, Param, expectModel } from './model';
 import { expectBool, expectInt, expectNumber, expectOneOf, expectOptions } from './validate';
 
@@ -77,6 +77,8 @@ export interface UpcycleOptions {
   noise?: boolean;
   /** balance loss weight (default 0.01, as the reference; 0 disables it) */
   balanceLossWeight?: number;
+  /** balance loss: 'cv2' (default, the XFT reference's) or 'switch' (E·Σ f_i P_i, as Switch / Mixtral / UpIT) */
+  balanceLoss?: BalanceLossKind;
   /** seed of the router initialisation */
   seed?: number;
   /**
@@ -128,6 +130,7 @@ export function upcycleMoeConfig(options: UpcycleOptions, source: string): MoeCo
     num_experts: options.experts ?? 8, num_selects: options.topK ?? 6, gate_type: options.router ?? 'mlp',
     normalize_weights: options.normalize ?? true, shared_expert: options.sharedExpert ?? true, gate_noise: options.noise ?? true,
     balance_loss_weight: options.balanceLossWeight ?? 0.01,
+    ...(options.balanceLoss !== undefined ? { balance_loss: options.balanceLoss } : {}),
   }, source);
 }
 

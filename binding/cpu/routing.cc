@@ -23,6 +23,13 @@ out of bounds even so.
   shared:     dp_{i_m} += dimportance_{i_m};   dz = p * (dp - <p, dp>)
   no shared:  importance sums g, so its gradient joins dg: dg'_m = dg_m + dimportance_{i_m},
               dz_{i_m} = g_m (dg'_m - <g, dg'>)  (dp = 0)
+  probs (optional forward output) f32 [N] = sum over tokens of the full softmax p_j, the P_i of the
+  Switch balance loss; its gradient dprobs (optional) joins dp for every column: dp_j += dprobs_j.
+
+Switch balance loss (Fedus et al. 2021, the L_load of UpIT, Mixtral's load_balancing_loss):
+  f_i = load_i / (T S) (fraction of the token->expert assignments), P_i = probs_i / T,
+  loss = weight N sum_i f_i P_i (1 under uniform routing);  dprobs_i = dloss weight N f_i / T
+  (f is a constant, as in Switch and Mixtral: the gradient reaches the logits through P only).
 */
 #include <math.h>
 
@@ -59,15 +66,19 @@ void softmax(const float* z, int n, float* p) {
 
 int xft_cpu_route_forward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                           int* experts, float* weights, int* counts, int* offsets, int* order,
-                          float* importance, float* load) {
+                          float* importance, float* load, float* probs) {
   const int S = shared ? K - 1 : K, E = shared ? N + 1 : N;
   std::vector<float> z(N), p(N), q(K), zs(K);
   std::vector<int> sel(K);
   for (int j = 0; j < N; j++) importance[j] = load[j] = 0.f;
+  if (probs)
+    for (int j = 0; j < N; j++) probs[j] = 0.f;
   for (int e = 0; e < E; e++) counts[e] = 0;
   for (int t = 0; t < T; t++) {
     xft_cpu::to_f32(z.data(), (const char*)logits + (size_t)t * N * (dtype == XFT_BF16 ? 2 : 4), dtype, N);
     softmax(z.data(), N, p.data());
+    if (probs)
+      for (int j = 0; j < N; j++) probs[j] += p[j];
     select_top(z.data(), N, S, sel.data());
     int* ex = experts + (size_t)t * K;
     float* g = weights + (size_t)t * K;
@@ -104,7 +115,7 @@ int xft_cpu_route_forward(const void* logits, int dtype, int T, int N, int K, in
 
 int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                            const int* experts, const float* dweights, const float* dimportance,
-                           void* dlogits) {
+                           void* dlogits, const float* dprobs) {
   const int S = shared ? K - 1 : K;
   std::vector<float> z(N), p(N), dp(N), dz(N), q(K), zs(K), g(K);
   std::vector<int> sel(K);
@@ -115,19 +126,29 @@ int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, i
     const float* dg = dweights + (size_t)t * K;
     // clamped as the kernel does (memory safety only: the binding rejects such experts first)
     for (int j = 0; j < S; j++) sel[j] = std::min(std::max(shared ? ex[j] - 1 : ex[j], 0), N - 1);
-    for (int j = 0; j < N; j++) dp[j] = dz[j] = 0.f;
+    for (int j = 0; j < N; j++) {
+      dp[j] = dprobs ? dprobs[j] : 0.f;
+      dz[j] = 0.f;
+    }
+    // per slot: d (the slot's dp, summed as the kernel does), then dp[col] += d
     if (shared) {
+      float a = 0.f, p1 = p[sel[0]];
       if (normalize) {
-        float p1 = p[sel[0]];
         for (int j = 0; j < S; j++) zs[j] = p[sel[j]];
         softmax(zs.data(), S, q.data());
-        float a = 0.f;
         for (int j = 0; j < S; j++) a += q[j] * dg[j];
-        for (int m = 0; m < S; m++) dp[sel[m]] = p1 * q[m] * (dg[m] - a);
-        dp[sel[0]] += a - dg[K - 1];
-      } else {
-        for (int m = 0; m < S; m++) dp[sel[m]] = dg[m];
-        dp[sel[0]] -= dg[K - 1];
+      }
+      for (int m = 0; m < S; m++) {
+        float d;
+        if (normalize) {
+          d = p1 * q[m] * (dg[m] - a);
+          if (m == 0) d += a - dg[K - 1];
+        } else {
+          d = dg[m];
+          if (m == 0) d = d - dg[K - 1];
+        }
+        if (dimportance) d += dimportance[sel[m]];
+        dp[sel[m]] += d;
       }
     } else {
       for (int j = 0; j < S; j++) zs[j] = z[sel[j]];
@@ -137,12 +158,24 @@ int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, i
       for (int j = 0; j < S; j++) a += g[j] * q[j];
       for (int m = 0; m < S; m++) dz[sel[m]] = g[m] * (q[m] - a);
     }
-    if (dimportance && shared)
-      for (int m = 0; m < S; m++) dp[sel[m]] += dimportance[sel[m]];
     float pdp = 0.f;
     for (int j = 0; j < N; j++) pdp += p[j] * dp[j];
     char* out = (char*)dlogits + (size_t)t * N * (dtype == XFT_BF16 ? 2 : 4);
     for (int j = 0; j < N; j++) xft_cpu::store(out, dtype, j, dz[j] + p[j] * (dp[j] - pdp));
   }
+  return 0;
+}
+
+int xft_cpu_switch_loss_forward(const float* probs, const float* load, int N, int T, int S, float weight, float* loss) {
+  double acc = 0.0;
+  if (T > 0)
+    for (int i = 0; i < N; i++) acc += (double)load[i] * (double)probs[i];
+  loss[0] = T > 0 ? (float)((double)weight * N * acc / ((double)T * S * (double)T)) : 0.f;
+  return 0;
+}
+
+int xft_cpu_switch_loss_backward(const float* load, int N, int T, int S, float weight, float dloss, float* dprobs) {
+  for (int i = 0; i < N; i++)
+    dprobs[i] = T > 0 ? (float)((double)dloss * weight * N * (double)load[i] / ((double)T * S * (double)T)) : 0.f;
   return 0;
 }

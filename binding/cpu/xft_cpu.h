@@ -22,10 +22,12 @@ int xft_cpu_cast(void* out, int out_dtype, const void* in, int in_dtype, size_t 
 // routing.cc
 int xft_cpu_route_forward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                           int* experts, float* weights, int* counts, int* offsets, int* order,
-                          float* importance, float* load);
+                          float* importance, float* load, float* probs);
 int xft_cpu_route_backward(const void* logits, int dtype, int T, int N, int K, int normalize, int shared,
                            const int* experts, const float* dweights, const float* dimportance,
-                           void* dlogits);
+                           void* dlogits, const float* dprobs);
+int xft_cpu_switch_loss_forward(const float* probs, const float* load, int N, int T, int S, float weight, float* loss);
+int xft_cpu_switch_loss_backward(const float* load, int N, int T, int S, float weight, float dloss, float* dprobs);
 
 // grouped_gemm.cc
 int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,

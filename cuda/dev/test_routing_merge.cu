@@ -133,7 +133,7 @@ static void test_route(int T, int N, int K, int normalize, int shared, int dtype
   std::vector<int> ex((size_t)T * K), cnt(E), off(E + 1), ord((size_t)T * K);
   std::vector<float> w((size_t)T * K), imp(N), load(N);
   xft_cpu_route_forward(lb.data(), dtype, T, N, K, normalize, shared, ex.data(), w.data(), cnt.data(), off.data(),
-                        ord.data(), imp.data(), load.data());
+                        ord.data(), imp.data(), load.data(), nullptr);
   // GPU, twice
   std::vector<char> lbd = lb.empty() ? std::vector<char>(4) : lb;
   void* dl = dev_copy(lbd);
@@ -143,7 +143,7 @@ static void test_route(int T, int N, int K, int normalize, int shared, int dtype
   std::vector<float> w_first, imp_first;
   std::vector<int> ord_first;
   for (int rep = 0; rep < 2; rep++) {
-    CK(xft_cuda_route_forward(dl, dtype, T, N, K, normalize, shared, dex, dw, dcnt, doff, dord, dimp, dload));
+    CK(xft_cuda_route_forward(dl, dtype, T, N, K, normalize, shared, dex, dw, dcnt, doff, dord, dimp, dload, nullptr));
     CK(xft_cuda_synchronize());
     auto gex = host_copy(dex, (size_t)T * K), gcnt = host_copy(dcnt, E), goff = host_copy(doff, E + 1),
          gord = host_copy(dord, (size_t)T * K);
@@ -170,11 +170,11 @@ static void test_route(int T, int N, int K, int normalize, int shared, int dtype
     for (int j = 0; j < N; j++) di[j] = xft_normal(78, j);
     std::vector<char> dz_cpu(lb.size());
     xft_cpu_route_backward(lb.data(), dtype, T, N, K, normalize, shared, ex.data(), dg.data(),
-                           with_imp ? di.data() : nullptr, dz_cpu.data());
+                           with_imp ? di.data() : nullptr, dz_cpu.data(), nullptr);
     std::vector<float> dgd = dg.empty() ? std::vector<float>(1) : dg;
     float *ddg = dev_copy(dgd), *ddi = dev_copy(di);
     void* ddz = dev_alloc<char>(std::max<size_t>(lb.size(), 4));
-    CK(xft_cuda_route_backward(dl, dtype, T, N, K, normalize, shared, dex, ddg, with_imp ? ddi : nullptr, ddz));
+    CK(xft_cuda_route_backward(dl, dtype, T, N, K, normalize, shared, dex, ddg, with_imp ? ddi : nullptr, ddz, nullptr));
     std::vector<char> dz_gpu = host_copy((char*)ddz, lb.size());
     std::vector<float> a = decode(dz_gpu, dtype, (size_t)T * N), b = decode(dz_cpu, dtype, (size_t)T * N);
     // tolerance relative to each row's largest gradient
@@ -289,15 +289,15 @@ static void bench() {
     float* dl = dev_copy(lf);
     int *dex = dev_alloc<int>(T * K), *dcnt = dev_alloc<int>(E), *doff = dev_alloc<int>(E + 1), *dord = dev_alloc<int>(T * K);
     float *dw = dev_alloc<float>(T * K), *dimp = dev_alloc<float>(N), *dload = dev_alloc<float>(N), *ddz = dev_alloc<float>(T * N);
-    for (int i = 0; i < 3; i++) CK(xft_cuda_route_forward(dl, XFT_F32, T, N, K, 1, 1, dex, dw, dcnt, doff, dord, dimp, dload));
+    for (int i = 0; i < 3; i++) CK(xft_cuda_route_forward(dl, XFT_F32, T, N, K, 1, 1, dex, dw, dcnt, doff, dord, dimp, dload, nullptr));
     cudaEventRecord(a, xft_cuda_stream());
-    for (int i = 0; i < 20; i++) CK(xft_cuda_route_forward(dl, XFT_F32, T, N, K, 1, 1, dex, dw, dcnt, doff, dord, dimp, dload));
+    for (int i = 0; i < 20; i++) CK(xft_cuda_route_forward(dl, XFT_F32, T, N, K, 1, 1, dex, dw, dcnt, doff, dord, dimp, dload, nullptr));
     cudaEventRecord(b, xft_cuda_stream());
     cudaEventSynchronize(b);
     cudaEventElapsedTime(&ms, a, b);
     printf("bench route_forward T=%d N=%d K=%d: %.1f us\n", T, N, K, ms * 1000 / 20);
     cudaEventRecord(a, xft_cuda_stream());
-    for (int i = 0; i < 20; i++) CK(xft_cuda_route_backward(dl, XFT_F32, T, N, K, 1, 1, dex, dw, dimp, ddz));
+    for (int i = 0; i < 20; i++) CK(xft_cuda_route_backward(dl, XFT_F32, T, N, K, 1, 1, dex, dw, dimp, ddz, nullptr));
     cudaEventRecord(b, xft_cuda_stream());
     cudaEventSynchronize(b);
     cudaEventElapsedTime(&ms, a, b);

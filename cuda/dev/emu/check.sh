@@ -18,7 +18,7 @@ set -euo pipefail
 MODE=${1:-quick}
 shift || true
 FILES=("$@")
-[ ${#FILES[@]} -gt 0 ] || FILES=(test/10.tensor.ts test/15.backend.ts test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/35.cuda_attention.ts test/36.cuda_router.ts test/37.cuda_expand.ts test/12.leak.ts test/13.index_safety.ts)
+[ ${#FILES[@]} -gt 0 ] || FILES=(test/10.tensor.ts test/15.backend.ts test/30.cuda.ts test/31.cuda_layers.ts test/32.cuda_train.ts test/33.cuda_model.ts test/34.cuda_vocab.ts test/35.cuda_attention.ts test/36.cuda_router.ts test/37.cuda_expand.ts test/37.cuda_switch.ts test/12.leak.ts test/13.index_safety.ts)
 read -r -a SEEDS <<< "${XFT_TEST_SEEDS:-default}"
 cd "$(dirname "$0")/../../.."
 

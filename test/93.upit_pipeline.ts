@@ -1,0 +1,97 @@
+// `xft upit` end to end on a tiny model (../shared/UPIT.md): prepare (SFT with epoch checkpoints) ->
+// expand -> seed -> route -> assemble -> post-train, each stage's folder, the MoE it ends with (no shared
+// expert, linear router from the routing vectors, the Switch loss), a rerun that skips every complete
+// stage and leaves the folders as they were, one stage rerun alone (--stage) giving the same bits, a stage
+// whose inputs are missing (exit 3), --help, and the ablations --no-expand --no-router-init.
+import t from 'tap';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { tinyConfig } from '../lib/config';
+import { createDense } from '../lib/xft';
+import { saveModel, readCheckpointInfo } from '../lib/checkpoint';
+import { SafetensorsReader } from '../lib/safetensors';
+import { readRoutingVectors, listEpochCheckpoints } from '../lib/upit/index';
+import { exact } from './helpers/check';
+
+const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-upit-'));
+t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+const at = (...p: string[]) => path.join(tmp, ...p);
+const CLI = path.join(__dirname, '..', 'lib', 'cli.ts');
+const env = { ...process.env, XFT_DEVICE: 'cpu' };
+
+function xft(...args: string[]) {
+  const r = spawnSync(process.execPath, [...process.execArgv, CLI, ...args], { cwd: tmp, env, encoding: 'utf8' });
+  return { code: r.status, out: r.stdout, err: r.stderr };
+}
+
+const config = tinyConfig({ hidden_size: 32, intermediate_size: 48, num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 2 });
+const dense = createDense(config, { seed: 1 });
+saveModel(dense, at('dense'));
+dense.dispose();
+fs.writeFileSync(at('data.jsonl'), Array.from({ length: 32 }, (_, i) => JSON.stringify({ instruction: `Add ${i} and ${i % 5}.`, response: `${i + (i % 5)}` })).join('\n') + '\n');
+// 1 epoch of 4 steps, a checkpoint every 0.5 epoch: 2 checkpoints, expanded to 3 experts; 25% seed rows
+const RUN = ['upit', 'dense', '--data', 'data.jsonl', '--experts', '3', '--top-k', '2', '--prepare-epochs', '1', '--checkpoint-every', '0.5',
+  '--post-epochs', '1', '--route-epochs', '1', '--seed-fraction', '0.25', '--batch-size', '8', '--seq-len', '200', '--lr', '1e-3'];
+const STAGES = ['prepare', 'expand', 'seed', 'route', 'assemble', 'post-train'];
+
+const files = (dir: string) => fs.readdirSync(dir, { recursive: true }).map(String).sort();
+const stamp = (dir: string) => files(dir).map((f) => `${f}:${fs.statSync(path.join(dir, f)).mtimeMs}`);
+
+t.test('--help says which defaults are the paper\'s and which are choices', async (t) => {
+  const r = xft('upit', '--help');
+  t.equal(r.code, 0);
+  for (const flag of ['--experts', '--top-k', '--stage', '--no-expand', '--random-parents', '--no-router-init', '--random-buckets', '--first-half', '--drop-rate', '--trunk', '--gamma'])
+    t.match(r.out, flag, `lists ${flag}`);
+  t.match(r.out, /\[paper: 0\.25\]/, 'the checkpoint interval is the paper\'s');
+  t.match(r.out, /\[choice: 0\.5\]/, 'the DARE drop rate is a choice');
+  t.match(xft('--help').out, /\n  upit\b/, 'xft --help lists upit');
+});
+
+t.test('the whole pipeline, then a rerun that skips every stage', async (t) => {
+  const r = xft(...RUN, '--out', 'up');
+  t.equal(r.code, 0, `xft upit: ${r.err}`);
+  for (const s of STAGES) t.ok(fs.existsSync(at('up', s)), `${s}/ written`);
+  const saved = listEpochCheckpoints(at('up', 'prepare'));
+  t.same(saved.map((c) => c.epoch), [0.5, 1], 'stage 1: a checkpoint every 0.5 epoch');
+  const info = readCheckpointInfo(at('up', 'post-train'));
+  t.equal(info.kind, 'moe');
+  t.match(info.moe, { num_experts: 3, num_selects: 2, shared_expert: false, gate_type: 'linear', gate_noise: false, balance_loss: 'switch' }, 'the UpIT MoE');
+  // the assembled router: row e of layer l is expert e's routing vector
+  const r0 = new SafetensorsReader(at('up', 'assemble'));
+  for (let e = 0; e < 3; e++) {
+    const v = readRoutingVectors(at('up', 'route', `expert-${e}`));
+    for (let l = 0; l < 2; l++) exact(t, r0.readF32(`model.layers.${l}.mlp.gate.gate_network.weight`).subarray(e * 32, (e + 1) * 32), v[l], `router row ${e}, layer ${l}`);
+  }
+  const before = stamp(at('up'));
+  const again = xft(...RUN, '--out', 'up');
+  t.equal(again.code, 0, `rerun: ${again.err}`);
+  t.match(again.out, /skipped: prepare, expand, seed, route, assemble, post-train/, 'every stage complete: skipped');
+  t.match(again.out, /ran nothing/);
+  t.same(stamp(at('up')), before, 'nothing rewritten');
+});
+
+t.test('one stage rerun alone gives the same bits; a stage without its inputs is exit 3', async (t) => {
+  const first = new SafetensorsReader(at('up', 'assemble'));
+  const keep = Object.fromEntries(first.names().map((n) => [n, Array.from(first.readF32(n))]));
+  fs.renameSync(at('up', 'assemble'), at('assemble-before'));
+  let r = xft(...RUN, '--out', 'up', '--stage', 'assemble');
+  t.equal(r.code, 0, `--stage assemble: ${r.err}`);
+  t.match(r.out, /ran assemble in/, 'only assemble ran');
+  const second = new SafetensorsReader(at('up', 'assemble'));
+  t.same(second.names().sort(), Object.keys(keep).sort());
+  for (const n of Object.keys(keep)) exact(t, second.readF32(n), keep[n], `${n} as before`);
+  r = xft(...RUN, '--out', 'fresh', '--stage', 'assemble');
+  t.equal(r.code, 3, 'assemble before the earlier stages: exit 3');
+  t.match(r.err, /run (it|the prepare stage) first/, `names what to run first: ${r.err.trim()}`);
+  t.notOk(fs.existsSync(at('fresh', 'assemble')), 'nothing assembled');
+});
+
+t.test('ablations: --no-expand saves E checkpoints, --no-router-init draws the router', async (t) => {
+  const r = xft(...RUN, '--out', 'abl', '--no-expand', '--no-router-init');
+  t.equal(r.code, 0, `xft upit with the ablations: ${r.err}`);
+  t.ok(listEpochCheckpoints(at('abl', 'prepare')).length >= 3, 'without expansion stage 1 saves at least E checkpoints');
+  t.notOk(fs.existsSync(at('abl', 'route', 'expert-0')), 'no routing vectors');
+  t.equal(readCheckpointInfo(at('abl', 'post-train')).moe!.num_experts, 3);
+});
