@@ -384,7 +384,10 @@ export function saveModel(model: Model, dir: string, options: SaveOptions = {}):
     for (let e = 0; e < E; e++)
       entries.push({ name: `${p.name}.${e}.weight`, dtype: fileDtype, shape, tensor: () => p.value.narrow(e, 1).reshape(shape) });
   }
-  writeCheckpoint(dir, entries, { ...configJson(model.kind, model.config, moe, rate, dtype), ...options.config }, options);
+  // extra keys are added to the object itself: a spread would drop the source record it carries (the source's key order and number texts)
+  const config = configJson(model.kind, model.config, moe, rate, dtype);
+  if (options.config) Object.assign(config, options.config);
+  writeCheckpoint(dir, entries, config, options);
 }
 
 // ---- streaming on disk ----
