@@ -420,6 +420,12 @@ static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
     CheckStatus(env, "memoryStats", xft_cuda_pool_stats(&used, &reserved));
     out.Set("poolUsedBytes", (double)used);
     out.Set("poolReservedBytes", (double)reserved);
+    xft_cuda_sync_stats sync;
+    xft_cuda_get_sync_stats(&sync);
+    out.Set("hostSyncs", (double)sync.host_syncs);
+    out.Set("d2hCopies", (double)sync.d2h_copies);
+    out.Set("stagingWaits", (double)sync.staging_waits);
+    out.Set("kernelLaunches", (double)sync.launches);
   }
 #endif
   return out;
@@ -474,6 +480,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterXftOps(env, exports);
   RegisterLayerOps(env, exports);
   RegisterTrainOps(env, exports);
+  RegisterStepOps(env, exports);
   return exports;
 }
 

@@ -76,6 +76,7 @@ void RegisterTensorOps(Napi::Env env, Napi::Object exports);
 void RegisterXftOps(Napi::Env env, Napi::Object exports);
 void RegisterLayerOps(Napi::Env env, Napi::Object exports);  // binding/layer_ops.cc
 void RegisterTrainOps(Napi::Env env, Napi::Object exports);  // binding/train_ops.cc
+void RegisterStepOps(Napi::Env env, Napi::Object exports);   // binding/step_ops.cc
 
 }  // namespace xft
 

@@ -8,11 +8,16 @@
  * Each step reads top to bottom: next micro-batches -> forward -> backward (gradients accumulate)
  * -> grad norm -> clip -> optimizer update -> zero gradients.
  *
- * Divergence: a step whose loss or gradient norm is NaN or infinite is caught before the update,
- * from the values the step reads back anyway (no extra device sync): the run stops with
- * XFT_NONFINITE, weights and optimizer state as the last good step left them (or, with
- * `skipNonFinite`, up to that many such steps are skipped: no update of weights or moments). A loss
- * stuck at ln(vocab) (a collapsed model predicting the uniform distribution) gets a warning.
+ * No host synchronisation inside a step: losses, token counts and balance losses accumulate on the
+ * device, the gradient norm, clipping factor and non-finite check are computed there, and the
+ * optimizer kernels read the factor and a skip flag from device memory (lib/ledger.ts). The host
+ * reads the step records once per `logEvery` steps (default 1), and then calls onStep for each.
+ *
+ * Divergence: a step whose loss or gradient norm is NaN or infinite is caught on the device before
+ * the update: the run stops with XFT_NONFINITE (thrown at the next read), weights and optimizer
+ * state as the last good step left them (or, with `skipNonFinite`, up to that many such steps are
+ * skipped: no update of weights or moments). A loss stuck at ln(vocab) (a collapsed model
+ * predicting the uniform distribution) gets a warning.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -23,6 +28,7 @@ import { type OptimizerKind, type OptimizerState, OPTIMIZERS, disposeOptimizerSt
 import { type Model, type Param, expectModel } from './model';
 import { type Sample, concatRows, countTargets, expectSamples, shuffle } from './data';
 import { SafetensorsReader, writeSafetensors } from './safetensors';
+import { StepLedger, zeroMany } from './ledger';
 import { recoverFolder, writeFileAtomic, writeFolderAtomic } from './folder';
 
 export interface TrainOptions {
@@ -70,6 +76,13 @@ export interface TrainOptions {
   skipNonFinite?: number;
   /** called with a warning about the run (e.g. a loss stuck at ln(vocab)); default: none */
   onWarning?: (message: string) => void;
+  /**
+   * read the step records back every this many steps (default 1): the steps between make no host
+   * synchronisation. onStep runs for each step of an interval at its end, when the weights are those
+   * of the interval's last step (evaluate or save only at multiples of logEvery); a non-finite step
+   * stops the run there too, with the weights of the step before it.
+   */
+  logEvery?: number;
 }
 
 export interface StepInfo {
@@ -155,6 +168,11 @@ export class Trainer {
   skipped = 0;
   #stuck = 0;
   #warnedStuck = false;
+  readonly #ledger: StepLedger;
+  readonly #logEvery: number;
+  /** steps taken since the last read: their records wait in the ledger */
+  #pending: { step: number; epoch: number; lr: number; tokens: number }[] = [];
+  #intervalStart = process.hrtime.bigint();
 
   constructor(readonly model: Model, rows: readonly Sample[], options: TrainOptions) {
     expectModel('train', 'model', model);
@@ -176,7 +194,7 @@ export class Trainer {
     const num = (name: keyof TrainOptions, what: string, ok: (x: number) => boolean) =>
       o[name] === undefined || check(typeof o[name] === 'number' && Number.isFinite(o[name]) && ok(o[name] as number), name, what, o[name]);
     check(Number.isFinite(o.lr), 'lr', 'a finite number >= 0', o.lr);
-    count('epochs', 1), count('steps', 1), count('warmupSteps', 0), count('stopAfter', 0), count('seed', 0);
+    count('epochs', 1), count('steps', 1), count('warmupSteps', 0), count('stopAfter', 0), count('seed', 0), count('logEvery', 1);
     num('weightDecay', 'a finite number >= 0', (x) => x >= 0), num('clip', 'a finite number >= 0', (x) => x >= 0), num('eps', 'a finite number >= 0', (x) => x >= 0);
     num('beta1', 'a number in [0, 1)', (x) => x >= 0 && x < 1), num('beta2', 'a number in [0, 1)', (x) => x >= 0 && x < 1);
     check(o.onStep === undefined || typeof o.onStep === 'function', 'onStep', 'a function', o.onStep);
@@ -199,6 +217,8 @@ export class Trainer {
     this.#params = model.trainableParams();
     this.state = o.resume ?? { step: 0, m: new Map(), v: new Map() };
     prepareState(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true, this.state.step);
+    this.#logEvery = o.logEvery ?? 1;
+    this.#ledger = new StepLedger(model.device, this.#logEvery);
     for (const p of this.#params)
       p.gradDtype = o.gradDtype === 'bf16' && p.value.dtype === 'bf16' && p.value.shape.length >= 2 && p !== model.embed ? 'bf16' : 'f32';
     model.zeroGrad();
@@ -209,11 +229,13 @@ export class Trainer {
     return this.state.step >= this.#last;
   }
 
-  /** One optimizer step. */
-  step(): StepInfo {
+  /**
+   * One optimizer step, queued without a host synchronisation. At a log point (every logEvery steps,
+   * and the last step) the records are read and onStep runs for each: returns the last one's info.
+   */
+  step(): StepInfo | undefined {
     const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum;
     const step = this.state.step, seed = o.seed ?? 0, clip = o.clip ?? 1.0;
-    const t0 = process.hrtime.bigint();
     const epoch = Math.floor(step / this.#stepsPerEpoch);
     if (epoch !== this.#orderEpoch) {
       this.#order = shuffle(this.#rows, seed * 1000003 + epoch);
@@ -222,53 +244,65 @@ export class Trainer {
     const first = (step % this.#stepsPerEpoch) * o.batchSize;
     const chunk = this.#order.slice(first, first + o.batchSize);
     const stepTokens = chunk.reduce((a, r) => a + countTargets(r.targets), 0);
-    let lossSum = 0, aux = 0;
     for (let mb = 0; mb < accum; mb++) {
       const part = chunk.slice(mb * micro, (mb + 1) * micro);
       const ids = Tensor.from(concatRows(part, 'ids'), [part.length * seqLen], { dtype: 'i32', device: model.device });
       const targets = Tensor.from(concatRows(part, 'targets'), [part.length * seqLen], { dtype: 'i32', device: model.device });
-      const f = model.forward(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false });
+      model.forwardToLedger(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false }, this.#ledger, accum);
       model.backward({ tokens: stepTokens, scale: 1, auxScale: 1 / accum });
-      lossSum += f.loss * f.tokens;
-      aux += f.auxLoss / accum;
       disposeAll(ids, targets);
     }
+    // the step's end on the device: gradient norm, clipping factor, the non-finite check -> the control block
     const withGrad = this.#params.filter((p) => p.grad !== null);
     const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
-    const gradNorm = Math.sqrt(sq.item());
+    this.#ledger.end(sq, this.#pending.length, clip, o.skipNonFinite ?? 0);
     sq.dispose();
-    const loss = stepTokens ? lossSum / stepTokens : 0;
     const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
-    // the one divergence check: loss and norm are already on the host (no extra sync)
-    const finite = Number.isFinite(loss) && Number.isFinite(aux) && Number.isFinite(gradNorm);
-    if (!finite) {
-      model.zeroGrad();
-      if (this.skipped >= (o.skipNonFinite ?? 0)) {
+    // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter; a skipped step writes nothing
+    optimizerStep(optimizerOf(this.state), this.#params, this.state, {
+      lr, step: step + 1, gradScale: 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
+      stochasticRounding: o.stochasticRounding, seed, control: this.#ledger.control,
+    });
+    zeroMany(withGrad.map((p) => p.grad!));
+    this.state.step = step + 1;
+    this.#pending.push({ step, epoch, lr, tokens: stepTokens });
+    if ((step + 1) % this.#logEvery === 0 || this.done) return this.flush();
+    return undefined;
+  }
+
+  /**
+   * Reads the records of the steps taken since the last read (one synchronisation) and calls onStep
+   * for each; returns the last one's info (undefined when none waited). A step found not finite
+   * beyond the skip budget throws XFT_NONFINITE, the state set back to the step before it.
+   */
+  flush(): StepInfo | undefined {
+    const pending = this.#pending, o = this.#o;
+    if (pending.length === 0) return undefined;
+    this.#pending = [];
+    const records = this.#ledger.read(pending.length);
+    const now = process.hrtime.bigint(), seconds = Number(now - this.#intervalStart) / 1e9;
+    this.#intervalStart = now;
+    const tokensPerSecond = (o.batchSize * this.#seqLen * pending.length) / seconds;
+    let last: StepInfo | undefined;
+    for (let k = 0; k < pending.length; k++) {
+      const { step, epoch, lr, tokens } = pending[k], { loss, auxLoss, gradNorm, status } = records[k];
+      const what = Number.isFinite(loss) ? 'gradient norm' : 'loss';
+      if (status === 'stopped' || status === 'after-stop') {
+        this.state.step = step;  // the later steps of the interval were not applied either
         const skipped = o.skipNonFinite ? ` (${this.skipped} step(s) skipped already, --skip-nonfinite ${o.skipNonFinite})` : '';
         throw new XftError(
-          `train: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite at step ${step + 1} (loss ${loss}, gradient norm ${gradNorm})${skipped}: ` +
+          `train: the ${what} is not finite at step ${step + 1} (loss ${loss}, gradient norm ${gradNorm})${skipped}: ` +
           `training diverged; stopped before updating, with the weights and optimizer state of step ${step} (lower the learning rate, or clip the gradient norm)`, 'XFT_NONFINITE');
       }
-      this.skipped++;
-      o.onWarning?.(`step ${step + 1}: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite; step skipped (${this.skipped} of at most ${o.skipNonFinite})`);
-    } else {
-      const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
-      // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter
-      optimizerStep(optimizerOf(this.state), this.#params, this.state, {
-        lr, step: step + 1, gradScale: scale, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
-        stochasticRounding: o.stochasticRounding, seed,
-      });
-      model.zeroGrad();
-      this.#watchStuck(loss);
+      if (status === 'skipped') {
+        this.skipped++;
+        o.onWarning?.(`step ${step + 1}: the ${what} is not finite; step skipped (${this.skipped} of at most ${o.skipNonFinite})`);
+      } else this.#watchStuck(loss);
+      this.losses.push(loss);
+      last = { step: step + 1, steps: this.total, epoch, loss, auxLoss, lr, gradNorm, tokens, tokensPerSecond, skipped: status === 'skipped' };
+      o.onStep?.(last);
     }
-    this.state.step = step + 1;
-    this.losses.push(loss);
-    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    const info = {
-      step: step + 1, steps: this.total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds, skipped: !finite,
-    };
-    o.onStep?.(info);
-    return info;
+    return last;
   }
 
   /** Warns once when the loss sits at ln(vocab), unchanged, for STUCK_STEPS steps: the model predicts the uniform distribution. */
@@ -287,6 +321,11 @@ export class Trainer {
   result(): TrainResult {
     return { losses: this.losses, state: this.state, steps: this.total };
   }
+
+  /** Frees the step ledger (the state and the model stay). */
+  dispose(): void {
+    this.#ledger.dispose();
+  }
 }
 
 /**
@@ -297,8 +336,13 @@ export function train(model: Model, rows: readonly Sample[], options: TrainOptio
   claimModel(model);
   try {
     const run = new Trainer(model, rows, options);
-    while (!run.done) run.step();
-    return run.result();
+    try {
+      while (!run.done) run.step();
+      run.flush();
+      return run.result();
+    } finally {
+      run.dispose();
+    }
   } finally {
     busy.delete(model);
   }
@@ -313,13 +357,21 @@ export async function trainAsync(model: Model, rows: readonly Sample[], options:
   claimModel(model);
   try {
     const run = new Trainer(model, rows, options);
-    const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
-    while (!run.done) {
-      await tick();
-      if (options.signal?.aborted) return { ...run.result(), interrupted: true };
-      run.step();
+    try {
+      const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
+      while (!run.done) {
+        await tick();
+        if (options.signal?.aborted) {
+          run.flush();
+          return { ...run.result(), interrupted: true };
+        }
+        run.step();
+      }
+      run.flush();
+      return { ...run.result(), interrupted: false };
+    } finally {
+      run.dispose();
     }
-    return { ...run.result(), interrupted: false };
   } finally {
     busy.delete(model);
   }

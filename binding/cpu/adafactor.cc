@@ -20,6 +20,7 @@ number of threads.
 #include <vector>
 
 #include "xft_cpu.h"
+#include "../../cuda/step.h"
 #include "../../cuda/optim.h"
 
 namespace {
@@ -27,7 +28,7 @@ namespace {
 void adafactor_tensor(const xft_adafactor_tensor& t, const xft_adafactor_options& o, float beta) {
   const size_t S = (size_t)t.slices, R = (size_t)t.rows, C = (size_t)t.cols, RC = R * C, n = S * RC;
   if (n == 0) return;
-  const float gscale = o.grad_scale, eps1 = o.eps1;
+  const float gscale = xft_control_scale(o.control, o.grad_scale), eps1 = o.eps1;
   auto gs = [&](size_t i) { return xft_load_value(t.g, t.g_dtype, i) * gscale; };
   const bool factored = t.row != nullptr;
   std::vector<float> rowmean(S, 1.f);
@@ -102,6 +103,7 @@ void adafactor_tensor(const xft_adafactor_tensor& t, const xft_adafactor_options
 }  // namespace
 
 int xft_cpu_adafactor(const xft_adafactor_tensor* tensors, int count, const xft_adafactor_options* o) {
+  if (xft_control_skip(o->control)) return 0;  // a non-finite step (cuda/step.h): nothing is written
   const float beta = xft_adafactor_beta2t(o->step, o->decay_rate);
   for (int k = 0; k < count; k++) adafactor_tensor(tensors[k], *o, beta);
   return 0;

@@ -8,30 +8,44 @@ even, or stochastically from sr_stream, see cuda/optim.h); g f32 or bf16:
   mhat = m / (1 - beta1^t),       vhat = v / (1 - beta2^t)          (step t >= 1)
   p = p - lr (mhat / (sqrt(vhat) + eps) + weight_decay p)
 p_copy (NULL: none) receives the updated p as f32 or bf16 (nearest even): the compute copy.
+The element update is xft_adamw_element (cuda/optim.h), the kernels' own.
 */
 #include <math.h>
 
 #include "xft_cpu.h"
 #include "../../cuda/optim.h"
+#include "../../cuda/step.h"
 
 int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
                   int stochastic, uint64_t sr_stream) {
   // bias corrections in double on the host, as the CUDA launcher computes them
-  const float bc1 = (float)(1.0 - pow((double)beta1, (double)step));
-  const float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
+  const float bc1 = xft_adamw_bias_correction(beta1, step), bc2 = xft_adamw_bias_correction(beta2, step);
   xft_cpu::parallel_for(n, 12.0 * (double)n, [&](size_t a, size_t b) {
     for (size_t i = a; i < b; i++) {
-      float gs = xft_load_value(g, g_dtype, i) * grad_scale;
-      float mi = beta1 * m[i] + (1.f - beta1) * gs;
-      float vi = beta2 * v[i] + (1.f - beta2) * gs * gs;
-      m[i] = mi;
-      v[i] = vi;
-      float pi = xft_load_value(p, p_dtype, i);
-      pi -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + weight_decay * pi);
-      xft_store_param(p, p_dtype, i, pi, stochastic, sr_stream);
-      if (p_copy) xft_cpu::store(p_copy, copy_dtype, i, pi);
+      const float gs = xft_load_value(g, g_dtype, i) * grad_scale;
+      xft_adamw_element(p, p_dtype, m, v, i, gs, lr, beta1, beta2, eps, weight_decay, bc1, bc2, p_copy, copy_dtype, stochastic,
+                        sr_stream);
     }
   });
+  return 0;
+}
+
+// the multi-tensor step (cuda/adamw.cu xft_cuda_adamw_multi): each tensor as xft_cpu_adamw, the
+// stochastic-rounding stream from (seed, step, index); a set skip flag in the control block writes nothing
+int xft_cpu_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_adamw_options* o) {
+  if (xft_control_skip(o->control)) return 0;
+  const float grad_scale = xft_control_scale(o->control, o->grad_scale);
+  for (int k = 0; k < count; k++) {
+    const xft_adamw_tensor& t = tensors[k];
+    const uint64_t sr_stream = xft_sr_stream(o->seed, (uint64_t)o->step, (uint64_t)t.index);
+    xft_cpu::parallel_for((size_t)t.n, 12.0 * (double)t.n, [&](size_t a, size_t b) {
+      for (size_t i = a; i < b; i++) {
+        const float gs = xft_load_value(t.g, t.g_dtype, i) * grad_scale;
+        xft_adamw_element(t.p, t.p_dtype, t.m, t.v, i, gs, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, o->bc1, o->bc2,
+                          t.p_copy, t.copy_dtype, o->stochastic, sr_stream);
+      }
+    });
+  }
   return 0;
 }

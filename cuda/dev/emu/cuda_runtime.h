@@ -78,6 +78,7 @@ enum cudaError_t {
   cudaErrorIllegalAddress = 700,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
+  cudaErrorNotReady = 600,
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -129,7 +130,9 @@ struct EmuState {
   std::map<const char*, size_t> live;     // device allocations: start -> bytes
   size_t used = 0, reserved = 0;
   unsigned long long block_serial = 0;     // which block runs: __shared__ arrays are poisoned once per block
+  unsigned long long launches = 0;         // kernel launches (cuda/runtime.cu reports them in memoryStats)
 };
+#define XFT_EMU_RUNTIME 1
 inline EmuState g_emu;
 inline void emu_fail(int err, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 inline void emu_fail(int err, const char* fmt, ...) {
@@ -345,6 +348,7 @@ inline cudaError_t cudaFreeHost(void* p) {
 }
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
+inline cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }  // work runs at issue: always complete
 inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return cudaSuccess; }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
@@ -686,6 +690,7 @@ struct EmuWatchdog {
 
 inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, const char* name, std::function<void()> fn) {
   emu_land_h2d();
+  g_emu.launches++;
   EmuWatchdog watchdog(name);
   const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
