@@ -71,6 +71,7 @@ Two implementations, one contract:
 #include "xft_cuda.h"
 #include "xft_math.h"
 #include "xft_mma.cuh"
+#include "xft_smem.cuh"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
 
@@ -788,7 +789,7 @@ template <int NC>
 cudaError_t launch_forward(const void* q, const void* k, const void* v, void* out, float* lse, int dtype, int B, int T,
                            int H, int Hkv, int hd, float scale) {
   const size_t smem = forward_smem(hd);
-  cudaError_t e = cudaFuncSetAttribute(attention_forward_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = xft_allow_smem(attention_forward_kernel<NC>, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(CEIL_DIV(T, kTile), H, B);
   attention_forward_kernel<NC><<<grid, kThreads, smem, xft_cuda_stream()>>>(q, k, v, out, lse, dtype, T, H, Hkv, hd, scale);
@@ -800,9 +801,9 @@ cudaError_t launch_backward(const void* q, const void* k, const void* v, const f
                             const void* dout, void* dq, void* dk, void* dv, int dtype, int B, int T, int H, int Hkv,
                             int hd, float scale) {
   const size_t smem = backward_smem(hd);
-  cudaError_t e = cudaFuncSetAttribute(attention_backward_dkdv_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = xft_allow_smem(attention_backward_dkdv_kernel<NC>, smem);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(attention_backward_dq_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  e = xft_allow_smem(attention_backward_dq_kernel<NC>, smem);
   if (e != cudaSuccess) return e;
   cudaStream_t stream = xft_cuda_stream();
   const int tiles = CEIL_DIV(T, kTile);

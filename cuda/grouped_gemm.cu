@@ -51,6 +51,7 @@ ty + 16 i, columns tx + 16 j), the next tile prefetched into registers during th
 #include "xft_math.h"
 // cp.async, ldmatrix and mma.sync wrappers, shared with attention.cu
 #include "xft_mma.cuh"
+#include "xft_smem.cuh"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
 
@@ -534,8 +535,7 @@ template <int DT, bool B_KMAJOR, bool VEC, int S>
 cudaError_t launch_rows_staged(const void* A, const void* B, const int* offsets, void* C, int M, int N, int K, int E) {
   size_t smem = kFSmemBytes;
   if constexpr (DT == XFT_BF16) smem = mma_smem_bytes<true, B_KMAJOR, S>();
-  cudaError_t err = cudaFuncSetAttribute(grouped_rows_kernel<DT, B_KMAJOR, VEC, S>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = xft_allow_smem(grouped_rows_kernel<DT, B_KMAJOR, VEC, S>, smem);
   if (err != cudaSuccess) return err;
   const long long slots = CEIL_DIV((long long)M, (long long)Tiles<DT>::BM) + E;  // >= row tiles of any valid split
   dim3 grid((unsigned)CEIL_DIV((long long)N, (long long)Tiles<DT>::BN), (unsigned)(slots < 65535 ? slots : 65535));
@@ -561,8 +561,7 @@ cudaError_t launch_dw_staged(const void* dy, const void* x, const int* offsets, 
                              int accumulate) {
   size_t smem = kFSmemBytes;
   if constexpr (DT == XFT_BF16) smem = mma_smem_bytes<false, false, S>();
-  cudaError_t err = cudaFuncSetAttribute(grouped_dw_kernel<DT, VEC, F32OUT, S>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = xft_allow_smem(grouped_dw_kernel<DT, VEC, F32OUT, S>, smem);
   if (err != cudaSuccess) return err;
   const long long tiles_k = CEIL_DIV((long long)k, (long long)Tiles<DT>::BN);
   const long long tiles_n = CEIL_DIV((long long)n, (long long)Tiles<DT>::BM);

@@ -21,7 +21,7 @@ setupGpuTest(t);
 const DEVICES: ('cpu' | 'cuda')[] = CUDA ? ['cpu', 'cuda'] : ['cpu'];
 const config = tinyConfig({ hidden_size: 32, intermediate_size: 48, num_attention_heads: 2, num_key_value_heads: 1, num_hidden_layers: 2 });
 
-function rowsOf(s: number, n = 8, T = 12) {
+function rowsOf(s: number, n = 8, T = 8) {
   const R = rng(s);
   return Array.from({ length: n }, () => {
     const ids = Array.from({ length: T + 1 }, () => R.int(0, config.vocab_size));
@@ -152,12 +152,13 @@ t.test('adamwMulti: CUDA vs CPU (bf16 stochastic rounding, control)', { skip: SK
 
 // ---- the training step ----
 
-for (const kind of ['dense', 'moe'] as const)
-  for (const optimizer of ['adamw', 'adafactor'] as const)
-    t.test(`${kind}, ${optimizer}: no host sync between log points, and logEvery 3 = logEvery 1 bit for bit`, async (t) => {
+// XFT_TEST_FAST=1 (the shake and asan emulation runs): the MoE cases only
+const STEP_CASES = ([['moe', 'adamw'], ['moe', 'adafactor'], ['dense', 'adamw']] as const).filter(([kind]) => process.env.XFT_TEST_FAST !== '1' || kind === 'moe');
+for (const [kind, optimizer] of STEP_CASES)
+    t.test(`${kind}, ${optimizer}: no host sync between log points, and logEvery 2 = logEvery 1 bit for bit`, async (t) => {
       const rows = rowsOf(seed() % 100000);
       const dtype = optimizer === 'adafactor' ? 'bf16' : 'f32';
-      const o: TrainOptions = { lr: 3e-3, batchSize: 4, microBatch: 2, steps: 6, seed: 5, optimizer, clip: 0.5, warmupSteps: 2 };
+      const o: TrainOptions = { lr: 3e-3, batchSize: 4, microBatch: 2, steps: 4, seed: 5, optimizer, clip: 0.5, warmupSteps: 2 };
       if (optimizer === 'adafactor') Object.assign(o, { masterWeights: false, stochasticRounding: true, gradDtype: 'bf16' });
       for (const device of DEVICES) {
         const run = (logEvery: number) => {
@@ -176,18 +177,18 @@ for (const kind of ['dense', 'moe'] as const)
           m.dispose();
           return out;
         };
-        const one = run(1), three = run(3);
-        t.same(three.infos, [1, 2, 3, 4, 5, 6], `${device}: onStep ran for every step, in order`);
-        exact(t, three.losses, one.losses, `${device}: losses`);
+        const one = run(1), two = run(2);
+        t.same(two.infos, [1, 2, 3, 4], `${device}: onStep ran for every step, in order`);
+        exact(t, two.losses, one.losses, `${device}: losses`);
         t.ok(one.losses.every(Number.isFinite), `${device}: finite losses ${one.losses.map((x) => x.toFixed(4)).join(' ')}`);
-        exact(t, three.weights.flatMap((w) => [...w]), one.weights.flatMap((w) => [...w]), `${device}: weights`);
-        exact(t, three.state.flatMap(([, x]) => [...x]), one.state.flatMap(([, x]) => [...x]), `${device}: optimizer state`);
+        exact(t, two.weights.flatMap((w) => [...w]), one.weights.flatMap((w) => [...w]), `${device}: weights`);
+        exact(t, two.state.flatMap(([, x]) => [...x]), one.state.flatMap(([, x]) => [...x]), `${device}: optimizer state`);
         if (device === 'cuda') {
-          t.same(three.perStep.map((s) => s.syncs), [0, 0, 1, 0, 0, 1], 'cuda: host syncs per step (logEvery 3): none but the read at each log point');
-          t.same(one.perStep.map((s) => s.syncs), [1, 1, 1, 1, 1, 1], 'cuda: logEvery 1: one read per step');
-          const l = three.perStep[1].launches;
+          t.same(two.perStep.map((s) => s.syncs), [0, 1, 0, 1], 'cuda: host syncs per step (logEvery 2): none but the read at each log point');
+          t.same(one.perStep.map((s) => s.syncs), [1, 1, 1, 1], 'cuda: logEvery 1: one read per step');
+          const l = two.perStep[1].launches;
           t.comment(`cuda ${kind} ${optimizer}: ${l} kernel launches per step (2 micro-batches, ${config.num_hidden_layers} layers)`);
-          if (l >= 0) t.ok(three.perStep.slice(1).every((s) => s.launches === l), 'the same launches every step');
+          if (l >= 0) t.ok(two.perStep.slice(1).every((s) => s.launches === l), 'the same launches every step');
         }
       }
     });
@@ -196,7 +197,7 @@ t.test('a non-finite step: caught on the device, nothing written, reported at th
   const rows = rowsOf(seed() % 100000);
   for (const device of DEVICES)
     for (const budget of [0, 1]) {
-      const o: TrainOptions = { lr: 3e-3, batchSize: 4, microBatch: 2, steps: 6, seed: 5, skipNonFinite: budget };
+      const o: TrainOptions = { lr: 3e-3, batchSize: 4, microBatch: 2, steps: 5, seed: 5, skipNonFinite: budget };
       // two good steps, then the embedding is poisoned (NaN): step 3 on is not finite
       const run = (logEvery: number) => {
         const m = build('moe', 'f32', device);
