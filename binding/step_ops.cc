@@ -168,6 +168,49 @@ Napi::Value AdamWMulti(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// ---- CUDA graphs (cuda/runtime.cu): the CUDA backend only ----
+
+void RequireGraphs(Napi::Env env, const char* op) {
+  if (!CudaAvailable(env))
+    Throw(env, "XFT_DEVICE", Op(op) + "CUDA graphs need the CUDA backend (the CPU backend runs each op as it is called: there is nothing to capture)");
+}
+
+#ifdef XFT_WITH_CUDA
+Napi::Value GraphBegin(const Napi::CallbackInfo& info) {
+  RequireGraphs(info.Env(), "graphBegin");
+  CheckStatus(info.Env(), "graphBegin (a capture already running?)", xft_cuda_graph_begin());
+  return info.Env().Undefined();
+}
+
+Napi::Value GraphEnd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int handle = 0;
+  const int e = xft_cuda_graph_end(&handle);
+  if (e != 0)
+    Throw(env, "XFT_CUDA", std::string("graph capture failed: CUDA error ") + std::to_string(e) + " (" + xft_cuda_error_string(e) +
+                               "): an operation inside the capture is not permitted while capturing (a synchronisation, a read back "
+                               "to the host such as toArray or item, an upload, or an allocation: make buffers before the capture)");
+  return Napi::Number::New(env, handle);
+}
+
+Napi::Value GraphLaunch(const Napi::CallbackInfo& info) {
+  const int64_t h = ArgInt(info, 0, "graphLaunch", "handle");
+  CheckStatus(info.Env(), "graphLaunch", xft_cuda_graph_launch((int)h));
+  return info.Env().Undefined();
+}
+
+Napi::Value GraphDestroy(const Napi::CallbackInfo& info) {
+  const int64_t h = ArgInt(info, 0, "graphDestroy", "handle");
+  CheckStatus(info.Env(), "graphDestroy", xft_cuda_graph_destroy((int)h));
+  return info.Env().Undefined();
+}
+#else
+Napi::Value GraphUnavailable(const Napi::CallbackInfo& info) {
+  RequireGraphs(info.Env(), "captureGraph");
+  return info.Env().Undefined();
+}
+#endif
+
 }  // namespace
 
 void RegisterStepOps(Napi::Env env, Napi::Object exports) {
@@ -176,6 +219,15 @@ void RegisterStepOps(Napi::Env env, Napi::Object exports) {
   exports.Set("stepEnd", Napi::Function::New(env, StepEnd, "stepEnd"));
   exports.Set("zeroMany", Napi::Function::New(env, ZeroMany, "zeroMany"));
   exports.Set("adamwMulti", Napi::Function::New(env, AdamWMulti, "adamwMulti"));
+#ifdef XFT_WITH_CUDA
+  exports.Set("graphBegin", Napi::Function::New(env, GraphBegin, "graphBegin"));
+  exports.Set("graphEnd", Napi::Function::New(env, GraphEnd, "graphEnd"));
+  exports.Set("graphLaunch", Napi::Function::New(env, GraphLaunch, "graphLaunch"));
+  exports.Set("graphDestroy", Napi::Function::New(env, GraphDestroy, "graphDestroy"));
+#else
+  for (const char* name : {"graphBegin", "graphEnd", "graphLaunch", "graphDestroy"})
+    exports.Set(name, Napi::Function::New(env, GraphUnavailable, name));
+#endif
 }
 
 }  // namespace xft

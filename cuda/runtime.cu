@@ -266,3 +266,53 @@ extern "C" int xft_cuda_pool_trim(void) {
   if (e != cudaSuccess) return e;
   return cudaMemPoolTrimTo(g_pool, 0);
 }
+
+// ---- CUDA graphs: a capture of the stream's work, replayed by one launch ----
+// Between xft_cuda_graph_begin and xft_cuda_graph_end the stream records instead of running; what
+// a capture refuses (a synchronisation, a device -> host copy, an upload through the staging
+// buffers, on the emulator also an allocation) fails that operation and the capture. Buffers a
+// graph uses are made before its capture: every replay reads and writes the same addresses, and
+// the values that change from step to step are read from device memory.
+static const int kMaxGraphs = 64;
+static cudaGraphExec_t g_graphs[kMaxGraphs] = {};
+
+extern "C" int xft_cuda_graph_begin(void) {
+  return cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+}
+
+// ends the capture; *handle (>= 1) names the instantiated graph. A capture that failed returns its error.
+extern "C" int xft_cuda_graph_end(int* handle) {
+  *handle = 0;
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamEndCapture(g_stream, &graph);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return e;
+  }
+  int slot = 0;
+  while (slot < kMaxGraphs && g_graphs[slot] != nullptr) slot++;
+  if (slot == kMaxGraphs) {
+    cudaGraphDestroy(graph);
+    return cudaErrorMemoryAllocation;
+  }
+  e = cudaGraphInstantiate(&g_graphs[slot], graph, 0);
+  cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    g_graphs[slot] = nullptr;
+    return e;
+  }
+  *handle = slot + 1;
+  return 0;
+}
+
+extern "C" int xft_cuda_graph_launch(int handle) {
+  if (handle < 1 || handle > kMaxGraphs || g_graphs[handle - 1] == nullptr) return cudaErrorInvalidValue;
+  return cudaGraphLaunch(g_graphs[handle - 1], g_stream);
+}
+
+extern "C" int xft_cuda_graph_destroy(int handle) {
+  if (handle < 1 || handle > kMaxGraphs || g_graphs[handle - 1] == nullptr) return cudaErrorInvalidValue;
+  cudaError_t e = cudaGraphExecDestroy(g_graphs[handle - 1]);
+  g_graphs[handle - 1] = nullptr;
+  return e;
+}

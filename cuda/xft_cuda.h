@@ -75,6 +75,13 @@ typedef struct xft_cuda_sync_stats {
   long long launches;
 } xft_cuda_sync_stats;
 void xft_cuda_get_sync_stats(xft_cuda_sync_stats* out);
+// CUDA graphs (cuda/runtime.cu): capture the stream's work between begin and end (nothing runs; a
+// synchronisation, device -> host copy or staged upload inside fails the capture), then replay it
+// with one launch per call. handle >= 1; at most 64 graphs live.
+int xft_cuda_graph_begin(void);
+int xft_cuda_graph_end(int* handle);
+int xft_cuda_graph_launch(int handle);
+int xft_cuda_graph_destroy(int handle);
 int xft_cuda_pool_trim(void);                          // release unused pool memory to the driver
 
 // Index faults. A kernel that meets an index outside its range (e.g. routing.experts holding 1e6)

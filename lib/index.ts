@@ -7,9 +7,9 @@ export {
 import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
-import { adamw, adafactor } from './optim';
+import { adamw, adamwMulti, adafactor } from './optim';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOps, ...layerOps, ...trainOps, adamw, adafactor };
+export const ops = { ...xftOps, ...layerOps, ...trainOps, adamw, adamwMulti, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
 export type {
@@ -40,3 +40,5 @@ export {
   type TensorInfo, type WriteEntry, type WriteOptions, type FileDType,
 } from './safetensors';
 export { lockFolder, recoverFolder, type FolderLock } from './folder';
+export { StepLedger, zeroMany, type StepRecord, type StepStatus } from './ledger';
+export { CudaGraph } from './graph';
