@@ -14,7 +14,7 @@ Multi-tensor (xft_cuda_adamw_multi): every parameter of a run in one launch. A d
 tensors (cuda/optim.h) with each tensor's first block; a block finds its tensor by binary search and
 updates kAdamChunk elements of it. The stochastic-rounding stream is derived on the device from
 (seed, step, tensor index), so the table does not change from step to step: it is uploaded once and
-kept while the tensors stay the same. With a control block (cuda/step.h) the gradient scale is
+kept (cuda/xft_table.cuh). With a control block (cuda/step.h) the gradient scale is
 multiplied by its factor and a set skip flag leaves every tensor untouched (a non-finite step).
 */
 #include <cuda_runtime.h>
@@ -24,6 +24,7 @@ multiplied by its factor and a set skip flag leaves every tensor untouched (a no
 #include "xft_math.h"
 #include "optim.h"
 #include "step.h"
+#include "xft_table.cuh"
 
 #include <string.h>
 #include <vector>
@@ -75,9 +76,7 @@ __global__ void __launch_bounds__(kAdamThreads) adamw_multi_kernel(AdamTable tab
   }
 }
 
-// the table last uploaded (tensors, then first blocks) and its device copy
-std::vector<unsigned char> g_table_host;
-unsigned char* g_table_dev = nullptr;
+std::vector<DeviceTable> g_tables;  // the multi-tensor tables on the device (cuda/xft_table.cuh)
 
 }  // namespace
 
@@ -112,18 +111,12 @@ extern "C" int xft_cuda_adamw_multi(const xft_adamw_tensor* tensors, int count, 
   std::vector<unsigned char> host(tbytes + fbytes);
   memcpy(host.data(), live.data(), tbytes);
   memcpy(host.data() + tbytes, first.data(), fbytes);
-  if (g_table_dev == nullptr || host != g_table_host) {
-    if (g_table_dev) xft_cuda_free(g_table_dev);
-    g_table_dev = nullptr;
-    g_table_host.clear();
-    int err = xft_cuda_malloc((void**)&g_table_dev, host.size());
-    if (err) return err;
-    if ((err = xft_cuda_memcpy_h2d(g_table_dev, host.data(), host.size())) != 0) return err;
-    g_table_host = host;
-  }
+  int err = 0;
+  const unsigned char* dev = (const unsigned char*)xft_device_table(g_tables, host.data(), host.size(), &err);
+  if (!dev) return err;
   AdamTable table;
-  table.t = (const xft_adamw_tensor*)g_table_dev;
-  table.first = (const int64_t*)(g_table_dev + tbytes);
+  table.t = (const xft_adamw_tensor*)dev;
+  table.first = (const int64_t*)(dev + tbytes);
   table.count = (int)live.size();
   adamw_multi_kernel<<<(unsigned)blocks, kAdamThreads, 0, xft_cuda_stream()>>>(table, *o);
   return cudaGetLastError();

@@ -9,8 +9,8 @@ zeroing of the gradients, so that a step makes no host synchronisation and few l
                block the optimizers read (gradient scale, skip flag), the accumulators cleared
   zero_many    every gradient buffer of the run set to zero in one launch: a table of (pointer,
                bytes) on the device, each block clears kZeroChunk bytes of one tensor
-The zeroing table is uploaded once and kept while the buffers stay the same (a cache keyed by the
-table's bytes): a step re-uploads nothing.
+The zeroing table is uploaded once and kept (cuda/xft_table.cuh, a cache keyed by the table's
+bytes): a step re-uploads nothing, and a captured graph's table stays valid.
 */
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -20,6 +20,7 @@ table's bytes): a step re-uploads nothing.
 
 #include "xft_cuda.h"
 #include "xft_reduce.cuh"
+#include "xft_table.cuh"
 #include "step.h"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
@@ -87,9 +88,7 @@ __global__ void __launch_bounds__(kZeroThreads) zero_many_kernel(const ZeroEntry
     for (int64_t i = threadIdx.x; i < n; i += kZeroThreads) p[i] = 0;
 }
 
-// the zeroing table last uploaded, and its device copy
-std::vector<ZeroEntry> g_zero_host;
-ZeroEntry* g_zero_dev = nullptr;
+std::vector<DeviceTable> g_zero_tables;  // the zeroing tables on the device (cuda/xft_table.cuh)
 
 }  // namespace
 
@@ -121,16 +120,9 @@ extern "C" int xft_cuda_zero_many(void* const* ptrs, const size_t* bytes, int co
   }
   if (table.empty()) return 0;
   if (blocks > 2147483647) return cudaErrorInvalidValue;
-  const size_t table_bytes = table.size() * sizeof(ZeroEntry);
-  if (g_zero_dev == nullptr || table.size() != g_zero_host.size() || memcmp(table.data(), g_zero_host.data(), table_bytes) != 0) {
-    if (g_zero_dev) xft_cuda_free(g_zero_dev);
-    g_zero_dev = nullptr;
-    g_zero_host.clear();
-    int err = xft_cuda_malloc((void**)&g_zero_dev, table_bytes);
-    if (err) return err;
-    if ((err = xft_cuda_memcpy_h2d(g_zero_dev, table.data(), table_bytes)) != 0) return err;
-    g_zero_host = table;
-  }
-  zero_many_kernel<<<(unsigned)blocks, kZeroThreads, 0, xft_cuda_stream()>>>(g_zero_dev, (int)table.size());
+  int err = 0;
+  const ZeroEntry* dev = (const ZeroEntry*)xft_device_table(g_zero_tables, table.data(), table.size() * sizeof(ZeroEntry), &err);
+  if (!dev) return err;
+  zero_many_kernel<<<(unsigned)blocks, kZeroThreads, 0, xft_cuda_stream()>>>(dev, (int)table.size());
   return cudaGetLastError();
 }

@@ -205,6 +205,7 @@ inline cudaError_t cudaPeekAtLastError() { return (cudaError_t)g_emu.pending; }
 // nodes), allocation and freeing are refused too: a graph's buffers are made before its capture, so
 // every replay uses the same addresses.
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1, cudaStreamCaptureStatusInvalidated = 2 };
 struct EmuGraph {
   std::vector<std::function<void()>> nodes;
 };
@@ -827,7 +828,11 @@ inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* graph) {
   *graph = g;
   return cudaSuccess;
 }
-inline cudaError_t cudaStreamIsCapturing(cudaStream_t, int* on) { *on = g_emu_capture.on; return cudaSuccess; }
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = !g_emu_capture.on ? cudaStreamCaptureStatusNone
+            : g_emu_capture.invalid ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long = 0) {
   if (!graph) return cudaErrorInvalidValue;
   *exec = new EmuGraph(*graph);
