@@ -10,6 +10,8 @@
 import { XftError } from './errors';
 import { native, type NativeStorage } from './native';
 import { Tensor, dtypeBytes, type Device } from './tensor';
+import { expectTensor } from './ops_check';
+import { expectArray, expectInt, expectNumber } from './validate';
 
 type S = NativeStorage;
 
@@ -50,29 +52,44 @@ export class StepLedger {
   readonly control: Tensor;
 
   constructor(readonly device: Device, readonly slots: number) {
-    if (!Number.isSafeInteger(slots) || slots < 1 || slots > 2 ** 24)
-      throw new XftError(`StepLedger: expected slots, an integer in [1, 2^24], but received ${slots}`, 'XFT_VALUE');
+    if (device !== 'cpu' && device !== 'cuda') throw new XftError(`StepLedger: expected device 'cpu' or 'cuda' but received ${String(device)}`, 'XFT_VALUE');
+    expectInt('StepLedger', 'slots', slots, 1, 2 ** 24);
     this.ledger = Tensor.zeros([2 * (HEAD + slots * FIELDS)], { device });
     this.control = Tensor.zeros([2], { device });
   }
 
   /** A layer's balance loss (f32 [1] on the device) into this micro-batch's sum. */
   addAux(loss: Tensor): void {
-    stepNative.statAdd(loss.storage, this.ledger.storage, AUX_MICRO);
+    const l = expectTensor('StepLedger.addAux', 'loss', loss, { dtype: ['f32'], shape: [1], shapeName: '[1]' });
+    this.#same('StepLedger.addAux', l);
+    stepNative.statAdd(l.storage, this.ledger.storage, AUX_MICRO);
   }
 
   /** A micro-batch's cross-entropy rows into the step's sums; its balance losses enter divided by `auxDiv` (accumulation steps). */
   micro(losses: Tensor, predictions: Tensor, targets: Tensor, auxDiv: number): void {
-    stepNative.lossStats(losses.storage, predictions.storage, targets.storage, targets.numel, auxDiv, this.ledger.storage);
+    const op = 'StepLedger.micro';
+    const tg = expectTensor(op, 'targets', targets, { dtype: ['i32'], rank: 1, shapeName: '[R]' });
+    const like = { shape: tg.shape, shapeName: `[R] = [${tg.numel}]` };
+    const l = expectTensor(op, 'losses', losses, { dtype: ['f32'], ...like }), p = expectTensor(op, 'predictions', predictions, { dtype: ['i32'], ...like });
+    expectNumber(op, 'auxDiv', auxDiv, 'a finite number > 0', (x) => x > 0);
+    for (const x of [l, p, tg]) this.#same(op, x);
+    stepNative.lossStats(l.storage, p.storage, tg.storage, tg.numel, auxDiv, this.ledger.storage);
   }
 
   /** The step's end: record `slot` from the gradients' sum of squares (f32 [1]), the control block; clip 0: none; budget: non-finite steps that may be skipped. */
   end(sumsq: Tensor, slot: number, clip: number, budget: number): void {
-    stepNative.stepEnd(sumsq.storage, this.ledger.storage, this.control.storage, slot, this.slots, clip, budget);
+    const op = 'StepLedger.end';
+    const sq = expectTensor(op, 'sumsq', sumsq, { dtype: ['f32'], shape: [1], shapeName: '[1]' });
+    this.#same(op, sq);
+    expectInt(op, 'slot', slot, 0, this.slots - 1);
+    expectNumber(op, 'clip', clip, 'a finite number >= 0', (x) => x >= 0);
+    expectNumber(op, 'budget', budget, 'a finite number >= 0', (x) => x >= 0);
+    stepNative.stepEnd(sq.storage, this.ledger.storage, this.control.storage, slot, this.slots, clip, budget);
   }
 
   /** The first `count` records (one device -> host copy: a synchronisation). */
   read(count: number): StepRecord[] {
+    expectInt('StepLedger.read', 'count', count, 0, this.slots);
     const raw = this.ledger.toArray() as Float32Array;
     const d = new Float64Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
     return Array.from({ length: count }, (_, k) => {
@@ -85,10 +102,16 @@ export class StepLedger {
     this.ledger.dispose();
     this.control.dispose();
   }
+
+  #same(op: string, t: Tensor): void {
+    if (t.device !== this.device) throw new XftError(`${op}: a tensor is on ${t.device} but the ledger is on ${this.device}`, 'XFT_DEVICE');
+  }
 }
 
 /** Every tensor's elements set to zero, in one launch (they must be on one device). */
 export function zeroMany(tensors: readonly Tensor[]): void {
-  if (tensors.length === 0) return;
-  stepNative.zeroMany(tensors.map((t) => t.storage), tensors.map((t) => t.numel * dtypeBytes(t.dtype)));
+  const list = expectArray<unknown>('zeroMany', 'tensors', tensors, 'an array of tensors').map((t, i) => expectTensor('zeroMany', `tensors[${i}]`, t, {}));
+  if (list.length === 0) return;
+  if (list.some((t) => t.device !== list[0].device)) throw new XftError('zeroMany: expected tensors on one device', 'XFT_DEVICE');
+  stepNative.zeroMany(list.map((t) => t.storage), list.map((t) => t.numel * dtypeBytes(t.dtype)));
 }
