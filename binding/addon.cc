@@ -235,6 +235,9 @@ static Napi::Value Alloc(const Napi::CallbackInfo& info) {
     RequireCuda(env, "alloc");
 #ifdef XFT_WITH_CUDA
     int status = xft_cuda_malloc(&s.data, s.bytes);
+    if (status == 900)  // cudaErrorStreamCaptureUnsupported: inside a CUDA graph capture (the emulator refuses allocations there)
+      Throw(env, "XFT_CUDA", "alloc: cannot allocate " + std::to_string(s.bytes) + " bytes while a CUDA graph is being captured: " +
+                                 xft_cuda_error_string(status) + " (make the buffers before the capture)");
     if (status != 0)
       Throw(env, "XFT_OOM", "alloc: cannot allocate " + std::to_string(s.bytes) + " bytes on the GPU: " +
                                 xft_cuda_error_string(status));
