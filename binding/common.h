@@ -79,6 +79,7 @@ void RegisterTrainOps(Napi::Env env, Napi::Object exports);  // binding/train_op
 void RegisterDist(Napi::Env env, Napi::Object exports);      // binding/dist/group.cc
 void RegisterRouterOps(Napi::Env env, Napi::Object exports);  // binding/router_ops.cc
 void RegisterTimerOps(Napi::Env env, Napi::Object exports);   // binding/timer_ops.cc
+void RegisterStepOps(Napi::Env env, Napi::Object exports);   // binding/step_ops.cc
 
 }  // namespace xft
 

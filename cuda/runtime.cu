@@ -20,6 +20,20 @@ static cudaMemPool_t g_pool = nullptr;
 static int g_device = -1;
 static xft_cuda_fault_slot* g_fault = nullptr;  // device record the kernels write index faults to
 static xft_cuda_fault_slot g_fault_host;        // its copy at the last synchronisation
+static xft_cuda_sync_stats g_sync_stats = {0, 0, 0, -1};
+
+extern "C" void xft_cuda_get_sync_stats(xft_cuda_sync_stats* out) {
+  *out = g_sync_stats;
+#ifdef XFT_EMU_RUNTIME
+  out->launches = (long long)g_emu.launches;  // the emulator counts every kernel launch
+#endif
+}
+
+// every host wait on the stream goes through here (counted: a training step makes none)
+static cudaError_t host_sync(void) {
+  g_sync_stats.host_syncs++;
+  return cudaStreamSynchronize(g_stream);
+}
 
 extern "C" xft_cuda_fault_slot* xft_cuda_fault_record(void) { return g_fault; }
 
@@ -187,13 +201,17 @@ extern "C" int xft_cuda_memcpy_h2d(void* dst, const void* host_src, size_t bytes
   if (stage_init() != cudaSuccess) {  // no pinned memory to be had: copy and wait
     cudaGetLastError();
     cudaError_t e = cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_stream);
-    return e != cudaSuccess ? e : cudaStreamSynchronize(g_stream);
+    return e != cudaSuccess ? e : host_sync();
   }
   for (size_t off = 0; off < bytes; off += kStageBytes) {
     const size_t n = bytes - off < kStageBytes ? bytes - off : kStageBytes;
     const int i = g_stage_next;
     g_stage_next ^= 1;
-    cudaError_t e = cudaEventSynchronize(g_stage_done[i]);  // its previous copy has landed
+    cudaError_t e = cudaEventQuery(g_stage_done[i]);
+    if (e == cudaErrorNotReady) {  // its previous copy is still queued: wait for it to land
+      g_sync_stats.staging_waits++;
+      e = cudaEventSynchronize(g_stage_done[i]);
+    }
     if (e != cudaSuccess) return e;
     memcpy(g_stage[i], (const char*)host_src + off, n);
     if ((e = cudaMemcpyAsync((char*)dst + off, g_stage[i], n, cudaMemcpyHostToDevice, g_stream)) != cudaSuccess) return e;
@@ -206,10 +224,11 @@ extern "C" int xft_cuda_memcpy_d2h(void* host_dst, const void* src, size_t bytes
   if (bytes) {
     cudaError_t e = cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_stream);
     if (e != cudaSuccess) return e;
+    g_sync_stats.d2h_copies++;
   }
   cudaError_t e = fetch_fault();
   if (e != cudaSuccess) return e;
-  return cudaStreamSynchronize(g_stream);
+  return host_sync();
 }
 
 extern "C" int xft_cuda_memcpy_d2d(void* dst, const void* src, size_t bytes) {
@@ -225,7 +244,7 @@ extern "C" int xft_cuda_memset(void* dst, int byte, size_t bytes) {
 extern "C" int xft_cuda_synchronize(void) {
   cudaError_t e = fetch_fault();
   if (e != cudaSuccess) return e;
-  return cudaStreamSynchronize(g_stream);
+  return host_sync();
 }
 
 extern "C" int xft_cuda_check(void) { return cudaGetLastError(); }
@@ -243,7 +262,57 @@ extern "C" int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes) {
 extern "C" int xft_cuda_pool_trim(void) {
   cudaError_t e = fetch_fault();
   if (e != cudaSuccess) return e;
-  e = cudaStreamSynchronize(g_stream);
+  e = host_sync();
   if (e != cudaSuccess) return e;
   return cudaMemPoolTrimTo(g_pool, 0);
+}
+
+// ---- CUDA graphs: a capture of the stream's work, replayed by one launch ----
+// Between xft_cuda_graph_begin and xft_cuda_graph_end the stream records instead of running; what
+// a capture refuses (a synchronisation, a device -> host copy, an upload through the staging
+// buffers, on the emulator also an allocation) fails that operation and the capture. Buffers a
+// graph uses are made before its capture: every replay reads and writes the same addresses, and
+// the values that change from step to step are read from device memory.
+static const int kMaxGraphs = 64;
+static cudaGraphExec_t g_graphs[kMaxGraphs] = {};
+
+extern "C" int xft_cuda_graph_begin(void) {
+  return cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+}
+
+// ends the capture; *handle (>= 1) names the instantiated graph. A capture that failed returns its error.
+extern "C" int xft_cuda_graph_end(int* handle) {
+  *handle = 0;
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamEndCapture(g_stream, &graph);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return e;
+  }
+  int slot = 0;
+  while (slot < kMaxGraphs && g_graphs[slot] != nullptr) slot++;
+  if (slot == kMaxGraphs) {
+    cudaGraphDestroy(graph);
+    return cudaErrorMemoryAllocation;
+  }
+  e = cudaGraphInstantiate(&g_graphs[slot], graph, 0);
+  cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    g_graphs[slot] = nullptr;
+    return e;
+  }
+  *handle = slot + 1;
+  return 0;
+}
+
+extern "C" int xft_cuda_graph_launch(int handle) {
+  if (handle < 1 || handle > kMaxGraphs || g_graphs[handle - 1] == nullptr) return cudaErrorInvalidValue;
+  return cudaGraphLaunch(g_graphs[handle - 1], g_stream);
+}
+
+extern "C" int xft_cuda_graph_destroy(int handle) {
+  if (handle < 1 || handle > kMaxGraphs || g_graphs[handle - 1] == nullptr) return cudaErrorInvalidValue;
+  cudaError_t e = cudaGraphExecDestroy(g_graphs[handle - 1]);
+  g_graphs[handle - 1] = nullptr;
+  return e;
 }

@@ -8,9 +8,9 @@ import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
 import * as routerOps from './ops_router';
-import { adamw, adafactor } from './optim';
+import { adamw, adamwMulti, adafactor } from './optim';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adafactor };
+export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adamwMulti, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions, GateUpOptions, GateUpBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
 export type { RouterLinearBackwardOptions } from './ops_router';
@@ -51,3 +51,5 @@ export { ZeroStage1 } from './dist/zero';
 export { type Collectives, collectivesOf, SoloGroup } from './dist/collectives';
 export { rankBatch, buckets, flatPieces, shardSize, assignWhole, DEFAULT_BUCKET_BYTES, type RankBatch, type Bucket, type BucketParam, type Piece } from './dist/shard';
 export type { Env as DistEnvVariables } from './dist/env';
+export { StepLedger, zeroMany, type StepRecord, type StepStatus } from './ledger';
+export { CudaGraph } from './graph';

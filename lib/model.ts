@@ -25,6 +25,7 @@ import * as xops from './ops';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
 import * as rops from './ops_router';
+import { type StepLedger } from './ledger';
 import { type LlamaConfig, type MoeConfig, ropeScaling } from './config';
 
 /** The floor of the router noise scale: softplus(x W_noise) + 0.01 (the reference's noise_epsilon). */
@@ -176,6 +177,8 @@ export interface FFN {
   backward(ctx: Context, dy: Tensor): Tensor;
   /** auxiliary loss of the last forward (the MoE balance loss), as a number, or 0 */
   auxLoss(): number;
+  /** the same on the device (f32 [1]), or null when there is none: read without a synchronisation */
+  auxLossTensor?(): Tensor | null;
   /** drop what forward kept (after an eval forward) */
   release(): void;
   dispose(): void;
@@ -378,6 +381,10 @@ export class MoeFFN implements FFN {
 
   auxLoss(): number {
     return this.#aux ? this.#aux.item() : 0;
+  }
+
+  auxLossTensor(): Tensor | null {
+    return this.#aux;
   }
 
   release(): void {
@@ -663,7 +670,22 @@ export class Model {
    * block's activations (the same kernels with the same router noise: gradients are identical).
    */
   forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint; recompute?: boolean }): ForwardResult {
-    const op = 'Model.forward';
+    return this.#forward('Model.forward', ids, targets, batch, seqLen, options, null)!;
+  }
+
+  /**
+   * forward() whose loss sums, token and accuracy counts and balance losses go into `ledger` on the
+   * device (lib/ledger.ts; the balance losses divided by `auxDiv`, the accumulation steps) instead of
+   * being read back: no host synchronisation. backward() then needs `tokens`.
+   */
+  forwardToLedger(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint; recompute?: boolean },
+    ledger: StepLedger, auxDiv = 1): void {
+    expectNumber('Model.forwardToLedger', 'auxDiv', auxDiv, 'a finite number > 0', (x) => x > 0);
+    this.#forward('Model.forwardToLedger', ids, targets, batch, seqLen, options, { ledger, auxDiv });
+  }
+
+  #forward(op: string, ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: { training: boolean; seed?: bigint; recompute?: boolean },
+    into: { ledger: StepLedger; auxDiv: number } | null): ForwardResult | null {
     checkBatch(op, this, ids, targets, batch, seqLen);
     const o = expectRequiredOptions<{ training: boolean; seed?: bigint; recompute?: boolean }>(op, options, 'an options object { training, seed?, recompute? }');
     const training = expectBool(op, 'options.training', o.training);
@@ -680,6 +702,20 @@ export class Model {
     const { y: nf, rstd: rstdf } = lops.rmsnorm(x, this.norm.value, { eps: this.config.rms_norm_eps });
     const logits = linear(ctx, nf, this.lmHead.value);
     const { losses, predictions } = tops.crossEntropy(logits, targets, { validate: false });
+    if (into) {
+      for (const b of this.blocks) {
+        const aux = b.ffn.auxLossTensor?.();
+        if (aux) into.ledger.addAux(aux);
+      }
+      into.ledger.micro(losses, predictions, targets, into.auxDiv);
+      disposeAll(losses, predictions);
+      if (training) this.#saved = { xs: [...xs, x], nf, rstdf, logits, targets, ids, tokens: -1, batch, seqLen };
+      else {
+        disposeAll(xs.slice(1), x, nf, rstdf, logits);
+        xs[0].dispose();
+      }
+      return null;
+    }
     const l = losses.toArray(), p = predictions.toArray(), tg = targets.toArray();
     let sum = 0, tokens = 0, correct = 0;
     for (let i = 0; i < l.length; i++)
@@ -714,6 +750,8 @@ export class Model {
     const ready = (params: Param[]) => o.onGradients?.(params.filter((p) => p.trainable));
     const s = this.#saved;
     if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
+    if (options.tokens === undefined && s.tokens < 0)
+      throw new XftError(`${op}: after forwardToLedger, pass options.tokens (the counted tokens of the step: the ledger keeps them on the device)`, 'XFT_VALUE');
     const tokens = options.tokens ?? s.tokens;
     const R = s.logits.shape[0];
     const dLoss = Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
