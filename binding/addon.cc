@@ -366,7 +366,7 @@ static Napi::Value Alloc(const Napi::CallbackInfo& info) {
     RequireCuda(env, "alloc");
 #ifdef XFT_WITH_CUDA
     int status = xft_cuda_malloc(&s.data, s.bytes);
-    if (status == 900)  // cudaErrorStreamCaptureUnsupported: inside a CUDA graph capture (the emulator refuses allocations there)
+    if (status == 900)  // cudaErrorStreamCaptureUnsupported: inside a CUDA graph capture that does not take allocation nodes
       Throw(env, "XFT_CUDA", "alloc: cannot allocate " + std::to_string(s.bytes) + " bytes while a CUDA graph is being captured: " +
                                  xft_cuda_error_string(status) + " (make the buffers before the capture)");
     if (status != 0)

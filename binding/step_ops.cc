@@ -65,7 +65,7 @@ Napi::Value LedgerFlag(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// stepEnd(sumsq f32 [1], ledger, control f32 [2], slot, slots, clip, budget, nonfinite f32 [1] | null)
+// stepEnd(sumsq f32 [1], ledger, control f32 [2], slot (-1: the ledger's next), slots, clip, budget, nonfinite f32 [1] | null)
 Napi::Value StepEnd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* op = "stepEnd";
@@ -75,7 +75,7 @@ Napi::Value StepEnd(const Napi::CallbackInfo& info) {
   int64_t slot = ArgInt(info, 3, op, "slot"), slots = ArgInt(info, 4, op, "slots");
   double clip = ArgNumber(info, 5, op, "clip"), budget = ArgNumber(info, 6, op, "budget");
   Storage* nonfinite = ArgStorageOrNull(info, 7, op, "nonfinite");
-  if (slots < 1 || slots > (1 << 24) || slot < 0 || slot >= slots) Throw(env, "XFT_VALUE", Op(op) + "need 0 <= slot < slots");
+  if (slots < 1 || slots > (1 << 24) || slot < -1 || slot >= slots) Throw(env, "XFT_VALUE", Op(op) + "need -1 <= slot < slots (-1: the ledger's next)");
   if (!(clip >= 0) || !(budget >= 0)) Throw(env, "XFT_VALUE", Op(op) + "need clip >= 0 and budget >= 0");
   RequireBytes(env, sumsq, 1, XFT_F32, op, "sumsq");
   RequireBytes(env, control, 2, XFT_F32, op, "control");
@@ -83,7 +83,7 @@ Napi::Value StepEnd(const Napi::CallbackInfo& info) {
   RequireLedger(env, ledger, (size_t)slots, op);
   int device = CommonDevice(env, op, {sumsq, ledger, control, nonfinite});
   XFT_DISPATCH(env, op, device, step_end, (const float*)sumsq->data, (double*)ledger->data, (float*)control->data,
-               nonfinite ? (const float*)nonfinite->data : nullptr, (int)slot, clip, budget);
+               nonfinite ? (const float*)nonfinite->data : nullptr, (int)slot, (int)slots, clip, budget);
   return env.Undefined();
 }
 
@@ -113,7 +113,17 @@ Napi::Value ZeroMany(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// adamwMulti(entries, lr, beta1, beta2, eps, weightDecay, step, gradScale, stochastic, seed, control|null); entries:
+// adamwBiasCorrection(beta, step): 1 - beta^t as the AdamW launchers compute it (f32, from double), for a graph's hyper block
+Napi::Value AdamWBiasCorrection(const Napi::CallbackInfo& info) {
+  const double beta = ArgNumber(info, 0, "adamwBiasCorrection", "beta");
+  const int64_t step = ArgInt(info, 1, "adamwBiasCorrection", "step");
+  if (!(beta >= 0 && beta < 1) || step < 1 || step > INT32_MAX)
+    Throw(info.Env(), "XFT_VALUE", "adamwBiasCorrection: need beta in [0, 1) and an integer step >= 1");
+  return Napi::Number::New(info.Env(), xft_adamw_bias_correction((float)beta, (int)step));
+}
+
+// adamwMulti(entries, lr, beta1, beta2, eps, weightDecay, step, gradScale, stochastic, seed, control|null, hyper|null);
+// hyper: f32 [4] on the device (lr, bc1, bc2, step), read by the kernel instead of lr and step; entries:
 // an array of [p, pDtype, g, gDtype, m, v, n, pCopy|null, copyDtype, tensorIndex]
 Napi::Value AdamWMulti(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -130,14 +140,18 @@ Napi::Value AdamWMulti(const Napi::CallbackInfo& info) {
   o.stochastic = ArgInt(info, 8, op, "stochastic") != 0;
   o.seed = (uint64_t)ArgInt(info, 9, op, "seed");
   Storage* control = ArgStorageOrNull(info, 10, op, "control");
+  Storage* hyper = info.Length() > 11 ? ArgStorageOrNull(info, 11, op, "hyper") : nullptr;
   if (step < 1 || step > INT32_MAX) Throw(env, "XFT_VALUE", Op(op) + "step must be an integer >= 1, got " + std::to_string(step));
   if (!(beta1 >= 0 && beta1 < 1) || !(beta2 >= 0 && beta2 < 1)) Throw(env, "XFT_VALUE", Op(op) + "beta1 and beta2 must be in [0, 1)");
   o.beta1 = (float)beta1, o.beta2 = (float)beta2, o.step = (int)step;
   o.bc1 = xft_adamw_bias_correction(o.beta1, o.step), o.bc2 = xft_adamw_bias_correction(o.beta2, o.step);
   if (control) RequireBytes(env, control, 2, XFT_F32, op, "control");
   o.control = control ? (const float*)control->data : nullptr;
+  if (hyper) RequireBytes(env, hyper, 4, XFT_F32, op, "hyper");
+  o.hyper = hyper ? (const float*)hyper->data : nullptr;
+  if (control && hyper && control->device != hyper->device) Throw(env, "XFT_DEVICE", Op(op) + "control and hyper must be on one device");
   std::vector<xft_adamw_tensor> tensors;
-  int device = control ? control->device : -1;
+  int device = control ? control->device : hyper ? hyper->device : -1;
   for (uint32_t k = 0; k < list.Length(); k++) {
     Napi::Value ev = list.Get(k);
     if (!ev.IsArray() || ev.As<Napi::Array>().Length() != 10) Throw(env, "XFT_TYPE", Op(op) + "each entry must be an array of 10 fields");
@@ -204,7 +218,8 @@ Napi::Value GraphEnd(const Napi::CallbackInfo& info) {
   if (e != 0)
     Throw(env, "XFT_CUDA", std::string("graph capture failed: CUDA error ") + std::to_string(e) + " (" + xft_cuda_error_string(e) +
                                "): an operation inside the capture is not permitted while capturing (a synchronisation, a read back "
-                               "to the host such as toArray or item, an upload, or an allocation: make buffers before the capture)");
+                               "to the host such as toArray or item, an upload from host memory, or a tensor made inside the capture "
+                               "and not disposed inside it: make such buffers before the capture)");
   return Napi::Number::New(env, handle);
 }
 
@@ -235,6 +250,7 @@ void RegisterStepOps(Napi::Env env, Napi::Object exports) {
   exports.Set("stepEnd", Napi::Function::New(env, StepEnd, "stepEnd"));
   exports.Set("zeroMany", Napi::Function::New(env, ZeroMany, "zeroMany"));
   exports.Set("adamwMulti", Napi::Function::New(env, AdamWMulti, "adamwMulti"));
+  exports.Set("adamwBiasCorrection", Napi::Function::New(env, AdamWBiasCorrection, "adamwBiasCorrection"));
 #ifdef XFT_WITH_CUDA
   exports.Set("graphBegin", Napi::Function::New(env, GraphBegin, "graphBegin"));
   exports.Set("graphEnd", Napi::Function::New(env, GraphEnd, "graphEnd"));

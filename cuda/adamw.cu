@@ -56,8 +56,9 @@ struct AdamTable {
   int count;
 };
 
-__global__ void __launch_bounds__(kAdamThreads) adamw_multi_kernel(AdamTable table, xft_adamw_options o) {
-  if (xft_control_skip(o.control)) return;  // a non-finite step: nothing is written
+__global__ void __launch_bounds__(kAdamThreads) adamw_multi_kernel(AdamTable table, xft_adamw_options options) {
+  if (xft_control_skip(options.control)) return;  // a non-finite step: nothing is written
+  const xft_adamw_options o = xft_adamw_resolve(options);
   const float grad_scale = xft_control_scale(o.control, o.grad_scale);
   int lo = 0, hi = table.count - 1;
   while (lo < hi) {

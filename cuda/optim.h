@@ -68,6 +68,7 @@ typedef struct xft_adamw_tensor {
 // The scalars of one AdamW step (bc1, bc2: the bias corrections 1 - beta^t, computed once on the host).
 typedef struct xft_adamw_options {
   const float* control;  // NULL, or the step's control block on the device (cuda/step.h): skip flag, scale
+  const float* hyper;    // NULL, or f32 [4] on the device: lr, bc1, bc2, step, read instead of those fields (a graph's replay)
   float lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale;
   int step;
   int stochastic;
@@ -77,6 +78,12 @@ typedef struct xft_adamw_options {
 #ifdef __cplusplus
 }
 #endif
+
+// the options with the step's values from o.hyper when given (step as f32: exact below 2^24)
+XFT_HD xft_adamw_options xft_adamw_resolve(xft_adamw_options o) {
+  if (o.hyper != nullptr) o.lr = o.hyper[0], o.bc1 = o.hyper[1], o.bc2 = o.hyper[2], o.step = (int)o.hyper[3];
+  return o;
+}
 
 // the per-tensor stream of stochastic-rounding bits at an optimizer step
 XFT_HD uint64_t xft_sr_stream(uint64_t seed, uint64_t step, uint64_t tensor) {

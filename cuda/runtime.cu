@@ -13,6 +13,9 @@ the GPU cannot be used (xft_cuda_probe) instead of failing to load.
 #include <stdio.h>
 #include <string.h>
 
+#include <unordered_set>
+#include <vector>
+
 #include "xft_cuda.h"
 
 static cudaStream_t g_stream = nullptr;
@@ -168,12 +171,29 @@ extern "C" int xft_cuda_init(int ordinal, xft_cuda_device* info) {
   return xft_cuda_query(info);
 }
 
+// While a graph is captured, allocations are graph memory (allocation nodes at fixed addresses) and
+// must be freed inside the capture (free nodes): xft_cuda_graph_end refuses a capture that lets one
+// outlive it. Memory allocated before the capture and freed during it (a tensor disposed, or
+// collected by the garbage collector, meanwhile) is freed after the capture instead: a graph cannot
+// free memory it did not allocate, and a replay must not free it again.
+static bool g_capturing = false;
+static std::unordered_set<void*> g_capture_allocs;
+static std::vector<void*> g_deferred_frees;
+
 extern "C" int xft_cuda_malloc(void** ptr, size_t bytes) {
   // a zero-byte tensor still gets a distinct, valid pointer
-  return cudaMallocAsync(ptr, bytes ? bytes : 16, g_stream);
+  cudaError_t e = cudaMallocAsync(ptr, bytes ? bytes : 16, g_stream);
+  if (e == cudaSuccess && g_capturing) g_capture_allocs.insert(*ptr);
+  return e;
 }
 
-extern "C" int xft_cuda_free(void* ptr) { return cudaFreeAsync(ptr, g_stream); }
+extern "C" int xft_cuda_free(void* ptr) {
+  if (g_capturing && ptr && g_capture_allocs.erase(ptr) == 0) {
+    g_deferred_frees.push_back(ptr);
+    return cudaSuccess;
+  }
+  return cudaFreeAsync(ptr, g_stream);
+}
 
 // Host -> device copies go through two pinned staging buffers, so that the caller's (pageable)
 // source may be freed or reused as soon as the call returns: the copy from a pinned buffer is truly
@@ -277,7 +297,9 @@ static const int kMaxGraphs = 64;
 static cudaGraphExec_t g_graphs[kMaxGraphs] = {};
 
 extern "C" int xft_cuda_graph_begin(void) {
-  return cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+  const cudaError_t e = cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+  if (e == cudaSuccess) g_capturing = true, g_capture_allocs.clear();
+  return e;
 }
 
 // ends the capture; *handle (>= 1) names the instantiated graph. A capture that failed returns its error.
@@ -285,6 +307,15 @@ extern "C" int xft_cuda_graph_end(int* handle) {
   *handle = 0;
   cudaGraph_t graph = nullptr;
   cudaError_t e = cudaStreamEndCapture(g_stream, &graph);
+  const bool escaped = !g_capture_allocs.empty();
+  g_capturing = false;
+  g_capture_allocs.clear();
+  for (void* p : g_deferred_frees) cudaFreeAsync(p, g_stream);
+  g_deferred_frees.clear();
+  if (e == cudaSuccess && escaped) {  // an allocation of the capture outlives it (not one a replay could own)
+    cudaGraphDestroy(graph);
+    e = cudaErrorStreamCaptureUnsupported;
+  }
   if (e != cudaSuccess) {
     cudaGetLastError();
     return e;

@@ -63,9 +63,9 @@ __global__ void stat_add_kernel(const float* x, double* dst) { dst[0] += (double
 
 __global__ void ledger_flag_kernel(const double* ledger, float* out) { out[0] = xft_ledger_nonfinite(ledger); }
 
-__global__ void step_end_kernel(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, double clip,
-                                double budget) {
-  xft_ledger_step_end(ledger, control, sumsq[0], nonfinite, slot, clip, budget);
+__global__ void step_end_kernel(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots,
+                                double clip, double budget) {
+  xft_ledger_step_end(ledger, control, sumsq[0], nonfinite, slot, slots, clip, budget);
 }
 
 __device__ __forceinline__ int find_entry(const ZeroEntry* t, int count, int64_t block) {
@@ -114,9 +114,9 @@ extern "C" int xft_cuda_ledger_flag(const double* ledger, float* out) {
   return cudaGetLastError();
 }
 
-extern "C" int xft_cuda_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, double clip,
-                                 double budget) {
-  step_end_kernel<<<1, 1, 0, xft_cuda_stream()>>>(sumsq, ledger, control, nonfinite, slot, clip, budget);
+extern "C" int xft_cuda_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots,
+                                 double clip, double budget) {
+  step_end_kernel<<<1, 1, 0, xft_cuda_stream()>>>(sumsq, ledger, control, nonfinite, slot, slots, clip, budget);
   return cudaGetLastError();
 }
 

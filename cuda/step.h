@@ -28,6 +28,7 @@ enum {
   XFT_LEDGER_AUX_MICRO = 4,  // this micro-batch's balance losses, summed layer by layer
   XFT_LEDGER_SKIPPED = 5,    // non-finite steps skipped so far
   XFT_LEDGER_STOPPED = 6,    // 1 once a non-finite step found the budget spent
+  XFT_LEDGER_NEXT = 7,       // the next record's slot when the step's end is given none (slot < 0): a graph's replay
   XFT_LEDGER_HEAD = 8,       // first log record
   XFT_LEDGER_FIELDS = 6,     // per record: loss sum, aux, grad norm, tokens, correct, status
 };
@@ -53,10 +54,16 @@ XFT_HD float xft_ledger_nonfinite(const double* ledger) {
   return isfinite(loss) && isfinite(ledger[XFT_LEDGER_AUX]) ? 0.f : 1.f;
 }
 
-// the step's end: the record in slot `slot`, the control block, the accumulators cleared; nonfinite:
+// the step's end: the record in slot `slot` (< 0: the slot ledger[XFT_LEDGER_NEXT], counted up, modulo slots), the
+// control block, the accumulators cleared; nonfinite:
 // NULL, or the ranks' flags summed (data parallel: every rank then decides alike)
-XFT_HD void xft_ledger_step_end(double* ledger, float* control, float sumsq, const float* nonfinite, int slot, double clip,
-                                double budget) {
+XFT_HD void xft_ledger_step_end(double* ledger, float* control, float sumsq, const float* nonfinite, int slot, int slots,
+                                double clip, double budget) {
+  if (slot < 0) {
+    const double next = ledger[XFT_LEDGER_NEXT];
+    slot = next >= 0 && next < slots ? (int)next : 0;
+    ledger[XFT_LEDGER_NEXT] = (double)((slot + 1) % slots);
+  }
   const double tokens = ledger[XFT_LEDGER_TOKENS];
   const double loss = tokens > 0 ? ledger[XFT_LEDGER_LOSS] / tokens : 0.0, aux = ledger[XFT_LEDGER_AUX];
   const double norm = sqrt((double)sumsq);

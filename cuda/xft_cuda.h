@@ -307,7 +307,8 @@ int xft_cuda_loss_stats(const float* losses, const int* predictions, const int* 
 int xft_cuda_stat_add(const float* x, double* dst);
 // the step's end: log record `slot`, the control block, the accumulators cleared (sumsq f32 [1])
 int xft_cuda_ledger_flag(const double* ledger, float* out);
-int xft_cuda_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, double clip, double budget);
+int xft_cuda_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots, double clip,
+                      double budget);
 // every buffer ptrs[k] of bytes[k] bytes set to zero, in one launch
 int xft_cuda_zero_many(void* const* ptrs, const size_t* bytes, int count);
 

@@ -23,13 +23,14 @@ export interface StepNative {
   stepEnd(sumsq: S, ledger: S, control: S, slot: number, slots: number, clip: number, budget: number, nonfinite: S | null): void;
   zeroMany(storages: S[], bytes: number[]): void;
   adamwMulti(entries: [S, number, S, number, S, S, number, S | null, number, number][], lr: number, beta1: number, beta2: number, eps: number,
-    weightDecay: number, step: number, gradScale: number, stochastic: number, seed: bigint, control: S | null): void;
+    weightDecay: number, step: number, gradScale: number, stochastic: number, seed: bigint, control: S | null, hyper?: S | null): void;
+  adamwBiasCorrection(beta: number, step: number): number;
 }
 
 export const stepNative = native as unknown as StepNative;
 
 /** cuda/step.h: the ledger's layout (doubles) and the status of a record. */
-const AUX_MICRO = 4, HEAD = 8, FIELDS = 6;
+const AUX_MICRO = 4, NEXT = 7, HEAD = 8, FIELDS = 6;
 export const STEP_STATUS = ['applied', 'skipped', 'stopped', 'after-stop'] as const;
 export type StepStatus = (typeof STEP_STATUS)[number];
 
@@ -87,25 +88,27 @@ export class StepLedger {
   }
 
   /**
-   * The step's end: record `slot` from the gradients' sum of squares (f32 [1]), the control block; clip 0: none; budget:
+   * The step's end: record `slot` from the gradients' sum of squares (f32 [1]), the control block; slot 'next': the slot
+   * after the last one written since the last `read`, counted on the device (a captured step replays alike); clip 0: none; budget:
    * non-finite steps that may be skipped; nonfinite (data parallel): the ranks' `nonFinite` flags summed, any set skips the step.
    */
-  end(sumsq: Tensor, slot: number, clip: number, budget: number, nonfinite?: Tensor): void {
+  end(sumsq: Tensor, slot: number | 'next', clip: number, budget: number, nonfinite?: Tensor): void {
     const op = 'StepLedger.end';
     const sq = expectTensor(op, 'sumsq', sumsq, { dtype: ['f32'], shape: [1], shapeName: '[1]' });
     this.#same(op, sq);
     const flag = nonfinite === undefined ? null : expectTensor(op, 'nonfinite', nonfinite, { dtype: ['f32'], shape: [1], shapeName: '[1]' });
     if (flag) this.#same(op, flag);
-    expectInt(op, 'slot', slot, 0, this.slots - 1);
+    if (slot !== 'next') expectInt(op, 'slot', slot, 0, this.slots - 1);
     expectNumber(op, 'clip', clip, 'a finite number >= 0', (x) => x >= 0);
     expectNumber(op, 'budget', budget, 'a finite number >= 0', (x) => x >= 0);
-    stepNative.stepEnd(sq.storage, this.ledger.storage, this.control.storage, slot, this.slots, clip, budget, flag?.storage ?? null);
+    stepNative.stepEnd(sq.storage, this.ledger.storage, this.control.storage, slot === 'next' ? -1 : slot, this.slots, clip, budget, flag?.storage ?? null);
   }
 
-  /** The first `count` records (one device -> host copy: a synchronisation). */
+  /** The first `count` records (one device -> host copy: a synchronisation); the 'next' slot starts again at 0. */
   read(count: number): StepRecord[] {
     expectInt('StepLedger.read', 'count', count, 0, this.slots);
     const raw = this.ledger.toArray() as Float32Array;
+    this.ledger.narrow(2 * NEXT, 2).fill_(0); // a view: the ledger's own memory
     const d = new Float64Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
     return Array.from({ length: count }, (_, k) => {
       const r = d.subarray(HEAD + k * FIELDS, HEAD + (k + 1) * FIELDS);

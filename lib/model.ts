@@ -44,6 +44,11 @@ export interface BackwardOptions {
    * run can start reducing them while the rest of the backward runs (lib/dist/ddp.ts).
    */
   onGradients?: (params: Param[]) => void;
+  /**
+   * the gradient of each row's loss (f32 [rows] on the model's device), used as it is instead of
+   * scale / tokens: a captured CUDA graph's step reads it from a buffer written before each replay
+   */
+  dLoss?: Tensor;
 }
 
 /** A trainable (or frozen) tensor with its gradient. */
@@ -177,8 +182,10 @@ export interface FFN {
   backward(ctx: Context, dy: Tensor): Tensor;
   /** auxiliary loss of the last forward (the MoE balance loss), as a number, or 0 */
   auxLoss(): number;
-  /** the same on the device (f32 [1]), or null when there is none: read without a synchronisation */
-  auxLossTensor?(): Tensor | null;
+  /** its training forward reads the step's seed (router noise): a captured step would replay one seed */
+  readonly stepSeeded?: boolean;
+  /** the same on the device (f32 [1], the caller's to dispose; auxLoss() is 0 after), or null when there is none: no synchronisation */
+  takeAuxLoss?(): Tensor | null;
   /** drop what forward kept (after an eval forward) */
   release(): void;
   dispose(): void;
@@ -383,8 +390,14 @@ export class MoeFFN implements FFN {
     return this.#aux ? this.#aux.item() : 0;
   }
 
-  auxLossTensor(): Tensor | null {
-    return this.#aux;
+  get stepSeeded(): boolean {
+    return this.noise !== null && this.moe.gate_noise;
+  }
+
+  takeAuxLoss(): Tensor | null {
+    const aux = this.#aux;
+    this.#aux = null;
+    return aux;
   }
 
   release(): void {
@@ -704,8 +717,9 @@ export class Model {
     const { losses, predictions } = tops.crossEntropy(logits, targets, { validate: false });
     if (into) {
       for (const b of this.blocks) {
-        const aux = b.ffn.auxLossTensor?.();
-        if (aux) into.ledger.addAux(aux);
+        // the ledger keeps the sum: the layer's tensor is not kept past the step (a captured step allocates nothing that outlives it)
+        const aux = b.ffn.takeAuxLoss?.();
+        if (aux) into.ledger.addAux(aux), aux.dispose();
       }
       into.ledger.micro(losses, predictions, targets, into.auxDiv);
       disposeAll(losses, predictions);
@@ -750,13 +764,15 @@ export class Model {
     const ready = (params: Param[]) => o.onGradients?.(params.filter((p) => p.trainable));
     const s = this.#saved;
     if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
-    if (options.tokens === undefined && s.tokens < 0)
+    if (options.tokens === undefined && o.dLoss === undefined && s.tokens < 0)
       throw new XftError(`${op}: after forwardToLedger, pass options.tokens (the counted tokens of the step: the ledger keeps them on the device)`, 'XFT_VALUE');
     const tokens = options.tokens ?? s.tokens;
     const R = s.logits.shape[0];
-    const dLoss = Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
+    const given = o.dLoss === undefined ? null : expectTensor(op, 'options.dLoss', o.dLoss, { dtype: ['f32'], shape: [R], shapeName: `[rows] = [${R}]` });
+    if (given && given.device !== this.device) throw new XftError(`${op}: options.dLoss is on ${given.device} but the model is on ${this.device}`, 'XFT_DEVICE');
+    const dLoss = given ?? Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
     const dLogits = tops.crossEntropyBackward(s.logits, s.targets, dLoss, { inPlace: true, validate: false });
-    dLoss.dispose();
+    if (!given) dLoss.dispose();
     const c2 = this.context(s.batch, s.seqLen, true, 0n, options.auxScale ?? options.scale ?? 1);
     const dnf = linearBackward(c2, s.nf, this.lmHead, dLogits)!;
     const xLast = s.xs[s.xs.length - 1];

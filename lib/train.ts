@@ -33,6 +33,8 @@ import { type Model, type Param, expectModel } from './model';
 import { type Sample, concatRows, countTargets, expectSamples, shuffle } from './data';
 import { SafetensorsReader, writeSafetensors } from './safetensors';
 import { StepLedger, zeroMany } from './ledger';
+import { CudaGraph } from './graph';
+import { adamwBiasCorrection } from './optim/adamw';
 import { recoverFolder, writeFileAtomic, writeFolderAtomic } from './folder';
 
 export interface TrainOptions {
@@ -87,6 +89,16 @@ export interface TrainOptions {
    * stops the run there too, with the weights of the step before it.
    */
   logEvery?: number;
+  /**
+   * capture the whole step (uploads of the micro-batches aside) in a CUDA graph and replay it (the
+   * CUDA backend; default false). The first step runs as usual, the second is captured, every later
+   * one is a replay: what changes from step to step (token ids and targets, the learning rate, the
+   * step number behind AdamW's bias corrections and stochastic rounding, the loss scale 1 / tokens,
+   * the ledger slot) is read from device buffers written before each replay (two small uploads), so
+   * the losses and weights are those of the same run without it, bit for bit. Refused (XFT_DEVICE or
+   * XFT_VALUE) where a replay would be wrong: a CPU model, data parallelism, Adafactor, MoE router noise.
+   */
+  cudaGraph?: boolean;
   /**
    * data parallelism over several processes (lib/dist/ddp.ts DataParallel): each runs its share of
    * every step's micro-batches (batchSize = microBatch × accumulation steps × world size), gradients
@@ -176,6 +188,36 @@ function claimModel(model: Model): void {
   busy.add(model);
 }
 
+/** The f32 values of a graphed step's hyper block: lr, bc1, bc2, step (lib/optim/adamw.ts HyperOption). */
+const HYPER = 4;
+
+/** A captured training step (TrainOptions.cudaGraph) and the device buffers its replays read. */
+interface GraphedStep {
+  graph: CudaGraph | null;
+  /** the first step ran as ops (the gradients and the kernels' tables exist) */
+  warm: boolean;
+  /** rows (tokens) of a micro-batch */
+  rows: number;
+  /** uploaded each step: per micro-batch its ids then its targets (i32); HYPER values then the per-row loss gradient (f32) */
+  ints: Tensor;
+  floats: Tensor;
+  /** what the captured ops read, copied from the uploads inside the graph */
+  ids: Tensor[];
+  targets: Tensor[];
+  hyper: Tensor;
+  dLoss: Tensor;
+}
+
+/** Why a run cannot be replayed from a CUDA graph (a replay would be refused or wrong), as an XftError. */
+function graphRefusal(model: Model, o: TrainOptions, par: TrainParallel | undefined): void {
+  const no = (why: string, code: 'XFT_DEVICE' | 'XFT_VALUE' = 'XFT_VALUE') => new XftError(`train: cudaGraph: ${why}; train without cudaGraph (--cuda-graph)`, code);
+  if (model.device !== 'cuda') throw no(`CUDA graphs need the CUDA backend, and the model is on ${model.device}`, 'XFT_DEVICE');
+  if (par) throw no('data parallelism is not captured (the gradient all-reduce and the sums over ranks are calls of the host inside the step)');
+  if ((o.optimizer ?? 'adamw') !== 'adamw') throw no(`only AdamW reads its step from the device (${o.optimizer}'s step-dependent decay is a launch argument)`);
+  if (model.blocks.some((b) => b.ffn.stepSeeded === true))
+    throw no('the MoE router noise draws from a per-step seed that its kernels take as a launch argument (a replay would repeat one step\'s noise): set gate_noise false');
+}
+
 /** 64-bit seed of (run seed, step, micro-batch) for router noise. */
 function stepSeed(seed: number, step: number, micro: number): bigint {
   return BigInt.asUintN(64, (BigInt(seed) << 40n) ^ (BigInt(step) << 12n) ^ BigInt(micro) ^ 0x9e3779b97f4a7c15n);
@@ -211,6 +253,8 @@ export class Trainer {
   readonly #logEvery: number;
   /** data parallel: the non-finite flag of this rank's step, f32 [1], summed over ranks on the device */
   readonly #flag: Tensor | null;
+  /** cudaGraph: the captured step and the buffers it reads (null: not a graphed run) */
+  #graphed: GraphedStep | null = null;
   /** steps taken since the last read: their records wait in the ledger */
   #pending: { step: number; epoch: number; lr: number; tokens: number }[] = [];
   #intervalStart = process.hrtime.bigint();
@@ -254,6 +298,8 @@ export class Trainer {
     if (accum % world !== 0)
       throw new XftError(`train: the batch size ${o.batchSize} must be micro-batch × accumulation steps × world size: ${accum} micro-batches of ${micro} do not split over ${world} ranks ` +
         `(use a batch size that is a multiple of ${micro * world}, or a micro-batch that divides ${o.batchSize / world})`, 'XFT_VALUE');
+    check(o.cudaGraph === undefined || typeof o.cudaGraph === 'boolean', 'cudaGraph', 'a boolean', o.cudaGraph);
+    if (o.cudaGraph) graphRefusal(model, o, par);
     this.#par = par;
     this.#localAccum = accum / world;
     this.#firstMicro = rank * this.#localAccum;
@@ -275,6 +321,18 @@ export class Trainer {
     this.#logEvery = o.logEvery ?? 1;
     this.#ledger = new StepLedger(model.device, this.#logEvery);
     this.#flag = par ? Tensor.zeros([1], { device: model.device }) : null;
+    if (o.cudaGraph) {
+      if (optimizerOf(this.state) !== 'adamw') throw new XftError(`train: cudaGraph supports AdamW only; the state to resume is an ${optimizerOf(this.state)} one`, 'XFT_VALUE');
+      if (this.total >= 2 ** 24) throw new XftError(`train: cudaGraph reads the step number as f32 on the device: at most 2^24 - 1 steps (got ${this.total})`, 'XFT_VALUE');
+      const rows = micro * seqLen, d = { device: model.device };
+      this.#graphed = {
+        graph: null, warm: false, rows,
+        ints: Tensor.zeros([2 * accum * rows], { ...d, dtype: 'i32' }), floats: Tensor.zeros([HYPER + rows], d),
+        ids: Array.from({ length: accum }, () => Tensor.zeros([rows], { ...d, dtype: 'i32' })),
+        targets: Array.from({ length: accum }, () => Tensor.zeros([rows], { ...d, dtype: 'i32' })),
+        hyper: Tensor.zeros([HYPER], d), dLoss: Tensor.zeros([rows], d),
+      };
+    }
   }
 
   /** True when the last step (or stopAfter) is reached. */
@@ -297,6 +355,19 @@ export class Trainer {
     const first = (step % this.#stepsPerEpoch) * o.batchSize;
     const chunk = this.#order.slice(first, first + o.batchSize);
     const stepTokens = chunk.reduce((a, r) => a + countTargets(r.targets), 0);
+    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
+    if (this.#graphed) this.#graphStep(this.#graphed, chunk, step, stepTokens, lr);
+    else this.#eagerStep(chunk, step, stepTokens, lr);
+    this.state.step = step + 1;
+    this.#pending.push({ step, epoch, lr, tokens: stepTokens });
+    if ((step + 1) % this.#logEvery === 0 || this.done) return this.flush();
+    return undefined;
+  }
+
+  /** The step's device work, op by op (the micro-batches uploaded one by one). */
+  #eagerStep(chunk: Sample[], step: number, stepTokens: number, lr: number): void {
+    const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum;
+    const seed = o.seed ?? 0, clip = o.clip ?? 1.0;
     // this rank's micro-batches of the step (all of them in a single process); the backward divides by
     // the whole step's token count, so that summing over ranks gives the single process's gradient
     const par = this.#par, last = this.#firstMicro + this.#localAccum - 1;
@@ -317,9 +388,8 @@ export class Trainer {
       this.#ledger.nonFinite(this.#flag!);
       par.allReduce(reduced.partial ? [sq, this.#flag!] : [this.#flag!]);
     } else sq = lops.sumSquares(this.#params.filter((p) => p.grad !== null).map((p) => p.grad!));
-    this.#ledger.end(sq, this.#pending.length, clip, o.skipNonFinite ?? 0, this.#flag ?? undefined);
+    this.#ledger.end(sq, 'next', clip, o.skipNonFinite ?? 0, this.#flag ?? undefined);
     sq.dispose();
-    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
     // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter; a skipped step writes nothing
     const hyper: StepHyper = {
       lr, step: step + 1, gradScale: 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
@@ -328,10 +398,69 @@ export class Trainer {
     if (par) par.update(optimizerOf(this.state), this.#params, this.state, hyper);
     else optimizerStep(optimizerOf(this.state), this.#params, this.state, hyper);
     zeroMany(this.#params.filter((p) => p.grad !== null).map((p) => p.grad!));
-    this.state.step = step + 1;
-    this.#pending.push({ step, epoch, lr, tokens: stepTokens });
-    if ((step + 1) % this.#logEvery === 0 || this.done) return this.flush();
-    return undefined;
+  }
+
+  /**
+   * cudaGraph: the step's inputs uploaded into the graph's buffers (token ids and targets in one i32
+   * upload; lr, bias corrections, step and the per-row loss gradient in one f32 upload), then the
+   * step's device work: run as ops the first time (it makes the gradients and the kernels' tables),
+   * captured the second time, replayed from then on.
+   */
+  #graphStep(g: GraphedStep, chunk: Sample[], step: number, stepTokens: number, lr: number): void {
+    const o = this.#o, micro = this.#micro, rows = g.rows;
+    const ints = new Int32Array(g.ints.numel);
+    for (let mb = 0; mb < g.ids.length; mb++) {
+      const part = chunk.slice(mb * micro, (mb + 1) * micro);
+      ints.set(concatRows(part, 'ids'), 2 * mb * rows);
+      ints.set(concatRows(part, 'targets'), (2 * mb + 1) * rows);
+    }
+    const floats = new Float32Array(g.floats.numel);
+    floats.set([lr, adamwBiasCorrection(o.beta1 ?? 0.9, step + 1), adamwBiasCorrection(o.beta2 ?? 0.999, step + 1), step + 1]);
+    // the eager step's fill value scale / tokens, rounded to f32 alike
+    floats.fill(stepTokens > 0 ? 1 / stepTokens : 0, HYPER);
+    for (const [dst, data, dtype] of [[g.ints, ints, 'i32'], [g.floats, floats, 'f32']] as const) {
+      const host = Tensor.from(data, [data.length], { dtype });
+      dst.copy_(host);
+      host.dispose();
+    }
+    if (!g.warm) {
+      this.#graphBody(g, step);
+      g.warm = true;
+      return;
+    }
+    if (!g.graph) {
+      try {
+        g.graph = CudaGraph.capture(() => this.#graphBody(g, step));
+      } catch (err) {
+        if (err instanceof XftError) err.message = `train: cudaGraph: the training step could not be captured: ${err.message}`;
+        throw err;
+      }
+    }
+    g.graph.launch();
+  }
+
+  /** The device work of a graphed step: reads only the graph's buffers (no upload, no read back, nothing kept past it). */
+  #graphBody(g: GraphedStep, step: number): void {
+    const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum, rows = g.rows;
+    const seed = o.seed ?? 0, clip = o.clip ?? 1.0;
+    g.hyper.copy_(g.floats.narrow(0, HYPER));
+    g.dLoss.copy_(g.floats.narrow(HYPER, rows));
+    for (let mb = 0; mb < accum; mb++) {
+      g.ids[mb].copy_(g.ints.narrow(2 * mb * rows, rows));
+      g.targets[mb].copy_(g.ints.narrow((2 * mb + 1) * rows, rows));
+      // the seed is baked into the capture: graphRefusal let through only models whose kernels do not read it
+      model.forwardToLedger(g.ids[mb], g.targets[mb], micro, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false }, this.#ledger, accum);
+      model.backward({ dLoss: g.dLoss, scale: 1, auxScale: 1 / accum });
+    }
+    const grads = this.#params.filter((p) => p.grad !== null).map((p) => p.grad!);
+    const sq = lops.sumSquares(grads);
+    this.#ledger.end(sq, 'next', clip, o.skipNonFinite ?? 0);
+    sq.dispose();
+    optimizerStep(optimizerOf(this.state), this.#params, this.state, {
+      lr: 0, step: step + 1, gradScale: 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
+      stochasticRounding: o.stochasticRounding, seed, control: this.#ledger.control, hyper: g.hyper,
+    });
+    zeroMany(grads);
   }
 
   /** Whether the next step() ends at a log point (then it reads the records back). */
@@ -404,6 +533,12 @@ export class Trainer {
   dispose(): void {
     this.#ledger.dispose();
     this.#flag?.dispose();
+    const g = this.#graphed;
+    if (g) {
+      g.graph?.dispose();
+      disposeAll(g.ints, g.floats, g.ids, g.targets, g.hyper, g.dLoss);
+      this.#graphed = null;
+    }
   }
 }
 

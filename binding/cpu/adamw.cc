@@ -107,8 +107,9 @@ int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, fl
 
 // the multi-tensor step (cuda/adamw.cu xft_cuda_adamw_multi): each tensor as xft_cpu_adamw, the
 // stochastic-rounding stream from (seed, step, index); a set skip flag in the control block writes nothing
-int xft_cpu_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_adamw_options* o) {
-  if (xft_control_skip(o->control)) return 0;
+int xft_cpu_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_adamw_options* options) {
+  if (xft_control_skip(options->control)) return 0;
+  const xft_adamw_options resolved = xft_adamw_resolve(*options), *o = &resolved;
   const float grad_scale = xft_control_scale(o->control, o->grad_scale);
   for (int k = 0; k < count; k++) {
     const xft_adamw_tensor& t = tensors[k];

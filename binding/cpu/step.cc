@@ -31,8 +31,9 @@ int xft_cpu_ledger_flag(const double* ledger, float* out) {
   return 0;
 }
 
-int xft_cpu_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, double clip, double budget) {
-  xft_ledger_step_end(ledger, control, sumsq[0], nonfinite, slot, clip, budget);
+int xft_cpu_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots, double clip,
+                     double budget) {
+  xft_ledger_step_end(ledger, control, sumsq[0], nonfinite, slot, slots, clip, budget);
   return 0;
 }
 

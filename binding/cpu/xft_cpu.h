@@ -115,7 +115,8 @@ int xft_cpu_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_ad
 int xft_cpu_loss_stats(const float* losses, const int* predictions, const int* targets, int rows, double aux_div, double* ledger);
 int xft_cpu_stat_add(const float* x, double* dst);
 int xft_cpu_ledger_flag(const double* ledger, float* out);
-int xft_cpu_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, double clip, double budget);
+int xft_cpu_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots, double clip,
+                     double budget);
 int xft_cpu_zero_many(void* const* ptrs, const size_t* bytes, int count);
 
 // moe_permute.cc

@@ -21,7 +21,8 @@ export interface OptimNative {
     lr: number, eps1: number, clipThreshold: number, decayRate: number, step: number, gradScale: number, stochastic: number, seed: bigint,
     control?: S | null): void;
   adamwMulti(entries: [S, number, S, number, S, S, number, S | null, number, number][], lr: number, beta1: number, beta2: number, eps: number,
-    weightDecay: number, step: number, gradScale: number, stochastic: number, seed: bigint, control: S | null): void;
+    weightDecay: number, step: number, gradScale: number, stochastic: number, seed: bigint, control: S | null, hyper?: S | null): void;
+  adamwBiasCorrection(beta: number, step: number): number;
 }
 
 export const optimNative = native as unknown as OptimNative;
@@ -59,6 +60,17 @@ export interface AdamWOptions extends RoundingOptions {
 export interface ControlOption {
   /** read by the kernels from device memory: the gradient scale is multiplied by control[0]; control[1] != 0 skips the update (nothing written) */
   control?: Tensor;
+}
+
+/** A step's values on the device, for a captured CUDA graph's replay (lib/train.ts): f32 [4] lr, bc1, bc2, step. */
+export interface HyperOption {
+  /** read by the kernel instead of lr and step (bias corrections 1 - beta^step from adamwBiasCorrection; step below 2^24) */
+  hyper?: Tensor;
+}
+
+/** AdamW's bias correction 1 - beta^step, as the kernels' launchers compute it (f32): for a `hyper` block. */
+export function adamwBiasCorrection(beta: number, step: number): number {
+  return optimNative.adamwBiasCorrection(beta, step);
 }
 
 /** The control block, checked: f32 [2] on `device`. */
@@ -123,10 +135,10 @@ export interface AdamWEntry {
  * All tensors on one device, a parameter at most once; `control` (a training step's device control
  * block) scales the gradients and can skip the whole update without a host synchronisation.
  */
-export function adamwMulti(entries: readonly AdamWEntry[], options: Omit<AdamWOptions, 'copyTo' | 'tensorIndex'> & ControlOption): void {
+export function adamwMulti(entries: readonly AdamWEntry[], options: Omit<AdamWOptions, 'copyTo' | 'tensorIndex'> & ControlOption & HyperOption): void {
   const op = 'adamwMulti';
   if (!Array.isArray(entries)) throw new XftError(`${op}: expected entries, an array of { params, grads, m, v }`, 'XFT_TYPE');
-  const o = expectOptions<AdamWOptions & ControlOption>(op, options, 'an object with lr and step');
+  const o = expectOptions<AdamWOptions & ControlOption & HyperOption>(op, options, 'an object with lr and step');
   const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
   const step = expectInt(op, 'step', o.step, 1, 2147483647);
   const unit = (x: number) => x >= 0 && x < 1;
@@ -162,5 +174,10 @@ export function adamwMulti(entries: readonly AdamWEntry[], options: Omit<AdamWOp
   });
   if (rows.length === 0) return;
   const control = controlOf(op, o.control, device!);
-  optimNative.adamwMulti(rows, lr, beta1, beta2, eps, wd, step, gradScale, stochastic ? 1 : 0, seed, control?.storage ?? null);
+  let hyper: Tensor | null = null;
+  if (o.hyper !== undefined) {
+    hyper = expectTensor(op, 'hyper', o.hyper, { dtype: ['f32'], shape: [4], shapeName: '[4] (lr, bc1, bc2, step)' });
+    if (hyper.device !== device) throw new XftError(`${op}: hyper is on ${hyper.device} but the parameters are on ${device}`, 'XFT_DEVICE');
+  }
+  optimNative.adamwMulti(rows, lr, beta1, beta2, eps, wd, step, gradScale, stochastic ? 1 : 0, seed, control?.storage ?? null, hyper?.storage ?? null);
 }

@@ -60,6 +60,8 @@ export interface StepHyper {
   seed?: number;
   /** a training step's device control block (lib/ledger.ts): scales the gradients further and can skip the update, read on the device */
   control?: Tensor;
+  /** AdamW: f32 [4] on the device (lr, bc1, bc2, step) read instead of lr and step (a captured step's replay) */
+  hyper?: Tensor;
 }
 
 export function optimizerOf(state: OptimizerState): OptimizerKind {
@@ -122,7 +124,7 @@ export function optimizerStep(kind: OptimizerKind, params: readonly OptimParam[]
       });
   });
   if (kind === 'adamw')
-    adamwMulti(adam, { lr: h.lr, step: h.step, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay ?? 0, gradScale: h.gradScale, control: h.control, ...rounding });
+    adamwMulti(adam, { lr: h.lr, step: h.step, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay ?? 0, gradScale: h.gradScale, control: h.control, hyper: h.hyper, ...rounding });
   else adafactor(entries, { lr: h.lr, step: h.step, gradScale: h.gradScale, control: h.control, ...rounding });
 }
 

@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
 #include <tuple>
 #include <type_traits>
@@ -201,13 +202,23 @@ inline cudaError_t cudaPeekAtLastError() { return (cudaError_t)g_emu.pending; }
 // order. What a real capture refuses fails the operation with cudaErrorStreamCaptureUnsupported and
 // invalidates the capture (cudaStreamEndCapture then returns cudaErrorStreamCaptureInvalidated):
 // stream, device and event synchronisation, event queries, device -> host copies into pageable
-// memory, host -> device copies from pageable memory. Stricter than CUDA (which makes allocation
-// nodes), allocation and freeing are refused too: a graph's buffers are made before its capture, so
-// every replay uses the same addresses.
+// memory, host -> device copies from pageable memory.
+// Allocations inside a capture are graph memory (CUDA's allocation and free nodes): the block is made
+// at the capture and kept by the graph, at the same address for every replay (as CUDA's fixed virtual
+// addresses), refilled with garbage where each replay allocates it; freeing it inside the capture
+// ends its use, and the graph frees it when destroyed. Stricter than CUDA: an allocation made inside
+// the capture must be freed inside it (one that outlives it fails the capture), and memory allocated
+// outside the capture cannot be freed inside it.
 enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
 enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1, cudaStreamCaptureStatusInvalidated = 2 };
+// the blocks a graph's capture allocated (and freed): released with the last copy of the graph
+struct EmuGraphMemory {
+  std::vector<std::pair<void*, size_t>> blocks;
+  ~EmuGraphMemory();
+};
 struct EmuGraph {
   std::vector<std::function<void()>> nodes;
+  std::shared_ptr<EmuGraphMemory> memory = std::make_shared<EmuGraphMemory>();
 };
 typedef EmuGraph* cudaGraph_t;
 typedef EmuGraph* cudaGraphExec_t;
@@ -215,6 +226,7 @@ struct EmuCapture {
   bool on = false;
   int invalid = cudaSuccess;  // the first refused operation
   EmuGraph* graph = nullptr;
+  std::map<const void*, size_t> allocated;  // allocated inside the capture and not yet freed there
 };
 inline EmuCapture g_emu_capture;
 // inside a capture: false (and the capture invalidated) for an operation a capture refuses
@@ -309,7 +321,6 @@ inline cudaError_t cudaMemPoolTrimTo(cudaMemPool_t, size_t) {
   return cudaSuccess;
 }
 inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
-  if (!emu_capture_allows("cudaMallocAsync (an allocation)")) return cudaErrorStreamCaptureUnsupported;
   // malloc (not a private arena), so that an -fsanitize=address build sees every overrun
   const size_t bytes = n ? n : 1;
   *p = aligned_alloc(256, (bytes + 255) / 256 * 256);
@@ -318,11 +329,25 @@ inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
   g_emu.live[(const char*)*p] = n;
   g_emu.used += n;
   g_emu.reserved = std::max(g_emu.reserved, g_emu.used);
+  if (g_emu_capture.on) {  // an allocation node: each replay finds garbage there again
+    g_emu_capture.allocated[*p] = bytes;
+    void* block = *p;
+    emu_capture_record([block, bytes] { memset(block, 0xFF, bytes); });
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaMalloc(void** p, size_t n) { return cudaMallocAsync(p, n, nullptr); }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
-  if (!emu_capture_allows("cudaFreeAsync (a free)")) return cudaErrorStreamCaptureUnsupported;
+  if (g_emu_capture.on && p) {  // a free node: the block stays the graph's until the graph is destroyed
+    auto a = g_emu_capture.allocated.find(p);
+    if (a == g_emu_capture.allocated.end()) {
+      emu_capture_allows("cudaFreeAsync of memory allocated before the capture");
+      return cudaErrorStreamCaptureUnsupported;
+    }
+    g_emu_capture.graph->memory->blocks.push_back({p, a->second});
+    g_emu_capture.allocated.erase(a);
+    return cudaSuccess;
+  }
   emu_land_h2d();
   if (!p) return cudaSuccess;
   auto it = g_emu.live.find((const char*)p);
@@ -812,14 +837,20 @@ inline void emu_launch_kernel(dim3 grid, dim3 block, size_t smem, const void* ke
 inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
   if (g_emu_capture.on) return cudaErrorIllegalState;
   emu_land_h2d();
-  g_emu_capture = EmuCapture{true, cudaSuccess, new EmuGraph()};
+  g_emu_capture = EmuCapture{true, cudaSuccess, new EmuGraph(), {}};
   return cudaSuccess;
 }
 inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* graph) {
   *graph = nullptr;
   if (!g_emu_capture.on) return cudaErrorIllegalState;
-  const int invalid = g_emu_capture.invalid;
+  int invalid = g_emu_capture.invalid;
   EmuGraph* g = g_emu_capture.graph;
+  if (!g_emu_capture.allocated.empty()) {
+    // outliving the capture, they are plain allocations again (their owner frees them as usual)
+    fprintf(stderr, "xft emu: %zu allocation(s) made inside the CUDA graph capture outlive it: not permitted here (free them inside it)\n",
+            g_emu_capture.allocated.size());
+    if (invalid == cudaSuccess) invalid = cudaErrorStreamCaptureUnsupported;
+  }
   g_emu_capture = EmuCapture{};
   if (invalid != cudaSuccess) {
     delete g;
@@ -843,6 +874,13 @@ inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
   if (!emu_capture_allows("cudaGraphLaunch")) return cudaErrorStreamCaptureUnsupported;
   for (auto& node : exec->nodes) node();
   return (cudaError_t)g_emu.pending;
+}
+inline EmuGraphMemory::~EmuGraphMemory() {
+  for (auto& [p, n] : blocks) {
+    auto it = g_emu.live.find((const char*)p);
+    if (it != g_emu.live.end()) g_emu.used -= it->second, g_emu.live.erase(it);
+    free(p);
+  }
 }
 inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) { delete exec; return cudaSuccess; }
 inline cudaError_t cudaGraphDestroy(cudaGraph_t graph) { delete graph; return cudaSuccess; }
