@@ -101,6 +101,7 @@ export class StepLedger {
     if (slot !== 'next') expectInt(op, 'slot', slot, 0, this.slots - 1);
     expectNumber(op, 'clip', clip, 'a finite number >= 0', (x) => x >= 0);
     expectNumber(op, 'budget', budget, 'a finite number >= 0', (x) => x >= 0);
+    if (slot === 'next') this.#countedOnDevice = true;
     stepNative.stepEnd(sq.storage, this.ledger.storage, this.control.storage, slot === 'next' ? -1 : slot, this.slots, clip, budget, flag?.storage ?? null);
   }
 
@@ -108,7 +109,7 @@ export class StepLedger {
   read(count: number): StepRecord[] {
     expectInt('StepLedger.read', 'count', count, 0, this.slots);
     const raw = this.ledger.toArray() as Float32Array;
-    this.ledger.narrow(2 * NEXT, 2).fill_(0); // a view: the ledger's own memory
+    if (this.#countedOnDevice) this.ledger.narrow(2 * NEXT, 2).fill_(0); // a view: the ledger's own memory
     const d = new Float64Array(raw.buffer.slice(raw.byteOffset, raw.byteOffset + raw.byteLength));
     return Array.from({ length: count }, (_, k) => {
       const r = d.subarray(HEAD + k * FIELDS, HEAD + (k + 1) * FIELDS);
@@ -120,6 +121,9 @@ export class StepLedger {
     this.ledger.dispose();
     this.control.dispose();
   }
+
+  /** end('next') was used (a captured step calls it once, its replays after): each read sets the device counter back to 0 */
+  #countedOnDevice = false;
 
   #same(op: string, t: Tensor): void {
     if (t.device !== this.device) throw new XftError(`${op}: a tensor is on ${t.device} but the ledger is on ${this.device}`, 'XFT_DEVICE');

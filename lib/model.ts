@@ -545,6 +545,8 @@ export class Block {
     if (this.#input) {
       const { x, seed } = this.#input;
       this.forward({ ...ctx, training: true, recompute: false, seed }, x).dispose();
+      // the replay's balance loss is the first forward's, counted then: not kept past the step
+      this.ffn.takeAuxLoss?.()?.dispose();
     }
     const s = this.#saved;
     if (!s) throw new XftError('Block.backward: no forward activations (call forward in training first)', 'XFT_VALUE');

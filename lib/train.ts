@@ -388,7 +388,7 @@ export class Trainer {
       this.#ledger.nonFinite(this.#flag!);
       par.allReduce(reduced.partial ? [sq, this.#flag!] : [this.#flag!]);
     } else sq = lops.sumSquares(this.#params.filter((p) => p.grad !== null).map((p) => p.grad!));
-    this.#ledger.end(sq, 'next', clip, o.skipNonFinite ?? 0, this.#flag ?? undefined);
+    this.#ledger.end(sq, this.#pending.length, clip, o.skipNonFinite ?? 0, this.#flag ?? undefined);
     sq.dispose();
     // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter; a skipped step writes nothing
     const hyper: StepHyper = {
