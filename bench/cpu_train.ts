@@ -88,7 +88,7 @@ function child(models: string[], kinds: string[], steps: number, profile: boolea
       for (let i = 0; i < steps + 1; i++) {
         if (i === 1) totals?.clear();
         const t0 = process.hrtime.bigint(), c0 = process.cpuUsage();
-        loss = run.step().loss;
+        loss = run.step()!.loss; // logEvery 1: reads the step record
         const c = process.cpuUsage(c0);
         if (i >= 1) ms.push(Number(process.hrtime.bigint() - t0) / 1e6), cpu.push((c.user + c.system) / 1e3);
       }
@@ -97,6 +97,7 @@ function child(models: string[], kinds: string[], steps: number, profile: boolea
       const med = ms[Math.floor(ms.length / 2)], cpuMs = cpu[Math.floor(cpu.length / 2)], tokens = s.batch * s.seqLen;
       const prof = totals ? [...totals.entries()].map(([k, v]): [string, number] => [k, v / steps]).sort((a, b) => b[1] - a[1]) : undefined;
       out.push({ model: name, kind, params: countParameters(model), tokens, ms: med, tokensPerSecond: tokens / (med / 1e3), cpuMs, loss, profile: prof });
+      run.dispose();
       disposeState(run.state);
       model.dispose();
     }

@@ -58,7 +58,8 @@ function twoSteps(c: ModelCase, device: Device): number[] {
     return { ids: ids.slice(0, -1), targets: ids.slice(1) };
   });
   const run = new Trainer(model, rows, { lr: 1e-3, batchSize: 2, steps: 2, seed: 3, optimizer: c.optimizer });
-  const losses = [run.step().loss, run.step().loss];
+  const losses = [run.step()!.loss, run.step()!.loss];
+  run.dispose();
   disposeState(run.state);
   model.dispose();
   return losses;

@@ -116,7 +116,7 @@ function measureXft(kind: Kind, s: Size, dtype: 'f32' | 'bf16', device: Device, 
   for (let i = 0; i < steps + 2; i++) {
     synchronize();
     const t0 = process.hrtime.bigint();
-    loss = run.step().loss; // reads the loss: synchronizes
+    loss = run.step()!.loss; // logEvery 1: reads the step record (synchronizes)
     synchronize();
     if (i >= 2) ms.push(Number(process.hrtime.bigint() - t0) / 1e6);
   }
@@ -139,6 +139,7 @@ function measureXft(kind: Kind, s: Size, dtype: 'f32' | 'bf16', device: Device, 
     ms: med, tokensPerSecond: (s.batch * s.seqLen) / (med / 1e3), peakBytes: device === 'cuda' ? st.cudaPeakBytes : st.hostPeakBytes,
     parameters: countParameters(model), trainable: countParameters(model, { trainableOnly: true }), loss, profile: prof,
   };
+  run.dispose();
   disposeState(run.state);
   model.dispose();
   return out;

@@ -366,6 +366,9 @@ static Napi::Value Alloc(const Napi::CallbackInfo& info) {
     RequireCuda(env, "alloc");
 #ifdef XFT_WITH_CUDA
     int status = xft_cuda_malloc(&s.data, s.bytes);
+    if (status == 900)  // cudaErrorStreamCaptureUnsupported: inside a CUDA graph capture that does not take allocation nodes
+      Throw(env, "XFT_CUDA", "alloc: cannot allocate " + std::to_string(s.bytes) + " bytes while a CUDA graph is being captured: " +
+                                 xft_cuda_error_string(status) + " (make the buffers before the capture)");
     if (status != 0)
       Throw(env, "XFT_OOM", "alloc: cannot allocate " + std::to_string(s.bytes) + " bytes on the GPU: " +
                                 xft_cuda_error_string(status));
@@ -562,6 +565,12 @@ static Napi::Value MemoryStats(const Napi::CallbackInfo& info) {
     CheckStatus(env, "memoryStats", xft_cuda_pool_stats(&used, &reserved));
     out.Set("poolUsedBytes", (double)used);
     out.Set("poolReservedBytes", (double)reserved);
+    xft_cuda_sync_stats sync;
+    xft_cuda_get_sync_stats(&sync);
+    out.Set("hostSyncs", (double)sync.host_syncs);
+    out.Set("d2hCopies", (double)sync.d2h_copies);
+    out.Set("stagingWaits", (double)sync.staging_waits);
+    out.Set("kernelLaunches", (double)sync.launches);
   }
 #endif
   return out;
@@ -637,6 +646,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterRouterOps(env, exports);
   RegisterTimerOps(env, exports);
   RegisterExpandOps(env, exports);
+  RegisterStepOps(env, exports);
   return exports;
 }
 

@@ -80,6 +80,7 @@ void RegisterDist(Napi::Env env, Napi::Object exports);      // binding/dist/gro
 void RegisterRouterOps(Napi::Env env, Napi::Object exports);  // binding/router_ops.cc
 void RegisterTimerOps(Napi::Env env, Napi::Object exports);   // binding/timer_ops.cc
 void RegisterExpandOps(Napi::Env env, Napi::Object exports);  // binding/expand_ops.cc
+void RegisterStepOps(Napi::Env env, Napi::Object exports);   // binding/step_ops.cc
 
 }  // namespace xft
 

@@ -186,7 +186,8 @@ Napi::Value AdamW(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// adafactor(entries, lr, eps1, clipThreshold, decayRate, step, gradScale, stochastic, seed); entries: an array of
+// adafactor(entries, lr, eps1, clipThreshold, decayRate, step, gradScale, stochastic, seed, control?|null); control: the
+// step's device control block (cuda/step.h, f32 [2]: gradient scale factor, skip flag); entries: an array of
 // [p, pDtype, g, gDtype, row|null, col|null, v|null, pCopy|null, copyDtype, slices, rows, cols, clipPerSlice, tensorIndex]
 Napi::Value Adafactor(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -199,11 +200,13 @@ Napi::Value Adafactor(const Napi::CallbackInfo& info) {
   double gscale = ArgNumber(info, 6, op, "gradScale");
   int64_t stochastic = ArgInt(info, 7, op, "stochastic");
   uint64_t seed = (uint64_t)ArgInt(info, 8, op, "seed");
+  Storage* control = ArgStorageOrNull(info, 9, op, "control");
+  if (control) RequireBytes(env, control, 2, XFT_F32, op, "control");
   if (step < 1 || step > INT32_MAX) Throw(env, "XFT_VALUE", std::string(op) + ": step must be an integer >= 1, got " + std::to_string(step));
   if (!(clip > 0) || !(decay < 0) || !(eps1 >= 0) || !(lr >= 0))
     Throw(env, "XFT_VALUE", std::string(op) + ": need lr >= 0, eps1 >= 0, clipThreshold > 0 and decayRate < 0");
   std::vector<xft_adafactor_tensor> tensors;
-  int device = -1;
+  int device = control ? control->device : -1;
   for (uint32_t k = 0; k < list.Length(); k++) {
     Napi::Value ev = list.Get(k);
     if (!ev.IsArray() || ev.As<Napi::Array>().Length() != 14) Throw(env, "XFT_TYPE", std::string(op) + ": each entry must be an array of 14 fields");
@@ -260,7 +263,8 @@ Napi::Value Adafactor(const Napi::CallbackInfo& info) {
     tensors.push_back(t);
   }
   if (tensors.empty()) return env.Undefined();
-  xft_adafactor_options o;
+  xft_adafactor_options o = {};
+  o.control = control ? (const float*)control->data : nullptr;
   o.lr = (float)lr, o.eps1 = (float)eps1, o.clip_threshold = (float)clip, o.decay_rate = (float)decay, o.grad_scale = (float)gscale;
   o.step = (int)step, o.stochastic = stochastic != 0;
   XFT_DISPATCH(env, op, device, adafactor, tensors.data(), (int)tensors.size(), &o);

@@ -35,6 +35,7 @@ All sums are fp64 in a fixed order: the result does not depend on scheduling (de
 #include "xft_math.h"
 #include "xft_reduce.cuh"
 #include "optim.h"
+#include "step.h"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
 
@@ -59,6 +60,7 @@ struct Plan {
   float* rowmean;                 // [slices]
   double* partial;                // [elem blocks]
   float* denom;                   // [groups]
+  const float* control;           // NULL, or the step's control block (cuda/step.h): skip flag and scale
   int count;
 };
 
@@ -80,6 +82,8 @@ __device__ __forceinline__ float grad_of(const xft_adafactor_tensor& t, size_t i
 }
 
 __global__ void __launch_bounds__(kThreads) adafactor_stats_kernel(Plan plan, float eps1, float beta, float grad_scale) {
+  if (xft_control_skip(plan.control)) return;  // a non-finite step: nothing is written
+  grad_scale = xft_control_scale(plan.control, grad_scale);
   const int k = find_tensor(plan.stats0, plan.count, blockIdx.x);
   const xft_adafactor_tensor t = plan.t[k];
   const int64_t local = (int64_t)blockIdx.x - plan.stats0[k];
@@ -125,6 +129,7 @@ __global__ void __launch_bounds__(kThreads) adafactor_stats_kernel(Plan plan, fl
 }
 
 __global__ void __launch_bounds__(kThreads) adafactor_rowmean_kernel(Plan plan) {
+  if (xft_control_skip(plan.control)) return;
   const int k = find_tensor(plan.slice0, plan.count, blockIdx.x);
   const xft_adafactor_tensor t = plan.t[k];
   const int64_t s = (int64_t)blockIdx.x - plan.slice0[k], R = t.rows;
@@ -163,6 +168,8 @@ __device__ __forceinline__ Chunk chunk_of(const Plan& plan) {
 }
 
 __global__ void __launch_bounds__(kThreads) adafactor_sumsq_kernel(Plan plan, float grad_scale) {
+  if (xft_control_skip(plan.control)) return;
+  grad_scale = xft_control_scale(plan.control, grad_scale);
   const Chunk ch = chunk_of(plan);
   const xft_adafactor_tensor t = plan.t[ch.k];
   double sum = 0.0;
@@ -175,6 +182,7 @@ __global__ void __launch_bounds__(kThreads) adafactor_sumsq_kernel(Plan plan, fl
 }
 
 __global__ void __launch_bounds__(kThreads) adafactor_denom_kernel(Plan plan, float clip_threshold) {
+  if (xft_control_skip(plan.control)) return;
   const int k = find_tensor(plan.group0, plan.count, blockIdx.x);
   const xft_adafactor_tensor t = plan.t[k];
   const int64_t q = (int64_t)blockIdx.x - plan.group0[k], chunks = plan.chunks[k];
@@ -190,6 +198,8 @@ __global__ void __launch_bounds__(kThreads) adafactor_denom_kernel(Plan plan, fl
 }
 
 __global__ void __launch_bounds__(kThreads) adafactor_apply_kernel(Plan plan, float lr, float grad_scale, int stochastic) {
+  if (xft_control_skip(plan.control)) return;
+  grad_scale = xft_control_scale(plan.control, grad_scale);
   const Chunk ch = chunk_of(plan);
   const xft_adafactor_tensor t = plan.t[ch.k];
   const float denom = plan.denom[plan.group0[ch.k] + ch.q];
@@ -254,6 +264,7 @@ extern "C" int xft_cuda_adafactor(const xft_adafactor_tensor* tensors, int count
   plan.chunks = (int64_t*)((unsigned char*)a0 + 5 * arr);
   plan.rowmean = (float*)(dev + off_rowmean), plan.partial = (double*)(dev + off_partial), plan.denom = (float*)(dev + off_denom);
   plan.count = count;
+  plan.control = o->control;
   const float beta = xft_adafactor_beta2t(o->step, o->decay_rate);
   cudaStream_t stream = xft_cuda_stream();
   adafactor_stats_kernel<<<(unsigned)nstats, kThreads, 0, stream>>>(plan, o->eps1, beta, o->grad_scale);

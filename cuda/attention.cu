@@ -71,6 +71,7 @@ Two implementations, one contract:
 #include "xft_cuda.h"
 #include "xft_math.h"
 #include "xft_mma.cuh"
+#include "xft_smem.cuh"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
 
@@ -788,7 +789,7 @@ template <int NC>
 cudaError_t launch_forward(const void* q, const void* k, const void* v, void* out, float* lse, int dtype, int B, int T,
                            int H, int Hkv, int hd, float scale) {
   const size_t smem = forward_smem(hd);
-  cudaError_t e = cudaFuncSetAttribute(attention_forward_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = xft_allow_smem(attention_forward_kernel<NC>, smem);
   if (e != cudaSuccess) return e;
   dim3 grid(CEIL_DIV(T, kTile), H, B);
   attention_forward_kernel<NC><<<grid, kThreads, smem, xft_cuda_stream()>>>(q, k, v, out, lse, dtype, T, H, Hkv, hd, scale);
@@ -800,9 +801,9 @@ cudaError_t launch_backward(const void* q, const void* k, const void* v, const f
                             const void* dout, void* dq, void* dk, void* dv, int dtype, int B, int T, int H, int Hkv,
                             int hd, float scale) {
   const size_t smem = backward_smem(hd);
-  cudaError_t e = cudaFuncSetAttribute(attention_backward_dkdv_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t e = xft_allow_smem(attention_backward_dkdv_kernel<NC>, smem);
   if (e != cudaSuccess) return e;
-  e = cudaFuncSetAttribute(attention_backward_dq_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  e = xft_allow_smem(attention_backward_dq_kernel<NC>, smem);
   if (e != cudaSuccess) return e;
   cudaStream_t stream = xft_cuda_stream();
   const int tiles = CEIL_DIV(T, kTile);
@@ -831,17 +832,11 @@ template <int HD> size_t flash_dq_smem() {
   return sizeof(uint16_t) * ((size_t)2 * kBBQ * (HD + kPadBf16) + (size_t)4 * bk * (HD + kPadBf16)) + sizeof(float) * 2 * kBBQ;
 }
 
-// the opt-in above 48 KiB of dynamic shared memory, once per kernel (thread-safe static init)
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-}
-
 template <int HD>
 cudaError_t flash_forward(const void* q, const void* k, const void* v, void* out, float* lse, int B, int T, int H,
                           int Hkv) {
   const size_t smem = flash_forward_smem<HD>();
-  static const cudaError_t allowed = allow_smem(flash_forward_kernel<HD>, smem);
+  const cudaError_t allowed = xft_allow_smem(flash_forward_kernel<HD>, smem);
   if (allowed != cudaSuccess) return allowed;
   const float scale_log2 = kLog2e / sqrtf((float)HD);
   flash_forward_kernel<HD><<<dim3(CEIL_DIV(T, kFBQ), H, B), kFThreads, smem, xft_cuda_stream()>>>(
@@ -854,8 +849,8 @@ cudaError_t flash_backward(const void* q, const void* k, const void* v, const fl
                            const void* dout, void* dq, void* dk, void* dv, int B, int T, int H, int Hkv) {
   constexpr int kRows = BackwardTile<HD>::kRows;
   const size_t smem_kv = flash_dkdv_smem<HD>(), smem_q = flash_dq_smem<HD>();
-  static const cudaError_t allowed_kv = allow_smem(flash_backward_dkdv_kernel<HD, kRows>, smem_kv);
-  static const cudaError_t allowed_q = allow_smem(flash_backward_dq_kernel<HD, kRows>, smem_q);
+  const cudaError_t allowed_kv = xft_allow_smem(flash_backward_dkdv_kernel<HD, kRows>, smem_kv);
+  const cudaError_t allowed_q = xft_allow_smem(flash_backward_dq_kernel<HD, kRows>, smem_q);
   if (allowed_kv != cudaSuccess) return allowed_kv;
   if (allowed_q != cudaSuccess) return allowed_q;
   const float scale = 1.0f / sqrtf((float)HD), scale_log2 = kLog2e * scale;

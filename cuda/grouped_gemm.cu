@@ -76,6 +76,7 @@ q, k, v run as one GEMM over [W_q; W_k; W_v] (kQkv) writing each where attention
 #include "xft_math.h"
 // cp.async, ldmatrix and mma.sync wrappers, shared with attention.cu
 #include "xft_mma.cuh"
+#include "xft_smem.cuh"
 
 extern "C" cudaStream_t xft_cuda_stream(void);
 
@@ -862,8 +863,7 @@ template <int DT, bool B_KMAJOR, bool VEC, int S, int MODE>
 cudaError_t launch_rows_staged(const RowsArgs& args) {
   size_t smem = kFSmemBytes;
   if constexpr (DT == XFT_BF16) smem = mma_smem_bytes<true, B_KMAJOR, S>();
-  cudaError_t err = cudaFuncSetAttribute(grouped_rows_kernel<DT, B_KMAJOR, VEC, S, MODE>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = xft_allow_smem(grouped_rows_kernel<DT, B_KMAJOR, VEC, S, MODE>, smem);
   if (err != cudaSuccess) return err;
   const int BN = MODE == kGateUp ? Tiles<DT>::BN / 2 : Tiles<DT>::BN;
   const long long slots = CEIL_DIV((long long)args.M, (long long)Tiles<DT>::BM) + args.E;  // >= row tiles of any valid split
@@ -889,8 +889,7 @@ template <int DT, bool VEC, bool F32OUT, int S, bool GATHER>
 cudaError_t launch_dw_staged(const DwArgs& args) {
   size_t smem = kFSmemBytes;
   if constexpr (DT == XFT_BF16) smem = mma_smem_bytes<false, false, S>();
-  cudaError_t err = cudaFuncSetAttribute(grouped_dw_kernel<DT, VEC, F32OUT, S, GATHER>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err = xft_allow_smem(grouped_dw_kernel<DT, VEC, F32OUT, S, GATHER>, smem);
   if (err != cudaSuccess) return err;
   const long long tiles_k = CEIL_DIV((long long)args.k, (long long)Tiles<DT>::BN);
   const long long tiles_n = CEIL_DIV((long long)args.n, (long long)Tiles<DT>::BM);

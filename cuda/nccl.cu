@@ -52,9 +52,9 @@ static cudaStream_t g_side = nullptr;
 static int g_device = -1;
 
 #ifdef XFT_EMU
-// the host emulator runs every stream in order at once: waiting on an event is a no-op, and it is done
+// the host emulator runs every stream in order at once: waiting on an event is a no-op (its
+// cudaEventQuery, in cuda_runtime.h, says done)
 static cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned) { return cudaSuccess; }
-static cudaError_t cudaEventQuery(cudaEvent_t) { return cudaSuccess; }
 #endif
 
 static int Fail(const std::string& what) {

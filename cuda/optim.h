@@ -41,6 +41,7 @@ typedef struct xft_adafactor_tensor {
 // The scalars of one Adafactor step (transformers' Adafactor with relative_step = scale_parameter =
 // warmup_init = False, beta1 = None, weight_decay = 0).
 typedef struct xft_adafactor_options {
+  const float* control;  // NULL, or the step's control block on the device (cuda/step.h): skip flag, scale
   float lr;              // the step's learning rate
   float eps1;            // 1e-30: added to g^2
   float clip_threshold;  // 1.0: the update's RMS is clipped to it
@@ -50,9 +51,39 @@ typedef struct xft_adafactor_options {
   int stochastic;        // bf16 p: stochastic rounding of the write
 } xft_adafactor_options;
 
+// One tensor of a multi-tensor AdamW step: p f32 or bf16 (in place), g f32 or bf16, m and v f32, n
+// elements; p_copy (NULL: none) receives the updated p in copy_dtype. index: the tensor's position in
+// the run (its stochastic-rounding stream, xft_sr_stream(seed, step, index), derived on the device).
+typedef struct xft_adamw_tensor {
+  void* p;
+  const void* g;
+  float* m;
+  float* v;
+  void* p_copy;
+  int64_t n;
+  int p_dtype, g_dtype, copy_dtype;
+  int index;
+} xft_adamw_tensor;
+
+// The scalars of one AdamW step (bc1, bc2: the bias corrections 1 - beta^t, computed once on the host).
+typedef struct xft_adamw_options {
+  const float* control;  // NULL, or the step's control block on the device (cuda/step.h): skip flag, scale
+  const float* hyper;    // NULL, or f32 [4] on the device: lr, bc1, bc2, step, read instead of those fields (a graph's replay)
+  float lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale;
+  int step;
+  int stochastic;
+  uint64_t seed;
+} xft_adamw_options;
+
 #ifdef __cplusplus
 }
 #endif
+
+// the options with the step's values from o.hyper when given (step as f32: exact below 2^24)
+XFT_HD xft_adamw_options xft_adamw_resolve(xft_adamw_options o) {
+  if (o.hyper != nullptr) o.lr = o.hyper[0], o.bc1 = o.hyper[1], o.bc2 = o.hyper[2], o.step = (int)o.hyper[3];
+  return o;
+}
 
 // the per-tensor stream of stochastic-rounding bits at an optimizer step
 XFT_HD uint64_t xft_sr_stream(uint64_t seed, uint64_t step, uint64_t tensor) {
@@ -78,4 +109,21 @@ XFT_HD void xft_store_param(void* p, int dtype, size_t i, float v, int stochasti
 // beta2t = 1 - t^decay_rate, in double on the host as transformers computes it (math.pow)
 inline float xft_adafactor_beta2t(int step, float decay_rate) {
   return (float)(1.0 - pow((double)step, (double)decay_rate));
+}
+
+// AdamW's bias corrections 1 - beta^t, in double on the host (both backends)
+inline float xft_adamw_bias_correction(float beta, int step) { return (float)(1.0 - pow((double)beta, (double)step)); }
+
+// element i of an AdamW step (gs: the scaled gradient), shared by the kernels and their CPU twin
+XFT_HD void xft_adamw_element(void* p, int p_dtype, float* m, float* v, size_t i, float gs, float lr, float beta1, float beta2,
+                              float eps, float weight_decay, float bc1, float bc2, void* p_copy, int copy_dtype, int stochastic,
+                              uint64_t sr_stream) {
+  const float mi = beta1 * m[i] + (1.f - beta1) * gs;
+  const float vi = beta2 * v[i] + (1.f - beta2) * gs * gs;
+  m[i] = mi;
+  v[i] = vi;
+  float pi = xft_load_value(p, p_dtype, i);
+  pi -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + weight_decay * pi);
+  xft_store_param(p, p_dtype, i, pi, stochastic, sr_stream);
+  if (p_copy) xft_store_value(p_copy, copy_dtype, i, pi);
 }

@@ -13,6 +13,9 @@ the GPU cannot be used (xft_cuda_probe) instead of failing to load.
 #include <stdio.h>
 #include <string.h>
 
+#include <unordered_set>
+#include <vector>
+
 #include "xft_cuda.h"
 
 static cudaStream_t g_stream = nullptr;
@@ -20,6 +23,20 @@ static cudaMemPool_t g_pool = nullptr;
 static int g_device = -1;
 static xft_cuda_fault_slot* g_fault = nullptr;  // device record the kernels write index faults to
 static xft_cuda_fault_slot g_fault_host;        // its copy at the last synchronisation
+static xft_cuda_sync_stats g_sync_stats = {0, 0, 0, -1};
+
+extern "C" void xft_cuda_get_sync_stats(xft_cuda_sync_stats* out) {
+  *out = g_sync_stats;
+#ifdef XFT_EMU_RUNTIME
+  out->launches = (long long)g_emu.launches;  // the emulator counts every kernel launch
+#endif
+}
+
+// every host wait on the stream goes through here (counted: a training step makes none)
+static cudaError_t host_sync(void) {
+  g_sync_stats.host_syncs++;
+  return cudaStreamSynchronize(g_stream);
+}
 
 extern "C" xft_cuda_fault_slot* xft_cuda_fault_record(void) { return g_fault; }
 
@@ -154,12 +171,29 @@ extern "C" int xft_cuda_init(int ordinal, xft_cuda_device* info) {
   return xft_cuda_query(info);
 }
 
+// While a graph is captured, allocations are graph memory (allocation nodes at fixed addresses) and
+// must be freed inside the capture (free nodes): xft_cuda_graph_end refuses a capture that lets one
+// outlive it. Memory allocated before the capture and freed during it (a tensor disposed, or
+// collected by the garbage collector, meanwhile) is freed after the capture instead: a graph cannot
+// free memory it did not allocate, and a replay must not free it again.
+static bool g_capturing = false;
+static std::unordered_set<void*> g_capture_allocs;
+static std::vector<void*> g_deferred_frees;
+
 extern "C" int xft_cuda_malloc(void** ptr, size_t bytes) {
   // a zero-byte tensor still gets a distinct, valid pointer
-  return cudaMallocAsync(ptr, bytes ? bytes : 16, g_stream);
+  cudaError_t e = cudaMallocAsync(ptr, bytes ? bytes : 16, g_stream);
+  if (e == cudaSuccess && g_capturing) g_capture_allocs.insert(*ptr);
+  return e;
 }
 
-extern "C" int xft_cuda_free(void* ptr) { return cudaFreeAsync(ptr, g_stream); }
+extern "C" int xft_cuda_free(void* ptr) {
+  if (g_capturing && ptr && g_capture_allocs.erase(ptr) == 0) {
+    g_deferred_frees.push_back(ptr);
+    return cudaSuccess;
+  }
+  return cudaFreeAsync(ptr, g_stream);
+}
 
 // Host -> device copies go through two pinned staging buffers, so that the caller's (pageable)
 // source may be freed or reused as soon as the call returns: the copy from a pinned buffer is truly
@@ -187,13 +221,17 @@ extern "C" int xft_cuda_memcpy_h2d(void* dst, const void* host_src, size_t bytes
   if (stage_init() != cudaSuccess) {  // no pinned memory to be had: copy and wait
     cudaGetLastError();
     cudaError_t e = cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, g_stream);
-    return e != cudaSuccess ? e : cudaStreamSynchronize(g_stream);
+    return e != cudaSuccess ? e : host_sync();
   }
   for (size_t off = 0; off < bytes; off += kStageBytes) {
     const size_t n = bytes - off < kStageBytes ? bytes - off : kStageBytes;
     const int i = g_stage_next;
     g_stage_next ^= 1;
-    cudaError_t e = cudaEventSynchronize(g_stage_done[i]);  // its previous copy has landed
+    cudaError_t e = cudaEventQuery(g_stage_done[i]);
+    if (e == cudaErrorNotReady) {  // its previous copy is still queued: wait for it to land
+      g_sync_stats.staging_waits++;
+      e = cudaEventSynchronize(g_stage_done[i]);
+    }
     if (e != cudaSuccess) return e;
     memcpy(g_stage[i], (const char*)host_src + off, n);
     if ((e = cudaMemcpyAsync((char*)dst + off, g_stage[i], n, cudaMemcpyHostToDevice, g_stream)) != cudaSuccess) return e;
@@ -206,10 +244,11 @@ extern "C" int xft_cuda_memcpy_d2h(void* host_dst, const void* src, size_t bytes
   if (bytes) {
     cudaError_t e = cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, g_stream);
     if (e != cudaSuccess) return e;
+    g_sync_stats.d2h_copies++;
   }
   cudaError_t e = fetch_fault();
   if (e != cudaSuccess) return e;
-  return cudaStreamSynchronize(g_stream);
+  return host_sync();
 }
 
 extern "C" int xft_cuda_memcpy_d2d(void* dst, const void* src, size_t bytes) {
@@ -225,7 +264,7 @@ extern "C" int xft_cuda_memset(void* dst, int byte, size_t bytes) {
 extern "C" int xft_cuda_synchronize(void) {
   cudaError_t e = fetch_fault();
   if (e != cudaSuccess) return e;
-  return cudaStreamSynchronize(g_stream);
+  return host_sync();
 }
 
 extern "C" int xft_cuda_check(void) { return cudaGetLastError(); }
@@ -243,7 +282,68 @@ extern "C" int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes) {
 extern "C" int xft_cuda_pool_trim(void) {
   cudaError_t e = fetch_fault();
   if (e != cudaSuccess) return e;
-  e = cudaStreamSynchronize(g_stream);
+  e = host_sync();
   if (e != cudaSuccess) return e;
   return cudaMemPoolTrimTo(g_pool, 0);
+}
+
+// ---- CUDA graphs: a capture of the stream's work, replayed by one launch ----
+// Between xft_cuda_graph_begin and xft_cuda_graph_end the stream records instead of running; what
+// a capture refuses (a synchronisation, a device -> host copy, an upload through the staging
+// buffers, on the emulator also an allocation) fails that operation and the capture. Buffers a
+// graph uses are made before its capture: every replay reads and writes the same addresses, and
+// the values that change from step to step are read from device memory.
+static const int kMaxGraphs = 64;
+static cudaGraphExec_t g_graphs[kMaxGraphs] = {};
+
+extern "C" int xft_cuda_graph_begin(void) {
+  const cudaError_t e = cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeThreadLocal);
+  if (e == cudaSuccess) g_capturing = true, g_capture_allocs.clear();
+  return e;
+}
+
+// ends the capture; *handle (>= 1) names the instantiated graph. A capture that failed returns its error.
+extern "C" int xft_cuda_graph_end(int* handle) {
+  *handle = 0;
+  cudaGraph_t graph = nullptr;
+  cudaError_t e = cudaStreamEndCapture(g_stream, &graph);
+  const bool escaped = !g_capture_allocs.empty();
+  g_capturing = false;
+  g_capture_allocs.clear();
+  for (void* p : g_deferred_frees) cudaFreeAsync(p, g_stream);
+  g_deferred_frees.clear();
+  if (e == cudaSuccess && escaped) {  // an allocation of the capture outlives it (not one a replay could own)
+    cudaGraphDestroy(graph);
+    e = cudaErrorStreamCaptureUnsupported;
+  }
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return e;
+  }
+  int slot = 0;
+  while (slot < kMaxGraphs && g_graphs[slot] != nullptr) slot++;
+  if (slot == kMaxGraphs) {
+    cudaGraphDestroy(graph);
+    return cudaErrorMemoryAllocation;
+  }
+  e = cudaGraphInstantiate(&g_graphs[slot], graph, 0);
+  cudaGraphDestroy(graph);
+  if (e != cudaSuccess) {
+    g_graphs[slot] = nullptr;
+    return e;
+  }
+  *handle = slot + 1;
+  return 0;
+}
+
+extern "C" int xft_cuda_graph_launch(int handle) {
+  if (handle < 1 || handle > kMaxGraphs || g_graphs[handle - 1] == nullptr) return cudaErrorInvalidValue;
+  return cudaGraphLaunch(g_graphs[handle - 1], g_stream);
+}
+
+extern "C" int xft_cuda_graph_destroy(int handle) {
+  if (handle < 1 || handle > kMaxGraphs || g_graphs[handle - 1] == nullptr) return cudaErrorInvalidValue;
+  cudaError_t e = cudaGraphExecDestroy(g_graphs[handle - 1]);
+  g_graphs[handle - 1] = nullptr;
+  return e;
 }

@@ -18,6 +18,7 @@ semantics, with the prefix xft_cpu_ instead of xft_cuda_.
 #include <stdint.h>
 
 #include "optim.h"
+#include "step.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -64,6 +65,23 @@ int xft_cuda_memset(void* dst, int byte, size_t bytes);
 int xft_cuda_synchronize(void);
 int xft_cuda_check(void);                              // last launch error, without waiting
 int xft_cuda_pool_stats(size_t* used_bytes, size_t* reserved_bytes);
+// Host waits since the start (memoryStats): a training step between two log points makes none.
+//   host_syncs     stream synchronisations (each d2h copy, synchronize, trimPool, an unpinned h2d)
+//   d2h_copies     device -> host copies (each also a host sync)
+//   staging_waits  h2d uploads that found their pinned staging buffer still in flight (the host waited)
+//   launches       kernel launches (the emulated backend counts them; -1 on a GPU)
+typedef struct xft_cuda_sync_stats {
+  unsigned long long host_syncs, d2h_copies, staging_waits;
+  long long launches;
+} xft_cuda_sync_stats;
+void xft_cuda_get_sync_stats(xft_cuda_sync_stats* out);
+// CUDA graphs (cuda/runtime.cu): capture the stream's work between begin and end (nothing runs; a
+// synchronisation, device -> host copy or staged upload inside fails the capture), then replay it
+// with one launch per call. handle >= 1; at most 64 graphs live.
+int xft_cuda_graph_begin(void);
+int xft_cuda_graph_end(int* handle);
+int xft_cuda_graph_launch(int handle);
+int xft_cuda_graph_destroy(int handle);
 int xft_cuda_pool_trim(void);                          // release unused pool memory to the driver
 
 // Index faults. A kernel that meets an index outside its range (e.g. routing.experts holding 1e6)
@@ -289,6 +307,22 @@ int xft_cuda_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, f
 // Adafactor (cuda/adafactor.cu): one step over `count` tensors (host table, cuda/optim.h) in a fixed
 // number of launches; semantics in cuda/adafactor.cu. Deterministic (fixed reduction order).
 int xft_cuda_adafactor(const xft_adafactor_tensor* tensors, int count, const xft_adafactor_options* o);
+// AdamW over `count` tensors in one launch (host table, cuda/optim.h; the same update per element as
+// xft_cuda_adamw); o->control (NULL: none) is a device control block (cuda/step.h): skip flag and scale.
+int xft_cuda_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_adamw_options* o);
+
+// the training step's device bookkeeping (cuda/step.cu, cuda/step.h; ledger f64, control f32 [2]):
+// a micro-batch's cross-entropy rows (losses f32, predictions, targets i32 [rows]) into the ledger
+int xft_cuda_loss_stats(const float* losses, const int* predictions, const int* targets, int rows, double aux_div,
+                        double* ledger);
+// dst[0] += (double) x[0]
+int xft_cuda_stat_add(const float* x, double* dst);
+// the step's end: log record `slot`, the control block, the accumulators cleared (sumsq f32 [1])
+int xft_cuda_ledger_flag(const double* ledger, float* out);
+int xft_cuda_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots, double clip,
+                      double budget);
+// every buffer ptrs[k] of bytes[k] bytes set to zero, in one launch
+int xft_cuda_zero_many(void* const* ptrs, const size_t* bytes, int count);
 
 // MoE permutation (cuda/moe_permute.cu), around the grouped GEMMs. order i32 [T*K] from routing
 // (pairs t*K + s sorted by expert); position i32 [T*K] its inverse. x, dx, out, dout [T, d];

@@ -370,6 +370,7 @@ program
   .option('--eval-every <steps>', 'evaluate on the held-out examples every N steps (needs --held-out)', int(1))
   .option('--resume', 'continue the run saved in <out>.resume (its options are used)')
   .option('--recompute', 'activation recomputation: keep only each block\'s input, recompute it in the backward (less memory, ~1/3 more compute, identical gradients)')
+  .option('--cuda-graph', 'capture the training step in a CUDA graph and replay it (CUDA, AdamW, one process, no MoE router noise; the same losses and weights)')
   .option('--skip-nonfinite <n>', 'skip up to N steps whose loss or gradient norm is NaN/Inf (no update) before stopping with exit 1 (default 0: stop at the first)', int(0), 0)
   .option('--nproc <n>', 'data-parallel processes on this machine (one per GPU, or CPU processes); the global batch stays --batch-size. Under torchrun or srun, omit it: each process is one rank', int(1))
   .addOption(new Option('--zero <stage>', 'ZeRO stage: 0 replicates the optimizer state on every rank, 1 shards it over the ranks').choices(['0', '1']).default('0'))
@@ -385,7 +386,7 @@ interface TrainCliOptions extends DataOptions {
   out: string; merge?: boolean; sharedRate: number | null; batchSize: number; microBatch?: number; epochs?: number; steps?: number; lr?: number;
   warmup?: number; weightDecay: number; clip?: number; heldOut: number; seed: number; saveEvery?: number; saveCheckpointsEvery?: number; evalEvery?: number; resume?: boolean; device?: string; precision?: string;
   dtype?: SaveDtype; maxShardSize: number; overwrite?: boolean; skipNonfinite?: number; optim?: OptimizerKind; stochasticRounding?: boolean; gradDtype?: 'f32' | 'bf16'; recompute?: boolean;
-  nproc?: number; zero: '0' | '1'; distTimeout: number;
+  nproc?: number; zero: '0' | '1'; distTimeout: number; cudaGraph?: boolean;
 }
 
 /** This process's place in a distributed run and its process group (world size 1: a plain run). */
@@ -616,6 +617,7 @@ async function trainRun(modelDir: string, cli: TrainCliOptions, resumeDir: strin
     lr, batchSize: batch, microBatch: micro, steps: total, warmupSteps: warmup, weightDecay: o.weightDecay, clip: run.clip, seed: o.seed,
     optimizer: run.optim, masterWeights: run.precision === 'mixed', stochasticRounding: o.stochasticRounding ?? false, gradDtype: o.gradDtype ?? 'f32',
     resume: state, signal: stop.signal, skipNonFinite: o.skipNonfinite ?? 0, recompute: o.recompute ?? false,
+    cudaGraph: o.cudaGraph ?? false,
     onWarning: (message) => console.error(`\nxft: warning: ${message}`),
     onStep: (s) => {
       losses.push(s.loss);

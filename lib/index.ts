@@ -8,9 +8,9 @@ import * as xftOps from './ops';
 import * as layerOps from './ops_layers';
 import * as trainOps from './ops_train';
 import * as routerOps from './ops_router';
-import { adamw, adafactor } from './optim';
+import { adamw, adamwMulti, adafactor } from './optim';
 /** Every op: the XFT kernels (routing, grouped GEMM, merge) and the supporting kernels of a training step. */
-export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adafactor };
+export const ops = { ...xftOps, ...layerOps, ...trainOps, ...routerOps, adamw, adamwMulti, adafactor };
 export type { Routing, RouteOptions, GroupedGemmOptions, GroupedGemmBackwardOptions, GateUpOptions, GateUpBackwardOptions } from './ops';
 export type { RmsnormOptions, RmsnormResult, RmsnormBackwardOptions, RopeOptions, RouterNoiseOptions } from './ops_layers';
 export type { RouterLinearBackwardOptions, RoutingProbeLossOptions } from './ops_router';
@@ -59,3 +59,5 @@ export {
 } from './upit/index';
 export { type BalanceLossKind } from './config';
 export type { SwitchLossOptions } from './ops_train';
+export { StepLedger, zeroMany, type StepRecord, type StepStatus } from './ledger';
+export { CudaGraph } from './graph';

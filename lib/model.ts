@@ -25,6 +25,7 @@ import * as xops from './ops';
 import * as lops from './ops_layers';
 import * as tops from './ops_train';
 import * as rops from './ops_router';
+import { type StepLedger } from './ledger';
 import { type LlamaConfig, type MoeConfig, ropeScaling } from './config';
 
 /** The floor of the router noise scale: softplus(x W_noise) + 0.01 (the reference's noise_epsilon). */
@@ -43,6 +44,11 @@ export interface BackwardOptions {
    * run can start reducing them while the rest of the backward runs (lib/dist/ddp.ts).
    */
   onGradients?: (params: Param[]) => void;
+  /**
+   * the gradient of each row's loss (f32 [rows] on the model's device), used as it is instead of
+   * scale / tokens: a captured CUDA graph's step reads it from a buffer written before each replay
+   */
+  dLoss?: Tensor;
 }
 
 /** A trainable (or frozen) tensor with its gradient. */
@@ -182,6 +188,10 @@ export interface FFN {
   backward(ctx: Context, dy: Tensor): Tensor;
   /** auxiliary loss of the last forward (the MoE balance loss), as a number, or 0 */
   auxLoss(): number;
+  /** its training forward reads the step's seed (router noise): a captured step would replay one seed */
+  readonly stepSeeded?: boolean;
+  /** the same on the device (f32 [1], the caller's to dispose; auxLoss() is 0 after), or null when there is none: no synchronisation */
+  takeAuxLoss?(): Tensor | null;
   /** drop what forward kept (after an eval forward) */
   release(): void;
   dispose(): void;
@@ -393,6 +403,16 @@ export class MoeFFN implements FFN {
     return this.#aux ? this.#aux.item() : 0;
   }
 
+  get stepSeeded(): boolean {
+    return this.noise !== null && this.moe.gate_noise;
+  }
+
+  takeAuxLoss(): Tensor | null {
+    const aux = this.#aux;
+    this.#aux = null;
+    return aux;
+  }
+
   release(): void {
     const s = this.#saved;
     if (!s) return;
@@ -539,6 +559,8 @@ export class Block {
     if (this.#input) {
       const { x, seed } = this.#input;
       this.forward({ ...ctx, training: true, recompute: false, seed }, x).dispose();
+      // the replay's balance loss is the first forward's, counted then: not kept past the step
+      this.ffn.takeAuxLoss?.()?.dispose();
     }
     const s = this.#saved;
     if (!s) throw new XftError('Block.backward: no forward activations (call forward in training first)', 'XFT_VALUE');
@@ -692,7 +714,22 @@ export class Model {
    * block's activations (the same kernels with the same router noise: gradients are identical).
    */
   forward(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: ForwardOptions): ForwardResult {
-    const op = 'Model.forward';
+    return this.#forward('Model.forward', ids, targets, batch, seqLen, options, null)!;
+  }
+
+  /**
+   * forward() whose loss sums, token and accuracy counts and balance losses go into `ledger` on the
+   * device (lib/ledger.ts; the balance losses divided by `auxDiv`, the accumulation steps) instead of
+   * being read back: no host synchronisation. backward() then needs `tokens`.
+   */
+  forwardToLedger(ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: ForwardOptions,
+    ledger: StepLedger, auxDiv = 1): void {
+    expectNumber('Model.forwardToLedger', 'auxDiv', auxDiv, 'a finite number > 0', (x) => x > 0);
+    this.#forward('Model.forwardToLedger', ids, targets, batch, seqLen, options, { ledger, auxDiv });
+  }
+
+  #forward(op: string, ids: Tensor, targets: Tensor, batch: number, seqLen: number, options: ForwardOptions,
+    into: { ledger: StepLedger; auxDiv: number } | null): ForwardResult | null {
     checkBatch(op, this, ids, targets, batch, seqLen);
     const o = expectRequiredOptions<ForwardOptions>(op, options, 'an options object { training, seed?, recompute?, ffnInput? }');
     const training = expectBool(op, 'options.training', o.training);
@@ -711,6 +748,21 @@ export class Model {
     const { y: nf, rstd: rstdf } = lops.rmsnorm(x, this.norm.value, { eps: this.config.rms_norm_eps });
     const logits = linear(ctx, nf, this.lmHead.value);
     const { losses, predictions } = tops.crossEntropy(logits, targets, { validate: false });
+    if (into) {
+      for (const b of this.blocks) {
+        // the ledger keeps the sum: the layer's tensor is not kept past the step (a captured step allocates nothing that outlives it)
+        const aux = b.ffn.takeAuxLoss?.();
+        if (aux) into.ledger.addAux(aux), aux.dispose();
+      }
+      into.ledger.micro(losses, predictions, targets, into.auxDiv);
+      disposeAll(losses, predictions);
+      if (training) this.#saved = { xs: [...xs, x], nf, rstdf, logits, targets, ids, tokens: -1, batch, seqLen };
+      else {
+        disposeAll(xs.slice(1), x, nf, rstdf, logits);
+        xs[0].dispose();
+      }
+      return null;
+    }
     const l = losses.toArray(), p = predictions.toArray(), tg = targets.toArray();
     let sum = 0, tokens = 0, correct = 0;
     for (let i = 0; i < l.length; i++)
@@ -745,11 +797,15 @@ export class Model {
     const ready = (params: Param[]) => o.onGradients?.(params.filter((p) => p.trainable));
     const s = this.#saved;
     if (!s) throw new XftError('Model.backward: call forward({ training: true }) first', 'XFT_VALUE');
+    if (options.tokens === undefined && o.dLoss === undefined && s.tokens < 0)
+      throw new XftError(`${op}: after forwardToLedger, pass options.tokens (the counted tokens of the step: the ledger keeps them on the device)`, 'XFT_VALUE');
     const tokens = options.tokens ?? s.tokens;
     const R = s.logits.shape[0];
-    const dLoss = Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
+    const given = o.dLoss === undefined ? null : expectTensor(op, 'options.dLoss', o.dLoss, { dtype: ['f32'], shape: [R], shapeName: `[rows] = [${R}]` });
+    if (given && given.device !== this.device) throw new XftError(`${op}: options.dLoss is on ${given.device} but the model is on ${this.device}`, 'XFT_DEVICE');
+    const dLoss = given ?? Tensor.full([R], tokens > 0 ? (options.scale ?? 1) / tokens : 0, { device: this.device });
     const dLogits = tops.crossEntropyBackward(s.logits, s.targets, dLoss, { inPlace: true, validate: false });
-    dLoss.dispose();
+    if (!given) dLoss.dispose();
     const c2 = this.context(s.batch, s.seqLen, true, 0n, options.auxScale ?? options.scale ?? 1);
     const dnf = linearBackward(c2, s.nf, this.lmHead, dLogits)!;
     const xLast = s.xs[s.xs.length - 1];

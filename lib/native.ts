@@ -55,6 +55,14 @@ export interface NativeMemoryStats {
   /** mmap and munmap calls of the host cache since the start (a warm training step adds none) */
   hostMaps: number;
   hostUnmaps: number;
+  /** CUDA: host waits on the stream since the start (each d2h copy, synchronize, trimPool); a training step between log points makes none */
+  hostSyncs?: number;
+  /** CUDA: device -> host copies since the start (each also counts in hostSyncs) */
+  d2hCopies?: number;
+  /** CUDA: uploads that waited for their pinned staging buffer (the GPU was behind the host) */
+  stagingWaits?: number;
+  /** CUDA: kernel launches since the start (counted by the emulated backend; -1 on a GPU) */
+  kernelLaunches?: number;
 }
 
 type S = NativeStorage;

@@ -8,11 +8,19 @@
  * Each step reads top to bottom: next micro-batches -> forward -> backward (gradients accumulate)
  * -> grad norm -> clip -> optimizer update -> zero gradients.
  *
- * Divergence: a step whose loss or gradient norm is NaN or infinite is caught before the update,
- * from the values the step reads back anyway (no extra device sync): the run stops with
- * XFT_NONFINITE, weights and optimizer state as the last good step left them (or, with
- * `skipNonFinite`, up to that many such steps are skipped: no update of weights or moments). A loss
- * stuck at ln(vocab) (a collapsed model predicting the uniform distribution) gets a warning.
+ * No host synchronisation inside a step: losses, token counts and balance losses accumulate on the
+ * device, the gradient norm, clipping factor and non-finite check are computed there, and the
+ * optimizer kernels read the factor and a skip flag from device memory (lib/ledger.ts). The host
+ * reads the step records once per `logEvery` steps (default 1), and then calls onStep for each.
+ * Data parallel (`parallel`): the records hold each rank's sums and are summed over ranks when read;
+ * the non-finite check and clipping use the norm of the reduced gradient and a non-finite flag
+ * summed over ranks on the device, so every rank decides alike.
+ *
+ * Divergence: a step whose loss or gradient norm is NaN or infinite is caught on the device before
+ * the update: the run stops with XFT_NONFINITE (thrown at the next read), weights and optimizer
+ * state as the last good step left them (or, with `skipNonFinite`, up to that many such steps are
+ * skipped: no update of weights or moments). A loss stuck at ln(vocab) (a collapsed model
+ * predicting the uniform distribution) gets a warning.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -24,6 +32,9 @@ import type { Device } from './tensor';
 import { type Model, type Param, expectModel } from './model';
 import { type Sample, concatRows, countTargets, expectSamples, shuffle } from './data';
 import { SafetensorsReader, writeSafetensors } from './safetensors';
+import { StepLedger, zeroMany } from './ledger';
+import { CudaGraph } from './graph';
+import { adamwBiasCorrection } from './optim/adamw';
 import { recoverFolder, writeFileAtomic, writeFolderAtomic } from './folder';
 
 export interface TrainOptions {
@@ -72,6 +83,23 @@ export interface TrainOptions {
   /** called with a warning about the run (e.g. a loss stuck at ln(vocab)); default: none */
   onWarning?: (message: string) => void;
   /**
+   * read the step records back every this many steps (default 1): the steps between make no host
+   * synchronisation. onStep runs for each step of an interval at its end, when the weights are those
+   * of the interval's last step (evaluate or save only at multiples of logEvery); a non-finite step
+   * stops the run there too, with the weights of the step before it.
+   */
+  logEvery?: number;
+  /**
+   * capture the whole step (uploads of the micro-batches aside) in a CUDA graph and replay it (the
+   * CUDA backend; default false). The first step runs as usual, the second is captured, every later
+   * one is a replay: what changes from step to step (token ids and targets, the learning rate, the
+   * step number behind AdamW's bias corrections and stochastic rounding, the loss scale 1 / tokens,
+   * the ledger slot) is read from device buffers written before each replay (two small uploads), so
+   * the losses and weights are those of the same run without it, bit for bit. Refused (XFT_DEVICE or
+   * XFT_VALUE) where a replay would be wrong: a CPU model, data parallelism, Adafactor, MoE router noise.
+   */
+  cudaGraph?: boolean;
+  /**
    * data parallelism over several processes (lib/dist/ddp.ts DataParallel): each runs its share of
    * every step's micro-batches (batchSize = microBatch × accumulation steps × world size), gradients
    * and logged losses are summed over ranks; the losses are the single process's
@@ -90,14 +118,18 @@ export interface TrainParallel {
   prepare(kind: OptimizerKind, params: Param[], state: TrainState, device: Device, masterWeights: boolean): void;
   /** the last micro-batch's backward has finished these parameters' gradients */
   gradientsReady(params: readonly Param[]): void;
-  /** numbers summed over ranks, the same on every rank */
+  /** numbers summed over ranks, the same on every rank (a host collective: the trainer calls it at log points only) */
   sum(values: readonly number[]): number[];
-  /** finishes the gradient reduction; the squared norm of the whole reduced gradient */
-  reduceGradients(): number;
-  /** the optimizer step; the weights are equal on every rank afterwards */
+  /** f32 device tensors summed over ranks in place (one collective, no host synchronisation with NCCL) */
+  allReduce(tensors: Tensor[]): void;
+  /**
+   * finishes the gradient reduction; the squared norm of the reduced gradient, f32 [1] on the device
+   * (the caller disposes it): the whole (`partial` false: equal on every rank), or this rank's share
+   * (`partial` true: the trainer sums it over ranks)
+   */
+  reduceGradients(): { sumsq: Tensor; partial: boolean };
+  /** the optimizer step (hyper.control: the device control block may skip it); the weights are equal on every rank afterwards */
   update(kind: OptimizerKind, params: Param[], state: TrainState, hyper: StepHyper): void;
-  /** a skipped step's reduced gradients are dropped */
-  discard(): void;
 }
 
 export interface StepInfo {
@@ -156,6 +188,36 @@ function claimModel(model: Model): void {
   busy.add(model);
 }
 
+/** The f32 values of a graphed step's hyper block: lr, bc1, bc2, step (lib/optim/adamw.ts HyperOption). */
+const HYPER = 4;
+
+/** A captured training step (TrainOptions.cudaGraph) and the device buffers its replays read. */
+interface GraphedStep {
+  graph: CudaGraph | null;
+  /** the first step ran as ops (the gradients and the kernels' tables exist) */
+  warm: boolean;
+  /** rows (tokens) of a micro-batch */
+  rows: number;
+  /** uploaded each step: per micro-batch its ids then its targets (i32); HYPER values then the per-row loss gradient (f32) */
+  ints: Tensor;
+  floats: Tensor;
+  /** what the captured ops read, copied from the uploads inside the graph */
+  ids: Tensor[];
+  targets: Tensor[];
+  hyper: Tensor;
+  dLoss: Tensor;
+}
+
+/** Why a run cannot be replayed from a CUDA graph (a replay would be refused or wrong), as an XftError. */
+function graphRefusal(model: Model, o: TrainOptions, par: TrainParallel | undefined): void {
+  const no = (why: string, code: 'XFT_DEVICE' | 'XFT_VALUE' = 'XFT_VALUE') => new XftError(`train: cudaGraph: ${why}; train without cudaGraph (--cuda-graph)`, code);
+  if (model.device !== 'cuda') throw no(`CUDA graphs need the CUDA backend, and the model is on ${model.device}`, 'XFT_DEVICE');
+  if (par) throw no('data parallelism is not captured (the gradient all-reduce and the sums over ranks are calls of the host inside the step)');
+  if ((o.optimizer ?? 'adamw') !== 'adamw') throw no(`only AdamW reads its step from the device (${o.optimizer}'s step-dependent decay is a launch argument)`);
+  if (model.blocks.some((b) => b.ffn.stepSeeded === true))
+    throw no('the MoE router noise draws from a per-step seed that its kernels take as a launch argument (a replay would repeat one step\'s noise): set gate_noise false');
+}
+
 /** 64-bit seed of (run seed, step, micro-batch) for router noise. */
 function stepSeed(seed: number, step: number, micro: number): bigint {
   return BigInt.asUintN(64, (BigInt(seed) << 40n) ^ (BigInt(step) << 12n) ^ BigInt(micro) ^ 0x9e3779b97f4a7c15n);
@@ -187,6 +249,15 @@ export class Trainer {
   skipped = 0;
   #stuck = 0;
   #warnedStuck = false;
+  readonly #ledger: StepLedger;
+  readonly #logEvery: number;
+  /** data parallel: the non-finite flag of this rank's step, f32 [1], summed over ranks on the device */
+  readonly #flag: Tensor | null;
+  /** cudaGraph: the captured step and the buffers it reads (null: not a graphed run) */
+  #graphed: GraphedStep | null = null;
+  /** steps taken since the last read: their records wait in the ledger */
+  #pending: { step: number; epoch: number; lr: number; tokens: number }[] = [];
+  #intervalStart = process.hrtime.bigint();
 
   constructor(readonly model: Model, rows: readonly Sample[], options: TrainOptions) {
     expectModel('train', 'model', model);
@@ -208,7 +279,7 @@ export class Trainer {
     const num = (name: keyof TrainOptions, what: string, ok: (x: number) => boolean) =>
       o[name] === undefined || check(typeof o[name] === 'number' && Number.isFinite(o[name]) && ok(o[name] as number), name, what, o[name]);
     check(Number.isFinite(o.lr), 'lr', 'a finite number >= 0', o.lr);
-    count('epochs', 1), count('steps', 1), count('warmupSteps', 0), count('stopAfter', 0), count('seed', 0);
+    count('epochs', 1), count('steps', 1), count('warmupSteps', 0), count('stopAfter', 0), count('seed', 0), count('logEvery', 1);
     num('weightDecay', 'a finite number >= 0', (x) => x >= 0), num('clip', 'a finite number >= 0', (x) => x >= 0), num('eps', 'a finite number >= 0', (x) => x >= 0);
     num('beta1', 'a number in [0, 1)', (x) => x >= 0 && x < 1), num('beta2', 'a number in [0, 1)', (x) => x >= 0 && x < 1);
     check(o.onStep === undefined || typeof o.onStep === 'function', 'onStep', 'a function', o.onStep);
@@ -221,11 +292,14 @@ export class Trainer {
     check(o.resume === undefined || (o.resume !== null && typeof o.resume === 'object' && o.resume.m instanceof Map && o.resume.v instanceof Map &&
       Number.isSafeInteger(o.resume.step)), 'resume', 'a TrainState (from train or loadTrainState)', o.resume);
     const par = o.parallel;
-    check(par === undefined || (par !== null && typeof par === 'object' && typeof par.reduceGradients === 'function'), 'parallel', 'a TrainParallel (lib/dist DataParallel)', par);
+    check(par === undefined || (par !== null && typeof par === 'object' && typeof par.reduceGradients === 'function' && typeof par.allReduce === 'function'),
+      'parallel', 'a TrainParallel (lib/dist DataParallel)', par);
     const world = par?.worldSize ?? 1, rank = par?.rank ?? 0, accum = o.batchSize / micro;
     if (accum % world !== 0)
       throw new XftError(`train: the batch size ${o.batchSize} must be micro-batch × accumulation steps × world size: ${accum} micro-batches of ${micro} do not split over ${world} ranks ` +
         `(use a batch size that is a multiple of ${micro * world}, or a micro-batch that divides ${o.batchSize / world})`, 'XFT_VALUE');
+    check(o.cudaGraph === undefined || typeof o.cudaGraph === 'boolean', 'cudaGraph', 'a boolean', o.cudaGraph);
+    if (o.cudaGraph) graphRefusal(model, o, par);
     this.#par = par;
     this.#localAccum = accum / world;
     this.#firstMicro = rank * this.#localAccum;
@@ -244,6 +318,21 @@ export class Trainer {
     if (par) par.prepare(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true);
     else prepareState(o.optimizer ?? 'adamw', this.#params, this.state, model.device, o.masterWeights ?? true, this.state.step);
     model.zeroGrad();
+    this.#logEvery = o.logEvery ?? 1;
+    this.#ledger = new StepLedger(model.device, this.#logEvery);
+    this.#flag = par ? Tensor.zeros([1], { device: model.device }) : null;
+    if (o.cudaGraph) {
+      if (optimizerOf(this.state) !== 'adamw') throw new XftError(`train: cudaGraph supports AdamW only; the state to resume is an ${optimizerOf(this.state)} one`, 'XFT_VALUE');
+      if (this.total >= 2 ** 24) throw new XftError(`train: cudaGraph reads the step number as f32 on the device: at most 2^24 - 1 steps (got ${this.total})`, 'XFT_VALUE');
+      const rows = micro * seqLen, d = { device: model.device };
+      this.#graphed = {
+        graph: null, warm: false, rows,
+        ints: Tensor.zeros([2 * accum * rows], { ...d, dtype: 'i32' }), floats: Tensor.zeros([HYPER + rows], d),
+        ids: Array.from({ length: accum }, () => Tensor.zeros([rows], { ...d, dtype: 'i32' })),
+        targets: Array.from({ length: accum }, () => Tensor.zeros([rows], { ...d, dtype: 'i32' })),
+        hyper: Tensor.zeros([HYPER], d), dLoss: Tensor.zeros([rows], d),
+      };
+    }
   }
 
   /** True when the last step (or stopAfter) is reached. */
@@ -251,11 +340,13 @@ export class Trainer {
     return this.state.step >= this.#last;
   }
 
-  /** One optimizer step. */
-  step(): StepInfo {
+  /**
+   * One optimizer step, queued without a host synchronisation. At a log point (every logEvery steps,
+   * and the last step) the records are read and onStep runs for each: returns the last one's info.
+   */
+  step(): StepInfo | undefined {
     const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum;
     const step = this.state.step, seed = o.seed ?? 0, clip = o.clip ?? 1.0;
-    const t0 = process.hrtime.bigint();
     const epoch = Math.floor(step / this.#stepsPerEpoch);
     if (epoch !== this.#orderEpoch) {
       this.#order = shuffle(this.#rows, seed * 1000003 + epoch);
@@ -264,7 +355,19 @@ export class Trainer {
     const first = (step % this.#stepsPerEpoch) * o.batchSize;
     const chunk = this.#order.slice(first, first + o.batchSize);
     const stepTokens = chunk.reduce((a, r) => a + countTargets(r.targets), 0);
-    let lossSum = 0, aux = 0;
+    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
+    if (this.#graphed) this.#graphStep(this.#graphed, chunk, step, stepTokens, lr);
+    else this.#eagerStep(chunk, step, stepTokens, lr);
+    this.state.step = step + 1;
+    this.#pending.push({ step, epoch, lr, tokens: stepTokens });
+    if ((step + 1) % this.#logEvery === 0 || this.done) return this.flush();
+    return undefined;
+  }
+
+  /** The step's device work, op by op (the micro-batches uploaded one by one). */
+  #eagerStep(chunk: Sample[], step: number, stepTokens: number, lr: number): void {
+    const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum;
+    const seed = o.seed ?? 0, clip = o.clip ?? 1.0;
     // this rank's micro-batches of the step (all of them in a single process); the backward divides by
     // the whole step's token count, so that summing over ranks gives the single process's gradient
     const par = this.#par, last = this.#firstMicro + this.#localAccum - 1;
@@ -272,57 +375,141 @@ export class Trainer {
       const part = chunk.slice(mb * micro, (mb + 1) * micro);
       const ids = Tensor.from(concatRows(part, 'ids'), [part.length * seqLen], { dtype: 'i32', device: model.device });
       const targets = Tensor.from(concatRows(part, 'targets'), [part.length * seqLen], { dtype: 'i32', device: model.device });
-      const f = model.forward(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false });
+      model.forwardToLedger(ids, targets, part.length, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false }, this.#ledger, accum);
       model.backward({ tokens: stepTokens, scale: 1, auxScale: 1 / accum, onGradients: par && mb === last ? (ps) => par.gradientsReady(ps) : undefined });
-      lossSum += f.loss * f.tokens;
-      aux += f.auxLoss / accum;
       disposeAll(ids, targets);
     }
-    let gradNorm: number;
+    // the step's end on the device: gradient norm, clipping factor, the non-finite check -> the control block
+    let sq: Tensor;
     if (par) {
-      [lossSum, aux] = par.sum([lossSum, aux]);
-      gradNorm = Math.sqrt(par.reduceGradients());
-    } else {
-      const withGrad = this.#params.filter((p) => p.grad !== null);
-      const sq = lops.sumSquares(withGrad.map((p) => p.grad!));
-      gradNorm = Math.sqrt(sq.item());
-      sq.dispose();
+      const reduced = par.reduceGradients();
+      sq = reduced.sumsq;
+      // every rank's non-finite flag (and its share of the norm under ZeRO) summed: every rank decides alike
+      this.#ledger.nonFinite(this.#flag!);
+      par.allReduce(reduced.partial ? [sq, this.#flag!] : [this.#flag!]);
+    } else sq = lops.sumSquares(this.#params.filter((p) => p.grad !== null).map((p) => p.grad!));
+    this.#ledger.end(sq, this.#pending.length, clip, o.skipNonFinite ?? 0, this.#flag ?? undefined);
+    sq.dispose();
+    // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter; a skipped step writes nothing
+    const hyper: StepHyper = {
+      lr, step: step + 1, gradScale: 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
+      stochasticRounding: o.stochasticRounding, seed, control: this.#ledger.control,
+    };
+    if (par) par.update(optimizerOf(this.state), this.#params, this.state, hyper);
+    else optimizerStep(optimizerOf(this.state), this.#params, this.state, hyper);
+    zeroMany(this.#params.filter((p) => p.grad !== null).map((p) => p.grad!));
+  }
+
+  /**
+   * cudaGraph: the step's inputs uploaded into the graph's buffers (token ids and targets in one i32
+   * upload; lr, bias corrections, step and the per-row loss gradient in one f32 upload), then the
+   * step's device work: run as ops the first time (it makes the gradients and the kernels' tables),
+   * captured the second time, replayed from then on.
+   */
+  #graphStep(g: GraphedStep, chunk: Sample[], step: number, stepTokens: number, lr: number): void {
+    const o = this.#o, micro = this.#micro, rows = g.rows;
+    const ints = new Int32Array(g.ints.numel);
+    for (let mb = 0; mb < g.ids.length; mb++) {
+      const part = chunk.slice(mb * micro, (mb + 1) * micro);
+      ints.set(concatRows(part, 'ids'), 2 * mb * rows);
+      ints.set(concatRows(part, 'targets'), (2 * mb + 1) * rows);
     }
-    const loss = stepTokens ? lossSum / stepTokens : 0;
-    const lr = learningRate(step, o.lr, o.warmupSteps ?? 0, this.total);
-    // the one divergence check: loss and norm are already on the host (no extra sync)
-    const finite = Number.isFinite(loss) && Number.isFinite(aux) && Number.isFinite(gradNorm);
-    if (!finite) {
-      model.zeroGrad();
-      par?.discard();
-      if (this.skipped >= (o.skipNonFinite ?? 0)) {
+    const floats = new Float32Array(g.floats.numel);
+    floats.set([lr, adamwBiasCorrection(o.beta1 ?? 0.9, step + 1), adamwBiasCorrection(o.beta2 ?? 0.999, step + 1), step + 1]);
+    // the eager step's fill value scale / tokens, rounded to f32 alike
+    floats.fill(stepTokens > 0 ? 1 / stepTokens : 0, HYPER);
+    for (const [dst, data, dtype] of [[g.ints, ints, 'i32'], [g.floats, floats, 'f32']] as const) {
+      const host = Tensor.from(data, [data.length], { dtype });
+      dst.copy_(host);
+      host.dispose();
+    }
+    if (!g.warm) {
+      this.#graphBody(g, step);
+      g.warm = true;
+      return;
+    }
+    if (!g.graph) {
+      try {
+        g.graph = CudaGraph.capture(() => this.#graphBody(g, step));
+      } catch (err) {
+        if (err instanceof XftError) err.message = `train: cudaGraph: the training step could not be captured: ${err.message}`;
+        throw err;
+      }
+    }
+    g.graph.launch();
+  }
+
+  /** The device work of a graphed step: reads only the graph's buffers (no upload, no read back, nothing kept past it). */
+  #graphBody(g: GraphedStep, step: number): void {
+    const o = this.#o, model = this.model, seqLen = this.#seqLen, micro = this.#micro, accum = this.#accum, rows = g.rows;
+    const seed = o.seed ?? 0, clip = o.clip ?? 1.0;
+    g.hyper.copy_(g.floats.narrow(0, HYPER));
+    g.dLoss.copy_(g.floats.narrow(HYPER, rows));
+    for (let mb = 0; mb < accum; mb++) {
+      g.ids[mb].copy_(g.ints.narrow(2 * mb * rows, rows));
+      g.targets[mb].copy_(g.ints.narrow((2 * mb + 1) * rows, rows));
+      // the seed is baked into the capture: graphRefusal let through only models whose kernels do not read it
+      model.forwardToLedger(g.ids[mb], g.targets[mb], micro, seqLen, { training: true, seed: stepSeed(seed, step, mb), recompute: o.recompute ?? false }, this.#ledger, accum);
+      model.backward({ dLoss: g.dLoss, scale: 1, auxScale: 1 / accum });
+    }
+    const grads = this.#params.filter((p) => p.grad !== null).map((p) => p.grad!);
+    const sq = lops.sumSquares(grads);
+    this.#ledger.end(sq, 'next', clip, o.skipNonFinite ?? 0);
+    sq.dispose();
+    optimizerStep(optimizerOf(this.state), this.#params, this.state, {
+      lr: 0, step: step + 1, gradScale: 1, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
+      stochasticRounding: o.stochasticRounding, seed, control: this.#ledger.control, hyper: g.hyper,
+    });
+    zeroMany(grads);
+  }
+
+  /** Whether the next step() ends at a log point (then it reads the records back). */
+  get atLogPoint(): boolean {
+    return this.#pending.length === 0;
+  }
+
+  /**
+   * Reads the records of the steps taken since the last read (one synchronisation; data parallel:
+   * one sum over ranks) and calls onStep for each; returns the last one's info (undefined when none
+   * waited). A step found not finite beyond the skip budget throws XFT_NONFINITE, the state set back
+   * to the step before it. Every rank of a data-parallel run calls it at the same steps.
+   */
+  flush(): StepInfo | undefined {
+    const pending = this.#pending, o = this.#o;
+    if (pending.length === 0) return undefined;
+    this.#pending = [];
+    const records = this.#ledger.read(pending.length);
+    if (this.#par) {
+      // each rank's sums of the step -> the step's (the norm and status are equal on every rank already)
+      const summed = this.#par.sum(records.flatMap((r) => [r.lossSum, r.auxLoss, r.tokens, r.correct]));
+      records.forEach((r, k) => {
+        [r.lossSum, r.auxLoss, r.tokens, r.correct] = summed.slice(4 * k, 4 * k + 4);
+        r.loss = r.tokens > 0 ? r.lossSum / r.tokens : 0;
+      });
+    }
+    const now = process.hrtime.bigint(), seconds = Number(now - this.#intervalStart) / 1e9;
+    this.#intervalStart = now;
+    const tokensPerSecond = (o.batchSize * this.#seqLen * pending.length) / seconds;
+    let last: StepInfo | undefined;
+    for (let k = 0; k < pending.length; k++) {
+      const { step, epoch, lr, tokens } = pending[k], { loss, auxLoss, gradNorm, status } = records[k];
+      const what = Number.isFinite(loss) && Number.isFinite(auxLoss) ? 'gradient norm' : 'loss';
+      if (status === 'stopped' || status === 'after-stop') {
+        this.state.step = step;  // the later steps of the interval were not applied either
         const skipped = o.skipNonFinite ? ` (${this.skipped} step(s) skipped already, --skip-nonfinite ${o.skipNonFinite})` : '';
         throw new XftError(
-          `train: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite at step ${step + 1} (loss ${loss}, gradient norm ${gradNorm})${skipped}: ` +
+          `train: the ${what} is not finite at step ${step + 1} (loss ${loss}, gradient norm ${gradNorm})${skipped}: ` +
           `training diverged; stopped before updating, with the weights and optimizer state of step ${step} (lower the learning rate, or clip the gradient norm)`, 'XFT_NONFINITE');
       }
-      this.skipped++;
-      o.onWarning?.(`step ${step + 1}: the ${Number.isFinite(loss) ? 'gradient norm' : 'loss'} is not finite; step skipped (${this.skipped} of at most ${o.skipNonFinite})`);
-    } else {
-      const scale = clip > 0 && gradNorm > clip ? clip / gradNorm : 1;
-      // a bf16 parameter with a master: the f32 master is updated and rounded into the parameter
-      const hyper: StepHyper = {
-        lr, step: step + 1, gradScale: scale, beta1: o.beta1, beta2: o.beta2, eps: o.eps, weightDecay: o.weightDecay ?? 0,
-        stochasticRounding: o.stochasticRounding, seed,
-      };
-      if (par) par.update(optimizerOf(this.state), this.#params, this.state, hyper);
-      else optimizerStep(optimizerOf(this.state), this.#params, this.state, hyper);
-      model.zeroGrad();
-      this.#watchStuck(loss);
+      if (status === 'skipped') {
+        this.skipped++;
+        o.onWarning?.(`step ${step + 1}: the ${what} is not finite; step skipped (${this.skipped} of at most ${o.skipNonFinite})`);
+      } else this.#watchStuck(loss);
+      this.losses.push(loss);
+      last = { step: step + 1, steps: this.total, epoch, loss, auxLoss, lr, gradNorm, tokens, tokensPerSecond, skipped: status === 'skipped' };
+      o.onStep?.(last);
     }
-    this.state.step = step + 1;
-    this.losses.push(loss);
-    const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    const info = {
-      step: step + 1, steps: this.total, epoch, loss, auxLoss: aux, lr, gradNorm, tokens: stepTokens, tokensPerSecond: (o.batchSize * seqLen) / seconds, skipped: !finite,
-    };
-    o.onStep?.(info);
-    return info;
+    return last;
   }
 
   /** Warns once when the loss sits at ln(vocab), unchanged, for STUCK_STEPS steps: the model predicts the uniform distribution. */
@@ -341,6 +528,18 @@ export class Trainer {
   result(): TrainResult {
     return { losses: this.losses, state: this.state, steps: this.total };
   }
+
+  /** Frees the step ledger (the state and the model stay). */
+  dispose(): void {
+    this.#ledger.dispose();
+    this.#flag?.dispose();
+    const g = this.#graphed;
+    if (g) {
+      g.graph?.dispose();
+      disposeAll(g.ints, g.floats, g.ids, g.targets, g.hyper, g.dLoss);
+      this.#graphed = null;
+    }
+  }
 }
 
 /**
@@ -351,8 +550,13 @@ export function train(model: Model, rows: readonly Sample[], options: TrainOptio
   claimModel(model);
   try {
     const run = new Trainer(model, rows, options);
-    while (!run.done) run.step();
-    return run.result();
+    try {
+      while (!run.done) run.step();
+      run.flush();
+      return run.result();
+    } finally {
+      run.dispose();
+    }
   } finally {
     busy.delete(model);
   }
@@ -367,15 +571,24 @@ export async function trainAsync(model: Model, rows: readonly Sample[], options:
   claimModel(model);
   try {
     const run = new Trainer(model, rows, options);
-    const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
-    while (!run.done) {
-      await tick();
-      // ranks stop together: a Ctrl-C seen by any rank stops all of them after the same step
-      const aborted = options.signal?.aborted ?? false;
-      if (options.parallel ? options.parallel.sum([aborted ? 1 : 0])[0] > 0 : aborted) return { ...run.result(), interrupted: true };
-      run.step();
+    try {
+      const tick = () => new Promise<void>((resolve) => setImmediate(resolve));
+      while (!run.done) {
+        await tick();
+        // ranks stop together: a Ctrl-C seen by any rank stops all of them after the same step (checked
+        // between log intervals, where the ranks meet anyway: no collective inside an interval)
+        const aborted = options.signal?.aborted ?? false;
+        if (options.parallel ? run.atLogPoint && options.parallel.sum([aborted ? 1 : 0])[0] > 0 : aborted) {
+          run.flush();
+          return { ...run.result(), interrupted: true };
+        }
+        run.step();
+      }
+      run.flush();
+      return { ...run.result(), interrupted: false };
+    } finally {
+      run.dispose();
     }
-    return { ...run.result(), interrupted: false };
   } finally {
     busy.delete(model);
   }

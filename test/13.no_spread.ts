@@ -18,6 +18,7 @@ const RECURSION_ALLOWED: Record<string, string> = {
   'config.ts:sameValue': "one level per nesting level of config.json (2 in real configs: rope_scaling; lossless-json's own parser recurses the same way)",
   'config.ts:mergeWritten': 'one level per nesting level of config.json, as sameValue',
   'optim/adafactor.ts:adafactor': 'not a recursion: `typeof optimNative.adafactor` names the native entry point in a type',
+  'optim/adamw.ts:adamwMulti': 'not a recursion: `typeof optimNative.adamwMulti` names the native entry point in a type',
   'dist/launch.ts:stopAll': 'not a recursion on the stack: a timer callback escalates SIGTERM to SIGKILL once (depth 1)',
   // issue 10 (another change): disposeAll walks the user's arrays and plain objects recursively (a cyclic
   // object overflows); when it becomes iterative, this entry fails as stale: remove it then.

@@ -81,7 +81,7 @@ const REVEAL = 1e3;
 function revealedGradient(m: Model, microBatch: number, clip: number): { grads: Float64Array[]; gradNorm: number; loss: number } {
   const before = weights(m);
   const r = new Trainer(m, rows, { lr: REVEAL, eps: REVEAL, beta1: 0, beta2: 0, batchSize: ROWS, microBatch, steps: 1, clip, seed: 1 });
-  const info = r.step();
+  const info = r.step()!; // logEvery 1: every step is a log point
   const after = weights(m);
   disposeState(r.state);
   return { grads: before.map((b, i) => b.map((x, j) => x - after[i][j])), gradNorm: info.gradNorm, loss: info.loss };
@@ -131,7 +131,7 @@ t.test('three AdamW steps (warmup, decay, weight decay, clipping) against a floa
   const lrs = [o.lr, o.lr, o.lr / 2];
   for (let step = 1; step <= o.steps; step++) {
     const { grads: g } = batchGradient(m, rows);
-    const info = run.step();
+    const info = run.step()!;
     const n = norm(g), scale = Math.min(1, o.clip / n);
     t.ok(Math.abs(info.gradNorm - n) <= 1e-4 * n, `step ${step}: gradient norm ${info.gradNorm.toFixed(4)} = ${n.toFixed(4)}`);
     t.ok(Math.abs(info.lr - lrs[step - 1]) <= 1e-12, `step ${step}: lr ${info.lr}`);

@@ -23,6 +23,7 @@ row stay sequential: the bits do not change.
 
 #include "vec.h"
 #include "xft_cpu.h"
+#include "../../cuda/step.h"
 #include "../../cuda/optim.h"
 
 namespace {
@@ -79,7 +80,7 @@ XFT_VEC void write_row_v(void* p, int pbf, const float* u, float denom, float lr
 void adafactor_tensor(const xft_adafactor_tensor& t, const xft_adafactor_options& o, float beta) {
   const size_t S = (size_t)t.slices, R = (size_t)t.rows, C = (size_t)t.cols, RC = R * C, n = S * RC;
   if (n == 0) return;
-  const float gscale = o.grad_scale, eps1 = o.eps1;
+  const float gscale = xft_control_scale(o.control, o.grad_scale), eps1 = o.eps1;
   const int gbf = t.g_dtype == XFT_BF16;
   const bool factored = t.row != nullptr;
   std::vector<float> rowmean(S, 1.f);
@@ -163,6 +164,7 @@ void adafactor_tensor(const xft_adafactor_tensor& t, const xft_adafactor_options
 }  // namespace
 
 int xft_cpu_adafactor(const xft_adafactor_tensor* tensors, int count, const xft_adafactor_options* o) {
+  if (xft_control_skip(o->control)) return 0;  // a non-finite step (cuda/step.h): nothing is written
   const float beta = xft_adafactor_beta2t(o->step, o->decay_rate);
   for (int k = 0; k < count; k++) adafactor_tensor(tensors[k], *o, beta);
   return 0;

@@ -17,6 +17,7 @@ rounded); stochastic rounding takes the generic path.
 #include "vec.h"
 #include "xft_cpu.h"
 #include "../../cuda/optim.h"
+#include "../../cuda/step.h"
 
 namespace {
 
@@ -73,32 +74,48 @@ XFT_VEC void adamw_range(const AdamwArgs& A, int pb, int gb, int copy, size_t a,
 
 }  // namespace
 
-int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
-                  int stochastic, uint64_t sr_stream) {
-  // bias corrections in double on the host, as the CUDA launcher computes them
-  const float bc1 = (float)(1.0 - pow((double)beta1, (double)step));
-  const float bc2 = (float)(1.0 - pow((double)beta2, (double)step));
+// one tensor's update with the bias corrections bc1, bc2 (1 - beta^t) already computed
+static void adamw_tensor(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
+                         float beta2, float eps, float weight_decay, float bc1, float bc2, float grad_scale, void* p_copy,
+                         int copy_dtype, int stochastic, uint64_t sr_stream) {
   if (!(stochastic && p_dtype == XFT_BF16)) {
     const AdamwArgs A{p, g, m, v, p_copy, lr, beta1, beta2, eps, weight_decay, grad_scale, bc1, bc2};
     const int copy = p_copy ? (copy_dtype == XFT_BF16 ? 2 : 1) : 0;
     xft_cpu::parallel_for(n, 12.0 * (double)n, [&](size_t a, size_t b) {
       adamw_range(A, p_dtype == XFT_BF16, g_dtype == XFT_BF16, copy, a, b);
     });
-    return 0;
+    return;
   }
   xft_cpu::parallel_for(n, 12.0 * (double)n, [&](size_t a, size_t b) {
     for (size_t i = a; i < b; i++) {
-      float gs = xft_load_value(g, g_dtype, i) * grad_scale;
-      float mi = beta1 * m[i] + (1.f - beta1) * gs;
-      float vi = beta2 * v[i] + (1.f - beta2) * gs * gs;
-      m[i] = mi;
-      v[i] = vi;
-      float pi = xft_load_value(p, p_dtype, i);
-      pi -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + eps) + weight_decay * pi);
-      xft_store_param(p, p_dtype, i, pi, stochastic, sr_stream);
-      if (p_copy) xft_cpu::store(p_copy, copy_dtype, i, pi);
+      const float gs = xft_load_value(g, g_dtype, i) * grad_scale;
+      xft_adamw_element(p, p_dtype, m, v, i, gs, lr, beta1, beta2, eps, weight_decay, bc1, bc2, p_copy, copy_dtype, stochastic,
+                        sr_stream);
     }
   });
+}
+
+int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, float* v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
+                  int stochastic, uint64_t sr_stream) {
+  // bias corrections in double on the host, as the CUDA launcher computes them
+  const float bc1 = xft_adamw_bias_correction(beta1, step), bc2 = xft_adamw_bias_correction(beta2, step);
+  adamw_tensor(p, p_dtype, g, g_dtype, m, v, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale, p_copy, copy_dtype,
+               stochastic, sr_stream);
+  return 0;
+}
+
+// the multi-tensor step (cuda/adamw.cu xft_cuda_adamw_multi): each tensor as xft_cpu_adamw, the
+// stochastic-rounding stream from (seed, step, index); a set skip flag in the control block writes nothing
+int xft_cpu_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_adamw_options* options) {
+  if (xft_control_skip(options->control)) return 0;
+  const xft_adamw_options resolved = xft_adamw_resolve(*options), *o = &resolved;
+  const float grad_scale = xft_control_scale(o->control, o->grad_scale);
+  for (int k = 0; k < count; k++) {
+    const xft_adamw_tensor& t = tensors[k];
+    const uint64_t sr_stream = xft_sr_stream(o->seed, (uint64_t)o->step, (uint64_t)t.index);
+    adamw_tensor(t.p, t.p_dtype, t.g, t.g_dtype, t.m, t.v, (size_t)t.n, o->lr, o->beta1, o->beta2, o->eps, o->weight_decay, o->bc1,
+                 o->bc2, grad_scale, t.p_copy, t.copy_dtype, o->stochastic, sr_stream);
+  }
   return 0;
 }

@@ -13,6 +13,7 @@ Functions return 0; the binding validates arguments before calling them.
 
 #include "../../cuda/xft_math.h"
 #include "../../cuda/optim.h"
+#include "../../cuda/step.h"
 
 // fill.cc
 int xft_cpu_fill_random(void* out, int dtype, size_t n, int kind, uint64_t seed, float a, float b);
@@ -117,6 +118,14 @@ int xft_cpu_adamw(void* p, int p_dtype, const void* g, int g_dtype, float* m, fl
                   float beta2, float eps, float weight_decay, int step, float grad_scale, void* p_copy, int copy_dtype,
                   int stochastic, uint64_t sr_stream);
 int xft_cpu_adafactor(const xft_adafactor_tensor* tensors, int count, const xft_adafactor_options* o);
+int xft_cpu_adamw_multi(const xft_adamw_tensor* tensors, int count, const xft_adamw_options* o);
+// step.cc (the training step's ledger, cuda/step.h)
+int xft_cpu_loss_stats(const float* losses, const int* predictions, const int* targets, int rows, double aux_div, double* ledger);
+int xft_cpu_stat_add(const float* x, double* dst);
+int xft_cpu_ledger_flag(const double* ledger, float* out);
+int xft_cpu_step_end(const float* sumsq, double* ledger, float* control, const float* nonfinite, int slot, int slots, double clip,
+                     double budget);
+int xft_cpu_zero_many(void* const* ptrs, const size_t* bytes, int count);
 
 // moe_permute.cc
 int xft_cpu_invert_permutation(const int* order, int* position, int n);

@@ -11,7 +11,7 @@
  * process's (the mean over the step's response tokens), whatever the world size. (accelerate's DDP
  * averages per-rank means instead, which weights tokens unequally when ranks see different counts.)
  */
-import type { Device } from '../tensor';
+import type { Device, Tensor } from '../tensor';
 import * as lops from '../ops_layers';
 import { type OptimizerKind, type StepHyper, optimizerStep, prepareState, disposeOptimizerState } from '../optim';
 import type { Param } from '../model';
@@ -87,33 +87,30 @@ export class DataParallel implements TrainParallel {
     return this.#g.sum(values);
   }
 
+  allReduce(tensors: Tensor[]): void {
+    this.#g.allReduce(tensors);
+  }
+
   /**
    * Completes the reduction: every gradient is the sum over ranks (replicated), or this rank holds the
-   * sums of its shard (ZeRO with AdamW). Returns the squared norm of the whole reduced gradient.
+   * sums of its shard (ZeRO with AdamW). Returns the squared norm of the reduced gradient on the device
+   * (no host synchronisation): the whole, or (ZeRO with AdamW, `partial`) this rank's shard's share.
    */
-  reduceGradients(): number {
+  reduceGradients(): { sumsq: Tensor; partial: boolean } {
     this.#ready.clear();
-    if (this.#zero && !this.#zero.allReduces) return this.#g.sum([this.#zero.reduceScatter()])[0];
+    if (this.#zero && !this.#zero.allReduces) return { sumsq: this.#zero.reduceScatter(), partial: true };
     this.#buckets.forEach((_, i) => {
       if (this.#pending[i] === null) this.#launch(i);
       this.#pending[i]!.wait();
       this.#pending[i] = null;
     });
     // every rank holds the same sums: the norm is computed locally, identically
-    const sq = lops.sumSquares(this.#params.map((p) => p.grad!));
-    const v = sq.item();
-    sq.dispose();
-    return v;
+    return { sumsq: lops.sumSquares(this.#params.map((p) => p.grad!)), partial: false };
   }
 
   update(kind: OptimizerKind, params: Param[], state: TrainState, h: StepHyper): void {
     if (this.#zero) this.#zero.step(h);
     else optimizerStep(kind, params, state, h);
-  }
-
-  /** A skipped step: the reduced gradients are dropped (the trainer zeroes the model's). */
-  discard(): void {
-    this.#zero?.discardGradients();
   }
 
   /**

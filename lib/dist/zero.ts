@@ -132,12 +132,11 @@ export class ZeroStage1 {
   /**
    * AdamW: reduce-scatters (sums) the gradients, bucket by bucket (packed into a flat buffer padded
    * to a multiple of the world size, one bucket at a time), into this rank's shards; returns this
-   * rank's share of the gradients' sum of squares.
+   * rank's share of the gradients' sum of squares, f32 [1] on the device (the caller disposes it).
    */
-  reduceScatter(): number {
+  reduceScatter(): Tensor {
     this.#disposeShards();
     const W = this.#g.worldSize;
-    let sq = 0;
     this.#buckets.forEach((b) => {
       const flat = Tensor.zeros([b.padded], { dtype: b.gradDtype, device: this.#device });
       b.params.forEach((p, k) => flat.narrow(b.offsets[k], p.value.numel).copy_(p.gradBuffer().reshape([-1])));
@@ -145,11 +144,8 @@ export class ZeroStage1 {
       this.#g.reduceScatter(flat, shard);
       flat.dispose();
       this.#gradShards.push(shard);
-      const s = lops.sumSquares([shard]);
-      sq += s.item();
-      s.dispose();
     });
-    return sq;
+    return lops.sumSquares(this.#gradShards);
   }
 
   /**
@@ -189,11 +185,6 @@ export class ZeroStage1 {
       made.forEach((t) => t.dispose());
       valueShard.dispose(), gathered.dispose();
     });
-    this.#disposeShards();
-  }
-
-  /** Forgets the gradient shards (a skipped step). */
-  discardGradients(): void {
     this.#disposeShards();
   }
 

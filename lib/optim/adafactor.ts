@@ -13,7 +13,7 @@ import { XftError, invalidArgument } from '../errors';
 import { FLOAT, expectTensor, sameDevice } from '../ops_check';
 import { Tensor, dtypeCode, formatShape, type Device, type Shape } from '../tensor';
 import { expectArray, expectBool, expectInt, expectNumber, expectRequiredOptions as expectOptions } from '../validate';
-import { optimNative, roundingOf, type RoundingOptions } from './adamw';
+import { type ControlOption, controlOf, optimNative, roundingOf, type RoundingOptions } from './adamw';
 
 /** The second-moment statistics of one tensor: row + col (>= 2 dims) or v (a vector). */
 export interface AdafactorState {
@@ -37,7 +37,7 @@ export interface AdafactorEntry {
   tensorIndex?: number;
 }
 
-export interface AdafactorOptions extends RoundingOptions {
+export interface AdafactorOptions extends RoundingOptions, ControlOption {
   /** learning rate (>= 0) */
   lr: number;
   /** step t >= 1: beta2t = 1 - t^decayRate */
@@ -123,5 +123,6 @@ export function adafactor(entries: readonly AdafactorEntry[], options: Adafactor
       Parameters<typeof optimNative.adafactor>[0][number];
   });
   if (rows.length === 0) return;
-  optimNative.adafactor(rows, lr, eps1, clip, decay, step, gradScale, stochastic ? 1 : 0, seed);
+  const control = controlOf(op, o.control, device!);
+  optimNative.adafactor(rows, lr, eps1, clip, decay, step, gradScale, stochastic ? 1 : 0, seed, control?.storage ?? null);
 }

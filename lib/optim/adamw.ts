@@ -18,7 +18,11 @@ export interface OptimNative {
     eps: number, weightDecay: number, step: number, gradScale: number, copyTo: S | null, copyDtype: number, stochastic: number,
     seed: bigint, tensorIndex: number): void;
   adafactor(entries: [S, number, S, number, S | null, S | null, S | null, S | null, number, number, number, number, number, number][],
-    lr: number, eps1: number, clipThreshold: number, decayRate: number, step: number, gradScale: number, stochastic: number, seed: bigint): void;
+    lr: number, eps1: number, clipThreshold: number, decayRate: number, step: number, gradScale: number, stochastic: number, seed: bigint,
+    control?: S | null): void;
+  adamwMulti(entries: [S, number, S, number, S, S, number, S | null, number, number][], lr: number, beta1: number, beta2: number, eps: number,
+    weightDecay: number, step: number, gradScale: number, stochastic: number, seed: bigint, control: S | null, hyper?: S | null): void;
+  adamwBiasCorrection(beta: number, step: number): number;
 }
 
 export const optimNative = native as unknown as OptimNative;
@@ -50,6 +54,31 @@ export interface AdamWOptions extends RoundingOptions {
   copyTo?: Tensor;
   /** this tensor's index in the run (its stochastic-rounding stream); default 0 */
   tensorIndex?: number;
+}
+
+/** The device control block of a training step (lib/ledger.ts, cuda/step.h): f32 [2], gradient scale factor and skip flag. */
+export interface ControlOption {
+  /** read by the kernels from device memory: the gradient scale is multiplied by control[0]; control[1] != 0 skips the update (nothing written) */
+  control?: Tensor;
+}
+
+/** A step's values on the device, for a captured CUDA graph's replay (lib/train.ts): f32 [4] lr, bc1, bc2, step. */
+export interface HyperOption {
+  /** read by the kernel instead of lr and step (bias corrections 1 - beta^step from adamwBiasCorrection; step below 2^24) */
+  hyper?: Tensor;
+}
+
+/** AdamW's bias correction 1 - beta^step, as the kernels' launchers compute it (f32): for a `hyper` block. */
+export function adamwBiasCorrection(beta: number, step: number): number {
+  return optimNative.adamwBiasCorrection(beta, step);
+}
+
+/** The control block, checked: f32 [2] on `device`. */
+export function controlOf(op: string, control: unknown, device: string): Tensor | null {
+  if (control === undefined) return null;
+  const c = expectTensor(op, 'control', control, { dtype: ['f32'], shape: [2], shapeName: '[2] (scale, skip)' });
+  if (c.device !== device) throw new XftError(`${op}: control is on ${c.device} but the parameters are on ${device}`, 'XFT_DEVICE');
+  return c;
 }
 
 /** Checks the rounding options; returns [stochastic, seed]. */
@@ -88,4 +117,67 @@ export function adamw(params: Tensor, grads: Tensor, m: Tensor, v: Tensor, optio
   sameDevice(op, { params, grads, m, v, copyTo: copy });
   optimNative.adamw(p.storage, dtypeCode(p.dtype), g.storage, dtypeCode(g.dtype), m.storage, v.storage, p.numel, lr, beta1, beta2, eps, wd,
     step, gradScale, copy ? copy.storage : null, dtypeCode(copy ? copy.dtype : 'f32'), stochastic ? 1 : 0, seed, index);
+}
+
+/** One parameter of a multi-tensor AdamW step. */
+export interface AdamWEntry {
+  params: Tensor;
+  grads: Tensor;
+  m: Tensor;
+  v: Tensor;
+  copyTo?: Tensor;
+  /** its stochastic-rounding stream; default its position in the list */
+  tensorIndex?: number;
+}
+
+/**
+ * One AdamW step over many tensors in one launch (the update of `adamw` per element, bit for bit).
+ * All tensors on one device, a parameter at most once; `control` (a training step's device control
+ * block) scales the gradients and can skip the whole update without a host synchronisation.
+ */
+export function adamwMulti(entries: readonly AdamWEntry[], options: Omit<AdamWOptions, 'copyTo' | 'tensorIndex'> & ControlOption & HyperOption): void {
+  const op = 'adamwMulti';
+  if (!Array.isArray(entries)) throw new XftError(`${op}: expected entries, an array of { params, grads, m, v }`, 'XFT_TYPE');
+  const o = expectOptions<AdamWOptions & ControlOption & HyperOption>(op, options, 'an object with lr and step');
+  const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
+  const step = expectInt(op, 'step', o.step, 1, 2147483647);
+  const unit = (x: number) => x >= 0 && x < 1;
+  const beta1 = o.beta1 === undefined ? 0.9 : expectNumber(op, 'beta1', o.beta1, 'a number in [0, 1)', unit);
+  const beta2 = o.beta2 === undefined ? 0.999 : expectNumber(op, 'beta2', o.beta2, 'a number in [0, 1)', unit);
+  const eps = o.eps === undefined ? 1e-8 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
+  const wd = o.weightDecay === undefined ? 0 : expectNumber(op, 'weightDecay', o.weightDecay, 'a finite number >= 0', (x) => x >= 0);
+  const gradScale = o.gradScale === undefined ? 1 : expectNumber(op, 'gradScale', o.gradScale, 'a finite number', () => true);
+  const [stochastic, seed] = roundingOf(op, o);
+  const seen = new Set<Tensor>();
+  let device: string | null = null;
+  const rows = entries.map((e, k) => {
+    const at = `entries[${k}]`;
+    if (e === null || typeof e !== 'object') throw new XftError(`${op}: expected ${at}, an object { params, grads, m, v }`, 'XFT_TYPE');
+    const p = expectTensor(op, `${at}.params`, e.params, { dtype: FLOAT });
+    if (seen.has(p)) throw new XftError(`${op}: ${at}.params ${p.describe()} appears twice (one update per parameter)`, 'XFT_VALUE');
+    seen.add(p);
+    const shape = { shape: p.shape, shapeName: formatShape(p.shape) };
+    const g = expectTensor(op, `${at}.grads`, e.grads, { dtype: FLOAT, ...shape });
+    const m = expectTensor(op, `${at}.m`, e.m, { dtype: ['f32'], ...shape });
+    const v = expectTensor(op, `${at}.v`, e.v, { dtype: ['f32'], ...shape });
+    let copy: Tensor | null = null;
+    if (e.copyTo !== undefined) {
+      copy = expectTensor(op, `${at}.copyTo`, e.copyTo, { dtype: FLOAT });
+      if (copy.numel !== p.numel) throw new XftError(`${op}: ${at}.copyTo ${copy.describe()} must have as many elements as params ${p.describe()}`, 'XFT_SHAPE');
+    }
+    const index = e.tensorIndex === undefined ? k : expectInt(op, `${at}.tensorIndex`, e.tensorIndex, 0, 2 ** 24 - 1);
+    const d = sameDevice(op, { params: p, grads: g, m, v, copyTo: copy });
+    if (device !== null && d !== device) throw new XftError(`${op}: ${at} is on ${d}, entries[0] on ${device}: all tensors on one device`, 'XFT_DEVICE');
+    device = d;
+    return [p.storage, dtypeCode(p.dtype), g.storage, dtypeCode(g.dtype), m.storage, v.storage, p.numel, copy?.storage ?? null,
+      dtypeCode(copy ? copy.dtype : 'f32'), index] as Parameters<typeof optimNative.adamwMulti>[0][number];
+  });
+  if (rows.length === 0) return;
+  const control = controlOf(op, o.control, device!);
+  let hyper: Tensor | null = null;
+  if (o.hyper !== undefined) {
+    hyper = expectTensor(op, 'hyper', o.hyper, { dtype: ['f32'], shape: [4], shapeName: '[4] (lr, bc1, bc2, step)' });
+    if (hyper.device !== device) throw new XftError(`${op}: hyper is on ${hyper.device} but the parameters are on ${device}`, 'XFT_DEVICE');
+  }
+  optimNative.adamwMulti(rows, lr, beta1, beta2, eps, wd, step, gradScale, stochastic ? 1 : 0, seed, control?.storage ?? null, hyper?.storage ?? null);
 }

@@ -9,7 +9,7 @@
  */
 import { XftError } from '../errors';
 import { Tensor, type Device } from '../tensor';
-import { adamw } from './adamw';
+import { adamwMulti, type AdamWEntry } from './adamw';
 import { adafactor, adafactorState, type AdafactorEntry } from './adafactor';
 
 export * from './adamw';
@@ -58,6 +58,10 @@ export interface StepHyper {
   /** bf16 weights written in place: stochastic rounding, from this seed */
   stochasticRounding?: boolean;
   seed?: number;
+  /** a training step's device control block (lib/ledger.ts): scales the gradients further and can skip the update, read on the device */
+  control?: Tensor;
+  /** AdamW: f32 [4] on the device (lr, bc1, bc2, step) read instead of lr and step (a captured step's replay) */
+  hyper?: Tensor;
 }
 
 export function optimizerOf(state: OptimizerState): OptimizerKind {
@@ -99,21 +103,18 @@ export function prepareState(kind: OptimizerKind, params: readonly OptimParam[],
 
 /**
  * One optimizer step over the parameters that have gradients (their position in `params` is their
- * stochastic-rounding stream). A bf16 parameter with a master copy: the master is updated and the
- * parameter receives it rounded to nearest; without one, the parameter is updated in place.
+ * stochastic-rounding stream), in one multi-tensor launch (AdamW) or five (Adafactor). A bf16
+ * parameter with a master copy: the master is updated and the parameter receives it rounded to
+ * nearest; without one, the parameter is updated in place.
  */
 export function optimizerStep(kind: OptimizerKind, params: readonly OptimParam[], state: OptimizerState, h: StepHyper): void {
   const rounding = { stochasticRounding: h.stochasticRounding ?? false, seed: h.seed ?? 0 };
-  const entries: AdafactorEntry[] = [];
+  const entries: AdafactorEntry[] = [], adam: AdamWEntry[] = [];
   params.forEach((p, index) => {
     if (p.grad === null) return;
     const master = state.master?.get(p.name);
     const target = master ?? p.value, copyTo = master ? p.value : undefined;
-    if (kind === 'adamw')
-      adamw(target, p.grad, state.m.get(p.name)!, state.v.get(p.name)!, {
-        lr: h.lr, step: h.step, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay ?? 0, gradScale: h.gradScale,
-        copyTo, tensorIndex: index, ...rounding,
-      });
+    if (kind === 'adamw') adam.push({ params: target, grads: p.grad, m: state.m.get(p.name)!, v: state.v.get(p.name)!, copyTo, tensorIndex: index });
     else
       entries.push({
         params: target, grads: p.grad, copyTo, tensorIndex: index,
@@ -122,7 +123,9 @@ export function optimizerStep(kind: OptimizerKind, params: readonly OptimParam[]
         clipPerSlice: p.value.shape.length >= 3,
       });
   });
-  if (kind === 'adafactor') adafactor(entries, { lr: h.lr, step: h.step, gradScale: h.gradScale, ...rounding });
+  if (kind === 'adamw')
+    adamwMulti(adam, { lr: h.lr, step: h.step, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay ?? 0, gradScale: h.gradScale, control: h.control, hyper: h.hyper, ...rounding });
+  else adafactor(entries, { lr: h.lr, step: h.step, gradScale: h.gradScale, control: h.control, ...rounding });
 }
 
 /** The state's tensors under their checkpoint names (`m.<param>`, `row.<param>`, ...). */

@@ -14,7 +14,7 @@ import {
   Tensor, XftError, ops, manualSeed, setDefaultDevice, disposeAll, memoryStats, synchronize, resetPeakMemory, backend,
   createDense, upcycle, mergeable, toDense, copyDense, countParameters, tinyConfig, llamaConfig, moeConfig, parameterCount,
   parseJsonl, formatPrompt, ByteTokenizer, countTargets, concatRows, encodeExample, shuffle, split, toRows, batches,
-  pickToken, generate, train, evaluate, learningRate, adafactorState,
+  pickToken, generate, train, evaluate, learningRate, adafactorState, zeroMany,
 } from '../../lib/index';
 
 const [seedArg, batchArg, firstArg, countArg, mode] = process.argv.slice(2);
@@ -201,6 +201,7 @@ const entries: Entry[] = [
   ['generate', () => [denseModel(), new ByteTokenizer(), 'ab', { maxNewTokens: 2, temperature: 0.5, topP: 0.9, seed: 1 }], fn(generate)],
   ['train', () => [denseModel(), [{ ids: [1, 2, 3, 4], targets: [2, 3, 4, -1] }, { ids: [5, 6, 7, 8], targets: [6, 7, 8, 9] }],
     { lr: 1e-3, batchSize: 1, steps: 1 }], (...a) => keep((train as (...x: unknown[]) => { state: unknown }).apply(null, a).state)],
+  ['zeroMany', (r) => [[f32([3], r), f32([2, 5], r)]], fn(zeroMany)],
   ['evaluate', () => [denseModel(), [{ ids: [1, 2, 3, 4], targets: [2, 3, 4, -1] }], { batchSize: 1 }], fn(evaluate)],
   // the XFT ops
   op('routeShared', (r) => [f32([4, 3], r), { topK: 3, normalize: true, shared: true }]),
@@ -243,6 +244,8 @@ const entries: Entry[] = [
     return [[{ params: f32([3, 4], r), grads: f32([3, 4], r), state: st([3, 4]) }, { params: f32([2, 3, 2], r), grads: f32([2, 3, 2], r), state: st([2, 3, 2]), clipPerSlice: true },
       { params: f32([5], r), grads: f32([5], r), state: st([5]), copyTo: f32([5], r) }], { lr: 1e-3, step: 2, stochasticRounding: r.chance(0.5), seed: 3 }];
   }),
+  op('adamwMulti', (r) => [[{ params: f32([6], r), grads: f32([6], r), m: f32([6], r), v: keep(Tensor.ones([6])) }, { params: f32([2, 3], r), grads: f32([2, 3], r), m: f32([2, 3], r), v: keep(Tensor.ones([2, 3])), copyTo: f32([6], r) }],
+    { lr: 1e-3, step: 1, weightDecay: 0.1, control: keep(Tensor.from([1, 0], [2])) }]),
   op('invertPermutation', (r) => [i32(perm(6, r)), { validate: true }]),
   op('permute', (r) => [f32([3, 4], r), i32(perm(6, r)), 2, {}]),
   op('permuteBackward', (r) => [f32([6, 4], r), i32(perm(6, r)), 2, {}]),

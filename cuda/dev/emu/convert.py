@@ -1,5 +1,5 @@
 # CUDA source -> host C++ for the emulator (cuda_runtime.h beside this file).
-#   kernel<<<grid, block, smem, stream>>>(args)  -> emu_launch(grid, block, smem, &kernel, "kernel", [&] { kernel(args); })
+#   kernel<<<grid, block, smem, stream>>>(args)  -> emu_launch_kernel(grid, block, smem, &kernel, "kernel", [](auto&... a) { kernel(a...); }, args)
 #   asm("ptx" : outs : ins)                      -> emu_<instruction>(outs..., ins...)
 #   __shared__ T a[n], b[m];                     -> static T a[n], b[m]; EMU_SHARED(a); EMU_SHARED(b);
 #   extern __shared__ T s[];                     -> T* s = (T*)emu_dynamic_smem();
@@ -134,8 +134,9 @@ while True:
     args = src[a0 + 1:a]
     out.append(src[i:j])
     key = 'nullptr' if smem == '0' else '(const void*)&' + name  # the cudaFuncSetAttribute key
-    out.append('emu_launch(dim3(%s), dim3(%s), (size_t)(%s), %s, "%s", [&] { %s(%s); })'
-               % (parts[0], parts[1], smem, key, name.split('<')[0], name, args))
+    # the arguments are converted and copied at the launch (a captured launch replays with them)
+    out.append('emu_launch_kernel(dim3(%s), dim3(%s), (size_t)(%s), %s, "%s", [](auto&... a) { %s(a...); }%s)'
+               % (parts[0], parts[1], smem, key, name.split('<')[0], name, (', ' + args) if args.strip() else ''))
     i = a + 1
 result = '#include <cuda_runtime.h>\n#line 1 "%s"\n' % sys.argv[1] + ''.join(out)
 if len(sys.argv) > 2:

@@ -37,7 +37,9 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <memory>
 #include <random>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -78,6 +80,10 @@ enum cudaError_t {
   cudaErrorIllegalAddress = 700,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
+  cudaErrorNotReady = 600,
+  cudaErrorStreamCaptureUnsupported = 900,
+  cudaErrorStreamCaptureInvalidated = 901,
+  cudaErrorIllegalState = 401,
 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -129,7 +135,9 @@ struct EmuState {
   std::map<const char*, size_t> live;     // device allocations: start -> bytes
   size_t used = 0, reserved = 0;
   unsigned long long block_serial = 0;     // which block runs: __shared__ arrays are poisoned once per block
+  unsigned long long launches = 0;         // kernel launches (cuda/runtime.cu reports them in memoryStats)
 };
+#define XFT_EMU_RUNTIME 1
 inline EmuState g_emu;
 inline void emu_fail(int err, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 inline void emu_fail(int err, const char* fmt, ...) {
@@ -154,6 +162,10 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered (emulated)";
     case cudaErrorMisalignedAddress: return "misaligned address (emulated)";
     case cudaErrorLaunchFailure: return "unspecified launch failure (emulated: divergent barrier)";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing (emulated)";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture (emulated)";
+    case cudaErrorIllegalState: return "the operation cannot be performed in the present state (emulated)";
+    case cudaErrorNotReady: return "device not ready (emulated)";
     default: return "unknown error (emulated)";
   }
 }
@@ -169,6 +181,10 @@ inline const char* cudaGetErrorName(cudaError_t e) {
     case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
     case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+    case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
+    case cudaErrorIllegalState: return "cudaErrorIllegalState";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     default: return "cudaErrorUnknown";
   }
 }
@@ -178,6 +194,54 @@ inline cudaError_t cudaGetLastError() {
   return (cudaError_t)e;
 }
 inline cudaError_t cudaPeekAtLastError() { return (cudaError_t)g_emu.pending; }
+
+// ---- stream capture (CUDA graphs) ----
+// Between cudaStreamBeginCapture and cudaStreamEndCapture the stream's work is recorded, not run:
+// launches (their arguments copied at the launch, as CUDA copies them), memsets, device -> device
+// copies and host -> device copies from pinned memory become nodes that cudaGraphLaunch replays in
+// order. What a real capture refuses fails the operation with cudaErrorStreamCaptureUnsupported and
+// invalidates the capture (cudaStreamEndCapture then returns cudaErrorStreamCaptureInvalidated):
+// stream, device and event synchronisation, event queries, device -> host copies into pageable
+// memory, host -> device copies from pageable memory.
+// Allocations inside a capture are graph memory (CUDA's allocation and free nodes): the block is made
+// at the capture and kept by the graph, at the same address for every replay (as CUDA's fixed virtual
+// addresses), refilled with garbage where each replay allocates it; freeing it inside the capture
+// ends its use, and the graph frees it when destroyed. Stricter than CUDA: an allocation made inside
+// the capture must be freed inside it (one that outlives it fails the capture), and memory allocated
+// outside the capture cannot be freed inside it.
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1, cudaStreamCaptureModeRelaxed = 2 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1, cudaStreamCaptureStatusInvalidated = 2 };
+// the blocks a graph's capture allocated (and freed): released with the last copy of the graph
+struct EmuGraphMemory {
+  std::vector<std::pair<void*, size_t>> blocks;
+  ~EmuGraphMemory();
+};
+struct EmuGraph {
+  std::vector<std::function<void()>> nodes;
+  std::shared_ptr<EmuGraphMemory> memory = std::make_shared<EmuGraphMemory>();
+};
+typedef EmuGraph* cudaGraph_t;
+typedef EmuGraph* cudaGraphExec_t;
+struct EmuCapture {
+  bool on = false;
+  int invalid = cudaSuccess;  // the first refused operation
+  EmuGraph* graph = nullptr;
+  std::map<const void*, size_t> allocated;  // allocated inside the capture and not yet freed there
+};
+inline EmuCapture g_emu_capture;
+// inside a capture: false (and the capture invalidated) for an operation a capture refuses
+inline bool emu_capture_allows(const char* what) {
+  if (!g_emu_capture.on) return true;
+  fprintf(stderr, "xft emu: %s while the stream is capturing a CUDA graph: not permitted (cudaErrorStreamCaptureUnsupported)\n", what);
+  if (g_emu_capture.invalid == cudaSuccess) g_emu_capture.invalid = cudaErrorStreamCaptureUnsupported;
+  return false;
+}
+// inside a capture: records fn as a node and returns true; else false (run it now)
+inline bool emu_capture_record(std::function<void()> fn) {
+  if (!g_emu_capture.on) return false;
+  g_emu_capture.graph->nodes.push_back(std::move(fn));
+  return true;
+}
 
 // ---- device, stream, pool ----
 // The emulated host, from the environment (read once), so that tests can play hosts they do not have:
@@ -236,8 +300,16 @@ inline cudaError_t cudaDriverGetVersion(int* v) { *v = emu_driver_version(); ret
 inline cudaError_t cudaRuntimeGetVersion(int* v) { *v = kEmuRuntimeVersion; return cudaSuccess; }
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = (cudaStream_t)&g_emu; return cudaSuccess; }
 inline void emu_land_h2d();
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
-inline cudaError_t cudaDeviceSynchronize() { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  if (!emu_capture_allows("cudaStreamSynchronize")) return cudaErrorStreamCaptureUnsupported;
+  emu_land_h2d();
+  return (cudaError_t)g_emu.pending;
+}
+inline cudaError_t cudaDeviceSynchronize() {
+  if (!emu_capture_allows("cudaDeviceSynchronize")) return cudaErrorStreamCaptureUnsupported;
+  emu_land_h2d();
+  return (cudaError_t)g_emu.pending;
+}
 inline cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* p, int) { *p = (cudaMemPool_t)&g_emu; return cudaSuccess; }
 inline cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, cudaMemPoolAttr, void*) { return cudaSuccess; }
 inline cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t, cudaMemPoolAttr a, void* v) {
@@ -257,10 +329,25 @@ inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) {
   g_emu.live[(const char*)*p] = n;
   g_emu.used += n;
   g_emu.reserved = std::max(g_emu.reserved, g_emu.used);
+  if (g_emu_capture.on) {  // an allocation node: each replay finds garbage there again
+    g_emu_capture.allocated[*p] = bytes;
+    void* block = *p;
+    emu_capture_record([block, bytes] { memset(block, 0xFF, bytes); });
+  }
   return cudaSuccess;
 }
 inline cudaError_t cudaMalloc(void** p, size_t n) { return cudaMallocAsync(p, n, nullptr); }
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) {
+  if (g_emu_capture.on && p) {  // a free node: the block stays the graph's until the graph is destroyed
+    auto a = g_emu_capture.allocated.find(p);
+    if (a == g_emu_capture.allocated.end()) {
+      emu_capture_allows("cudaFreeAsync of memory allocated before the capture");
+      return cudaErrorStreamCaptureUnsupported;
+    }
+    g_emu_capture.graph->memory->blocks.push_back({p, a->second});
+    g_emu_capture.allocated.erase(a);
+    return cudaSuccess;
+  }
   emu_land_h2d();
   if (!p) return cudaSuccess;
   auto it = g_emu.live.find((const char*)p);
@@ -311,6 +398,14 @@ inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyK
   const bool sd = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
   if ((dd && !emu_device_range(d, n, "cudaMemcpyAsync dst")) || (sd && !emu_device_range(s, n, "cudaMemcpyAsync src")))
     return cudaGetLastError();
+  if (g_emu_capture.on) {
+    if (kind == cudaMemcpyDeviceToHost && !emu_pinned(d, n) && !emu_capture_allows("a device -> host copy into pageable memory"))
+      return cudaErrorStreamCaptureUnsupported;
+    if (kind == cudaMemcpyHostToDevice && !emu_pinned(s, n) && !emu_capture_allows("a host -> device copy from pageable memory"))
+      return cudaErrorStreamCaptureUnsupported;
+    emu_capture_record([d, s, n] { memmove(d, s, n); });  // the source is read at each replay
+    return cudaSuccess;
+  }
   if (kind == cudaMemcpyHostToDevice && !emu_pinned(s, n)) g_emu_late_h2d.push_back({d, s, n});
   else memmove(d, s, n);
   return cudaSuccess;
@@ -324,6 +419,7 @@ inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t) {
   emu_land_h2d();
   if (n == 0) return cudaSuccess;
   if (!emu_device_range(d, n, "cudaMemsetAsync")) return cudaGetLastError();
+  if (emu_capture_record([d, v, n] { memset(d, v, n); })) return cudaSuccess;
   memset(d, v, n);
   return cudaSuccess;
 }
@@ -345,7 +441,14 @@ inline cudaError_t cudaFreeHost(void* p) {
 }
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t = nullptr) { return cudaSuccess; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { emu_land_h2d(); return (cudaError_t)g_emu.pending; }
+inline cudaError_t cudaEventQuery(cudaEvent_t) {  // work runs at issue: always complete
+  return emu_capture_allows("cudaEventQuery") ? cudaSuccess : cudaErrorStreamCaptureUnsupported;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) {
+  if (!emu_capture_allows("cudaEventSynchronize")) return cudaErrorStreamCaptureUnsupported;
+  emu_land_h2d();
+  return (cudaError_t)g_emu.pending;
+}
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t, cudaEvent_t) { *ms = 0; return cudaSuccess; }
 template <class F> inline cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int v) {
   if (a == cudaFuncAttributeMaxDynamicSharedMemorySize) {
@@ -686,6 +789,8 @@ struct EmuWatchdog {
 
 inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, const char* name, std::function<void()> fn) {
   emu_land_h2d();
+  if (emu_capture_record([grid, block, smem, kernel, name, fn] { emu_launch(grid, block, smem, kernel, name, fn); })) return;
+  g_emu.launches++;
   EmuWatchdog watchdog(name);
   const unsigned long long n = (unsigned long long)block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
@@ -719,3 +824,63 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem, const void* kernel, c
     if (!emu_run_block((unsigned)b)) return;
   }
 }
+
+// A launch as convert.py writes it: the arguments copied now (as CUDA copies them at the launch), so
+// that a captured launch replays with the values they had, not with what their expressions read later.
+template <class K, class... A>
+inline void emu_launch_kernel(dim3 grid, dim3 block, size_t smem, const void* key, const char* name, K call, A&&... a) {
+  std::tuple<std::decay_t<A>...> args(std::forward<A>(a)...);
+  emu_launch(grid, block, smem, key, name, [call, args]() mutable { std::apply(call, args); });
+}
+
+// ---- graphs: a capture's nodes, replayed in order ----
+inline cudaError_t cudaStreamBeginCapture(cudaStream_t, cudaStreamCaptureMode) {
+  if (g_emu_capture.on) return cudaErrorIllegalState;
+  emu_land_h2d();
+  g_emu_capture = EmuCapture{true, cudaSuccess, new EmuGraph(), {}};
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamEndCapture(cudaStream_t, cudaGraph_t* graph) {
+  *graph = nullptr;
+  if (!g_emu_capture.on) return cudaErrorIllegalState;
+  int invalid = g_emu_capture.invalid;
+  EmuGraph* g = g_emu_capture.graph;
+  if (!g_emu_capture.allocated.empty()) {
+    // outliving the capture, they are plain allocations again (their owner frees them as usual)
+    fprintf(stderr, "xft emu: %zu allocation(s) made inside the CUDA graph capture outlive it: not permitted here (free them inside it)\n",
+            g_emu_capture.allocated.size());
+    if (invalid == cudaSuccess) invalid = cudaErrorStreamCaptureUnsupported;
+  }
+  g_emu_capture = EmuCapture{};
+  if (invalid != cudaSuccess) {
+    delete g;
+    return cudaErrorStreamCaptureInvalidated;
+  }
+  *graph = g;
+  return cudaSuccess;
+}
+inline cudaError_t cudaStreamIsCapturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  *status = !g_emu_capture.on ? cudaStreamCaptureStatusNone
+            : g_emu_capture.invalid ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long = 0) {
+  if (!graph) return cudaErrorInvalidValue;
+  *exec = new EmuGraph(*graph);
+  return cudaSuccess;
+}
+inline cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t) {
+  if (!exec) return cudaErrorInvalidValue;
+  if (!emu_capture_allows("cudaGraphLaunch")) return cudaErrorStreamCaptureUnsupported;
+  for (auto& node : exec->nodes) node();
+  return (cudaError_t)g_emu.pending;
+}
+inline EmuGraphMemory::~EmuGraphMemory() {
+  for (auto& [p, n] : blocks) {
+    auto it = g_emu.live.find((const char*)p);
+    if (it != g_emu.live.end()) g_emu.used -= it->second, g_emu.live.erase(it);
+    free(p);
+  }
+}
+inline cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) { delete exec; return cudaSuccess; }
+inline cudaError_t cudaGraphDestroy(cudaGraph_t graph) { delete graph; return cudaSuccess; }

@@ -1,6 +1,7 @@
 // cub::DeviceRadixSort::SortPairs of the host emulation (cuda/dev/emu): a stable sort of the
 // pairs by the key bits [begin_bit, end_bit), like the radix sort; the first call (temp == NULL)
-// asks for scratch bytes, as cub does.
+// asks for scratch bytes, as cub does. Inside a CUDA graph capture the sort is recorded as a node
+// (it runs at each replay, on what the replay's earlier nodes wrote), not run at the capture.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -24,17 +25,21 @@ struct DeviceRadixSort {
         !emu_device_range(values_in, n * sizeof(V), "SortPairs values_in") ||
         !emu_device_range(values_out, n * sizeof(V), "SortPairs values_out"))
       return cudaErrorInvalidValue;
-    const int bits = end_bit - begin_bit;
-    const unsigned long long mask = bits >= 64 ? ~0ull : ((1ull << bits) - 1);
-    auto key = [&](int i) { return ((unsigned long long)keys_in[i] >> begin_bit) & mask; };
-    std::vector<int> idx(n);
-    std::iota(idx.begin(), idx.end(), 0);
-    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return key(a) < key(b); });
-    std::vector<K> k(n);
-    std::vector<V> v(n);
-    for (int i = 0; i < n; i++) k[i] = keys_in[idx[i]], v[i] = values_in[idx[i]];
-    std::copy(k.begin(), k.end(), keys_out);
-    std::copy(v.begin(), v.end(), values_out);
+    auto sort = [=] {
+      const int bits = end_bit - begin_bit;
+      const unsigned long long mask = bits >= 64 ? ~0ull : ((1ull << bits) - 1);
+      auto key = [&](int i) { return ((unsigned long long)keys_in[i] >> begin_bit) & mask; };
+      std::vector<int> idx(n);
+      std::iota(idx.begin(), idx.end(), 0);
+      std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return key(a) < key(b); });
+      std::vector<K> k(n);
+      std::vector<V> v(n);
+      for (int i = 0; i < n; i++) k[i] = keys_in[idx[i]], v[i] = values_in[idx[i]];
+      std::copy(k.begin(), k.end(), keys_out);
+      std::copy(v.begin(), v.end(), values_out);
+    };
+    emu_land_h2d();  // stream order
+    if (!emu_capture_record(sort)) sort();
     return cudaSuccess;
   }
 };
