@@ -22,7 +22,7 @@ export type { NativeCudaProbe } from './backend_reason';
 export * from './checkpoint';
 export {
   type OptimizerKind, type OptimizerState, type Precision, OPTIMIZERS, PRECISIONS, bytesPerParameter, adafactorState, adafactorStateShapes,
-  adafactorStateElements, isFactored, type AdamWOptions, type AdafactorOptions, type AdafactorEntry, type AdafactorState, type StepHyper,
+  adafactorStateElements, isFactored, type AdamWOptions, type AdamWEntry, type ControlOption, type HyperOption, type AdafactorOptions, type AdafactorEntry, type AdafactorState, type StepHyper,
 } from './optim';
 export { type LlamaConfig, type MoeConfig, type RouterKind, llamaConfig, moeConfig, tinyConfig, hfConfigJson, parameterCount, configJsonText, readConfigJson } from './config';
 export { Model, Param, Block, DenseFFN, MoeFFN, MergedFFN, type FFN, type ForwardResult, type ForwardOptions, type Context, type BackwardOptions } from './model';
@@ -54,10 +54,10 @@ export type { Env as DistEnvVariables } from './dist/env';
 export {
   upit, upitFolders, spawnTrain, UPIT_STAGES, UPIT_DEFAULTS, assembleMoe, expandPool, seedIndices, rowLosses, assignBuckets, preoptimizeRouting, readRoutingVectors,
   checkpointSteps, listEpochCheckpoints,
-  type UpitOptions, type UpitResult, type UpitStage, type AssembleOptions, type ExpandOptions, type ExpandResult, type ExpandRound, type BucketOptions, type Buckets,
+  type UpitOptions, type UpitResult, type UpitStage, type AssembleOptions, type ExpandOptions, type ExpandResult, type ExpandRound, type BucketOptions, type BucketMode, type Buckets,
   type RouteOptions as RoutingVectorOptions, type RoutingResult, type EpochCheckpoint,
 } from './upit/index';
 export { type BalanceLossKind } from './config';
 export type { SwitchLossOptions } from './ops_train';
-export { StepLedger, zeroMany, type StepRecord, type StepStatus } from './ledger';
+export { StepLedger, zeroMany, STEP_STATUS, type StepRecord, type StepStatus } from './ledger';
 export { CudaGraph } from './graph';

@@ -33,7 +33,7 @@ import { assembleMoe } from './assemble';
 
 export { assembleMoe, type AssembleOptions } from './assemble';
 export { expandPool, type ExpandOptions, type ExpandResult, type ExpandRound } from './expand';
-export { seedIndices, rowLosses, assignBuckets, type BucketOptions, type Buckets } from './seed';
+export { seedIndices, rowLosses, assignBuckets, type BucketOptions, type BucketMode, type Buckets } from './seed';
 export { preoptimizeRouting, readRoutingVectors, type RouteOptions, type RoutingResult } from './route';
 export { checkpointSteps, listEpochCheckpoints, type EpochCheckpoint } from '../checkpoint_schedule';
 
