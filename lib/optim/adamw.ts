@@ -98,14 +98,7 @@ export function adamw(params: Tensor, grads: Tensor, m: Tensor, v: Tensor, optio
   const g = expectTensor(op, 'grads', grads, { dtype: FLOAT, ...shape });
   expectTensor(op, 'm', m, { dtype: ['f32'], ...shape });
   expectTensor(op, 'v', v, { dtype: ['f32'], ...shape });
-  const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
-  const step = expectInt(op, 'step', o.step, 1, 2147483647);
-  const unit = (x: number) => x >= 0 && x < 1;
-  const beta1 = o.beta1 === undefined ? 0.9 : expectNumber(op, 'beta1', o.beta1, 'a number in [0, 1)', unit);
-  const beta2 = o.beta2 === undefined ? 0.999 : expectNumber(op, 'beta2', o.beta2, 'a number in [0, 1)', unit);
-  const eps = o.eps === undefined ? 1e-8 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
-  const wd = o.weightDecay === undefined ? 0 : expectNumber(op, 'weightDecay', o.weightDecay, 'a finite number >= 0', (x) => x >= 0);
-  const gradScale = o.gradScale === undefined ? 1 : expectNumber(op, 'gradScale', o.gradScale, 'a finite number', () => true);
+  const { lr, step, beta1, beta2, eps, wd, gradScale } = hyperOf(op, o);
   const index = o.tensorIndex === undefined ? 0 : expectInt(op, 'tensorIndex', o.tensorIndex, 0, 2 ** 24 - 1);
   const [stochastic, seed] = roundingOf(op, o);
   let copy: Tensor | null = null;
@@ -117,6 +110,19 @@ export function adamw(params: Tensor, grads: Tensor, m: Tensor, v: Tensor, optio
   sameDevice(op, { params, grads, m, v, copyTo: copy });
   optimNative.adamw(p.storage, dtypeCode(p.dtype), g.storage, dtypeCode(g.dtype), m.storage, v.storage, p.numel, lr, beta1, beta2, eps, wd,
     step, gradScale, copy ? copy.storage : null, dtypeCode(copy ? copy.dtype : 'f32'), stochastic ? 1 : 0, seed, index);
+}
+
+/** AdamW's hyper-parameters of `o`, checked (defaults as torch.optim.AdamW), for adamw and adamwMulti alike. */
+function hyperOf(op: string, o: AdamWOptions) {
+  const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
+  const step = expectInt(op, 'step', o.step, 1, 2147483647);
+  const unit = (x: number) => x >= 0 && x < 1;
+  const beta1 = o.beta1 === undefined ? 0.9 : expectNumber(op, 'beta1', o.beta1, 'a number in [0, 1)', unit);
+  const beta2 = o.beta2 === undefined ? 0.999 : expectNumber(op, 'beta2', o.beta2, 'a number in [0, 1)', unit);
+  const eps = o.eps === undefined ? 1e-8 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
+  const wd = o.weightDecay === undefined ? 0 : expectNumber(op, 'weightDecay', o.weightDecay, 'a finite number >= 0', (x) => x >= 0);
+  const gradScale = o.gradScale === undefined ? 1 : expectNumber(op, 'gradScale', o.gradScale, 'a finite number', () => true);
+  return { lr, step, beta1, beta2, eps, wd, gradScale };
 }
 
 /** One parameter of a multi-tensor AdamW step. */
@@ -139,14 +145,7 @@ export function adamwMulti(entries: readonly AdamWEntry[], options: Omit<AdamWOp
   const op = 'adamwMulti';
   if (!Array.isArray(entries)) throw new XftError(`${op}: expected entries, an array of { params, grads, m, v }`, 'XFT_TYPE');
   const o = expectOptions<AdamWOptions & ControlOption & HyperOption>(op, options, 'an object with lr and step');
-  const lr = expectNumber(op, 'lr', o.lr, 'a finite number >= 0', (x) => x >= 0);
-  const step = expectInt(op, 'step', o.step, 1, 2147483647);
-  const unit = (x: number) => x >= 0 && x < 1;
-  const beta1 = o.beta1 === undefined ? 0.9 : expectNumber(op, 'beta1', o.beta1, 'a number in [0, 1)', unit);
-  const beta2 = o.beta2 === undefined ? 0.999 : expectNumber(op, 'beta2', o.beta2, 'a number in [0, 1)', unit);
-  const eps = o.eps === undefined ? 1e-8 : expectNumber(op, 'eps', o.eps, 'a finite number >= 0', (x) => x >= 0);
-  const wd = o.weightDecay === undefined ? 0 : expectNumber(op, 'weightDecay', o.weightDecay, 'a finite number >= 0', (x) => x >= 0);
-  const gradScale = o.gradScale === undefined ? 1 : expectNumber(op, 'gradScale', o.gradScale, 'a finite number', () => true);
+  const { lr, step, beta1, beta2, eps, wd, gradScale } = hyperOf(op, o);
   const [stochastic, seed] = roundingOf(op, o);
   const seen = new Set<Tensor>();
   let device: string | null = null;
