@@ -2,7 +2,8 @@
 // expand -> seed -> route -> assemble -> post-train, each stage's folder, the MoE it ends with (no shared
 // expert, linear router from the routing vectors, the Switch loss), a rerun that skips every complete
 // stage and leaves the folders as they were, one stage rerun alone (--stage) giving the same bits, a stage
-// whose inputs are missing (exit 3), --help, and the ablations --no-expand --no-router-init.
+// whose inputs are missing (exit 3), a rerun asking for other settings over complete stages (exit 3, the
+// setting named), --help, and the ablations --no-expand --no-router-init.
 import t from 'tap';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -86,6 +87,25 @@ t.test('one stage rerun alone gives the same bits; a stage without its inputs is
   t.equal(r.code, 3, 'assemble before the earlier stages: exit 3');
   t.match(r.err, /run (it|the prepare stage) first/, `names what to run first: ${r.err.trim()}`);
   t.notOk(fs.existsSync(at('fresh', 'assemble')), 'nothing assembled');
+});
+
+t.test('a rerun asking for other settings over complete stages is exit 3, naming the setting; nothing rewritten', async (t) => {
+  const before = stamp(at('up'));
+  let r = xft(...RUN, '--out', 'up', '--drop-rate', '0.3');
+  t.equal(r.code, 3, 'a changed DARE drop rate over a complete expand stage: exit 3');
+  t.match(r.err, /up[/\\]expand was made with dropRate 0\.5 \(--drop-rate\), and this run asks for 0\.3/, `names the setting, both values and the stage: ${r.err.trim()}`);
+  r = xft(...RUN, '--out', 'up', '--post-epochs', '2');
+  t.equal(r.code, 3, 'a changed post-training length over a complete post-train stage: exit 3');
+  t.match(r.err, /post-train was made with postEpochs 1 \(--post-epochs\)/);
+  r = xft(...RUN, '--out', 'up', '--lr', '2e-3');
+  t.equal(r.code, 3, 'a changed SFT lr: exit 3 at the first stage it made');
+  t.match(r.err, /up[/\\]prepare was made with lr 0\.001 \(--lr\)/);
+  t.same(stamp(at('up')), before, 'nothing rewritten');
+  // a stage not started yet takes new settings: delete post-train, rerun with 2 post-training epochs
+  fs.rmSync(at('up', 'post-train'), { recursive: true });
+  r = xft(...RUN, '--out', 'up', '--post-epochs', '2', '--stage', 'post-train');
+  t.equal(r.code, 0, `post-train redone with a new length: ${r.err}`);
+  t.match(JSON.parse(fs.readFileSync(at('up', 'upit_settings.json'), 'utf8'))['post-train'], { postEpochs: 2, dropRate: 0.5 }, 'its settings recorded, with those of the stages before it');
 });
 
 t.test('ablations: --no-expand saves E checkpoints, --no-router-init draws the router', async (t) => {

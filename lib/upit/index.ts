@@ -236,6 +236,72 @@ async function dataRows(s: Settings): Promise<Sample[]> {
   return toRows(samples, seqLen, 'pad', tok.pad).filter((r) => countTargets(r.targets) > 0);
 }
 
+/**
+ * The settings each stage's output depends on, its own and (through `stageRecord`) those of the stages
+ * before it. A rerun over a complete (or resumable) stage must ask for the same values: the stage is
+ * skipped (or resumed), so a changed value would silently not apply.
+ */
+const STAGE_SETTINGS: Record<UpitStage, (s: Settings) => Record<string, unknown>> = {
+  prepare: (s) => ({
+    dense: path.resolve(s.dense), data: path.resolve(s.data), seed: s.seed, lr: s.lr, batchSize: s.batchSize, seqLen: s.seqLen ?? null,
+    tokenizer: s.tokenizer ?? null, precision: s.precision ?? null, prepareEpochs: s.prepareEpochs, checkpointEvery: s.checkpointEvery,
+  }),
+  expand: (s) => ({
+    experts: s.experts, keep: s.keep, expand: s.expand, parents: s.parents ?? UPIT_DEFAULTS.parents.value,
+    similarity: s.similarity ?? UPIT_DEFAULTS.similarity.value, dropRate: s.dropRate ?? UPIT_DEFAULTS.dropRate.value, excludeUsedPairs: s.excludeUsedPairs ?? false,
+  }),
+  seed: (s) => ({ routerInit: s.routerInit, seedFraction: s.seedFraction, buckets: s.buckets ?? UPIT_DEFAULTS.buckets.value }),
+  route: (s) => ({
+    gamma: s.gamma ?? UPIT_DEFAULTS.gamma.value, routeEpochs: s.routeEpochs, routerLrScale: s.routerLrScale ?? UPIT_DEFAULTS.routerLrScale.value,
+    routeTrain: s.routeTrain ?? UPIT_DEFAULTS.routeTrain.value,
+  }),
+  assemble: (s) => ({ topK: s.topK, trunk: s.trunk, balanceLossWeight: s.balanceLossWeight }),
+  'post-train': (s) => ({ postEpochs: s.postEpochs }),
+};
+const SETTINGS_FILE = 'upit_settings.json';
+/** the CLI flag of a setting */
+const flagOf = (key: string) => (key === 'balanceLossWeight' ? '--balance-loss' : key === 'expand' || key === 'routerInit' ? `--[no-]${key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}` : key === 'dense' ? '<dense>' : `--${key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`);
+
+/** the settings a stage's output depends on: its own and every earlier stage's */
+function stageRecord(s: Settings, stage: UpitStage): Record<string, unknown> {
+  const r: Record<string, unknown> = {};
+  for (const st of UPIT_STAGES.slice(0, UPIT_STAGES.indexOf(stage) + 1)) Object.assign(r, STAGE_SETTINGS[st](s));
+  return r;
+}
+
+function readSettings(out: string): Partial<Record<UpitStage, Record<string, unknown>>> {
+  const f = path.join(out, SETTINGS_FILE);
+  if (!fs.existsSync(f)) return {};
+  try {
+    return JSON.parse(fs.readFileSync(f, 'utf8')) as Partial<Record<UpitStage, Record<string, unknown>>>;
+  } catch (e) {
+    throw new XftError(`${OP}: ${f} is not valid JSON (${(e as Error).message}); it records the settings of the stages under ${out}`, 'XFT_FORMAT');
+  }
+}
+
+/** records the settings of `stage` as it starts (written before its output, so a resumed stage is checked too) */
+function recordSettings(s: Settings, stage: UpitStage): void {
+  const all = readSettings(s.out);
+  all[stage] = stageRecord(s, stage);
+  writeFileAtomic(path.join(s.out, SETTINGS_FILE), JSON.stringify(all, null, 2) + '\n');
+}
+
+/**
+ * Throws when `stage` has output under `out` (complete, or partial and about to be resumed) made with
+ * settings other than this run's. A stage recorded by no settings file (an older pipeline) is not checked.
+ */
+function checkSettings(s: Settings, stage: UpitStage, dir: string): void {
+  const recorded = readSettings(s.out)[stage];
+  if (!recorded) return;
+  const now = stageRecord(s, stage);
+  for (const key of new Set([...Object.keys(recorded), ...Object.keys(now)])) {
+    const a = JSON.stringify(recorded[key] ?? null), b = JSON.stringify(now[key] ?? null);
+    if (a !== b)
+      throw new XftError(`${OP}: ${dir} was made with ${key} ${a} (${flagOf(key)}), and this run asks for ${b}: a complete or interrupted stage is ` +
+        `skipped or resumed, so the new value would not apply. Run with ${a} again, choose another --out, or delete ${dir} and the stages after it to redo them`, 'XFT_VALUE');
+  }
+}
+
 interface ExpandMark { pool: string[] }
 interface SeedMark { indices: number[]; bucket: number[]; sizes: number[] }
 
@@ -250,6 +316,13 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
   if (dense.kind !== 'dense') throw new XftError(`${OP}: ${s.dense} is a ${dense.kind} checkpoint; UpIT starts from a dense one`, 'XFT_VALUE');
   if (!fs.existsSync(s.data)) throw new XftError(`${OP}: ${s.data}: no such data file`, 'XFT_IO');
   fs.mkdirSync(s.out, { recursive: true });
+  // every stage with output (complete, or partial and resumed below) was made with this run's settings
+  const stageDir = (st: UpitStage) => (st === 'post-train' ? dirs.postTrain : dirs[st]);
+  const hasOutput = (st: UpitStage) => {
+    const dir = stageDir(st);
+    return st === 'prepare' || st === 'post-train' ? complete(dir) || fs.existsSync(`${dir}.resume`) : fs.existsSync(dir);
+  };
+  for (const st of UPIT_STAGES) if (hasOutput(st)) checkSettings(s, st, stageDir(st));
   const ran: UpitStage[] = [], skipped: UpitStage[] = [];
   const want = (st: UpitStage) => s.stage === undefined || s.stage === st;
   const done = (st: UpitStage, isDone: boolean) => {
@@ -259,6 +332,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
 
   // 1. prepare: SFT with epoch checkpoints
   if (!done('prepare', complete(dirs.prepare))) {
+    recordSettings(s, 'prepare');
     s.log(`prepare: SFT of ${s.dense}, ${s.prepareEpochs} epochs, a checkpoint every ${s.checkpointEvery} epoch`);
     await trainStage(s, s.dense, dirs.prepare, ['--epochs', String(s.prepareEpochs), '--save-checkpoints-every', String(s.checkpointEvery)]);
     ran.push('prepare');
@@ -266,6 +340,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
 
   // 2. expand: the kept checkpoints, bred up to E
   if (!done('expand', readMark<ExpandMark>(dirs.expand) !== null)) {
+    recordSettings(s, 'expand');
     const { kept } = checkpointsOf(s);
     let pool = kept.map((c) => c.dir);
     if (s.expand && pool.length < s.experts) {
@@ -289,6 +364,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
   // 3a. seed: seed rows in buckets by lowest PPL
   let rows: Sample[] | null = null;
   if (!done('seed', readMark<SeedMark>(dirs.seed) !== null)) {
+    recordSettings(s, 'seed');
     if (s.routerInit) {
       rows = await dataRows(s);
       const indices = seedIndices(rows.length, s.seedFraction, s.seed);
@@ -303,6 +379,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
 
   // 3b. route: one routing vector per expert and layer
   if (!done('route', readMark(dirs.route) !== null)) {
+    recordSettings(s, 'route');
     if (s.routerInit) {
       const m = readMark<SeedMark>(dirs.seed);
       if (!m) throw new XftError(`${OP}: the seed stage has not run (${dirs.seed}); run it first`, 'XFT_VALUE');
@@ -329,6 +406,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
   if (!done('assemble', complete(dirs.assemble))) {
     const routeMark = readMark<{ experts: string[] | null }>(dirs.route);
     if (!routeMark) throw new XftError(`${OP}: the route stage has not run (${dirs.route}); run it first`, 'XFT_VALUE');
+    recordSettings(s, 'assemble');
     const { saved } = checkpointsOf(s);
     const trunk = s.trunk === 'theta0' ? [s.dense] : s.trunk === 'last' ? [saved[saved.length - 1].dir] : saved.map((c) => c.dir);
     // with router init, expert e's FFN is the one trained with its routing vector (route/expert-e)
@@ -341,6 +419,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
   // 5. post-train: L_lm + w L_load, the MoE's config carries the Switch loss
   if (!done('post-train', complete(dirs.postTrain))) {
     if (!complete(dirs.assemble)) throw new XftError(`${OP}: the assemble stage has not run (${dirs.assemble}); run it first`, 'XFT_VALUE');
+    recordSettings(s, 'post-train');
     s.log(`post-train: ${s.postEpochs} epochs of the MoE`);
     await trainStage(s, dirs.assemble, dirs.postTrain, ['--epochs', String(s.postEpochs)]);
     ran.push('post-train');
