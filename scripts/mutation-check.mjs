@@ -5,11 +5,14 @@
 //
 //   node scripts/mutation-check.mjs [name ...]        (default: every mutant)
 //
+// Mutants run on XFT_MUTANT_JOBS workers at once (default: 2, or 1 on a single core), each in its own
+// copy; a mutant's test files run one at a time, so two workers keep two cores busy.
+//
 // TypeScript mutants run against XFT_ADDON_PATH when it is set, else against a CPU-only addon built in
 // the copy (~11 s); native mutants (binding/cpu) rebuild a CPU-only addon in the copy each (~11 s).
 // test/54 needs python3 with numpy (XFT_PYTHON picks the interpreter); XFT_REQUIRE_REFERENCES=1 is set
 // so that a missing reference fails instead of letting its mutant survive.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -87,36 +90,56 @@ if (only.length && mutants.length !== only.length) {
   process.exit(2);
 }
 
-// the copy: the project's files as they are in the working tree (tracked and untracked, not ignored)
-const work = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-mutants-'));
-const cleanup = () => fs.rmSync(work, { recursive: true, force: true });
-process.on('exit', cleanup);
-for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+// the copies: the project's files as they are in the working tree (tracked and untracked, not ignored),
+// one per worker
 const files = spawnSync('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], { cwd: root, encoding: 'utf8' }).stdout.split('\0').filter(Boolean);
-for (const f of files) {
-  if (f === 'node_modules' || f.startsWith('build') || !fs.existsSync(path.join(root, f))) continue;
-  fs.mkdirSync(path.dirname(path.join(work, f)), { recursive: true });
-  fs.copyFileSync(path.join(root, f), path.join(work, f));
+const cores = os.availableParallelism?.() ?? os.cpus().length;
+const jobs = Math.max(1, Math.min(mutants.length, Number(process.env.XFT_MUTANT_JOBS) || Math.min(2, cores)));
+const works = [];
+process.on('exit', () => {
+  for (const w of works) fs.rmSync(w, { recursive: true, force: true });
+});
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => process.exit(130));
+for (let j = 0; j < jobs; j++) {
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-mutants-'));
+  works.push(work);
+  for (const f of files) {
+    if (f === 'node_modules' || f.startsWith('build') || !fs.existsSync(path.join(root, f))) continue;
+    fs.mkdirSync(path.dirname(path.join(work, f)), { recursive: true });
+    fs.copyFileSync(path.join(root, f), path.join(work, f));
+  }
+  fs.symlinkSync(fs.realpathSync(path.join(root, 'node_modules')), path.join(work, 'node_modules'));
 }
-fs.symlinkSync(fs.realpathSync(path.join(root, 'node_modules')), path.join(work, 'node_modules'));
 
-const npx = (args, env = {}) => spawnSync('npx', args, { cwd: work, encoding: 'utf8', env: { ...process.env, ...env }, maxBuffer: 1 << 28 });
-function buildCpu(out) {
+/** npx in a copy, without blocking the other workers: { status, stdout, stderr } */
+function npx(work, args, env = {}) {
+  return new Promise((resolve) => {
+    const child = spawn('npx', args, { cwd: work, env: { ...process.env, ...env } });
+    let stdout = '', stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', (err) => resolve({ status: -1, stdout, stderr: stderr + err.message }));
+    child.on('close', (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+async function buildCpu(work, out) {
   const t0 = Date.now();
-  const r = npx(['cmake-js', 'compile', '--out', out, '--CDXFT_CUDA=OFF']);
+  const r = await npx(work, ['cmake-js', 'compile', '--out', out, '--CDXFT_CUDA=OFF']);
   if (r.status !== 0) throw new Error(`CPU build in ${work}/${out} failed:\n${(r.stdout + r.stderr).slice(-3000)}`);
   return { addon: path.join(work, out, 'Release', 'xft.node'), seconds: (Date.now() - t0) / 1000 };
 }
 
 let baseAddon = process.env.XFT_ADDON_PATH;
 if (!baseAddon) {
-  const b = buildCpu('build-base');
+  const b = await buildCpu(works[0], 'build-base');
   baseAddon = b.addon;
   console.log(`== CPU-only addon for the TypeScript mutants built in ${b.seconds.toFixed(0)} s`);
 }
 
-function runTests(tests, addon) {
-  const r = npx(['tap', '--disable-coverage', '-R', 'tap', ...tests], {
+async function runTests(work, tests, addon) {
+  // one test file at a time (--jobs 1): the workers share the cores
+  const r = await npx(work, ['tap', '--disable-coverage', '--jobs', '1', '-R', 'tap', ...tests], {
     XFT_ADDON_PATH: addon, XFT_REQUIRE_REFERENCES: '1', XFT_DEVICE: 'cpu', XFT_TEST_EXPECT_BACKEND: 'cpu',
   });
   const out = r.stdout + r.stderr;
@@ -125,9 +148,8 @@ function runTests(tests, addon) {
   return { status: r.status, failed, first, out };
 }
 
-const results = [];
-const total0 = Date.now();
-for (const m of mutants) {
+/** one mutant in `work`: plant, build (native), run its tests, restore */
+async function runMutant(work, m) {
   const t0 = Date.now();
   const file = path.join(work, m.file), original = fs.readFileSync(file, 'utf8');
   let text = original, stale = null;
@@ -141,8 +163,8 @@ for (const m of mutants) {
   else {
     fs.writeFileSync(file, text);
     try {
-      const addon = m.native ? buildCpu(`build-mutant-${m.name}`).addon : baseAddon;
-      const r = runTests(m.tests, addon);
+      const addon = m.native ? (await buildCpu(work, `build-mutant-${m.name}`)).addon : baseAddon;
+      const r = await runTests(work, m.tests, addon);
       row = r.failed.length
         ? { name: m.name, verdict: 'killed', detail: `${r.failed.join(', ')}: ${r.first}` }
         : r.status !== 0
@@ -156,9 +178,16 @@ for (const m of mutants) {
     }
   }
   row.seconds = (Date.now() - t0) / 1000;
-  results.push(row);
   console.log(`${row.verdict.padEnd(8)} ${m.name.padEnd(26)} ${row.seconds.toFixed(0).padStart(4)} s  ${m.why}\n         ${row.detail}`);
+  return row;
 }
+
+const results = [];
+const total0 = Date.now();
+let next = 0;
+await Promise.all(works.map(async (work) => {
+  while (next < mutants.length) results.push(await runMutant(work, mutants[next++]));
+}));
 const bad = results.filter((r) => r.verdict !== 'killed');
-console.log(`== ${results.length - bad.length} of ${results.length} mutants killed in ${((Date.now() - total0) / 1000).toFixed(0)} s`);
+console.log(`== ${results.length - bad.length} of ${results.length} mutants killed in ${((Date.now() - total0) / 1000).toFixed(0)} s (${jobs} at a time)`);
 process.exit(bad.length ? 1 : 0);
