@@ -32,12 +32,15 @@ export function pair(shape: number[], dtype: DType, options: { std?: number } = 
 
 /**
  * XFT_TEST_FAST=1 (CI's shake and asan emulation runs): only the cases whose `work` (a size, e.g.
- * M·n·k) is at most `limit`; the small and odd shapes (partial tiles, empty groups) stay, the large
- * ones, which cost minutes under emulation, go. Unset, every case runs.
+ * M·n·k) is at most `limit` times XFT_TEST_FAST_SCALE (default 1; CI's AddressSanitizer runs, ~10x
+ * slower, use less); the small and odd shapes (partial tiles, empty groups) stay, the large ones,
+ * which cost minutes under emulation, go. Unset, every case runs.
  */
 export function fastCases<C>(test: tap.Test, cases: C[], work: (c: C) => number, limit: number): C[] {
   if (process.env.XFT_TEST_FAST !== '1') return cases;
-  const kept = cases.filter((c) => work(c) <= limit);
-  test.comment(`XFT_TEST_FAST=1: ${kept.length} of ${cases.length} cases (work <= ${limit})`);
+  const scale = Number(process.env.XFT_TEST_FAST_SCALE ?? 1);
+  if (!(scale > 0)) throw new Error(`XFT_TEST_FAST_SCALE must be a number > 0, not ${JSON.stringify(process.env.XFT_TEST_FAST_SCALE)}`);
+  const kept = cases.filter((c) => work(c) <= limit * scale);
+  test.comment(`XFT_TEST_FAST=1: ${kept.length} of ${cases.length} cases (work <= ${limit * scale})`);
   return kept;
 }
