@@ -80,13 +80,29 @@ function numpyTimes(s: Shape, threads: number): NumpyResult {
   return j;
 }
 
+/**
+ * CPU time (ms) the whole machine has spent busy (every core: user, nice, system, irq) and, on Linux,
+ * stolen by the hypervisor (/proc/stat, USER_HZ = 100; 0 where unreadable).
+ */
+function machineCpu(): { busy: number; steal: number } {
+  let busy = 0;
+  for (const c of os.cpus()) busy += c.times.user + c.times.nice + c.times.sys + c.times.irq;
+  let steal = 0;
+  try {
+    steal = (Number(fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/)[8]) || 0) * 10;
+  } catch {
+    // not Linux: no steal figure
+  }
+  return { busy, steal };
+}
+
 /** xft's milliseconds for the three products of shape s, on the thread count and kernel of the environment */
-function xftTimes(s: Shape): Record<Op, number> & { cores: number } {
+function xftTimes(s: Shape): Record<Op, number> & { cores: number; others: number } {
   const x = Tensor.randn([s.M, s.k], { seed: 1 }), w = Tensor.randn([s.E, s.n, s.k], { seed: 2 }), dy = Tensor.randn([s.M, s.n], { seed: 3 });
   const y = Tensor.zeros([s.M, s.n]), dx = Tensor.zeros([s.M, s.k]), dw = Tensor.zeros([s.E, s.n, s.k]);
   const offsets = Tensor.from(Array.from({ length: s.E + 1 }, (_, e) => (e * s.M) / s.E), [s.E + 1], { dtype: 'i32' });
   const args = [s.M, s.n, s.k, s.E] as const;
-  const cpu0 = process.cpuUsage(), t0 = process.hrtime.bigint();
+  const cpu0 = process.cpuUsage(), t0 = process.hrtime.bigint(), m0 = machineCpu();
   const r = {
     fwd: bestMs(() => native.groupedGemmForward(x.storage, w.storage, offsets.storage, y.storage, 0, ...args)),
     dx: bestMs(() => native.groupedGemmBackward(x.storage, w.storage, offsets.storage, dy.storage, dx.storage, null, 0, ...args, false, 0)),
@@ -94,9 +110,13 @@ function xftTimes(s: Shape): Record<Op, number> & { cores: number } {
   };
   // the cores the process kept busy while it measured (CPU time over wall time): on a loaded machine,
   // what the threads could get
-  const cpu = process.cpuUsage(cpu0), wallUs = Number(process.hrtime.bigint() - t0) / 1e3;
+  // and the cores everything else took meanwhile (other processes, the hypervisor's steal): the load
+  // average cannot tell, a VM's reads ~1.5 with nothing running; near 0 is a clean measurement
+  const cpu = process.cpuUsage(cpu0), wallUs = Number(process.hrtime.bigint() - t0) / 1e3, m1 = machineCpu();
+  const ours = (cpu.user + cpu.system) / 1e3, wallMs = wallUs / 1e3;
+  const others = Math.max(0, m1.busy - m0.busy - ours) / wallMs + (m1.steal - m0.steal) / wallMs;
   for (const t of [x, w, dy, y, dx, dw, offsets]) t.dispose();
-  return { ...r, cores: (cpu.user + cpu.system) / wallUs };
+  return { ...r, cores: (cpu.user + cpu.system) / wallUs, others };
 }
 
 /** run fn with these environment variables set, restoring them after */
@@ -113,7 +133,7 @@ function withEnv<T>(vars: Record<string, string | undefined>, fn: () => T): T {
   }
 }
 
-interface Row { big: boolean; shape: string; op: Op; threads: string; load: number; cores: number; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
+interface Row { big: boolean; shape: string; op: Op; threads: string; load: number; cores: number; others: number; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
 
 function main() {
   if (process.argv.includes('--help') || process.argv.includes('-h')) {
@@ -139,7 +159,7 @@ function main() {
       for (const op of OPS) {
         const square = s.E === 1 && s.M === s.n && s.n === s.k && s.M >= 512;
         rows.push({
-          big: s.big === true, shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, load: os.loadavg()[0], cores: xft.cores, xft: gflops(s, xft[op]),
+          big: s.big === true, shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, load: os.loadavg()[0], cores: xft.cores, others: xft.others, xft: gflops(s, xft[op]),
           numpy: np ? gflops(s, np[op]) : null, ratio: np ? `${(np[op] / xft[op]).toFixed(2)}x` : '-',
           reference: ref ? gflops(s, ref[op]) : null, speedup: ref ? `${(ref[op] / xft[op]).toFixed(1)}x` : '-',
           target: square && t === 1 ? '>= 0.6x numpy' : '',
@@ -149,16 +169,17 @@ function main() {
   // thread scaling: GFLOP/s at t threads over 1 thread, xft and numpy, per shape and op
   const scaling = rows.filter((r) => r.threads !== '1').map((r) => {
     const one = rows.find((q) => q.threads === '1' && q.shape === r.shape && q.op === r.op);
-    return { shape: r.shape, op: r.op, threads: r.threads, load: r.load, cores: r.cores, xft: one ? `${(r.xft / one.xft).toFixed(2)}x` : '-',
+    return { shape: r.shape, op: r.op, threads: r.threads, load: r.load, cores: r.cores, others: r.others, xft: one ? `${(r.xft / one.xft).toFixed(2)}x` : '-',
       numpy: one && r.numpy && one.numpy ? `${(r.numpy / one.numpy).toFixed(2)}x` : '-', target: r.threads !== '2' ? '' : r.big ? '>= 1.7x' : '>= 1.0x' };
   });
   const load = os.loadavg().map((l) => l.toFixed(1)).join(' ');
   const numpyLabel = withNumpy ? `numpy ${numpyVersion} with ${blas}` : 'numpy skipped';
   printTable(`CPU GEMM f32, GFLOP/s: xft (${kernel} kernel) beside ${numpyLabel}; reference = xft's reference kernel (1 thread); ` +
     `${os.cpus()[0]?.model ?? 'CPU'} x${os.cpus().length}, load average ${load}`,
-  ['shape', 'op', 'threads', 'load', 'cores', 'xft', 'numpy', 'ratio', 'reference', 'speedup', 'target'], rows, (v) => v.toFixed(1));
-  if (scaling.length) printTable('thread scaling (GFLOP/s over 1 thread; load = 1-minute load average, cores = what the xft run got)', ['shape', 'op', 'threads', 'load', 'cores', 'xft', 'numpy', 'target'], scaling, (v) => v.toFixed(2));
+  ['shape', 'op', 'threads', 'load', 'cores', 'others', 'xft', 'numpy', 'ratio', 'reference', 'speedup', 'target'], rows, (v) => v.toFixed(1));
+  if (scaling.length) printTable('thread scaling (GFLOP/s over 1 thread; load = 1-minute load average, cores = what the xft run got, others = what everything else took)', ['shape', 'op', 'threads', 'load', 'cores', 'others', 'xft', 'numpy', 'target'], scaling, (v) => v.toFixed(2));
   console.log('ratio = xft / numpy GFLOP/s (higher is better for xft); speedup = xft over its reference kernel; cores = CPU time over wall time while xft measured the shape (what its threads got on this machine)');
+  console.log('others = cores taken by other processes and the hypervisor (steal) while xft measured: near 0 is a clean figure; a thread-scaling ratio measured beside others >= 0.3 understates xft');
   const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'cpu.json');
   fs.mkdirSync(path.dirname(out), { recursive: true });
   fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), kernel, blas, numpy: numpyVersion, loadavg: os.loadavg(),
