@@ -259,8 +259,13 @@ const STAGE_SETTINGS: Record<UpitStage, (s: Settings) => Record<string, unknown>
   'post-train': (s) => ({ postEpochs: s.postEpochs }),
 };
 const SETTINGS_FILE = 'upit_settings.json';
-/** the CLI flag of a setting */
-const flagOf = (key: string) => (key === 'balanceLossWeight' ? '--balance-loss' : key === 'expand' || key === 'routerInit' ? `--[no-]${key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}` : key === 'dense' ? '<dense>' : `--${key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`)}`);
+/** the CLI flag of a setting (its name in kebab case, but for these) */
+function flagOf(key: string): string {
+  const kebab = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+  if (key === 'dense') return '<dense>';
+  if (key === 'balanceLossWeight') return '--balance-loss';
+  return key === 'expand' || key === 'routerInit' ? `--[no-]${kebab}` : `--${kebab}`;
+}
 
 /** the settings a stage's output depends on: its own and every earlier stage's */
 function stageRecord(s: Settings, stage: UpitStage): Record<string, unknown> {
