@@ -8,6 +8,11 @@
  * seconds apart); it says which BLAS it mapped. If it fails, this script stops with its error and exit
  * status 1 (--no-numpy runs without it). The reference kernel (XFT_CPU_REFERENCE=1) is measured too
  * on the smaller shapes (--no-reference skips it).
+ * The machine's own ceiling is measured beside every figure: right before xft measures a shape at t
+ * threads, a register-only FMA loop (native cpuPeak, the GEMM kernel's instruction set) runs on 1 and on
+ * t threads at once. `peak` is its GFLOP/s, `of peak` xft's share of it, and `machine` in the scaling
+ * table is what t threads gave that loop over 1 at that moment: on a VM whose host lends the second core
+ * only part of the time, xft's thread scaling is to be read against it.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -20,9 +25,11 @@ import { arg, printTable } from './table';
 /** the numpy side's interpreter: XFT_PYTHON (as the tests), else python3 on the PATH */
 const PYTHON = process.env.XFT_PYTHON ?? 'python3';
 
-const USAGE = `Usage: node dist/bench/cpu.js [--threads 1,2] [--quick] [--out file.json] [--no-numpy] [--no-reference] [--help]
+const USAGE = `Usage: node dist/bench/cpu.js [--threads 1,2] [--quick] [--passes N] [--out file.json] [--no-numpy] [--no-reference] [--help]
   --threads       thread counts to measure (default 1,2): XFT_NUM_THREADS and OPENBLAS_NUM_THREADS
   --quick         small shapes only (seconds; what the tests run)
+  --passes        times over every shape and thread count, each figure the best of them (default 2,
+                  1 with --quick): a VM's host that takes a core for a moment decides no ratio
   --out           the JSON results (default bench/out/cpu.json)
   --no-numpy      skip numpy (bench/numpy_gemm.py); otherwise a failing numpy stops the run with exit
                   status 1
@@ -133,7 +140,13 @@ function withEnv<T>(vars: Record<string, string | undefined>, fn: () => T): T {
   }
 }
 
-interface Row { big: boolean; shape: string; op: Op; threads: string; load: number; cores: number; others: number; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
+interface Row { big: boolean; shape: string; op: Op; threads: string; load: number; cores: number; others: number; peak: number; ofPeak: string; peak1: number; xft: number; numpy: number | null; ratio: string; reference: number | null; speedup: string; target: string }
+
+/** the machine's FMA ceiling (GFLOP/s) on 1 and on t threads, measured now, one after the other */
+function machinePeak(t: number, ms: number): { one: number; t: number } {
+  const one = native.cpuPeak(1, ms);
+  return { one, t: t === 1 ? one : native.cpuPeak(t, ms) };
+}
 
 function main() {
   if (process.argv.includes('--help') || process.argv.includes('-h')) {
@@ -143,23 +156,51 @@ function main() {
   const threads = (arg('--threads') ?? '1,2').split(',').map(Number);
   if (threads.some((t) => !Number.isInteger(t) || t < 1)) throw new Error(`--threads expects positive integers, e.g. 1,2\n${USAGE}`);
   const shapes = process.argv.includes('--quick') ? QUICK : SHAPES;
+  const passes = Number(arg('--passes') ?? (shapes === QUICK ? 1 : 2));
+  if (!Number.isInteger(passes) || passes < 1) throw new Error(`--passes expects a positive integer\n${USAGE}`);
   const withNumpy = !process.argv.includes('--no-numpy'), withReference = !process.argv.includes('--no-reference');
   const kernel = withEnv({ XFT_CPU_REFERENCE: undefined }, () => native.cpuGemm().kernel);
   const rows: Row[] = [];
   let blas: string | null = null, numpyVersion: string | null = null;
   const gflops = (s: Shape, ms: number) => (2 * s.M * s.n * s.k) / (ms * 1e6);
   // the thread counts of a shape one after the other: a ratio compares figures measured seconds apart
+  // Passes: every shape at every thread count, then again; each figure is the best over the passes (xft,
+  // numpy and the machine's peak alike). A VM's host may take the second core for a second or two:
+  // alternating the thread counts over passes keeps that from deciding a ratio.
+  type Meas = { peak: { one: number; t: number }; xft: Record<Op, number> & { cores: number; others: number }; np: NumpyResult | null; ref: Record<Op, number> | null };
+  const best = new Map<string, Meas>();
+  for (let pass = 0; pass < passes; pass++)
+    for (const s of shapes)
+      for (const t of threads) {
+        const peak = machinePeak(t, shapes === QUICK ? 20 : 150);
+        const xft = withEnv({ XFT_NUM_THREADS: `${t}`, XFT_CPU_REFERENCE: undefined }, () => xftTimes(s));
+        const np = withNumpy ? numpyTimes(s, t) : null;
+        // the reference kernel is slow: on the shapes of at most 2^28 multiply-adds, one thread, first pass
+        const ref = pass === 0 && withReference && t === 1 && s.M * s.n * s.k <= 2 ** 28 ? withEnv({ XFT_NUM_THREADS: '1', XFT_CPU_REFERENCE: '1' }, () => xftTimes(s)) : null;
+        if (np) [blas, numpyVersion] = [np.blas, np.numpy];
+        const key = `${s.name}/${t}`, old = best.get(key);
+        if (!old) {
+          best.set(key, { peak, xft, np, ref });
+          continue;
+        }
+        const sum = (r: Record<Op, number>) => r.fwd + r.dx + r.dw;
+        best.set(key, {
+          // the machine's best moment: the pass whose FMA loop scaled best
+          peak: peak.t / peak.one > old.peak.t / old.peak.one ? peak : old.peak,
+          // cores and others of the pass that was faster over the three products
+          xft: { ...(sum(xft) < sum(old.xft) ? xft : old.xft), fwd: Math.min(xft.fwd, old.xft.fwd), dx: Math.min(xft.dx, old.xft.dx), dw: Math.min(xft.dw, old.xft.dw) },
+          np: np && old.np ? { ...np, fwd: Math.min(np.fwd, old.np.fwd), dx: Math.min(np.dx, old.np.dx), dw: Math.min(np.dw, old.np.dw) } : np ?? old.np,
+          ref: old.ref ?? ref,
+        });
+      }
   for (const s of shapes)
     for (const t of threads) {
-      const xft = withEnv({ XFT_NUM_THREADS: `${t}`, XFT_CPU_REFERENCE: undefined }, () => xftTimes(s));
-      const np = withNumpy ? numpyTimes(s, t) : null;
-      // the reference kernel is slow: on the shapes of at most 2^28 multiply-adds, one thread
-      const ref = withReference && t === 1 && s.M * s.n * s.k <= 2 ** 28 ? withEnv({ XFT_NUM_THREADS: '1', XFT_CPU_REFERENCE: '1' }, () => xftTimes(s)) : null;
-      if (np) [blas, numpyVersion] = [np.blas, np.numpy];
+      const { peak, xft, np, ref } = best.get(`${s.name}/${t}`)!;
       for (const op of OPS) {
         const square = s.E === 1 && s.M === s.n && s.n === s.k && s.M >= 512;
         rows.push({
-          big: s.big === true, shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, load: os.loadavg()[0], cores: xft.cores, others: xft.others, xft: gflops(s, xft[op]),
+          big: s.big === true, shape: `${s.name} (M=${s.M} n=${s.n} k=${s.k} E=${s.E})`, op, threads: `${t}`, load: os.loadavg()[0], cores: xft.cores, others: xft.others,
+          peak: peak.t, ofPeak: `${((100 * gflops(s, xft[op])) / peak.t).toFixed(0)}%`, peak1: peak.one, xft: gflops(s, xft[op]),
           numpy: np ? gflops(s, np[op]) : null, ratio: np ? `${(np[op] / xft[op]).toFixed(2)}x` : '-',
           reference: ref ? gflops(s, ref[op]) : null, speedup: ref ? `${(ref[op] / xft[op]).toFixed(1)}x` : '-',
           target: square && t === 1 ? '>= 0.6x numpy' : '',
@@ -169,20 +210,40 @@ function main() {
   // thread scaling: GFLOP/s at t threads over 1 thread, xft and numpy, per shape and op
   const scaling = rows.filter((r) => r.threads !== '1').map((r) => {
     const one = rows.find((q) => q.threads === '1' && q.shape === r.shape && q.op === r.op);
-    return { shape: r.shape, op: r.op, threads: r.threads, load: r.load, cores: r.cores, others: r.others, xft: one ? `${(r.xft / one.xft).toFixed(2)}x` : '-',
-      numpy: one && r.numpy && one.numpy ? `${(r.numpy / one.numpy).toFixed(2)}x` : '-', target: r.threads !== '2' ? '' : r.big ? '>= 1.7x' : '>= 1.0x' };
+    const xftRatio = one ? r.xft / one.xft : null, machine = r.peak / r.peak1;
+    const need = r.threads !== '2' ? null : r.big ? 1.7 : 1.0;
+    return { shape: r.shape, op: r.op, threads: r.threads, load: r.load, cores: r.cores, others: r.others, xft: xftRatio === null ? '-' : `${xftRatio.toFixed(2)}x`,
+      numpy: one && r.numpy && one.numpy ? `${(r.numpy / one.numpy).toFixed(2)}x` : '-', machine: `${machine.toFixed(2)}x`,
+      ofMachine: xftRatio === null ? '-' : `${((100 * xftRatio) / machine).toFixed(0)}%`,
+      target: need === null ? '' : `>= ${need.toFixed(1)}x`, met: need === null || xftRatio === null ? '' : xftRatio >= need ? 'yes' : machine < need ? 'no (machine)' : 'no' };
   });
   const load = os.loadavg().map((l) => l.toFixed(1)).join(' ');
+  const passNote = passes > 1 ? `, best of ${passes} passes` : '';
   const numpyLabel = withNumpy ? `numpy ${numpyVersion} with ${blas}` : 'numpy skipped';
+  // Debian's netlib reference BLAS (blas/libblas.so.3: what python3-numpy maps without libopenblas0) is
+  // 20-40x slower than OpenBLAS: a ratio against it says nothing
+  const netlib = withNumpy && blas !== null && !/openblas|mkl|blis|armpl|accelerate|atlas/i.test(blas);
+  if (netlib)
+    console.error(`bench/cpu: WARNING: numpy multiplied with ${blas}, not an optimized BLAS (Debian: apt-get install libopenblas0); ` +
+      'the ratios below compare xft with the netlib reference BLAS');
   printTable(`CPU GEMM f32, GFLOP/s: xft (${kernel} kernel) beside ${numpyLabel}; reference = xft's reference kernel (1 thread); ` +
-    `${os.cpus()[0]?.model ?? 'CPU'} x${os.cpus().length}, load average ${load}`,
-  ['shape', 'op', 'threads', 'load', 'cores', 'others', 'xft', 'numpy', 'ratio', 'reference', 'speedup', 'target'], rows, (v) => v.toFixed(1));
-  if (scaling.length) printTable('thread scaling (GFLOP/s over 1 thread; load = 1-minute load average, cores = what the xft run got, others = what everything else took)', ['shape', 'op', 'threads', 'load', 'cores', 'others', 'xft', 'numpy', 'target'], scaling, (v) => v.toFixed(2));
+    `${os.cpus()[0]?.model ?? 'CPU'} x${os.cpus().length}, load average ${load}${passNote}`,
+  ['shape', 'op', 'threads', 'load', 'cores', 'others', 'peak', 'xft', 'of peak', 'numpy', 'ratio', 'reference', 'speedup', 'target'],
+  rows.map((r) => ({ ...r, 'of peak': r.ofPeak })), (v) => v.toFixed(1));
+  if (scaling.length) printTable('thread scaling (GFLOP/s over 1 thread; load = 1-minute load average, cores = what the xft run got, others = what everything else took, machine = the FMA loop on t threads over 1, measured just before)',
+    ['shape', 'op', 'threads', 'load', 'cores', 'others', 'xft', 'numpy', 'machine', 'of machine', 'target', 'met'], scaling.map((r) => ({ ...r, 'of machine': r.ofMachine })), (v) => v.toFixed(2));
   console.log('ratio = xft / numpy GFLOP/s (higher is better for xft); speedup = xft over its reference kernel; cores = CPU time over wall time while xft measured the shape (what its threads got on this machine)');
   console.log('others = cores taken by other processes and the hypervisor (steal) while xft measured: near 0 is a clean figure; a thread-scaling ratio measured beside others >= 0.3 understates xft');
+  console.log(`peak = the machine's register-only FMA GFLOP/s on that many threads (${kernel === 'reference' ? 'the ISA kernel' : kernel} instructions), measured just before xft; of peak = xft's share of it`);
+  console.log("met = 'no (machine)' where the FMA loop itself scaled below the target at that moment: the host lent the second core only in part");
+  const big = scaling.filter((r) => r.target === '>= 1.7x');
+  if (big.length) {
+    const met = big.filter((r) => r.met === 'yes').length, machineShort = big.filter((r) => r.met === 'no (machine)').length;
+    console.log(`2-thread target (>= 1.7x on the big shapes): met on ${met} of ${big.length} rows` + (machineShort ? `; ${machineShort} of the others measured while the machine itself scaled below 1.7x` : ''));
+  }
   const out = arg('--out') ?? path.join(packageRoot(), 'bench', 'out', 'cpu.json');
   fs.mkdirSync(path.dirname(out), { recursive: true });
-  fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), kernel, blas, numpy: numpyVersion, loadavg: os.loadavg(),
+  fs.writeFileSync(out, JSON.stringify({ date: new Date().toISOString(), kernel, passes, blas, netlibBlas: netlib, numpy: numpyVersion, loadavg: os.loadavg(),
     cpu: os.cpus()[0]?.model, results: rows, scaling }, null, 2));
   console.log(`\nwrote ${out}`);
 }

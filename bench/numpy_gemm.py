@@ -25,13 +25,16 @@ import numpy as np
 
 
 def loaded_blas():
-    """The shared libraries of this process that look like a BLAS (after a matmul loaded it)."""
+    """The shared libraries of this process that look like a BLAS (after a matmul loaded it), each with
+    its folder: Debian maps OpenBLAS and the netlib reference BLAS under the same file name (libblas.so.3,
+    through update-alternatives), and only the folder tells them apart (openblas-pthread/ or blas/)."""
     try:
         with open('/proc/self/maps') as f:
-            libs = {os.path.basename(line.split()[-1]) for line in f if '.so' in line}
+            paths = {line.split()[-1] for line in f if '.so' in line}
     except OSError:
         return 'unknown (no /proc/self/maps)'
-    blas = sorted(l for l in libs if re.search(r'blas|mkl|blis|armpl|accelerate|atlas', l, re.I))
+    blas = sorted({os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p))
+                   for p in paths if re.search(r'blas|mkl|blis|armpl|accelerate|atlas', os.path.basename(p), re.I)})
     return ', '.join(blas) or 'none found'
 
 

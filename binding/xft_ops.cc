@@ -430,6 +430,20 @@ Napi::Value CpuGemm(const Napi::CallbackInfo& info) {
   return o;
 }
 
+// cpuPeak(threads, ms) -> GFLOP/s: the machine's fused multiply-add ceiling on `threads` threads at once,
+// register-only, with the instruction set of the GEMM's kernel (whatever XFT_CPU_REFERENCE says), measured
+// for about ms; bench/cpu sets its GEMM figures beside it. Blocks the calling thread for that long.
+Napi::Value CpuPeak(const Napi::CallbackInfo& info) {
+  const char* op = "cpuPeak";
+  const int64_t threads = ArgInt(info, 0, op, "threads");
+  const double ms = ArgNumber(info, 1, op, "ms");
+  if (threads < 1 || threads > 1024) Throw(info.Env(), "XFT_VALUE", std::string(op) + ": threads must be an integer in [1, 1024]");
+  if (!(ms >= 1 && ms <= 60000)) Throw(info.Env(), "XFT_VALUE", std::string(op) + ": ms must be a number in [1, 60000]");
+  const double gflops = xft_cpu_peak_gflops((int)threads, ms);
+  if (gflops < 0) Throw(info.Env(), "XFT_OOM", std::string(op) + ": out of resources: could not start " + std::to_string(threads) + " threads");
+  return Napi::Number::New(info.Env(), gflops);
+}
+
 }  // namespace
 
 void RegisterXftOps(Napi::Env env, Napi::Object exports) {
@@ -446,6 +460,7 @@ void RegisterXftOps(Napi::Env env, Napi::Object exports) {
   exports.Set("mergeForward", Napi::Function::New(env, MergeForward, "mergeForward"));
   exports.Set("mergeBackward", Napi::Function::New(env, MergeBackward, "mergeBackward"));
   exports.Set("cpuGemm", Napi::Function::New(env, CpuGemm, "cpuGemm"));
+  exports.Set("cpuPeak", Napi::Function::New(env, CpuPeak, "cpuPeak"));
 }
 
 }  // namespace xft

@@ -118,6 +118,8 @@ export interface NativeAddon {
     dropRate: number, seed: Seed, tensorId: number): void;
   /** the CPU GEMM's kernel ('avx512' | 'avx2' | 'portable' | 'reference') and thread count, as they stand now */
   cpuGemm(): { kernel: string; threads: number };
+  /** the machine's FMA ceiling in GFLOP/s on `threads` threads at once, measured for about `ms` */
+  cpuPeak(threads: number, ms: number): number;
 }
 
 /** The package root: the nearest folder above this file with xft's package.json. */

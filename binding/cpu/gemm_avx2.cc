@@ -41,7 +41,25 @@ void block(const float* a, const float* b, int m, int n, int kc, float* c, size_
   gemm_block<MR, NR>(a, b, m, n, kc, c, ldc, load, micro_6x16);
 }
 
+// 12 chains of ymm FMAs (16 registers: 12 accumulators and the 2 operands): enough in flight for 2 FMA
+// pipes of up to 6 cycles' latency; each chain converges to a / (1 - m) = 0.1
+constexpr int kPeakChains = 12;
+float peak(long iters) {
+  __m256 acc[kPeakChains];
+  for (int i = 0; i < kPeakChains; i++) acc[i] = _mm256_set1_ps(1.f + 1e-3f * i);
+  const __m256 m = _mm256_set1_ps(0.999999f), a = _mm256_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kPeakChains; i++) acc[i] = _mm256_fmadd_ps(acc[i], m, a);
+  }
+  for (int i = 1; i < kPeakChains; i++) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+  float v[8];
+  _mm256_storeu_ps(v, acc[0]);
+  return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
+}
+
 }  // namespace
 
-extern const xft_gemm_kernel xft_gemm_avx2 = {"avx2", MR, NR, 256, 144, 256, gemm_pack<MR>, gemm_pack<NR>, block};
+extern const xft_gemm_kernel xft_gemm_avx2 = {"avx2", MR, NR, 256, 144, 256, gemm_pack<MR>, gemm_pack<NR>, block,
+                                              peak, kPeakChains * 8 * 2};
 #endif

@@ -41,7 +41,23 @@ void block(const float* a, const float* b, int m, int n, int kc, float* c, size_
   gemm_block<MR, NR>(a, b, m, n, kc, c, ldc, load, micro_12x32);
 }
 
+// 16 chains of zmm FMAs: enough in flight for 2 FMA pipes of up to 8 cycles' latency; each chain
+// converges to a / (1 - m) = 0.1 (no overflow, no subnormals)
+constexpr int kPeakChains = 16;
+float peak(long iters) {
+  __m512 acc[kPeakChains];
+  for (int i = 0; i < kPeakChains; i++) acc[i] = _mm512_set1_ps(1.f + 1e-3f * i);
+  const __m512 m = _mm512_set1_ps(0.999999f), a = _mm512_set1_ps(1e-7f);
+  for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 16
+    for (int i = 0; i < kPeakChains; i++) acc[i] = _mm512_fmadd_ps(acc[i], m, a);
+  }
+  for (int i = 1; i < kPeakChains; i++) acc[0] = _mm512_add_ps(acc[0], acc[i]);
+  return _mm512_reduce_add_ps(acc[0]);
+}
+
 }  // namespace
 
-extern const xft_gemm_kernel xft_gemm_avx512 = {"avx512", MR, NR, 256, 144, 256, gemm_pack<MR>, gemm_pack<NR>, block};
+extern const xft_gemm_kernel xft_gemm_avx512 = {"avx512", MR, NR, 256, 144, 256, gemm_pack<MR>, gemm_pack<NR>, block,
+                                                peak, kPeakChains * 16 * 2};
 #endif

@@ -36,6 +36,11 @@ struct xft_gemm_kernel {
   // c[i, j] (i < m, j < n; row stride ldc) = (load ? c[i, j] : 0) + sum_p a[i, p] b[j, p] over one
   // packed depth block of kc > 0 (a: ceil(m / mr) packed panels, b: ceil(n / nr))
   void (*block)(const float* a, const float* b, int m, int n, int kc, float* c, size_t ldc, bool load);
+  // the machine's ceiling for this instruction set (bench/cpu's peak probe): `iters` rounds of
+  // independent register-only fused multiply-adds, peak_flops each, no memory traffic; returns a sum of
+  // the results (so that the compiler keeps the loop)
+  float (*peak)(long iters);
+  int peak_flops;
 };
 
 extern const xft_gemm_kernel xft_gemm_portable;

@@ -32,6 +32,10 @@ fp32 sums (kChunkM x kChunkN at most).
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <system_error>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -415,9 +419,8 @@ bool env_is(const char* name, const char* value) {
   return v && strcmp(v, value) == 0;
 }
 
-// the kernel for this CPU (XFT_CPU_ISA may ask for a lesser one), or null for the reference path
-const xft_gemm_kernel* fast_kernel() {
-  if (env_is("XFT_CPU_REFERENCE", "1")) return nullptr;
+// the kernel for this CPU (XFT_CPU_ISA may ask for a lesser one)
+const xft_gemm_kernel* isa_kernel() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const int best = [] {
     __builtin_cpu_init();
@@ -436,11 +439,72 @@ const xft_gemm_kernel* fast_kernel() {
 #endif
 }
 
+// isa_kernel(), or null for the reference path (XFT_CPU_REFERENCE=1)
+const xft_gemm_kernel* fast_kernel() {
+  return env_is("XFT_CPU_REFERENCE", "1") ? nullptr : isa_kernel();
+}
+
 }  // namespace
 
 const char* xft_cpu_gemm_kernel_name() {
   const xft_gemm_kernel* k = fast_kernel();
   return k ? k->name : "reference";
+}
+
+// The machine's floating-point ceiling as the GEMM's kernel sees it: `threads` OS threads (not the pool:
+// each must run the whole time) each run the kernel's register-only FMA loop for the same number of
+// rounds, sized so that one round of all of them takes about ms / 5 on this machine; the best of at least
+// 3 rounds within about ms. GFLOP/s of all threads together (wall time from the first start to the last
+// end), or -1 where a thread could not be started.
+double xft_cpu_peak_gflops(int threads, double ms) {
+  using clock = std::chrono::steady_clock;
+  const xft_gemm_kernel* kr = isa_kernel();
+  volatile float sink = 0.f;
+  // calibrate on this thread: rounds for ms / 5 of one thread's work
+  long iters = 1 << 12;
+  for (;;) {
+    const auto t0 = clock::now();
+    sink = sink + kr->peak(iters);
+    const double took = std::chrono::duration<double, std::milli>(clock::now() - t0).count();
+    if (took >= 2.0 || iters >= (1L << 40)) {
+      iters = std::max(1L, (long)(iters * (ms / 5) / std::max(took, 1e-3)));
+      break;
+    }
+    iters *= 4;
+  }
+  double best = 0;
+  const auto start = clock::now();
+  for (int round = 0; round < 3 || std::chrono::duration<double, std::milli>(clock::now() - start).count() < ms; round++) {
+    std::atomic<int> ready{0};
+    std::atomic<bool> go{false};
+    std::vector<clock::time_point> t0(threads), t1(threads);
+    std::vector<float> out(threads);
+    auto body = [&](int i) {
+      ready.fetch_add(1);
+      while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
+      t0[i] = clock::now();
+      out[i] = kr->peak(iters);
+      t1[i] = clock::now();
+    };
+    std::vector<std::thread> pool;
+    try {
+      for (int i = 1; i < threads; i++) pool.emplace_back(body, i);
+    } catch (const std::system_error&) {
+      go.store(true);
+      for (auto& th : pool) th.join();
+      return -1;
+    }
+    while (ready.load() < threads - 1) std::this_thread::yield();
+    go.store(true, std::memory_order_release);
+    body(0);
+    for (auto& th : pool) th.join();
+    const double wall =
+        std::chrono::duration<double>(*std::max_element(t1.begin(), t1.end()) - *std::min_element(t0.begin(), t0.end())).count();
+    for (float v : out) sink = sink + v;
+    if (wall > 0) best = std::max(best, (double)threads * iters * kr->peak_flops / wall / 1e9);
+    if (round > 1000) break;
+  }
+  return best;
 }
 
 int xft_cpu_grouped_gemm_forward(const void* x, const void* w, const int* offsets, void* y,

@@ -50,6 +50,10 @@ int xft_cpu_gateup_backward(const void* x, const int* gather, int gather_div, in
 
 // the fast GEMM's kernel in use ("avx512", "avx2", "portable") or "reference" (XFT_CPU_REFERENCE=1)
 const char* xft_cpu_gemm_kernel_name();
+// the machine's fused multiply-add ceiling in GFLOP/s on `threads` threads at once, measured for about
+// `ms` with the GEMM kernel's instruction set (register-only: no memory traffic); -1 if a thread
+// could not be started
+double xft_cpu_peak_gflops(int threads, double ms);
 
 // router_linear.cc (the small-N router and noise linears: N <= 32)
 int xft_cpu_router_linear_forward(const void* x, const void* w, void* y, int dtype, int T, int N, int d);
