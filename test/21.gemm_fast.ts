@@ -117,6 +117,26 @@ t.test('the thread count comes from XFT_NUM_THREADS, then XFT_CPU_THREADS', asyn
   t.equal(withEnv({ XFT_CPU_REFERENCE: '1' }, () => native.cpuGemm().kernel), 'reference', 'XFT_CPU_REFERENCE=1 selects the reference path');
 });
 
+t.test("cpuPeak: the machine's FMA ceiling on 1 and 2 threads, for each kernel, and its argument checks", async (t) => {
+  for (const kernel of kernels)
+    for (const threads of [1, 2]) {
+      const g = withEnv({ XFT_CPU_ISA: kernel, XFT_CPU_REFERENCE: undefined }, () => native.cpuPeak(threads, 5));
+      t.ok(Number.isFinite(g) && g > 0, `${kernel}, ${threads} thread(s): ${g.toFixed(1)} GFLOP/s`);
+    }
+  t.ok(withEnv({ XFT_CPU_REFERENCE: '1' }, () => native.cpuPeak(1, 5)) > 0, 'measured with the ISA kernel under XFT_CPU_REFERENCE=1 too');
+  const bad: [unknown[], string, RegExp][] = [
+    [[0, 5], 'XFT_VALUE', /threads must be an integer in \[1, 1024\]/],
+    [[1.5, 5], 'XFT_TYPE', /threads/],
+    [[2000, 5], 'XFT_VALUE', /threads/],
+    [[1, 0], 'XFT_VALUE', /ms must be a number in \[1, 60000\]/],
+    [[1, NaN], 'XFT_VALUE', /ms/],
+    [[1, 1e9], 'XFT_VALUE', /ms/],
+    [['2', 5], 'XFT_TYPE', /threads/],
+  ];
+  for (const [args, code, message] of bad)
+    t.throws(() => (native.cpuPeak as (...a: unknown[]) => number)(...args), { name: 'XftError', code, message }, `cpuPeak(${args.map(String).join(', ')}): ${code}`);
+});
+
 // A GEMM large enough to split over 3 threads, five times, on the addon alone (plain JavaScript: a
 // child process or a worker starts in a fraction of a second without the TypeScript loader); returns y.
 function gemmOnAddon(addonPath: string | undefined, root: string): number[] {

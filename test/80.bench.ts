@@ -60,6 +60,10 @@ t.test('bench/cpu --quick: xft GEMMs at 1 and 2 threads beside its reference ker
   t.equal(j.results.length, 2 * 2 * 3, 'two shapes, two thread counts, three products');
   t.ok(j.results.every((x: { xft: number }) => x.xft > 0), 'GFLOP/s for each');
   t.ok(j.results.some((x: { reference: number | null }) => x.reference! > 0), 'and the reference kernel beside them');
+  t.ok(j.results.every((x: { peak: number; peak1: number }) => x.peak > 0 && x.peak1 > 0), "the machine's FMA ceiling beside each figure");
+  t.equal(j.scaling.length, 2 * 3, 'thread scaling for the 2-thread rows');
+  t.ok(j.scaling.every((x: { machine: string; xft: string }) => /^\d+\.\d\dx$/.test(x.machine) && /^\d+\.\d\dx$/.test(x.xft)), 'with the machine\'s own scaling beside xft\'s');
+  t.match(r.stdout, /thread scaling[\s\S]*\| machine \| of machine \|/, 'printed in the scaling table');
   t.match(bench('cpu', ['--help']).stdout, /^Usage: .*--no-numpy/, '--help prints the usage');
 });
 
