@@ -108,6 +108,24 @@ t.test('a rerun asking for other settings over complete stages is exit 3, naming
   t.match(JSON.parse(fs.readFileSync(at('up', 'upit_settings.json'), 'utf8'))['post-train'], { postEpochs: 2, dropRate: 0.5 }, 'its settings recorded, with those of the stages before it');
 });
 
+t.test("a stage's damaged completion mark is exit 3 naming the file and the way out; nothing rewritten", async (t) => {
+  const mark = at('up', 'expand', 'upit_stage.json'), good = fs.readFileSync(mark);
+  try {
+    for (const [text, what] of [['{"E": 3', 'not JSON'], ['[1, 2]', 'not an object'], ['null', 'null']]) {
+      fs.writeFileSync(mark, text);
+      const before = stamp(at('up'));
+      const r = xft(...RUN, '--out', 'up', '--post-epochs', '2');  // as the test before left it
+      t.equal(r.code, 3, `a mark that is ${what}: exit 3`);
+      t.match(r.err, /expand[/\\]upit_stage\.json (is not valid JSON|holds .*not a JSON object)/, `names the file: ${r.err.trim()}`);
+      t.match(r.err, /delete/, 'and the way out');
+      t.notMatch(r.err, /SyntaxError|at .*\.ts:\d+/, 'no stack trace');
+      t.same(stamp(at('up')), before, 'nothing rewritten');
+    }
+  } finally {
+    fs.writeFileSync(mark, good);
+  }
+});
+
 t.test('ablations: --no-expand saves E checkpoints, --no-router-init draws the router', async (t) => {
   const r = xft(...RUN, '--out', 'abl', '--no-expand', '--no-router-init');
   t.equal(r.code, 0, `xft upit with the ablations: ${r.err}`);

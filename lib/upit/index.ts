@@ -151,9 +151,20 @@ export function spawnTrain(args: string[]): Promise<void> {
   });
 }
 
+/** a stage's completion mark, or null where there is none; a mark that is not a JSON object is XFT_FORMAT */
 function readMark<T>(dir: string): T | null {
   const f = path.join(dir, MARK);
-  return fs.existsSync(f) ? (JSON.parse(fs.readFileSync(f, 'utf8')) as T) : null;
+  if (!fs.existsSync(f)) return null;
+  let value: unknown;
+  try {
+    value = JSON.parse(fs.readFileSync(f, 'utf8'));
+  } catch (err) {
+    throw new XftError(`${OP}: ${f} is not valid JSON (${(err as Error).message}); it marks the stage in ${dir} as done: ` +
+      'delete that folder (and the later stages) to redo it', 'XFT_FORMAT');
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value))
+    throw new XftError(`${OP}: ${f} holds ${JSON.stringify(value)?.slice(0, 40)}, not a JSON object; delete ${dir} (and the later stages) to redo that stage`, 'XFT_FORMAT');
+  return value as T;
 }
 
 function writeMark(dir: string, value: unknown): void {
