@@ -126,6 +126,29 @@ t.test("a stage's damaged completion mark is exit 3 naming the file and the way 
   }
 });
 
+t.test('--joint-router: the assembled routers trained on the seed buckets; recorded as an assemble setting', async (t) => {
+  // the stages before assemble from the main run, copied
+  fs.mkdirSync(at('jr'));
+  for (const f of fs.readdirSync(at('up'))) if (!/^(assemble|post-train)/.test(f)) fs.cpSync(at('up', f), at('jr', f), { recursive: true });
+  let r = xft(...RUN, '--out', 'jr', '--joint-router', '--stage', 'assemble');
+  t.equal(r.code, 0, `--joint-router --stage assemble: ${r.err}`);
+  t.match(r.err, /joint router: \d+ rows, 2 layers, 3 experts; before: top-1 [\d.]+%[\s\S]*after: top-1 [\d.]+%/, 'logs the fit before and after');
+  const report = JSON.parse(fs.readFileSync(at('jr', 'assemble', 'joint_router.json'), 'utf8'));
+  t.ok(report.steps >= 1 && report.after.loss < report.before.loss, `the seed-label loss went down: ${report.before.loss} -> ${report.after.loss}`);
+  t.notOk(fs.existsSync(at('jr', 'assemble.raw')), 'the raw assembly removed');
+  const a = new SafetensorsReader(at('up', 'assemble')), b = new SafetensorsReader(at('jr', 'assemble'));
+  for (const name of a.names())
+    if (/gate_network/.test(name)) t.notSame(Array.from(b.readF32(name)), Array.from(a.readF32(name)), `${name}: trained`);
+    else exact(t, b.readF32(name), a.readF32(name), `${name}: as assembled`);
+  t.match(JSON.parse(fs.readFileSync(at('jr', 'upit_settings.json'), 'utf8')).assemble, { jointRouter: true }, 'recorded');
+  r = xft(...RUN, '--out', 'jr', '--stage', 'assemble');
+  t.equal(r.code, 3, 'a rerun without --joint-router over it: exit 3');
+  t.match(r.err, /assemble was made with jointRouter true \(--\[no-\]joint-router\)/, r.err.trim());
+  r = xft(...RUN, '--out', 'jr2', '--joint-router', '--no-router-init');
+  t.equal(r.code, 3, '--joint-router without router init: exit 3');
+  t.match(r.err, /jointRouter .*routerInit: false/, r.err.trim());
+});
+
 t.test('ablations: --no-expand saves E checkpoints, --no-router-init draws the router', async (t) => {
   const r = xft(...RUN, '--out', 'abl', '--no-expand', '--no-router-init');
   t.equal(r.code, 0, `xft upit with the ablations: ${r.err}`);

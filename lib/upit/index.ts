@@ -9,6 +9,7 @@
  *   seed        1% seed rows, each to its lowest-PPL expert (assignBuckets)           <out>/seed
  *   route       a routing vector per expert from its bucket (preoptimizeRouting)      <out>/route/expert-<e>
  *   assemble    the MoE: expert FFNs, router rows = routing vectors, trunk average    <out>/assemble
+ *               (with jointRouter, its routers then trained together on the seed buckets: trainJointRouter)
  *   post-train  2 epochs of L_lm + 0.01 L_load (Switch), `xft train`                  <out>/post-train
  *
  * Defaults marked [paper] come from the sources of UPIT.md; [choice] marks our defaults where they are silent.
@@ -24,17 +25,19 @@ import { writeFileAtomic } from '../folder';
 import { countTargets, encodeDataFileAsync, toRows, type Sample } from '../data';
 import { loadTokenizer } from '../tokenizer';
 import type { Device } from '../tensor';
-import { expectInt, expectNumber, expectOneOf, expectOptions } from '../validate';
+import { expectBool, expectInt, expectNumber, expectOneOf, expectOptions } from '../validate';
 import { listEpochCheckpoints, type EpochCheckpoint } from '../checkpoint_schedule';
 import { expandPool } from './expand';
 import { assignBuckets, seedIndices } from './seed';
 import { preoptimizeRouting } from './route';
 import { assembleMoe } from './assemble';
+import { trainJointRouter } from './joint_router';
 
 export { assembleMoe, type AssembleOptions } from './assemble';
 export { expandPool, type ExpandOptions, type ExpandResult, type ExpandRound } from './expand';
 export { seedIndices, rowLosses, assignBuckets, type BucketOptions, type BucketMode, type Buckets } from './seed';
 export { preoptimizeRouting, readRoutingVectors, type RouteOptions, type RoutingResult } from './route';
+export { trainJointRouter, JOINT_ROUTER_FILE, type JointRouterOptions, type JointRouterResult, type RouterFit } from './joint_router';
 export { checkpointSteps, listEpochCheckpoints, type EpochCheckpoint } from '../checkpoint_schedule';
 
 export const UPIT_STAGES = ['prepare', 'expand', 'seed', 'route', 'assemble', 'post-train'] as const;
@@ -58,6 +61,7 @@ export const UPIT_DEFAULTS = {
   routerLrScale: { value: 10, source: 'choice', note: 'routing vectors train at 10x the lr (A7)' },
   routeTrain: { value: 'ffn+router', source: 'choice', note: "what trains in 3b: the expert's FFN and r_e (A7)" },
   trunk: { value: 'average', source: 'choice', note: 'MoE trunk: the mean of the saved checkpoints (A4; last, theta0)' },
+  jointRouter: { value: false, source: 'choice', note: 'A6 (not the paper): after assembly, one pass of the routers alone, softmax CE on the seed buckets' },
   postEpochs: { value: 2, source: 'paper', note: 'post-training epochs' },
   balanceLossWeight: { value: 0.01, source: 'choice', note: 'w of L_lm + w·L_load (A8)' },
   batchSize: { value: 64, source: 'choice', note: "the project's XFT recipe (A10)" },
@@ -98,6 +102,9 @@ export interface UpitOptions {
   routeTrain?: 'ffn+router' | 'router';
   /** stage 4 */
   trunk?: 'average' | 'last' | 'theta0';
+  /** UPIT.md A6 (not from the paper): after assembly, train the routers alone for one pass over the seed
+   * rows with the softmax cross-entropy of their buckets, at lr·routerLrScale (needs routerInit) */
+  jointRouter?: boolean;
   postEpochs?: number;
   balanceLossWeight?: number;
   /** data and run settings passed to `xft train` and used by the seed and route stages */
@@ -196,12 +203,15 @@ function settings(options: UpitOptions) {
     seedFraction: o.seedFraction === undefined ? D.seedFraction.value : expectNumber(OP, 'seedFraction', o.seedFraction, 'a fraction in (0, 1]', (x) => x > 0 && x <= 1),
     routeEpochs: pos('routeEpochs', D.routeEpochs.value),
     trunk: o.trunk === undefined ? D.trunk.value : expectOneOf(OP, 'trunk', o.trunk, ['average', 'last', 'theta0'] as const),
+    jointRouter: expectBool(OP, 'jointRouter', o.jointRouter, D.jointRouter.value),
     postEpochs: pos('postEpochs', D.postEpochs.value),
     balanceLossWeight: o.balanceLossWeight === undefined ? D.balanceLossWeight.value : expectNumber(OP, 'balanceLossWeight', o.balanceLossWeight, 'a number >= 0', (x) => x >= 0),
     batchSize: o.batchSize === undefined ? D.batchSize.value : expectInt(OP, 'batchSize', o.batchSize, 1),
     log: o.onLog ?? (() => {}),
     train: o.train ?? spawnTrain,
   };
+  if (s.jointRouter && !s.routerInit)
+    throw new XftError(`${OP}: jointRouter trains the routers on the seed buckets, which routerInit: false skips; drop one of the two`, 'XFT_VALUE');
   // without expansion, stage 1 saves E checkpoints over its epochs (the paper's ablation)
   if (!s.expand) s.checkpointEvery = Math.min(s.checkpointEvery, s.prepareEpochs / experts);
   return s;
@@ -266,16 +276,18 @@ const STAGE_SETTINGS: Record<UpitStage, (s: Settings) => Record<string, unknown>
     gamma: s.gamma ?? UPIT_DEFAULTS.gamma.value, routeEpochs: s.routeEpochs, routerLrScale: s.routerLrScale ?? UPIT_DEFAULTS.routerLrScale.value,
     routeTrain: s.routeTrain ?? UPIT_DEFAULTS.routeTrain.value,
   }),
-  assemble: (s) => ({ topK: s.topK, trunk: s.trunk, balanceLossWeight: s.balanceLossWeight }),
+  assemble: (s) => ({ topK: s.topK, trunk: s.trunk, balanceLossWeight: s.balanceLossWeight, jointRouter: s.jointRouter }),
   'post-train': (s) => ({ postEpochs: s.postEpochs }),
 };
 const SETTINGS_FILE = 'upit_settings.json';
+/** settings added to STAGE_SETTINGS after upit_settings.json was introduced, with the value a stage recorded without them was made with */
+const ADDED_SETTINGS: Record<string, unknown> = { jointRouter: false };
 /** the CLI flag of a setting (its name in kebab case, but for these) */
 function flagOf(key: string): string {
   const kebab = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
   if (key === 'dense') return '<dense>';
   if (key === 'balanceLossWeight') return '--balance-loss';
-  return key === 'expand' || key === 'routerInit' ? `--[no-]${kebab}` : `--${kebab}`;
+  return key === 'expand' || key === 'routerInit' || key === 'jointRouter' ? `--[no-]${kebab}` : `--${kebab}`;
 }
 
 /** the settings a stage's output depends on: its own and every earlier stage's */
@@ -311,7 +323,9 @@ function checkSettings(s: Settings, stage: UpitStage, dir: string): void {
   if (!recorded) return;
   const now = stageRecord(s, stage);
   for (const key of new Set([...Object.keys(recorded), ...Object.keys(now)])) {
-    const a = JSON.stringify(recorded[key] ?? null), b = JSON.stringify(now[key] ?? null);
+    // a setting added after the stage was recorded: the stage was made as its default says
+    const then = key in recorded ? recorded[key] : key in ADDED_SETTINGS ? ADDED_SETTINGS[key] : null;
+    const a = JSON.stringify(then ?? null), b = JSON.stringify(now[key] ?? null);
     if (a !== b)
       throw new XftError(`${OP}: ${dir} was made with ${key} ${a} (${flagOf(key)}), and this run asks for ${b}: a complete or interrupted stage is ` +
         `skipped or resumed, so the new value would not apply. Run with ${a} again, choose another --out, or delete ${dir} and the stages after it to redo them`, 'XFT_VALUE');
@@ -427,8 +441,24 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
     const trunk = s.trunk === 'theta0' ? [s.dense] : s.trunk === 'last' ? [saved[saved.length - 1].dir] : saved.map((c) => c.dir);
     // with router init, expert e's FFN is the one trained with its routing vector (route/expert-e)
     const experts = routeMark.experts ?? pool();
-    s.log(`assemble: ${experts.length} experts, top-${s.topK}, trunk ${s.trunk} of ${trunk.length}, router ${routeMark.experts ? 'from the routing vectors' : 'drawn'}`);
-    assembleMoe({ experts, routing: routeMark.experts, trunk, out: dirs.assemble, topK: s.topK, seed: s.seed, balanceLoss: 'switch', balanceLossWeight: s.balanceLossWeight });
+    s.log(`assemble: ${experts.length} experts, top-${s.topK}, trunk ${s.trunk} of ${trunk.length}, router ${routeMark.experts ? 'from the routing vectors' : 'drawn'}` +
+      (s.jointRouter ? ', then trained jointly on the seed buckets' : ''));
+    // with jointRouter the assembled MoE is a step on the way (<out>/assemble.raw, made again by a rerun)
+    const raw = s.jointRouter ? `${dirs.assemble}.raw` : dirs.assemble;
+    assembleMoe({ experts, routing: routeMark.experts, trunk, out: raw, topK: s.topK, seed: s.seed, balanceLoss: 'switch', balanceLossWeight: s.balanceLossWeight, overwrite: s.jointRouter });
+    if (s.jointRouter) {
+      const m = readMark<SeedMark>(dirs.seed);
+      if (!m || m.indices.length === 0) throw new XftError(`${OP}: jointRouter needs the seed buckets (${dirs.seed}); run the seed stage first`, 'XFT_VALUE');
+      rows ??= await dataRows(s);
+      const seedRows = m.indices.map((i) => rows![i]);
+      const batch = Math.max(1, Math.min(s.batchSize, seedRows.length));
+      trainJointRouter(raw, seedRows, m.bucket, dirs.assemble, {
+        lr: s.lr * (s.routerLrScale ?? UPIT_DEFAULTS.routerLrScale.value), batchSize: batch,
+        microBatch: s.microBatch !== undefined && batch % s.microBatch === 0 ? s.microBatch : undefined,
+        seed: s.seed, device: s.device, dtype: s.precision, onLog: s.log,
+      });
+      fs.rmSync(raw, { recursive: true, force: true });
+    }
     ran.push('assemble');
   }
 
