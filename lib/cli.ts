@@ -861,6 +861,7 @@ program
   .option('--router-lr-scale <x>', `routing vectors' lr multiple ${tag('routerLrScale')}`, num(1e-9), U.routerLrScale.value)
   .addOption(new Option('--route-train <set>', `what trains with the routing vector ${tag('routeTrain')}`).choices(['ffn+router', 'router']).default(U.routeTrain.value))
   .addOption(new Option('--trunk <source>', `the MoE's non-FFN weights ${tag('trunk')}`).choices(['average', 'last', 'theta0']).default(U.trunk.value))
+  .option('--shared-trunk', `${tag('sharedTrunk')} the seed and route stages see each expert's FFNs on the MoE's trunk (--trunk), not on its own checkpoint`)
   .option('--joint-router', `${tag('jointRouter')} after assembly, train the routers alone for one pass over the seed rows (softmax cross-entropy of their buckets, at lr x --router-lr-scale)`)
   .option('--post-epochs <n>', `post-training epochs ${tag('postEpochs')}`, num(1e-9), U.postEpochs.value)
   .option('--balance-loss <w>', `weight of the Switch balance loss in post-training ${tag('balanceLossWeight')}`, num(0), U.balanceLossWeight.value)
@@ -880,7 +881,7 @@ ${Object.entries(U).map(([k, v]) => `  ${k.padEnd(18)} ${String(v.value).padEnd(
     keep: 'latest' | 'first-half'; firstHalf?: boolean; expand: boolean; parents: 'least-similar' | 'random'; randomParents?: boolean; similarity: 'cosine' | 'l2';
     dropRate: number; excludeUsedPairs?: boolean; routerInit: boolean; seedFraction: number; buckets: 'ppl' | 'balanced' | 'random'; randomBuckets?: boolean;
     gamma: number; routeEpochs: number; routerLrScale: number; routeTrain: 'ffn+router' | 'router'; trunk: 'average' | 'last' | 'theta0'; postEpochs: number;
-    jointRouter?: boolean; balanceLoss: number; batchSize: number; microBatch?: number; seqLen?: number; tokenizer?: string; device?: string; precision?: 'f32' | 'bf16';
+    jointRouter?: boolean; sharedTrunk?: boolean; balanceLoss: number; batchSize: number; microBatch?: number; seqLen?: number; tokenizer?: string; device?: string; precision?: 'f32' | 'bf16';
   }) => {
     checkOut(o.out);
     if (o.topK > o.experts) throw new UsageError(`upit: --top-k ${o.topK} is out of range: expected 1 to --experts ${o.experts}`);
@@ -890,7 +891,7 @@ ${Object.entries(U).map(([k, v]) => `  ${k.padEnd(18)} ${String(v.value).padEnd(
       checkpointEvery: o.checkpointEvery, keep: o.firstHalf ? 'first-half' : o.keep, expand: o.expand, parents: o.randomParents ? 'random' : o.parents,
       similarity: o.similarity, dropRate: o.dropRate, excludeUsedPairs: o.excludeUsedPairs ?? false, routerInit: o.routerInit, seedFraction: o.seedFraction,
       buckets: o.randomBuckets ? 'random' : o.buckets, gamma: o.gamma, routeEpochs: o.routeEpochs, routerLrScale: o.routerLrScale, routeTrain: o.routeTrain,
-      trunk: o.trunk, jointRouter: o.jointRouter ?? false, postEpochs: o.postEpochs, balanceLossWeight: o.balanceLoss, batchSize: o.batchSize, microBatch: o.microBatch, seqLen: o.seqLen,
+      trunk: o.trunk, jointRouter: o.jointRouter ?? false, sharedTrunk: o.sharedTrunk ?? false, postEpochs: o.postEpochs, balanceLossWeight: o.balanceLoss, batchSize: o.batchSize, microBatch: o.microBatch, seqLen: o.seqLen,
       tokenizer: o.tokenizer, device: o.device === undefined ? undefined : deviceOf(o.device), precision: o.precision,
       onLog: (line) => console.error(`xft upit: ${line}`),
     });

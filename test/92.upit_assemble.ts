@@ -14,7 +14,7 @@ import { createDense, upcycle } from '../lib/xft';
 import { loadModel, saveModel, readCheckpointInfo, type CheckpointInfo } from '../lib/checkpoint';
 import { SafetensorsReader, writeSafetensors } from '../lib/safetensors';
 import { MoeFFN, type Model } from '../lib/model';
-import { assembleMoe } from '../lib/upit/assemble';
+import { assembleMoe, trunkExpert } from '../lib/upit/assemble';
 import { rng, softmax } from './helpers/ref';
 import { close, exact, throwsCode } from './helpers/check';
 
@@ -270,6 +270,29 @@ t.test('§7.7 assembly: stacks bit for bit, router rows, trunk mean, save/load u
   o.dispose();
   throwsCode(t, () => assembleMoe({ experts: [...experts.slice(0, 2), other], routing: null, trunk, out: at('x5') }), 'XFT_SHAPE', /other-config/, 'an expert of another architecture');
   t.notOk(fs.existsSync(at('x5')), 'nothing written on error');
+});
+
+t.test('A9 trunkExpert: the expert\'s FFNs bit for bit on the trunk the MoE gets, tensor for tensor', async (t) => {
+  const moe = at('moe-77');  // the assembly above: same trunk
+  const m = new SafetensorsReader(moe);
+  for (const dtype of [undefined, 'bf16'] as const) {
+    const out = at(`trunked-1${dtype ? `-${dtype}` : ''}`);
+    const info = trunkExpert({ expert: experts[1], trunk, out, dtype });
+    t.equal(info.kind, 'dense', 'a dense checkpoint');
+    const r = new SafetensorsReader(out), src = new SafetensorsReader(experts[1]);
+    t.same(r.names().sort(), src.names().sort(), "the expert's tensor names");
+    for (const name of r.names()) {
+      const ffn = /\.mlp\.(gate|up|down)_proj\./.exec(name);
+      if (dtype) t.equal(r.info(name).dtype, 'BF16', `${name}: bf16`);
+      else if (ffn) exact(t, r.readF32(name), src.readF32(name), `${name}: the expert's, bit for bit`);
+      else exact(t, r.readF32(name), m.readF32(name), `${name}: the MoE's trunk tensor, bit for bit`);
+    }
+    t.ok(loadModel(out).kind === 'dense', 'loads');
+  }
+  throwsCode(t, () => trunkExpert({ expert: experts[0], trunk: [], out: at('y1') }), 'XFT_VALUE', /trunk/, 'no trunk');
+  throwsCode(t, () => trunkExpert({ expert: at('moe-77'), trunk, out: at('y2') }), 'XFT_VALUE', /moe checkpoint; expected a dense one/, 'an MoE as the expert');
+  throwsCode(t, () => trunkExpert({ expert: experts[0], trunk, out: at('trunked-1') }), 'XFT_IO', /trunked-1/, 'an existing output folder');
+  t.notOk(fs.existsSync(at('y1')) || fs.existsSync(at('y2')), 'nothing written on error');
 });
 
 t.test('§7.1 E copies of one checkpoint, routing null, trunk = θ: vanilla upcycling, dense logits', async (t) => {

@@ -83,6 +83,13 @@ t.test('one stage rerun alone gives the same bits; a stage without its inputs is
   const second = new SafetensorsReader(at('up', 'assemble'));
   t.same(second.names().sort(), Object.keys(keep).sort());
   for (const n of Object.keys(keep)) exact(t, second.readF32(n), keep[n], `${n} as before`);
+  // the marks record their folders relative to --out: a rerun from another working directory finds them
+  fs.rmSync(at('up', 'assemble'), { recursive: true });
+  const abs = RUN.map((a) => (a === 'dense' || a === 'data.jsonl' ? at(a) : a));
+  const elsewhere = spawnSync(process.execPath, [...process.execArgv, CLI, ...abs, '--out', at('up'), '--stage', 'assemble'], { cwd: os.homedir(), env, encoding: 'utf8' });
+  t.equal(elsewhere.status, 0, `--stage assemble from another working directory, --out absolute: ${elsewhere.stderr}`);
+  const third = new SafetensorsReader(at('up', 'assemble'));
+  for (const n of Object.keys(keep)) exact(t, third.readF32(n), keep[n], `${n} as before (from elsewhere)`);
   r = xft(...RUN, '--out', 'fresh', '--stage', 'assemble');
   t.equal(r.code, 3, 'assemble before the earlier stages: exit 3');
   t.match(r.err, /run (it|the prepare stage) first/, `names what to run first: ${r.err.trim()}`);
@@ -147,6 +154,31 @@ t.test('--joint-router: the assembled routers trained on the seed buckets; recor
   r = xft(...RUN, '--out', 'jr2', '--joint-router', '--no-router-init');
   t.equal(r.code, 3, '--joint-router without router init: exit 3');
   t.match(r.err, /jointRouter .*routerInit: false/, r.err.trim());
+});
+
+t.test('--shared-trunk: seed and route see each expert on the MoE\'s trunk (trunked/expert-e); recorded as a seed setting', async (t) => {
+  fs.mkdirSync(at('st'));
+  for (const f of fs.readdirSync(at('up'))) if (/^(prepare|expand|upit_settings)/.test(f)) fs.cpSync(at('up', f), at('st', f), { recursive: true });
+  let r = xft(...RUN, '--out', 'st', '--shared-trunk', '--post-epochs', '2');
+  t.equal(r.code, 0, `--shared-trunk: ${r.err}`);
+  t.match(r.out, /ran seed, route, assemble, post-train/, 'the stages after expand ran');
+  const pool: string[] = JSON.parse(fs.readFileSync(at('st', 'expand', 'upit_stage.json'), 'utf8')).pool;
+  const moe = new SafetensorsReader(at('st', 'assemble'));
+  for (let e = 0; e < 3; e++) {
+    const tr = new SafetensorsReader(at('st', 'trunked', `expert-${e}`)), src = new SafetensorsReader(path.resolve(at('st'), pool[e]));
+    const routed = new SafetensorsReader(at('st', 'route', `expert-${e}`));
+    for (const name of ['model.layers.1.mlp.up_proj.weight', 'model.layers.0.self_attn.q_proj.weight', 'model.embed_tokens.weight']) {
+      const ffn = name.includes('.mlp.');
+      exact(t, tr.readF32(name), ffn ? src.readF32(name) : moe.readF32(name), `trunked expert ${e}: ${name} ${ffn ? "the expert's" : "the MoE's trunk"}`);
+      if (!ffn) exact(t, routed.readF32(name), moe.readF32(name), `route/expert-${e} trained on that trunk: ${name}`);
+    }
+  }
+  t.match(JSON.parse(fs.readFileSync(at('st', 'upit_settings.json'), 'utf8')).seed, { sharedTrunk: true, trunk: 'average' }, 'recorded with its trunk');
+  r = xft(...RUN, '--out', 'st', '--post-epochs', '2');
+  t.equal(r.code, 3, 'a rerun without --shared-trunk: exit 3');
+  t.match(r.err, /seed was made with sharedTrunk true \(--\[no-\]shared-trunk\)/, r.err.trim());
+  r = xft(...RUN, '--out', 'st2', '--shared-trunk', '--no-router-init');
+  t.equal(r.code, 3, '--shared-trunk without router init: exit 3');
 });
 
 t.test('ablations: --no-expand saves E checkpoints, --no-router-init draws the router', async (t) => {

@@ -74,6 +74,31 @@ function denseInput(dir: string, what: string, like?: CheckpointInfo): { info: C
   return { info, r };
 }
 
+/** The fp32 mean of a tensor over the trunk checkpoints `tr`, rounded once to `to`, as a streamed entry. */
+function trunkMean(tr: readonly { r: SafetensorsReader }[], to: FileDType, chunk: number): (name: string) => WriteEntry {
+  return (name) => {
+    const info = tr[0].r.info(name), n = numelOf(info.shape);
+    if (tr.length === 1) return cs.copyEntry(tr[0].r, name, name, to, chunk);
+    return {
+      name, dtype: to, shape: info.shape,
+      bytes: function* () {
+        const acc = cs.zeroedAccumulator(n), step = Math.min(n, chunk);
+        for (const t of tr) {
+          const buffers = { scratch: cs.scratchBytes(step * dtypeBytes(t.r.info(name).dtype)), out: cs.scratchF32(step) };
+          for (let s = 0; s < n; s += chunk) {
+            const v = t.r.readF32(name, s, Math.min(chunk, n - s), buffers);
+            for (let j = 0; j < v.length; j++) acc[s + j] += v[j];
+          }
+        }
+        const k = tr.length;
+        for (let j = 0; j < n; j++) acc[j] /= k;
+        if (to === 'F32') yield new Uint8Array(acc.buffer, acc.byteOffset, n * 4);
+        else for (let s = 0; s < n; s += chunk) yield f32ToBytes(acc.subarray(s, Math.min(n, s + chunk)), to);
+      },
+    };
+  };
+}
+
 /**
  * Assembles the UpIT MoE checkpoint `out` (atomically; the folder is claimed while written): expert e's
  * FFNs from experts[e], the linear router from the routing vectors (or drawn), the trunk averaged.
@@ -121,28 +146,7 @@ export function assembleMoe(options: AssembleOptions): CheckpointInfo {
   const to: FileDType = dtypeOpt === 'bf16' ? 'BF16' : dtypeOpt === 'f32' ? 'F32' : first.r.info(layer0).dtype;
   const init = routerInit(seed, 'cpu', 'uniform');
 
-  /** The fp32 mean of `name` over the trunk checkpoints, rounded once to `to`. */
-  const meanEntry = (name: string): WriteEntry => {
-    const info = tr[0].r.info(name), n = numelOf(info.shape);
-    if (tr.length === 1) return cs.copyEntry(tr[0].r, name, name, to, chunk);
-    return {
-      name, dtype: to, shape: info.shape,
-      bytes: function* () {
-        const acc = cs.zeroedAccumulator(n), step = Math.min(n, chunk);
-        for (const t of tr) {
-          const buffers = { scratch: cs.scratchBytes(step * dtypeBytes(t.r.info(name).dtype)), out: cs.scratchF32(step) };
-          for (let s = 0; s < n; s += chunk) {
-            const v = t.r.readF32(name, s, Math.min(chunk, n - s), buffers);
-            for (let j = 0; j < v.length; j++) acc[s + j] += v[j];
-          }
-        }
-        const k = tr.length;
-        for (let j = 0; j < n; j++) acc[j] /= k;
-        if (to === 'F32') yield new Uint8Array(acc.buffer, acc.byteOffset, n * 4);
-        else for (let s = 0; s < n; s += chunk) yield f32ToBytes(acc.subarray(s, Math.min(n, s + chunk)), to);
-      },
-    };
-  };
+  const meanEntry = trunkMean(tr, to, chunk);
 
   const entries: WriteEntry[] = [meanEntry('model.embed_tokens.weight')];
   for (let l = 0; l < layers; l++) {
@@ -168,5 +172,50 @@ export function assembleMoe(options: AssembleOptions): CheckpointInfo {
   entries.push(meanEntry('lm_head.weight'));
   const out: CheckpointInfo = { dir: o.out, kind: 'moe', config: c, moe, sharedRate: null, raw: configJson('moe', c, moe, null, to) };
   cs.writeCheckpoint(o.out, entries, out.raw, { copyFrom: experts[0], overwrite: o.overwrite, onProgress: o.onProgress });
+  return out;
+}
+
+export interface TrunkExpertOptions {
+  /** the dense folder whose FFNs (gate, up, down of every layer) are kept */
+  expert: string;
+  /** dense folders whose other tensors are averaged, as assembleMoe's trunk */
+  trunk: readonly string[];
+  out: string;
+  /** dtype of the weights written (default: the expert's FFN dtype) */
+  dtype?: 'f32' | 'bf16';
+  overwrite?: boolean;
+  chunkElements?: number;
+}
+
+/**
+ * UPIT.md A9 (option sharedTrunk): expert `expert` as it will sit in the MoE, a dense checkpoint of its
+ * FFNs on the averaged trunk (every other tensor the fp32 mean over `trunk`, rounded once, exactly as
+ * assembleMoe writes them), so that the seed stage scores and the route stage trains every expert on the
+ * trunk the MoE will have, not on the expert's own. Streamed tensor by tensor; written atomically.
+ */
+export function trunkExpert(options: TrunkExpertOptions): CheckpointInfo {
+  const op = 'trunkExpert';
+  const o = expectOptions<TrunkExpertOptions>(op, options, 'an object { expert, trunk, out, ... }');
+  if (typeof o.expert !== 'string' || o.expert === '') throw invalidArgument(op, 'expert', 'a dense checkpoint folder', o.expert, 'XFT_TYPE');
+  const trunk = folders('trunk', o.trunk, 1);
+  if (typeof o.out !== 'string' || o.out === '') throw invalidArgument(op, 'out', 'an output folder path', o.out, 'XFT_TYPE');
+  const dtypeOpt = o.dtype === undefined ? undefined : expectOneOf(op, 'dtype', o.dtype, ['f32', 'bf16'] as const);
+  const chunk = cs.chunkOf({ chunkElements: o.chunkElements });
+  const ex = denseInput(o.expert, 'expert');
+  const tr = trunk.map((d, i) => denseInput(d, `trunk[${i}]`, ex.info));
+  checkOutputFolder(o.out, o.overwrite);
+  const c = ex.info.config;
+  const to: FileDType = dtypeOpt === 'bf16' ? 'BF16' : dtypeOpt === 'f32' ? 'F32' : ex.r.info('model.layers.0.mlp.gate_proj.weight').dtype;
+  const meanEntry = trunkMean(tr, to, chunk);
+  const entries: WriteEntry[] = [meanEntry('model.embed_tokens.weight')];
+  for (let l = 0; l < c.num_hidden_layers; l++) {
+    const p = `model.layers.${l}`;
+    for (const n of cs.layerCommon) entries.push(meanEntry(`${p}.${n}.weight`));
+    for (const g of cs.projections) entries.push(cs.copyEntry(ex.r, `${p}.mlp.${g}_proj.weight`, `${p}.mlp.${g}_proj.weight`, to, chunk));
+  }
+  entries.push(meanEntry('model.norm.weight'));
+  entries.push(meanEntry('lm_head.weight'));
+  const out: CheckpointInfo = { dir: o.out, kind: 'dense', config: c, moe: null, sharedRate: null, raw: configJson('dense', c, null, null, to) };
+  cs.writeCheckpoint(o.out, entries, out.raw, { copyFrom: o.expert, overwrite: o.overwrite });
   return out;
 }

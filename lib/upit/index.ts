@@ -7,6 +7,7 @@
  *               (`xft train --save-checkpoints-every`); the candidate experts θ1..θn
  *   expand      genetic expansion to E experts when n < E (expandPool)                <out>/expand
  *   seed        1% seed rows, each to its lowest-PPL expert (assignBuckets)           <out>/seed
+ *               (with sharedTrunk, each expert first put on the MoE's trunk: trunkExpert    <out>/trunked/expert-<e>)
  *   route       a routing vector per expert from its bucket (preoptimizeRouting)      <out>/route/expert-<e>
  *   assemble    the MoE: expert FFNs, router rows = routing vectors, trunk average    <out>/assemble
  *               (with jointRouter, its routers then trained together on the seed buckets: trainJointRouter)
@@ -30,10 +31,10 @@ import { listEpochCheckpoints, type EpochCheckpoint } from '../checkpoint_schedu
 import { expandPool } from './expand';
 import { assignBuckets, seedIndices } from './seed';
 import { preoptimizeRouting } from './route';
-import { assembleMoe } from './assemble';
+import { assembleMoe, trunkExpert } from './assemble';
 import { trainJointRouter } from './joint_router';
 
-export { assembleMoe, type AssembleOptions } from './assemble';
+export { assembleMoe, trunkExpert, type AssembleOptions, type TrunkExpertOptions } from './assemble';
 export { expandPool, type ExpandOptions, type ExpandResult, type ExpandRound } from './expand';
 export { seedIndices, rowLosses, assignBuckets, type BucketOptions, type BucketMode, type Buckets } from './seed';
 export { preoptimizeRouting, readRoutingVectors, type RouteOptions, type RoutingResult } from './route';
@@ -61,6 +62,7 @@ export const UPIT_DEFAULTS = {
   routerLrScale: { value: 10, source: 'choice', note: 'routing vectors train at 10x the lr (A7)' },
   routeTrain: { value: 'ffn+router', source: 'choice', note: "what trains in 3b: the expert's FFN and r_e (A7)" },
   trunk: { value: 'average', source: 'choice', note: 'MoE trunk: the mean of the saved checkpoints (A4; last, theta0)' },
+  sharedTrunk: { value: false, source: 'choice', note: "A9: the seed and route stages see each expert's FFNs on the MoE's trunk, not on its own checkpoint" },
   jointRouter: { value: false, source: 'choice', note: 'A6 (not the paper): after assembly, one pass of the routers alone, softmax CE on the seed buckets' },
   postEpochs: { value: 2, source: 'paper', note: 'post-training epochs' },
   balanceLossWeight: { value: 0.01, source: 'choice', note: 'w of L_lm + w·L_load (A8)' },
@@ -102,6 +104,9 @@ export interface UpitOptions {
   routeTrain?: 'ffn+router' | 'router';
   /** stage 4 */
   trunk?: 'average' | 'last' | 'theta0';
+  /** UPIT.md A9: the seed and route stages score and train each expert's FFNs on the MoE's trunk
+   * (trunkExpert) instead of on the expert's own checkpoint (needs routerInit) */
+  sharedTrunk?: boolean;
   /** UPIT.md A6 (not from the paper): after assembly, train the routers alone for one pass over the seed
    * rows with the softmax cross-entropy of their buckets, at lr·routerLrScale (needs routerInit) */
   jointRouter?: boolean;
@@ -142,6 +147,7 @@ export function upitFolders(out: string) {
     routeExpert: (e: number) => path.join(out, 'route', `expert-${e}`),
     assemble: path.join(out, 'assemble'),
     postTrain: path.join(out, 'post-train'),
+    trunked: (e: number) => path.join(out, 'trunked', `expert-${e}`),
   };
 }
 
@@ -174,6 +180,19 @@ function readMark<T>(dir: string): T | null {
   return value as T;
 }
 
+/**
+ * Folders recorded in a mark are relative to the pipeline's `out`, so that a rerun from another working
+ * directory (or of a moved --out) finds them; `fromMark` resolves them, and takes a path that an older
+ * mark recorded as given (relative to the working directory then, or absolute) where that one exists.
+ */
+function toMark(out: string, dir: string): string {
+  return path.relative(out, path.resolve(dir)) || '.';
+}
+function fromMark(out: string, dir: string): string {
+  const p = path.resolve(out, dir);
+  return fs.existsSync(p) || !fs.existsSync(dir) ? p : dir;
+}
+
 function writeMark(dir: string, value: unknown): void {
   fs.mkdirSync(dir, { recursive: true });
   writeFileAtomic(path.join(dir, MARK), JSON.stringify(value, null, 2) + '\n');
@@ -204,12 +223,15 @@ function settings(options: UpitOptions) {
     routeEpochs: pos('routeEpochs', D.routeEpochs.value),
     trunk: o.trunk === undefined ? D.trunk.value : expectOneOf(OP, 'trunk', o.trunk, ['average', 'last', 'theta0'] as const),
     jointRouter: expectBool(OP, 'jointRouter', o.jointRouter, D.jointRouter.value),
+    sharedTrunk: expectBool(OP, 'sharedTrunk', o.sharedTrunk, D.sharedTrunk.value),
     postEpochs: pos('postEpochs', D.postEpochs.value),
     balanceLossWeight: o.balanceLossWeight === undefined ? D.balanceLossWeight.value : expectNumber(OP, 'balanceLossWeight', o.balanceLossWeight, 'a number >= 0', (x) => x >= 0),
     batchSize: o.batchSize === undefined ? D.batchSize.value : expectInt(OP, 'batchSize', o.batchSize, 1),
     log: o.onLog ?? (() => {}),
     train: o.train ?? spawnTrain,
   };
+  if (s.sharedTrunk && !s.routerInit)
+    throw new XftError(`${OP}: sharedTrunk changes what the seed and route stages see, and routerInit: false skips them; drop one of the two`, 'XFT_VALUE');
   if (s.jointRouter && !s.routerInit)
     throw new XftError(`${OP}: jointRouter trains the routers on the seed buckets, which routerInit: false skips; drop one of the two`, 'XFT_VALUE');
   // without expansion, stage 1 saves E checkpoints over its epochs (the paper's ablation)
@@ -247,6 +269,12 @@ function checkpointsOf(s: Settings): { saved: EpochCheckpoint[]; kept: EpochChec
   return { saved, kept: pool.slice(Math.max(0, pool.length - s.experts)) };
 }
 
+/** The dense folders the MoE's trunk is averaged from (UPIT.md A4). */
+function trunkFolders(s: Settings): string[] {
+  const { saved } = checkpointsOf(s);
+  return s.trunk === 'theta0' ? [s.dense] : s.trunk === 'last' ? [saved[saved.length - 1].dir] : saved.map((c) => c.dir);
+}
+
 /** The seed rows of the data (padded rows of --seq-len, one per example, as `xft train` makes them). */
 async function dataRows(s: Settings): Promise<Sample[]> {
   const info = readCheckpointInfo(s.dense);
@@ -271,7 +299,11 @@ const STAGE_SETTINGS: Record<UpitStage, (s: Settings) => Record<string, unknown>
     experts: s.experts, keep: s.keep, expand: s.expand, parents: s.parents ?? UPIT_DEFAULTS.parents.value,
     similarity: s.similarity ?? UPIT_DEFAULTS.similarity.value, dropRate: s.dropRate ?? UPIT_DEFAULTS.dropRate.value, excludeUsedPairs: s.excludeUsedPairs ?? false,
   }),
-  seed: (s) => ({ routerInit: s.routerInit, seedFraction: s.seedFraction, buckets: s.buckets ?? UPIT_DEFAULTS.buckets.value }),
+  seed: (s) => ({
+    routerInit: s.routerInit, seedFraction: s.seedFraction, buckets: s.buckets ?? UPIT_DEFAULTS.buckets.value, sharedTrunk: s.sharedTrunk,
+    // the trunk the experts are put on, when they are
+    ...(s.sharedTrunk ? { trunk: s.trunk } : {}),
+  }),
   route: (s) => ({
     gamma: s.gamma ?? UPIT_DEFAULTS.gamma.value, routeEpochs: s.routeEpochs, routerLrScale: s.routerLrScale ?? UPIT_DEFAULTS.routerLrScale.value,
     routeTrain: s.routeTrain ?? UPIT_DEFAULTS.routeTrain.value,
@@ -281,13 +313,13 @@ const STAGE_SETTINGS: Record<UpitStage, (s: Settings) => Record<string, unknown>
 };
 const SETTINGS_FILE = 'upit_settings.json';
 /** settings added to STAGE_SETTINGS after upit_settings.json was introduced, with the value a stage recorded without them was made with */
-const ADDED_SETTINGS: Record<string, unknown> = { jointRouter: false };
+const ADDED_SETTINGS: Record<string, unknown> = { jointRouter: false, sharedTrunk: false };
 /** the CLI flag of a setting (its name in kebab case, but for these) */
 function flagOf(key: string): string {
   const kebab = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
   if (key === 'dense') return '<dense>';
   if (key === 'balanceLossWeight') return '--balance-loss';
-  return key === 'expand' || key === 'routerInit' || key === 'jointRouter' ? `--[no-]${kebab}` : `--${kebab}`;
+  return ['expand', 'routerInit', 'jointRouter', 'sharedTrunk'].includes(key) ? `--[no-]${kebab}` : `--${kebab}`;
 }
 
 /** the settings a stage's output depends on: its own and every earlier stage's */
@@ -382,13 +414,29 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
     }
     if (pool.length < s.experts)
       throw new XftError(`${OP}: ${pool.length} checkpoints for ${s.experts} experts without expansion; save more (checkpointEvery <= ${s.prepareEpochs / s.experts}) or expand`, 'XFT_VALUE');
-    writeMark(dirs.expand, { pool } satisfies ExpandMark);
+    writeMark(dirs.expand, { pool: pool.map((d) => toMark(s.out, d)) } satisfies ExpandMark);
     ran.push('expand');
   }
   const pool = () => {
     const m = readMark<ExpandMark>(dirs.expand);
     if (!m) throw new XftError(`${OP}: the expand stage has not run (${dirs.expand}); run it first`, 'XFT_VALUE');
-    return m.pool;
+    return m.pool.map((d) => fromMark(s.out, d));
+  };
+
+  // the experts as the seed and route stages see them: their own checkpoints, or (sharedTrunk) their FFNs
+  // on the MoE's trunk, written once under <out>/trunked (a complete one is reused)
+  const seen = () => {
+    const experts = pool();
+    if (!s.sharedTrunk) return experts;
+    const trunk = trunkFolders(s);
+    return experts.map((dir, e) => {
+      const out = dirs.trunked(e);
+      if (!complete(out)) {
+        s.log(`seed: expert ${e} on the ${s.trunk} trunk of ${trunk.length} -> ${out}`);
+        trunkExpert({ expert: dir, trunk, out, overwrite: true });
+      }
+      return out;
+    });
   };
 
   // 3a. seed: seed rows in buckets by lowest PPL
@@ -400,7 +448,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
       const indices = seedIndices(rows.length, s.seedFraction, s.seed);
       const seedRows = indices.map((i) => rows![i]);
       s.log(`seed: ${seedRows.length} of ${rows.length} rows into ${s.experts} buckets (${s.buckets ?? 'ppl'})`);
-      const b = assignBuckets(pool(), seedRows, { mode: s.buckets, seed: s.seed, microBatch: s.microBatch, device: s.device, dtype: s.precision, onLog: s.log });
+      const b = assignBuckets(seen(), seedRows, { mode: s.buckets, seed: s.seed, microBatch: s.microBatch, device: s.device, dtype: s.precision, onLog: s.log });
       s.log(`seed: bucket sizes ${b.sizes.join(', ')}`);
       writeMark(dirs.seed, { indices, bucket: b.bucket, sizes: b.sizes } satisfies SeedMark);
     } else writeMark(dirs.seed, { indices: [], bucket: [], sizes: [], skipped: 'no router init' });
@@ -414,7 +462,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
       const m = readMark<SeedMark>(dirs.seed);
       if (!m) throw new XftError(`${OP}: the seed stage has not run (${dirs.seed}); run it first`, 'XFT_VALUE');
       rows ??= await dataRows(s);
-      const experts = pool();
+      const experts = seen();
       for (let e = 0; e < experts.length; e++) {
         const dir = dirs.routeExpert(e);
         if (fs.existsSync(path.join(dir, 'routing_vectors.safetensors'))) continue;
@@ -427,7 +475,7 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
           batchSize: batch, microBatch: s.microBatch !== undefined && batch % s.microBatch === 0 ? s.microBatch : undefined, seed: s.seed, device: s.device, dtype: s.precision, onLog: s.log,
         });
       }
-      writeMark(dirs.route, { experts: experts.map((_, e) => dirs.routeExpert(e)) });
+      writeMark(dirs.route, { experts: experts.map((_, e) => toMark(s.out, dirs.routeExpert(e))) });
     } else writeMark(dirs.route, { experts: null, skipped: 'no router init' });
     ran.push('route');
   }
@@ -437,15 +485,15 @@ export async function upit(options: UpitOptions): Promise<UpitResult> {
     const routeMark = readMark<{ experts: string[] | null }>(dirs.route);
     if (!routeMark) throw new XftError(`${OP}: the route stage has not run (${dirs.route}); run it first`, 'XFT_VALUE');
     recordSettings(s, 'assemble');
-    const { saved } = checkpointsOf(s);
-    const trunk = s.trunk === 'theta0' ? [s.dense] : s.trunk === 'last' ? [saved[saved.length - 1].dir] : saved.map((c) => c.dir);
+    const trunk = trunkFolders(s);
     // with router init, expert e's FFN is the one trained with its routing vector (route/expert-e)
-    const experts = routeMark.experts ?? pool();
-    s.log(`assemble: ${experts.length} experts, top-${s.topK}, trunk ${s.trunk} of ${trunk.length}, router ${routeMark.experts ? 'from the routing vectors' : 'drawn'}` +
+    const routed = routeMark.experts?.map((d) => fromMark(s.out, d)) ?? null;
+    const experts = routed ?? pool();
+    s.log(`assemble: ${experts.length} experts, top-${s.topK}, trunk ${s.trunk} of ${trunk.length}, router ${routed ? 'from the routing vectors' : 'drawn'}` +
       (s.jointRouter ? ', then trained jointly on the seed buckets' : ''));
     // with jointRouter the assembled MoE is a step on the way (<out>/assemble.raw, made again by a rerun)
     const raw = s.jointRouter ? `${dirs.assemble}.raw` : dirs.assemble;
-    assembleMoe({ experts, routing: routeMark.experts, trunk, out: raw, topK: s.topK, seed: s.seed, balanceLoss: 'switch', balanceLossWeight: s.balanceLossWeight, overwrite: s.jointRouter });
+    assembleMoe({ experts, routing: routed, trunk, out: raw, topK: s.topK, seed: s.seed, balanceLoss: 'switch', balanceLossWeight: s.balanceLossWeight, overwrite: s.jointRouter });
     if (s.jointRouter) {
       const m = readMark<SeedMark>(dirs.seed);
       if (!m || m.indices.length === 0) throw new XftError(`${OP}: jointRouter needs the seed buckets (${dirs.seed}); run the seed stage first`, 'XFT_VALUE');
