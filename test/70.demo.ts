@@ -1,5 +1,10 @@
-// The demo's pieces: instruction pairs mined from code, the results table and the loss chart.
+// The demo's pieces: instruction pairs mined from code, the results table and the loss chart; and the
+// whole `xft demo --method upit` at a small --scale (every row of the table: SFT, XFT and UpIT).
 import t from 'tap';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { pythonPairs, javascriptPairs, lossSvg, markdownTable, findDemoData } from '../lib/demo';
 
 t.test('docstring -> function pairs from Python', async (t) => {
@@ -52,4 +57,24 @@ t.test('table and chart', async (t) => {
   const svg = lossSvg(r.curves);
   t.match(svg, /^<svg/);
   t.equal((svg.match(/<polyline/g) ?? []).length, 2, 'one line per curve');
+});
+
+t.test('xft demo --method upit --scale 0.05: the whole job, every row finite, its files, no work folder left', async (t) => {
+  const out = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-demo-'));
+  t.teardown(() => fs.rmSync(out, { recursive: true, force: true }));
+  const cli = path.join(__dirname, '..', 'lib', 'cli.ts');
+  const r = spawnSync(process.execPath, [...process.execArgv, cli, 'demo', '--method', 'upit', '--scale', '0.05', '--out', out],
+    { encoding: 'utf8', env: { ...process.env, XFT_DEVICE: 'cpu' }, timeout: 240_000 });
+  t.equal(r.status, 0, `exit 0 ${r.stderr.slice(-800)}`);
+  const j = JSON.parse(fs.readFileSync(path.join(out, 'results.json'), 'utf8'));
+  const names = j.rows.map((x: { model: string }) => x.model);
+  for (const want of [/^pretrained/, /^SFT/, /^MoE \(8 experts/, /^XFT, initial/, /^XFT, learned/, /^UpIT, last SFT checkpoint/, /^UpIT MoE \(6 experts, top-2/])
+    t.ok(names.some((n: string) => want.test(n)), `a row ${want}`);
+  t.ok(j.rows.every((x: { loss: number; accuracy: number; parameters: number }) => Number.isFinite(x.loss) && x.loss > 0 && x.accuracy >= 0 && x.accuracy <= 1 && x.parameters > 0), 'every row finite');
+  const dense = j.rows.find((x: { model: string }) => /^SFT/.test(x.model)).parameters;
+  t.ok(j.rows.filter((x: { model: string }) => /^XFT/.test(x.model)).every((x: { parameters: number }) => x.parameters === dense), 'XFT merges back to the dense size');
+  t.ok(Array.isArray(j.curves.upit) && j.curves.upit.length > 0 && j.curves.upit.every(Number.isFinite), "UpIT's loss curve");
+  for (const f of ['results.md', 'results.json', 'loss.svg']) t.ok(fs.existsSync(path.join(out, f)), `wrote ${f}`);
+  t.match(fs.readFileSync(path.join(out, 'results.md'), 'utf8'), /\| UpIT MoE .* \| \d+\.\d{4} \| \d+\.\d\d% \|/, 'the table has the UpIT rows');
+  t.notOk(fs.existsSync(path.join(out, 'upit-work')), "UpIT's work folder removed");
 });
