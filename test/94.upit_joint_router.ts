@@ -123,6 +123,18 @@ t.test('joint router on separable buckets: top-1 >= 0.9 on the seed labels, the 
   t.equal(loadModel(at('trained')).blocks.every((x) => x.ffn instanceof MoeFFN), true, 'loads as an MoE');
 });
 
+t.test('bf16 compute: f32 masters of the routers, the MoE written in its own dtype, the rest as read', async (t) => {
+  const data = rows(6, 11);
+  const r = trainJointRouter(at('moe'), data.rows, data.labels, at('bf16'), { lr: 0.05, epochs: 3, batchSize: 6, dtype: 'bf16' });
+  t.ok(r.after.loss < r.before.loss, `loss ${r.before.loss.toFixed(4)} -> ${r.after.loss.toFixed(4)}`);
+  t.ok(Math.abs(r.before.loss - reference(at('moe'), data).loss) < 0.05, 'the bf16 loss before near the float64 one');
+  const a = new SafetensorsReader(at('moe')), b = new SafetensorsReader(at('bf16'));
+  for (const name of a.names()) {
+    t.equal(b.info(name).dtype, a.info(name).dtype, `${name}: the MoE's dtype`);
+    if (!/gate_network/.test(name)) exact(t, b.readF32(name), a.readF32(name), `${name}: as read, not rounded to bf16`);
+  }
+});
+
 t.test('the loss before training and the first step against float64', async (t) => {
   const data = rows(4, 7);
   const ref = reference(at('moe'), data);
