@@ -11,6 +11,10 @@ import { createDense } from '../lib/xft';
 import { saveModel, readCheckpointInfo } from '../lib/checkpoint';
 import { SafetensorsReader } from '../lib/safetensors';
 
+// many CLI child processes (each loads the TypeScript sources: seconds apiece): about 4 min on 2 busy
+// cores, near the runner's 5-minute default; the whole file gets 10 (tap's root setTimeout tells the runner)
+t.setTimeout(600_000);
+
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-cli-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const at = (name: string) => path.join(tmp, name);

@@ -16,6 +16,10 @@ import { SafetensorsReader } from '../lib/safetensors';
 import { readRoutingVectors, listEpochCheckpoints } from '../lib/upit/index';
 import { exact } from './helpers/check';
 
+// many CLI child processes (each loads the TypeScript sources: seconds apiece): about 4 min on 2 busy
+// cores, near the runner's 5-minute default; the whole file gets 10 (tap's root setTimeout tells the runner)
+t.setTimeout(600_000);
+
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'xft-upit-'));
 t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
 const at = (...p: string[]) => path.join(tmp, ...p);
