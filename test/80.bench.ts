@@ -64,6 +64,7 @@ t.test('bench/cpu --quick: xft GEMMs at 1 and 2 threads beside its reference ker
   t.equal(j.scaling.length, 2 * 3, 'thread scaling for the 2-thread rows');
   t.ok(j.scaling.every((x: { machine: string; xft: string }) => /^\d+\.\d\dx$/.test(x.machine) && /^\d+\.\d\dx$/.test(x.xft)), 'with the machine\'s own scaling beside xft\'s');
   t.match(r.stdout, /thread scaling[\s\S]*\| machine \| of machine \|/, 'printed in the scaling table');
+  t.same(j.targets, { singleThreadVsNumpy: null, twoThreads: null }, 'the targets: none among the quick shapes without numpy');
   t.match(bench('cpu', ['--help']).stdout, /^Usage: .*--no-numpy/, '--help prints the usage');
 });
 
