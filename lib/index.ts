@@ -53,7 +53,8 @@ export { rankBatch, buckets, flatPieces, shardSize, assignWhole, DEFAULT_BUCKET_
 export type { Env as DistEnvVariables } from './dist/env';
 export {
   upit, upitFolders, spawnTrain, UPIT_STAGES, UPIT_DEFAULTS, assembleMoe, expandPool, seedIndices, rowLosses, assignBuckets, preoptimizeRouting, readRoutingVectors,
-  checkpointSteps, listEpochCheckpoints,
+  checkpointSteps, listEpochCheckpoints, trainJointRouter, trunkExpert, JOINT_ROUTER_FILE,
+  type JointRouterOptions, type JointRouterResult, type RouterFit, type TrunkExpertOptions,
   type UpitOptions, type UpitResult, type UpitStage, type AssembleOptions, type ExpandOptions, type ExpandResult, type ExpandRound, type BucketOptions, type BucketMode, type Buckets,
   type RouteOptions as RoutingVectorOptions, type RoutingResult, type EpochCheckpoint,
 } from './upit/index';
