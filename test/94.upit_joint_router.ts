@@ -176,6 +176,24 @@ t.test('every tensor released, after a run and after a refused one', async (t) =
   t.equal(memoryStats().hostTensors, before, 'after a diverging run too');
 });
 
+t.test('more than 32 experts: the grouped GEMM path, as the MoE routes them', async (t) => {
+  const wideE = 40;
+  const d = createDense(config, { seed: 4 });
+  const m = upcycle(d, { experts: wideE, topK: 2, router: 'linear', sharedExpert: false, noise: false, seed: 6 });
+  saveModel(m, at('moe-40'));
+  d.dispose();
+  m.dispose();
+  const data = rows(14, 13);
+  data.labels = data.labels.map((_, i) => i % wideE);
+  const before = memoryStats().hostTensors;
+  const r = trainJointRouter(at('moe-40'), data.rows, data.labels, at('trained-40'), { lr: 0.05, epochs: 3, batchSize: 7 });
+  t.ok(r.after.loss < r.before.loss && r.after.accuracy > r.before.accuracy, `loss ${r.before.loss.toFixed(3)} -> ${r.after.loss.toFixed(3)}, top-1 ${r.before.accuracy.toFixed(3)} -> ${r.after.accuracy.toFixed(3)}`);
+  t.equal(memoryStats().hostTensors, before, 'no tensor left live');
+  const a = new SafetensorsReader(at('moe-40')), b = new SafetensorsReader(at('trained-40'));
+  t.equal(b.info('model.layers.0.mlp.gate.gate_network.weight').shape[0], wideE, `a [${wideE}, d] router`);
+  for (const name of a.names()) if (!/gate_network/.test(name)) exact(t, b.readF32(name), a.readF32(name), `${name} as read`);
+});
+
 t.test('argument checks', async (t) => {
   const data = rows(1, 3);
   throwsCode(t, () => trainJointRouter(at('moe'), data.rows, data.labels.slice(1), at('x1'), { lr: 1e-3 }), 'XFT_TYPE', /labels/, 'labels of another length');

@@ -9,7 +9,8 @@
  * x^(l) is the FFN input of layer l (post_attention_layernorm's output: what the router reads), from an
  * eval forward of the MoE itself (Model.forward's ffnInput probe). L does not back-propagate into x
  * (stop-gradient): dW^(l) = Σ_t (softmax(W^(l) x_t) − onehot(bucket))ᵀ x_t / (L·tokens), on the router
- * linear kernels (cuda/router_linear.cu) and the fused cross-entropy (cuda/cross_entropy.cu). Only the
+ * linear kernels (cuda/router_linear.cu; the grouped GEMM above 32 experts, as the MoE routes) and the
+ * fused cross-entropy (cuda/cross_entropy.cu). Only the
  * routers train: AdamW, linear decay of the lr to 0, global gradient-norm clipping; every other tensor is
  * written back as read. Default one pass over the seed rows (A6).
  *
@@ -23,6 +24,7 @@ import { Tensor, DEVICES, type Device, disposeAll } from '../tensor';
 import { expectBool, expectInt, expectNumber, expectOneOf, expectOptions, expectString, expectFunction } from '../validate';
 import * as lops from '../ops_layers';
 import * as rops from '../ops_router';
+import * as xops from '../ops';
 import { crossEntropy, crossEntropyBackward } from '../ops_train';
 import { MoeFFN, type Model, type Param } from '../model';
 import { type Sample, concatRows, countTargets, expectSamples, shuffle } from '../data';
@@ -118,7 +120,11 @@ function runMicroBatch(model: Model, routers: readonly Param[], part: readonly L
       training: false,
       ffnInput: (l, x) => {
         const w = routers[l].value;
-        const logits = rops.routerLinear(x, w);
+        // the kernels the MoE routes with: the small-N router linear, the grouped GEMM above 32 experts
+        const wide = w.shape[0] > rops.ROUTER_LINEAR_MAX_N;
+        const offsets = wide ? Tensor.from([0, x.shape[0]], [2], { dtype: 'i32', device }) : null;
+        const w3 = wide ? w.reshape([1, w.shape[0], w.shape[1]]) : null;
+        const logits = wide ? xops.groupedGemm(x, w3!, offsets!, { validate: false }) : rops.routerLinear(x, w);
         const { losses, predictions } = crossEntropy(logits, labels);
         try {
           const lv = losses.toArray(), pv = predictions.toArray();
@@ -130,10 +136,12 @@ function runMicroBatch(model: Model, routers: readonly Param[], part: readonly L
             }
           if (dLoss) {
             const dLogits = crossEntropyBackward(logits, labels, dLoss, { inPlace: true });
-            rops.routerLinearBackward(x, w, dLogits, { dx: false, dw: routers[l].gradBuffer() });
+            if (wide) xops.groupedGemmBackward(x, w3!, offsets!, dLogits, { dx: false, dw: routers[l].gradBuffer().reshape(w3!.shape), validate: false });
+            else rops.routerLinearBackward(x, w, dLogits, { dx: false, dw: routers[l].gradBuffer() });
           }
         } finally {
           disposeAll(logits, losses, predictions);
+          offsets?.dispose();
         }
       },
     });
