@@ -198,6 +198,10 @@ t.test('argument checks', async (t) => {
   const data = rows(1, 3);
   throwsCode(t, () => trainJointRouter(at('moe'), data.rows, data.labels.slice(1), at('x1'), { lr: 1e-3 }), 'XFT_TYPE', /labels/, 'labels of another length');
   throwsCode(t, () => trainJointRouter(at('moe'), data.rows, [0, 1, E], at('x2'), { lr: 1e-3 }), 'XFT_VALUE', /\[0, 3\) for labels\[2\]/, 'a label past the experts');
+  throwsCode(t, () => trainJointRouter(at('moe'), data.rows, [0, 1.5, 2], at('x2'), { lr: 1e-3 }), 'XFT_VALUE', /labels\[1\]/, 'a fractional label');
+  throwsCode(t, () => trainJointRouter(at('moe'), data.rows, 'abc' as unknown as number[], at('x2'), { lr: 1e-3 }), 'XFT_TYPE', /labels/, 'a string');
+  const typed = trainJointRouter(at('moe'), data.rows, Int32Array.from(data.labels), at('typed'), { lr: 1e-3 });
+  t.equal(typed.steps, 1, 'an Int32Array of labels is taken as an array is');
   throwsCode(t, () => trainJointRouter(at('moe'), data.rows, data.labels, at('x3'), { lr: 0 }), 'XFT_VALUE', /lr/, 'lr 0');
   throwsCode(t, () => trainJointRouter(at('moe'), data.rows, data.labels, at('moe'), { lr: 1e-3 }), 'XFT_VALUE', /out/, 'out = the MoE');
   throwsCode(t, () => trainJointRouter(at('nothing'), data.rows, data.labels, at('x4'), { lr: 1e-3 }), 'XFT_IO', /does not exist/, 'no MoE');

@@ -169,12 +169,12 @@ function fitOf(model: Model, routers: readonly Param[], rows: readonly Labelled[
  * labelled with their buckets `labels` (expert indices), and writes the MoE with the trained routers to
  * `out` (see the file comment). The MoE must have a linear gate and no shared expert (UpIT's).
  */
-export function trainJointRouter(moe: string, rows: readonly Sample[], labels: readonly number[], out: string, options: JointRouterOptions): JointRouterResult {
+export function trainJointRouter(moe: string, rows: readonly Sample[], labels: ArrayLike<number>, out: string, options: JointRouterOptions): JointRouterResult {
   const op = 'trainJointRouter';
   expectString(op, 'moe', moe, 'an MoE checkpoint folder');
   expectString(op, 'out', out, 'an output folder');
   const all = expectSamples(op, 'rows', rows, true);
-  if (!Array.isArray(labels) || labels.length !== all.length)
+  if (!(Array.isArray(labels) || (ArrayBuffer.isView(labels) && !(labels instanceof DataView))) || labels.length !== all.length)
     throw invalidArgument(op, 'labels', `an array of ${all.length} expert indices (one per row)`, labels, 'XFT_TYPE');
   const o = checkOptions(op, options, all.length);
   if (!fs.existsSync(moe)) throw new XftError(`${op}: moe ${moe} does not exist`, 'XFT_IO');
@@ -183,9 +183,10 @@ export function trainJointRouter(moe: string, rows: readonly Sample[], labels: r
   if (info.moe.gate_type !== 'linear' || info.moe.shared_expert)
     throw invalidArgument(op, 'moe', "an MoE with a linear gate and no shared expert (UpIT's)", `gate ${info.moe.gate_type}, shared expert ${info.moe.shared_expert}`);
   const E = info.moe.num_experts;
-  labels.forEach((e, i) => {
+  for (let i = 0; i < labels.length; i++) {
+    const e = labels[i];
     if (!Number.isInteger(e) || e < 0 || e >= E) throw invalidArgument(op, `labels[${i}]`, `an expert index in [0, ${E})`, e);
-  });
+  }
   if (path.resolve(out) === path.resolve(moe)) throw invalidArgument(op, 'out', `a folder other than the MoE's (${moe})`, out);
   const V = info.config.vocab_size;
   all.forEach((r, i) => {
