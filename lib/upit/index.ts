@@ -312,8 +312,6 @@ const STAGE_SETTINGS: Record<UpitStage, (s: Settings) => Record<string, unknown>
   'post-train': (s) => ({ postEpochs: s.postEpochs }),
 };
 const SETTINGS_FILE = 'upit_settings.json';
-/** settings added to STAGE_SETTINGS after upit_settings.json was introduced, with the value a stage recorded without them was made with */
-const ADDED_SETTINGS: Record<string, unknown> = { jointRouter: false, sharedTrunk: false };
 /** the CLI flag of a setting (its name in kebab case, but for these) */
 function flagOf(key: string): string {
   const kebab = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
@@ -355,8 +353,8 @@ function checkSettings(s: Settings, stage: UpitStage, dir: string): void {
   if (!recorded) return;
   const now = stageRecord(s, stage);
   for (const key of new Set([...Object.keys(recorded), ...Object.keys(now)])) {
-    // a setting added after the stage was recorded: the stage was made as its default says
-    const then = key in recorded ? recorded[key] : key in ADDED_SETTINGS ? ADDED_SETTINGS[key] : null;
+    // a setting added after the stage was recorded (jointRouter, sharedTrunk): the stage was made as its default says
+    const then = key in recorded ? recorded[key] : ((UPIT_DEFAULTS as Record<string, { value: unknown }>)[key]?.value ?? null);
     const a = JSON.stringify(then ?? null), b = JSON.stringify(now[key] ?? null);
     if (a !== b)
       throw new XftError(`${OP}: ${dir} was made with ${key} ${a} (${flagOf(key)}), and this run asks for ${b}: a complete or interrupted stage is ` +

@@ -114,15 +114,15 @@ function runMicroBatch(model: Model, routers: readonly Param[], part: readonly L
   const lmTargets = Tensor.from(targets, [B * T], { dtype: 'i32', device });
   const labels = Tensor.from(labelValues, [B * T], { dtype: 'i32', device });
   const dLoss = gradScale === null ? null : Tensor.full([B * T], gradScale, { device });
+  // the kernels the MoE routes with: the small-N router linear, the grouped GEMM (one group of B T rows) above 32 experts
+  const wide = routers[0].value.shape[0] > rops.ROUTER_LINEAR_MAX_N;
+  const offsets = wide ? Tensor.from([0, B * T], [2], { dtype: 'i32', device }) : null;
   let lossSum = 0, correct = 0, count = 0;
   try {
     model.forward(ids, lmTargets, B, T, {
       training: false,
       ffnInput: (l, x) => {
         const w = routers[l].value;
-        // the kernels the MoE routes with: the small-N router linear, the grouped GEMM above 32 experts
-        const wide = w.shape[0] > rops.ROUTER_LINEAR_MAX_N;
-        const offsets = wide ? Tensor.from([0, x.shape[0]], [2], { dtype: 'i32', device }) : null;
         const w3 = wide ? w.reshape([1, w.shape[0], w.shape[1]]) : null;
         const logits = wide ? xops.groupedGemm(x, w3!, offsets!, { validate: false }) : rops.routerLinear(x, w);
         const { losses, predictions } = crossEntropy(logits, labels, { validate: false });  // labels checked against E above
@@ -141,7 +141,6 @@ function runMicroBatch(model: Model, routers: readonly Param[], part: readonly L
           }
         } finally {
           disposeAll(logits, losses, predictions);
-          offsets?.dispose();
         }
       },
     });
@@ -149,6 +148,7 @@ function runMicroBatch(model: Model, routers: readonly Param[], part: readonly L
   } finally {
     disposeAll(ids, lmTargets, labels);
     dLoss?.dispose();
+    offsets?.dispose();
     model.release();
   }
 }
